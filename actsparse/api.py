@@ -1,0 +1,117 @@
+"""Public entry points: NNCF-style ``sparsify_activations``, torchao-style ``sparsify_``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from .calibrate import calibrate_thresholds
+from .data import prepare_batches
+from .errors import AlreadySparsifiedError
+from .methods import MethodConfig, method_from_spec
+from .scope import IgnoredScope, TargetScope, resolve_targets
+from .sparse_linear import SparseLinear
+
+__all__ = ["SparsifyConfig", "sparsify_", "sparsify_activations", "remove_sparsity", "sparse_layers",
+           "apply_thresholds"]
+
+
+@dataclass
+class SparsifyConfig:
+    """What to sparsify and how to calibrate it.
+
+    ``target_sparsity_by_scope`` maps ``TargetScope`` (or a bare regex string, shorthand for
+    ``TargetScope(patterns=[s])``) to a sparsity in [0, 1]. ``method`` is a registered method name
+    (``"quantile"``) or a method config such as ``QuantileMethod(statistic="ema")``.
+    """
+
+    target_sparsity_by_scope: Mapping[TargetScope | str, float]
+    ignored_scope: IgnoredScope | None = None
+    method: MethodConfig | str = "quantile"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.target_sparsity_by_scope, Mapping):
+            raise TypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
+        self.target_sparsity_by_scope = {
+            TargetScope(patterns=[k]) if isinstance(k, str) else k: v
+            for k, v in self.target_sparsity_by_scope.items()}
+        self.method = method_from_spec(self.method, **self.method_options)
+        self.method_options = {}
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """``{name: SparseLinear}`` for every sparsified layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def _check_not_sparsified(model: nn.Module) -> None:
+    existing = sparse_layers(model)
+    if existing:
+        raise AlreadySparsifiedError(
+            f"the model is already sparsified ({len(existing)} SparseLinear layers, e.g. "
+            f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first")
+
+
+def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float], *,
+                     target_sparsity: Mapping[str, float] | None = None,
+                     method: str | None = None) -> nn.Module:
+    """Swap each named ``nn.Linear`` for a ``SparseLinear`` with the given threshold (in place)."""
+    _check_not_sparsified(model)
+    modules = dict(model.named_modules())
+    for name in thresholds:  # validate everything before touching the model
+        if not isinstance(modules.get(name), nn.Linear) or type(modules[name]) is not nn.Linear:
+            got = type(modules[name]).__name__ if name in modules else "no such module"
+            raise ValueError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
+        if math.isnan(float(thresholds[name])):
+            raise ValueError(f"threshold for {name!r} is NaN")
+    for name, tau in thresholds.items():
+        ts = None if target_sparsity is None else target_sparsity.get(name)
+        model.set_submodule(name, SparseLinear.from_linear(modules[name], float(tau),
+                                                           target_sparsity=ts, method=method))
+    return model
+
+
+def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *,
+              progress: bool = True) -> nn.Module:
+    """Calibrate thresholds on ``dataset`` and sparsify ``model`` in place (torchao-style).
+
+    Everything is validated and calibrated before the model changes: on any error the model is
+    left as it was.
+    """
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+    _check_not_sparsified(model)
+    targets = resolve_targets(model, config.target_sparsity_by_scope, config.ignored_scope)
+    batches = prepare_batches(dataset)
+    thresholds = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
+    return apply_thresholds(model, thresholds, target_sparsity=targets, method=config.method.name)
+
+
+def sparsify_activations(
+    model: nn.Module,
+    dataset: Any,
+    target_sparsity_by_scope: Mapping[TargetScope, float],
+    ignored_scope: IgnoredScope | None = None,
+    *,
+    method: MethodConfig | str = "quantile",
+    progress: bool = True,
+) -> nn.Module:
+    """NNCF-compatible entry point: calibrate per-layer thresholds and sparsify the model in place.
+
+    ``dataset`` is an iterable of token-id tensors / dicts of model inputs, or an
+    ``nncf.Dataset``-like object with ``get_inference_data()``. Returns the (same) model.
+    Pass ``method=QuantileMethod(statistic="ema")`` to reproduce NNCF's own threshold rule.
+    """
+    config = SparsifyConfig(target_sparsity_by_scope, ignored_scope, method)
+    return sparsify_(model, config, dataset, progress=progress)
+
+
+def remove_sparsity(model: nn.Module) -> nn.Module:
+    """Swap every ``SparseLinear`` back to a plain ``nn.Linear`` (same parameters). In place."""
+    for name, m in sparse_layers(model).items():
+        model.set_submodule(name, m.to_linear())
+    return model

@@ -1,0 +1,304 @@
+"""Sequential threshold calibration with bounded memory.
+
+Later layers are calibrated on inputs that earlier, already-calibrated layers have sparsified.
+
+How: the model's stack of decoder blocks (the outermost ``nn.ModuleList`` holding every target) is
+found, and block inputs are captured once. Then, block by block, the target Linears are visited in
+*groups*: consecutive calls on the same input tensor (q/k/v; o; gate/up; down in a Llama block), found
+by tracing the block once. For each group the block is re-run over the cached calibration inputs,
+stopping right after the group's last layer, with earlier groups already sparsifying; then the
+group's thresholds are fixed. A final pass produces the block's sparsified outputs, which are the
+next block's inputs. Memory is one block's inputs and outputs for the calibration set, never all
+layers' activations.
+
+Models without such a stack (or targets outside it) fall back to running the whole model per group:
+slower, same semantics.
+
+The model is only touched through temporary forward pre-hooks, removed in all cases: on error it is
+left exactly as it was.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .data import Batch
+from .errors import CalibrationError
+from .methods import Collector, MethodConfig
+from .sparse_linear import sparsify_tensor
+
+__all__ = ["calibrate_thresholds"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+
+def _call_model(model: nn.Module, batch: Batch, device: torch.device):
+    inputs = {k: _to(v, device) for k, v in batch.inputs.items()}
+    if hasattr(model, "config") and "use_cache" not in inputs:
+        inputs["use_cache"] = False
+    return model(**inputs)
+
+
+class _Hooks:
+    """Forward pre-hooks on the target Linears: sparsify calibrated layers, collect for the group."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.thresholds: dict[str, torch.Tensor] = {}
+        self.collectors: dict[str, Collector] = {}
+        self.stop_after: str | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.batch_index = 0
+        self.trace: list[tuple[str, torch.Tensor]] | None = None
+        self._handles = []
+
+    @contextmanager
+    def installed(self):
+        try:
+            for name, m in self.modules.items():
+                self._handles.append(m.register_forward_pre_hook(partial(self._hook, name)))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.token_mask
+        if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+            return x[m.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+    def _hook(self, name: str, module: nn.Module, args: tuple):
+        x = args[0]
+        if self.trace is not None:
+            self.trace.append((name, x))
+        collector = self.collectors.get(name)
+        if collector is not None:
+            tokens = self._tokens(x)
+            if not torch.isfinite(tokens).all():
+                raise CalibrationError(
+                    f"non-finite (NaN/inf) input activations in {name!r} on calibration batch "
+                    f"{self.batch_index}; the model overflows in its current dtype ({x.dtype}). "
+                    f"Calibrate in float32 or bfloat16, or check the model and data.")
+            collector.update(tokens)
+            if name == self.stop_after:
+                raise _StopForward
+        tau = self.thresholds.get(name)
+        if tau is not None:
+            return (sparsify_tensor(x, tau),) + tuple(args[1:])
+        return None
+
+
+class _Stage:
+    """A piece of the model that can be re-run on each calibration batch: one block, or all of it."""
+
+    def __init__(self, names: list[str], run: Callable[[int], Any], label: str):
+        self.names, self.run, self.label = names, run, label
+
+
+def _groups(trace: list[tuple[str, torch.Tensor]], names: Sequence[str]) -> tuple[list[list[str]], bool]:
+    """Consecutive calls on the same input object form a group. Also: may we stop early?"""
+    wanted = set(names)
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    prev = None
+    called_once = True
+    for name, x in trace:
+        if name not in wanted:
+            prev = x
+            continue
+        if name in seen:
+            called_once = False
+            continue
+        seen.add(name)
+        if groups and x is prev:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        prev = x
+    missing = [n for n in names if n not in seen]
+    if missing:
+        groups.append(missing)  # not called on the traced batch: calibrate on what later batches give
+        called_once = False
+    return groups, called_once
+
+
+def _find_block_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
+    for prefix, m in model.named_modules():  # outermost first
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix:
+            if all(n.startswith(prefix + ".") for n in names):
+                return prefix, m
+    return None
+
+
+def _capture_block_inputs(model, blocks: nn.ModuleList, batches, device):
+    """Run the model once per batch up to the last block; record each block's call arguments.
+
+    Returns (hidden states into block 0, per-batch per-block (args without hidden, kwargs, positional?))
+    or None when the blocks are not a plain sequential stack (then the caller falls back).
+    """
+    n = len(blocks)
+    hidden0: list[torch.Tensor] = []
+    rest: list[list[tuple]] = []
+    state: dict[str, Any] = {}
+
+    def pre(i, module, args, kwargs):
+        positional = len(args) > 0
+        h = args[0] if positional else kwargs.get("hidden_states")
+        if not isinstance(h, torch.Tensor) or state["next"] != i:
+            state["ok"] = False
+            raise _StopForward
+        if i > 0 and h is not state["out"]:
+            state["ok"] = False  # something transforms hidden states between blocks
+            raise _StopForward
+        other_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        state["rest"].append((tuple(args[1:]) if positional else tuple(args), other_kwargs, positional))
+        if i == 0:
+            hidden0.append(h)
+        state["next"] = i + 1
+        if i == n - 1:
+            raise _StopForward
+
+    def post(i, module, args, output):
+        state["out"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handles = [b.register_forward_pre_hook(partial(pre, i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(partial(post, i)) for i, b in enumerate(blocks)]
+    try:
+        for batch in batches:
+            state.update(next=0, out=None, ok=True, rest=[])
+            try:
+                _call_model(model, batch, device)
+            except _StopForward:
+                pass
+            if not state["ok"] or state["next"] != n:
+                return None
+            rest.append(state["rest"])
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden0, rest
+
+
+def _block_stages(model, prefix, blocks, names, batches, device, hooks):
+    captured = _capture_block_inputs(model, blocks, batches, device)
+    if captured is None:
+        return None
+    hidden, rest = captured
+    stages = []
+    for i, block in enumerate(blocks):
+        block_names = [n for n in names if n.startswith(f"{prefix}.{i}.")]
+
+        def run(b, i=i, block=block):
+            hooks.token_mask = batches[b].token_mask
+            args, kwargs, positional = rest[b][i]
+            if positional:
+                return block(hidden[b], *args, **kwargs)
+            return block(*args, hidden_states=hidden[b], **kwargs)
+
+        def advance(i=i, run=run):
+            for b in range(len(batches)):
+                hooks.batch_index = b
+                out = run(b)
+                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+
+        stage = _Stage(block_names, run, f"block {i + 1}/{len(blocks)}")
+        stage.advance = advance
+        stages.append(stage)
+    return stages
+
+
+def _whole_model_stage(model, names, batches, device, hooks):
+    def run(b):
+        hooks.token_mask = batches[b].token_mask
+        return _call_model(model, batches[b], device)
+
+    stage = _Stage(list(names), run, "whole model")
+    stage.advance = lambda: None
+    return [stage]
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: nn.Module,
+    batches: list[Batch],
+    targets: dict[str, float],
+    method: MethodConfig,
+    *,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Calibrate one threshold per target Linear, sequentially. Returns ``{name: τ}``."""
+    modules = dict(model.named_modules())
+    linears = {n: modules[n] for n in targets}
+    device = _model_device(model)
+    hooks = _Hooks(linears)
+    was_training = model.training
+    model.eval()
+    thresholds: dict[str, float] = {}
+    try:
+        with hooks.installed():
+            stack = _find_block_stack(model, list(targets))
+            stages = None
+            if stack is not None:
+                stages = _block_stages(model, *stack, list(targets), batches, device, hooks)
+            if stages is None:
+                stages = _whole_model_stage(model, list(targets), batches, device, hooks)
+            bar = tqdm(stages, desc="calibrating", unit="block", disable=not progress)
+            for stage in bar:
+                bar.set_postfix_str(stage.label)
+                if stage.names:
+                    _calibrate_stage(stage, targets, method, linears, hooks, len(batches), thresholds)
+                stage.advance()
+    finally:
+        model.train(was_training)
+    return {n: thresholds[n] for n in targets}
+
+
+def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_batches, thresholds):
+    hooks.trace = []
+    try:
+        hooks.batch_index = 0
+        stage.run(0)
+    finally:
+        trace, hooks.trace = hooks.trace, None
+    groups, can_stop = _groups(trace, stage.names)
+    del trace
+    for group in groups:
+        hooks.collectors = {n: method.make_collector(n, linears[n], targets[n]) for n in group}
+        hooks.stop_after = group[-1] if can_stop else None
+        try:
+            for b in range(n_batches):
+                hooks.batch_index = b
+                try:
+                    stage.run(b)
+                except _StopForward:
+                    pass
+            for n, c in hooks.collectors.items():
+                try:
+                    tau = float(c.result())
+                except ValueError as e:
+                    raise CalibrationError(f"layer {n!r} saw no calibration tokens ({e}); "
+                                           f"is it reached by the model's forward pass?") from None
+                thresholds[n] = tau
+                w = linears[n].weight
+                hooks.thresholds[n] = torch.tensor(tau, dtype=torch.float32, device=w.device)
+        finally:
+            hooks.collectors, hooks.stop_after = {}, None

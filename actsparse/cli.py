@@ -1,0 +1,236 @@
+"""Command line: ``actsparse demo | calibrate | eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import __version__
+from .api import SparsifyConfig, sparse_layers, sparsify_
+from .data import chunk_tokens, count_words, load_corpus, tokenize
+from .errors import ActSparseError
+from .eval.perplexity import perplexity
+from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
+from .io import load_thresholds, save_thresholds
+from .methods import registered_methods
+from .scope import IgnoredScope, TargetScope
+
+NNCF_RECIPE = [".*up_proj.*=0.3", ".*gate_proj.*=0.3", ".*down_proj.*=0.5"]
+
+
+def _scope_arg(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    try:
+        if not sep or not pattern:
+            raise ValueError
+        return pattern, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=SPARSITY, e.g. '.*up_proj.*=0.3', got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default="embedded",
+                   help="'embedded' (gensim's Lee corpus), a text file, or hf:DATASET[:CONFIG]")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None) -> None:
+    p.add_argument("--scope", action="append", type=_scope_arg, metavar="PATTERN=SPARSITY",
+                   help="regex (re.match on module names) and target sparsity; repeatable "
+                        f"(default: NNCF's recipe {' '.join(NNCF_RECIPE)})")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="regex of layers to leave dense; repeatable")
+    p.add_argument("--method", default="quantile", choices=registered_methods())
+    p.add_argument("--statistic", default="histogram", choices=["histogram", "ema"],
+                   help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.set_defaults(default_scopes=default_scopes)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: = context)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="evaluate the first N tokens of the split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actsparse", description="Post-training activation sparsity for HF LMs")
+    parser.add_argument("--version", action="version", version=f"actsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded model + corpus, NNCF recipe: dense vs sparse perplexity")
+    _add_model_args(demo)
+    _add_calib_args(demo, NNCF_RECIPE)
+    _add_eval_args(demo)
+    demo.set_defaults(eval_tokens=8192)
+
+    cal = sub.add_parser("calibrate", help="calibrate thresholds and save them")
+    _add_model_args(cal)
+    _add_calib_args(cal, NNCF_RECIPE)
+    cal.add_argument("--out", default="thresholds.safetensors", help="output file (default thresholds.safetensors)")
+
+    ev = sub.add_parser("eval", help="perplexity and measured sparsity, dense or with saved thresholds")
+    _add_model_args(ev)
+    _add_eval_args(ev)
+    ev.add_argument("--thresholds", default=None, help="thresholds file from `actsparse calibrate`")
+    ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _log(args, msg: str) -> None:
+    if not args.json:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from .models import load_model
+
+    t = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    _log(args, f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
+    return model, tokenizer, load_corpus(args.data)
+
+
+def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    scopes = args.scope or [_scope_arg(s) for s in args.default_scopes]
+    config = SparsifyConfig({TargetScope(patterns=[p]): s for p, s in scopes},
+                            IgnoredScope(patterns=args.ignore) if args.ignore else None,
+                            args.method, method_options={"statistic": args.statistic})
+    data = chunk_tokens(tokenizer, corpus.calibration, args.calib_seq_len, args.calib_samples)
+    t = time.perf_counter()
+    sparsify_(model, config, data, progress=not args.no_progress)
+    seconds = time.perf_counter() - t
+    return {"scopes": {p: s for p, s in scopes}, "method": args.method, "statistic": args.statistic,
+            "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
+
+
+def _evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
+    ids = tokenize(tokenizer, text)
+    if args.eval_tokens is not None:
+        ids = ids[: args.eval_tokens]
+        text = tokenizer.decode(ids)
+    words = count_words(text)
+    monitor = SparsityMonitor(model) if sparse_layers(model) else None
+    if monitor:
+        with monitor:
+            ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
+                             progress=not args.no_progress)
+    else:
+        ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
+                         progress=not args.no_progress)
+    out: dict[str, Any] = {"token_perplexity": ppl.token_perplexity, "word_perplexity": ppl.word_perplexity,
+                           "eval_tokens": int(ids.numel()), "words": words, "context": ppl.context,
+                           "stride": ppl.stride}
+    if monitor:
+        measured = monitor.sparsity()
+        targets = monitor.targets()
+        out["measured_sparsity"] = measured
+        out["target_sparsity"] = targets
+        out["by_type"] = _by_type(measured, targets)
+    return out
+
+
+def _by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, float]]:
+    mean_m = summarize_by_type(measured)
+    mean_t = summarize_by_type({n: t for n, t in targets.items() if t is not None})
+    counts: dict[str, int] = {}
+    for n in measured:
+        counts[layer_type(n)] = counts.get(layer_type(n), 0) + 1
+    return {k: {"layers": counts[k], "target": mean_t.get(k), "measured": v} for k, v in mean_m.items()}
+
+
+def _sparsity_table(by_type: dict[str, dict[str, float]]) -> list[str]:
+    lines = [f"{'projection':<14}{'layers':>7}{'target':>9}{'measured':>10}"]
+    for k, v in by_type.items():
+        target = "-" if v["target"] is None else f"{v['target']:.3f}"
+        lines.append(f"{k:<14}{v['layers']:>7}{target:>9}{v['measured']:>10.3f}")
+    return lines
+
+
+# -------------------------------------------------------------------------------------- commands
+def cmd_demo(args) -> dict[str, Any]:
+    model, tokenizer, corpus = _load(args)
+    _log(args, "evaluating the dense model")
+    dense = _evaluate(args, model, tokenizer, corpus.evaluation)
+    _log(args, "calibrating thresholds")
+    cal = _calibrate(args, model, tokenizer, corpus)
+    _log(args, "evaluating the sparse model")
+    sparse = _evaluate(args, model, tokenizer, corpus.evaluation)
+    delta = 100.0 * (sparse["token_perplexity"] / dense["token_perplexity"] - 1.0)
+    result = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "calibration": cal,
+              "dense": dense, "sparse": sparse, "delta_token_ppl_percent": delta}
+    if not args.json:
+        recipe = ", ".join(f"{p}={s}" for p, s in cal["scopes"].items())
+        print(f"\nactsparse demo: {args.model} model, {corpus.name} corpus, {args.dtype}")
+        print(f"calibration: {cal['calibration_tokens']} tokens, method {cal['method']} ({cal['statistic']}), "
+              f"{cal['calibration_seconds']:.1f} s; recipe {recipe}")
+        print(f"evaluation: {dense['eval_tokens']} tokens ({dense['words']} words), context {dense['context']}\n")
+        print(f"{'':<10}{'token ppl':>11}{'word ppl':>11}{'Δ token ppl':>13}")
+        print(f"{'dense':<10}{dense['token_perplexity']:>11.3f}{dense['word_perplexity']:>11.3f}{'':>13}")
+        print(f"{'sparse':<10}{sparse['token_perplexity']:>11.3f}{sparse['word_perplexity']:>11.3f}{delta:>+12.2f}%\n")
+        print("\n".join(_sparsity_table(sparse["by_type"])))
+    return result
+
+
+def cmd_calibrate(args) -> dict[str, Any]:
+    model, tokenizer, corpus = _load(args)
+    cal = _calibrate(args, model, tokenizer, corpus)
+    path = save_thresholds(model, args.out, extra={"calibration": cal, "data": corpus.name})
+    cal["out"] = path
+    cal["layers"] = len(sparse_layers(model))
+    if not args.json:
+        print(f"calibrated {cal['layers']} layers on {cal['calibration_tokens']} tokens in "
+              f"{cal['calibration_seconds']:.1f} s; thresholds saved to {path}")
+    return cal
+
+
+def cmd_eval(args) -> dict[str, Any]:
+    model, tokenizer, corpus = _load(args)
+    if args.thresholds:
+        load_thresholds(model, args.thresholds)
+    result = {"model": args.model, "data": corpus.name, "thresholds": args.thresholds,
+              **_evaluate(args, model, tokenizer, corpus.evaluation)}
+    if not args.json:
+        word = result["word_perplexity"]
+        print(f"token perplexity {result['token_perplexity']:.3f}, word perplexity {word:.3f} "
+              f"({result['eval_tokens']} tokens, context {result['context']})")
+        if "by_type" in result:
+            print("\n".join(_sparsity_table(result["by_type"])))
+        if args.per_layer and "measured_sparsity" in result:
+            for n, v in result["measured_sparsity"].items():
+                t = result["target_sparsity"].get(n)
+                print(f"  {n:<48} target {'-' if t is None else f'{t:.3f}'}  measured {v:.3f}")
+    return result
+
+
+COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except (ActSparseError, FileNotFoundError, ValueError) as e:
+        print(f"actsparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

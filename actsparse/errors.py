@@ -1,0 +1,25 @@
+"""Exceptions raised by actsparse. Each message says what is wrong and how to fix it."""
+
+
+class ActSparseError(Exception):
+    """Base class for all actsparse errors."""
+
+
+class ScopeError(ActSparseError, ValueError):
+    """A target or ignored scope is invalid or resolves to nothing usable."""
+
+
+class DatasetError(ActSparseError, ValueError):
+    """The calibration/evaluation dataset is empty or has items of an unsupported type."""
+
+
+class CalibrationError(ActSparseError, RuntimeError):
+    """Calibration could not produce valid thresholds (e.g. NaN/inf activations)."""
+
+
+class ThresholdFileError(ActSparseError, ValueError):
+    """A thresholds file is unreadable, corrupted, or was made for another model."""
+
+
+class AlreadySparsifiedError(ActSparseError, RuntimeError):
+    """The model already carries actsparse wrappers."""

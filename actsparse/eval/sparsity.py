@@ -1,0 +1,64 @@
+"""Measured activation sparsity: the fraction of zeros the SparseLinear layers actually produce."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from ..sparse_linear import SparseLinear
+
+__all__ = ["SparsityMonitor", "summarize_by_type", "layer_type"]
+
+
+class SparsityMonitor:
+    """Context manager counting zeros in the sparsified inputs of every ``SparseLinear``.
+
+    >>> with SparsityMonitor(model) as mon:
+    ...     model(ids)
+    >>> mon.sparsity()   # {layer name: fraction of zero input entries}
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        if not self.layers:
+            raise ValueError("the model has no SparseLinear layers to measure; sparsify it first")
+        self.zeros: dict[str, int] = defaultdict(int)
+        self.total: dict[str, int] = defaultdict(int)
+        self._handles = []
+
+    def _hook(self, name: str, module: SparseLinear, args: tuple) -> None:
+        xs = module.sparsify_input(args[0])
+        self.zeros[name] += int((xs == 0).sum().item())
+        self.total[name] += xs.numel()
+
+    def __enter__(self) -> "SparsityMonitor":
+        self._handles = [m.register_forward_pre_hook(partial(self._hook, n)) for n, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def sparsity(self) -> dict[str, float]:
+        return {n: self.zeros[n] / self.total[n] for n in self.layers if self.total[n]}
+
+    def targets(self) -> dict[str, float | None]:
+        return {n: m.target_sparsity for n, m in self.layers.items()}
+
+
+def layer_type(name: str) -> str:
+    """The projection type of a layer name: its last component (``up_proj``)."""
+    return re.split(r"\.", name)[-1]
+
+
+def summarize_by_type(per_layer: dict[str, float]) -> dict[str, float]:
+    """Mean of per-layer values grouped by projection type (``up_proj``, ``down_proj``, ...)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for n, v in per_layer.items():
+        groups[layer_type(n)].append(v)
+    return {k: sum(v) / len(v) for k, v in groups.items()}

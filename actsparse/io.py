@@ -1,0 +1,183 @@
+"""Save/load thresholds: safetensors tensors + a JSON header in the safetensors metadata.
+
+Files are written atomically (temp file in the same folder, then ``os.replace``) and read with
+``safetensors`` only: no pickle is ever loaded. Loading validates the whole file against the model
+before the model is changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .api import apply_thresholds, sparse_layers
+from .errors import AlreadySparsifiedError, ThresholdFileError
+
+__all__ = ["save_thresholds", "load_thresholds", "read_thresholds", "save_pretrained", "from_pretrained",
+           "model_fingerprint", "THRESHOLDS_FILENAME"]
+
+THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
+FORMAT = "actsparse.thresholds"
+FORMAT_VERSION = 1
+_SUFFIX = ".act_threshold"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the names and shapes of all Linear layers (dense or sparse): the architecture."""
+    h = hashlib.sha256()
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            h.update(f"{n}:{m.in_features}x{m.out_features};".encode())
+    return h.hexdigest()[:16]
+
+
+def _model_identity(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "model_type": getattr(cfg, "model_type", None),
+        "fingerprint": model_fingerprint(model),
+    }
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None = None) -> str:
+    """Write the thresholds of every ``SparseLinear`` in ``model`` to ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("the model has no SparseLinear layers; sparsify it before saving thresholds")
+    if os.path.isdir(path):
+        path = os.path.join(path, THRESHOLDS_FILENAME)
+    tensors = {n + _SUFFIX: m.act_threshold.detach().to("cpu", torch.float32).clone() for n, m in layers.items()}
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "model": _model_identity(model),
+        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
+                       "target_sparsity": m.target_sparsity, "method": m.method} for n, m in layers.items()},
+        "extra": extra or {},
+    }
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
+    return path
+
+
+def read_thresholds(path: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Read ``({layer: τ}, header)`` from a thresholds file, with clear errors for bad files."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, THRESHOLDS_FILENAME)
+    if not os.path.isfile(path):
+        raise ThresholdFileError(f"thresholds file {path!r} does not exist; create it with "
+                                 f"`actsparse calibrate --out {os.path.basename(path)}` or save_thresholds()")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for corrupt input
+        raise ThresholdFileError(f"{path!r} is not a valid safetensors file (truncated, or another format "
+                                 f"such as a pickle): {e}. Re-create it with save_thresholds()") from None
+    if "actsparse" not in meta:
+        raise ThresholdFileError(f"{path!r} is a safetensors file but not an actsparse thresholds file "
+                                 f"(no 'actsparse' header); re-create it with save_thresholds()")
+    try:
+        header = json.loads(meta["actsparse"])
+    except json.JSONDecodeError as e:
+        raise ThresholdFileError(f"{path!r}: corrupted actsparse header ({e})") from None
+    if header.get("format") != FORMAT or not isinstance(header.get("layers"), dict):
+        raise ThresholdFileError(f"{path!r}: unknown header format {header.get('format')!r}")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise ThresholdFileError(f"{path!r} uses format version {header['format_version']}, newer than this "
+                                 f"actsparse ({__version__}) reads; upgrade actsparse")
+    thresholds = {}
+    for name in header["layers"]:
+        t = tensors.get(name + _SUFFIX)
+        if t is None or t.numel() != 1:
+            raise ThresholdFileError(f"{path!r}: missing or malformed threshold tensor for layer {name!r}")
+        thresholds[name] = float(t.item())
+        if thresholds[name] != thresholds[name]:
+            raise ThresholdFileError(f"{path!r}: threshold for {name!r} is NaN")
+    return thresholds, header
+
+
+def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.Module:
+    """Sparsify ``model`` in place with the thresholds saved at ``path`` (a file or a folder).
+
+    The file must match the model: every layer must exist as an ``nn.Linear`` of the same shape, and
+    with ``strict=True`` the architecture fingerprint must match too. Nothing changes on error.
+    """
+    thresholds, header = read_thresholds(path)
+    existing = sparse_layers(model)
+    if existing:
+        raise AlreadySparsifiedError("the model is already sparsified; call actsparse.remove_sparsity(model) "
+                                     "before loading thresholds")
+    made_for = header.get("model", {})
+    desc = f"{made_for.get('name_or_path') or made_for.get('class')} ({made_for.get('model_type')})"
+    modules = dict(model.named_modules())
+    problems = []
+    for name, info in header["layers"].items():
+        m = modules.get(name)
+        if not isinstance(m, nn.Linear):
+            problems.append(f"{name}: missing" if m is None else f"{name}: is {type(m).__name__}, not Linear")
+        elif (m.in_features, m.out_features) != (info.get("in_features"), info.get("out_features")):
+            problems.append(f"{name}: shape {m.in_features}x{m.out_features} != saved "
+                            f"{info.get('in_features')}x{info.get('out_features')}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise ThresholdFileError(f"thresholds in {path!r} were made for another model, {desc}: {shown}. "
+                                 f"Calibrate thresholds for this model instead")
+    if strict and made_for.get("fingerprint") != model_fingerprint(model):
+        raise ThresholdFileError(f"thresholds in {path!r} were made for another architecture, {desc} (fingerprint "
+                                 f"{made_for.get('fingerprint')} != {model_fingerprint(model)}); calibrate for this "
+                                 f"model, or pass strict=False if you know the layers correspond")
+    targets = {n: info.get("target_sparsity") for n, info in header["layers"].items()}
+    methods = {info.get("method") for info in header["layers"].values()}
+    method = methods.pop() if len(methods) == 1 else None
+    return apply_thresholds(model, thresholds, target_sparsity=targets, method=method)
+
+
+def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> None:
+    """HF ``save_pretrained`` of the dense weights plus ``actsparse_thresholds.safetensors``.
+
+    The HF checkpoint holds no actsparse keys, so any transformers install can load it; use
+    ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
+    """
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIX)}
+    model.save_pretrained(folder, state_dict=state, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    save_thresholds(model, os.path.join(folder, THRESHOLDS_FILENAME))
+
+
+def from_pretrained(folder: str, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)`` with its saved thresholds applied."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(folder, THRESHOLDS_FILENAME)
+    read_thresholds(path)  # fail on a bad thresholds file before the (slow) model load
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return load_thresholds(model, path)
