@@ -55,12 +55,14 @@ def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None
                    help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.set_defaults(default_scopes=default_scopes)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
-    p.add_argument("--stride", type=int, default=None, help="window stride (default: = context)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window (default: context - 1, i.e. no overlap)")
     p.add_argument("--eval-tokens", type=int, default=None, help="evaluate the first N tokens of the split")
 
 
@@ -110,7 +112,9 @@ def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
     config = SparsifyConfig({TargetScope(patterns=[p]): s for p, s in scopes},
                             IgnoredScope(patterns=args.ignore) if args.ignore else None,
                             args.method, method_options={"statistic": args.statistic})
-    data = chunk_tokens(tokenizer, corpus.calibration, args.calib_seq_len, args.calib_samples)
+    chunks = chunk_tokens(tokenizer, corpus.calibration, args.calib_seq_len, args.calib_samples)
+    bs = max(1, args.calib_batch_size)
+    data = [torch.cat(chunks[i:i + bs]) for i in range(0, len(chunks), bs)]
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t

@@ -32,43 +32,41 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, context: int = 1024
                n_words: int | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model`` on one token stream, HF-style sliding window.
 
-    Windows of ``context`` tokens start every ``stride`` tokens (default: ``stride = context``, no
-    overlap); each token is scored once, in the first window that scores it, with at least
-    ``context - stride`` tokens of history after the first window. Token perplexity is
+    Every token but the first is scored exactly once. Each window scores the next ``stride`` tokens
+    (at most ``context - 1``; default ``context - 1``: windows overlap by one token, like lm-eval's
+    rolling windows) and feeds as much history as fits in ``context``, so a scored token sees at
+    least ``context - stride`` tokens before it (fewer only at the start). Token perplexity is
     ``exp(NLL / n_tokens)``; word perplexity (when ``n_words`` is given, e.g. from
     ``actsparse.data.count_words``) is ``exp(NLL / n_words)`` as in lm-eval.
     """
     ids = input_ids.reshape(-1)
     n = ids.numel()
-    stride = context if stride is None else stride
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
+    stride = context - 1 if stride is None else stride
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    stride = min(stride, context - 1)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to compute perplexity, got {n}")
     device = next(model.parameters()).device
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    spans = []  # (window begin, first scored token, end)
+    start = 1
+    while start < n:
+        end = min(start + stride if start > 1 else context, n)
+        spans.append((max(0, end - context), start, end))
+        start = end
     was_training = model.training
     model.eval()
-    nll, scored, prev_end = 0.0, 0, 0
-    starts = list(range(0, n - 1, stride))
+    nll = 0.0
     try:
-        for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
-            end = min(begin + context, n)
-            first = max(prev_end, begin + 1)  # first token index scored in this window
-            if first >= end:
-                continue
-            window = ids[begin:end].unsqueeze(0).to(device)
-            kwargs = {"use_cache": False} if hasattr(model, "config") else {}
-            logits = model(window, **kwargs).logits[0]
+        for begin, first, end in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
+            logits = model(ids[begin:end].unsqueeze(0).to(device), **kwargs).logits[0]
             pred = logits[first - begin - 1:end - begin - 1].float()
-            target = ids[first:end].to(device)
-            nll += F.cross_entropy(pred, target, reduction="sum").double().item()
-            scored += end - first
-            prev_end = end
-            if end == n:
-                break
+            nll += F.cross_entropy(pred, ids[first:end].to(device), reduction="sum").double().item()
     finally:
         model.train(was_training)
+    scored = n - 1
     word = math.exp(nll / n_words) if n_words else None
     return PerplexityResult(math.exp(nll / scored), word, nll, scored, n_words, context, stride)

@@ -1,0 +1,68 @@
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 256
+
+
+def make_tiny_llama(layers: int = 2, seed: int = 0, hidden: int = 64, inter: int = 128) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def calib_data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(4)]
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny random Llama with a byte-level tokenizer, loadable by name/path."""
+    d = tmp_path / "tiny-llama"
+    make_tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    words = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge "
+             "boxing matches and pack my box with five dozen liquor jugs").split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=g).tolist())
+             for _ in range(30)]
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(lines), encoding="utf-8")
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M (fp32) and its tokenizer, loaded once."""
+    from actsparse.models import load_model
+
+    return load_model(None)

@@ -1,0 +1,50 @@
+"""End-to-end on the embedded SmolLM2-135M and Lee corpus (marked e2e; ~1-2 min on 2 cores)."""
+import json
+
+import pytest
+import torch
+
+import actsparse as A
+from actsparse.cli import main
+from actsparse.data import chunk_tokens, load_corpus, tokenize
+from actsparse.eval import SparsityMonitor, perplexity
+
+pytestmark = pytest.mark.e2e
+
+RECIPE = {A.TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3, A.TargetScope(patterns=[".*down_proj.*"]): 0.5}
+
+
+def test_embedded_model_sparsify_eval_save_load(embedded, tmp_path):
+    model, tok = embedded
+    corpus = load_corpus("embedded")
+    assert corpus.calibration[:200] not in corpus.evaluation  # disjoint splits
+    chunks = chunk_tokens(tok, corpus.calibration, 128, 8)
+    ids = tokenize(tok, corpus.evaluation)[:1024]
+    dense = perplexity(model, ids, context=512, progress=False).token_perplexity
+    assert 10 < dense < 60
+    try:
+        A.sparsify_activations(model, [torch.cat(chunks[:4]), torch.cat(chunks[4:])], RECIPE, progress=False)
+        assert len(A.sparse_layers(model)) == 90
+        with SparsityMonitor(model) as mon:
+            sparse = perplexity(model, ids, context=512, progress=False).token_perplexity
+        assert dense < sparse < 1.3 * dense
+        for name, s in mon.sparsity().items():
+            assert abs(s - mon.targets()[name]) < 0.06, name
+        path = A.save_thresholds(model, str(tmp_path / "smollm2.safetensors"))
+        thresholds = {n: m.act_threshold.item() for n, m in A.sparse_layers(model).items()}
+        A.remove_sparsity(model)
+        A.load_thresholds(model, path)
+        assert {n: m.act_threshold.item() for n, m in A.sparse_layers(model).items()} == thresholds
+    finally:
+        A.remove_sparsity(model)
+
+
+def test_demo_command_prints_json(capsys):
+    code = main(["demo", "--no-progress", "--json", "--calib-samples", "4", "--calib-seq-len", "128",
+                 "--eval-tokens", "1024", "--context", "512"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["dense"]["token_perplexity"] < res["sparse"]["token_perplexity"]
+    assert res["delta_token_ppl_percent"] > 0
+    assert set(res["sparse"]["by_type"]) == {"gate_proj", "up_proj", "down_proj"}
+    assert res["sparse"]["by_type"]["down_proj"]["target"] == 0.5
