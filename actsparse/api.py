@@ -63,7 +63,7 @@ def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float], *,
     _check_not_sparsified(model)
     modules = dict(model.named_modules())
     for name in thresholds:  # validate everything before touching the model
-        if not isinstance(modules.get(name), nn.Linear) or type(modules[name]) is not nn.Linear:
+        if type(modules.get(name)) is not nn.Linear:
             got = type(modules[name]).__name__ if name in modules else "no such module"
             raise ValueError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
         if math.isnan(float(thresholds[name])):

@@ -108,10 +108,14 @@ class _Hooks:
 
 
 class _Stage:
-    """A piece of the model that can be re-run on each calibration batch: one block, or all of it."""
+    """A piece of the model that can be re-run on each calibration batch: one block, or all of it.
 
-    def __init__(self, names: list[str], run: Callable[[int], Any], label: str):
-        self.names, self.run, self.label = names, run, label
+    ``run(b)`` runs it on batch ``b``; ``advance()`` is called once its layers are calibrated (a block
+    then computes its sparsified outputs: the next block's inputs).
+    """
+
+    def __init__(self, names: list[str], run: Callable[[int], Any], advance: Callable[[], None], label: str):
+        self.names, self.run, self.advance, self.label = names, run, advance, label
 
 
 def _groups(trace: list[tuple[str, torch.Tensor]], names: Sequence[str]) -> tuple[list[list[str]], bool]:
@@ -220,9 +224,7 @@ def _block_stages(model, prefix, blocks, names, batches, device, hooks):
                 out = run(b)
                 hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
 
-        stage = _Stage(block_names, run, f"block {i + 1}/{len(blocks)}")
-        stage.advance = advance
-        stages.append(stage)
+        stages.append(_Stage(block_names, run, advance, f"block {i + 1}/{len(blocks)}"))
     return stages
 
 
@@ -231,9 +233,7 @@ def _whole_model_stage(model, names, batches, device, hooks):
         hooks.token_mask = batches[b].token_mask
         return _call_model(model, batches[b], device)
 
-    stage = _Stage(list(names), run, "whole model")
-    stage.advance = lambda: None
-    return [stage]
+    return [_Stage(list(names), run, lambda: None, "whole model")]
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -129,11 +130,7 @@ def _evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
         text = tokenizer.decode(ids)
     words = count_words(text)
     monitor = SparsityMonitor(model) if sparse_layers(model) else None
-    if monitor:
-        with monitor:
-            ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
-                             progress=not args.no_progress)
-    else:
+    with monitor or contextlib.nullcontext():
         ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
                          progress=not args.no_progress)
     out: dict[str, Any] = {"token_perplexity": ppl.token_perplexity, "word_perplexity": ppl.word_perplexity,

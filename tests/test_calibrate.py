@@ -26,7 +26,7 @@ def _reference_thresholds(model, data, targets, ours):
         seen = []
         handles = [modules[n].register_forward_pre_hook(
             lambda m, a, n=n: (sparsify_tensor(a[0], torch.tensor(ours[n])),)) for n in earlier]
-        handles.append(modules[name].register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1))))
+        handles.append(modules[name].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1))))
         with torch.no_grad():
             for x in data:
                 model(x)

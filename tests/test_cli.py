@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -43,16 +44,16 @@ def test_eval_table_and_per_layer(tiny_model_dir, text_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["calibrate", "--scope", ".*nothing.*=0.3"], "matches no module"),
-    (["calibrate", "--scope", ".*up_proj.*=1.5"], r"\[0, 1\]"),
+    (["calibrate", "--scope", ".*nothing.*=0.3", "--calib-samples", "2", "--calib-seq-len", "16"],
+     "matches no module"),
+    (["calibrate", "--scope", ".*up_proj.*=1.5", "--calib-samples", "2", "--calib-seq-len", "16"], r"\[0, 1\]"),
     (["eval", "--thresholds", "missing.safetensors"], "does not exist"),
 ])
 def test_errors_are_one_line_and_exit_2(tiny_model_dir, text_file, tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, [*argv, "--model", tiny_model_dir, "--data", text_file, "--no-progress",
-                                 "--calib-samples", "2", "--calib-seq-len", "16"][: None if argv[0] == "calibrate" else -4])
+    code, _, err = _run(capsys, [*argv, "--model", tiny_model_dir, "--data", text_file, "--no-progress"])
     assert code == 2
-    assert "error:" in err and __import__("re").search(message, err)
+    assert "error:" in err and re.search(message, err)
     assert not (tmp_path / "thresholds.safetensors").exists()
 
 

@@ -6,7 +6,6 @@ import re
 from collections import defaultdict
 from functools import partial
 
-import torch
 import torch.nn as nn
 
 from ..sparse_linear import SparseLinear
