@@ -35,6 +35,13 @@ def exact_quantile(values: torch.Tensor, q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
+def _edge_threshold(q: float, n_seen: int) -> float | None:
+    """The conventions shared by all collectors: no data is an error; q=0 → -inf, q=1 → +inf."""
+    if n_seen == 0:
+        raise ValueError("no values were collected")
+    return -math.inf if q == 0.0 else math.inf if q == 1.0 else None
+
+
 class HistogramQuantile:
     """Quantile of |x| over every value seen, from a fixed log2-spaced histogram."""
 
@@ -64,12 +71,9 @@ class HistogramQuantile:
         self.counts += torch.bincount(idx, minlength=self.nbins).cpu()
 
     def result(self) -> float:
-        if self.n == 0:
-            raise ValueError("no values were collected")
-        if self.q == 0.0:
-            return -math.inf
-        if self.q == 1.0:
-            return math.inf
+        edge = _edge_threshold(self.q, self.n)
+        if edge is not None:
+            return edge
         rank = self.q * self.n  # number of values that should be <= tau
         if rank <= self.n_tiny:
             return 0.0
@@ -104,10 +108,5 @@ class EMAQuantile:
         self.n_batches += 1
 
     def result(self) -> float:
-        if self.n_batches == 0:
-            raise ValueError("no values were collected")
-        if self.q == 0.0:
-            return -math.inf
-        if self.q == 1.0:
-            return math.inf
-        return self.value
+        edge = _edge_threshold(self.q, self.n_batches)
+        return self.value if edge is None else edge
