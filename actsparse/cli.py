@@ -63,7 +63,7 @@ def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument("--stride", type=int, default=None,
-                   help="new tokens scored per window (default: context - 1, i.e. no overlap)")
+                   help="new tokens scored per window (default: context - 1; consecutive windows share one token)")
     p.add_argument("--eval-tokens", type=int, default=None, help="evaluate the first N tokens of the split")
 
 
