@@ -42,6 +42,7 @@ class SparseLinear(nn.Linear):
     """Linear layer with static magnitude activation sparsity on its input."""
 
     act_threshold: torch.Tensor
+    _packed = None  # a PackedGemv once actsparse.kernels.enable_kernels() ran
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - build with from_linear
         raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
@@ -63,6 +64,9 @@ class SparseLinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """The plain ``nn.Linear`` sharing this layer's parameters (and hooks)."""
+        if self._packed is not None:  # weights were laid out for the sparse GEMV: back to [out, in]
+            from .kernels.linear import disable_kernels
+            disable_kernels(self)
         lin = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(lin)
         _share_linear_state(self, lin)
@@ -72,6 +76,11 @@ class SparseLinear(nn.Linear):
         return sparsify_tensor(x, self.act_threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:  # set by actsparse.kernels.enable_kernels
+            from .kernels.linear import kernel_forward
+            y = kernel_forward(self, x)
+            if y is not None:
+                return y
         return F.linear(self.sparsify_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -1,8 +1,14 @@
 import os
 
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Triton reads this once, when it is first
+# imported (transformers imports it), so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

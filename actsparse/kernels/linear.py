@@ -1,0 +1,76 @@
+"""Route ``SparseLinear`` batch-1 decode calls to the sparse GEMV.
+
+``enable_kernels(model)`` gives every ``SparseLinear`` a :class:`PackedGemv` view of its weights. Where
+``out_features`` is a multiple of ``COLUMN_ALIGN`` (every real LLM projection), the layer's weight
+*becomes* a transposed view of the packed ``weight_t``: no second copy, and prefill's ``F.linear`` reads
+the same memory (cuBLAS takes the transposed layout). Odd widths keep a padded packed copy.
+
+After that, ``SparseLinear.forward`` uses the kernel when the input is a single row on a device the
+kernel supports and no gradient is being recorded; everything else (prefill, batches, training, CPU)
+takes the usual masked ``F.linear``. Thresholds stay live: the packed threshold is the layer's
+``act_threshold`` buffer itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .ops import sparse_gemv, triton_available
+from .packing import COLUMN_ALIGN, PackedGemv, pack
+
+__all__ = ["enable_kernels", "disable_kernels", "kernel_forward"]
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _pack_layer(layer) -> PackedGemv:
+    w = layer.weight
+    packed = pack([w.detach()], layout_block=None,
+                  biases=[layer.bias.detach()] if layer.bias is not None else None)
+    packed.threshold = layer.act_threshold.view(1)  # live: load_thresholds/apply_thresholds update it
+    if layer.out_features % COLUMN_ALIGN == 0:  # share: the layer's weight is a view of weight_t
+        layer.weight.data = packed.weight_t.t()
+        if layer.bias is not None:
+            packed.bias = layer.bias.detach()  # same length, read as fp32 by the kernel
+    return packed
+
+
+def enable_kernels(model: nn.Module) -> list[str]:
+    """Pack every eligible ``SparseLinear`` of ``model`` for the sparse GEMV; returns the layer names.
+
+    Eligible: fp16/bf16 weights on a device where Triton runs (CUDA; any device under
+    ``TRITON_INTERPRET=1``). Other layers are left as they are.
+    """
+    from ..sparse_linear import SparseLinear
+
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear) and m.weight.dtype in _DTYPES and triton_available(m.weight.device):
+            if getattr(m, "_packed", None) is None:
+                m._packed = _pack_layer(m)
+                m._packed_from = (m.weight.data_ptr(), m.weight._version)
+            names.append(name)
+    return names
+
+
+def disable_kernels(model: nn.Module) -> None:
+    """Undo :func:`enable_kernels`: contiguous ``[out, in]`` weights again, no packed state."""
+    from ..sparse_linear import SparseLinear
+
+    for m in model.modules():
+        if isinstance(m, SparseLinear) and getattr(m, "_packed", None) is not None:
+            if not m.weight.is_contiguous():
+                m.weight.data = m.weight.data.contiguous()
+            m._packed = m._packed_from = None
+
+
+def kernel_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
+    packed = getattr(layer, "_packed", None)
+    if (packed is None or x.numel() != layer.in_features or x.dtype != layer.weight.dtype
+            or torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)):
+        return None
+    if layer._packed_from != (layer.weight.data_ptr(), layer.weight._version):
+        return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)
+    return sparse_gemv(x, packed)[0]

@@ -1,0 +1,108 @@
+"""Dispatch and the ``actsparse::sparse_gemv`` custom op.
+
+``sparse_gemv(x, packed)`` picks the Triton kernel for one input row on CUDA (or on CPU under
+``TRITON_INTERPRET=1``) and the torch reference everywhere else, so results never depend on whether
+Triton is installed. Rows > 1 (prefill, small batches) take the dense route: mask, then cuBLAS.
+
+The op is registered with ``torch.library.custom_op`` (and a fake kernel), so ``torch.compile`` treats it
+as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .packing import PackedGemv
+from .reference import mask_input, sparse_gemv_reference
+
+try:  # Triton is optional: CPU-only installs use the reference
+    from . import triton_gemv as _tg
+    _TRITON_ERROR: Exception | None = None
+except Exception as e:  # pragma: no cover - depends on the environment
+    _tg = None
+    _TRITON_ERROR = e
+
+__all__ = ["sparse_gemv", "triton_available", "kernel_for"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernel can run on ``device`` (CUDA, or any device in the interpreter)."""
+    if _tg is None:
+        return False
+    if _tg.interpreting():
+        return True
+    dev = torch.device(device) if device is not None else None
+    return dev is not None and dev.type == "cuda" and torch.cuda.is_available()
+
+
+def kernel_for(x: torch.Tensor, packed: PackedGemv) -> str:
+    """``"triton"`` or ``"torch"``: what :func:`sparse_gemv` will run for this input."""
+    rows = x.numel() // max(packed.in_features, 1)
+    if rows == 1 and x.dtype in _KERNEL_DTYPES and triton_available(x.device):
+        return "triton"
+    return "torch"
+
+
+def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
+    """Several rows on CUDA: mask in fp32 as the reference does, then one cuBLAS GEMM per layer."""
+    x2 = x.reshape(-1, packed.in_features)
+    y = torch.zeros(x2.shape[0], packed.padded_out, dtype=x.dtype, device=x.device)
+    for i, (off, n) in enumerate(packed.segments):
+        mu = packed.shift[i] if packed.shift is not None else 0.0
+        xs = mask_input(x2, packed.threshold[i], mu).to(x.dtype)
+        w = packed.columns(off, off + n).t() if not packed.quantized else packed.dense_weight(i).to(x.dtype)
+        extra = None
+        if packed.bias is not None:
+            extra = packed.bias[off:off + n]
+        if packed.shift is not None:
+            s = mu * packed.wsum[off:off + n]
+            extra = s if extra is None else extra + s
+        y[:, off:off + n] = F.linear(xs, w, None if extra is None else extra.to(x.dtype))
+    return y.reshape(*x.shape[:-1], packed.padded_out)
+
+
+def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
+    kind = kernel_for(x, packed)
+    if kind == "triton":
+        return _tg.sparse_gemv_triton(x, packed).reshape(*x.shape[:-1], packed.padded_out)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return _dense_route(x, packed)
+    return sparse_gemv_reference(x, packed)
+
+
+@torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
+def _sparse_gemv_op(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
+                    shift: Optional[torch.Tensor], wsum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
+                    segments: list[int]) -> torch.Tensor:
+    segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
+    return _run(x, PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero))
+
+
+@_sparse_gemv_op.register_fake
+def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments):
+    n_pad = weight_t.shape[-1] * (weight_t.shape[0] if weight_t.dim() == 3 else 1)
+    return x.new_empty(*x.shape[:-1], n_pad)
+
+
+def sparse_gemv(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]:
+    """Outputs ``(y_0, ...)`` of the packed layers for inputs ``x[..., K]``, each ``[..., out_i]``.
+
+    One kernel launch for all packed layers when ``x`` is one row on CUDA; see :mod:`.packing` for the
+    exact semantics (threshold in the activation dtype, shift folded into the bias, fp32 accumulation).
+    """
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"sparse_gemv supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+    if x.device != packed.weight_t.device:
+        raise ValueError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
+    segs = [v for seg in packed.segments for v in seg]
+    y = torch.ops.actsparse.sparse_gemv(x, packed.weight_t, packed.threshold, packed.shift, packed.wsum,
+                                        packed.bias, packed.scale, packed.zero, segs)
+    return packed.split(y)

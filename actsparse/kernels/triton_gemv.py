@@ -1,0 +1,269 @@
+"""Triton sparse GEMV for batch-1 decode: ``y = W · mask(x − μ)`` reading only the kept weight rows.
+
+Layout: ``weight_t[K, N_pad]`` (see :mod:`.packing`). A program owns ``BLOCK_N`` output columns and a
+``K_PER``-long slice of the inputs (split-K, so that even a 4096-column matrix gives the GPU enough
+independent loads in flight). Per ``BLOCK_K`` rows it loads ``x``, applies the threshold test in
+registers, and loads a weight row only where the input survived (masked loads issue no memory traffic).
+Products accumulate in a ``[BLOCK_K, BLOCK_N]`` fp32 register tile, reduced once at the end.
+
+No atomics on fp16/bf16 outputs (the reason TEAL has no bf16 kernel): each program writes its fp32
+partial sums to a small workspace, then bumps an int32 counter for its column block; the program that
+arrives last (``SPLIT_K``-th) sums the ``SPLIT_K`` partials in a fixed order, adds bias and the μ term,
+casts, writes ``y`` and resets the counter to 0 for the next launch. One launch, deterministic results.
+Counters are per device: launches on one device must not run concurrently (separate streams at once).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .packing import PackedGemv
+
+__all__ = ["GemvConfig", "choose_config", "sparse_gemv_triton"]
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, w_ptr, y_ptr, tau_ptr, mu_ptr, wsum_ptr, bias_ptr, scale_ptr, zero_ptr, part_ptr, cnt_ptr, idx_ptr,
+    K, N, LB, K_PER, C1, C2,
+    HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, COMPACT: tl.constexpr, K_P2: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    # weights of column n, input k live at (n // LB) * K * LB + k * LB + n % LB (LB = N: plain [K, N])
+    blk = n0 // LB
+    w_cols = w_ptr + blk * K * LB + (offs_n - blk * LB)
+    seg = (n0 >= C1).to(tl.int32) + (n0 >= C2).to(tl.int32)  # which packed layer these columns belong to
+    # the threshold compares in the activation dtype, like SparseLinear: round τ to it first
+    tau = _round_to(tl.load(tau_ptr + seg), x_ptr.dtype.element_ty)
+    if HAS_MU:
+        mu = tl.load(mu_ptr + seg)
+    else:
+        mu = 0.0
+
+    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    if QUANT > 0:  # int8 weights enter the tensor cores as exact fp16 integers
+        MMA_DTYPE: tl.constexpr = tl.float16
+    else:
+        MMA_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    if USE_DOT:  # x' as row 0 of a 16-row operand: the MMA does the fp16→fp32 work at tensor-core rate
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    row0 = (tl.arange(0, 16) == 0).to(MMA_DTYPE)
+    xacc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    if COMPACT:
+        # List this program's surviving input rows once (a prefix sum over its K slice), then stream
+        # only those rows in full BLOCK_K tiles: work and loads scale with the kept rows, not with K.
+        offs = k_lo + tl.arange(0, K_P2)
+        in_k = offs < k_hi
+        d = tl.load(x_ptr + offs, mask=in_k, other=0.0).to(tl.float32) - mu
+        keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
+        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        count = tl.sum(keep.to(tl.int32), axis=0)
+        rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n) * K_P2
+        tl.store(rows_ptr + pos, offs, mask=keep)
+        tl.debug_barrier()  # the list is written by all threads of the program, read back by all
+        for i in range(0, count, BLOCK_K):
+            r = i + tl.arange(0, BLOCK_K)
+            valid = r < count
+            rows = tl.load(rows_ptr + r, mask=valid, other=0)
+            xs = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32) - mu
+            acc, xacc = _accumulate(acc, xacc, tl.where(valid, xs, 0.0), rows, valid, w_cols, LB, row0,
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST)
+    else:
+        for kk in range(0, K_PER, BLOCK_K):  # same trip count for every program; rows past k_hi are masked
+            offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
+            in_k = offs_k < k_hi
+            d = tl.load(x_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32) - mu
+            keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
+            acc, xacc = _accumulate(acc, xacc, tl.where(keep, d, 0.0), offs_k, keep, w_cols, LB, row0,
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST)
+    part = tl.sum(acc, axis=0)
+    if QUANT == 2:  # W = (q - zero) * scale: Σ W x = scale * (Σ q x - zero * Σ x)
+        part -= tl.load(zero_ptr + offs_n) * tl.sum(xacc, axis=0)
+    if QUANT > 0:
+        part *= tl.load(scale_ptr + offs_n)
+
+    if SPLIT_K == 1:
+        _epilogue(part, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
+    else:
+        tl.store(part_ptr + pid_k * N + offs_n, part)
+        # acq_rel: our partials are visible before the count; the last arriver sees everyone's
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            offs_s = tl.arange(0, SPLIT_P2)
+            parts = tl.load(part_ptr + offs_s[:, None] * N + offs_n[None, :],
+                            mask=(offs_s < SPLIT_K)[:, None], other=0.0, cache_modifier=".cg")
+            _epilogue(tl.sum(parts, axis=0), offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
+            tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr,
+                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Add ``W[rows, cols]ᵀ · x'[rows]`` to ``acc``; ``xs`` is ``x − μ`` (fp32), 0 where not kept."""
+    xs = xs.to(X_DTYPE)  # x' in the activation dtype (exact when μ = 0)
+    w = tl.load(w_cols[None, :] + rows[:, None] * LB, mask=keep[:, None], other=0)
+    if USE_DOT:
+        if QUANT > 0:  # q + 0x6480 read as fp16 is 1152 + q exactly; masked rows (q = 0) give 0
+            w = (w.to(tl.int16) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+        xa = row0[:, None] * xs.to(MMA_DTYPE)[None, :]
+        if DOT_UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw bits: give it fp32
+            acc = tl.dot(xa.to(tl.float32), w.to(MMA_DTYPE).to(tl.float32), acc)
+        else:
+            acc = tl.dot(xa, w.to(MMA_DTYPE), acc)
+    else:
+        acc += w.to(tl.float32) * xs.to(tl.float32)[:, None]
+    if QUANT == 2:
+        xacc += xs.to(tl.float32)
+    return acc, xacc
+
+
+@triton.jit
+def _round_to(t, DTYPE: tl.constexpr):
+    """fp32 ``t`` rounded to nearest-even in ``DTYPE`` (as torch's ``.to``), returned as fp32."""
+    if DTYPE == tl.bfloat16:  # by bits: same result compiled and in the interpreter (which truncates)
+        b = t.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        t = ((b >> 16) << 16).to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        t = t.to(tl.float16).to(tl.float32)
+    return t
+
+
+@triton.jit
+def _epilogue(out, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if HAS_MU:
+        out += mu * tl.load(wsum_ptr + offs_n)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n)
+    tl.store(y_ptr + offs_n, _round_to(out, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_k: int
+    block_n: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    use_dot: bool = True  # fp16/bf16 (int8 as fp16) through tensor cores; FMA whenever fp32 is involved
+    compact: bool = True  # list the kept rows first, then stream only those (work ∝ kept rows)
+
+    def k_per(self, k: int) -> int:
+        return triton.cdiv(triton.cdiv(k, self.split_k), self.block_k) * self.block_k
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# Measured on an H100 (benchmarks/README.md, tuning sweep): for 2-byte weights within 8% of the best
+# swept config on the large shapes at 0% and 50%; the kept-row list (compact) costs those few percent
+# at low sparsity but removes the floor that scanning every row leaves above 60%. int8 needs the list
+# even more: its per-element unpacking otherwise costs the same at any sparsity.
+_RULES = {  # weight bytes -> (block_k, block_n, waves, num_stages, compact)
+    1: (64, 256, 4, 3, True),
+    2: (64, 256, 2, 3, True),
+    4: (16, 128, 4, 1, False),
+}
+
+
+def choose_config(k: int, n: int, weight_bytes: int, sm_count: int, *, waves: int | None = None,
+                  block_n: int | None = None) -> GemvConfig:
+    """A deterministic launch rule by shape and weight width (no autotuning lottery).
+
+    Tiles from ``_RULES``; K is split so that about ``waves × SMs`` programs run, each over at least two
+    tiles and at most ``MAX_COMPACT_ROWS`` rows. ``block_n`` caps the tile width (the layout block).
+    """
+    block_k, bn, w, stages, compact = _RULES[weight_bytes]
+    block_n = min(bn, block_n or bn)
+    waves = waves or w
+    n_blocks = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(waves * sm_count, n_blocks), k // (2 * block_k)),
+                triton.cdiv(k, MAX_COMPACT_ROWS))
+    cfg = GemvConfig(block_k, block_n, split, 4, stages, True, compact)
+    return GemvConfig(block_k, block_n, triton.cdiv(k, cfg.k_per(k)), 4, stages, True, compact)
+
+
+MAX_COMPACT_ROWS = 4096
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+_CONFIG_CACHE: dict[tuple, GemvConfig] = {}
+
+
+def sparse_gemv_triton(x: torch.Tensor, packed: PackedGemv, config: GemvConfig | None = None, *,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``), in ``x``'s dtype (into ``out`` if given)."""
+    k, n, lb = packed.in_features, packed.padded_out, packed.layout_block
+    x1 = x.reshape(-1)
+    if x1.numel() != k:
+        raise ValueError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
+    x1 = x1.contiguous()
+    dev = x1.device
+    if config is None:
+        key = (k, n, lb, packed.weight_t.element_size(), dev.type, dev.index)
+        config = _CONFIG_CACHE.get(key)
+        if config is None:
+            config = _CONFIG_CACHE[key] = choose_config(k, n, packed.weight_t.element_size(), _sm_count(dev),
+                                                        block_n=lb)
+    if lb % config.block_n:
+        raise ValueError(f"block_n={config.block_n} must divide the layout block {lb}")
+    split = config.split_k
+    y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
+    if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
+    part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=dev)
+    n_blocks = n // config.block_n
+    cnt = _counter_buffer(dev, n_blocks) if split > 1 else part
+    k_per = config.k_per(k)
+    k_p2 = triton.next_power_of_2(k_per)
+    compact = config.compact and k_p2 <= MAX_COMPACT_ROWS  # the row list lives in registers first
+    idx = torch.empty(n_blocks * split * k_p2 if compact else 1, dtype=torch.int32, device=dev)
+    quant = 0 if not packed.quantized else (2 if packed.zero is not None else 1)
+    c1, c2 = packed.segment_starts
+    _sparse_gemv_kernel[(n_blocks, split)](
+        x1, packed.weight_t, y, packed.threshold,
+        packed.shift if packed.shift is not None else packed.threshold,
+        packed.wsum if packed.wsum is not None else y,
+        packed.bias if packed.bias is not None else y,
+        packed.scale if packed.scale is not None else y,
+        packed.zero if packed.zero is not None else y,
+        part, cnt, idx, k, n, lb, k_per, c1, c2,
+        HAS_MU=packed.shift is not None, HAS_BIAS=packed.bias is not None, QUANT=quant,
+        SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+        USE_DOT=config.use_dot and torch.float32 not in (x1.dtype, packed.weight_t.dtype) and config.block_k >= 16,
+        DOT_UPCAST=interpreting() and packed.weight_t.dtype == torch.bfloat16,
+        COMPACT=compact, K_P2=k_p2,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,287 @@
+"""Batch-1 Llama decode, dense ``F.linear`` vs actsparse's sparse GEMV, in one process on one GPU.
+
+    python benchmarks/bench_decode.py --models llama2-7b,llama3-8b --out results/decode.json
+
+gpt-fast style: random bf16 weights with the real shapes, a static KV cache, one decode step per
+CUDA-graph replay (the step feeds its own greedy token and position forward, so replays generate).
+Each layer's code is ``torch.compile``d once (the sparse GEMV is an opaque custom op inside it) and the
+whole step is captured in a CUDA graph. Both variants fuse the same way: q/k/v in one launch and
+gate/up in one launch (dense: concatenated weights; sparse: one packed GEMV), o and down alone.
+Thresholds for each sparsity are quantiles of |input| of each layer group, collected over a few eager
+decode steps, so the kernels see realistic (not uniform random) masks. lm_head stays dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import actsparse.kernels as K  # noqa: E402
+
+CONFIGS = {
+    "llama2-7b": dict(dim=4096, layers=32, heads=32, kv_heads=32, inter=11008, vocab=32000),
+    "llama3-8b": dict(dim=4096, layers=32, heads=32, kv_heads=8, inter=14336, vocab=128256),
+    "tiny": dict(dim=256, layers=2, heads=4, kv_heads=2, inter=512, vocab=1000),
+}
+GROUPS = ("qkv", "o", "gate_up", "down")
+DEV = "cuda"
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    dense: dict          # group -> [out, in] weight (qkv and gate_up concatenated)
+    packed: dict | None  # group -> PackedGemv
+    cache_k: torch.Tensor
+    cache_v: torch.Tensor
+
+
+def rms_norm(x, w, eps=1e-5):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rotary(x, cos, sin):  # x [1, heads, 1, hd]
+    x1, x2 = x[..., ::2].float(), x[..., 1::2].float()
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def make_layer_fn(cfg, sparse: bool, segments: dict | None):
+    """One decoder layer as a function of tensors only (so one torch.compile serves every layer).
+
+    ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV.
+    """
+    heads, kvh, dim = cfg["heads"], cfg["kv_heads"], cfg["dim"]
+    hd = dim // heads
+
+    def linear(h, lin, group, record):
+        if record is not None:
+            record.setdefault(group, []).append(h.detach().float().abs().flatten())
+        if sparse:
+            wt, thr, scale, zero = lin[group]
+            return K.sparse_gemv(h, K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero))
+        return (F.linear(h, lin[group]),)
+
+    def step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict, record=None):
+        h = rms_norm(x, attn_norm)
+        out = linear(h, lin, "qkv", record)
+        qkv = out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+        q, k, v = qkv.split([dim, kvh * hd, kvh * hd], dim=-1)
+        q = rotary(q.view(1, 1, heads, hd).transpose(1, 2), cos, sin)
+        k = rotary(k.view(1, 1, kvh, hd).transpose(1, 2), cos, sin)
+        v = v.view(1, 1, kvh, hd).transpose(1, 2)
+        cache_k.index_copy_(2, pos, k)
+        cache_v.index_copy_(2, pos, v)
+        ck, cv = cache_k, cache_v
+        if kvh != heads:
+            ck = ck.repeat_interleave(heads // kvh, dim=1)
+            cv = cv.repeat_interleave(heads // kvh, dim=1)
+        mask = torch.arange(ck.shape[2], device=x.device) <= pos
+        a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask.view(1, 1, 1, -1))
+        a = a.transpose(1, 2).reshape(1, 1, dim)
+        x = x + linear(a, lin, "o", record)[0]
+        h = rms_norm(x, mlp_norm)
+        out = linear(h, lin, "gate_up", record)
+        g, u = out if len(out) == 2 else out[0].chunk(2, dim=-1)
+        return x + linear(F.silu(g) * u, lin, "down", record)[0]
+
+    return step
+
+
+class Model:
+    def __init__(self, cfg, max_seq, dtype=torch.bfloat16, seed=0):
+        torch.manual_seed(seed)
+        self.cfg, self.dtype = cfg, dtype
+        d, i, hd = cfg["dim"], cfg["inter"], cfg["dim"] // cfg["heads"]
+        kv = cfg["kv_heads"] * hd
+
+        def w(o, n):
+            return torch.randn(o, n, device=DEV, dtype=dtype) / math.sqrt(n)
+
+        self.emb = torch.randn(cfg["vocab"], d, device=DEV, dtype=dtype)
+        self.norm = torch.ones(d, device=DEV, dtype=dtype)
+        self.lm_head = w(cfg["vocab"], d)
+        self.layers = []
+        for _ in range(cfg["layers"]):
+            dense = {"qkv": w(d + 2 * kv, d), "o": w(d, d), "gate_up": w(2 * i, d), "down": w(d, i)}
+            self.layers.append(Layer(torch.ones(d, device=DEV, dtype=dtype), torch.ones(d, device=DEV, dtype=dtype),
+                                     dense, None,
+                                     torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype),
+                                     torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype)))
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=DEV).float() / hd))
+        ang = torch.outer(torch.arange(max_seq, device=DEV).float(), inv)
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self.token = torch.zeros(1, dtype=torch.long, device=DEV)
+        self.pos = torch.zeros(1, dtype=torch.long, device=DEV)
+        self.fns = {False: make_layer_fn(cfg, False, None)}
+
+    def pack(self, quantize=None):
+        d, hd = self.cfg["dim"], self.cfg["dim"] // self.cfg["heads"]
+        kv = self.cfg["kv_heads"] * hd
+        i = self.cfg["inter"]
+        for L in self.layers:
+            qkv, gu = L.dense["qkv"], L.dense["gate_up"]
+            L.packed = {"qkv": K.pack([qkv[:d], qkv[d:d + kv], qkv[d + kv:]], quantize=quantize),
+                        "o": K.pack([L.dense["o"]], quantize=quantize),
+                        "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize),
+                        "down": K.pack([L.dense["down"]], quantize=quantize)}
+        segments = {g: p.segments for g, p in self.layers[0].packed.items()}
+        self.fns[True] = make_layer_fn(self.cfg, True, segments)
+
+    def compile(self):
+        self.fns = {k: f if hasattr(f, "_torchdynamo_orig_callable") else torch.compile(f, fullgraph=True, dynamic=False)
+                    for k, f in self.fns.items()}
+
+    def lin(self, L, sparse):
+        if not sparse:
+            return L.dense
+        return {g: (p.weight_t, p.threshold, p.scale, p.zero) for g, p in L.packed.items()}
+
+    def step(self, sparse, records=None):
+        x = self.emb[self.token].view(1, 1, -1)
+        cos, sin = self.cos[self.pos].view(1, 1, 1, -1), self.sin[self.pos].view(1, 1, 1, -1)
+        fn = self.fns[sparse]
+        for li, L in enumerate(self.layers):
+            args = (x, self.pos, cos, sin, L.attn_norm, L.mlp_norm, L.cache_k, L.cache_v, self.lin(L, sparse))
+            x = fn(*args) if records is None else fn(*args, record=records[li])
+        logits = F.linear(rms_norm(x, self.norm), self.lm_head)
+        self.token.copy_(logits.view(-1).argmax().view(1))
+        self.pos.add_(1)
+        return logits
+
+    def set_sparsity(self, s, stats):
+        for li, L in enumerate(self.layers):
+            for g in GROUPS:
+                a = stats[li][g]
+                tau = -math.inf if s <= 0 else torch.quantile(a[torch.randperm(a.numel(), device=a.device)[:1 << 20]],
+                                                              s).item()
+                L.packed[g].threshold.fill_(tau)
+
+
+def calibrate(model, steps=8):
+    """|input| samples of every layer group over ``steps`` eager dense decode steps."""
+    records = [dict() for _ in model.layers]
+    start = model.pos.clone()
+    for _ in range(steps):
+        model.step(False, records)
+    model.pos.copy_(start)
+    return [{g: torch.cat(v) for g, v in rec.items()} for rec in records]
+
+
+def measured_sparsity(model, stats, s):
+    """Fraction of calibration inputs at or under each group's threshold (what the kernel skips)."""
+    fr = []
+    for li, L in enumerate(model.layers):
+        for g in GROUPS:
+            fr.append((stats[li][g].to(model.dtype).float() <= L.packed[g].threshold[0].to(model.dtype).float())
+                      .float().mean().item())
+    return statistics.mean(fr)
+
+
+def time_graph(model, sparse, start_pos, steps=32, reps=5):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    model.pos.fill_(start_pos)
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model.step(sparse)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    model.pos.fill_(start_pos)
+    with torch.cuda.graph(g):
+        model.step(sparse)
+
+    def run():
+        times = []
+        for _ in range(reps):
+            model.pos.fill_(start_pos)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(steps):
+                g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / steps)
+        return statistics.median(times)
+    return g, run
+
+
+def bench_model(name, args):
+    cfg = CONFIGS[name]
+    model = Model(cfg, args.max_seq)
+    model.pos.fill_(args.start_pos)
+    stats = calibrate(model)
+    if args.compile:
+        model.compile()
+    t0 = time.time()
+    _, run_dense = time_graph(model, False, args.start_pos)
+    dense_ms = run_dense()
+    print(f"[{name}] dense step {dense_ms:.3f} ms ({1000 / dense_ms:.1f} tok/s) [capture {time.time() - t0:.0f}s]",
+          flush=True)
+    rows = []
+    for quant in ([None, "int8"] if args.int8 else [None]):
+        model.pack(quantize=quant)
+        if args.compile:
+            model.compile()
+        model.set_sparsity(0.0, stats)
+        t0 = time.time()
+        _, run_sparse = time_graph(model, True, args.start_pos)
+        print(f"[{name}] sparse graph captured in {time.time() - t0:.0f}s", flush=True)
+        for s in args.sparsities:
+            model.set_sparsity(s, stats)
+            ms = run_sparse()
+            meas = measured_sparsity(model, stats, s)
+            row = dict(model=name, weights="int8" if quant else "bf16", target=s, measured=meas, dense_ms=dense_ms,
+                       sparse_ms=ms, dense_tok_s=1000 / dense_ms, sparse_tok_s=1000 / ms, speedup=dense_ms / ms)
+            rows.append(row)
+            print(f"[{name}] {row['weights']} sparsity {s:.2f} (measured {meas:.3f}): {ms:.3f} ms "
+                  f"{1000 / ms:.1f} tok/s  x{dense_ms / ms:.2f} vs dense", flush=True)
+        for L in model.layers:
+            L.packed = None
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama2-7b,llama3-8b")
+    ap.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7")
+    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--start-pos", type=int, default=256)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--int8", action="store_true", help="also int8 weights + sparsity")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.sparsities = [float(v) for v in args.sparsities.split(",")]
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU")
+    from bench_gemv import env_info
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args)
+    print(f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}")
+    for r in rows:
+        print(f"{r['model']:>10} {r['weights']:>7} {r['target']:>6.2f} {r['measured']:>6.3f} {r['dense_tok_s']:>11.1f} "
+              f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"env": env_info(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

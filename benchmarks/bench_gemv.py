@@ -1,0 +1,233 @@
+"""Batch-1 sparse GEMV vs dense cuBLAS (``F.linear``) on the same GPU, in the same run.
+
+    python benchmarks/bench_gemv.py                      # the tables of benchmarks/README.md
+    python benchmarks/bench_gemv.py --tune               # sweep launch configs (to set the rule)
+
+Timing: each measured call sequence is captured in a CUDA graph (no launch gaps, no Python overhead),
+replayed after warm-up, median over replays. Inputs rotate over enough weight copies (> 3× L2) that
+every call streams its weights from HBM. Bytes counted for the sparse kernel: kept weight rows + x + y;
+for dense: all weights + x + y. Copy bandwidth is measured in the same run (device-to-device copy,
+bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import actsparse.kernels as K  # noqa: E402
+from actsparse.kernels import triton_gemv as tg  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in K, out N)
+SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+LARGE = [(4096, 14336), (14336, 4096), (11008, 4096), (4096, 11008)]
+
+
+def graph_time_us(fn, n_calls: int, replays: int = 15) -> float:
+    """Median time per call of ``fn(i)`` for i in range(n_calls), captured once in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n_calls):  # warm-up: compile, allocate workspaces
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / n_calls)
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB (bytes read + written), GB/s: eager launches timed with events
+    (a copy captured in a graph becomes a memcpy node that runs slower)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    a.random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+class Case:
+    """Weight copies + inputs for one (K, N, dtype, quantize) so that calls stream from HBM."""
+
+    def __init__(self, k, n, dtype, quantize=None, l2_bytes=50e6, seed=0, layout=256):
+        torch.manual_seed(seed)
+        self.k, self.n, self.dtype, self.quantize = k, n, dtype, quantize
+        wbytes = k * n * (1 if quantize else torch.finfo(dtype).bits // 8)
+        self.copies = max(2, math.ceil(3 * l2_bytes / wbytes))
+        self.dense = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(self.copies)]
+        self.packed = [K.pack([w], quantize=quantize, layout_block=layout) for w in self.dense]
+        self.x = [torch.randn(k, dtype=dtype, device="cuda") for _ in range(self.copies)]
+        self.wbytes_row = n * (1 if quantize else self.x[0].element_size())
+
+    def set_sparsity(self, s):
+        kept = []
+        for x, p in zip(self.x, self.packed):
+            a = x.float().abs()
+            tau = -math.inf if s <= 0 else torch.quantile(a, s).item()
+            p.threshold.fill_(tau)
+            kept.append(int((a.to(self.dtype) > torch.tensor(tau).to(self.dtype)).sum()) if s > 0 else self.k)
+        return statistics.mean(kept)
+
+    def time_sparse(self, cfg=None, calls=None):
+        calls = calls or 4 * self.copies
+        y = [torch.empty(p.padded_out, dtype=self.dtype, device="cuda") for p in self.packed]
+        return graph_time_us(lambda i: tg.sparse_gemv_triton(self.x[i % self.copies], self.packed[i % self.copies],
+                                                             cfg, out=y[i % self.copies]), calls)
+
+    def time_dense(self, calls=None):
+        calls = calls or 4 * self.copies
+        xs = [x.view(1, -1) for x in self.x]
+        return graph_time_us(lambda i: F.linear(xs[i % self.copies], self.dense[i % self.copies]), calls)
+
+    def check(self):
+        for x, p in zip(self.x[:1], self.packed[:1]):
+            p.threshold.fill_(torch.quantile(x.float().abs(), 0.5).item())
+            y = tg.sparse_gemv_triton(x, p)
+            ref = K.sparse_gemv_reference(x, p)
+            err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert err < 1e-2, f"kernel mismatch {err}"
+            return err
+
+
+def env_info():
+    import triton
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
+def tune_configs(k, n, sms, quantized):
+    """The sweep: tensor-core configs with and without the kept-row list."""
+    out = []
+    for compact in (True, False):
+        for bn in (128, 256):
+            for bk in (32, 64):
+                for waves in (2, 4):
+                    for warps in (4,):
+                        for stages in (1, 3):
+                            split = max(1, min(math.ceil(waves * sms / (n // bn)), k // (2 * bk)))
+                            cfg = tg.GemvConfig(bk, bn, split, warps, stages, True, compact)
+                            out.append((waves, tg.GemvConfig(bk, bn, math.ceil(k / cfg.k_per(k)), warps, stages,
+                                                             True, compact)))
+    return out
+
+
+def tune(args):
+    import triton
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for k, n in [(4096, 14336), (14336, 4096)]:
+        for name, dtype, q in (("fp16", torch.float16, None), ("int8", torch.bfloat16, "int8")):
+            case = Case(k, n, dtype, q)
+            case.check()
+            td = case.time_dense()
+            x2, w = case.x[0].view(1, -1), case.dense[0]
+            td_bench = triton.testing.do_bench(lambda x2=x2, w=w: F.linear(x2, w), warmup=50, rep=200,
+                                               return_mode="median")
+            for s in (0.0, 0.5):
+                kept = case.set_sparsity(s)
+                best = {}
+                for waves, cfg in tune_configs(k, n, sms, q is not None):
+                    try:
+                        t = case.time_sparse(cfg)
+                    except Exception as e:  # noqa: BLE001
+                        print("fail", cfg, repr(e)[:200])
+                        continue
+                    gbs = (kept * case.wbytes_row) / (t * 1e-6) / 1e9
+                    rows.append(dict(k=k, n=n, w=name, s=s, cfg=cfg.__dict__, waves=waves, us=t, gbs=gbs,
+                                     dense_us=td, dense_dobench_us=td_bench * 1e3))
+                    if cfg.compact not in best or t < best[cfg.compact][0]:
+                        best[cfg.compact] = (t, cfg, gbs, waves)
+                for compact, b in best.items():
+                    print(f"{k}x{n} {name} s={s} compact={compact}: dense {td:.1f}us (do_bench {td_bench * 1e3:.1f}us) "
+                          f"best {b[0]:.1f}us {b[2]:.0f}GB/s waves={b[3]} {b[1]}", flush=True)
+            del case
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench(args):
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    results = {"env": env_info(), "copy_gbs": bw, "rows": []}
+    variants = [("fp16", torch.float16, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
+    print(f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}")
+    for k, n in SHAPES:
+        for name, dtype, q in variants:
+            if name not in args.variants:
+                continue
+            case = Case(k, n, dtype, q)
+            err = case.check()
+            td = case.time_dense()
+            dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
+            for s in SPARSITIES:
+                kept = case.set_sparsity(s)
+                t = case.time_sparse()
+                sbytes = kept * case.wbytes_row + 2 * (k + n)
+                row = dict(k=k, n=n, weights=name, sparsity=s, kept_rows=kept, dense_us=td, sparse_us=t,
+                           ratio=td / t, sparse_gbs=sbytes / (t * 1e-6) / 1e9,
+                           dense_gbs=dense_bytes / (td * 1e-6) / 1e9, rel_err=err,
+                           config=tg.choose_config(k, case.packed[0].padded_out,
+                                                   case.packed[0].weight_t.element_size(),
+                                                   torch.cuda.get_device_properties(0).multi_processor_count).__dict__)
+                row["pct_copy"] = 100 * row["sparse_gbs"] / bw
+                results["rows"].append(row)
+                print(f"{k:>5}x{n:<6} {name:>5} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
+                      f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%", flush=True)
+            del case
+            torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--variants", default="fp16,bf16,int8")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv needs a CUDA GPU")
+    res = tune(args) if args.tune else bench(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

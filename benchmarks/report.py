@@ -1,0 +1,69 @@
+"""Tables (markdown) and plots (PNG) from benchmarks/results/*.json.
+
+    python benchmarks/report.py            # prints the tables of benchmarks/README.md, writes the PNGs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RES = os.path.join(HERE, "results")
+
+
+def gemv_table(d, sparsities=(0.0, 0.3, 0.5, 0.7, 0.9)):
+    print(f"GEMV, batch 1, {d['env']['gpu']}, copy bandwidth {d['copy_gbs']:.0f} GB/s; "
+          "time in µs (CUDA graph replays, weights streamed from HBM); ratio = dense F.linear / sparse\n")
+    print("| K×N | weights | dense µs | " + " | ".join(f"{int(s * 100)}% µs (×, %copy)" for s in sparsities) + " |")
+    print("|---|---|---|" + "---|" * len(sparsities))
+    rows = d["rows"]
+    for key in dict.fromkeys((r["k"], r["n"], r["weights"]) for r in rows):
+        sel = {r["sparsity"]: r for r in rows if (r["k"], r["n"], r["weights"]) == key}
+        cells = [f"{sel[s]['sparse_us']:.1f} (×{sel[s]['ratio']:.2f}, {sel[s]['pct_copy']:.0f}%)" for s in sparsities]
+        print(f"| {key[0]}×{key[1]} | {key[2]} | {sel[0.0]['dense_us']:.1f} | " + " | ".join(cells) + " |")
+
+
+def decode_table(d):
+    print(f"\nDecode, batch 1, {d['env']['gpu']}, tokens/s (one CUDA-graph replay per token)\n")
+    print("| model | weights | target | measured | dense tok/s | sparse tok/s | × vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for r in d["rows"]:
+        print(f"| {r['model']} | {r['weights']} | {r['target']:.2f} | {r['measured']:.3f} | {r['dense_tok_s']:.1f} | "
+              f"{r['sparse_tok_s']:.1f} | {r['speedup']:.2f} |")
+
+
+def plots(gemv, decode):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in dict.fromkeys((r["k"], r["n"], r["weights"]) for r in gemv["rows"]):
+        if key[2] == "fp16":
+            continue
+        sel = sorted((r for r in gemv["rows"] if (r["k"], r["n"], r["weights"]) == key), key=lambda r: r["sparsity"])
+        axes[0].plot([r["sparsity"] for r in sel], [r["ratio"] for r in sel], marker="o", ms=3,
+                     label=f"{key[0]}×{key[1]} {key[2]}", ls="-" if key[2] == "bf16" else "--")
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set(xlabel="activation sparsity", ylabel="speedup vs dense F.linear (bf16)", title="batch-1 GEMV")
+    axes[0].legend(fontsize=7)
+    for key in dict.fromkeys((r["model"], r["weights"]) for r in decode["rows"]):
+        sel = [r for r in decode["rows"] if (r["model"], r["weights"]) == key]
+        axes[1].plot([r["measured"] for r in sel], [r["speedup"] for r in sel], marker="o", label=" ".join(key))
+    axes[1].axhline(1.0, color="gray", lw=0.8)
+    axes[1].set(xlabel="measured sparsity (all 7 projections)", ylabel="tokens/s vs dense", title="batch-1 decode")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"actsparse kernels on {gemv['env']['gpu']}")
+    fig.tight_layout()
+    out = os.path.join(RES, "speedup_h100.png")
+    fig.savefig(out, dpi=110)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    g = json.load(open(os.path.join(RES, "gemv_h100.json")))
+    dd = json.load(open(os.path.join(RES, "decode_h100.json")))
+    gemv_table(g)
+    decode_table(dd)
+    plots(g, dd)

@@ -1,0 +1,281 @@
+"""Sparse GEMV: Triton kernel vs the torch reference (CPU interpreter here, real kernels on CUDA)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import actsparse.kernels as K
+from actsparse.kernels import ops
+from actsparse.kernels.reference import mask_input, sparse_gemv_reference
+
+tg = pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# fp32 accumulation in another order; outputs rounded once to the dtype (rare 1-ulp flips)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(k, ns, dtype, *, sparsity=0.5, shifts=None, bias=False, quantize=None, seed=0, layout=256):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=g).to(dtype).to(DEV) for n in ns]
+    x = (torch.randn(k, generator=g) * 2).to(dtype).to(DEV)
+    thresholds = []
+    for i in range(len(ns)):
+        mu = shifts[i] if shifts else 0.0
+        d = (x.float() - mu).abs()
+        if sparsity <= 0:
+            thresholds.append(-math.inf)
+        elif sparsity >= 1:
+            thresholds.append(math.inf)
+        else:
+            thresholds.append(torch.quantile(d.cpu(), sparsity).item())
+    biases = [torch.randn(n, generator=g).to(DEV) for n in ns] if bias else None
+    return x, K.pack(ws, thresholds, shifts=shifts, biases=biases, quantize=quantize, layout_block=layout)
+
+
+def check(x, packed, config=None):
+    ref = sparse_gemv_reference(x, packed)
+    out = torch.full((packed.padded_out,), float("nan"), dtype=x.dtype, device=x.device)  # poison
+    y = tg.sparse_gemv_triton(x, packed, config, out=out)
+    for off, n in packed.segments:
+        assert not torch.isnan(y[off:off + n]).any(), "kernel left outputs unwritten"
+        assert rel_err(y[off:off + n], ref[off:off + n]) <= TOL[x.dtype], (off, n)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quantize", [None, "int8", "int8-sym"])
+@pytest.mark.parametrize("layout", [None, 128, 256])
+def test_kernel_matches_reference_with_shift_bias_and_segments(dtype, quantize, layout):
+    x, p = make(100, [37, 300, 5], dtype, shifts=[0.3, -0.5, 0.0], bias=True, quantize=quantize, layout=layout)
+    configs = [None, tg.GemvConfig(32, 128, 3), tg.GemvConfig(16, 64, 7), tg.GemvConfig(32, 128, 2, use_dot=False),
+               tg.GemvConfig(16, 128, 2, compact=False), tg.GemvConfig(16, 128, 1, use_dot=False, compact=False)]
+    if layout != 128:
+        configs.append(tg.GemvConfig(16, 256, 1))
+    for cfg in configs:
+        check(x, p, cfg)
+
+
+def test_layouts_hold_the_same_weights():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, 40, generator=g) for n in (37, 300)]
+    for layout in (None, 64, 256):
+        p = K.pack(ws, layout_block=layout)
+        assert p.padded_out == 768 and p.in_features == 40 and p.layout_block == (layout or 768)
+        for i, w in enumerate(ws):
+            assert torch.equal(p.dense_weight(i), w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9, 1.0])
+def test_kernel_across_sparsities(dtype, sparsity):
+    x, p = make(257, [300], dtype, sparsity=sparsity, bias=True)
+    y = check(x, p, tg.GemvConfig(32, 256, 4))
+    check(x, p, tg.GemvConfig(32, 256, 4, compact=False))
+    if sparsity == 1.0:  # nothing survives: only the bias is left
+        torch.testing.assert_close(y[:300].float(), p.bias[:300].to(dtype).float())
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (3, 257), (64, 1), (129, 33)])
+def test_odd_sizes(k, n):
+    x, p = make(k, [n], torch.float16, sparsity=0.4, shifts=[0.1])
+    check(x, p)
+    check(x, p, tg.GemvConfig(16, 256, max(1, k // 16)))
+
+
+def test_threshold_compares_in_activation_dtype():
+    # 0.8 rounds up to 0.80078125 in bf16: an input of exactly that value is dropped, as SparseLinear does
+    x = torch.tensor([0.80078125, 0.796875, -0.80078125, 1.0] * 4, dtype=torch.bfloat16, device=DEV)
+    w = torch.ones(8, 16, dtype=torch.bfloat16, device=DEV)
+    p = K.pack([w], [0.8])
+    y = tg.sparse_gemv_triton(x, p)
+    from actsparse.sparse_linear import sparsify_tensor
+    expected = sparsify_tensor(x, torch.tensor(0.8, device=DEV)).float().sum()
+    assert y[0].item() == pytest.approx(expected.item())
+    assert expected.item() == pytest.approx(4 * 1.0)
+
+
+def test_nan_inputs_are_kept_like_the_reference():
+    x = torch.randn(64, device=DEV)
+    x[3] = float("nan")
+    p = K.pack([torch.randn(16, 64, device=DEV)], [0.5])
+    assert torch.isnan(tg.sparse_gemv_triton(x, p)[:16]).all()
+    assert torch.isnan(sparse_gemv_reference(x, p)[:16]).all()
+
+
+def test_split_k_is_deterministic_and_resets_its_counters():
+    x, p = make(1000, [512], torch.float32, sparsity=0.5)
+    cfg = tg.GemvConfig(16, 256, 8)
+    first = tg.sparse_gemv_triton(x, p, cfg)
+    for _ in range(3):
+        assert torch.equal(tg.sparse_gemv_triton(x, p, cfg), first)
+    assert int(tg._counter_buffer(x.device, 2).abs().sum()) == 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(1, 300), ns=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+       dtype=st.sampled_from(DTYPES), sparsity=st.floats(0, 1),
+       shift=st.one_of(st.none(), st.floats(-2, 2)), quantize=st.sampled_from([None, "int8", "int8-sym"]),
+       split=st.integers(1, 9), layout=st.sampled_from([None, 128, 256]), compact=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_property(k, ns, dtype, sparsity, shift, quantize, split, layout, compact, seed):
+    shifts = [shift] * len(ns) if shift is not None else None
+    x, p = make(k, ns, dtype, sparsity=sparsity, shifts=shifts, bias=seed % 2 == 0, quantize=quantize, seed=seed,
+                layout=layout)
+    check(x, p, tg.GemvConfig(16, 128, split, compact=compact))
+
+
+@settings(max_examples=50, deadline=None)
+@given(k=st.integers(1, 100_000), n=st.integers(1, 200).map(lambda b: b * 256),
+       wbytes=st.sampled_from([1, 2, 4]), sms=st.integers(1, 200))
+def test_config_rule_covers_k_with_no_empty_split(k, n, wbytes, sms):
+    cfg = tg.choose_config(k, n, wbytes, sms)
+    assert n % cfg.block_n == 0 and cfg.split_k >= 1
+    kp = cfg.k_per(k)
+    assert kp % cfg.block_k == 0
+    assert kp * cfg.split_k >= k > kp * (cfg.split_k - 1)  # every split has rows; together they cover K
+    assert kp <= tg.MAX_COMPACT_ROWS or cfg.block_k > tg.MAX_COMPACT_ROWS
+    assert tg.choose_config(k, n, wbytes, sms) == cfg
+
+
+def test_dispatch_picks_kernel_for_one_row_and_matches_reference():
+    x, p = make(96, [64, 32], torch.float16, shifts=[0.2, 0.0], bias=True)
+    assert K.kernel_for(x, p) == "triton"
+    ys = K.sparse_gemv(x.view(1, 1, 96), p)
+    assert [tuple(y.shape) for y in ys] == [(1, 1, 64), (1, 1, 32)]
+    ref = sparse_gemv_reference(x, p)
+    assert rel_err(torch.cat([y.reshape(-1) for y in ys]), torch.cat([ref[:64], ref[256:288]])) < TOL[x.dtype]
+    xb = x.repeat(3, 1)  # several rows: dense route
+    assert K.kernel_for(xb, p) == "torch"
+    yb = K.sparse_gemv(xb, p)[0]
+    assert rel_err(yb, sparse_gemv_reference(xb, p)[:, :64]) < TOL[x.dtype]
+
+
+def test_without_triton_everything_falls_back_to_the_reference(monkeypatch):
+    x, p = make(96, [64], torch.float32, shifts=[0.2], bias=True)
+    monkeypatch.setattr(ops, "_tg", None)
+    assert not K.triton_available(x.device)
+    assert K.kernel_for(x, p) == "torch"
+    assert torch.equal(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
+
+
+def test_custom_op_compiles_to_one_graph():
+    x, p = make(64, [32], torch.float32, sparsity=0.5)
+    f = torch.compile(lambda v: K.sparse_gemv(v, p)[0] * 2 + 1, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x), K.sparse_gemv(x, p)[0] * 2 + 1)
+    torch.library.opcheck(torch.ops.actsparse.sparse_gemv.default,
+                          (x, p.weight_t, p.threshold, None, None, None, None, None, [0, 32]))
+
+
+def test_quantize_int8_error_bound_and_exact_grid():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 40, generator=g)
+    for sym in (False, True):
+        q, s, z = K.quantize_int8(w, symmetric=sym)
+        assert q.dtype == torch.int8 and (z == 0).all() == sym
+        deq = (q.float() - z[:, None]) * s[:, None]
+        assert ((deq - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    grid = torch.randint(-127, 128, (4, 40), generator=g).float() * 0.01
+    grid[:, 0], grid[:, 1] = 1.27, -1.27
+    q, s, z = K.quantize_int8(grid, symmetric=True)
+    torch.testing.assert_close((q.float() - z[:, None]) * s[:, None], grid)
+
+
+def test_mask_input_matches_sparse_linear_rule():
+    from actsparse.sparse_linear import sparsify_tensor
+    x = torch.randn(1000, dtype=torch.float16)
+    tau = torch.tensor(0.6)
+    assert torch.equal(mask_input(x, tau).to(torch.float16), sparsify_tensor(x, tau))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(weights=[torch.randn(4, 8), torch.randn(4, 9)]), "same in_features"),
+    (dict(weights=[torch.randn(4, 8)] * 4), "1 to 3"),
+    (dict(weights=[torch.randn(4, 8)], quantize="int4"), "quantize"),
+    (dict(weights=[torch.randn(4, 8)], thresholds=[0.1, 0.2]), "one value per weight"),
+    (dict(weights=[torch.randn(4, 8)], shifts=[float("nan")]), "finite"),
+    (dict(weights=[torch.randn(4, 8).to(torch.int32)]), "float dtype"),
+    (dict(weights=[torch.randn(4, 8)], layout_block=100), "layout_block"),
+])
+def test_pack_rejects_bad_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        K.pack(bad.pop("weights"), **bad)
+
+
+def test_sparse_gemv_rejects_bad_input():
+    p = K.pack([torch.randn(4, 8)])
+    with pytest.raises(ValueError, match="8"):
+        K.sparse_gemv(torch.randn(7), p)
+    with pytest.raises(TypeError, match="float16"):
+        K.sparse_gemv(torch.ones(8, dtype=torch.int64), p)
+    with pytest.raises(ValueError, match="out must be"):
+        tg.sparse_gemv_triton(torch.randn(8), p, out=torch.empty(3))
+
+
+def _sparse_tiny(dtype, hidden=64, inter=256):
+    from actsparse import sparsify_activations
+    from conftest import make_tiny_llama
+    model = make_tiny_llama(hidden=hidden, inter=inter).to(DEV, dtype)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 256, (2, 16), generator=g).to(DEV) for _ in range(2)]
+    sparsify_activations(model, data, {".*(gate|up|down|o)_proj.*": 0.4, ".*(q|k|v)_proj.*": 0.3}, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_enable_kernels_decode_matches_masked_linear(dtype):
+    from actsparse import SparseLinear
+    model = _sparse_tiny(dtype)
+    ids = torch.randint(0, 256, (1, 12), device=DEV)
+    with torch.no_grad():
+        out = model(ids[:, :11], use_cache=True)
+        ref = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+    names = K.enable_kernels(model)
+    assert len(names) == 14  # 7 projections × 2 layers
+    down = model.model.layers[0].mlp.down_proj  # out_features 64: packed copy; up_proj (256): shared view
+    up = model.model.layers[0].mlp.up_proj
+    assert up.weight.data_ptr() == up._packed.weight_t.data_ptr() and down._packed.weight_t.data_ptr() != 0
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
+             for m in model.modules() if isinstance(m, SparseLinear)]
+    with torch.no_grad():
+        out = model(ids[:, :11], use_cache=True)  # prefill: dense route
+        assert set(calls) == {"torch"}
+        calls.clear()
+        got = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+        assert set(calls) == {"triton"}
+    for h in hooks:
+        h.remove()
+    assert rel_err(got, ref) < 2e-2
+    # thresholds stay live: +inf everywhere leaves only what the bias-free layers give (zeros)
+    with torch.no_grad():
+        x = torch.randn(1, 1, 64, device=DEV, dtype=dtype)
+        assert torch.count_nonzero(up(x)) > 0
+        up.act_threshold.fill_(float("inf"))
+        assert torch.count_nonzero(up(x)) == 0
+    K.disable_kernels(model)
+    assert up.weight.is_contiguous() and up._packed is None
+
+
+def test_kernel_path_steps_aside_for_grad_and_edited_weights():
+    model = _sparse_tiny(torch.float16)
+    K.enable_kernels(model)
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float16)
+    from actsparse.kernels.linear import kernel_forward
+    with torch.no_grad():
+        assert kernel_forward(up, x) is not None
+        up.weight.mul_(2)  # edited in place after packing
+        assert kernel_forward(up, x) is None
+    assert kernel_forward(up, x) is None  # grad mode with trainable weights
+    lin = up.to_linear()
+    assert lin.weight.is_contiguous()
