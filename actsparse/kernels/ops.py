@@ -20,10 +20,8 @@ from .reference import mask_input, sparse_gemv_reference
 
 try:  # Triton is optional: CPU-only installs use the reference
     from . import triton_gemv as _tg
-    _TRITON_ERROR: Exception | None = None
-except Exception as e:  # pragma: no cover - depends on the environment
+except Exception:  # pragma: no cover - depends on the environment
     _tg = None
-    _TRITON_ERROR = e
 
 __all__ = ["sparse_gemv", "triton_available", "kernel_for"]
 
@@ -56,12 +54,7 @@ def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         mu = packed.shift[i] if packed.shift is not None else 0.0
         xs = mask_input(x2, packed.threshold[i], mu).to(x.dtype)
         w = packed.columns(off, off + n).t() if not packed.quantized else packed.dense_weight(i).to(x.dtype)
-        extra = None
-        if packed.bias is not None:
-            extra = packed.bias[off:off + n]
-        if packed.shift is not None:
-            s = mu * packed.wsum[off:off + n]
-            extra = s if extra is None else extra + s
+        extra = packed.output_offset(i)
         y[:, off:off + n] = F.linear(xs, w, None if extra is None else extra.to(x.dtype))
     return y.reshape(*x.shape[:-1], packed.padded_out)
 

@@ -111,6 +111,16 @@ class PackedGemv:
             w = (w - zero) * self.scale[off:off + n]
         return w.t()
 
+    def output_offset(self, segment: int) -> torch.Tensor | None:
+        """What layer ``segment`` adds to ``x' @ Wᵀ``: ``bias + μ·ΣW`` (fp32 ``[out]``), or None."""
+        off, n = self.segments[segment]
+        cols = slice(off, off + n)
+        extra = self.bias[cols] if self.bias is not None else None
+        if self.shift is not None:
+            s = self.shift[segment] * self.wsum[cols]
+            extra = s if extra is None else extra + s
+        return extra
+
     def split(self, y_pad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of each layer's outputs in a padded output ``[..., N_pad]``."""
         return tuple(y_pad[..., off:off + n] for off, n in self.segments)

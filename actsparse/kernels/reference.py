@@ -31,9 +31,8 @@ def sparse_gemv_reference(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         xs = mask_input(x2, packed.threshold[i], mu)
         cols = slice(off, off + n)
         y[:, cols] = xs @ packed.dense_weight(i).t()
-        if packed.shift is not None:
-            y[:, cols] += mu * packed.wsum[cols]
-        if packed.bias is not None:
-            y[:, cols] += packed.bias[cols]
+        extra = packed.output_offset(i)
+        if extra is not None:
+            y[:, cols] += extra
     return y.to(x.dtype).reshape(*lead, packed.padded_out)
 

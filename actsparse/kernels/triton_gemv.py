@@ -1,10 +1,11 @@
 """Triton sparse GEMV for batch-1 decode: ``y = W · mask(x − μ)`` reading only the kept weight rows.
 
-Layout: ``weight_t[K, N_pad]`` (see :mod:`.packing`). A program owns ``BLOCK_N`` output columns and a
-``K_PER``-long slice of the inputs (split-K, so that even a 4096-column matrix gives the GPU enough
-independent loads in flight). Per ``BLOCK_K`` rows it loads ``x``, applies the threshold test in
-registers, and loads a weight row only where the input survived (masked loads issue no memory traffic).
-Products accumulate in a ``[BLOCK_K, BLOCK_N]`` fp32 register tile, reduced once at the end.
+Layout: see :mod:`.packing` (plain ``[K, N_pad]`` or blocked ``[N_pad/L, K, L]``). A program owns
+``BLOCK_N`` output columns and a ``K_PER``-long slice of the inputs (split-K, so that even a 4096-column
+matrix gives the GPU enough independent loads in flight). With ``COMPACT`` it applies the threshold test
+to its whole slice, lists the surviving rows (prefix sum) and streams only those rows in ``BLOCK_K``
+tiles; without it, it scans every ``BLOCK_K`` tile with masked loads. Products go through the tensor
+cores (``x'`` as row 0 of a 16-row operand) or, with fp32 involved, an fp32 FMA tile; fp32 accumulation.
 
 No atomics on fp16/bf16 outputs (the reason TEAL has no bf16 kernel): each program writes its fp32
 partial sums to a small workspace, then bumps an int32 counter for its column block; the program that
