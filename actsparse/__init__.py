@@ -9,12 +9,17 @@ from .errors import (ActSparseError, AlreadySparsifiedError, CalibrationError, D
 from .io import from_pretrained, load_thresholds, save_pretrained, save_thresholds  # noqa: E402
 from .methods import register_method, registered_methods  # noqa: E402
 from .methods.quantile import QuantileMethod  # noqa: E402
+from .methods.scap import ScapMethod, export_scap_json, import_scap_json, parse_scap_config  # noqa: E402
+from .methods.teal import TealMethod  # noqa: E402
+from .methods.wina import WinaMethod  # noqa: E402
 from .scope import IgnoredScope, TargetScope  # noqa: E402
-from .sparse_linear import SparseLinear  # noqa: E402
+from .sparse_linear import SparseLinear, SparsityParams  # noqa: E402
 
 __all__ = [
     "__version__", "sparsify_activations", "sparsify_", "SparsifyConfig", "remove_sparsity", "sparse_layers",
-    "apply_thresholds", "TargetScope", "IgnoredScope", "SparseLinear", "QuantileMethod", "register_method",
+    "apply_thresholds", "TargetScope", "IgnoredScope", "SparseLinear", "SparsityParams", "QuantileMethod",
+    "ScapMethod", "TealMethod", "WinaMethod", "parse_scap_config", "export_scap_json", "import_scap_json",
+    "register_method",
     "registered_methods", "save_thresholds", "load_thresholds", "save_pretrained", "from_pretrained",
     "ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
     "AlreadySparsifiedError",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -13,7 +12,7 @@ from .data import prepare_batches
 from .errors import AlreadySparsifiedError
 from .methods import MethodConfig, method_from_spec
 from .scope import IgnoredScope, TargetScope, resolve_targets
-from .sparse_linear import SparseLinear
+from .sparse_linear import SparseLinear, SparsityParams
 
 __all__ = ["SparsifyConfig", "sparsify_", "sparsify_activations", "remove_sparsity", "sparse_layers",
            "apply_thresholds"]
@@ -56,22 +55,24 @@ def _check_not_sparsified(model: nn.Module) -> None:
             f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first")
 
 
-def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float], *,
-                     target_sparsity: Mapping[str, float] | None = None,
+def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float | SparsityParams], *,
+                     target_sparsity: Mapping[str, float | None] | None = None,
                      method: str | None = None) -> nn.Module:
-    """Swap each named ``nn.Linear`` for a ``SparseLinear`` with the given threshold (in place)."""
+    """Swap each named ``nn.Linear`` for a ``SparseLinear`` (in place).
+
+    ``thresholds`` maps layer names to a threshold τ or to full :class:`SparsityParams` (shift, scale, top-k).
+    """
     _check_not_sparsified(model)
     modules = dict(model.named_modules())
-    for name in thresholds:  # validate everything before touching the model
+    params = {n: p if isinstance(p, SparsityParams) else SparsityParams(float(p)) for n, p in thresholds.items()}
+    for name, p in params.items():  # validate everything before touching the model
         if type(modules.get(name)) is not nn.Linear:
             got = type(modules[name]).__name__ if name in modules else "no such module"
             raise ValueError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
-        if math.isnan(float(thresholds[name])):
-            raise ValueError(f"threshold for {name!r} is NaN")
-    for name, tau in thresholds.items():
+        p.validate(modules[name].in_features, name)
+    for name, p in params.items():
         ts = None if target_sparsity is None else target_sparsity.get(name)
-        model.set_submodule(name, SparseLinear.from_linear(modules[name], float(tau),
-                                                           target_sparsity=ts, method=method))
+        model.set_submodule(name, SparseLinear.from_linear(modules[name], p, target_sparsity=ts, method=method))
     return model
 
 
@@ -87,8 +88,8 @@ def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *,
     _check_not_sparsified(model)
     targets = resolve_targets(model, config.target_sparsity_by_scope, config.ignored_scope)
     batches = prepare_batches(dataset)
-    thresholds = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
-    return apply_thresholds(model, thresholds, target_sparsity=targets, method=config.method.name)
+    params = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
+    return apply_thresholds(model, params, target_sparsity=targets, method=config.method.name)
 
 
 def sparsify_activations(

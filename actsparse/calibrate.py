@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .data import Batch
 from .errors import CalibrationError
 from .methods import Collector, MethodConfig
-from .sparse_linear import sparsify_tensor
+from .sparse_linear import SparsityParams, drop_mask
 
 __all__ = ["calibrate_thresholds"]
 
@@ -61,7 +61,7 @@ class _Hooks:
 
     def __init__(self, modules: dict[str, nn.Linear]):
         self.modules = modules
-        self.thresholds: dict[str, torch.Tensor] = {}
+        self.params: dict[str, tuple] = {}  # name -> (τ, μ, scale, topk) on the layer's device
         self.collectors: dict[str, Collector] = {}
         self.stop_after: str | None = None
         self.token_mask: torch.Tensor | None = None
@@ -101,10 +101,18 @@ class _Hooks:
             collector.update(tokens)
             if name == self.stop_after:
                 raise _StopForward
-        tau = self.thresholds.get(name)
-        if tau is not None:
-            return (sparsify_tensor(x, tau),) + tuple(args[1:])
+        p = self.params.get(name)
+        if p is not None:  # dropped entries become μ: W·x_eff = W·x' + μ·ΣW, the layer's exact output rule
+            tau, mu, scale, topk = p
+            x = x.masked_fill(drop_mask(x, tau, mu, scale, topk), 0.0 if mu is None else mu)
+            return (x,) + tuple(args[1:])
         return None
+
+    def set_params(self, name: str, p: SparsityParams) -> None:
+        dev = self.modules[name].weight.device
+        self.params[name] = (torch.tensor(p.threshold, dtype=torch.float32, device=dev),
+                             p.shift if p.shift != 0.0 else None,
+                             None if p.scale is None else p.scale.to(dev, torch.float32), p.topk)
 
 
 class _Stage:
@@ -236,6 +244,61 @@ def _whole_model_stage(model, names, batches, device, hooks):
     return [_Stage(list(names), run, lambda: None, "whole model")]
 
 
+class StageContext:
+    """What a method's ``allocate()`` may do with one stage (a block, or the whole model).
+
+    ``names`` are the stage's target layers in execution order and ``targets`` their requested sparsities.
+    ``collect(collectors)`` feeds each named collector its layer's inputs over the calibration batches
+    (earlier stages sparsified, this stage's layers dense unless ``params`` says otherwise);
+    ``outputs(params)`` runs the stage with ``{name: SparsityParams}`` applied to this stage's layers and
+    returns its outputs per batch (e.g. to compare with the dense outputs, ``outputs({})``).
+    """
+
+    def __init__(self, stage: "_Stage", hooks: _Hooks, targets: dict[str, float], n_batches: int, modules):
+        self.names = list(stage.names)
+        self.targets = {n: targets[n] for n in self.names}
+        self.modules = {n: modules[n] for n in self.names}
+        self._stage, self._hooks, self._n = stage, hooks, n_batches
+
+    @contextmanager
+    def _applied(self, params: dict[str, SparsityParams]):
+        saved = {n: self._hooks.params.pop(n) for n in self.names if n in self._hooks.params}
+        try:
+            for n, p in params.items():
+                self._hooks.set_params(n, p)
+            yield
+        finally:
+            for n in self.names:
+                self._hooks.params.pop(n, None)
+            self._hooks.params.update(saved)
+
+    def collect(self, collectors: dict[str, Collector], params: dict[str, SparsityParams] | None = None,
+                batches: int | None = None) -> None:
+        with self._applied(params or {}):
+            self._hooks.collectors = collectors
+            try:
+                for b in range(min(self._n, batches or self._n)):
+                    self._hooks.batch_index = b
+                    self._stage.run(b)
+            finally:
+                self._hooks.collectors = {}
+
+    def outputs(self, params: dict[str, SparsityParams], batches: int | None = None) -> list[torch.Tensor]:
+        outs = []
+        with self._applied(params):
+            for b in range(min(self._n, batches or self._n)):
+                self._hooks.batch_index = b
+                out = self._stage.run(b)
+                out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+                outs.append(out.float())
+        return outs
+
+
+def as_params(result: float | SparsityParams) -> SparsityParams:
+    """A collector's result as :class:`SparsityParams` (a bare float is a threshold)."""
+    return result if isinstance(result, SparsityParams) else SparsityParams(float(result))
+
+
 @torch.no_grad()
 def calibrate_thresholds(
     model: nn.Module,
@@ -244,15 +307,20 @@ def calibrate_thresholds(
     method: MethodConfig,
     *,
     progress: bool = True,
-) -> dict[str, float]:
-    """Calibrate one threshold per target Linear, sequentially. Returns ``{name: τ}``."""
+) -> dict[str, SparsityParams]:
+    """Calibrate every target Linear sequentially. Returns ``{name: SparsityParams}``.
+
+    ``targets`` maps layer names to target sparsities; a method with an ``allocate(ctx)`` hook may
+    re-distribute them inside each stage (block-wise greedy allocation) before the thresholds are fitted.
+    The resulting per-layer targets are written back into ``targets``.
+    """
     modules = dict(model.named_modules())
     linears = {n: modules[n] for n in targets}
     device = _model_device(model)
     hooks = _Hooks(linears)
     was_training = model.training
     model.eval()
-    thresholds: dict[str, float] = {}
+    results: dict[str, SparsityParams] = {}
     try:
         with hooks.installed():
             stack = _find_block_stack(model, list(targets))
@@ -265,14 +333,37 @@ def calibrate_thresholds(
             for stage in bar:
                 bar.set_postfix_str(stage.label)
                 if stage.names:
-                    _calibrate_stage(stage, targets, method, linears, hooks, len(batches), thresholds)
+                    allocate = getattr(method, "allocate", None)
+                    if allocate is not None:
+                        ctx = StageContext(stage, hooks, targets, len(batches), modules)
+                        targets.update(allocate(ctx))
+                    _calibrate_stage(stage, targets, method, linears, hooks, len(batches), results)
                 stage.advance()
     finally:
         model.train(was_training)
-    return {n: thresholds[n] for n in targets}
+    return {n: results[n] for n in targets}
 
 
-def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_batches, thresholds):
+def _wants_another_pass(name: str, collector) -> bool:
+    step = getattr(collector, "next_pass", None)
+    if step is None:
+        return False
+    try:
+        return bool(step())
+    except ValueError as e:
+        raise CalibrationError(f"layer {name!r}: {e}; is it reached by the model's forward pass?") from None
+
+
+def _run_pass(stage: _Stage, hooks: _Hooks, n_batches: int) -> None:
+    for b in range(n_batches):
+        hooks.batch_index = b
+        try:
+            stage.run(b)
+        except _StopForward:
+            pass
+
+
+def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_batches, results):
     hooks.trace = []
     try:
         hooks.batch_index = 0
@@ -282,23 +373,25 @@ def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_b
     groups, can_stop = _groups(trace, stage.names)
     del trace
     for group in groups:
-        hooks.collectors = {n: method.make_collector(n, linears[n], targets[n]) for n in group}
-        hooks.stop_after = group[-1] if can_stop else None
+        made = {n: method.make_collector(n, linears[n], targets[n]) for n in group}
+        active = dict(made)
         try:
-            for b in range(n_batches):
-                hooks.batch_index = b
-                try:
-                    stage.run(b)
-                except _StopForward:
-                    pass
-            for n, c in hooks.collectors.items():
-                try:
-                    tau = float(c.result())
-                except ValueError as e:
-                    raise CalibrationError(f"layer {n!r} saw no calibration tokens ({e}); "
-                                           f"is it reached by the model's forward pass?") from None
-                thresholds[n] = tau
-                w = linears[n].weight
-                hooks.thresholds[n] = torch.tensor(tau, dtype=torch.float32, device=w.device)
+            while active:  # a collector may ask for another pass over the same data (mode first, then τ)
+                hooks.collectors = active
+                hooks.stop_after = max(active, key=group.index) if can_stop else None
+                _run_pass(stage, hooks, n_batches)
+                active = {n: c for n, c in active.items() if _wants_another_pass(n, c)}
         finally:
             hooks.collectors, hooks.stop_after = {}, None
+        for n, c in made.items():
+            try:
+                p = as_params(c.result())
+            except ValueError as e:
+                raise CalibrationError(f"layer {n!r} saw no calibration tokens ({e}); "
+                                       f"is it reached by the model's forward pass?") from None
+            if method.topk:  # exact per-token sparsity: keep round((1 - s)·in) entries
+                k = linears[n].in_features
+                p.topk = k - round(targets[n] * k)
+            p.validate(linears[n].in_features, n)
+            results[n] = p
+            hooks.set_params(n, p)

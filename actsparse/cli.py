@@ -1,4 +1,4 @@
-"""Command line: ``actsparse demo | calibrate | eval``."""
+"""Command line: ``actsparse demo | calibrate | eval | sweep``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from .errors import ActSparseError
 from .eval.perplexity import perplexity
 from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
-from .methods import registered_methods
+from .eval.sweep import ALL_PROJECTIONS, format_table, parse_range, run_sweep, write_sweep
+from .methods import method_from_spec, method_to_dict, registered_methods
+from .methods.scap import export_scap_json, import_scap_json, parse_scap_config
 from .scope import IgnoredScope, TargetScope
 
 NNCF_RECIPE = [".*up_proj.*=0.3", ".*gate_proj.*=0.3", ".*down_proj.*=0.5"]
@@ -32,6 +34,16 @@ def _scope_arg(text: str) -> tuple[str, float]:
         return pattern, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PATTERN=SPARSITY, e.g. '.*up_proj.*=0.3', got {text!r}") from None
+
+
+def _option_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string such as mode=kde
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +63,15 @@ def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None
                         f"(default: NNCF's recipe {' '.join(NNCF_RECIPE)})")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="regex of layers to leave dense; repeatable")
-    p.add_argument("--method", default="quantile", choices=registered_methods())
-    p.add_argument("--statistic", default="histogram", choices=["histogram", "ema"],
+    p.add_argument("--method", default="quantile",
+                   help=f"calibration method: {', '.join(registered_methods(aliases=True))}; "
+                        "append '+topk' for exact per-token top-k at inference (default quantile)")
+    p.add_argument("--option", action="append", default=[], type=_option_arg, metavar="KEY=VALUE",
+                   help="method option, e.g. step=0.1 for teal or mode=kde for scap (JSON value); repeatable")
+    p.add_argument("--statistic", default=None, choices=["histogram", "ema"],
                    help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
+    p.add_argument("--scap-config", default=None, metavar="TYPE,MODE,SPARSITY,...",
+                   help="SCAP recipe, e.g. up,zero,0.35,gate,zero,0.35,down,median,0.55 (sets scopes and method)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -82,11 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cal)
     _add_calib_args(cal, NNCF_RECIPE)
     cal.add_argument("--out", default="thresholds.safetensors", help="output file (default thresholds.safetensors)")
+    cal.add_argument("--export-scap", default=None, metavar="JSON",
+                     help="also write SCAP's calibrated_thresholds.json (threshold/shift methods only)")
 
     ev = sub.add_parser("eval", help="perplexity and measured sparsity, dense or with saved thresholds")
     _add_model_args(ev)
     _add_eval_args(ev)
     ev.add_argument("--thresholds", default=None, help="thresholds file from `actsparse calibrate`")
+    ev.add_argument("--scap-json", default=None, help="SCAP calibrated_thresholds.json to apply instead")
+
+    sw = sub.add_parser("sweep", help="every method at every sparsity: perplexity vs measured sparsity (CSV/JSON/PNG)")
+    _add_model_args(sw)
+    _add_eval_args(sw)
+    sw.set_defaults(eval_tokens=8192)
+    sw.add_argument("--methods", default="quantile,teal-greedy,scap-median,wina",
+                    help="comma list of methods (default quantile,teal-greedy,scap-median,wina)")
+    sw.add_argument("--sparsity", default="0.2:0.7:0.1", help="START:STOP:STEP or a comma list (default 0.2:0.7:0.1)")
+    sw.add_argument("--scope", default=ALL_PROJECTIONS,
+                    help="regex of the layers to sparsify (default: all seven projections)")
+    sw.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="regex of layers to leave dense")
+    sw.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    sw.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    sw.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    sw.add_argument("--out", default="sweep", help="output folder for sweep.csv/json/png (default ./sweep)")
     ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
     return parser
 
@@ -106,20 +142,42 @@ def _load(args):
     return model, tokenizer, load_corpus(args.data)
 
 
-def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
+def _calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
-    scopes = args.scope or [_scope_arg(s) for s in args.default_scopes]
-    config = SparsifyConfig({TargetScope(patterns=[p]): s for p, s in scopes},
-                            IgnoredScope(patterns=args.ignore) if args.ignore else None,
-                            args.method, method_options={"statistic": args.statistic})
+    if args.calib_batch_size < 1:
+        raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
     chunks = chunk_tokens(tokenizer, corpus.calibration, args.calib_seq_len, args.calib_samples)
-    bs = max(1, args.calib_batch_size)
-    data = [torch.cat(chunks[i:i + bs]) for i in range(0, len(chunks), bs)]
+    bs = args.calib_batch_size
+    return [torch.cat(chunks[i:i + bs]) for i in range(0, len(chunks), bs)]
+
+
+def _method(args):
+    options = dict(args.option)
+    if args.statistic is not None:
+        options["statistic"] = args.statistic
+    if args.scap_config:
+        if args.scope:
+            raise ValueError("give either --scap-config or --scope, not both (the SCAP recipe sets the scopes)")
+        scopes, method = parse_scap_config(args.scap_config)
+        if args.method not in ("quantile", "scap"):
+            raise ValueError(f"--scap-config sets the method to scap; drop --method {args.method}")
+        if options:
+            import dataclasses
+            method = dataclasses.replace(method, **options)
+        return scopes, method
+    scopes = args.scope or [_scope_arg(s) for s in args.default_scopes]
+    return {TargetScope(patterns=[p]): s for p, s in scopes}, method_from_spec(args.method, **options)
+
+
+def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
+    scopes, method = _method(args)
+    config = SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
+    data = _calibration_data(args, tokenizer, corpus)
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
-    return {"scopes": {p: s for p, s in scopes}, "method": args.method, "statistic": args.statistic,
+    return {"scopes": {"|".join(k.patterns): v for k, v in scopes.items()}, "method": method_to_dict(method),
             "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
 
 
@@ -177,7 +235,7 @@ def cmd_demo(args) -> dict[str, Any]:
     if not args.json:
         recipe = ", ".join(f"{p}={s}" for p, s in cal["scopes"].items())
         print(f"\nactsparse demo: {args.model} model, {corpus.name} corpus, {args.dtype}")
-        print(f"calibration: {cal['calibration_tokens']} tokens, method {cal['method']} ({cal['statistic']}), "
+        print(f"calibration: {cal['calibration_tokens']} tokens, method {_method_label(cal['method'])}, "
               f"{cal['calibration_seconds']:.1f} s; recipe {recipe}")
         print(f"evaluation: {dense['eval_tokens']} tokens ({dense['words']} words), context {dense['context']}\n")
         print(f"{'':<10}{'token ppl':>11}{'word ppl':>11}{'Δ token ppl':>13}")
@@ -187,11 +245,19 @@ def cmd_demo(args) -> dict[str, Any]:
     return result
 
 
+def _method_label(m: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name" and k in ("statistic", "allocation", "mode", "topk")
+                     and v not in (False, None))
+    return f"{m['name']} ({opts})" if opts else m["name"]
+
+
 def cmd_calibrate(args) -> dict[str, Any]:
     model, tokenizer, corpus = _load(args)
     cal = _calibrate(args, model, tokenizer, corpus)
     path = save_thresholds(model, args.out, extra={"calibration": cal, "data": corpus.name})
     cal["out"] = path
+    if args.export_scap:
+        cal["scap_json"] = export_scap_json(model, args.export_scap)
     cal["layers"] = len(sparse_layers(model))
     if not args.json:
         print(f"calibrated {cal['layers']} layers on {cal['calibration_tokens']} tokens in "
@@ -200,9 +266,13 @@ def cmd_calibrate(args) -> dict[str, Any]:
 
 
 def cmd_eval(args) -> dict[str, Any]:
+    if args.thresholds and args.scap_json:
+        raise ValueError("give either --thresholds or --scap-json, not both")
     model, tokenizer, corpus = _load(args)
     if args.thresholds:
         load_thresholds(model, args.thresholds)
+    if args.scap_json:
+        import_scap_json(model, args.scap_json)
     result = {"model": args.model, "data": corpus.name, "thresholds": args.thresholds,
               **_evaluate(args, model, tokenizer, corpus.evaluation)}
     if not args.json:
@@ -218,7 +288,38 @@ def cmd_eval(args) -> dict[str, Any]:
     return result
 
 
-COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval}
+def cmd_sweep(args) -> dict[str, Any]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        method_from_spec(m)  # fail on a bad name before loading anything
+    sparsities = parse_range(args.sparsity)
+    model, tokenizer, corpus = _load(args)
+    data = _calibration_data(args, tokenizer, corpus)
+    ids = tokenize(tokenizer, corpus.evaluation)
+    if args.eval_tokens is not None:
+        ids = ids[: args.eval_tokens]
+    _log(args, f"sweep: {len(methods)} methods x {len(sparsities)} sparsities on {args.scope}")
+
+    def show(p):
+        _log(args, f"  {p.method:<16} target {p.target:.2f}  measured {p.measured:.3f}  "
+                   f"ppl {p.token_perplexity:.3f} ({p.delta_percent:+.2f}%)  calibration {p.calibration_seconds:.0f} s")
+
+    dense, points = run_sweep(model, data, ids, methods, sparsities, scope=args.scope, ignored=args.ignore,
+                              context=args.context, stride=args.stride, progress=not args.no_progress,
+                              per_layer=True, on_point=show)
+    meta = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "scope": args.scope,
+            "eval_tokens": int(ids.numel()), "context": args.context,
+            "calibration_tokens": sum(d.numel() for d in data),
+            "methods": {m: method_to_dict(method_from_spec(m)) for m in methods},
+            "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"}
+    paths = write_sweep(args.out, dense, points, meta)
+    if not args.json:
+        print("\n".join(format_table(dense, points)))
+        print("\nwrote " + ", ".join(paths.values()))
+    return {**meta, "dense_token_perplexity": dense, "points": [p.__dict__ for p in points], "files": paths}
+
+
+COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,20 +13,20 @@ import os
 import tempfile
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from . import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import AlreadySparsifiedError, ThresholdFileError
+from .sparse_linear import BUFFERS, SparsityParams
 
 __all__ = ["save_thresholds", "load_thresholds", "read_thresholds", "save_pretrained", "from_pretrained",
            "model_fingerprint", "THRESHOLDS_FILENAME"]
 
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
-FORMAT_VERSION = 1
-_SUFFIX = ".act_threshold"
+FORMAT_VERSION = 2  # 2: optional act_shift / act_scale / act_topk tensors per layer (version 1 files still load)
+_SUFFIXES = tuple("." + b for b in BUFFERS)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -48,10 +48,11 @@ def _model_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write, *, suffix: str = ".safetensors") -> None:
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path`` (all or nothing)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -71,22 +72,24 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
         raise ValueError("the model has no SparseLinear layers; sparsify it before saving thresholds")
     if os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
-    tensors = {n + _SUFFIX: m.act_threshold.detach().to("cpu", torch.float32).clone() for n, m in layers.items()}
+    tensors = {f"{n}.{b}": m._buffers[b].detach().cpu().clone()
+               for n, m in layers.items() for b in BUFFERS if m._buffers.get(b) is not None}
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "model": _model_identity(model),
         "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
-                       "target_sparsity": m.target_sparsity, "method": m.method} for n, m in layers.items()},
+                       "target_sparsity": m.target_sparsity, "method": m.method,
+                       "calibration": getattr(m, "calibration", {})} for n, m in layers.items()},
         "extra": extra or {},
     }
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
     return path
 
 
-def read_thresholds(path: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """Read ``({layer: τ}, header)`` from a thresholds file, with clear errors for bad files."""
+def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:
+    """Read ``({layer: SparsityParams}, header)`` from a thresholds file, with clear errors for bad files."""
     from safetensors import safe_open
 
     if os.path.isdir(path):
@@ -114,13 +117,22 @@ def read_thresholds(path: str) -> tuple[dict[str, float], dict[str, Any]]:
         raise ThresholdFileError(f"{path!r} uses format version {header['format_version']}, newer than this "
                                  f"actsparse ({__version__}) reads; upgrade actsparse")
     thresholds = {}
-    for name in header["layers"]:
-        t = tensors.get(name + _SUFFIX)
+    for name, info in header["layers"].items():
+        t = tensors.get(name + ".act_threshold")
         if t is None or t.numel() != 1:
             raise ThresholdFileError(f"{path!r}: missing or malformed threshold tensor for layer {name!r}")
-        thresholds[name] = float(t.item())
-        if thresholds[name] != thresholds[name]:
-            raise ThresholdFileError(f"{path!r}: threshold for {name!r} is NaN")
+        shift, scale, topk = (tensors.get(f"{name}.{b}") for b in BUFFERS[1:])
+        try:
+            if (shift is not None and shift.numel() != 1) or (topk is not None and topk.numel() != 1):
+                raise ValueError("shift/topk must hold one value")
+            p = SparsityParams(float(t.item()), float(shift.item()) if shift is not None else 0.0,
+                               scale.float() if scale is not None else None,
+                               int(topk.item()) if topk is not None else None,
+                               dict(info.get("calibration") or {}))
+            p.validate(int(info["in_features"]), name)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ThresholdFileError(f"{path!r}: malformed sparsity parameters for layer {name!r}: {e}") from None
+        thresholds[name] = p
     return thresholds, header
 
 
@@ -166,7 +178,7 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     The HF checkpoint holds no actsparse keys, so any transformers install can load it; use
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIX)}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIXES)}
     model.save_pretrained(folder, state_dict=state, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

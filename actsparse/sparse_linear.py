@@ -1,31 +1,94 @@
-"""``SparseLinear``: an ``nn.Linear`` whose input entries with ``|x| <= threshold`` are zeroed.
+"""``SparseLinear``: an ``nn.Linear`` whose small input entries are zeroed before the matmul.
 
-The wrapper *shares* the original Linear's ``weight``/``bias`` Parameters (no copy) and adds one
-fp32 buffer, ``act_threshold``, so thresholds live in ``state_dict()`` under
-``<layer>.act_threshold``. ``threshold = -inf`` is an exact identity.
+The wrapper *shares* the original Linear's ``weight``/``bias`` Parameters (no copy) and holds its
+sparsity parameters as fp32 buffers, so they live in ``state_dict()``:
+
+* ``act_threshold`` τ (always);
+* ``act_shift`` μ (optional, mode-centering as in SCAP): the test is on ``x - μ``, and ``μ·ΣW`` is added
+  to the output so that nothing but the zeroed entries changes;
+* ``act_scale`` s (optional, one positive weight per input channel): the test is on the *score*
+  ``|x - μ| · s_j`` instead of ``|x - μ|`` (weight-aware scoring: WINA, Sparsing Law column norms);
+* ``act_topk`` k (optional int): keep the ``k`` highest-scoring entries of every token instead of
+  thresholding (exact per-token sparsity; τ is then unused).
+
+The rule, with ``D`` the activation dtype::
+
+    plain (no shift, scale or top-k):  x' = x where not |x| <= D(τ)          (compared in D, as NNCF)
+    otherwise:  d = float32(x) - μ;  score = |d| · s;  keep = not score <= τ' (or score in the top k)
+                x' = D(d · keep);     y = x' Wᵀ + μ·ΣW + b
+
+where ``τ' = float32(D(τ))`` without a scale (the kernels' rule) and ``τ`` itself with one. ``τ = -inf``
+keeps everything; NaNs are kept. With μ = 0 and no scale the general rule equals the plain one.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SparseLinear", "sparsify_tensor"]
+__all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
 
 
-def sparsify_tensor(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    """Zero the entries of ``x`` with ``|x| <= threshold`` (NNCF's rule: ``<=``).
+@dataclass
+class SparsityParams:
+    """One layer's calibrated sparsity parameters (what a method returns, what a file stores)."""
 
-    The comparison runs in ``x``'s dtype. NaNs are kept (``NaN <= t`` is False).
-    """
-    return x.masked_fill(x.abs() <= threshold, 0)
+    threshold: float = -math.inf
+    shift: float = 0.0
+    scale: torch.Tensor | None = None  # [in_features], > 0
+    topk: int | None = None            # tokens keep this many entries
+    info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
+
+    def validate(self, in_features: int, where: str) -> None:
+        if math.isnan(self.threshold):
+            raise ValueError(f"threshold for {where!r} is NaN")
+        if not math.isfinite(self.shift):
+            raise ValueError(f"shift for {where!r} must be finite, got {self.shift}")
+        if self.scale is not None:
+            s = self.scale
+            if s.dim() != 1 or s.numel() != in_features:
+                raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
+            if not (torch.isfinite(s).all() and (s > 0).all()):
+                raise ValueError(f"scale for {where!r} must be finite and > 0 (a zero-norm weight column? "
+                                 f"exclude the layer or clamp the scale)")
+        if self.topk is not None and not 0 <= self.topk <= in_features:
+            raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
+
+
+def drop_mask(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
+              scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+    """Boolean mask of the entries of ``x`` the rule of the module docstring drops."""
+    if shift is None and scale is None and topk is None:
+        return x.abs() <= threshold
+    score = (x.float() - (0.0 if shift is None else shift)).abs()
+    if scale is not None:
+        score = score * scale
+    if topk is not None:
+        drop = torch.ones_like(score, dtype=torch.bool)
+        if topk > 0:
+            drop.scatter_(-1, score.nan_to_num(nan=math.inf).topk(topk, dim=-1).indices, False)
+        return drop
+    tau = threshold if scale is not None else torch.as_tensor(threshold).to(x.dtype).float()
+    return score <= tau
+
+
+def sparsify_tensor(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
+                    scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+    """``x'`` of the module docstring's rule (the shifted, masked input; same dtype as ``x``)."""
+    drop = drop_mask(x, threshold, shift, scale, topk)
+    if shift is None:
+        return x.masked_fill(drop, 0)
+    return (x.float() - shift).masked_fill(drop, 0.0).to(x.dtype)
 
 
 def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
@@ -39,7 +102,7 @@ def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
 
 
 class SparseLinear(nn.Linear):
-    """Linear layer with static magnitude activation sparsity on its input."""
+    """Linear layer with static activation sparsity on its input (see the module docstring)."""
 
     act_threshold: torch.Tensor
     _packed = None  # a PackedGemv once actsparse.kernels.enable_kernels() ran
@@ -48,19 +111,44 @@ class SparseLinear(nn.Linear):
         raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = -math.inf, *,
+    def from_linear(cls, linear: nn.Linear, threshold: float | SparsityParams = -math.inf, *,
                     target_sparsity: float | None = None, method: str | None = None) -> "SparseLinear":
         if type(linear) is not nn.Linear:
             raise TypeError(f"SparseLinear wraps plain torch.nn.Linear layers, got {type(linear).__name__}; "
                             f"exclude it with an IgnoredScope")
+        p = threshold if isinstance(threshold, SparsityParams) else SparsityParams(float(threshold))
+        p.validate(linear.in_features, "layer")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_linear_state(linear, new)
-        new.register_buffer("act_threshold",
-                            torch.tensor(float(threshold), dtype=torch.float32, device=linear.weight.device))
+        dev = linear.weight.device
+        new.register_buffer("act_threshold", torch.tensor(float(p.threshold), dtype=torch.float32, device=dev))
+        if p.shift != 0.0:
+            new.register_buffer("act_shift", torch.tensor(float(p.shift), dtype=torch.float32, device=dev))
+        if p.scale is not None:
+            new.register_buffer("act_scale", p.scale.detach().to(dev, torch.float32).clone())
+        if p.topk is not None:
+            new.register_buffer("act_topk", torch.tensor(int(p.topk), dtype=torch.int64, device=dev))
         new.target_sparsity = target_sparsity
         new.method = method
+        new.calibration = dict(p.info)
         return new
+
+    @property
+    def params(self) -> SparsityParams:
+        """This layer's :class:`SparsityParams` (copies, on CPU)."""
+        g = self._buffers.get
+        return SparsityParams(
+            float(self.act_threshold),
+            float(g("act_shift")) if g("act_shift") is not None else 0.0,
+            g("act_scale").detach().cpu().clone() if g("act_scale") is not None else None,
+            int(g("act_topk")) if g("act_topk") is not None else None,
+            dict(getattr(self, "calibration", {})))
+
+    @property
+    def is_plain(self) -> bool:
+        """Only a threshold (no shift, scale or top-k): what the sparse GEMV kernels run."""
+        return all(self._buffers.get(b) is None for b in BUFFERS[1:])
 
     def to_linear(self) -> nn.Linear:
         """The plain ``nn.Linear`` sharing this layer's parameters (and hooks)."""
@@ -73,7 +161,11 @@ class SparseLinear(nn.Linear):
         return lin
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
-        return sparsify_tensor(x, self.act_threshold)
+        """``x'``: the (shifted) input with its dropped entries zeroed, as the matmul sees it."""
+        g = self._buffers.get
+        topk = g("act_topk")
+        return sparsify_tensor(x, self.act_threshold, g("act_shift"), g("act_scale"),
+                               None if topk is None else int(topk))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:  # set by actsparse.kernels.enable_kernels
@@ -81,8 +173,21 @@ class SparseLinear(nn.Linear):
             y = kernel_forward(self, x)
             if y is not None:
                 return y
-        return F.linear(self.sparsify_input(x), self.weight, self.bias)
+        y = F.linear(self.sparsify_input(x), self.weight, self.bias)
+        shift = self._buffers.get("act_shift")
+        if shift is not None:  # μ·ΣW: the centred-away part, exactly as the kernels fold it
+            y = y + (shift * self.weight.float().sum(dim=1)).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
-        t = f", target_sparsity={self.target_sparsity}" if self.target_sparsity is not None else ""
-        return f"{super().extra_repr()}, act_threshold={self.act_threshold.item():.4g}{t}"
+        p = self.params
+        extra = f", act_threshold={p.threshold:.4g}"
+        if p.shift:
+            extra += f", act_shift={p.shift:.4g}"
+        if p.scale is not None:
+            extra += ", act_scale=[...]"
+        if p.topk is not None:
+            extra += f", act_topk={p.topk}"
+        if self.target_sparsity is not None:
+            extra += f", target_sparsity={self.target_sparsity}"
+        return super().extra_repr() + extra

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["HistogramQuantile", "EMAQuantile", "exact_quantile"]
+__all__ = ["HistogramQuantile", "EMAQuantile", "SignedQuantile", "Reservoir", "exact_quantile"]
 
 _LOG2_MIN, _LOG2_MAX = -40, 24
 
@@ -71,10 +71,14 @@ class HistogramQuantile:
         self.counts += torch.bincount(idx, minlength=self.nbins).cpu()
 
     def result(self) -> float:
-        edge = _edge_threshold(self.q, self.n)
+        return self.quantile(self.q)
+
+    def quantile(self, q: float) -> float:
+        """The threshold for any fraction ``q`` of the values seen (``result()`` is ``quantile(self.q)``)."""
+        edge = _edge_threshold(q, self.n)
         if edge is not None:
             return edge
-        rank = self.q * self.n  # number of values that should be <= tau
+        rank = q * self.n  # number of values that should be <= tau
         if rank <= self.n_tiny:
             return 0.0
         cum = torch.cumsum(self.counts, 0)
@@ -110,3 +114,62 @@ class EMAQuantile:
     def result(self) -> float:
         edge = _edge_threshold(self.q, self.n_batches)
         return self.value if edge is None else edge
+
+
+class SignedQuantile:
+    """Quantile of signed values (e.g. the median of x) from two |x| histograms, one per sign."""
+
+    def __init__(self, q: float, bins_per_octave: int = 1024):
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        self.q = q
+        self.pos = HistogramQuantile(0.5, bins_per_octave)
+        self.neg = HistogramQuantile(0.5, bins_per_octave)
+        self.n_zero = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        v = x.detach().reshape(-1).float()
+        self.pos.update(v[v > 0])
+        self.neg.update(v[v < 0])
+        self.n_zero += int((v == 0).sum())
+
+    def result(self) -> float:
+        n_neg, n_pos = self.neg.n, self.pos.n
+        n = n_neg + n_pos + self.n_zero
+        if n == 0:
+            raise ValueError("no values were collected")
+        rank = self.q * n
+        if rank < n_neg:  # among the negatives, counted from the most negative
+            return -min(self.neg.quantile(1.0 - rank / n_neg), self.neg.max)
+        if rank <= n_neg + self.n_zero:
+            return 0.0
+        return min(self.pos.quantile((rank - n_neg - self.n_zero) / n_pos), self.pos.max)
+
+
+class Reservoir:
+    """A uniform random sample of at most ``size`` values from a stream (Algorithm R, batched; seeded)."""
+
+    def __init__(self, size: int, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"reservoir size must be >= 1, got {size}")
+        self.size = size
+        self.values = torch.empty(0)
+        self.n = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        v = x.detach().reshape(-1).float().cpu()
+        if v.numel() == 0:
+            return
+        room = self.size - self.values.numel()
+        if room > 0:
+            self.values = torch.cat([self.values, v[:room]])
+            self.n += min(room, v.numel())
+            v = v[room:]
+        if v.numel():
+            # value number i (1-based, over the whole stream) replaces a random slot with probability size/i
+            idx = torch.arange(self.n + 1, self.n + v.numel() + 1, dtype=torch.float64)
+            slot = (torch.rand(v.numel(), generator=self.gen, dtype=torch.float64) * idx).long()
+            take = slot < self.size
+            self.values[slot[take]] = v[take]  # repeated slots: one of the values wins
+            self.n += v.numel()

@@ -12,6 +12,10 @@ from actsparse.data import prepare_batches
 from actsparse.eval import SparsityMonitor
 from actsparse.sparse_linear import sparsify_tensor
 
+def _taus(*args, **kwargs):
+    return {n: p.threshold for n, p in calibrate_thresholds(*args, **kwargs).items()}
+
+
 ALL7 = {TargetScope(patterns=[r".*(q|k|v|o)_proj"]): 0.4, TargetScope(patterns=[r".*(gate|up)_proj"]): 0.3,
         TargetScope(patterns=[r".*down_proj"]): 0.5}
 
@@ -38,7 +42,7 @@ def _reference_thresholds(model, data, targets, ours):
 
 def test_thresholds_are_sequential_exact_quantiles(tiny_llama, calib_data):
     targets = A.scope.resolve_targets(tiny_llama, ALL7)
-    ours = calibrate_thresholds(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(), progress=False)
+    ours = _taus(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(), progress=False)
     ref = _reference_thresholds(tiny_llama, calib_data, targets, ours)
     for n in targets:
         assert ours[n] == pytest.approx(ref[n], rel=2e-3), n
@@ -60,9 +64,9 @@ def test_measured_sparsity_on_calibration_data_equals_target(tiny_llama, calib_d
 def test_whole_model_fallback_gives_same_thresholds(tiny_llama, calib_data, monkeypatch):
     targets = A.scope.resolve_targets(tiny_llama, ALL7)
     batches = prepare_batches(calib_data)
-    blockwise = calibrate_thresholds(tiny_llama, batches, targets, QuantileMethod(), progress=False)
+    blockwise = _taus(tiny_llama, batches, targets, QuantileMethod(), progress=False)
     monkeypatch.setattr("actsparse.calibrate._find_block_stack", lambda *a: None)
-    whole = calibrate_thresholds(tiny_llama, batches, targets, QuantileMethod(), progress=False)
+    whole = _taus(tiny_llama, batches, targets, QuantileMethod(), progress=False)
     for n in targets:
         assert whole[n] == pytest.approx(blockwise[n], rel=1e-5), n
 
@@ -79,13 +83,13 @@ def test_targets_outside_the_block_stack_use_the_whole_model(tiny_llama, calib_d
 
 def test_padding_tokens_are_excluded(tiny_llama, calib_data):
     targets = A.scope.resolve_targets(tiny_llama, ALL7)
-    plain = calibrate_thresholds(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(), progress=False)
+    plain = _taus(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(), progress=False)
     padded = []
     for x in calib_data:  # right-pad each batch with 8 junk tokens, masked out
         ids = torch.cat([x, torch.full((x.shape[0], 8), 7)], dim=1)
         mask = torch.cat([torch.ones_like(x), torch.zeros(x.shape[0], 8, dtype=torch.long)], dim=1)
         padded.append({"input_ids": ids, "attention_mask": mask})
-    with_pad = calibrate_thresholds(tiny_llama, prepare_batches(padded), targets, QuantileMethod(), progress=False)
+    with_pad = _taus(tiny_llama, prepare_batches(padded), targets, QuantileMethod(), progress=False)
     for n in targets:
         assert with_pad[n] == pytest.approx(plain[n], rel=1e-4), n
 
@@ -94,7 +98,7 @@ def test_ema_statistic_follows_nncf_rule(tiny_llama, calib_data):
     """With one target layer, NNCF's EMA threshold is the adjusted EWM of per-batch quantiles."""
     name = "model.layers.0.mlp.up_proj"
     targets = {name: 0.3}
-    got = calibrate_thresholds(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(statistic="ema"),
+    got = _taus(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(statistic="ema"),
                                progress=False)[name]
     per_batch = []
     h = dict(tiny_llama.named_modules())[name].register_forward_pre_hook(

@@ -72,3 +72,64 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert A.__version__ in capsys.readouterr().out
+
+
+def test_scap_config_export_and_eval_import(tiny_model_dir, text_file, tmp_path, capsys):
+    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress"]
+    out, js = str(tmp_path / "th.safetensors"), str(tmp_path / "calibrated_thresholds.json")
+    code, stdout, _ = _run(capsys, ["calibrate", *common, "--scap-config", "up,median,0.4,down,zero,0.5",
+                                    "--calib-samples", "4", "--calib-seq-len", "32", "--out", out,
+                                    "--export-scap", js, "--json"])
+    assert code == 0
+    cal = json.loads(stdout)
+    assert cal["method"]["name"] == "scap" and cal["layers"] == 4 and cal["scap_json"] == js
+    entries = json.load(open(js))
+    assert {e["demode_method"] for e in entries.values()} == {"median", "zero"}
+    results = []
+    for extra in (["--thresholds", out], ["--scap-json", js]):
+        code, stdout, _ = _run(capsys, ["eval", *common, *extra, "--context", "64", "--json"])
+        assert code == 0
+        results.append(json.loads(stdout))
+    assert results[0]["token_perplexity"] == results[1]["token_perplexity"]
+    assert results[0]["measured_sparsity"] == results[1]["measured_sparsity"]
+
+
+def test_method_and_options_from_the_command_line(tiny_model_dir, text_file, tmp_path, capsys):
+    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress", "--calib-samples", "4",
+              "--calib-seq-len", "32", "--out", str(tmp_path / "t.safetensors"), "--json"]
+    code, stdout, _ = _run(capsys, ["calibrate", *common, "--method", "teal-greedy", "--option", "step=0.1",
+                                    "--scope", r".*_proj=0.4"])
+    assert code == 0
+    m = json.loads(stdout)["method"]
+    assert (m["name"], m["allocation"], m["step"]) == ("teal", "greedy", 0.1)
+    for argv, message in [(["--method", "nope"], "unknown calibration method"),
+                          (["--method", "teal", "--option", "speed=3"], "no option"),
+                          (["--scap-config", "up,zero"], "triplets"),
+                          (["--scap-config", "up,zero,0.3", "--scope", ".*=0.2"], "not both")]:
+        code, _, err = _run(capsys, ["calibrate", *common, *argv])
+        assert code == 2 and re.search(message, err), (argv, err)
+
+
+def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "sw"
+    code, stdout, _ = _run(capsys, ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
+                                    "--methods", "quantile,wina", "--sparsity", "0.3:0.5:0.2", "--calib-samples", "4",
+                                    "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "300",
+                                    "--out", str(out)])
+    assert code == 0
+    assert "quantile" in stdout and "wina" in stdout and "dense" in stdout
+    rows = (out / "sweep.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("method,target,measured") and len(rows) == 1 + 1 + 4
+    data = json.loads((out / "sweep.json").read_text())
+    pts = data["points"]
+    assert [(p["method"], p["target"]) for p in pts] == [("quantile", 0.3), ("quantile", 0.5), ("wina", 0.3),
+                                                         ("wina", 0.5)]
+    assert all(abs(p["measured"] - p["target"]) < 0.1 for p in pts)
+    assert all(p["token_perplexity"] != data["dense_token_perplexity"] for p in pts)  # random model: any direction
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("text,match", [("0.7:0.2:0.1", "START:STOP:STEP"), ("0.2,1.0", r"\[0, 1\)"), ("a", "bad")])
+def test_sweep_bad_sparsity_list(tiny_model_dir, capsys, text, match):
+    code, _, err = _run(capsys, ["sweep", "--model", tiny_model_dir, "--sparsity", text])
+    assert code == 2 and re.search(match, err)

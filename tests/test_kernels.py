@@ -279,3 +279,26 @@ def test_kernel_path_steps_aside_for_grad_and_edited_weights():
     assert kernel_forward(up, x) is None  # grad mode with trainable weights
     lin = up.to_linear()
     assert lin.weight.is_contiguous()
+
+
+def test_enable_kernels_runs_shifted_layers_and_skips_scaled_or_topk_ones():
+    from conftest import make_tiny_llama
+
+    from actsparse import SparsityParams, apply_thresholds, sparse_layers
+    torch.manual_seed(0)
+    model = make_tiny_llama(seed=3).to(DEV, torch.float16)
+    apply_thresholds(model, {
+        "model.layers.0.mlp.up_proj": SparsityParams(0.3, shift=0.2),
+        "model.layers.0.mlp.down_proj": SparsityParams(0.05, scale=torch.rand(128) + 0.5),
+        "model.layers.1.mlp.gate_proj": SparsityParams(topk=32)})
+    x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float16)
+    up = sparse_layers(model)["model.layers.0.mlp.up_proj"]
+    with torch.no_grad():
+        ref = up(x)
+        assert K.enable_kernels(model) == ["model.layers.0.mlp.up_proj"]
+        calls = []
+        h = up.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
+        got = up(x)
+        h.remove()
+    assert calls == ["triton"]
+    assert rel_err(got, ref) < 2e-2

@@ -69,3 +69,28 @@ def test_ema_is_pandas_adjusted_ewm_of_batch_quantiles():
 def test_exact_quantile_equals_torch_quantile(values, q):
     x = torch.tensor(values, dtype=torch.float64)
     assert exact_quantile(x, q) == pytest.approx(torch.quantile(x.float(), q).item(), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
+def test_signed_quantile_matches_torch(q):
+    from actsparse.stats import SignedQuantile
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(3000, generator=g) * 0.5 - 0.3, torch.zeros(200), torch.rand(1000, generator=g) * 4])
+    sq = SignedQuantile(q)
+    for part in x.split(700):
+        sq.update(part)
+    assert sq.result() == pytest.approx(torch.quantile(x, q).item(), rel=2e-3, abs=1e-4)
+
+
+def test_reservoir_is_a_uniform_sample_of_the_stream():
+    from actsparse.stats import Reservoir
+    r = Reservoir(2000, seed=0)
+    stream = torch.arange(100_000, dtype=torch.float32)
+    for part in stream.split(3333):
+        r.update(part)
+    assert r.values.numel() == 2000 and r.n == 100_000
+    assert len(set(r.values.tolist())) > 1900  # distinct values of the stream
+    # uniform over the stream: the mean position is near the middle, every decile is represented
+    assert abs(r.values.mean().item() / 100_000 - 0.5) < 0.03
+    counts = torch.bincount((r.values / 10_000).long(), minlength=10)
+    assert counts.min() > 120

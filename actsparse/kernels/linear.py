@@ -26,9 +26,12 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 def _pack_layer(layer) -> PackedGemv:
     w = layer.weight
-    packed = pack([w.detach()], layout_block=None,
+    shift = layer._buffers.get("act_shift")
+    packed = pack([w.detach()], layout_block=None, shifts=None if shift is None else [float(shift)],
                   biases=[layer.bias.detach()] if layer.bias is not None else None)
     packed.threshold = layer.act_threshold.view(1)  # live: load_thresholds/apply_thresholds update it
+    if shift is not None:
+        packed.shift = shift.view(1)
     if layer.out_features % COLUMN_ALIGN == 0:  # share: the layer's weight is a view of weight_t
         layer.weight.data = packed.weight_t.t()
         if layer.bias is not None:
@@ -39,14 +42,16 @@ def _pack_layer(layer) -> PackedGemv:
 def enable_kernels(model: nn.Module) -> list[str]:
     """Pack every eligible ``SparseLinear`` of ``model`` for the sparse GEMV; returns the layer names.
 
-    Eligible: fp16/bf16 weights on a device where Triton runs (CUDA; any device under
-    ``TRITON_INTERPRET=1``). Other layers are left as they are.
+    Eligible: threshold (and shift) layers, without a per-channel scale or top-k, with fp16/bf16 weights
+    on a device where Triton runs (CUDA; any device under ``TRITON_INTERPRET=1``). Other layers are left
+    as they are (they run the torch path).
     """
     from ..sparse_linear import SparseLinear
 
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, SparseLinear) and m.weight.dtype in _DTYPES and triton_available(m.weight.device):
+        if (isinstance(m, SparseLinear) and m._buffers.get("act_scale") is None and m._buffers.get("act_topk") is None
+                and m.weight.dtype in _DTYPES and triton_available(m.weight.device)):
             if getattr(m, "_packed", None) is None:
                 m._packed = _pack_layer(m)
                 m._packed_from = (m.weight.data_ptr(), m.weight._version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..sparse_linear import sparsify_tensor
 from .packing import PackedGemv
 
 __all__ = ["sparse_gemv_reference", "mask_input"]
@@ -16,9 +17,7 @@ def mask_input(x: torch.Tensor, threshold: torch.Tensor, shift: torch.Tensor | f
     Returned in fp32 (values representable in ``D``). NaNs are kept, as in
     :func:`actsparse.sparse_linear.sparsify_tensor`; with ``μ = 0`` this is exactly that function.
     """
-    tau = threshold.to(x.dtype).float()
-    d = x.float() - shift
-    return d.masked_fill(d.abs() <= tau, 0.0).to(x.dtype).float()
+    return sparsify_tensor(x, threshold, shift).float()
 
 
 def sparse_gemv_reference(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:

@@ -13,20 +13,32 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
+from ..sparse_linear import SparsityParams  # noqa: F401  (the Collector protocol's result type)
+
 __all__ = ["MethodConfig", "Collector", "register_method", "get_method", "registered_methods",
            "method_from_spec", "method_to_dict"]
 
 
 class Collector(Protocol):
+    """Statistics of one layer's inputs. ``result()`` gives τ or full ``SparsityParams``. A collector may
+    also define ``next_pass() -> bool``: called after each pass over the calibration data, True asks for
+    another pass (e.g. the mode first, then the threshold of ``|x - mode|``)."""
+
     def update(self, x: torch.Tensor) -> None: ...
 
-    def result(self) -> float: ...
+    def result(self) -> "float | SparsityParams": ...
 
 
+@dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """Base class of method configs (subclasses are dataclasses registered with a name)."""
+    """Base class of method configs (subclasses are frozen dataclasses registered with a name).
+
+    ``topk=True`` (any method): at inference every token keeps exactly ``round((1 - s) · in_features)``
+    entries (the highest-scoring ones under the method's score, shift and scale) instead of thresholding.
+    """
 
     name: ClassVar[str]
+    topk: bool = dataclasses.field(default=False, kw_only=True)
 
     def make_collector(self, layer_name: str, module: torch.nn.Module, target_sparsity: float) -> Collector:
         raise NotImplementedError
@@ -45,8 +57,18 @@ def register_method(name: str) -> Callable[[type], type]:
     return deco
 
 
-def registered_methods() -> list[str]:
-    return sorted(_REGISTRY)
+# names that preset options of a registered method (CLI/sweep shorthands)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "teal-greedy": ("teal", {"allocation": "greedy"}),
+    "teal-uniform": ("teal", {"allocation": "uniform"}),
+    "scap-median": ("scap", {"mode": "median"}),
+    "scap-kde": ("scap", {"mode": "kde"}),
+}
+
+
+def registered_methods(aliases: bool = False) -> list[str]:
+    """Registered method names (with ``aliases=True``, also the shorthands such as ``teal-greedy``)."""
+    return sorted(_REGISTRY) + (sorted(a for a, (base, _) in ALIASES.items() if base in _REGISTRY) if aliases else [])
 
 
 def get_method(name: str) -> type[MethodConfig]:
@@ -54,7 +76,7 @@ def get_method(name: str) -> type[MethodConfig]:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown calibration method {name!r}; registered methods: "
-                         f"{', '.join(registered_methods())}") from None
+                         f"{', '.join(registered_methods(aliases=True))} (add '+topk' for top-k)") from None
 
 
 def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig:
@@ -65,6 +87,15 @@ def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"method must be a registered name or a MethodConfig, got {type(spec).__name__}")
+    spec, plus, suffix = spec.partition("+")
+    if plus:  # "wina+topk": any method with top-k at inference
+        if suffix != "topk":
+            raise ValueError(f"unknown method suffix '+{suffix}'; the only one is '+topk'")
+        options = {**options, "topk": True}
+    if spec in ALIASES and ALIASES[spec][0] in _REGISTRY:
+        base, preset = ALIASES[spec]
+        options = {**preset, **options}
+        spec = base
     cls = get_method(spec)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
@@ -77,4 +108,4 @@ def method_to_dict(method: MethodConfig) -> dict[str, Any]:
     return {"name": method.name, **dataclasses.asdict(method)}
 
 
-from . import quantile  # noqa: E402,F401  (registers the built-in methods)
+from . import quantile, scap, teal, wina  # noqa: E402,F401  (registers the built-in methods)

@@ -1,0 +1,178 @@
+"""Sparsity-vs-quality sweeps: every method at every target sparsity, on one model, with a table and a plot.
+
+Each point: remove the previous sparsity, calibrate the method on the calibration batches, evaluate
+perplexity on the evaluation tokens while counting the zeros every layer actually receives. *Measured
+sparsity* is reported two ways: ``weighted`` (each layer's measured sparsity weighted by its weight count
+= the fraction of weight columns a sparse kernel skips; what decode speed follows, and the x axis of the
+plot) and ``mean`` (plain mean over layers).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
+from ..methods import method_from_spec, method_to_dict
+from ..scope import IgnoredScope, TargetScope
+from .perplexity import perplexity
+from .sparsity import SparsityMonitor
+
+__all__ = ["SweepPoint", "run_sweep", "parse_range", "weighted_sparsity", "write_sweep", "plot_sweep",
+           "format_table"]
+
+ALL_PROJECTIONS = r".*\.(q|k|v|o|gate|up|down)_proj$"
+
+
+@dataclass
+class SweepPoint:
+    method: str
+    target: float
+    measured: float  # weight-count-weighted measured sparsity
+    measured_mean: float
+    token_perplexity: float
+    delta_percent: float  # perplexity increase over dense
+    calibration_seconds: float
+    per_layer: dict[str, float] | None = None
+    allocated: dict[str, float] | None = None  # per-layer targets after allocation (greedy)
+
+
+def parse_range(text: str) -> list[float]:
+    """``"0.2:0.7:0.1"`` → [0.2, 0.3, ..., 0.7] (stop included); ``"0.3,0.5"`` → [0.3, 0.5]; ``"0.5"``."""
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+                raise ValueError
+            start, stop, step = parts
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 10) for i in range(n)]
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"bad sparsity list {text!r}; use START:STOP:STEP (e.g. 0.2:0.7:0.1) or a comma list") from None
+    if not values:
+        raise ValueError(f"bad sparsity list {text!r}: no values")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise ValueError(f"sparsities must be in [0, 1), got {bad}")
+    return values
+
+
+def weighted_sparsity(model: nn.Module, measured: Mapping[str, float]) -> float:
+    """Measured sparsity weighted by each layer's weight count (fraction of weight columns skipped)."""
+    layers = dict(model.named_modules())
+    sizes = {n: layers[n].in_features * layers[n].out_features for n in measured}
+    total = sum(sizes.values())
+    return sum(measured[n] * sizes[n] for n in measured) / total if total else 0.0
+
+
+def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tensor, methods: Sequence[str],
+              sparsities: Sequence[float], *, scope: str = ALL_PROJECTIONS, ignored: Sequence[str] = (),
+              context: int = 1024, stride: int | None = None, progress: bool = True, per_layer: bool = False,
+              on_point: Callable[[SweepPoint], None] | None = None) -> tuple[float, list[SweepPoint]]:
+    """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense."""
+    specs = [(m, method_from_spec(m)) for m in methods]  # validate every name before the long work
+    if sparse_layers(model):
+        raise ValueError("the model is already sparsified; call actsparse.remove_sparsity(model) first")
+    dense = perplexity(model, eval_ids, context=context, stride=stride, progress=progress).token_perplexity
+    points = []
+    ignored_scope = IgnoredScope(patterns=list(ignored)) if ignored else None
+    try:
+        for name, method in specs:
+            for s in sparsities:
+                config = SparsifyConfig({TargetScope(patterns=[scope]): s}, ignored_scope, method)
+                t = time.perf_counter()
+                sparsify_(model, config, calibration, progress=progress)
+                seconds = time.perf_counter() - t
+                with SparsityMonitor(model) as mon:
+                    ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
+                measured = mon.sparsity()
+                allocated = {n: t for n, t in mon.targets().items()}
+                point = SweepPoint(name, s, weighted_sparsity(model, measured),
+                                   sum(measured.values()) / len(measured), ppl.token_perplexity,
+                                   100.0 * (ppl.token_perplexity / dense - 1.0), seconds,
+                                   measured if per_layer else None, allocated if per_layer else None)
+                points.append(point)
+                if on_point is not None:
+                    on_point(point)
+                remove_sparsity(model)
+    finally:
+        remove_sparsity(model)
+    return dense, points
+
+
+def format_table(dense: float, points: Sequence[SweepPoint]) -> list[str]:
+    lines = [f"{'method':<18}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>9}{'calib s':>9}",
+             f"{'dense':<18}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>9}{'':>9}"]
+    for p in points:
+        lines.append(f"{p.method:<18}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
+                     f"{p.token_perplexity:>11.3f}{p.delta_percent:>+8.2f}%{p.calibration_seconds:>9.1f}")
+    return lines
+
+
+def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: dict[str, Any]) -> dict[str, str]:
+    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` (when matplotlib is installed) into ``folder``."""
+    from ..io import atomic_write
+
+    os.makedirs(folder, exist_ok=True)
+    paths = {"csv": os.path.join(folder, "sweep.csv"), "json": os.path.join(folder, "sweep.json")}
+    fields = ["method", "target", "measured", "measured_mean", "token_perplexity", "delta_percent",
+              "calibration_seconds"]
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(fields)
+            w.writerow(["dense", 0.0, 0.0, 0.0, dense, 0.0, 0.0])
+            for p in points:
+                w.writerow([getattr(p, k) for k in fields])
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**meta, "dense_token_perplexity": dense, "points": [asdict(p) for p in points]}, f, indent=2)
+
+    atomic_write(paths["csv"], write_csv, suffix=".csv")
+    atomic_write(paths["json"], write_json, suffix=".json")
+    png = plot_sweep(os.path.join(folder, "sweep.png"), dense, points, title=meta.get("title"))
+    if png:
+        paths["png"] = png
+    return paths
+
+
+def plot_sweep(path: str, dense: float, points: Sequence[SweepPoint], *, title: str | None = None) -> str | None:
+    """Perplexity vs measured (weighted) sparsity, one line per method. None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in dict.fromkeys(p.method for p in points):
+        pts = sorted((p.measured, p.token_perplexity) for p in points if p.method == method)
+        ax.plot([0.0] + [x for x, _ in pts], [dense] + [y for _, y in pts], marker="o", ms=3, label=method)
+    ax.axhline(dense, color="gray", lw=0.8, ls="--", label=f"dense {dense:.2f}")
+    ax.set_xlabel("measured sparsity (fraction of weight columns skipped)")
+    ax.set_ylabel("token perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def method_meta(methods: Sequence[str]) -> dict[str, Any]:
+    return {m: method_to_dict(method_from_spec(m)) for m in methods}

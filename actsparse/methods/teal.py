@@ -1,0 +1,125 @@
+"""TEAL (seed 002): magnitude thresholds on the inputs of all seven projections, with a model-wide target
+reached either uniformly or by **block-wise greedy allocation**.
+
+Greedy allocation (TEAL §4.2; its repository never shipped it): inside each block, start every target
+layer at sparsity 0 and repeatedly raise the sparsity of the layer whose step costs the least block-output
+error per weight skipped, until the parameter-weighted mean sparsity of the block reaches the block's
+target (the parameter-weighted mean of the requested targets). The error of a configuration is
+``Σ‖Y - Y_dense‖² / Σ‖Y_dense‖²`` over the block outputs on (a subset of) the calibration batches, with
+thresholds taken from the block's dense input histograms. The allocated per-layer sparsities are then
+calibrated like ``quantile`` (sequentially), so measured sparsity on the calibration data equals the
+allocation. Because every block meets the target in parameter-weighted mean, so does the model: the
+fraction of weight columns skipped, which is what decode speed follows.
+
+The greedy search is *lazy*: each candidate keeps its last measured cost and only the cheapest is
+re-measured before it is taken (costs grow as a layer gets sparser, so stale costs are lower bounds
+in practice); ``lazy=False`` re-measures every candidate at every step (TEAL's plain greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sparse_linear import SparsityParams
+from ..stats import HistogramQuantile
+from . import MethodConfig, register_method
+
+__all__ = ["TealMethod", "greedy_allocation"]
+
+ALLOCATIONS = ("uniform", "greedy")
+
+
+def _relative_error(outs: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    num = sum(float((o - d).pow(2).sum()) for o, d in zip(outs, dense))
+    den = sum(float(d.pow(2).sum()) for d in dense)
+    return num / max(den, 1e-30)
+
+
+def greedy_allocation(ctx, *, step: float = 0.05, max_sparsity: float = 0.95, batches: int | None = None,
+                      lazy: bool = True, bins_per_octave: int = 1024) -> dict[str, float]:
+    """Per-layer sparsities for one stage (see the module docstring). ``ctx`` is a
+    :class:`actsparse.calibrate.StageContext`."""
+    names = ctx.names
+    size = {n: ctx.modules[n].in_features * ctx.modules[n].out_features for n in names}
+    total = sum(size.values())
+    goal = sum(size[n] * ctx.targets[n] for n in names)  # skipped weights wanted
+    if goal <= 0:
+        return {n: 0.0 for n in names}
+    if goal > max_sparsity * total + 1e-9:
+        raise ValueError(f"a block-wise target of {goal / total:.3f} exceeds max_sparsity={max_sparsity}; "
+                         f"raise max_sparsity or lower the target")
+    hists = {n: HistogramQuantile(0.5, bins_per_octave) for n in names}
+    ctx.collect(hists, batches=batches)
+    dense = ctx.outputs({}, batches=batches)
+
+    def error(s: dict[str, float]) -> float:
+        params = {n: SparsityParams(hists[n].quantile(v)) for n, v in s.items() if v > 0}
+        return _relative_error(ctx.outputs(params, batches=batches), dense)
+
+    s = {n: 0.0 for n in names}
+    current = 0.0
+    done = 0.0  # skipped weights so far
+
+    def increment(n: str) -> float:
+        return min(step, max_sparsity - s[n], (goal - done) / size[n])
+
+    def cost(n: str) -> float:
+        inc = increment(n)
+        return (error({**s, n: s[n] + inc}) - current) / (inc * size[n])
+
+    stale = {n: cost(n) for n in names}
+    while goal - done > 1e-9 * total:
+        eligible = [n for n in names if max_sparsity - s[n] > 1e-9]
+        best = min(eligible, key=stale.__getitem__)
+        if lazy:
+            stale[best] = cost(best)
+            if any(stale[n] < stale[best] for n in eligible if n != best):
+                continue  # another layer is now cheaper: re-measure that one first
+        else:
+            for n in eligible:
+                stale[n] = cost(n)
+            best = min(eligible, key=stale.__getitem__)
+        inc = increment(best)
+        s[best] += inc
+        done += inc * size[best]
+        current = error(s)
+    return s
+
+
+@register_method("teal")
+@dataclass(frozen=True)
+class TealMethod(MethodConfig):
+    """TEAL thresholds: ``allocation="uniform"`` (every layer at its scope's target; same as ``quantile``) or
+    ``"greedy"`` (block-wise greedy per-layer allocation, see the module docstring).
+
+    ``step``: sparsity added to one layer per greedy step; ``greedy_batches``: calibration batches used
+    to measure block-output error (None: all); ``max_sparsity``: cap per layer.
+    """
+
+    allocation: str = "greedy"
+    step: float = 0.05
+    max_sparsity: float = 0.95
+    greedy_batches: int | None = 2
+    lazy: bool = True
+    bins_per_octave: int = 1024
+
+    def __post_init__(self):
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not 0.0 < self.step <= 1.0:
+            raise ValueError(f"step must be in (0, 1], got {self.step}")
+        if not 0.0 < self.max_sparsity <= 1.0:
+            raise ValueError(f"max_sparsity must be in (0, 1], got {self.max_sparsity}")
+        if self.greedy_batches is not None and self.greedy_batches < 1:
+            raise ValueError(f"greedy_batches must be >= 1 or None, got {self.greedy_batches}")
+
+    def make_collector(self, layer_name, module, target_sparsity):
+        return HistogramQuantile(target_sparsity, self.bins_per_octave)
+
+    def allocate(self, ctx) -> dict[str, float]:
+        if self.allocation == "uniform":
+            return dict(ctx.targets)
+        return greedy_allocation(ctx, step=self.step, max_sparsity=self.max_sparsity, batches=self.greedy_batches,
+                                 lazy=self.lazy, bins_per_octave=self.bins_per_octave)
