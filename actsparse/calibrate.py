@@ -254,11 +254,23 @@ class StageContext:
     returns its outputs per batch (e.g. to compare with the dense outputs, ``outputs({})``).
     """
 
-    def __init__(self, stage: "_Stage", hooks: _Hooks, targets: dict[str, float], n_batches: int, modules):
+    def __init__(self, stage: "_Stage", hooks: _Hooks, targets: dict[str, float], batches: list[Batch], modules):
         self.names = list(stage.names)
+        self.batch_tokens = [b.n_tokens for b in batches]
         self.targets = {n: targets[n] for n in self.names}
         self.modules = {n: modules[n] for n in self.names}
-        self._stage, self._hooks, self._n = stage, hooks, n_batches
+        self._stage, self._hooks, self._n = stage, hooks, len(batches)
+
+    def batches_for(self, tokens: int | None) -> int:
+        """How many leading calibration batches hold at least ``tokens`` real tokens (all when None)."""
+        if tokens is None:
+            return self._n
+        total = 0
+        for i, n in enumerate(self.batch_tokens):
+            total += n
+            if total >= tokens:
+                return i + 1
+        return self._n
 
     @contextmanager
     def _applied(self, params: dict[str, SparsityParams]):
@@ -322,6 +334,15 @@ def calibrate_thresholds(
     model.eval()
     results: dict[str, SparsityParams] = {}
     try:
+        plan = getattr(method, "plan", None)  # methods that re-distribute targets across blocks first
+        if plan is not None:
+            targets.update(plan(model, batches, dict(targets), device, progress=progress))
+        whole = getattr(method, "calibrate_model", None)  # methods that search over the whole model (pplp)
+        found = whole(model, batches, targets, device, progress=progress) if whole is not None else None
+        if found is not None:
+            for n, p in found.items():
+                p.validate(linears[n].in_features, n)
+            return {n: found[n] for n in targets}
         with hooks.installed():
             stack = _find_block_stack(model, list(targets))
             stages = None
@@ -335,7 +356,7 @@ def calibrate_thresholds(
                 if stage.names:
                     allocate = getattr(method, "allocate", None)
                     if allocate is not None:
-                        ctx = StageContext(stage, hooks, targets, len(batches), modules)
+                        ctx = StageContext(stage, hooks, targets, batches, modules)
                         targets.update(allocate(ctx))
                     _calibrate_stage(stage, targets, method, linears, hooks, len(batches), results)
                 stage.advance()

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cal)
     _add_calib_args(cal, NNCF_RECIPE)
     cal.add_argument("--out", default="thresholds.safetensors", help="output file (default thresholds.safetensors)")
+    cal.add_argument("--plot", default=None, metavar="PNG",
+                     help="save the per-layer activation ratio on the calibration data (Sparsing Law's plot)")
+    cal.add_argument("--per-layer", action="store_true", help="print every layer's threshold and activation ratio")
     cal.add_argument("--export-scap", default=None, metavar="JSON",
                      help="also write SCAP's calibrated_thresholds.json (threshold/shift methods only)")
 
@@ -177,6 +180,7 @@ def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
+    args._calibration_batches = data
     return {"scopes": {"|".join(k.patterns): v for k, v in scopes.items()}, "method": method_to_dict(method),
             "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
 
@@ -251,6 +255,33 @@ def _method_label(m: dict[str, Any]) -> str:
     return f"{m['name']} ({opts})" if opts else m["name"]
 
 
+def _calibration_report(args, model) -> dict[str, Any]:
+    """Activation ratio (1 - measured sparsity) per layer on the calibration data, thresholds, PPL ratio (pplp)."""
+    from .eval.plots import plot_activation_ratio
+    from .eval.sweep import weighted_sparsity
+
+    with SparsityMonitor(model) as mon, torch.no_grad():
+        for batch in args._calibration_batches:
+            model(batch.to(next(model.parameters()).device), use_cache=False)
+    measured = mon.sparsity()
+    layers = sparse_layers(model)
+    report: dict[str, Any] = {
+        "activation_ratio": {n: 1.0 - v for n, v in measured.items()},
+        "average_activation_ratio": 1.0 - sum(measured.values()) / len(measured),
+        "weighted_activation_ratio": 1.0 - weighted_sparsity(model, measured),
+        "thresholds": {n: m.params.threshold for n, m in layers.items()},
+    }
+    info = next(iter(layers.values())).params.info
+    if "ppl_ratio" in info:
+        report["ppl_ratio"], report["cett"] = info["ppl_ratio"], info["cett"]
+    if args.plot:
+        report["plot"] = plot_activation_ratio(args.plot, report["activation_ratio"],
+                                               title=f"{args.model}: activation ratio per layer")
+        if report["plot"] is None:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib")
+    return report
+
+
 def cmd_calibrate(args) -> dict[str, Any]:
     model, tokenizer, corpus = _load(args)
     cal = _calibrate(args, model, tokenizer, corpus)
@@ -258,10 +289,20 @@ def cmd_calibrate(args) -> dict[str, Any]:
     cal["out"] = path
     if args.export_scap:
         cal["scap_json"] = export_scap_json(model, args.export_scap)
+    cal.update(_calibration_report(args, model))
     cal["layers"] = len(sparse_layers(model))
     if not args.json:
         print(f"calibrated {cal['layers']} layers on {cal['calibration_tokens']} tokens in "
               f"{cal['calibration_seconds']:.1f} s; thresholds saved to {path}")
+        print(f"average activation ratio on the calibration data: {cal['average_activation_ratio']:.3f} "
+              f"(weighted by layer size: {cal['weighted_activation_ratio']:.3f})")
+        if "ppl_ratio" in cal:
+            print(f"PPL ratio on the calibration data: {cal['ppl_ratio']:.4f} (shared CETT {cal['cett']:.4g})")
+        if args.per_layer:
+            for n, tau in cal["thresholds"].items():
+                print(f"  {n:<48} threshold {tau:.6g}  activation ratio {cal['activation_ratio'][n]:.3f}")
+        if "plot" in cal:
+            print(f"activation-ratio plot: {cal['plot']}")
     return cal
 
 

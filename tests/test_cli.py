@@ -133,3 +133,14 @@ def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
 def test_sweep_bad_sparsity_list(tiny_model_dir, capsys, text, match):
     code, _, err = _run(capsys, ["sweep", "--model", tiny_model_dir, "--sparsity", text])
     assert code == 2 and re.search(match, err)
+
+
+def test_calibrate_reports_activation_ratio_thresholds_and_plot(tiny_model_dir, text_file, tmp_path, capsys):
+    png = tmp_path / "ratio.png"
+    code, stdout, _ = _run(capsys, ["calibrate", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
+                                    "--method", "topk", "--scope", r".*down_proj=0.75", "--calib-samples", "4",
+                                    "--calib-seq-len", "32", "--out", str(tmp_path / "t.safetensors"),
+                                    "--plot", str(png), "--per-layer"])
+    assert code == 0
+    assert "average activation ratio on the calibration data: 0.250" in stdout  # top-k: exact
+    assert "model.layers.1.mlp.down_proj" in stdout and png.stat().st_size > 1000

@@ -317,7 +317,7 @@ def test_greedy_lazy_and_plain_reach_the_same_budget(tiny_llama, calib_data):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"allocation": "best"}, "allocation"), ({"step": 0}, "step"),
-                                          ({"max_sparsity": 0}, "max_sparsity"), ({"greedy_batches": 0}, "greedy")])
+                                          ({"max_sparsity": 0}, "max_sparsity"), ({"greedy_tokens": 0}, "greedy")])
 def test_bad_teal_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TealMethod(**kwargs)
@@ -352,3 +352,101 @@ def test_stage_context_restores_params(tiny_llama, calib_data):
 
     A.sparsify_activations(tiny_llama, calib_data, ALL, method=Probe(allocation="uniform"), progress=False)
     assert len(seen) == 2 and all(v == (True, True) for v in seen.values())
+
+
+# ------------------------------------------------------------------------------ Sparsing Law
+def _peaky_llama():
+    """A tiny random Llama whose perplexity reacts to its down_proj inputs (random init barely does)."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(20.0)
+        model.lm_head.weight.mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("p", [0.01, 0.03])
+def test_pplp_hits_its_perplexity_ratio_on_calibration_data(calib_data, p):
+    from actsparse.methods.sparsing_law import SparsingLawMethod, calibration_perplexity
+    model = _peaky_llama()
+    batches = prepare_batches(calib_data)
+    dense = calibration_perplexity(model, batches, torch.device("cpu"))
+    A.sparsify_activations(model, calib_data, {r".*down_proj": 0.0}, method=SparsingLawMethod(metric="pplp", p=p),
+                           progress=False)
+    ratio = calibration_perplexity(model, batches, torch.device("cpu")) / dense
+    assert ratio == pytest.approx(1 + p, abs=0.005)  # ±0.5 percentage points (the search stops at 0.1)
+    layers = A.sparse_layers(model)
+    infos = [m.params.info for m in layers.values()]
+    assert len({i["cett"] for i in infos}) == 1 and infos[0]["ppl_ratio"] == pytest.approx(ratio, abs=1e-6)
+    # thresholds are per layer (one shared CETT, different τ) and scaled by down_proj's column norms
+    assert len({m.params.threshold for m in layers.values()}) == 2
+    for m in layers.values():
+        assert torch.allclose(m.params.scale, m.weight.detach().norm(dim=0))
+
+
+def test_pplp_unreachable_target_is_a_clear_error(calib_data):
+    from actsparse.methods.sparsing_law import SparsingLawMethod
+    model = make_tiny_llama()  # random init: dropping down_proj inputs hardly moves perplexity
+    with pytest.raises(A.CalibrationError, match="could not reach"):
+        A.sparsify_activations(model, calib_data, {r".*down_proj": 0.0},
+                               method=SparsingLawMethod(metric="pplp", p=0.5), progress=False)
+    assert not A.sparse_layers(model)
+
+
+def test_topk_and_fat_metrics(tiny_llama, calib_data):
+    from actsparse.methods.sparsing_law import SparsingLawMethod
+    A.sparsify_activations(tiny_llama, calib_data, {r".*down_proj": 0.7}, method="topk", progress=False)
+    assert all(m.params.topk == 128 - round(0.7 * 128) and m.params.scale is None
+               for m in A.sparse_layers(tiny_llama).values())
+    A.remove_sparsity(tiny_llama)
+    A.sparsify_activations(tiny_llama, calib_data, {r".*down_proj": 0.0},
+                           method=SparsingLawMethod(metric="fat", epsilon=0.02, column_norms=True), progress=False)
+    layer = A.sparse_layers(tiny_llama)["model.layers.0.mlp.down_proj"]
+    assert layer.params.threshold == pytest.approx(0.02)
+    x = torch.randn(3, 128)
+    expected = (x.abs() * layer.weight.detach().norm(dim=0)) <= 0.02
+    assert torch.equal(layer.sparsify_input(x) == 0, expected)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"metric": "pplp", "p": 0.0}, "p > 0"), ({"metric": "pplp", "p": -1}, "p > 0"),
+                                          ({"metric": "rank"}, "unknown Sparsing Law metric"),
+                                          ({"metric": "fat", "epsilon": -1.0}, "epsilon")])
+def test_bad_sparsing_law_configs(kwargs, match):
+    from actsparse.methods.sparsing_law import SparsingLawMethod
+    with pytest.raises(ValueError, match=match):
+        SparsingLawMethod(**kwargs)
+
+
+# ------------------------------------------------------------------------------ block budgets
+def test_power_law_allocation_equalises_marginal_cost():
+    from actsparse.methods.budget import allocate_power_law
+    # min p1² + 4 p2²  s.t. p1 + p2 = 1  →  p1 = 0.8, p2 = 0.2
+    p = allocate_power_law([1.0, 4.0], [2.0, 2.0], [1.0, 1.0], 0.5, cap=0.95)
+    assert p == pytest.approx([0.8, 0.2], abs=1e-6)
+    p = allocate_power_law([1.0, 4.0], [2.0, 2.0], [1.0, 1.0], 0.5, cap=0.7)  # the cap moves the rest
+    assert p == pytest.approx([0.7, 0.3], abs=1e-6)
+    p = allocate_power_law([3.0, 1.0], [3.0, 3.0], [3.0, 1.0], 0.4, cap=1.0)  # cost ∝ size: uniform
+    assert p == pytest.approx([0.4, 0.4], abs=1e-6)
+    p = allocate_power_law([1.0, 1.0], [3.0, 3.0], [3.0, 1.0], 0.4, cap=1.0)  # same cost, 3× the weights
+    assert p[0] / p[1] == pytest.approx(3 ** 0.5, rel=1e-5) and 3 * p[0] + p[1] == pytest.approx(1.6)
+
+
+def test_sensitivity_budgets_spare_the_sensitive_block(calib_data):
+    model = _peaky_llama()
+    with torch.no_grad():  # block 1 barely writes to the residual stream: sparsifying it costs nothing
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-4)
+    A.sparsify_activations(model, calib_data, ALL, method="teal-uniform-sens", progress=False)
+    layers = A.sparse_layers(model)
+    t0 = layers["model.layers.0.mlp.up_proj"].target_sparsity
+    t1 = layers["model.layers.1.mlp.up_proj"].target_sparsity
+    assert t0 < 0.1 and t1 > 0.9
+    targets = {n: m.target_sparsity for n, m in layers.items()}
+    assert weighted_sparsity(model, targets) == pytest.approx(0.5, abs=1e-3)  # the model-wide budget is kept
+    measured = _measure(model, calib_data).sparsity()
+    assert weighted_sparsity(model, measured) == pytest.approx(0.5, abs=5e-3)
+
+
+def test_bad_block_budget():
+    with pytest.raises(ValueError, match="block_budget"):
+        TealMethod(block_budget="random")

@@ -61,8 +61,13 @@ def register_method(name: str) -> Callable[[type], type]:
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "teal-greedy": ("teal", {"allocation": "greedy"}),
     "teal-uniform": ("teal", {"allocation": "uniform"}),
+    "teal-greedy-sens": ("teal", {"allocation": "greedy", "block_budget": "sensitivity"}),
+    "teal-uniform-sens": ("teal", {"allocation": "uniform", "block_budget": "sensitivity"}),
     "scap-median": ("scap", {"mode": "median"}),
     "scap-kde": ("scap", {"mode": "kde"}),
+    "topk": ("sparsing-law", {"metric": "topk"}),
+    "fat": ("sparsing-law", {"metric": "fat"}),
+    "pplp": ("sparsing-law", {"metric": "pplp"}),
 }
 
 
@@ -108,4 +113,4 @@ def method_to_dict(method: MethodConfig) -> dict[str, Any]:
     return {"name": method.name, **dataclasses.asdict(method)}
 
 
-from . import quantile, scap, teal, wina  # noqa: E402,F401  (registers the built-in methods)
+from . import quantile, scap, sparsing_law, teal, wina  # noqa: E402,F401  (registers the built-in methods)
