@@ -1,12 +1,36 @@
-"""Plots (matplotlib, optional): per-layer activation ratio."""
+"""Plots (matplotlib, optional): per-layer activation ratio, sparsity-vs-perplexity sweeps."""
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-__all__ = ["plot_activation_ratio"]
+if TYPE_CHECKING:
+    from .sweep import SweepPoint
+
+__all__ = ["plot_activation_ratio", "plot_sweep"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _finish(plt, fig, ax, path: str, title: str | None) -> str:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _block_index(name: str) -> int | None:
@@ -17,11 +41,8 @@ def _block_index(name: str) -> int | None:
 def plot_activation_ratio(path: str, activation_ratio: Mapping[str, float], *, title: str | None = None) -> str | None:
     """Activation ratio (1 - measured sparsity) per block, one line per projection type, as the Sparsing Law
     repository plots it. Returns the path, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     from .sparsity import layer_type
 
@@ -36,11 +57,20 @@ def plot_activation_ratio(path: str, activation_ratio: Mapping[str, float], *, t
     ax.set_xlabel("block")
     ax.set_ylabel("activation ratio (1 - sparsity)")
     ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, title)
+
+
+def plot_sweep(path: str, dense: float, points: Sequence["SweepPoint"], *, title: str | None = None) -> str | None:
+    """Perplexity vs measured (weighted) sparsity, one line per method. None if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in dict.fromkeys(p.method for p in points):
+        pts = sorted((p.measured, p.token_perplexity) for p in points if p.method == method)
+        ax.plot([0.0] + [x for x, _ in pts], [dense] + [y for _, y in pts], marker="o", ms=3, label=method)
+    ax.axhline(dense, color="gray", lw=0.8, ls="--", label=f"dense {dense:.2f}")
+    ax.set_xlabel("measured sparsity (fraction of weight columns skipped)")
+    ax.set_ylabel("token perplexity")
+    ax.set_yscale("log")
+    return _finish(plt, fig, ax, path, title)

@@ -24,6 +24,7 @@ from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
 from ..methods import method_from_spec, method_to_dict
 from ..scope import IgnoredScope, TargetScope
 from .perplexity import perplexity
+from .plots import plot_sweep
 from .sparsity import SparsityMonitor
 
 __all__ = ["SweepPoint", "run_sweep", "parse_range", "weighted_sparsity", "write_sweep", "plot_sweep",
@@ -146,32 +147,6 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
     if png:
         paths["png"] = png
     return paths
-
-
-def plot_sweep(path: str, dense: float, points: Sequence[SweepPoint], *, title: str | None = None) -> str | None:
-    """Perplexity vs measured (weighted) sparsity, one line per method. None if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in dict.fromkeys(p.method for p in points):
-        pts = sorted((p.measured, p.token_perplexity) for p in points if p.method == method)
-        ax.plot([0.0] + [x for x, _ in pts], [dense] + [y for _, y in pts], marker="o", ms=3, label=method)
-    ax.axhline(dense, color="gray", lw=0.8, ls="--", label=f"dense {dense:.2f}")
-    ax.set_xlabel("measured sparsity (fraction of weight columns skipped)")
-    ax.set_ylabel("token perplexity")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def method_meta(methods: Sequence[str]) -> dict[str, Any]:

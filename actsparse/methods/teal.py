@@ -100,8 +100,8 @@ class TealMethod(MethodConfig):
 
     ``step``: sparsity added to one layer per greedy step; ``greedy_tokens``: calibration tokens (whole
     leading batches) on which block-output error is measured (None: all); ``max_sparsity``: cap per layer.
-    Cost: about ``2 × (target / step) × (parameter share of the big layers)`` block forwards on
-    ``greedy_tokens`` tokens per block (≈ 9 s per SmolLM2 block at 1024 tokens on 2 CPU cores).
+    Cost: a few block forwards on ``greedy_tokens`` tokens per greedy step (lazy: usually one or two),
+    about ``target / step / (share of the block's weights in its largest layers)`` steps per block.
     """
 
     allocation: str = "greedy"
@@ -111,11 +111,14 @@ class TealMethod(MethodConfig):
     greedy_tokens: int | None = 1024
     lazy: bool = True
     probe_tokens: int = 2048
+    max_raise: float = 1.15
     bins_per_octave: int = 1024
 
     def __post_init__(self):
         if self.block_budget not in BLOCK_BUDGETS:
             raise ValueError(f"unknown block_budget {self.block_budget!r}; choose one of {', '.join(BLOCK_BUDGETS)}")
+        if not 1.0 <= self.max_raise <= 2.0:
+            raise ValueError(f"max_raise must be in [1, 2], got {self.max_raise}")
         if self.probe_tokens < 1:
             raise ValueError(f"probe_tokens must be >= 1, got {self.probe_tokens}")
         if self.allocation not in ALLOCATIONS:
@@ -136,7 +139,8 @@ class TealMethod(MethodConfig):
             return targets
         from .budget import sensitivity_block_budgets
         return sensitivity_block_budgets(model, batches, targets, device, probe_tokens=self.probe_tokens,
-                                         max_sparsity=self.max_sparsity, progress=progress)
+                                         max_sparsity=self.max_sparsity, max_raise=self.max_raise,
+                                         progress=progress)
 
     def allocate(self, ctx) -> dict[str, float]:
         if self.allocation == "uniform":
