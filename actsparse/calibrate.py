@@ -56,6 +56,41 @@ def _call_model(model: nn.Module, batch: Batch, device: torch.device):
     return model(**inputs)
 
 
+def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x[..., features]`` as ``[tokens, features]`` without padding (when ``token_mask`` fits ``x``)."""
+    m = token_mask
+    if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+        return x[m.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def leading_batches(batches: list[Batch], tokens: int | None) -> int:
+    """How many leading batches hold at least ``tokens`` real tokens (all of them when None or too few)."""
+    if tokens is None:
+        return len(batches)
+    total = 0
+    for i, b in enumerate(batches):
+        total += b.n_tokens
+        if total >= tokens:
+            return i + 1
+    return len(batches)
+
+
+@torch.no_grad()
+def next_token_nll(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, int]:
+    """(summed next-token NLL, number of scored tokens) of ``model`` on ``batches``; pairs touching padding
+    are skipped."""
+    total, count = 0.0, 0
+    for b in batches:
+        logits = _call_model(model, b, device).logits.float()
+        ids = b.inputs["input_ids"].to(logits.device)
+        valid = (b.token_mask[:, 1:] & b.token_mask[:, :-1]).to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        total += float(nll[valid].double().sum())
+        count += int(valid.sum())
+    return total, count
+
+
 class _Hooks:
     """Forward pre-hooks on the target Linears: sparsify calibrated layers, collect for the group."""
 
@@ -80,11 +115,6 @@ class _Hooks:
                 h.remove()
             self._handles.clear()
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.token_mask
-        if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
-            return x[m.to(x.device)]
-        return x.reshape(-1, x.shape[-1])
 
     def _hook(self, name: str, module: nn.Module, args: tuple):
         x = args[0]
@@ -92,7 +122,7 @@ class _Hooks:
             self.trace.append((name, x))
         collector = self.collectors.get(name)
         if collector is not None:
-            tokens = self._tokens(x)
+            tokens = real_tokens(x, self.token_mask)
             if not torch.isfinite(tokens).all():
                 raise CalibrationError(
                     f"non-finite (NaN/inf) input activations in {name!r} on calibration batch "
@@ -256,21 +286,14 @@ class StageContext:
 
     def __init__(self, stage: "_Stage", hooks: _Hooks, targets: dict[str, float], batches: list[Batch], modules):
         self.names = list(stage.names)
-        self.batch_tokens = [b.n_tokens for b in batches]
+        self._batches = batches
         self.targets = {n: targets[n] for n in self.names}
         self.modules = {n: modules[n] for n in self.names}
         self._stage, self._hooks, self._n = stage, hooks, len(batches)
 
     def batches_for(self, tokens: int | None) -> int:
         """How many leading calibration batches hold at least ``tokens`` real tokens (all when None)."""
-        if tokens is None:
-            return self._n
-        total = 0
-        for i, n in enumerate(self.batch_tokens):
-            total += n
-            if total >= tokens:
-                return i + 1
-        return self._n
+        return leading_batches(self._batches, tokens)
 
     @contextmanager
     def _applied(self, params: dict[str, SparsityParams]):

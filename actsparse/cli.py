@@ -18,7 +18,7 @@ from .errors import ActSparseError
 from .eval.perplexity import perplexity
 from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
-from .eval.sweep import ALL_PROJECTIONS, format_table, parse_range, run_sweep, write_sweep
+from .eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, write_sweep
 from .methods import method_from_spec, method_to_dict, registered_methods
 from .methods.scap import export_scap_json, import_scap_json, parse_scap_config
 from .scope import IgnoredScope, TargetScope
@@ -351,7 +351,7 @@ def cmd_sweep(args) -> dict[str, Any]:
     meta = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "scope": args.scope,
             "eval_tokens": int(ids.numel()), "context": args.context,
             "calibration_tokens": sum(d.numel() for d in data),
-            "methods": {m: method_to_dict(method_from_spec(m)) for m in methods},
+            "methods": method_meta(methods),
             "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"}
     paths = write_sweep(args.out, dense, points, meta)
     if not args.json:

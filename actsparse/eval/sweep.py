@@ -97,7 +97,7 @@ def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tens
                 with SparsityMonitor(model) as mon:
                     ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
                 measured = mon.sparsity()
-                allocated = {n: t for n, t in mon.targets().items()}
+                allocated = dict(mon.targets())
                 point = SweepPoint(name, s, weighted_sparsity(model, measured),
                                    sum(measured.values()) / len(measured), ppl.token_perplexity,
                                    100.0 * (ppl.token_perplexity / dense - 1.0), seconds,

@@ -82,7 +82,7 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
                               probe_tokens: int = 2048, max_sparsity: float = 0.95, max_raise: float = 1.15,
                               progress: bool = True) -> dict[str, float]:
     """New per-layer targets (see the module docstring); ``targets`` unchanged if there is no block stack."""
-    from ..calibrate import _call_model
+    from ..calibrate import _call_model, leading_batches, next_token_nll, real_tokens
 
     blocks = _block_of(targets, model)
     if len(blocks) < 2:
@@ -95,9 +95,7 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
     def hook(name, module, args):
         x = args[0]
         if state["apply"] is None:
-            m = state["mask"]
-            tokens = x[m.to(x.device)] if m is not None and x.shape[:-1] == m.shape else x
-            hists[name].update(tokens)
+            hists[name].update(real_tokens(x, state["mask"]))
             return None
         tau = state["apply"].get(name)
         if tau is None:
@@ -105,23 +103,10 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
         return (x.masked_fill(drop_mask(x, tau), 0),) + tuple(args[1:])
 
     handles = [m.register_forward_pre_hook(partial(hook, n)) for n, m in layers.items()]
-    n_probe, seen = 0, 0
-    for b in batches:
-        n_probe += 1
-        seen += b.n_tokens
-        if seen >= probe_tokens:
-            break
-    probe = batches[:n_probe]
+    probe = batches[:leading_batches(batches, probe_tokens)]
 
     def loss() -> float:
-        total, count = 0.0, 0
-        for b in probe:
-            logits = _call_model(model, b, device).logits.float()
-            ids = b.inputs["input_ids"].to(logits.device)
-            valid = (b.token_mask[:, 1:] & b.token_mask[:, :-1]).to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-            total += float(nll[valid].double().sum())
-            count += int(valid.sum())
+        total, count = next_token_nll(model, probe, device)
         return total / max(count, 1)
 
     try:

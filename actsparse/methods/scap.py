@@ -179,7 +179,7 @@ def parse_scap_config(text: str) -> tuple[dict[TargetScope, float], ScapMethod]:
 
     A layer type ``T`` matches modules whose name ends in ``.T_proj`` or ``.T`` (``up`` → ``mlp.up_proj``).
     """
-    fields = [f for f in text.replace(" ", "").split(",")]
+    fields = text.replace(" ", "").split(",")
     if not text.strip() or len(fields) % 3 or any(not f for f in fields):
         raise ValueError(f"bad SCAP config {text!r}: {_CONFIG_HELP}")
     scopes: dict[TargetScope, float] = {}

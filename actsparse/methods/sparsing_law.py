@@ -23,7 +23,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..sparse_linear import SparsityParams, drop_mask
@@ -51,24 +50,11 @@ class _Fixed:
         return self.params
 
 
-def _model_call(model, batch, device):
-    from ..calibrate import _call_model
-    return _call_model(model, batch, device)
-
-
-@torch.no_grad()
 def calibration_perplexity(model: nn.Module, batches, device) -> float:
     """Token perplexity of ``model`` on the calibration batches (next-token NLL over non-pad tokens)."""
-    nll, n = 0.0, 0
-    for b in batches:
-        logits = _model_call(model, b, device).logits.float()
-        ids = b.inputs["input_ids"].to(logits.device)
-        mask = b.token_mask.to(logits.device)
-        valid = (mask[:, 1:] & mask[:, :-1]).reshape(-1)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="none")
-        nll += float(loss[valid].double().sum())
-        n += int(valid.sum())
+    from ..calibrate import next_token_nll
+
+    nll, n = next_token_nll(model, batches, device)
     if n == 0:
         raise ValueError("the calibration batches have no next-token pairs to score")
     return math.exp(nll / n)
@@ -157,15 +143,15 @@ def _input_hooks(layers: dict[str, nn.Module], fn):
 @torch.no_grad()
 def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progress):
     """Per layer: (thresholds at ``grid`` sparsity levels, mean CETT at each), from dense activations."""
+    from ..calibrate import _call_model, real_tokens
+
     hists = {n: HistogramQuantile(0.5) for n in layers}
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     budget = {n: max_tokens for n in layers}
     state = {"mask": None}
 
     def collect(name, module, args):
-        x = args[0]
-        m = state["mask"]
-        x = x[m.to(x.device)] if m is not None and x.shape[:-1] == m.shape else x.reshape(-1, x.shape[-1])
+        x = real_tokens(args[0], state["mask"])
         s = x.float().abs() * (scales[name].to(x.device) if scales[name] is not None else 1.0)
         hists[name].update(s)
         if budget[name] > 0:
@@ -176,7 +162,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
     try:
         for b in tqdm(batches, desc="pplp statistics", disable=not progress):
             state["mask"] = b.token_mask
-            _model_call(model, b, device)
+            _call_model(model, b, device)
     finally:
         for h in handles:
             h.remove()
