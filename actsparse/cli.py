@@ -1,4 +1,4 @@
-"""Command line: ``actsparse demo | calibrate | eval | sweep``."""
+"""Command line: ``actsparse demo | calibrate | eval | sweep | attribution``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     sw.add_argument("--out", default="sweep", help="output folder for sweep.csv/json/png (default ./sweep)")
     ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
+
+    at = sub.add_parser("attribution", help="attribution-based unit deactivation (heads/neurons): accuracy-sparsity "
+                                            "trade-off curves (CSV/JSON/PNG)")
+    _add_model_args(at)
+    at.add_argument("--metrics", default="magnitude,gradient,gxo,ig,snip,cor_gxo",
+                    help="comma list of magnitude,gradient,gxo,ig,snip,cor_gxo (default: all)")
+    at.add_argument("--sparsity", default="0:0.9:0.1", help="fractions of units deactivated per layer (default 0:0.9:0.1)")
+    at.add_argument("--units", default="heads,neurons,both", help="unit sets, comma list (default heads,neurons,both)")
+    at.add_argument("--modes", default="per-input,calibrated", help="per-input and/or calibrated (default both)")
+    at.add_argument("--n-steps", type=int, default=8, help="integrated-gradients interpolations (default 8)")
+    at.add_argument("--ig-chunk", type=int, default=4, help="IG interpolations per backward pass (memory; default 4)")
+    at.add_argument("--rho", default="0.5", help="corrected-GxO drift weight: a number or 'auto' (default 0.5)")
+    at.add_argument("--target", default="dense", choices=["dense", "labels"],
+                    help="per-input attribution target: the dense model's own predictions (default) or the true "
+                         "next tokens (oracle)")
+    at.add_argument("--eval-samples", type=int, default=16, help="evaluation sequences (default 16)")
+    at.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
+    at.add_argument("--batch-size", type=int, default=4, help="sequences per pass (default 4)")
+    at.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    at.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    at.add_argument("--calib-batch-size", type=int, default=4, help="calibration sequences per pass (default 4)")
+    at.add_argument("--mc", default=None, metavar="FILE|hf:NAME",
+                    help="multiple-choice set (JSON/JSONL with question, choices, label): accuracy on it too")
+    at.add_argument("--mc-limit", type=int, default=None, help="use the first N multiple-choice items")
+    at.add_argument("--no-corpus", action="store_true", help="evaluate only on --mc (no next-token accuracy)")
+    at.add_argument("--out", default="attribution", help="output folder (default ./attribution)")
     return parser
 
 
@@ -360,7 +386,77 @@ def cmd_sweep(args) -> dict[str, Any]:
     return {**meta, "dense_token_perplexity": dense, "points": [p.__dict__ for p in points], "files": paths}
 
 
-COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep}
+def _rho(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--rho must be a number >= 0 or 'auto', got {text!r}") from None
+
+
+def cmd_attribution(args) -> dict[str, Any]:
+    from .attribution import ScoreBatch, find_unit_layers, tradeoff_curves, write_curves
+    from .attribution.curves import check_options
+    from .attribution.scores import check_metrics
+    from .eval.mc import load_mc, tokenize_mc
+
+    split = lambda text: [p.strip() for p in text.split(",") if p.strip()]  # noqa: E731
+    metrics, units, modes = check_metrics(split(args.metrics)), split(args.units), split(args.modes)
+    sparsities, rho = parse_range(args.sparsity), _rho(args.rho)
+    check_options(sparsities, units, modes, args.n_steps, rho, args.target)
+    for flag in ("eval_samples", "seq_len", "batch_size", "calib_samples", "calib_seq_len", "calib_batch_size"):
+        if getattr(args, flag) < (2 if "seq_len" in flag else 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {2 if 'seq_len' in flag else 1}")
+    if args.no_corpus and not args.mc:
+        raise ValueError("--no-corpus needs --mc (there would be nothing to evaluate)")
+    items = load_mc(args.mc) if args.mc else []   # fail on bad data before loading the model
+    if args.mc_limit is not None:
+        items = items[: args.mc_limit]
+    model, tokenizer, corpus = _load(args)
+    layers = find_unit_layers(model, tuple(k for k in ("heads", "neurons") if k in units or "both" in units))
+
+    def batches(text, n, seq_len, bs):
+        chunks = chunk_tokens(tokenizer, text, seq_len, n)
+        return [ScoreBatch.from_ids(torch.cat(chunks[i:i + bs])) for i in range(0, len(chunks), bs)]
+
+    eval_batches = [] if args.no_corpus else batches(corpus.evaluation, args.eval_samples, args.seq_len,
+                                                     args.batch_size)
+    calib = batches(corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size) \
+        if "calibrated" in modes else []
+    mc = tokenize_mc(tokenizer, items) if items else []
+    _log(args, f"attribution: {len(layers)} unit layers, {len(metrics)} metrics x {len(sparsities)} sparsities x "
+               f"{len(units)} unit sets, modes {', '.join(modes)}")
+    t = time.perf_counter()
+    points = tradeoff_curves(model, layers, eval_batches=eval_batches, mc_examples=mc, calibration=calib,
+                             metrics=metrics, sparsities=sparsities, units=units, modes=modes, n_steps=args.n_steps,
+                             ig_chunk=args.ig_chunk, rho=rho, target=args.target, progress=not args.no_progress)
+    meta = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "metrics": metrics, "modes": modes,
+            "units": units, "n_steps": args.n_steps, "rho": rho, "target": args.target,
+            "eval_tokens": sum(b.n_labels for b in eval_batches), "mc": args.mc, "mc_items": len(mc),
+            "calibration_tokens": sum(int(b.attention.sum()) for b in calib),
+            "seconds": round(time.perf_counter() - t, 1),
+            "title": f"{args.model}: attribution-based deactivation"}
+    paths = write_curves(args.out, points, meta)
+    if not args.json:
+        print(_curves_table(points))
+        print("\nwrote " + ", ".join(paths.values()))
+    return {**meta, "points": [p.__dict__ for p in points], "files": paths}
+
+
+def _curves_table(points) -> str:
+    mc = any(p.mc_items for p in points)
+    rows = [f"{'mode':<11} {'units':<8} {'metric':<10} {'sparsity':>8} {'ppl':>10} {'acc':>7}" + ("  mc acc" if mc else "")]
+    for p in points:
+        ppl = "-" if p.tokens == 0 else f"{p.perplexity:.3f}"
+        acc = "-" if p.tokens == 0 else f"{p.accuracy:.4f}"
+        rows.append(f"{p.mode:<11} {p.units:<8} {p.metric:<10} {p.sparsity:>8.2f} {ppl:>10} {acc:>7}"
+                    + (f"  {p.mc_accuracy:.4f}" if mc else ""))
+    return "\n".join(rows)
+
+
+COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep,
+            "attribution": cmd_attribution}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@ sparsity parameters as fp32 buffers, so they live in ``state_dict()``:
 * ``act_threshold`` τ (always);
 * ``act_shift`` μ (optional, mode-centering as in SCAP): the test is on ``x - μ``, and ``μ·ΣW`` is added
   to the output so that nothing but the zeroed entries changes;
-* ``act_scale`` s (optional, one positive weight per input channel): the test is on the *score*
+* ``act_scale`` s (optional, one weight >= 0 per input channel): the test is on the *score*
   ``|x - μ| · s_j`` instead of ``|x - μ|`` (weight-aware scoring: WINA, Sparsing Law column norms);
+  with τ = 0, ``s_j ∈ {0, 1}`` is a static channel mask (attribution's calibrated unit masks);
 * ``act_topk`` k (optional int): keep the ``k`` highest-scoring entries of every token instead of
   thresholding (exact per-token sparsity; τ is then unused).
 
@@ -45,7 +46,7 @@ class SparsityParams:
 
     threshold: float = -math.inf
     shift: float = 0.0
-    scale: torch.Tensor | None = None  # [in_features], > 0
+    scale: torch.Tensor | None = None  # [in_features], >= 0
     topk: int | None = None            # tokens keep this many entries
     info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
 
@@ -58,9 +59,9 @@ class SparsityParams:
             s = self.scale
             if s.dim() != 1 or s.numel() != in_features:
                 raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
-            if not (torch.isfinite(s).all() and (s > 0).all()):
-                raise ValueError(f"scale for {where!r} must be finite and > 0 (a zero-norm weight column? "
-                                 f"exclude the layer or clamp the scale)")
+            if not (torch.isfinite(s).all() and (s >= 0).all()):
+                raise ValueError(f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
+                                 f"τ >= 0: a static unit mask)")
         if self.topk is not None and not 0 <= self.topk <= in_features:
             raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
 

@@ -46,7 +46,7 @@ def test_torchao_style_config_with_string_patterns_and_method(tiny_llama, calib_
 
 
 def test_unknown_method_lists_registered():
-    with pytest.raises(ValueError, match="registered methods: quantile"):
+    with pytest.raises(ValueError, match="registered methods: attribution, quantile"):
         SparsifyConfig({".*": 0.5}, method="nope")
     with pytest.raises(ValueError, match="unknown statistic"):
         QuantileMethod(statistic="mean")

@@ -105,7 +105,7 @@ def test_topk_keeps_exactly_k_highest_scores_per_token():
 
 @pytest.mark.parametrize("params,match", [
     (SparsityParams(float("nan")), "NaN"), (SparsityParams(0.1, shift=math.inf), "finite"),
-    (SparsityParams(0.1, scale=torch.ones(3)), "shape"), (SparsityParams(0.1, scale=torch.zeros(16)), "> 0"),
+    (SparsityParams(0.1, scale=torch.ones(3)), "shape"), (SparsityParams(0.1, scale=-torch.ones(16)), ">= 0"),
     (SparsityParams(topk=17), "topk")])
 def test_bad_params_are_refused(params, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 if TYPE_CHECKING:
     from .sweep import SweepPoint
 
-__all__ = ["plot_activation_ratio", "plot_sweep"]
+__all__ = ["plot_activation_ratio", "plot_sweep", "plot_tradeoff"]
 
 
 def _pyplot():
@@ -74,3 +74,33 @@ def plot_sweep(path: str, dense: float, points: Sequence["SweepPoint"], *, title
     ax.set_ylabel("token perplexity")
     ax.set_yscale("log")
     return _finish(plt, fig, ax, path, title)
+
+
+def plot_tradeoff(path: str, points: Sequence, *, title: str | None = None) -> str | None:
+    """Attribution trade-off curves: accuracy (multiple-choice if measured, else next-token) vs the fraction of
+    units deactivated, one panel per mode, one line per metric. Returns the path, or None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    modes = list(dict.fromkeys(p.mode for p in points))
+    use_mc = any(p.mc_items for p in points)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 3.9), squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes):
+        lines: dict[str, list] = defaultdict(list)
+        for p in points:
+            if p.mode == mode:
+                lines[p.metric].append((p.sparsity, p.mc_accuracy if use_mc else p.accuracy))
+        for metric, pts in lines.items():
+            pts.sort()
+            ax.plot([s for s, _ in pts], [a for _, a in pts], marker="o", ms=3, label=metric)
+        ax.set_xlabel("fraction of units deactivated per layer")
+        ax.set_title(mode, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("multiple-choice accuracy" if use_mc else "next-token accuracy")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

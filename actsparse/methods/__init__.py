@@ -113,4 +113,4 @@ def method_to_dict(method: MethodConfig) -> dict[str, Any]:
     return {"name": method.name, **dataclasses.asdict(method)}
 
 
-from . import quantile, scap, sparsing_law, teal, wina  # noqa: E402,F401  (registers the built-in methods)
+from . import attribution, quantile, scap, sparsing_law, teal, wina  # noqa: E402,F401  (registers the built-in methods)

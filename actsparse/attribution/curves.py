@@ -1,0 +1,276 @@
+"""Accuracy–sparsity trade-off curves of attribution-based unit deactivation (seed 004's experiment).
+
+Two modes:
+
+* ``per-input`` (the seed's curves): every evaluation example is scored by its own backward pass — on the
+  dense model's own greedy predictions by default (``target="dense"``, the seed's generated labels), or on the
+  true next tokens (``target="labels"``, an oracle) — and the lowest-scoring units of each layer are deactivated
+  for that example only. Needs gradients at inference: an analysis, not a deployment.
+* ``calibrated`` (deployable): scores are averaged over a calibration set into one ranking per layer; the same
+  units are deactivated for every input (a static mask, savable as thresholds: ``--method attribution``).
+
+Each point deactivates the same fraction of units in every unit layer of the chosen set (``heads``,
+``neurons`` or ``both``) and reports next-token accuracy and perplexity on the evaluation tokens, and
+multiple-choice accuracy when MC items are given.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..eval.mc import MCExample, mc_scores
+from .scores import (ScoreBatch, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll,
+                     row_nll, unit_scores, unit_statistics)
+from .units import UnitLayer
+
+__all__ = ["CurvePoint", "tradeoff_curves", "write_curves", "calibrated_scores", "check_options", "UNIT_SETS", "MODES", "TARGETS"]
+
+UNIT_SETS = ("heads", "neurons", "both")
+MODES = ("per-input", "calibrated")
+TARGETS = ("dense", "labels")
+
+
+@dataclass
+class CurvePoint:
+    mode: str
+    units: str
+    metric: str
+    sparsity: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+    mc_accuracy: float | None = None
+    mc_accuracy_norm: float | None = None
+    mc_items: int = 0
+
+
+# ---------------------------------------------------------------------------------------- eval items
+class _CorpusItem:
+    def __init__(self, batch: ScoreBatch):
+        self.batch = batch
+
+    def attribution_batch(self, model, target: str) -> ScoreBatch:
+        if target == "labels":
+            return self.batch
+        with torch.no_grad():
+            _, pred = row_nll(model, self.batch)
+        return self.batch.with_labels(pred.cpu())
+
+    def evaluate(self, model, layers, keep) -> Counter:
+        nll, n, correct = masked_nll(model, layers, self.batch, keep)
+        return Counter(nll=nll, tokens=n, correct=correct)
+
+
+class _MCItem:
+    def __init__(self, ex: MCExample):
+        self.ex = ex
+        self.rows = ScoreBatch(ex.rows, ex.attention, ex.rows[:, 1:].clone(), ex.choice_mask)
+
+    def attribution_batch(self, model, target: str) -> ScoreBatch:
+        prompt = ScoreBatch.from_ids(self.ex.prompt)
+        if target == "labels":
+            return prompt
+        with torch.no_grad():
+            _, pred = row_nll(model, prompt)
+        return prompt.with_labels(pred.cpu())
+
+    def evaluate(self, model, layers, keep) -> Counter:
+        from .scores import UnitHooks
+
+        c = self.rows.ids.shape[0]
+        keep = {n: (k.expand(c, -1) if k.dim() == 2 else k) for n, k in (keep or {}).items()}
+        hooks = UnitHooks(layers)
+        hooks.keep = keep
+        with torch.no_grad(), hooks.installed():
+            nll, _ = row_nll(model, self.rows)
+        loglik = -(nll.double() * self.rows.label_mask.to(nll.device)).sum(1).cpu()
+        ok, ok_norm = mc_scores(loglik, self.ex)
+        return Counter(mc_correct=int(ok), mc_norm=int(ok_norm), mc_total=1)
+
+
+def _subset(layers: list[UnitLayer], units: str) -> list[str]:
+    return [la.name for la in layers if units == "both" or la.kind == units]
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _scores(stats: dict[str, UnitStats], names, metric, rho) -> dict[str, torch.Tensor]:
+    return {n: unit_scores(stats[n], metric, rho) for n in names}
+
+
+def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[ScoreBatch], metric: str, *,
+                      n_steps: int = 8, ig_chunk: int = 4, rho: float | str = 0.5, sparsity: float | dict[str, float] | None = None,
+                      progress: bool = True, stats: list[dict[str, UnitStats]] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Per-layer unit scores ``[n_units]``: the mean over calibration examples of each example's score.
+    ``rho="auto"`` measures each layer's relative gradient drift ``ρ_l = ‖δg_l‖/‖g_l‖`` on the first batch,
+    with the calibrated plain-GxO masks at ``sparsity`` applied."""
+    if stats is None:
+        stats = _collect(model, layers, batches, n_steps if metric == "ig" else 0, ig_chunk, progress)
+    names = [la.name for la in layers]
+    if metric == "cor_gxo" and rho == "auto":
+        if sparsity is None:
+            raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
+        keep = keep_masks(_mean({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
+        first, grads = unit_statistics(model, layers, batches[0], keep_grads=True)
+        drift = gradient_drift(model, layers, batches[0], grads, keep)
+        ratio = {n: float((drift[n] / first[n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
+        for s in stats:
+            for n in names:
+                s[n].drift = ratio[n] * s[n].g2.sum(1).sqrt()
+    return _mean({n: unit_scores(s[n], metric, rho) for n in names} for s in stats)
+
+
+def _collect(model, layers, batches, n_steps, ig_chunk, progress) -> list[dict[str, UnitStats]]:
+    out = []
+    total = len(batches) * (1 + n_steps)
+    with tqdm(total=total, desc="attribution scores", disable=not progress) as bar:
+        for b in batches:
+            s, _ = unit_statistics(model, layers, b, n_steps=n_steps, ig_chunk=ig_chunk, progress=bar)
+            out.append(s)
+            bar.update(1)
+    return out
+
+
+def _mean(per_batch) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for scores in per_batch:
+        for n, v in scores.items():
+            sums[n] = v.sum(0) if n not in sums else sums[n] + v.sum(0)
+        count += next(iter(scores.values())).shape[0]
+    return {n: v / count for n, v in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------- curves
+def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: Sequence[ScoreBatch] = (),
+                    mc_examples: Sequence[MCExample] = (), calibration: Sequence[ScoreBatch] = (),
+                    metrics: Sequence[str] = ("magnitude", "gxo", "cor_gxo"), sparsities: Sequence[float] = (0.5,),
+                    units: Sequence[str] = UNIT_SETS, modes: Sequence[str] = MODES, n_steps: int = 8,
+                    ig_chunk: int = 4, rho: float | str = 0.5, target: str = "dense", progress: bool = True,
+                    on_point: Callable[[CurvePoint], None] | None = None) -> list[CurvePoint]:
+    """Evaluate every (mode, unit set, metric, sparsity); the 0-sparsity point (dense) is shared by all."""
+    metrics = check_metrics(metrics)
+    check_options(sparsities, units, modes, n_steps, rho, target)
+    if "calibrated" in modes and not calibration:
+        raise ValueError("calibrated mode needs calibration batches")
+    items = [_CorpusItem(b) for b in eval_batches] + [_MCItem(e) for e in mc_examples]
+    if not items:
+        raise ValueError("nothing to evaluate: give evaluation batches and/or multiple-choice examples")
+    steps = n_steps if "ig" in metrics else 0
+    auto = "cor_gxo" in metrics and rho == "auto"
+    levels = [s for s in sparsities if s > 0]
+    acc: dict[tuple, Counter] = {}
+
+    def add(key, c):
+        acc[key] = acc.get(key, Counter()) + c
+
+    dense = Counter()
+    for item in tqdm(items, desc="dense", disable=not progress):
+        dense += item.evaluate(model, layers, None)
+    if "per-input" in modes:
+        per_item = len(levels) * len(units) * len(metrics)
+        with tqdm(total=len(items) * per_item, desc="per-input", disable=not progress) as bar:
+            for item in items:
+                attr = item.attribution_batch(model, target)
+                stats, grads = unit_statistics(model, layers, attr, n_steps=steps, ig_chunk=ig_chunk, keep_grads=auto)
+                for s in levels:
+                    for u in units:
+                        names = _subset(layers, u)
+                        for metric in metrics:
+                            if metric == "cor_gxo" and auto:
+                                drift = gradient_drift(model, layers, attr, grads,
+                                                       keep_masks(_scores(stats, names, "gxo", rho), s))
+                                for n in names:
+                                    stats[n].drift = drift[n]
+                            keep = keep_masks(_scores(stats, names, metric, rho), s)
+                            add(("per-input", u, metric, s), item.evaluate(model, layers, keep))
+                            bar.update(1)
+    if "calibrated" in modes:
+        cal_stats = _collect(model, layers, list(calibration), steps, ig_chunk, progress)
+        with tqdm(total=len(levels) * len(units) * len(metrics), desc="calibrated", disable=not progress) as bar:
+            for s in levels:
+                for u in units:
+                    sub = [la for la in layers if la.name in set(_subset(layers, u))]
+                    for metric in metrics:
+                        stats = [{n: _copy(st[n]) for n in st} for st in cal_stats]
+                        scores = calibrated_scores(model, sub, list(calibration), metric, rho=rho, sparsity=s,
+                                                   stats=stats, progress=False)
+                        keep = keep_masks(scores, s)
+                        total = Counter()
+                        for item in items:
+                            total += item.evaluate(model, layers, keep)
+                        add(("calibrated", u, metric, s), total)
+                        bar.update(1)
+    points = []
+    for mode in modes:
+        for u in units:
+            for metric in metrics:
+                for s in sparsities:
+                    c = dense if s == 0 else acc[(mode, u, metric, s)]
+                    p = _point(mode, u, metric, s, c)
+                    points.append(p)
+                    if on_point is not None:
+                        on_point(p)
+    return points
+
+
+def _copy(s: UnitStats) -> UnitStats:
+    return UnitStats(s.a2, s.g2, s.ga, s.tokens, s.ig, s.drift)  # drift is per (sparsity, unit set)
+
+
+def _point(mode, units, metric, s, c: Counter) -> CurvePoint:
+    tokens = int(c.get("tokens", 0))
+    ppl = math.exp(c["nll"] / tokens) if tokens else math.nan
+    acc = c["correct"] / tokens if tokens else math.nan
+    mc = int(c.get("mc_total", 0))
+    return CurvePoint(mode, units, metric, float(s), ppl, acc, tokens,
+                      c["mc_correct"] / mc if mc else None, c["mc_norm"] / mc if mc else None, mc)
+
+
+def check_options(sparsities, units, modes, n_steps, rho, target) -> None:
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+    bad = [u for u in units if u not in UNIT_SETS] + [m for m in modes if m not in MODES]
+    if bad or not units or not modes:
+        raise ValueError(f"unknown unit set / mode {bad}; unit sets: {', '.join(UNIT_SETS)}; modes: {', '.join(MODES)}")
+    if n_steps <= 0:
+        raise ValueError(f"n_steps must be a positive number of IG interpolations, got {n_steps}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if rho != "auto" and not (isinstance(rho, (int, float)) and rho >= 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a number >= 0 or 'auto', got {rho!r}")
+
+
+# --------------------------------------------------------------------------------------------- output
+def write_curves(folder: str, points: Sequence[CurvePoint], meta: dict) -> dict[str, str]:
+    """``curves.csv``, ``curves.json`` and one PNG per unit set (``curves_heads.png`` …)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {"csv": os.path.join(folder, "curves.csv"), "json": os.path.join(folder, "curves.json")}
+    fields = list(CurvePoint.__dataclass_fields__)
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for p in points:
+            w.writerow(asdict(p))
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({**meta, "points": [asdict(p) for p in points]}, f, indent=2)
+    from ..eval.plots import plot_tradeoff
+
+    for u in dict.fromkeys(p.units for p in points):
+        path = plot_tradeoff(os.path.join(folder, f"curves_{u}.png"), [p for p in points if p.units == u],
+                             title=f"{meta.get('title', '')} — {u}")
+        if path:
+            paths[u] = path
+    return paths
+
