@@ -231,29 +231,46 @@ def bench_model(name, args):
     print(f"[{name}] dense step {dense_ms:.3f} ms ({1000 / dense_ms:.1f} tok/s) [capture {time.time() - t0:.0f}s]",
           flush=True)
     rows = []
+    kernels = [("current", None)] + ([("before", load_kernel_module(args.baseline))] if args.baseline else [])
     for quant in ([None, "int8"] if args.int8 else [None]):
         model.pack(quantize=quant)
         if args.compile:
             model.compile()
-        model.set_sparsity(0.0, stats)
-        t0 = time.time()
-        _, run_sparse = time_graph(model, True, args.start_pos)
-        print(f"[{name}] sparse graph captured in {time.time() - t0:.0f}s", flush=True)
-        for s in args.sparsities:
-            model.set_sparsity(s, stats)
-            ms = run_sparse()
-            meas = measured_sparsity(model, stats, s)
-            row = dict(model=name, weights="int8" if quant else "bf16", target=s, measured=meas, dense_ms=dense_ms,
-                       sparse_ms=ms, dense_tok_s=1000 / dense_ms, sparse_tok_s=1000 / ms, speedup=dense_ms / ms)
-            rows.append(row)
-            print(f"[{name}] {row['weights']} sparsity {s:.2f} (measured {meas:.3f}): {ms:.3f} ms "
-                  f"{1000 / ms:.1f} tok/s  x{dense_ms / ms:.2f} vs dense", flush=True)
+        for kname, mod in kernels:
+            saved = K.ops._tg
+            if mod is not None:  # the custom op calls whatever kernel module ops._tg holds at capture time
+                K.ops._tg = mod
+            model.set_sparsity(0.0, stats)
+            t0 = time.time()
+            g, run_sparse = time_graph(model, True, args.start_pos)
+            print(f"[{name}] sparse graph ({kname} kernel) captured in {time.time() - t0:.0f}s", flush=True)
+            for s in args.sparsities:
+                model.set_sparsity(s, stats)
+                ms = run_sparse()
+                meas = measured_sparsity(model, stats, s)
+                row = dict(model=name, weights="int8" if quant else "bf16", target=s, measured=meas,
+                           dense_ms=dense_ms, sparse_ms=ms, dense_tok_s=1000 / dense_ms, sparse_tok_s=1000 / ms,
+                           speedup=dense_ms / ms)
+                if mod is not None:
+                    cur = next(r for r in rows if (r["model"], r["weights"], r["target"]) == (name, row["weights"], s))
+                    cur.update(before_ms=ms, before_tok_s=1000 / ms, before_speedup=dense_ms / ms)
+                else:
+                    rows.append(row)
+                print(f"[{name}] {kname} {row['weights']} sparsity {s:.2f} (measured {meas:.3f}): {ms:.3f} ms "
+                      f"{1000 / ms:.1f} tok/s  x{dense_ms / ms:.2f} vs dense", flush=True)
+            K.ops._tg = saved
+            del g, run_sparse
         for L in model.layers:
             L.packed = None
         torch.cuda.empty_cache()
     del model
     torch.cuda.empty_cache()
     return rows
+
+
+def load_kernel_module(path):
+    from bench_gemv import load_kernel_module as load
+    return load(path)
 
 
 def main():
@@ -265,6 +282,7 @@ def main():
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--int8", action="store_true", help="also int8 weights + sparsity")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--baseline", default=None, help="also run the sparse loop with the kernel module at this path")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     if not torch.cuda.is_available():
@@ -273,10 +291,12 @@ def main():
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args)
-    print(f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}")
+    print(f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}"
+          + (f" {'before tok/s':>12} {'x':>5}" if args.baseline else ""))
     for r in rows:
         print(f"{r['model']:>10} {r['weights']:>7} {r['target']:>6.2f} {r['measured']:>6.3f} {r['dense_tok_s']:>11.1f} "
-              f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}")
+              f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}"
+              + (f" {r['before_tok_s']:>12.1f} {r['before_speedup']:>5.2f}" if "before_tok_s" in r else ""))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

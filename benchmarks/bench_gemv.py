@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gemv.py                      # the tables of benchmarks/README.md
     python benchmarks/bench_gemv.py --tune               # sweep launch configs (to set the rule)
+    python benchmarks/bench_gemv.py --baseline OLD.py    # also time another kernel module, same run
 
 Timing: each measured call sequence is captured in a CUDA graph (no launch gaps, no Python overhead),
 replayed after warm-up, median over replays. Inputs rotate over enough weight copies (> 3× L2) that
@@ -101,11 +102,12 @@ class Case:
             kept.append(int((a.to(self.dtype) > torch.tensor(tau).to(self.dtype)).sum()) if s > 0 else self.k)
         return statistics.mean(kept)
 
-    def time_sparse(self, cfg=None, calls=None):
+    def time_sparse(self, cfg=None, calls=None, kernel=None):
         calls = calls or 4 * self.copies
+        fn = (kernel or tg).sparse_gemv_triton
         y = [torch.empty(p.padded_out, dtype=self.dtype, device="cuda") for p in self.packed]
-        return graph_time_us(lambda i: tg.sparse_gemv_triton(self.x[i % self.copies], self.packed[i % self.copies],
-                                                             cfg, out=y[i % self.copies]), calls)
+        return graph_time_us(lambda i: fn(self.x[i % self.copies], self.packed[i % self.copies],
+                                          cfg, out=y[i % self.copies]), calls)
 
     def time_dense(self, calls=None):
         calls = calls or 4 * self.copies
@@ -180,19 +182,36 @@ def tune(args):
     return rows
 
 
+def load_kernel_module(path):
+    """A kernel module (a copy of ``triton_gemv.py``, e.g. an older version) loaded from a file path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("baseline_triton_gemv", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses and triton.jit look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def bench(args):
+    import triton
+    baseline = load_kernel_module(args.baseline) if args.baseline else None
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
-    results = {"env": env_info(), "copy_gbs": bw, "rows": []}
+    results = {"env": env_info(), "copy_gbs": bw, "rows": [], "baseline": args.baseline}
     variants = [("fp16", torch.float16, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
-    print(f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}")
-    for k, n in SHAPES:
+    print(f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}"
+          + (f" {'before us':>9} {'ratio':>6}" if baseline is not None else ""))
+    shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else SHAPES
+    for k, n in shapes:
         for name, dtype, q in variants:
             if name not in args.variants:
                 continue
             case = Case(k, n, dtype, q)
             err = case.check()
             td = case.time_dense()
+            x2, w2 = case.x[0].view(1, -1), case.dense[0]  # one eager launch per measurement (L2-warm weights)
+            td_bench = 1e3 * triton.testing.do_bench(lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200,
+                                                     return_mode="median")
             dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
             for s in SPARSITIES:
                 kept = case.set_sparsity(s)
@@ -205,9 +224,16 @@ def bench(args):
                                                    case.packed[0].weight_t.element_size(),
                                                    torch.cuda.get_device_properties(0).multi_processor_count).__dict__)
                 row["pct_copy"] = 100 * row["sparse_gbs"] / bw
+                row["dense_dobench_us"] = td_bench
+                extra = ""
+                if baseline is not None:
+                    tb = case.time_sparse(kernel=baseline)
+                    row.update(before_us=tb, before_ratio=td / tb,
+                               before_pct_copy=100 * sbytes / (tb * 1e-6) / 1e9 / bw)
+                    extra = f" {tb:>9.1f} {td / tb:>6.2f}"
                 results["rows"].append(row)
                 print(f"{k:>5}x{n:<6} {name:>5} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
-                      f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%", flush=True)
+                      f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%{extra}", flush=True)
             del case
             torch.cuda.empty_cache()
     return results
@@ -217,7 +243,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--variants", default="fp16,bf16,int8")
+    ap.add_argument("--shapes", default=None, help="comma list of KxN (default: the five of the tables)")
     ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--baseline", default=None, help="also time the kernel module at this path (before/after)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA GPU")

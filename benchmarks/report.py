@@ -24,13 +24,37 @@ def gemv_table(d, sparsities=(0.0, 0.3, 0.5, 0.7, 0.9)):
         print(f"| {key[0]}×{key[1]} | {key[2]} | {sel[0.0]['dense_us']:.1f} | " + " | ".join(cells) + " |")
 
 
+def before_after_table(d, sparsities=(0.0, 0.5, 0.7)):
+    """Same run: the kernel before issue 7's changes (``--baseline``) vs the current one."""
+    rows = [r for r in d["rows"] if "before_us" in r]
+    if not rows:
+        return
+    print(f"\nBefore → after (same run, same protocol); µs, × vs dense F.linear (graph-timed / do_bench-timed), "
+          "%copy of the bytes actually read\n")
+    print("| K×N | weights | dense µs graph / do_bench | " +
+          " | ".join(f"{int(s * 100)}%: before → after µs (× graph / do_bench, %copy)" for s in sparsities) + " |")
+    print("|---|---|---|" + "---|" * len(sparsities))
+    for key in dict.fromkeys((r["k"], r["n"], r["weights"]) for r in rows):
+        sel = {r["sparsity"]: r for r in rows if (r["k"], r["n"], r["weights"]) == key}
+        r0 = sel[0.0]
+        cells = [f"{sel[s]['before_us']:.1f} → **{sel[s]['sparse_us']:.1f}** (×{sel[s]['ratio']:.2f} / "
+                 f"×{sel[s]['dense_dobench_us'] / sel[s]['sparse_us']:.2f}, {sel[s]['pct_copy']:.0f}%)"
+                 for s in sparsities]
+        print(f"| {key[0]}×{key[1]} | {key[2]} | {r0['dense_us']:.1f} / {r0['dense_dobench_us']:.1f} | "
+              + " | ".join(cells) + " |")
+
+
 def decode_table(d):
-    print(f"\nDecode, batch 1, {d['env']['gpu']}, tokens/s (one CUDA-graph replay per token)\n")
-    print("| model | weights | target | measured | dense tok/s | sparse tok/s | × vs dense |")
-    print("|---|---|---|---|---|---|---|")
+    before = any("before_tok_s" in r for r in d["rows"])
+    print(f"\nDecode, batch 1, {d['env']['gpu']}, tokens/s (one CUDA-graph replay per token)"
+          + ("; \"before\" = the kernel before issue 7's changes, same run" if before else "") + "\n")
+    print("| model | weights | target | measured | dense tok/s | sparse tok/s | × vs dense |"
+          + (" before tok/s | before × |" if before else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if before else ""))
     for r in d["rows"]:
         print(f"| {r['model']} | {r['weights']} | {r['target']:.2f} | {r['measured']:.3f} | {r['dense_tok_s']:.1f} | "
-              f"{r['sparse_tok_s']:.1f} | {r['speedup']:.2f} |")
+              f"{r['sparse_tok_s']:.1f} | {r['speedup']:.2f} |"
+              + (f" {r['before_tok_s']:.1f} | {r['before_speedup']:.2f} |" if "before_tok_s" in r else ""))
 
 
 def plots(gemv, decode):
@@ -65,5 +89,6 @@ if __name__ == "__main__":
     g = json.load(open(os.path.join(RES, "gemv_h100.json")))
     dd = json.load(open(os.path.join(RES, "decode_h100.json")))
     gemv_table(g)
+    before_after_table(g)
     decode_table(dd)
     plots(g, dd)

@@ -145,6 +145,9 @@ def test_config_rule_covers_k_with_no_empty_split(k, n, wbytes, sms):
     assert kp * cfg.split_k >= k > kp * (cfg.split_k - 1)  # every split has rows; together they cover K
     assert kp <= tg.MAX_COMPACT_ROWS or cfg.block_k > tg.MAX_COMPACT_ROWS
     assert tg.choose_config(k, n, wbytes, sms) == cfg
+    if wbytes < 4:  # one wave: at most 2 programs per SM unless K alone needs more slices (or N more blocks)
+        n_blocks = n // cfg.block_n
+        assert n_blocks * cfg.split_k <= max(2 * sms, n_blocks * math.ceil(k / tg.MAX_COMPACT_ROWS))
 
 
 def test_dispatch_picks_kernel_for_one_row_and_matches_reference():

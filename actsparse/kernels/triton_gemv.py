@@ -71,6 +71,8 @@ def _sparse_gemv_kernel(
         in_k = offs < k_hi
         d = tl.load(x_ptr + offs, mask=in_k, other=0.0).to(tl.float32) - mu
         keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
+        if QUANT == 2:  # Σ x' for the zero point, once over the slice (per tile it costs int8 ≈10%)
+            xsum = tl.sum(tl.where(keep, d, 0.0).to(X_DTYPE).to(tl.float32), axis=0)
         pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         count = tl.sum(keep.to(tl.int32), axis=0)
         rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n) * K_P2
@@ -82,7 +84,7 @@ def _sparse_gemv_kernel(
             rows = tl.load(rows_ptr + r, mask=valid, other=0)
             xs = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32) - mu
             acc, xacc = _accumulate(acc, xacc, tl.where(valid, xs, 0.0), rows, valid, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST)
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, False)
     else:
         for kk in range(0, K_PER, BLOCK_K):  # same trip count for every program; rows past k_hi are masked
             offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
@@ -90,10 +92,12 @@ def _sparse_gemv_kernel(
             d = tl.load(x_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32) - mu
             keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
             acc, xacc = _accumulate(acc, xacc, tl.where(keep, d, 0.0), offs_k, keep, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST)
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, QUANT == 2)
+        if QUANT == 2:
+            xsum = tl.sum(xacc, axis=0)
     part = tl.sum(acc, axis=0)
     if QUANT == 2:  # W = (q - zero) * scale: Σ W x = scale * (Σ q x - zero * Σ x)
-        part -= tl.load(zero_ptr + offs_n) * tl.sum(xacc, axis=0)
+        part -= tl.load(zero_ptr + offs_n) * xsum
     if QUANT > 0:
         part *= tl.load(scale_ptr + offs_n)
 
@@ -113,8 +117,9 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr,
-                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Add ``W[rows, cols]ᵀ · x'[rows]`` to ``acc``; ``xs`` is ``x − μ`` (fp32), 0 where not kept."""
+                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, XACC: tl.constexpr):
+    """Add ``W[rows, cols]ᵀ · x'[rows]`` to ``acc`` (and ``x'`` to ``xacc`` if ``XACC``); ``xs`` is ``x − μ``
+    (fp32), 0 where not kept."""
     xs = xs.to(X_DTYPE)  # x' in the activation dtype (exact when μ = 0)
     w = tl.load(w_cols[None, :] + rows[:, None] * LB, mask=keep[:, None], other=0)
     if USE_DOT:
@@ -127,7 +132,7 @@ def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constex
             acc = tl.dot(xa, w.to(MMA_DTYPE), acc)
     else:
         acc += w.to(tl.float32) * xs.to(tl.float32)[:, None]
-    if QUANT == 2:
+    if XACC:
         xacc += xs.to(tl.float32)
     return acc, xacc
 
@@ -173,30 +178,34 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-# Measured on an H100 (benchmarks/README.md, tuning sweep): for 2-byte weights within 8% of the best
-# swept config on the large shapes at 0% and 50%; the kept-row list (compact) costs those few percent
-# at low sparsity but removes the floor that scanning every row leaves above 60%. int8 needs the list
-# even more: its per-element unpacking otherwise costs the same at any sparsity.
-_RULES = {  # weight bytes -> (block_k, block_n, waves, num_stages, compact)
-    1: (64, 256, 4, 3, True),
+# Measured on an H100 (benchmarks/README.md; sweeps in benchmarks/bench_gemv.py --tune and
+# benchmarks/exp_variants.py): 64x256 tiles, 3 stages, 4 warps, and K split so that at most 2 programs run
+# per SM. Two 4-warp programs always fit on an SM (even at 255 registers, as the int8 kernel uses), so the
+# grid is one wave: a 281st program on 132 SMs would run alone after the others (int8 4096x14336: 45.8 µs
+# at 280 programs vs 34.6 at 224). 1 program per SM is slower; 3 (where they fit) is mixed, ±1 µs. The kept-row list
+# (compact) costs a few percent at low sparsity but removes the floor that scanning every row leaves above
+# 60%; int8 needs it even more (its per-element unpacking otherwise costs the same at any sparsity).
+_RULES = {  # weight bytes -> (block_k, block_n, programs per SM, num_stages, compact)
+    1: (64, 256, 2, 3, True),
     2: (64, 256, 2, 3, True),
     4: (16, 128, 4, 1, False),
 }
 
 
-def choose_config(k: int, n: int, weight_bytes: int, sm_count: int, *, waves: int | None = None,
+def choose_config(k: int, n: int, weight_bytes: int, sm_count: int, *, per_sm: int | None = None,
                   block_n: int | None = None) -> GemvConfig:
     """A deterministic launch rule by shape and weight width (no autotuning lottery).
 
-    Tiles from ``_RULES``; K is split so that about ``waves × SMs`` programs run, each over at least two
-    tiles and at most ``MAX_COMPACT_ROWS`` rows. ``block_n`` caps the tile width (the layout block).
+    Tiles from ``_RULES``; K is split so that at most ``per_sm × SMs`` programs run (one wave; fp32:
+    about that many), each over at least two tiles and at most ``MAX_COMPACT_ROWS`` rows. ``block_n``
+    caps the tile width (the layout block).
     """
-    block_k, bn, w, stages, compact = _RULES[weight_bytes]
+    block_k, bn, p, stages, compact = _RULES[weight_bytes]
     block_n = min(bn, block_n or bn)
-    waves = waves or w
+    per_sm = per_sm or p
     n_blocks = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(waves * sm_count, n_blocks), k // (2 * block_k)),
-                triton.cdiv(k, MAX_COMPACT_ROWS))
+    target = per_sm * sm_count // n_blocks if weight_bytes < 4 else triton.cdiv(per_sm * sm_count, n_blocks)
+    split = max(1, min(target, k // (2 * block_k)), triton.cdiv(k, MAX_COMPACT_ROWS))
     cfg = GemvConfig(block_k, block_n, split, 4, stages, True, compact)
     return GemvConfig(block_k, block_n, triton.cdiv(k, cfg.k_per(k)), 4, stages, True, compact)
 
