@@ -382,7 +382,7 @@ def main():
                 if s >= 1:
                     for p in case.packed:
                         p.threshold.fill_(math.inf)
-                for lb, ps in wide.items():  # thresholds are per packed copy
+                for ps in wide.values():  # thresholds are per packed copy
                     for p, p_ref in zip(ps, case.packed):
                         p.threshold.copy_(p_ref.threshold)
                 sbytes = kept * case.wbytes_row + 2 * (k + n)
@@ -396,7 +396,7 @@ def main():
                     if v.abl >= 2 and s < 1:
                         table[(v.name, s)] = float("nan")
                         continue
-                    t = graph_time_us(lambda i, v=v: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
+                    t = graph_time_us(lambda i, v=v, case=case, wide=wide, ys=ys: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
                                                            ys[i % case.copies], workspace, sms), 4 * case.copies)
                     table[(v.name, s)] = t
                 for name in ["base", "base-scan"] + [v.name for v in ok]:
@@ -418,7 +418,7 @@ def main():
                 for v in ok:
                     if v.name in ("fit", "fit-L512-bk32", "fit-cvt", "fit-bn128"):
                         runs[(v.name, run)] = graph_time_us(
-                            lambda i, v=v: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
+                            lambda i, v=v, case=case, wide=wide, ys=ys: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
                                                  ys[i % case.copies], workspace, sms), 4 * case.copies)
             for x, x0 in zip(case.x, saved):
                 x.copy_(x0)

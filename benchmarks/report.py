@@ -29,7 +29,7 @@ def before_after_table(d, sparsities=(0.0, 0.5, 0.7)):
     rows = [r for r in d["rows"] if "before_us" in r]
     if not rows:
         return
-    print(f"\nBefore → after (same run, same protocol); µs, × vs dense F.linear (graph-timed / do_bench-timed), "
+    print("\nBefore → after (same run, same protocol); µs, × vs dense F.linear (graph-timed / do_bench-timed), "
           "%copy of the bytes actually read\n")
     print("| K×N | weights | dense µs graph / do_bench | " +
           " | ".join(f"{int(s * 100)}%: before → after µs (× graph / do_bench, %copy)" for s in sparsities) + " |")
