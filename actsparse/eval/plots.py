@@ -22,15 +22,19 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _finish(plt, fig, ax, path: str, title: str | None) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _block_index(name: str) -> int | None:
@@ -100,7 +104,4 @@ def plot_tradeoff(path: str, points: Sequence, *, title: str | None = None) -> s
     axes[0][0].set_ylabel("multiple-choice accuracy" if use_mc else "next-token accuracy")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
