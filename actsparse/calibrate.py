@@ -40,7 +40,8 @@ class _StopForward(Exception):
     pass
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless model)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -351,7 +352,7 @@ def calibrate_thresholds(
     """
     modules = dict(model.named_modules())
     linears = {n: modules[n] for n in targets}
-    device = _model_device(model)
+    device = model_device(model)
     hooks = _Hooks(linears)
     was_training = model.training
     model.eval()

@@ -13,6 +13,7 @@ import torch
 
 from . import __version__
 from .api import SparsifyConfig, sparse_layers, sparsify_
+from .calibrate import model_device
 from .data import chunk_tokens, count_words, load_corpus, tokenize
 from .errors import ActSparseError
 from .eval.perplexity import perplexity
@@ -176,9 +177,14 @@ def _calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.calib_batch_size < 1:
         raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
-    chunks = chunk_tokens(tokenizer, corpus.calibration, args.calib_seq_len, args.calib_samples)
-    bs = args.calib_batch_size
-    return [torch.cat(chunks[i:i + bs]) for i in range(0, len(chunks), bs)]
+    return _token_batches(tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len,
+                          args.calib_batch_size)
+
+
+def _token_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """Up to ``n`` windows of ``seq_len`` tokens of ``text``, ``batch_size`` per ``[B, seq_len]`` tensor."""
+    chunks = chunk_tokens(tokenizer, text, seq_len, n)
+    return [torch.cat(chunks[i:i + batch_size]) for i in range(0, len(chunks), batch_size)]
 
 
 def _method(args):
@@ -288,7 +294,7 @@ def _calibration_report(args, model) -> dict[str, Any]:
 
     with SparsityMonitor(model) as mon, torch.no_grad():
         for batch in args._calibration_batches:
-            model(batch.to(next(model.parameters()).device), use_cache=False)
+            model(batch.to(model_device(model)), use_cache=False)
     measured = mon.sparsity()
     layers = sparse_layers(model)
     report: dict[str, Any] = {
@@ -417,8 +423,7 @@ def cmd_attribution(args) -> dict[str, Any]:
     layers = find_unit_layers(model, tuple(k for k in ("heads", "neurons") if k in units or "both" in units))
 
     def batches(text, n, seq_len, bs):
-        chunks = chunk_tokens(tokenizer, text, seq_len, n)
-        return [ScoreBatch.from_ids(torch.cat(chunks[i:i + bs])) for i in range(0, len(chunks), bs)]
+        return [ScoreBatch.from_ids(ids) for ids in _token_batches(tokenizer, text, n, seq_len, bs)]
 
     eval_batches = [] if args.no_corpus else batches(corpus.evaluation, args.eval_samples, args.seq_len,
                                                      args.batch_size)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..eval.mc import MCExample, mc_scores
-from .scores import (ScoreBatch, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll,
+from .scores import (ScoreBatch, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll, masked_row_nll,
                      row_nll, unit_scores, unit_statistics)
 from .units import UnitLayer
 
@@ -55,16 +55,21 @@ class CurvePoint:
 
 
 # ---------------------------------------------------------------------------------------- eval items
+def _attribution_target(model, batch: ScoreBatch, target: str) -> ScoreBatch:
+    """``batch`` labelled with the dense model's greedy predictions (``target="dense"``) or as it is."""
+    if target == "labels":
+        return batch
+    with torch.no_grad():
+        _, pred = row_nll(model, batch)
+    return batch.with_labels(pred.cpu())
+
+
 class _CorpusItem:
     def __init__(self, batch: ScoreBatch):
         self.batch = batch
 
     def attribution_batch(self, model, target: str) -> ScoreBatch:
-        if target == "labels":
-            return self.batch
-        with torch.no_grad():
-            _, pred = row_nll(model, self.batch)
-        return self.batch.with_labels(pred.cpu())
+        return _attribution_target(model, self.batch, target)
 
     def evaluate(self, model, layers, keep) -> Counter:
         nll, n, correct = masked_nll(model, layers, self.batch, keep)
@@ -77,22 +82,12 @@ class _MCItem:
         self.rows = ScoreBatch(ex.rows, ex.attention, ex.rows[:, 1:].clone(), ex.choice_mask)
 
     def attribution_batch(self, model, target: str) -> ScoreBatch:
-        prompt = ScoreBatch.from_ids(self.ex.prompt)
-        if target == "labels":
-            return prompt
-        with torch.no_grad():
-            _, pred = row_nll(model, prompt)
-        return prompt.with_labels(pred.cpu())
+        return _attribution_target(model, ScoreBatch.from_ids(self.ex.prompt), target)
 
     def evaluate(self, model, layers, keep) -> Counter:
-        from .scores import UnitHooks
-
-        c = self.rows.ids.shape[0]
+        c = self.rows.ids.shape[0]   # per-input masks come from the one prompt row: same for every choice
         keep = {n: (k.expand(c, -1) if k.dim() == 2 else k) for n, k in (keep or {}).items()}
-        hooks = UnitHooks(layers)
-        hooks.keep = keep
-        with torch.no_grad(), hooks.installed():
-            nll, _ = row_nll(model, self.rows)
+        nll, _ = masked_row_nll(model, layers, self.rows, keep)
         loglik = -(nll.double() * self.rows.label_mask.to(nll.device)).sum(1).cpu()
         ok, ok_norm = mc_scores(loglik, self.ex)
         return Counter(mc_correct=int(ok), mc_norm=int(ok_norm), mc_total=1)
@@ -121,9 +116,9 @@ def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[S
         if sparsity is None:
             raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
         keep = keep_masks(_mean({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
-        first, grads = unit_statistics(model, layers, batches[0], keep_grads=True)
+        _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)   # the dense gradients themselves
         drift = gradient_drift(model, layers, batches[0], grads, keep)
-        ratio = {n: float((drift[n] / first[n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
+        ratio = {n: float((drift[n] / stats[0][n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
         for s in stats:
             for n in names:
                 s[n].drift = ratio[n] * s[n].g2.sum(1).sqrt()

@@ -48,10 +48,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..calibrate import model_device
 from .units import UnitLayer
 
 __all__ = ["METRICS", "ScoreBatch", "UnitStats", "UnitHooks", "unit_statistics", "gradient_drift", "unit_scores",
-           "keep_masks", "frozen_parameters", "masked_nll"]
+           "keep_masks", "frozen_parameters", "masked_nll", "masked_row_nll"]
 
 METRICS = ("magnitude", "gradient", "gxo", "ig", "snip", "cor_gxo")
 
@@ -182,13 +183,9 @@ class UnitHooks:
         return None
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def row_nll(model: nn.Module, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nll [R, T-1], predictions [R, T-1])`` under whatever hooks are installed (log-softmax in fp32 or wider)."""
-    dev = _model_device(model)
+    dev = model_device(model)
     logits = model(input_ids=batch.ids.to(dev), attention_mask=batch.attention.to(dev).long(), use_cache=False).logits
     logits = logits[:, :-1]
     logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -291,13 +288,19 @@ def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, floa
 
 
 @torch.no_grad()
-def masked_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
-               keep: dict[str, torch.Tensor] | None = None) -> tuple[float, int, int]:
-    """``(sum of NLL, scored tokens, correct next-token predictions)`` with units deactivated by ``keep``."""
+def masked_row_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
+                   keep: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_nll` with units deactivated by ``keep`` (static ``[n]`` or per row ``[R, n]`` masks)."""
     hooks = UnitHooks(layers)
     hooks.keep = keep or {}
     with hooks.installed():
-        nll, pred = row_nll(model, batch)
+        return row_nll(model, batch)
+
+
+def masked_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
+               keep: dict[str, torch.Tensor] | None = None) -> tuple[float, int, int]:
+    """``(sum of NLL, scored tokens, correct next-token predictions)`` with units deactivated by ``keep``."""
+    nll, pred = masked_row_nll(model, layers, batch, keep)
     m = batch.label_mask.to(nll.device)
     correct = ((pred == batch.labels.to(pred.device)) & m).sum()
     return float((nll.double() * m).sum()), int(m.sum()), int(correct)

@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..calibrate import model_device
+
 __all__ = ["PerplexityResult", "perplexity"]
 
 
@@ -49,7 +51,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, context: int = 1024
     stride = min(stride, context - 1)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to compute perplexity, got {n}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     spans = []  # (window begin, first scored token, end)
     start = 1
