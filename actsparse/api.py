@@ -11,6 +11,7 @@ from .calibrate import calibrate_thresholds
 from .data import prepare_batches
 from .errors import AlreadySparsifiedError
 from .methods import MethodConfig, method_from_spec
+from .moe import expert_scope_hint, fuse_experts, unfuses_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
 from .sparse_linear import SparseLinear, SparsityParams
 
@@ -55,12 +56,15 @@ def _check_not_sparsified(model: nn.Module) -> None:
             f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first")
 
 
+@unfuses_experts
 def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float | SparsityParams], *,
                      target_sparsity: Mapping[str, float | None] | None = None,
                      method: str | None = None) -> nn.Module:
     """Swap each named ``nn.Linear`` for a ``SparseLinear`` (in place).
 
     ``thresholds`` maps layer names to a threshold τ or to full :class:`SparsityParams` (shift, scale, top-k).
+    Fused MoE experts are split into per-expert Linears first (``actsparse.moe``), so names such as
+    ``model.layers.0.mlp.experts.3.down_proj`` work on a freshly loaded model.
     """
     _check_not_sparsified(model)
     modules = dict(model.named_modules())
@@ -76,17 +80,20 @@ def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float | Sparsity
     return model
 
 
+@unfuses_experts
 def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *,
               progress: bool = True) -> nn.Module:
     """Calibrate thresholds on ``dataset`` and sparsify ``model`` in place (torchao-style).
 
     Everything is validated and calibrated before the model changes: on any error the model is
-    left as it was.
+    left as it was. Fused MoE experts are split into per-expert Linears for the duration (see
+    ``actsparse.moe``); those left without a sparsified layer are fused back.
     """
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
     _check_not_sparsified(model)
-    targets = resolve_targets(model, config.target_sparsity_by_scope, config.ignored_scope)
+    targets = resolve_targets(model, config.target_sparsity_by_scope, config.ignored_scope,
+                              hint=expert_scope_hint(model))
     batches = prepare_batches(dataset)
     params = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
     return apply_thresholds(model, params, target_sparsity=targets, method=config.method.name)
@@ -112,7 +119,9 @@ def sparsify_activations(
 
 
 def remove_sparsity(model: nn.Module) -> nn.Module:
-    """Swap every ``SparseLinear`` back to a plain ``nn.Linear`` (same parameters). In place."""
+    """Swap every ``SparseLinear`` back to a plain ``nn.Linear`` (same parameters), and put unfused MoE
+    experts back into their original fused modules. In place."""
     for name, m in sparse_layers(model).items():
         model.set_submodule(name, m.to_linear())
+    fuse_experts(model)
     return model

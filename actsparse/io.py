@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import AlreadySparsifiedError, ThresholdFileError
+from .moe import linear_shapes, unfuses_experts
 from .sparse_linear import BUFFERS, SparsityParams
 
 __all__ = ["save_thresholds", "load_thresholds", "read_thresholds", "save_pretrained", "from_pretrained",
@@ -30,11 +31,13 @@ _SUFFIXES = tuple("." + b for b in BUFFERS)
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A hash of the names and shapes of all Linear layers (dense or sparse): the architecture."""
+    """A hash of the names and shapes of all Linear layers (dense or sparse): the architecture.
+
+    Fused MoE experts count as their per-expert Linears, so the hash is the same fused or unfused.
+    """
     h = hashlib.sha256()
-    for n, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            h.update(f"{n}:{m.in_features}x{m.out_features};".encode())
+    for n, fan_in, fan_out in linear_shapes(model):
+        h.update(f"{n}:{fan_in}x{fan_out};".encode())
     return h.hexdigest()[:16]
 
 
@@ -136,11 +139,13 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
     return thresholds, header
 
 
+@unfuses_experts
 def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.Module:
     """Sparsify ``model`` in place with the thresholds saved at ``path`` (a file or a folder).
 
     The file must match the model: every layer must exist as an ``nn.Linear`` of the same shape, and
     with ``strict=True`` the architecture fingerprint must match too. Nothing changes on error.
+    Fused MoE experts are split into their per-expert Linears first (``actsparse.moe``).
     """
     thresholds, header = read_thresholds(path)
     existing = sparse_layers(model)

@@ -124,10 +124,13 @@ def resolve_targets(
     model: nn.Module,
     target_sparsity_by_scope: Mapping[TargetScope, float],
     ignored_scope: IgnoredScope | None = None,
+    *,
+    hint: str = "",
 ) -> dict[str, float]:
     """Map each target ``nn.Linear`` name to its target sparsity, in module order.
 
-    Raises ``ScopeError`` (a ``ValueError``) for every rule listed in the module docstring.
+    Raises ``ScopeError`` (a ``ValueError``) for every rule listed in the module docstring. ``hint`` is
+    appended to the errors about entries that match nothing usable (e.g. how to name MoE expert layers).
     """
     if not isinstance(target_sparsity_by_scope, Mapping) or not target_sparsity_by_scope:
         raise ScopeError("target_sparsity_by_scope must be a non-empty dict "
@@ -136,7 +139,7 @@ def resolve_targets(
     all_names = [n for n in modules if n]
     linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     if not linear_names:
-        raise ScopeError(f"{type(model).__name__} has no nn.Linear modules to sparsify")
+        raise ScopeError(f"{type(model).__name__} has no nn.Linear modules to sparsify{hint}")
 
     order = {n: i for i, n in enumerate(all_names)}
     result: dict[str, float] = {}
@@ -153,13 +156,13 @@ def resolve_targets(
         for entry, raw, matched in _match_entry(all_names, scope.patterns, scope.names):
             if not matched:
                 raise ScopeError(f"{scope}: {entry} matches no module of {type(model).__name__}"
-                                 + _close(raw, linear_names))
+                                 + _close(raw, linear_names) + hint)
             linears = [n for n in matched if isinstance(modules[n], nn.Linear)]
             if not linears:
                 kinds = sorted({type(modules[n]).__name__ for n in matched})
                 raise ScopeError(f"{scope}: {entry} matches only non-Linear modules ({', '.join(kinds)}); "
                                  f"activation sparsity applies to nn.Linear inputs. Target the Linear "
-                                 f"layers instead" + _close(raw, linear_names))
+                                 f"layers instead" + _close(raw, linear_names) + hint)
             for n in linears:
                 if n in owner and owner[n] != scope:
                     raise ScopeError(f"module {n!r} is matched by two target scopes: {owner[n]} and {scope}; "
@@ -175,7 +178,7 @@ def resolve_targets(
             if not matched and ignored_scope.validate:
                 raise ScopeError(f"IgnoredScope {entry} matches no module"
                                  + _close(raw, linear_names)
-                                 + " (or pass IgnoredScope(..., validate=False))")
+                                 + " (or pass IgnoredScope(..., validate=False))" + hint)
             ignored.update(matched)
         for t in ignored_scope.types:
             matched = [n for n in all_names if type(modules[n]).__name__ == t]
