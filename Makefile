@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# extra flags for the demo, e.g. make demo DEMO_ARGS=--int8 (adds seed 000's int8 and int8+sparse rows)
+DEMO_ARGS ?=
+
 demo: install
-	$(VENV)/bin/actsparse demo
+	$(VENV)/bin/actsparse demo $(DEMO_ARGS)
 
 # pytest exit code 5 means "no tests collected": not a failure of this project
 test: install

@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quant import dense_weight
+
 __all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -177,7 +179,7 @@ class SparseLinear(nn.Linear):
         y = F.linear(self.sparsify_input(x), self.weight, self.bias)
         shift = self._buffers.get("act_shift")
         if shift is not None:  # μ·ΣW: the centred-away part, exactly as the kernels fold it
-            y = y + (shift * self.weight.float().sum(dim=1)).to(y.dtype)
+            y = y + (shift * dense_weight(self.weight).float().sum(dim=1)).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

@@ -305,3 +305,43 @@ def test_enable_kernels_runs_shifted_layers_and_skips_scaled_or_topk_ones():
         h.remove()
     assert calls == ["triton"]
     assert rel_err(got, ref) < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["int8_asym", "int8_sym"])
+def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
+    pytest.importorskip("torchao", reason="torchao is not installed")
+    from conftest import make_tiny_llama
+
+    from actsparse import SparseLinear, sparsify_activations
+    from actsparse.quant import compress_weights, dense_weight, int8_codes
+    model = make_tiny_llama(hidden=64, inter=256).to(DEV, torch.bfloat16)
+    compress_weights(model, mode)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 256, (2, 16), generator=g).to(DEV) for _ in range(2)]
+    sparsify_activations(model, data, {".*(gate|up|down)_proj.*": 0.5}, progress=False)
+    ids = torch.randint(0, 256, (1, 12), device=DEV)
+    with torch.no_grad():
+        out = model(ids[:, :11], use_cache=True)
+        ref = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+    assert len(K.enable_kernels(model)) == 6
+    up = model.model.layers[0].mlp.up_proj
+    q, scale, zero = int8_codes(up.weight)
+    assert up._packed.quantized and torch.equal(up._packed.weight_t, q.t())  # the codes torchao chose, not ours
+    assert torch.equal(up._packed.scale, scale) and (up._packed.zero is None) == (zero is None)
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
+             for m in model.modules() if isinstance(m, SparseLinear)]
+    with torch.no_grad():
+        out = model(ids[:, :11], use_cache=True)
+        calls.clear()
+        got = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+    for h in hooks:
+        h.remove()
+    assert set(calls) == {"triton"} and len(calls) == 6
+    assert rel_err(got, ref) < 2e-2
+    x = torch.randn(1, 1, 64, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(up.sparsify_input(x).float(), dense_weight(up.weight).float())
+        assert rel_err(up(x), want) < TOL[torch.bfloat16]
+    K.disable_kernels(model)
+    assert up._packed is None and int8_codes(up.weight) is not None

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from ..quant import int8_codes
+
 __all__ = ["PackedGemv", "pack", "quantize_int8", "COLUMN_ALIGN", "MAX_SEGMENTS"]
 
 COLUMN_ALIGN = 256
@@ -134,6 +136,7 @@ def pack(weights: Sequence[torch.Tensor], thresholds: Sequence[float] | torch.Te
 
     ``thresholds``/``shifts`` are one per weight (default ``-inf``/none); ``quantize`` is ``None``,
     ``"int8"`` (asymmetric, per output channel) or ``"int8-sym"``. Weights keep their dtype and device.
+    Weights already compressed to per-channel int8 (:func:`actsparse.quant.compress_weights`) keep their codes.
     ``layout_block``: store ``weight_t`` blocked as ``[N_pad/L, K, L]`` (each kernel program then streams
     one contiguous region); ``None`` keeps the plain ``[K, N_pad]`` layout.
     """
@@ -176,8 +179,13 @@ def pack(weights: Sequence[torch.Tensor], thresholds: Sequence[float] | torch.Te
     scale = torch.ones(n_pad, dtype=torch.float32, device=dev) if quantize else None
     zero = torch.zeros(n_pad, dtype=torch.float32, device=dev) if quantize == "int8" else None
     for (o, n), w in zip(segments, weights):
+        codes = int8_codes(w)
+        if codes is not None and quantize != ("int8" if codes[2] is not None else "int8-sym"):
+            raise ValueError(f"weight {len(segments)} already holds {'asymmetric' if codes[2] is not None else 'symmetric'} "
+                             f"int8 codes; pack it with quantize={'int8' if codes[2] is not None else 'int8-sym'!r}")
         if quantize:
-            q, s, z = quantize_int8(w, symmetric=quantize == "int8-sym")
+            q, s, z = codes if codes is not None else quantize_int8(w, symmetric=quantize == "int8-sym")
+            z = torch.zeros_like(s) if z is None else z
             weight_t[:, o:o + n] = q.t()
             scale[o:o + n] = s
             if zero is not None:

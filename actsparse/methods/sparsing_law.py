@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..quant import dense_weight
 from ..sparse_linear import SparsityParams, drop_mask
 from ..stats import HistogramQuantile
 from . import MethodConfig, register_method
@@ -173,7 +174,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
             from ..errors import CalibrationError
             raise CalibrationError(f"layer {n!r} saw no calibration tokens; is it reached by the forward pass?")
         x = torch.cat(kept[n])
-        w = lin.weight.detach().float().cpu()
+        w = dense_weight(lin.weight.detach()).float().cpu()
         full = (x @ w.t()).norm(dim=-1).clamp_min(1e-30)
         taus, cett = [], []
         for q in levels:

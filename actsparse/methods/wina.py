@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant import dense_weight
 from ..sparse_linear import SparsityParams
 from ..stats import HistogramQuantile
 from . import MethodConfig, register_method
@@ -21,7 +22,7 @@ __all__ = ["WinaMethod", "column_norms"]
 
 def column_norms(weight: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
     """``‖W[:, j]‖₂`` per input channel in fp32, floored so that every score weight is > 0."""
-    return weight.detach().float().norm(dim=0).clamp_min(floor)
+    return dense_weight(weight.detach()).float().norm(dim=0).clamp_min(floor)
 
 
 class _ScoreQuantile:
