@@ -1,4 +1,4 @@
-"""Command line: ``actsparse demo | calibrate | eval | sweep | attribution``."""
+"""Command line: ``actsparse demo | calibrate | eval | sweep | attribution | generate``."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .api import SparsifyConfig, sparse_layers, sparsify_
+from .api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
 from .calibrate import model_device
 from .data import chunk_tokens, count_words, load_corpus, tokenize
 from .errors import ActSparseError
+from .eval.lmeval import LMEVAL_INSTALL
 from .eval.perplexity import perplexity
 from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
 from .eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, write_sweep
 from .methods import method_from_spec, method_to_dict, registered_methods
+from .quant import WEIGHT_MODES, compress_weights
 from .methods.scap import export_scap_json, import_scap_json, parse_scap_config
 from .scope import IgnoredScope, TargetScope
 
@@ -47,11 +49,36 @@ def _option_arg(text: str) -> tuple[str, Any]:
         return key, value  # a bare string such as mode=kde
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _limit_arg(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of examples or a fraction below 1, got {text!r}")
+    return int(value) if value >= 1 and value == int(value) else value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--weights", default="dense", choices=["dense", *WEIGHT_MODES],
+                   help="compress the Linear weights to int8 (torchao, per channel) after loading, before any "
+                        "calibration (default dense)")
     p.add_argument("--data", default="embedded",
                    help="'embedded' (gensim's Lee corpus), a text file, or hf:DATASET[:CONFIG]")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -96,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(demo, NNCF_RECIPE)
     _add_eval_args(demo)
     demo.set_defaults(eval_tokens=8192)
+    demo.add_argument("--int8", action="store_true",
+                      help="add int8 weights (torchao, per channel; --weights picks the mode, default int8_asym) "
+                           "without and with the same recipe: seed 000's dense/sparse/int8/int8+sparse table")
 
     cal = sub.add_parser("calibrate", help="calibrate thresholds and save them")
     _add_model_args(cal)
@@ -107,11 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--export-scap", default=None, metavar="JSON",
                      help="also write SCAP's calibrated_thresholds.json (threshold/shift methods only)")
 
-    ev = sub.add_parser("eval", help="perplexity and measured sparsity, dense or with saved thresholds")
+    ev = sub.add_parser("eval", help="perplexity (or lm-eval accuracy with --tasks) and measured sparsity, dense "
+                                     "or with saved thresholds")
     _add_model_args(ev)
     _add_eval_args(ev)
     ev.add_argument("--thresholds", default=None, help="thresholds file from `actsparse calibrate`")
     ev.add_argument("--scap-json", default=None, help="SCAP calibrated_thresholds.json to apply instead")
+    ev.add_argument("--tasks", default=None, metavar="TASK,...",
+                    help="lm-eval tasks, e.g. winogrande,piqa,sciq,hellaswag,boolq,arc_easy,arc_challenge: report "
+                         "their accuracy instead of perplexity (--data and the perplexity options are then unused; "
+                         f"needs {LMEVAL_INSTALL})")
+    ev.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="lm-eval few-shot examples (default 0)")
+    ev.add_argument("--limit", type=_limit_arg, default=None,
+                    help="lm-eval examples per task (a fraction if < 1); for quick checks, not reportable numbers")
+    ev.add_argument("--lm-eval-batch-size", type=_int_at_least(1), default=None,
+                    help="lm-eval batch size (default 1; larger batches are padded, and padding counts in the "
+                         "measured sparsity)")
+    ev.add_argument("--include-path", default=None, metavar="DIR", help="folder of custom lm-eval task YAMLs")
 
     sw = sub.add_parser("sweep", help="every method at every sparsity: perplexity vs measured sparsity (CSV/JSON/PNG)")
     _add_model_args(sw)
@@ -154,6 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--mc-limit", type=int, default=None, help="use the first N multiple-choice items")
     at.add_argument("--no-corpus", action="store_true", help="evaluate only on --mc (no next-token accuracy)")
     at.add_argument("--out", default="attribution", help="output folder (default ./attribution)")
+
+    gen = sub.add_parser("generate", help="stream text from the sparsified model: time to first token, decode "
+                                          "tokens/s, measured sparsity; --compare: dense and sparse side by side")
+    _add_model_args(gen)
+    _add_calib_args(gen, NNCF_RECIPE)  # used only when neither --thresholds, --scap-json nor --dense is given
+    gen.add_argument("--prompt", required=True, help="prompt text, or '-' to read it from stdin")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature (with --sample; default 1)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample; default 1)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the tokenizer's chat template as a user turn (default: plain completion)")
+    gen.add_argument("--thresholds", default=None,
+                     help="thresholds file from `actsparse calibrate` (default: calibrate the --scope recipe, "
+                          "NNCF's unless given, on --data first)")
+    gen.add_argument("--scap-json", default=None, help="SCAP calibrated_thresholds.json to apply instead")
+    gen.add_argument("--dense", action="store_true", help="generate with the dense model (no thresholds)")
+    gen.add_argument("--compare", action="store_true",
+                     help="generate dense, then sparse, and print them side by side (nothing is streamed)")
+    gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
     return parser
 
 
@@ -163,13 +227,21 @@ def _log(args, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args):
+def _load_model(args, *, compress: bool = True):
+    """``(model, tokenizer)`` as the model flags say: loaded, then int8-compressed with ``--weights``."""
     from .models import load_model
 
     t = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     _log(args, f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
-    return model, tokenizer, load_corpus(args.data)
+    if compress and args.weights != "dense":
+        names = compress_weights(model, args.weights)
+        _log(args, f"compressed {len(names)} Linear weights to {args.weights}")
+    return model, tokenizer
+
+
+def _load(args, *, compress: bool = True):
+    return (*_load_model(args, compress=compress), load_corpus(args.data))
 
 
 def _calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
@@ -258,7 +330,7 @@ def _sparsity_table(by_type: dict[str, dict[str, float]]) -> list[str]:
 
 # -------------------------------------------------------------------------------------- commands
 def cmd_demo(args) -> dict[str, Any]:
-    model, tokenizer, corpus = _load(args)
+    model, tokenizer, corpus = _load(args, compress=not args.int8)  # --int8: dense rows first, then int8
     _log(args, "evaluating the dense model")
     dense = _evaluate(args, model, tokenizer, corpus.evaluation)
     _log(args, "calibrating thresholds")
@@ -266,18 +338,40 @@ def cmd_demo(args) -> dict[str, Any]:
     _log(args, "evaluating the sparse model")
     sparse = _evaluate(args, model, tokenizer, corpus.evaluation)
     delta = 100.0 * (sparse["token_perplexity"] / dense["token_perplexity"] - 1.0)
-    result = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "calibration": cal,
-              "dense": dense, "sparse": sparse, "delta_token_ppl_percent": delta}
+    result = {"model": args.model, "data": corpus.name, "dtype": args.dtype,
+              "weights": "dense" if args.int8 else args.weights,
+              "calibration": cal, "dense": dense, "sparse": sparse, "delta_token_ppl_percent": delta}
+    rows = [("dense", dense), ("sparse", sparse)]
+    if args.int8:  # seed 000's table: the same recipe calibrated again on int8 weights
+        mode = args.weights if args.weights != "dense" else "int8_asym"
+        remove_sparsity(model)
+        compress_weights(model, mode)
+        label = mode.replace("_", "-")
+        _log(args, f"evaluating the {label} model")
+        result["int8"] = _evaluate(args, model, tokenizer, corpus.evaluation)
+        _log(args, f"calibrating thresholds on the {label} model")
+        result["int8_calibration"] = _calibrate(args, model, tokenizer, corpus)
+        _log(args, f"evaluating the {label}+sparse model")
+        result["int8_sparse"] = _evaluate(args, model, tokenizer, corpus.evaluation)
+        result["int8_mode"] = mode
+        rows += [(label, result["int8"]), (f"{label}+sparse", result["int8_sparse"])]
     if not args.json:
         recipe = ", ".join(f"{p}={s}" for p, s in cal["scopes"].items())
         print(f"\nactsparse demo: {args.model} model, {corpus.name} corpus, {args.dtype}")
         print(f"calibration: {cal['calibration_tokens']} tokens, method {_method_label(cal['method'])}, "
               f"{cal['calibration_seconds']:.1f} s; recipe {recipe}")
         print(f"evaluation: {dense['eval_tokens']} tokens ({dense['words']} words), context {dense['context']}\n")
-        print(f"{'':<10}{'token ppl':>11}{'word ppl':>11}{'Δ token ppl':>13}")
-        print(f"{'dense':<10}{dense['token_perplexity']:>11.3f}{dense['word_perplexity']:>11.3f}{'':>13}")
-        print(f"{'sparse':<10}{sparse['token_perplexity']:>11.3f}{sparse['word_perplexity']:>11.3f}{delta:>+12.2f}%\n")
+        width = max(len(label) for label, _ in rows) + 2
+        print(f"{'':<{width}}{'token ppl':>11} {'word ppl':>11}{'Δ token ppl':>13}")
+        for label, r in rows:
+            d = 100.0 * (r["token_perplexity"] / dense["token_perplexity"] - 1.0)
+            change = f"{d:>+12.2f}%" if r is not dense else ""
+            print(f"{label:<{width}}{r['token_perplexity']:>11.3f} {r['word_perplexity']:>11.3f}{change}")
+        print()
         print("\n".join(_sparsity_table(sparse["by_type"])))
+        if args.int8:
+            print(f"\n{result['int8_mode'].replace('_', '-')}+sparse (thresholds calibrated on the int8 weights):")
+            print("\n".join(_sparsity_table(result["int8_sparse"]["by_type"])))
     return result
 
 
@@ -341,6 +435,12 @@ def cmd_calibrate(args) -> dict[str, Any]:
 def cmd_eval(args) -> dict[str, Any]:
     if args.thresholds and args.scap_json:
         raise ValueError("give either --thresholds or --scap-json, not both")
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    lm_only = [f"--{k.replace('_', '-')}" for k in ("num_fewshot", "limit", "lm_eval_batch_size", "include_path")
+               if getattr(args, k) is not None]
+    if lm_only:
+        raise ValueError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
     model, tokenizer, corpus = _load(args)
     if args.thresholds:
         load_thresholds(model, args.thresholds)
@@ -352,12 +452,49 @@ def cmd_eval(args) -> dict[str, Any]:
         word = result["word_perplexity"]
         print(f"token perplexity {result['token_perplexity']:.3f}, word perplexity {word:.3f} "
               f"({result['eval_tokens']} tokens, context {result['context']})")
+        _print_sparsity(args, result)
+    return result
+
+
+def _print_sparsity(args, result: dict[str, Any]) -> None:
+    if "by_type" in result:
+        print("\n".join(_sparsity_table(result["by_type"])))
+    if args.per_layer and "measured_sparsity" in result:
+        for n, v in result["measured_sparsity"].items():
+            t = result["target_sparsity"].get(n)
+            print(f"  {n:<48} target {'-' if t is None else f'{t:.3f}'}  measured {v:.3f}")
+
+
+def _eval_tasks(args) -> dict[str, Any]:
+    """``eval --tasks``: lm-eval accuracy of the (sparsified) model object, then the sparsity it measured."""
+    from .eval.lmeval import check_options, check_tasks, format_lm_eval_table, run_lm_eval
+    from .io import read_thresholds
+
+    shots = 0 if args.num_fewshot is None else args.num_fewshot
+    batch_size = 1 if args.lm_eval_batch_size is None else args.lm_eval_batch_size
+    check_options(shots, args.limit, batch_size)
+    tasks = check_tasks(args.tasks, include_path=args.include_path)  # bad names fail before the model loads
+    if args.thresholds:
+        read_thresholds(args.thresholds)
+    model, tokenizer = _load_model(args)
+    if args.thresholds:
+        load_thresholds(model, args.thresholds)
+    if args.scap_json:
+        import_scap_json(model, args.scap_json)
+    _log(args, f"lm-eval on {', '.join(tasks)} ({shots}-shot)")
+    r = run_lm_eval(model, tokenizer, tasks, num_fewshot=shots, limit=args.limit,
+                    batch_size=batch_size, include_path=args.include_path)
+    result = {"model": args.model, "weights": args.weights, "thresholds": args.thresholds,
+              "scap_json": args.scap_json, **r}
+    if not args.json:
+        weights = args.thresholds or args.scap_json
+        limit = "" if args.limit is None else f", limit {args.limit}"
+        print(f"lm-eval {r['lm_eval_version']}: {args.model} {'with ' + weights if weights else '(dense)'}, "
+              f"{shots}-shot{limit}, {r['seconds']:.1f} s\n")
+        print("\n".join(format_lm_eval_table(r)))
         if "by_type" in result:
-            print("\n".join(_sparsity_table(result["by_type"])))
-        if args.per_layer and "measured_sparsity" in result:
-            for n, v in result["measured_sparsity"].items():
-                t = result["target_sparsity"].get(n)
-                print(f"  {n:<48} target {'-' if t is None else f'{t:.3f}'}  measured {v:.3f}")
+            print("\nmeasured sparsity during the lm-eval run:")
+        _print_sparsity(args, result)
     return result
 
 
@@ -460,8 +597,66 @@ def _curves_table(points) -> str:
     return "\n".join(rows)
 
 
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args) -> dict[str, Any]:
+    from .generate import (check_settings, compare_generate, format_footer, format_side_by_side, format_summary,
+                           generate)
+    from .io import read_thresholds
+
+    if args.thresholds and args.scap_json:
+        raise ValueError("give either --thresholds or --scap-json, not both")
+    if args.dense and (args.compare or args.thresholds or args.scap_json):
+        raise ValueError("--dense generates without sparsity; drop --compare, --thresholds and --scap-json")
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise ValueError("--temperature and --top-p apply only with --sample (greedy decoding ignores them)")
+    prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+    settings: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "seed": args.seed, "chat": args.chat,
+        "temperature": 1.0 if args.temperature is None else args.temperature,
+        "top_p": 1.0 if args.top_p is None else args.top_p}
+    check_settings(prompt, max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
+                   temperature=settings["temperature"], top_p=settings["top_p"])  # before the slow model load
+    if args.thresholds:
+        read_thresholds(args.thresholds)  # a missing or corrupt file fails before the model loads
+    model, tokenizer = _load_model(args)
+    result: dict[str, Any] = {"model": args.model, "weights": args.weights, "thresholds": args.thresholds,
+                              "scap_json": args.scap_json}
+    if args.thresholds:
+        load_thresholds(model, args.thresholds)
+    elif args.scap_json:
+        import_scap_json(model, args.scap_json)
+    elif not args.dense:
+        corpus = load_corpus(args.data)
+        _log(args, f"no --thresholds given: calibrating on {corpus.name} "
+                   "(save thresholds with `actsparse calibrate` to skip this)")
+        result["calibration"] = cal = _calibrate(args, model, tokenizer, corpus)
+        result["data"] = corpus.name
+        _log(args, f"calibrated {', '.join(f'{p}={s}' for p, s in cal['scopes'].items())} with "
+                   f"{_method_label(cal['method'])} on {cal['calibration_tokens']} tokens in "
+                   f"{cal['calibration_seconds']:.1f} s")
+    if args.compare:
+        _log(args, "generating with the dense model, then with the sparse one")
+        comparison = compare_generate(model, tokenizer, prompt, **settings)
+        result.update(comparison.to_dict())
+        if not args.json:
+            print("\n".join(format_side_by_side(comparison.dense.text, comparison.sparse.text)))
+            print("\n" + "\n".join(format_footer(comparison)))
+        return result
+    stream = None if args.json or args.no_stream else _write_stdout
+    r = generate(model, tokenizer, prompt, stream=stream, **settings)
+    result.update(r.to_dict())
+    if not args.json:
+        print(r.text if stream is None else "")
+        print("\n" + "\n".join(format_summary(r)))
+    return result
+
+
 COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval, "sweep": cmd_sweep,
-            "attribution": cmd_attribution}
+            "attribution": cmd_attribution, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,268 @@
+"""lm-evaluation-harness accuracy of the in-memory (sparsified) model, next to the sparsity it measured.
+
+``run_lm_eval(model, tokenizer, ["arc_easy", "piqa"])`` wraps the model object in lm-eval's ``HFLM`` (nothing
+is reloaded, so the ``SparseLinear`` wrappers are what runs), evaluates the tasks with ``simple_evaluate`` and,
+for a sparsified model, counts the zeros every sparse layer produced during those very forward passes (the
+table SCAP reports: accuracy next to measured sparsity). Custom tasks are lm-eval task YAMLs in a folder passed
+as ``include_path`` (lm-eval's ``--include_path``).
+
+lm-eval is an optional dependency: ``pip install 'actsparse[lmeval]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import fnmatch
+import functools
+import os
+import time
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..api import sparse_layers
+from ..calibrate import model_device
+from ..errors import ActSparseError
+from .sparsity import SparsityMonitor, layer_type, summarize_by_type
+
+__all__ = ["run_lm_eval", "check_tasks", "check_options", "format_lm_eval_table", "LMEvalNotInstalledError",
+           "LMEVAL_INSTALL"]
+
+LMEVAL_INSTALL = "pip install 'actsparse[lmeval]'"
+PREFERRED_METRICS = ("acc", "acc_norm")
+_TASK_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+class LMEvalNotInstalledError(ActSparseError, ImportError):
+    """lm-eval (``lm_eval``) is not installed."""
+
+
+def _import_lm_eval():
+    """``(lm_eval, HFLM, TaskManager)``, or an error naming the install command."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise LMEvalNotInstalledError(f"lm-eval evaluation needs the lm-eval package ({e}); install it with: "
+                                      f"{LMEVAL_INSTALL}") from None
+    return lm_eval, HFLM, TaskManager
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def _include_paths(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> tuple[str, ...]:
+    if include_path is None:
+        return ()
+    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+    out = []
+    for p in paths:
+        p = os.path.abspath(os.fspath(p))
+        if not os.path.isdir(p):
+            raise ValueError(f"include path {p!r} is not a folder; pass the folder that holds the task YAML files")
+        out.append(p)
+    return tuple(out)
+
+
+def _fingerprint(folder: str) -> tuple:
+    """Names, sizes and modification times of the task files under ``folder`` (re-index when they change)."""
+    files = []
+    for root, _, names in os.walk(folder):
+        for n in names:
+            if n.endswith((*_TASK_FILE_SUFFIXES, ".py")):
+                st = os.stat(os.path.join(root, n))
+                files.append((os.path.relpath(os.path.join(root, n), folder), st.st_mtime_ns, st.st_size))
+    return tuple(sorted(files))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_manager(paths: tuple[tuple[str, tuple], ...], include_defaults: bool):
+    _, _, TaskManager = _import_lm_eval()
+    return TaskManager(include_path=[p for p, _ in paths] or None, include_defaults=include_defaults)
+
+
+def _manager(paths: tuple[str, ...], include_defaults: bool):
+    """A TaskManager, cached per set of folders: indexing lm-eval's ~15k built-in YAMLs takes 5-15 s."""
+    return _cached_manager(tuple((p, _fingerprint(p)) for p in paths), include_defaults)
+
+
+def _is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
+def _is_task_file(name: str) -> bool:
+    return name.endswith(_TASK_FILE_SUFFIXES) and os.path.isfile(name)
+
+
+def _split_names(tasks: str | Sequence[str]) -> list[str]:
+    parts = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = list(dict.fromkeys(str(t).strip() for t in parts if str(t).strip()))
+    if not names:
+        raise ValueError("no lm-eval tasks given; name some, e.g. arc_easy,piqa (list them with `lm-eval ls tasks`)")
+    return names
+
+
+def _resolve(tasks: str | Sequence[str], include_path) -> tuple[list[str], Any]:
+    """Validated task names (globs expanded) and the TaskManager that knows them all."""
+    _import_lm_eval()
+    names = _split_names(tasks)
+    paths = _include_paths(include_path)
+    if paths and not any(_is_glob(n) or _is_task_file(n) for n in names):
+        # custom leaf tasks are self-contained: skip indexing the built-in tasks when they are all we need
+        custom = _manager(paths, include_defaults=False)
+        if all(n in custom.all_subtasks for n in names):
+            return names, custom
+    tm = _manager(paths, include_defaults=True)
+    known, resolved, unknown = set(tm.all_tasks), [], []
+    for n in names:
+        if n in known or _is_task_file(n):
+            resolved.append(n)
+        elif _is_glob(n) and fnmatch.filter(tm.all_tasks, n):
+            resolved.extend(tm.match_tasks([n]))
+        else:
+            unknown.append(n)
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, tm.all_tasks, n=5, cutoff=0.6)
+            hints.append(f"{n!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+        where = f" (built-in or in {', '.join(paths)})" if paths else ""
+        raise ValueError(f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. Known are "
+                         f"{len(tm.all_tasks)} tasks/groups/tags{where}; list them with `lm-eval ls tasks`, and for a "
+                         "custom task pass the folder holding its YAML with --include-path DIR (include_path= in "
+                         "Python)")
+    return list(dict.fromkeys(resolved)), tm
+
+
+def check_tasks(tasks: str | Sequence[str], *, include_path=None) -> list[str]:
+    """Validate lm-eval task names (a list or a comma string) before any model work.
+
+    Returns the names (glob patterns such as ``arc_*`` expanded). An unknown name raises ``ValueError`` with
+    close matches and how to list tasks or pass a folder of custom task YAMLs (``include_path``).
+    """
+    return _resolve(tasks, include_path)[0]
+
+
+# ------------------------------------------------------------------------------------------- run
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _metrics(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """lm-eval's ``{"acc,none": v, "acc_stderr,none": s}`` as ``{"acc": {"value": v, "stderr": s}}``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, v in raw.items():
+        metric, sep, filt = key.partition(",")
+        if not sep or metric.endswith("_stderr") or (value := _number(v)) is None:
+            continue
+        out[metric if filt == "none" else key] = {"value": value, "stderr": _number(raw.get(f"{metric}_stderr,{filt}"))}
+    return out
+
+
+def _sparsity_by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    counts = Counter(layer_type(n) for n in measured)
+    mean_t = summarize_by_type({n: t for n, t in targets.items() if t is not None})
+    return {k: {"layers": counts[k], "target": mean_t.get(k), "measured": v}
+            for k, v in summarize_by_type(measured).items()}
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, device: str | torch.device | None) -> Iterator[None]:
+    """Run on ``device`` (the model's own when ``None``); put back its device and train/eval mode after."""
+    home, training = model_device(model), model.training
+    moved = device is not None and torch.device(device) != home
+    try:
+        if moved:
+            model.to(device)
+        yield
+    finally:
+        if moved:
+            model.to(home)
+        model.train(training)
+
+
+def check_options(num_fewshot: int | None = 0, limit: int | float | None = None, batch_size: int = 1) -> None:
+    """Validate ``run_lm_eval``'s options (``ValueError`` naming the bad one)."""
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
+        raise ValueError(f"num_fewshot must be an int >= 0 (or None for each task's default), got {num_fewshot!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+        raise ValueError(f"limit must be > 0: a number of examples per task, or a fraction below 1, got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # not lm-eval's "auto": its probing forward passes would count in the measured sparsity
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def run_lm_eval(model: nn.Module, tokenizer, tasks: str | Sequence[str], *, num_fewshot: int | None = 0,
+                limit: int | float | None = None, batch_size: int = 1, include_path=None,
+                device: str | torch.device | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (dense or sparsified, in memory) on lm-eval tasks; return JSON-able results.
+
+    Args:
+        model: a HF causal LM object; lm-eval's ``HFLM`` wraps it as is (no reload).
+        tokenizer: its tokenizer (a copy is handed to lm-eval, which may set a pad token on it).
+        tasks: lm-eval task/group names, a list or a comma string; validated before anything runs.
+        num_fewshot: few-shot examples per prompt (0: zero-shot; ``None``: each task's default).
+        limit: examples per task (a fraction if < 1; for quick checks, not reportable numbers).
+        batch_size: lm-eval batch size. With batches > 1 lm-eval right-pads the inputs and the padding is
+            counted in the measured sparsity too; 1 measures exactly the scored sequences.
+        include_path: a folder (or folders) of custom task YAMLs.
+        device: run there (the model is moved for the run and back after); ``None``: where the model is.
+
+    Returns:
+        ``{"tasks": {task: {metric: {"value", "stderr"}}}, "samples": {task: n}, "num_fewshot": {task: n},
+        "seconds", "lm_eval_version", ...}`` plus, for a sparsified model, ``"measured_sparsity"`` (per layer,
+        over the lm-eval forward passes), ``"target_sparsity"`` and ``"by_type"`` (``{type: {"layers",
+        "target", "measured"}}``).
+    """
+    lm_eval, HFLM, _ = _import_lm_eval()
+    check_options(num_fewshot, limit, batch_size)
+    names, manager = _resolve(tasks, include_path)
+    if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
+                         "set one, e.g. tokenizer.eos_token = '</s>'")
+    layers = sparse_layers(model)
+    monitor = SparsityMonitor(model) if layers else None
+    t = time.perf_counter()
+    with _restored(model, device), monitor or contextlib.nullcontext():
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
+        raw = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                      batch_size=batch_size, task_manager=manager, log_samples=False)
+    seconds = time.perf_counter() - t
+    results = raw["results"]
+    order = [n for n in names if n in results] + [n for n in results if n not in names]
+    out: dict[str, Any] = {
+        "tasks": {n: _metrics(results[n]) for n in order},
+        "samples": {n: int(v["effective"]) for n, v in raw.get("n-samples", {}).items()},
+        "num_fewshot": {n: v for n, v in raw.get("n-shot", {}).items()},
+        "limit": limit, "batch_size": batch_size, "seconds": seconds,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+    }
+    if monitor is not None:
+        measured, targets = monitor.sparsity(), monitor.targets()
+        out["measured_sparsity"] = measured
+        out["target_sparsity"] = targets
+        out["by_type"] = _sparsity_by_type(measured, targets)
+    return out
+
+
+def format_lm_eval_table(result: dict[str, Any]) -> list[str]:
+    """Rows ``task  metric  value ± stderr`` (``acc``/``acc_norm`` when a task has them, else all its metrics)."""
+    width = max([4, *(len(n) for n in result["tasks"])]) + 2
+    lines = [f"{'task':<{width}}{'metric':<12}{'value':>8}   {'stderr':<8}{'n':>7}"]
+    for task, metrics in result["tasks"].items():
+        shown = [m for m in PREFERRED_METRICS if m in metrics] or list(metrics)
+        n = result.get("samples", {}).get(task)
+        for m in shown:
+            v, se = metrics[m]["value"], metrics[m]["stderr"]
+            lines.append(f"{task:<{width}}{m:<12}{v:>8.4f} ± {'-' if se is None else f'{se:.4f}':<8}"
+                         f"{'' if n is None else n:>7}")
+    return lines

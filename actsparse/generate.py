@@ -1,0 +1,443 @@
+"""Text generation from a (sparsified) causal LM: streaming, prefill/decode timing, measured sparsity.
+
+A gpt-fast style loop over the HF model with its KV cache: :func:`prefill` runs the prompt once and picks
+the first new token (its time is the *time to first token*), :func:`decode_one_token` feeds one token and
+picks the next (their total time gives the *decode tokens/s*). Greedy decoding picks the argmax of the fp32
+logits, as ``model.generate(do_sample=False)`` does, so with no sparsity it reproduces it token for token.
+Sampling applies the temperature, then nucleus (top-p) filtering, and draws from a ``torch.Generator``
+seeded with ``seed``: the same seed gives the same draws, so dense and sparse runs differ only where their
+probabilities do.
+
+Timing excludes the streaming callback and the detokenizer: the reported speed is the model's. Measured
+sparsity is taken *after* the timed run, by replaying the same tokens with a
+:class:`~actsparse.eval.SparsityMonitor`: the prompt in one pass (prefill) and the generated tokens that
+the decode steps fed, in one more pass on its KV cache (decode). Thresholds act on each token's activations
+independently, so the replay sees the inputs the decode steps saw (up to fp rounding of batched matmuls),
+while the timed loop runs without the monitor's hooks (which would slow the sparse run but not the dense
+one).
+
+Chat template: by default (``chat=False``) the prompt is plain text to continue (completion), as
+``transformers.pipeline`` and vLLM's ``generate`` treat a string, even for instruct models: a prompt such as
+"The capital of France is" is a completion prompt, and the embedded SmolLM2-135M-Instruct completes it
+(" Paris.") far better than it answers it as a chat turn. ``chat=True`` wraps the prompt in the tokenizer's
+chat template as one user message with the assistant turn opened (an error without a template);
+``chat=None`` does that only when the tokenizer has a template.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import shutil
+import textwrap
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .api import sparse_layers
+from .calibrate import model_device
+from .eval.sparsity import SparsityMonitor, summarize_by_type
+from .sparse_linear import _share_linear_state
+
+__all__ = ["GenerationResult", "Comparison", "generate", "compare_generate", "check_settings", "encode_prompt",
+           "prefill", "decode_one_token", "dense_view", "first_divergence", "format_side_by_side",
+           "format_summary", "format_footer"]
+
+Stream = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class GenerationResult:
+    """One generation: the text, its tokens, timings and measured sparsity.
+
+    ``prefill_seconds`` is the time to first token (prompt forward + picking the first token);
+    ``decode_seconds`` the time of the remaining ``new_tokens - 1`` single-token steps. Sparsity maps
+    layer names to the measured fraction of zero inputs (empty for a dense model; ``decode_sparsity`` is
+    empty too when only one token was generated, as no decode step ran).
+    """
+
+    prompt: str
+    chat: bool
+    prompt_tokens: int
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    stop_reason: str                      # "eos" or "length"
+    prefill_seconds: float
+    decode_seconds: float
+    sparse: bool
+    prefill_sparsity: dict[str, float] = field(default_factory=dict)
+    decode_sparsity: dict[str, float] = field(default_factory=dict)
+    target_sparsity: dict[str, float | None] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """``(new_tokens - 1) / decode_seconds``: tokens per second after the first (``None`` without decode steps)."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+    def mean_sparsity(self, phase: str = "decode") -> float | None:
+        """Unweighted mean over layers of the measured sparsity of ``phase`` ("decode" or "prefill")."""
+        values = self._phase(phase)
+        return sum(values.values()) / len(values) if values else None
+
+    def sparsity_by_type(self, phase: str = "decode") -> dict[str, float]:
+        """Mean measured sparsity per projection type (``up_proj``, ...) of ``phase``."""
+        return summarize_by_type(self._phase(phase))
+
+    def _phase(self, phase: str) -> dict[str, float]:
+        if phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+        return self.decode_sparsity if phase == "decode" else self.prefill_sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(new_tokens=self.new_tokens, decode_tokens_per_s=self.decode_tokens_per_s,
+                   mean_decode_sparsity=self.mean_sparsity("decode"),
+                   mean_prefill_sparsity=self.mean_sparsity("prefill"),
+                   decode_sparsity_by_type=self.sparsity_by_type("decode"))
+        return out
+
+
+@dataclass
+class Comparison:
+    """Dense and sparse generations of the same prompt with the same settings."""
+
+    dense: GenerationResult
+    sparse: GenerationResult
+
+    @property
+    def first_divergence(self) -> int | None:
+        """Index of the first new token where the two differ (``None`` if identical); see :func:`first_divergence`."""
+        return first_divergence(self.dense.token_ids, self.sparse.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense": self.dense.to_dict(), "sparse": self.sparse.to_dict(),
+                "first_divergence": self.first_divergence}
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index where ``a`` and ``b`` differ; ``min(len)`` when one is a proper prefix of the other
+    (one stopped early at EOS); ``None`` when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def check_settings(prompt: str, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                   top_p: float = 1.0) -> None:
+    """Raise ``ValueError`` for an empty prompt or out-of-range settings (before any model work)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty; give some text to continue")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if do_sample:
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r} (use greedy decoding for 'temperature 0')")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[torch.Tensor, bool]:
+    """``([1, T] token ids, chat used)``. ``chat=None`` uses the chat template when the tokenizer has one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if chat is None:
+        chat = bool(template)
+    if chat:
+        if not template:
+            raise ValueError("chat=True but the tokenizer has no chat template; generate with chat=False "
+                             "(plain completion)")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the special tokens
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    return torch.tensor([ids], dtype=torch.long), chat
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _encode_checked(model: nn.Module, tokenizer, prompt: str, chat: bool | None,
+                    max_new_tokens: int) -> tuple[torch.Tensor, bool]:
+    """:func:`encode_prompt`, refusing a prompt + ``max_new_tokens`` beyond the model's positions."""
+    ids, chat = encode_prompt(tokenizer, prompt, chat)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's {limit} positions")
+    return ids, chat
+
+
+# --------------------------------------------------------------------------------------------- loop
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> int:
+    """Greedy argmax, or a draw after temperature and top-p (nucleus) filtering, of ``logits`` [vocab]."""
+    logits = logits.float()
+    if not do_sample:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p >= top_p  # the mass before it already reaches top_p (never the 1st)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_params(forward: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters)
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, *, all_logits: bool = False) -> tuple[torch.Tensor, Any]:
+    params = _forward_params(getattr(model.forward, "__func__", model.forward))
+    kwargs: dict[str, Any] = {"use_cache": True}
+    if cache is not None:  # transformers >= 5.2x names it `cache`, earlier versions `past_key_values`
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if "logits_to_keep" in params and not all_logits:
+        kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (lm_head sees one row)
+    out = model(ids, **kwargs)
+    return out.logits[0, -1], _cache_of(out)
+
+
+def _cache_of(out: Any) -> Any:
+    for key in ("cache", "past_key_values"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no KV cache with use_cache=True; generation needs a causal LM with a cache")
+
+
+def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run the prompt ``ids`` [1, T]; ``(last logits [vocab], KV cache)``."""
+    return _forward(model, ids, None)
+
+
+def decode_one_token(model: nn.Module, token: int, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Feed one ``token`` on the KV ``cache``; ``(logits [vocab], cache)``."""
+    return _forward(model, torch.tensor([[token]], device=model_device(model)), cache)
+
+
+class _Detokenizer:
+    """Incremental text for streaming: emits the new suffix of the decoded text, holding it back while it ends
+    in an incomplete UTF-8 sequence (U+FFFD) or while decoding more tokens rewrote earlier text."""
+
+    def __init__(self, tokenizer, stream: Stream | None):
+        self.tokenizer, self.stream = tokenizer, stream
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        if self.stream is None:
+            return
+        text = self._text()
+        if not text.endswith("\ufffd") and text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.stream(text[len(self.emitted):])
+            self.emitted = text
+
+    def finish(self) -> str:
+        text = self._text()
+        if self.stream is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.stream(text[len(self.emitted):])
+            self.emitted = text
+        return text
+
+
+def _measure(model: nn.Module, prompt_ids: torch.Tensor, new_ids: list[int]) -> tuple[dict, dict, dict]:
+    """Replay with a SparsityMonitor: ``(prefill sparsity, decode sparsity, targets)`` per layer."""
+    with SparsityMonitor(model) as pre:
+        _, cache = prefill(model, prompt_ids)
+    decode: dict[str, float] = {}
+    if len(new_ids) > 1:  # the decode steps fed every new token but the last, in one pass here
+        with SparsityMonitor(model) as dec:
+            _forward(model, torch.tensor([new_ids[:-1]], device=prompt_ids.device), cache, all_logits=True)
+        decode = dec.sparsity()
+    return pre.sparsity(), decode, pre.targets()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = False,
+             stream: Stream | None = None, stop_at_eos: bool = True,
+             measure_sparsity: bool = True) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1, KV cache) and time it.
+
+    ``stream`` receives text chunks as they are decoded; their concatenation is the result's ``text``
+    (special tokens skipped). Generation stops at the model's EOS token(s) unless ``stop_at_eos=False``.
+    The model is not modified; on bad input a ``ValueError`` is raised before it runs.
+    """
+    check_settings(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_p=top_p)
+    ids, chat = _encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
+    device = model_device(model)
+    ids = ids.to(device)
+    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
+    generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
+    detok = _Detokenizer(tokenizer, stream)
+
+    t = time.perf_counter()
+    logits, cache = prefill(model, ids)
+    token = _pick(logits, do_sample, temperature, top_p, generator)  # .item(): the device has finished
+    prefill_seconds = time.perf_counter() - t
+    new = [token]
+    detok.push(token)
+    decode_seconds = 0.0
+    while len(new) < max_new_tokens and token not in eos:
+        t = time.perf_counter()
+        logits, cache = decode_one_token(model, token, cache)
+        token = _pick(logits, do_sample, temperature, top_p, generator)
+        decode_seconds += time.perf_counter() - t
+        new.append(token)
+        detok.push(token)
+    text = detok.finish()
+    del cache
+
+    is_sparse = bool(sparse_layers(model))
+    pre, dec, targets = _measure(model, ids, new) if is_sparse and measure_sparsity else ({}, {}, {})
+    return GenerationResult(
+        prompt=prompt, chat=chat, prompt_tokens=int(ids.shape[1]), text=text, token_ids=new,
+        tokens=[tokenizer.decode([i]) for i in new], stop_reason="eos" if token in eos else "length",
+        prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, sparse=is_sparse,
+        prefill_sparsity=pre, decode_sparsity=dec, target_sparsity=targets,
+        settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                  "top_p": top_p, "seed": seed})
+
+
+# ------------------------------------------------------------------------------------------ compare
+@contextmanager
+def dense_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily swap every ``SparseLinear`` for a plain ``nn.Linear`` sharing its weights; restored on exit
+    (also on error). Unlike :func:`actsparse.remove_sparsity` it keeps the sparse layers (and any packed kernel
+    state) to put back."""
+    layers = sparse_layers(model)
+    try:
+        for name, m in layers.items():
+            lin = nn.Linear.__new__(nn.Linear)
+            nn.Module.__init__(lin)
+            _share_linear_state(m, lin)
+            model.set_submodule(name, lin)
+        yield model
+    finally:
+        for name, m in layers.items():
+            model.set_submodule(name, m)
+
+
+def compare_generate(model: nn.Module, tokenizer, prompt: str, *, stream: Stream | None = None,
+                     warmup: bool = True, **settings: Any) -> Comparison:
+    """Generate with the dense view of the sparsified ``model`` and then with the model itself.
+
+    Same prompt and ``settings`` (the keyword arguments of :func:`generate`) for both, so greedy runs differ
+    only through sparsity and sampled runs draw the same random numbers. ``stream`` streams the sparse run
+    only. ``warmup`` first runs two untimed tokens of each, so neither timing pays one-off start-up costs.
+    """
+    if not sparse_layers(model):
+        raise ValueError("the model has no SparseLinear layers; sparsify it (or load thresholds) before comparing")
+    check_settings(prompt, max_new_tokens=settings.get("max_new_tokens", 64),
+                   do_sample=settings.get("do_sample", False), temperature=settings.get("temperature", 1.0),
+                   top_p=settings.get("top_p", 1.0))
+    _encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
+    if warmup:
+        short = {**settings, "max_new_tokens": min(2, settings.get("max_new_tokens", 64)), "measure_sparsity": False}
+        with dense_view(model):
+            generate(model, tokenizer, prompt, **short)
+        generate(model, tokenizer, prompt, **short)
+    with dense_view(model):
+        dense = generate(model, tokenizer, prompt, **settings)
+    sparse = generate(model, tokenizer, prompt, stream=stream, **settings)
+    return Comparison(dense, sparse)
+
+
+# ------------------------------------------------------------------------------------------- format
+def _wrap(text: str, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.split("\n"):
+        lines += textwrap.wrap(para, width) or [""]
+    return [line.rstrip() for line in lines]
+
+
+def format_side_by_side(left: str, right: str, *, width: int | None = None,
+                        titles: tuple[str, str] = ("dense", "sparse")) -> list[str]:
+    """Two texts in two columns wrapped to ``width`` (default: the terminal's), separated by `` | ``."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    col = max(12, (width - 3) // 2)
+    a, b = _wrap(left, col), _wrap(right, col)
+    a += [""] * (len(b) - len(a))
+    b += [""] * (len(a) - len(b))
+    return ([f"{titles[0]:<{col}} | {titles[1]}", f"{'-' * col}-+-{'-' * col}"]
+            + [f"{x:<{col}} | {y}".rstrip() for x, y in zip(a, b)])
+
+
+def _num(value: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _sparsity_line(r: GenerationResult) -> str | None:
+    mean = r.mean_sparsity("decode")
+    phase = "decode"
+    if mean is None:
+        mean, phase = r.mean_sparsity("prefill"), "prefill"
+    if mean is None:
+        return None
+    by_type = r.sparsity_by_type(phase)
+    targets = summarize_by_type({n: t for n, t in r.target_sparsity.items() if t is not None})
+    parts = ", ".join(f"{k} {v:.3f}" + (f" (target {targets[k]:.2f})" if k in targets else "")
+                      for k, v in by_type.items())
+    n = len(r.decode_sparsity if phase == "decode" else r.prefill_sparsity)
+    return f"measured sparsity ({phase}): {mean:.3f} mean over {n} layers; {parts}"
+
+
+def format_summary(r: GenerationResult) -> list[str]:
+    """Lines after a single generation: tokens, time to first token, decode tokens/s, measured sparsity."""
+    lines = [f"{r.new_tokens} new tokens (stop: {r.stop_reason}); prompt {r.prompt_tokens} tokens"
+             f"{' (chat template)' if r.chat else ''}; time to first token {r.prefill_seconds:.3f} s; "
+             f"decode {_num(r.decode_tokens_per_s, '.1f')} tokens/s"]
+    line = _sparsity_line(r)
+    if line:
+        lines.append(line)
+    return lines
+
+
+def format_footer(c: Comparison) -> list[str]:
+    """The comparison's footer: a dense/sparse table, the sparse run's measured sparsity, the first divergence."""
+    d, s = c.dense, c.sparse
+    rows = [("new tokens", str(d.new_tokens), str(s.new_tokens)),
+            ("time to first token", _num(d.prefill_seconds, ".3f", " s"), _num(s.prefill_seconds, ".3f", " s")),
+            ("decode tokens/s", _num(d.decode_tokens_per_s, ".1f"), _num(s.decode_tokens_per_s, ".1f")),
+            ("measured sparsity", "-", _num(s.mean_sparsity("decode"), ".3f"))]
+    lines = [f"{'':<22}{'dense':>12}{'sparse':>12}"] + [f"{k:<22}{a:>12}{b:>12}" for k, a, b in rows]
+    line = _sparsity_line(s)
+    if line:
+        lines.append(line)
+    i = c.first_divergence
+    if i is None:
+        lines.append(f"first divergence: none (identical {d.new_tokens} tokens)")
+    else:
+        tok = lambda r: repr(r.tokens[i]) if i < r.new_tokens else "(ended)"  # noqa: E731
+        lines.append(f"first divergence: new token {i} (dense {tok(d)}, sparse {tok(s)})")
+    return lines

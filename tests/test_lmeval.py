@@ -1,0 +1,233 @@
+"""lm-eval on the in-memory (sparsified) model, fully offline: a tiny custom multiple-choice task written here."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import actsparse as A
+from actsparse.cli import main
+from actsparse.eval import SparsityMonitor
+from actsparse.eval.lmeval import LMEVAL_INSTALL, check_tasks, run_lm_eval
+
+from conftest import byte_tokenizer, make_tiny_llama
+
+TASK = "actsparse_tiny_mc"
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+NOUNS = ["apple", "sky", "leaf", "sun", "grape", "carrot", "night", "snow", "ocean", "stone", "cloud", "fire"]
+
+
+def _items() -> list[dict]:
+    """12 questions with 3-4 choices of different lengths (so acc and acc_norm can differ)."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i, noun in enumerate(NOUNS):
+        k = 3 + i % 2
+        picks = torch.randperm(len(COLORS), generator=g)[:k].tolist()
+        items.append({"question": f"What color is the {noun} number {i}?", "choices": [COLORS[j] for j in picks],
+                      "label": int(torch.randint(0, k, (1,), generator=g))})
+    return items
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny model: one thread is ~1 ms a forward; two threads on a busy 2-core machine can be 50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and a private datasets cache."""
+    pytest.importorskip("lm_eval")
+    import datasets.config
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
+    monkeypatch.chdir(tmp_path)  # lm-eval asks `git describe` for the working folder's commit
+
+
+@pytest.fixture
+def task_dir(tmp_path, offline):
+    """A folder with the custom task YAML (dataset_path: json, local JSONL data); returns (folder, items)."""
+    import yaml
+
+    items = _items()
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("\n".join(json.dumps(it) for it in items), encoding="utf-8")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    cfg = {"task": TASK, "dataset_path": "json",
+           "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf-cache")},
+           "output_type": "multiple_choice", "test_split": "test",
+           "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "choices", "doc_to_target": "label",
+           "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                           {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+           "metadata": {"version": 1.0}}
+    (folder / "tiny_mc.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return str(folder), items
+
+
+def _tokenizer():
+    tok = byte_tokenizer()
+    tok.eos_token = "Ā"  # lm-eval needs a BOS or EOS token; the byte tokenizer has none
+    return tok
+
+
+def own_scores(model, tok, items) -> tuple[float, float, list[torch.Tensor], list[list[float]]]:
+    """(acc, acc_norm, forwarded inputs, per-choice log-likelihoods) from the model's own log-probabilities:
+    each choice scores the sum of log p(continuation token) after "Question: ...\\nAnswer:" and a space."""
+    hits = hits_norm = 0
+    inputs, all_lls = [], []
+    for it in items:
+        ctx = tok(f"Question: {it['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        lls = []
+        for c in it["choices"]:
+            cont = tok(" " + c, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([ctx + cont])[:, :-1]  # lm-eval drops the last token too
+            with torch.no_grad():
+                logp = model(x).logits.float().log_softmax(-1)[0, len(ctx) - 1:]
+            lls.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
+            inputs.append(x)
+        norm = [ll / len(c) for ll, c in zip(lls, it["choices"])]
+        hits += max(range(len(lls)), key=lls.__getitem__) == it["label"]
+        hits_norm += max(range(len(norm)), key=norm.__getitem__) == it["label"]
+        all_lls.append(lls)
+    return hits / len(items), hits_norm / len(items), inputs, all_lls
+
+
+def test_accuracy_matches_own_loglikelihoods_dense_and_sparse(task_dir, calib_data):
+    folder, items = task_dir
+    model, tok = make_tiny_llama(), _tokenizer()
+
+    dense = run_lm_eval(model, tok, [TASK], include_path=folder)
+    acc, acc_norm, _, dense_lls = own_scores(model, tok, items)
+    m = dense["tasks"][TASK]
+    assert m["acc"]["value"] == pytest.approx(acc, abs=1e-12)
+    assert m["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-12)
+    assert m["acc"]["stderr"] > 0 and dense["samples"][TASK] == len(items) and dense["num_fewshot"][TASK] == 0
+    assert "measured_sparsity" not in dense
+    assert tok.pad_token is None  # lm-eval set a pad token on its own copy, not ours
+    json.dumps(dense)  # JSON-able
+
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.8}), calib_data)
+    limit = 9
+    sparse = run_lm_eval(model, tok, TASK, include_path=folder, limit=limit)
+    acc, acc_norm, inputs, sparse_lls = own_scores(model, tok, items[:limit])
+    m = sparse["tasks"][TASK]
+    assert sparse["samples"][TASK] == limit
+    assert m["acc"]["value"] == pytest.approx(acc, abs=1e-12)
+    assert m["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-12)
+    assert sparse_lls != dense_lls[:limit]  # the thresholds change the scores
+    # the sparsity measured during lm-eval's forward passes = the same sequences through a SparsityMonitor
+    with SparsityMonitor(model) as mon, torch.no_grad():
+        for x in inputs:
+            model(x)
+    expected = mon.sparsity()
+    assert set(sparse["measured_sparsity"]) == set(expected) and len(expected) == 14
+    for name, v in expected.items():
+        assert sparse["measured_sparsity"][name] == pytest.approx(v, abs=1e-9), name
+    assert all(v > 0.5 for v in expected.values())
+    assert set(sparse["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sparse["by_type"]["down_proj"]["layers"] == 2 and sparse["by_type"]["down_proj"]["target"] == 0.8
+    json.dumps(sparse)
+
+
+def test_unknown_task_names_close_matches_and_the_fix(task_dir, capsys):
+    folder, _ = task_dir
+    with pytest.raises(ValueError) as e:
+        check_tasks([TASK + "x"], include_path=folder)
+    msg = str(e.value)
+    assert f"did you mean: {TASK}" in msg and "--include-path" in msg and "lm-eval ls tasks" in msg
+    with pytest.raises(ValueError, match=r"'arc_eazy' \(did you mean: arc_easy"):
+        check_tasks("arc_eazy,piqa")
+    assert check_tasks(f" piqa , {TASK},piqa", include_path=folder) == ["piqa", TASK]
+    with pytest.raises(ValueError, match="no lm-eval tasks"):
+        check_tasks(" , ")
+    with pytest.raises(ValueError, match="not a folder"):
+        check_tasks(TASK, include_path=folder + "/missing")
+    # the CLI checks the names before it loads the model (this model path does not exist)
+    assert main(["eval", "--model", "no/such/model", "--tasks", "arc_eazy"]) == 2
+    err = capsys.readouterr().err
+    assert "actsparse eval: error: unknown lm-eval task" in err and "arc_easy" in err and len(err.splitlines()) == 1
+
+
+def test_missing_lm_eval_names_the_install_command(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    with pytest.raises(ImportError, match=LMEVAL_INSTALL.replace("[", r"\[").replace("]", r"\]")):
+        run_lm_eval(make_tiny_llama(), _tokenizer(), ["piqa"])
+    assert main(["eval", "--model", "no/such/model", "--tasks", "piqa"]) == 2
+    assert "pip install 'actsparse[lmeval]'" in capsys.readouterr().err
+
+
+def test_model_and_tokenizer_unchanged_on_error(task_dir, calib_data, monkeypatch):
+    import lm_eval
+
+    folder, _ = task_dir
+    model, tok = make_tiny_llama(), _tokenizer()
+    A.sparsify_(model, A.SparsifyConfig({r".*down_proj": 0.5}), calib_data)
+    model.train()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("lm-eval failed")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", boom)
+    with pytest.raises(RuntimeError, match="lm-eval failed"):
+        run_lm_eval(model, tok, [TASK], include_path=folder)
+    assert model.training and tok.pad_token is None
+    assert all(not m._forward_pre_hooks for m in A.sparse_layers(model).values())  # the monitor's hooks are gone
+    for bad, match in [({"batch_size": 0}, "batch_size"), ({"batch_size": "auto"}, "batch_size"),
+                       ({"limit": 0}, "limit"), ({"num_fewshot": -1}, "num_fewshot")]:
+        with pytest.raises(ValueError, match=match):
+            run_lm_eval(model, tok, [TASK], include_path=folder, **bad)
+    with pytest.raises(ValueError, match="BOS or EOS"):
+        run_lm_eval(model, byte_tokenizer(), [TASK], include_path=folder)
+
+
+def test_cli_eval_tasks_json_and_table(task_dir, calib_data, tmp_path, capsys):
+    folder, items = task_dir
+    model_dir = tmp_path / "tiny"
+    model, tok = make_tiny_llama(), _tokenizer()
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    A.sparsify_(model, A.SparsifyConfig({r".*up_proj": 0.4, r".*down_proj": 0.6}), calib_data)
+    th = str(tmp_path / "th.safetensors")
+    A.save_thresholds(model, th)
+
+    common = ["eval", "--model", str(model_dir), "--thresholds", th, "--tasks", TASK, "--include-path", folder]
+    assert main([*common, "--limit", "6", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    acc, acc_norm, _, _ = own_scores(model, tok, items[:6])  # the CLI's model = this one, reloaded
+    assert res["tasks"][TASK]["acc"]["value"] == pytest.approx(acc, abs=1e-12)
+    assert res["tasks"][TASK]["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-12)
+    assert res["samples"] == {TASK: 6} and res["thresholds"] == th
+    assert set(res["by_type"]) == {"up_proj", "down_proj"} and res["by_type"]["down_proj"]["target"] == 0.6
+    assert 0 < res["by_type"]["up_proj"]["measured"] < res["by_type"]["down_proj"]["measured"]
+
+    assert main([*common, "--limit", "3", "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert "lm-eval" in out and "3-shot" not in out and "0-shot, limit 3" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert [TASK, "acc"] in [r[:2] for r in rows] and [TASK, "acc_norm"] in [r[:2] for r in rows]
+    assert any(r[:2] == [TASK, "acc"] and r[3] == "±" and r[-1] == "3" for r in rows)
+    assert "measured sparsity during the lm-eval run:" in out and "model.layers.1.mlp.down_proj" in out
+    assert any(r[:3] == ["down_proj", "2", "0.600"] for r in rows)
+
+
+def test_cli_lm_eval_options_need_tasks(tmp_path, capsys):
+    assert main(["eval", "--model", "no/such/model", "--limit", "5", "--num-fewshot", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-fewshot, --limit apply only to lm-eval" in err and "--tasks" in err
+    for flag, value, message in [("--limit", "0", "fraction below 1"), ("--lm-eval-batch-size", "0", ">= 1"),
+                                 ("--num-fewshot", "-1", ">= 0")]:
+        with pytest.raises(SystemExit):
+            main(["eval", "--tasks", "piqa", flag, value])
+        err = capsys.readouterr().err
+        assert flag in err and message in err, err
