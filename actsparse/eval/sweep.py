@@ -112,11 +112,12 @@ def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tens
 
 
 def format_table(dense: float, points: Sequence[SweepPoint]) -> list[str]:
-    lines = [f"{'method':<18}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>9}{'calib s':>9}",
-             f"{'dense':<18}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>9}{'':>9}"]
+    w = max([18] + [len(p.method) + 2 for p in points])
+    lines = [f"{'method':<{w}}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>11}{'calib s':>9}",
+             f"{'dense':<{w}}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>11}{'':>9}"]
     for p in points:
-        lines.append(f"{p.method:<18}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
-                     f"{p.token_perplexity:>11.3f}{p.delta_percent:>+8.2f}%{p.calibration_seconds:>9.1f}")
+        lines.append(f"{p.method:<{w}}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
+                     f"{p.token_perplexity:>11.3f}{p.delta_percent:>+10.2f}%{p.calibration_seconds:>9.1f}")
     return lines
 
 
