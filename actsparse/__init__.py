@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 from .api import (SparsifyConfig, apply_thresholds, remove_sparsity, sparse_layers,  # noqa: E402
                   sparsify_, sparsify_activations)
-from .errors import (ActSparseError, AlreadySparsifiedError, CalibrationError, DatasetError,  # noqa: E402
-                     ScopeError, ThresholdFileError)
+from .errors import (ActSparseError, AlreadySparsifiedError, CalibrationError, ConfigFileError,  # noqa: E402
+                     DatasetError, ScopeError, ThresholdFileError)
 from .io import from_pretrained, load_thresholds, save_pretrained, save_thresholds  # noqa: E402
 from .generate import compare_generate, generate  # noqa: E402
 from .methods import register_method, registered_methods  # noqa: E402
@@ -27,6 +27,6 @@ __all__ = [
     "export_scap_json", "import_scap_json", "register_method", "registered_methods", "compress_weights",
     "unfuse_experts", "fuse_experts", "UnsupportedExpertsError", "generate", "compare_generate", "save_thresholds", "load_thresholds", "save_pretrained", "from_pretrained",
     "ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
-    "AlreadySparsifiedError",
+    "AlreadySparsifiedError", "ConfigFileError",
 ]
 # lm-eval is an optional extra: `from actsparse.eval.lmeval import run_lm_eval`.

@@ -42,6 +42,28 @@ class SparsifyConfig:
         self.method = method_from_spec(self.method, **self.method_options)
         self.method_options = {}
 
+    def to_dict(self) -> dict[str, Any]:
+        """This config as versioned, JSON-ready data (``actsparse.config``)."""
+        from .config import config_to_dict
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
+        """Rebuild a config from :meth:`to_dict` data; every field is checked."""
+        from .config import config_from_dict
+        return config_from_dict(data)
+
+    def save(self, path: str) -> str:
+        """Write this config as versioned JSON (atomically)."""
+        from .config import save_config
+        return save_config(self, path)
+
+    @classmethod
+    def load(cls, path: str) -> "SparsifyConfig":
+        """Read a JSON config written by :meth:`save` (or by hand)."""
+        from .config import load_config
+        return load_config(path)
+
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     """``{name: SparseLinear}`` for every sparsified layer of ``model``."""

@@ -100,6 +100,10 @@ def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None
                    help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
     p.add_argument("--scap-config", default=None, metavar="TYPE,MODE,SPARSITY,...",
                    help="SCAP recipe, e.g. up,zero,0.35,gate,zero,0.35,down,median,0.55 (sets scopes and method)")
+    p.add_argument("--config", default=None, metavar="JSON",
+                   help="versioned JSON sparsify config (scopes, ignored scope, method and options; see "
+                        "SparsifyConfig.save) instead of --scope/--ignore/--method/--option")
+    p.add_argument("--save-config", default=None, metavar="JSON", help="write the sparsify config used to this file")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -277,16 +281,33 @@ def _method(args):
     return {TargetScope(patterns=[p]): s for p, s in scopes}, method_from_spec(args.method, **options)
 
 
-def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
+def _sparsify_config(args) -> SparsifyConfig:
+    """The config the flags ask for: ``--config FILE``, or ``--scope/--ignore/--method/--option/--scap-config``."""
+    if args.config:
+        given = [flag for flag, on in (("--scope", args.scope), ("--ignore", args.ignore),
+                                       ("--method", args.method != "quantile"), ("--option", args.option),
+                                       ("--statistic", args.statistic), ("--scap-config", args.scap_config)) if on]
+        if given:
+            raise ValueError(f"--config holds the scopes and the method; drop {', '.join(given)} "
+                             f"(or edit the config file)")
+        return SparsifyConfig.load(args.config)
     scopes, method = _method(args)
-    config = SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
+    return SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
+
+
+def _calibrate(args, model, tokenizer, corpus) -> dict[str, Any]:
+    config = args.sparsify_config  # built (and checked) by main() before the model loads
     data = _calibration_data(args, tokenizer, corpus)
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
     args._calibration_batches = data
-    return {"scopes": {"|".join(k.patterns): v for k, v in scopes.items()}, "method": method_to_dict(method),
-            "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
+    result = {"scopes": {"|".join(k.patterns) or str(k): v for k, v in config.target_sparsity_by_scope.items()},
+              "method": method_to_dict(config.method), "config": config.to_dict(),
+              "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
+    if args.save_config:
+        result["config_file"] = config.save(args.save_config)
+    return result
 
 
 def _evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
@@ -662,6 +683,8 @@ COMMANDS = {"demo": cmd_demo, "calibrate": cmd_calibrate, "eval": cmd_eval, "swe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "default_scopes"):  # commands that may calibrate: a bad recipe fails before any loading
+            args.sparsify_config = _sparsify_config(args)
         result = COMMANDS[args.command](args)
     except (ActSparseError, FileNotFoundError, ValueError) as e:
         print(f"actsparse {args.command}: error: {e}", file=sys.stderr)

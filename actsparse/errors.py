@@ -23,3 +23,7 @@ class ThresholdFileError(ActSparseError, ValueError):
 
 class AlreadySparsifiedError(ActSparseError, RuntimeError):
     """The model already carries actsparse wrappers."""
+
+
+class ConfigFileError(ActSparseError, ValueError):
+    """A JSON sparsify config is unreadable, of another format or version, or holds invalid values."""
