@@ -685,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "default_scopes"):  # commands that may calibrate: a bad recipe fails before any loading
             args.sparsify_config = _sparsify_config(args)
-        result = COMMANDS[args.command](args)
+        from .quant import _quiet_torchao
+
+        with _quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
+            result = COMMANDS[args.command](args)
     except (ActSparseError, FileNotFoundError, ValueError) as e:
         print(f"actsparse {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,8 @@
 """Exceptions raised by actsparse. Each message says what is wrong and how to fix it."""
 
+__all__ = ["ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
+           "AlreadySparsifiedError", "ConfigFileError"]
+
 
 class ActSparseError(Exception):
     """Base class for all actsparse errors."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..stats import EMAQuantile, HistogramQuantile
 from . import MethodConfig, register_method
 
+__all__ = ["QuantileMethod"]
+
 STATISTICS = ("histogram", "ema")
 
 
