@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Iterable
 
 import torch
@@ -125,6 +126,13 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
         if not w.is_floating_point() or w.device.type == "meta":
             raise ValueError(f"cannot compress {n!r}: its weight is {w.dtype} on {w.device} (need a float weight "
                              f"with data; load the model fully before compressing)")
+    from .moe import fused_experts
+
+    fused = list(fused_experts(model))
+    if fused:
+        warnings.warn(f"fused MoE expert weights of {len(fused)} module(s) (e.g. {fused[0]}) stay in full precision: "
+                      f"int8 compression applies to nn.Linear layers, and fused experts hold 3D weights",
+                      stacklevel=2)
     config_cls, quantize_, per_axis, mapping = _torchao()
     config = config_cls(weight_dtype=torch.int8, granularity=per_axis(0),
                         mapping_type=mapping.ASYMMETRIC if mode == "int8_asym" else mapping.SYMMETRIC)

@@ -170,3 +170,14 @@ def test_demo_int8_prints_seed_000s_four_rows(tiny_model_dir, text_file, capsys)
     out = capsys.readouterr().out
     for row in ("dense", "sparse", "int8-sym", "int8-sym+sparse"):
         assert re.search(rf"^{re.escape(row)}\s+\d+\.\d+\s+\d+\.\d+", out, re.M), row
+
+
+def test_fused_moe_experts_are_left_dense_with_a_warning():
+    from test_moe import make_mixtral
+
+    model = make_mixtral()
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    with pytest.warns(UserWarning, match="fused MoE expert weights .* stay in full precision"):
+        names = compress_weights(model)
+    assert names and all(".experts." not in n for n in names)
+    assert all(torch.equal(p, experts[n]) for n, p in model.named_parameters() if n in experts)
