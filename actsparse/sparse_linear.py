@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .offload import execution_device, move_hook
 from .quant import dense_weight
 
 __all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask"]
@@ -102,6 +103,7 @@ def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
     for d in _HOOK_DICTS:  # keep user hooks attached to the layer
         if hasattr(src, d):
             setattr(dst, d, getattr(src, d))
+    move_hook(src, dst)  # a model dispatched by accelerate: same execution device, same offloaded weights
 
 
 class SparseLinear(nn.Linear):
@@ -124,7 +126,7 @@ class SparseLinear(nn.Linear):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_linear_state(linear, new)
-        dev = linear.weight.device
+        dev = execution_device(linear) or linear.weight.device  # an offloaded weight rests on meta
         new.register_buffer("act_threshold", torch.tensor(float(p.threshold), dtype=torch.float32, device=dev))
         if p.shift != 0.0:
             new.register_buffer("act_shift", torch.tensor(float(p.shift), dtype=torch.float32, device=dev))

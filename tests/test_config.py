@@ -114,7 +114,7 @@ def test_cli_config_file_equals_the_flags_and_is_recorded(tiny_model_dir, text_f
     assert saved.method == A.TealMethod(step=0.1)
     from_file = str(tmp_path / "file.safetensors")
     assert main(["calibrate", *common, "--config", cfg, "--out", from_file]) == 0
-    (ta, ha), (tb, hb) = read_thresholds(flags), read_thresholds(from_file)
+    (ta, _), (tb, hb) = read_thresholds(flags), read_thresholds(from_file)
     assert ta == tb and len(ta) == 2
     assert config_from_dict(hb["extra"]["calibration"]["config"]).to_dict() == saved.to_dict()  # recorded
     capsys.readouterr()

@@ -66,7 +66,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, context: int = 1024
         for begin, first, end in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
             logits = model(ids[begin:end].unsqueeze(0).to(device), **kwargs).logits[0]
             pred = logits[first - begin - 1:end - begin - 1].float()
-            nll += F.cross_entropy(pred, ids[first:end].to(device), reduction="sum").double().item()
+            nll += F.cross_entropy(pred, ids[first:end].to(pred.device), reduction="sum").double().item()
     finally:
         model.train(was_training)
     scored = n - 1

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..scope import TargetScope
-from ..quant import dense_weight
+from ..offload import layer_weight
 from ..sparse_linear import SparsityParams
 from ..stats import HistogramQuantile, Reservoir, SignedQuantile
 from . import MethodConfig, register_method
@@ -168,7 +168,7 @@ class ScapMethod(MethodConfig):
         return self.modes.get(layer_kind(layer_name), self.mode)
 
     def make_collector(self, layer_name, module, target_sparsity):
-        return _ScapCollector(self.mode_for(layer_name), target_sparsity, dense_weight(module.weight.detach()), self)
+        return _ScapCollector(self.mode_for(layer_name), target_sparsity, layer_weight(module), self)
 
 
 # --------------------------------------------------------------------------------- config strings

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..quant import dense_weight
+from ..offload import layer_weight
 from ..sparse_linear import SparsityParams, drop_mask
 from ..stats import HistogramQuantile
 from . import MethodConfig, register_method
@@ -91,7 +91,7 @@ class SparsingLawMethod(MethodConfig):
         return self.metric == "pplp" if self.column_norms is None else self.column_norms
 
     def make_collector(self, layer_name, module, target_sparsity):
-        scale = column_norms(module.weight) if self.uses_norms else None
+        scale = column_norms(layer_weight(module)) if self.uses_norms else None
         if self.metric == "topk":
             k = module.in_features
             return _Fixed(SparsityParams(-math.inf, scale=scale, topk=k - round(target_sparsity * k)))
@@ -107,7 +107,7 @@ class SparsingLawMethod(MethodConfig):
             return None
         modules = dict(model.named_modules())
         layers = {n: modules[n] for n in targets}
-        scales = {n: column_norms(m.weight) if self.uses_norms else None for n, m in layers.items()}
+        scales = {n: column_norms(layer_weight(m)) if self.uses_norms else None for n, m in layers.items()}
         curves = _cett_curves(model, batches, layers, scales, self.grid, self.cett_tokens, device, progress)
         dense = calibration_perplexity(model, batches, device)
         goal = 1.0 + self.p
@@ -174,7 +174,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
             from ..errors import CalibrationError
             raise CalibrationError(f"layer {n!r} saw no calibration tokens; is it reached by the forward pass?")
         x = torch.cat(kept[n])
-        w = dense_weight(lin.weight.detach()).float().cpu()
+        w = layer_weight(lin).float().cpu()
         full = (x @ w.t()).norm(dim=-1).clamp_min(1e-30)
         taus, cett = [], []
         for q in levels:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..offload import layer_weight
 from ..quant import dense_weight
 from ..sparse_linear import SparsityParams
 from ..stats import HistogramQuantile
@@ -45,4 +46,4 @@ class WinaMethod(MethodConfig):
     bins_per_octave: int = 1024
 
     def make_collector(self, layer_name, module, target_sparsity):
-        return _ScoreQuantile(target_sparsity, column_norms(module.weight), self.bins_per_octave)
+        return _ScoreQuantile(target_sparsity, column_norms(layer_weight(module)), self.bins_per_octave)
