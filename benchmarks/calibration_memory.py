@@ -21,11 +21,16 @@ and runs ``actsparse.sparsify_`` (calibration + swapping in SparseLinear) with p
   per batch and per block (position embeddings, masks, ...), unique storages vs. the per-block sum, and the
   size of one threshold collector and of the per-layer results left on the model.
 
-Usage (from the repository root; about 6 minutes on 2 CPU cores):
+``--malloc strict`` runs the children with a fixed 128 KiB mmap/trim threshold (freed tensors are unmapped at
+once, so RSS follows live bytes); ``--malloc trim`` keeps glibc's defaults but calls ``malloc_trim(0)`` after
+every calibration phase (what a trim per block inside calibrate.py would give). The child also reads glibc's
+own books (``mallinfo2``: bytes in use vs. arena size) after every phase.
+
+Usage (from the repository root; about 8 minutes on 2 idle CPU cores with the default 2 repeats):
 
     .venv/bin/python benchmarks/calibration_memory.py
     .venv/bin/python benchmarks/calibration_memory.py --depths 6,15,30 --calib-samples 32 --calib-seq-len 256 \
-        --vary-samples 16,64 --scope nncf --out benchmarks/results/calibration_memory.json
+        --vary-samples 16,64 --scope nncf --repeats 2 --malloc default --out benchmarks/results/calibration_memory.json
 """
 
 from __future__ import annotations
