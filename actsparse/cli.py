@@ -496,9 +496,27 @@ def cmd_calibrate(args) -> dict[str, Any]:
     return cal
 
 
-def cmd_eval(args) -> dict[str, Any]:
+def _check_saved_thresholds(args) -> None:
+    """``--thresholds`` / ``--scap-json``: at most one, and a thresholds file must read, before the model loads."""
+    from .io import read_thresholds
+
     if args.thresholds and args.scap_json:
         raise ValueError("give either --thresholds or --scap-json, not both")
+    if args.thresholds:
+        read_thresholds(args.thresholds)
+
+
+def _apply_saved_thresholds(args, model) -> bool:
+    """Sparsify ``model`` with ``--thresholds`` or ``--scap-json``; False when neither was given."""
+    if args.thresholds:
+        load_thresholds(model, args.thresholds)
+    elif args.scap_json:
+        import_scap_json(model, args.scap_json)
+    return bool(args.thresholds or args.scap_json)
+
+
+def cmd_eval(args) -> dict[str, Any]:
+    _check_saved_thresholds(args)
     if args.tasks is not None:
         return _eval_tasks(args)
     lm_only = [f"--{k.replace('_', '-')}" for k in ("num_fewshot", "limit", "lm_eval_batch_size", "include_path")
@@ -506,10 +524,7 @@ def cmd_eval(args) -> dict[str, Any]:
     if lm_only:
         raise ValueError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
     model, tokenizer, corpus = _load(args)
-    if args.thresholds:
-        load_thresholds(model, args.thresholds)
-    if args.scap_json:
-        import_scap_json(model, args.scap_json)
+    _apply_saved_thresholds(args, model)
     result = {"model": args.model, "data": corpus.name, "thresholds": args.thresholds,
               **_evaluate(args, model, tokenizer, corpus.evaluation)}
     if not args.json:
@@ -532,19 +547,13 @@ def _print_sparsity(args, result: dict[str, Any]) -> None:
 def _eval_tasks(args) -> dict[str, Any]:
     """``eval --tasks``: lm-eval accuracy of the (sparsified) model object, then the sparsity it measured."""
     from .eval.lmeval import check_options, check_tasks, format_lm_eval_table, run_lm_eval
-    from .io import read_thresholds
 
     shots = 0 if args.num_fewshot is None else args.num_fewshot
     batch_size = 1 if args.lm_eval_batch_size is None else args.lm_eval_batch_size
     check_options(shots, args.limit, batch_size)
     tasks = check_tasks(args.tasks, include_path=args.include_path)  # bad names fail before the model loads
-    if args.thresholds:
-        read_thresholds(args.thresholds)
     model, tokenizer = _load_model(args)
-    if args.thresholds:
-        load_thresholds(model, args.thresholds)
-    if args.scap_json:
-        import_scap_json(model, args.scap_json)
+    _apply_saved_thresholds(args, model)
     _log(args, f"lm-eval on {', '.join(tasks)} ({shots}-shot)")
     r = run_lm_eval(model, tokenizer, tasks, num_fewshot=shots, limit=args.limit,
                     batch_size=batch_size, include_path=args.include_path)
@@ -669,10 +678,7 @@ def _write_stdout(text: str) -> None:
 def cmd_generate(args) -> dict[str, Any]:
     from .generate import (check_settings, compare_generate, format_footer, format_side_by_side, format_summary,
                            generate)
-    from .io import read_thresholds
-
-    if args.thresholds and args.scap_json:
-        raise ValueError("give either --thresholds or --scap-json, not both")
+    _check_saved_thresholds(args)
     if args.dense and (args.compare or args.thresholds or args.scap_json):
         raise ValueError("--dense generates without sparsity; drop --compare, --thresholds and --scap-json")
     if not args.sample and (args.temperature is not None or args.top_p is not None):
@@ -684,16 +690,10 @@ def cmd_generate(args) -> dict[str, Any]:
         "top_p": 1.0 if args.top_p is None else args.top_p}
     check_settings(prompt, max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
                    temperature=settings["temperature"], top_p=settings["top_p"])  # before the slow model load
-    if args.thresholds:
-        read_thresholds(args.thresholds)  # a missing or corrupt file fails before the model loads
     model, tokenizer = _load_model(args)
     result: dict[str, Any] = {"model": args.model, "weights": args.weights, "thresholds": args.thresholds,
                               "scap_json": args.scap_json}
-    if args.thresholds:
-        load_thresholds(model, args.thresholds)
-    elif args.scap_json:
-        import_scap_json(model, args.scap_json)
-    elif not args.dense:
+    if not _apply_saved_thresholds(args, model) and not args.dense:
         corpus = load_corpus(args.data)
         _log(args, f"no --thresholds given: calibrating on {corpus.name} "
                    "(save thresholds with `actsparse calibrate` to skip this)")

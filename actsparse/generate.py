@@ -42,7 +42,7 @@ import torch.nn as nn
 from .api import sparse_layers
 from .calibrate import model_device
 from .eval.sparsity import SparsityMonitor, summarize_by_type
-from .sparse_linear import _share_linear_state
+from .sparse_linear import plain_linear
 
 __all__ = ["GenerationResult", "Comparison", "generate", "compare_generate", "check_settings", "encode_prompt",
            "prefill", "decode_one_token", "dense_view", "first_divergence", "format_side_by_side",
@@ -338,10 +338,7 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
     layers = sparse_layers(model)
     try:
         for name, m in layers.items():
-            lin = nn.Linear.__new__(nn.Linear)
-            nn.Module.__init__(lin)
-            _share_linear_state(m, lin)
-            model.set_submodule(name, lin)
+            model.set_submodule(name, plain_linear(m))
         yield model
     finally:
         for name, m in layers.items():

@@ -106,6 +106,14 @@ def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
     move_hook(src, dst)  # a model dispatched by accelerate: same execution device, same offloaded weights
 
 
+def plain_linear(src: nn.Linear) -> nn.Linear:
+    """A plain ``nn.Linear`` sharing ``src``'s parameters, hooks and accelerate hook (no copy)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    _share_linear_state(src, lin)
+    return lin
+
+
 class SparseLinear(nn.Linear):
     """Linear layer with static activation sparsity on its input (see the module docstring)."""
 
@@ -160,10 +168,7 @@ class SparseLinear(nn.Linear):
         if self._packed is not None:  # weights were laid out for the sparse GEMV: back to [out, in]
             from .kernels.linear import disable_kernels
             disable_kernels(self)
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        _share_linear_state(self, lin)
-        return lin
+        return plain_linear(self)
 
     def sparsify_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x'``: the (shifted) input with its dropped entries zeroed, as the matmul sees it."""
