@@ -57,10 +57,11 @@ def rotary(x, cos, sin):  # x [1, heads, 1, hd]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def make_layer_fn(cfg, sparse: bool, segments: dict | None):
+def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None):
     """One decoder layer as a function of tensors only (so one torch.compile serves every layer).
 
-    ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV.
+    ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV;
+    ``linear_fn(h, lin, group)`` (returning a tuple of outputs) replaces both (benchmarks/bounds.py).
     """
     heads, kvh, dim = cfg["heads"], cfg["kv_heads"], cfg["dim"]
     hd = dim // heads
@@ -68,6 +69,8 @@ def make_layer_fn(cfg, sparse: bool, segments: dict | None):
     def linear(h, lin, group, record):
         if record is not None:
             record.setdefault(group, []).append(h.detach().float().abs().flatten())
+        if linear_fn is not None:
+            return linear_fn(h, lin, group)
         if sparse:
             wt, thr, scale, zero = lin[group]
             return K.sparse_gemv(h, K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero))

@@ -57,6 +57,33 @@ def decode_table(d):
               + (f" {r['before_tok_s']:.1f} | {r['before_speedup']:.2f} |" if "before_tok_s" in r else ""))
 
 
+def bounds_tables(b):
+    """benchmarks/bounds.py: what any kernel could reach (kept bytes at the measured read bandwidth)."""
+    print(f"\nBounds, {b['env']['gpu']}: read bandwidth {b['read_gbs']:.0f} GB/s (copy {b['copy_gbs']:.0f}), "
+          f"empty launch {b['launch_floor_us']:.2f} µs; ceiling = dense F.linear (graph-timed) / (kept bytes at read "
+          "bandwidth), \"+launch\" adds one empty launch\n")
+    print("| K×N | weights | dense µs (% of read bw) | 0%: ours × / ceiling × (+launch) | "
+          "50%: ours × / ceiling × (+launch) | 70%: ours × / ceiling × (+launch) |")
+    print("|---|---|---|---|---|---|")
+    for key in dict.fromkeys((r["k"], r["n"], r["weights"]) for r in b["gemv"]):
+        sel = {r["sparsity"]: r for r in b["gemv"] if (r["k"], r["n"], r["weights"]) == key}
+        r0 = sel[0.0]
+        cells = [f"×{sel[s]['ours_ratio']:.2f} / ×{sel[s]['ceiling_ratio']:.2f} (×{sel[s]['ceiling_ratio_launch']:.2f})"
+                 for s in (0.0, 0.5, 0.7)]
+        print(f"| {key[0]}×{key[1]} | {key[2]} | {r0['dense_us']:.1f} ({r0['dense_pct_read']:.0f}%) | "
+              + " | ".join(cells) + " |")
+    print("\nDecode, bf16: step = no-GEMV part (norms, RoPE, cache, attention, residuals, lm_head) + GEMVs; ceiling = "
+          "dense / (no-GEMV part + kept bytes at read bandwidth), \"+launch\" adds one empty launch per GEMV\n")
+    print("| model | dense ms (GEMVs % of read bw) | no GEMVs ms | ours at 100% ms (fixed µs/GEMV) | sparsity | "
+          "ours × | ceiling × (+launch) | GEMV bandwidth 2.0× needs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m in b["decode"]:
+        for r in m["rows"]:
+            print(f"| {m['model']} | {m['dense_ms']:.3f} ({m['dense_gemv_pct_read']:.0f}%) | {m['no_gemv_ms']:.3f} | "
+                  f"{m['sparse100_ms']:.3f} ({m['fixed_us_per_gemv']:.1f}) | {r['target']:.2f} | {r['speedup']:.2f} | "
+                  f"{r['ceiling']:.2f} ({r['ceiling_launch']:.2f}) | {r['pct_read_for_2x']:.0f}% of read |")
+
+
 def plots(gemv, decode):
     import matplotlib
     matplotlib.use("Agg")
@@ -91,4 +118,7 @@ if __name__ == "__main__":
     gemv_table(g)
     before_after_table(g)
     decode_table(dd)
+    bounds = os.path.join(RES, "bounds_h100.json")
+    if os.path.exists(bounds):
+        bounds_tables(json.load(open(bounds)))
     plots(g, dd)

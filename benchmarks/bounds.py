@@ -1,0 +1,294 @@
+"""What any batch-1 GEMV could reach on this GPU: bandwidth ceilings next to issue 7's targets, one run.
+
+    python benchmarks/bounds.py --out $OUT/bounds_h100.json     # ≈4 min on an H100
+
+Three measurements, all in one process on one GPU:
+
+1. **Bandwidth and launch floors.** Copy bandwidth (1 GiB device-to-device, read + written, as in
+   bench_gemv.py), *read* bandwidth (a Triton kernel that streams 1 GiB and sums it; the best of a few grid
+   sizes), and the graph-replay time of an empty kernel with a GEMV-sized grid (what every extra launch in
+   a CUDA graph costs at least).
+2. **GEMV ceilings.** For the issue's shapes: dense ``F.linear`` (graph-timed, and ``do_bench``-timed as the
+   issue's targets were), our kernel at 0/50/70%, and the best ratio a kernel could reach if it read only
+   the kept weight rows at the measured read bandwidth, with and without one launch floor.
+3. **Decode decomposition** (the gpt-fast loop of bench_decode.py, Llama-2-7B / Llama-3-8B shapes, bf16):
+   the step with dense GEMVs, with our kernel at 0/50/70/100%, and with the GEMVs *removed* (each linear
+   returns a fixed tensor; the norms, RoPE, cache writes, attention, residuals, lm_head and argmax stay).
+   From these: the in-loop time of the GEMVs, our fixed cost per GEMV (100% sparse minus no GEMVs), the
+   bandwidth the GEMVs reach inside the loop, and the decode speedup ceiling at each sparsity if the kept
+   weights moved at read bandwidth, plus the bandwidth a 2.0× at 50% would need. ``--profile`` adds
+   the kernels of each graph (torch.profiler/CUPTI): count per step, busy time, gaps, busiest kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_decode import CONFIGS, GROUPS, Model, calibrate, make_layer_fn, time_graph  # noqa: E402
+from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n_per, BLOCK: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * n_per
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, n_per, BLOCK):
+        acc += tl.load(x_ptr + base + i + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _touch_kernel(y_ptr):
+    tl.store(y_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), 0.0)
+
+
+def _event_time_s(fn, reps=10):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return statistics.median(times)
+
+
+def read_bandwidth() -> tuple[float, dict]:
+    """GB/s of a streaming read of 1 GiB of bf16 (best grid), and each grid's figure."""
+    n = 1 << 29
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    per_grid = {}
+    for programs in (264, 528, 1056, 2048, 4096, 8192):
+        n_per = n // programs // 4096 * 4096
+        out = torch.empty(programs, dtype=torch.float32, device="cuda")
+        t = _event_time_s(lambda p=programs, o=out, m=n_per: _read_kernel[(p,)](x, o, m, BLOCK=4096, num_warps=8))
+        per_grid[programs] = programs * n_per * 2 / t / 1e9
+    per_grid["torch.sum"] = n * 2 / _event_time_s(lambda: x.sum(dtype=torch.float32)) / 1e9
+    return max(per_grid.values()), per_grid
+
+
+def launch_floor_us(grid=(56, 4), calls=200) -> float:
+    """Graph-replay time per launch of an empty kernel (one store per program) with a GEMV-sized grid."""
+    y = torch.empty(grid[0] * grid[1], dtype=torch.float32, device="cuda")
+    return graph_time_us(lambda i: _touch_kernel[grid](y), calls)
+
+
+def gemv_ceilings(read_gbs: float, floor_us: float) -> list[dict]:
+    rows = []
+    for k, n in SHAPES:
+        for name, dtype, q in (("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
+                               ("int8", torch.bfloat16, "int8")):
+            case = Case(k, n, dtype, q)
+            case.check()
+            dense = case.time_dense()
+            x2, w2 = case.x[0].view(1, -1), case.dense[0]
+            dense_db = 1e3 * triton.testing.do_bench(lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200,
+                                                     return_mode="median")
+            for s in (0.0, 0.5, 0.7):
+                kept = case.set_sparsity(s)
+                ours = case.time_sparse()
+                read_bytes = kept * case.wbytes_row + 2 * (k + n) + (8 * n if q else 0)
+                ideal = read_bytes / (read_gbs * 1e3)  # µs at read bandwidth
+                row = dict(k=k, n=n, weights=name, sparsity=s, dense_us=dense, dense_dobench_us=dense_db,
+                           ours_us=ours, ideal_us=ideal, ideal_plus_launch_us=ideal + floor_us,
+                           ours_ratio=dense / ours, ceiling_ratio=dense / ideal,
+                           ceiling_ratio_launch=dense / (ideal + floor_us),
+                           ceiling_ratio_dobench=dense_db / ideal,
+                           dense_pct_read=100 * (k * n * case.x[0].element_size()) / (dense * 1e3) / read_gbs)
+                rows.append(row)
+                print(f"{k:>5}x{n:<6} {name:>5} {s:>4.0%}: dense {dense:5.1f} us (do_bench {dense_db:5.1f}, "
+                      f"{row['dense_pct_read']:4.0f}% of read bw)  ours {ours:5.1f} (x{row['ours_ratio']:.2f})  "
+                      f"ideal {ideal:5.1f} (x{row['ceiling_ratio']:.2f}; +launch x{row['ceiling_ratio_launch']:.2f})",
+                      flush=True)
+            del case
+            torch.cuda.empty_cache()
+    return rows
+
+
+class BoundsModel(Model):
+    """bench_decode's model with a third variant, ``"null"``: every linear returns a fixed tensor."""
+
+    def add_null(self):
+        d, hd = self.cfg["dim"], self.cfg["dim"] // self.cfg["heads"]
+        outs = {"qkv": d + 2 * self.cfg["kv_heads"] * hd, "o": d, "gate_up": 2 * self.cfg["inter"], "down": d}
+        for L in self.layers:
+            L.null = {g: torch.randn(1, 1, o, device="cuda", dtype=self.dtype) for g, o in outs.items()}
+
+        def null_linear(h, lin, group):  # keeps the dependency on h (the norm still runs), no GEMV kernel
+            return (lin[group] + h[..., :1] * 0,)
+
+        self.fns["null"] = make_layer_fn(self.cfg, False, None, linear_fn=null_linear)
+
+    def lin(self, L, variant):
+        return L.null if variant == "null" else super().lin(L, variant)
+
+
+def weight_bytes(cfg, dtype_bytes=2):
+    d, i, hd = cfg["dim"], cfg["inter"], cfg["dim"] // cfg["heads"]
+    kv = cfg["kv_heads"] * hd
+    return {"qkv": d * (d + 2 * kv) * dtype_bytes, "o": d * d * dtype_bytes, "gate_up": d * 2 * i * dtype_bytes,
+            "down": i * d * dtype_bytes}
+
+
+def kept_bytes(model, stats, wb):
+    """Weight bytes the kernels read at the current thresholds (kept fraction of each layer's inputs)."""
+    total = 0.0
+    for li, L in enumerate(model.layers):
+        for g in GROUPS:
+            thr = L.packed[g].threshold[0].to(model.dtype).float()
+            kept = (stats[li][g].to(model.dtype).float() > thr).float().mean().item()
+            total += kept * wb[g]
+    return total
+
+
+def profile_graph(g, model, start_pos, steps=4) -> dict:
+    """Kernels of ``steps`` graph replays (CUPTI sees the kernels inside graphs): count, busy time and the
+    gaps between them per step, and the busiest kernel names."""
+    from torch.profiler import ProfilerActivity, profile
+    model.pos.fill_(start_pos)
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            g.replay()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and e.device_time_total > 0 and "Memcpy" not in e.name and "Memset" not in e.name),
+                key=lambda e: e.time_range.start)
+    if not ev:
+        return {}
+    span = ev[-1].time_range.end - ev[0].time_range.start
+    busy = sum(e.time_range.end - e.time_range.start for e in ev)
+    by_name: dict[str, list] = {}
+    for e in ev:
+        v = by_name.setdefault(e.name[:80], [0, 0.0])
+        v[0] += 1
+        v[1] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
+    return dict(kernels_per_step=len(ev) / steps, busy_us_per_step=busy / steps, span_us_per_step=span / steps,
+                gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
+                top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in top])
+
+
+def _print_profile(label, pr):
+    if not pr:
+        print(f"  {label}: profiler saw no kernels", flush=True)
+        return
+    print(f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
+          f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel", flush=True)
+    for t in pr["top"][:6]:
+        print(f"      {t['us_per_step']:8.0f} us/step {t['per_step']:5.0f}x {t['us_each']:6.2f} us  {t['name']}",
+              flush=True)
+
+
+def decode_bounds(name, read_gbs, floor_us, sparsities, args):
+    cfg = CONFIGS[name]
+    model = BoundsModel(cfg, args.max_seq)
+    model.pos.fill_(args.start_pos)
+    stats = calibrate(model)
+    model.pack()
+    model.add_null()
+    model.compile()
+    wb = weight_bytes(cfg)
+    gemv_bytes = cfg["layers"] * sum(wb.values())
+    n_gemv = cfg["layers"] * len(GROUPS)
+    t0 = time.time()
+    g_dense, run_dense = time_graph(model, False, args.start_pos)
+    dense = run_dense()
+    g_null, run_null = time_graph(model, "null", args.start_pos)
+    null = run_null()
+    g_sparse, run_sparse = time_graph(model, True, args.start_pos)
+    print(f"[{name}] graphs captured in {time.time() - t0:.0f}s: dense {dense:.3f} ms, no GEMVs {null:.3f} ms",
+          flush=True)
+    for L in model.layers:
+        for g in GROUPS:
+            L.packed[g].threshold.fill_(math.inf)
+    full = run_sparse()
+    profiles = {}
+    if args.profile:
+        profiles["sparse 100%"] = profile_graph(g_sparse, model, args.start_pos)
+        profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
+        profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
+    res = dict(model=name, dense_ms=dense, no_gemv_ms=null, sparse100_ms=full, gemv_bytes=gemv_bytes,
+               n_gemv=n_gemv, dense_gemv_ms=dense - null,
+               dense_gemv_pct_read=100 * gemv_bytes / ((dense - null) * 1e-3) / (read_gbs * 1e9),
+               fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[], profiles=profiles)
+    print(f"[{name}] GEMVs in the dense step {dense - null:.3f} ms = {res['dense_gemv_pct_read']:.0f}% of read bw; "
+          f"ours at 100%: {full:.3f} ms -> {res['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
+          flush=True)
+    for s in sparsities:
+        model.set_sparsity(s, stats)
+        ms = run_sparse()
+        kb = kept_bytes(model, stats, wb)
+        ideal = null + kb / (read_gbs * 1e9) * 1e3
+        ideal_launch = ideal + n_gemv * floor_us * 1e-3
+        need = dense / 2 - null  # ms the GEMVs may take for 2.0x
+        row = dict(target=s, sparse_ms=ms, speedup=dense / ms, kept_bytes=kb,
+                   sparse_gemv_ms=ms - null, sparse_gemv_pct_read=100 * kb / ((ms - null) * 1e-3) / (read_gbs * 1e9),
+                   ceiling=dense / ideal, ceiling_launch=dense / ideal_launch,
+                   pct_read_for_2x=100 * kb / (need * 1e-3) / (read_gbs * 1e9) if need > 0 else math.inf)
+        res["rows"].append(row)
+        print(f"[{name}] {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
+              f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
+              f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
+              f"{row['pct_read_for_2x']:.0f}% of read bw", flush=True)
+        if args.profile and s == 0.5:
+            profiles["sparse 50%"] = profile_graph(g_sparse, model, args.start_pos)
+    for label, pr in profiles.items():
+        _print_profile(f"[{name}] {label}", pr)
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama2-7b,llama3-8b")
+    ap.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7")
+    ap.add_argument("--max-seq", type=int, default=512)
+    ap.add_argument("--start-pos", type=int, default=256)
+    ap.add_argument("--skip-gemv", action="store_true", help="only the floors and the decode decomposition")
+    ap.add_argument("--profile", action="store_true", help="also profile the decode graphs (kernels, gaps)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bounds needs a CUDA GPU")
+    copy = copy_bandwidth()
+    read, per_grid = read_bandwidth()
+    floor = launch_floor_us()
+    print(f"copy {copy:.0f} GB/s (read+write), read {read:.0f} GB/s "
+          f"({', '.join(f'{k}: {v:.0f}' for k, v in per_grid.items())}), empty launch {floor:.2f} us", flush=True)
+    out = {"env": env_info(), "copy_gbs": copy, "read_gbs": read, "read_by_grid": {str(k): v for k, v in per_grid.items()},
+           "launch_floor_us": floor, "gemv": [], "decode": []}
+    if not args.skip_gemv:
+        out["gemv"] = gemv_ceilings(read, floor)
+    sparsities = [float(v) for v in args.sparsities.split(",")]
+    for name in args.models.split(","):
+        if name:
+            out["decode"].append(decode_bounds(name, read, floor, sparsities, args))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
