@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import actsparse.kernels as K
@@ -127,6 +127,12 @@ def test_split_k_is_deterministic_and_resets_its_counters():
        shift=st.one_of(st.none(), st.floats(-2, 2)), quantize=st.sampled_from([None, "int8", "int8-sym"]),
        split=st.integers(1, 9), layout=st.sampled_from([None, 128, 256]), compact=st.booleans(),
        seed=st.integers(0, 2**16))
+# found by hypothesis: bf16 x − μ must round to nearest-even in the kernel as in the reference (the CPU
+# interpreter truncated it; W·x' + μ·ΣW then cancels an ulp of x' into a 4.6% error)
+@example(k=1, ns=[1, 1], dtype=torch.bfloat16, sparsity=0.0, shift=0.9921875, quantize=None, split=1, layout=None,
+         compact=False, seed=0)
+@example(k=1, ns=[1, 1], dtype=torch.bfloat16, sparsity=0.0, shift=0.9921875, quantize="int8", split=1,
+         layout=None, compact=True, seed=0)
 def test_kernel_property(k, ns, dtype, sparsity, shift, quantize, split, layout, compact, seed):
     shifts = [shift] * len(ns) if shift is not None else None
     x, p = make(k, ns, dtype, sparsity=sparsity, shifts=shifts, bias=seed % 2 == 0, quantize=quantize, seed=seed,

@@ -35,6 +35,7 @@ def _sparse_gemv_kernel(
     HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
     SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, COMPACT: tl.constexpr, K_P2: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,7 +73,7 @@ def _sparse_gemv_kernel(
         d = tl.load(x_ptr + offs, mask=in_k, other=0.0).to(tl.float32) - mu
         keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
         if QUANT == 2:  # Σ x' for the zero point, once over the slice (per tile it costs int8 ≈10%)
-            xsum = tl.sum(tl.where(keep, d, 0.0).to(X_DTYPE).to(tl.float32), axis=0)
+            xsum = tl.sum(_to_x(tl.where(keep, d, 0.0), X_DTYPE, EXACT_CAST).to(tl.float32), axis=0)
         pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
         count = tl.sum(keep.to(tl.int32), axis=0)
         rows_ptr = idx_ptr + (pid_k * tl.num_programs(0) + pid_n) * K_P2
@@ -84,7 +85,7 @@ def _sparse_gemv_kernel(
             rows = tl.load(rows_ptr + r, mask=valid, other=0)
             xs = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32) - mu
             acc, xacc = _accumulate(acc, xacc, tl.where(valid, xs, 0.0), rows, valid, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, False)
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, False, EXACT_CAST)
     else:
         for kk in range(0, K_PER, BLOCK_K):  # same trip count for every program; rows past k_hi are masked
             offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
@@ -92,7 +93,7 @@ def _sparse_gemv_kernel(
             d = tl.load(x_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32) - mu
             keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
             acc, xacc = _accumulate(acc, xacc, tl.where(keep, d, 0.0), offs_k, keep, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, QUANT == 2)
+                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, QUANT == 2, EXACT_CAST)
         if QUANT == 2:
             xsum = tl.sum(xacc, axis=0)
     part = tl.sum(acc, axis=0)
@@ -117,10 +118,11 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr,
-                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, XACC: tl.constexpr):
+                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, XACC: tl.constexpr,
+                EXACT_CAST: tl.constexpr):
     """Add ``W[rows, cols]ᵀ · x'[rows]`` to ``acc`` (and ``x'`` to ``xacc`` if ``XACC``); ``xs`` is ``x − μ``
     (fp32), 0 where not kept."""
-    xs = xs.to(X_DTYPE)  # x' in the activation dtype (exact when μ = 0)
+    xs = _to_x(xs, X_DTYPE, EXACT_CAST)  # x' in the activation dtype (exact when μ = 0)
     w = tl.load(w_cols[None, :] + rows[:, None] * LB, mask=keep[:, None], other=0)
     if USE_DOT:
         if QUANT > 0:  # q + 0x6480 read as fp16 is 1152 + q exactly; masked rows (q = 0) give 0
@@ -147,6 +149,16 @@ def _round_to(t, DTYPE: tl.constexpr):
     elif DTYPE == tl.float16:
         t = t.to(tl.float16).to(tl.float32)
     return t
+
+
+@triton.jit
+def _to_x(t, DTYPE: tl.constexpr, EXACT: tl.constexpr):
+    """fp32 ``t`` cast to ``DTYPE`` rounding to nearest-even, as torch does. Compiled kernels do that already;
+    the CPU interpreter truncates bf16 (``EXACT``), which with μ ≠ 0 shows: ``x − μ`` off by an ulp, then
+    ``W·x' + μ·ΣW`` cancels and the error grows (bf16, x = −4.34, μ = 0.99: 4.6% on one output)."""
+    if EXACT:
+        t = _round_to(t, DTYPE)
+    return t.to(DTYPE)
 
 
 @triton.jit
@@ -268,7 +280,7 @@ def sparse_gemv_triton(x: torch.Tensor, packed: PackedGemv, config: GemvConfig |
         SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_K=config.block_k, BLOCK_N=config.block_n,
         USE_DOT=config.use_dot and torch.float32 not in (x1.dtype, packed.weight_t.dtype) and config.block_k >= 16,
         DOT_UPCAST=interpreting() and packed.weight_t.dtype == torch.bfloat16,
-        COMPACT=compact, K_P2=k_p2,
+        COMPACT=compact, K_P2=k_p2, EXACT_CAST=interpreting() and x1.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
