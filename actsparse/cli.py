@@ -22,8 +22,9 @@ from .eval.lmeval import LMEVAL_INSTALL
 from .eval.perplexity import perplexity
 from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
-from .eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, write_sweep
-from .methods import method_from_spec, method_to_dict, registered_methods
+from .eval.sweep import (ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods,
+                         write_sweep)
+from .methods import method_from_spec, method_to_dict, parse_option, registered_methods
 from .models import DEVICE_MAPS, parse_max_memory
 from .quant import WEIGHT_MODES, compress_weights
 from .methods.scap import export_scap_json, import_scap_json, parse_scap_config
@@ -43,13 +44,10 @@ def _scope_arg(text: str) -> tuple[str, float]:
 
 
 def _option_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value  # a bare string such as mode=kde
+        return parse_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_at_least(minimum: int):
@@ -130,7 +128,8 @@ def _add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None
                    help=f"calibration method: {', '.join(registered_methods(aliases=True))}; "
                         "append '+topk' for exact per-token top-k at inference (default quantile)")
     p.add_argument("--option", action="append", default=[], type=_option_arg, metavar="KEY=VALUE",
-                   help="method option, e.g. step=0.1 for teal or mode=kde for scap (JSON value); repeatable")
+                   help="method option, e.g. step=0.1 for teal or mode=kde for scap (JSON value; None, True "
+                        "and False also read as Python's); repeatable")
     p.add_argument("--statistic", default=None, choices=["histogram", "ema"],
                    help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
     p.add_argument("--scap-config", default=None, metavar="TYPE,MODE,SPARSITY,...",
@@ -198,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sw)
     _add_eval_args(sw)
     sw.set_defaults(eval_tokens=8192)
-    sw.add_argument("--methods", default="quantile,teal-greedy,scap-median,wina",
-                    help="comma list of methods (default quantile,teal-greedy,scap-median,wina)")
+    sw.add_argument("--methods", default="quantile,teal-greedy,scap-median,wina", metavar="NAME[:KEY=VALUE...],...",
+                    help="comma list of methods, each with optional ':'-separated options (the KEY=VALUE of "
+                         "calibrate's --option), e.g. quantile,teal-greedy:step=0.025:greedy_tokens=null; the spec "
+                         "labels the method in the outputs (default quantile,teal-greedy,scap-median,wina)")
     sw.add_argument("--sparsity", default="0.2:0.7:0.1", help="START:STOP:STEP or a comma list (default 0.2:0.7:0.1)")
     sw.add_argument("--scope", default=ALL_PROJECTIONS,
                     help="regex of the layers to sparsify (default: all seven projections)")
@@ -572,9 +573,8 @@ def _eval_tasks(args) -> dict[str, Any]:
 
 
 def cmd_sweep(args) -> dict[str, Any]:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        method_from_spec(m)  # fail on a bad name before loading anything
+    # the labels, every spec checked (name, option keys and values) before anything loads
+    methods = list(sweep_methods([m for m in args.methods.split(",") if m.strip()]))
     sparsities = parse_range(args.sparsity)
     model, tokenizer, corpus = _load(args)
     data = _calibration_data(args, tokenizer, corpus)

@@ -104,10 +104,14 @@ def test_method_and_options_from_the_command_line(tiny_model_dir, text_file, tmp
     assert (m["name"], m["allocation"], m["step"]) == ("teal", "greedy", 0.1)
     for argv, message in [(["--method", "nope"], "unknown calibration method"),
                           (["--method", "teal", "--option", "speed=3"], "no option"),
+                          (["--method", "teal", "--option", "step=abc"], r"bad option value in \{'step': 'abc'\}"),
                           (["--scap-config", "up,zero"], "triplets"),
                           (["--scap-config", "up,zero,0.3", "--scope", ".*=0.2"], "not both")]:
         code, _, err = _run(capsys, ["calibrate", *common, *argv])
         assert code == 2 and re.search(message, err), (argv, err)
+    with pytest.raises(SystemExit):  # the KEY=VALUE syntax is argparse's to refuse, with the sweep specs' message
+        main(["calibrate", *common, "--option", "step"])
+    assert "argument --option: expected KEY=VALUE, e.g. step=0.1, got 'step'" in capsys.readouterr().err
 
 
 def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
@@ -127,6 +131,38 @@ def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
     assert all(abs(p["measured"] - p["target"]) < 0.1 for p in pts)
     assert all(p["token_perplexity"] != data["dense_token_perplexity"] for p in pts)  # random model: any direction
     assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_sweep_method_options_label_the_points(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "sw"
+    specs = ["quantile", "teal-greedy:step=0.5", "teal-greedy:step=0.05:greedy_tokens=None"]
+    code, stdout, _ = _run(capsys, ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
+                                    "--methods", ",".join(specs), "--sparsity", "0.4", "--calib-samples", "4",
+                                    "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "300",
+                                    "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(stdout)
+    assert [p["method"] for p in result["points"]] == specs
+    data = json.loads((out / "sweep.json").read_text())
+    assert [p["method"] for p in data["points"]] == specs
+    assert list(data["methods"]) == specs
+    assert data["methods"][specs[1]]["step"] == 0.5 and data["methods"][specs[1]]["greedy_tokens"] == 1024
+    assert data["methods"][specs[2]]["step"] == 0.05 and data["methods"][specs[2]]["greedy_tokens"] is None
+    assert data["points"][1]["allocated"] != data["points"][2]["allocated"]  # the options reached calibration
+    rows = (out / "sweep.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["dense", *specs]
+
+
+@pytest.mark.parametrize("methods, match", [
+    ("quantile,teal-greedy:stepp=0.1", r"sweep method 'teal-greedy:stepp=0.1': .*no option\(s\) \['stepp'\]"),
+    ("quantile,teal-greedy:step=0", r"'teal-greedy:step=0': step must be in \(0, 1\]"),
+    ("teal-greedy:step=0.1,quantile,teal-greedy:step=0.1", "'teal-greedy:step=0.1' is given twice"),
+])
+def test_sweep_bad_method_spec_fails_before_the_model_loads(tmp_path, capsys, methods, match):
+    code, _, err = _run(capsys, ["sweep", "--model", str(tmp_path / "no-such-model"), "--methods", methods,
+                                 "--out", str(tmp_path / "sw")])
+    assert code == 2 and re.search(match, err), err
+    assert err.count("\n") == 1 and not (tmp_path / "sw").exists()
 
 
 @pytest.mark.parametrize("text,match", [("0.7:0.2:0.1", "START:STOP:STEP"), ("0.2,1.0", r"\[0, 1\)"), ("a", "bad")])

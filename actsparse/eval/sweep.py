@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 
 from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
-from ..methods import method_from_spec, method_to_dict
+from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..scope import IgnoredScope, TargetScope
 from .perplexity import perplexity
 from .plots import plot_sweep
 from .sparsity import SparsityMonitor
 
-__all__ = ["SweepPoint", "run_sweep", "parse_range", "weighted_sparsity", "write_sweep", "plot_sweep",
-           "format_table"]
+__all__ = ["SweepPoint", "run_sweep", "sweep_methods", "parse_range", "weighted_sparsity", "write_sweep",
+           "plot_sweep", "format_table", "method_meta"]
 
 ALL_PROJECTIONS = r".*\.(q|k|v|o|gate|up|down)_proj$"
 
@@ -68,6 +68,32 @@ def parse_range(text: str) -> list[float]:
     return values
 
 
+def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
+    """``{label: method}`` for method specs ``NAME[:KEY=VALUE[:KEY=VALUE...]]`` (e.g.
+    ``teal-greedy:step=0.025:greedy_tokens=null``; values as ``actsparse calibrate --option`` reads them). The
+    label is the spec, spaces around ``:`` removed. Checks every spec (name, option keys and values) and refuses
+    a spec given twice, so a bad list fails before any model work."""
+    if isinstance(specs, str):
+        raise TypeError(f"sweep methods are a list of specs, e.g. ['quantile', 'teal-greedy:step=0.025'], "
+                        f"got {specs!r}")
+    methods: dict[str, MethodConfig] = {}
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise TypeError(f"sweep methods are spec strings NAME[:KEY=VALUE...], got {type(spec).__name__}")
+        label = ":".join(p.strip() for p in spec.split(":"))
+        if label in methods:
+            raise ValueError(f"sweep method {label!r} is given twice; drop one, or give the two different "
+                             f"options (NAME:KEY=VALUE) to compare variants")
+        try:
+            name, options = parse_method_spec(label)
+            methods[label] = method_from_spec(name, **options)
+        except ValueError as e:
+            raise ValueError(f"sweep method {label!r}: {e}") from None
+    if not methods:
+        raise ValueError("no methods to sweep")
+    return methods
+
+
 def weighted_sparsity(model: nn.Module, measured: Mapping[str, float]) -> float:
     """Measured sparsity weighted by each layer's weight count (fraction of weight columns skipped)."""
     layers = dict(model.named_modules())
@@ -80,8 +106,10 @@ def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tens
               sparsities: Sequence[float], *, scope: str = ALL_PROJECTIONS, ignored: Sequence[str] = (),
               context: int = 1024, stride: int | None = None, progress: bool = True, per_layer: bool = False,
               on_point: Callable[[SweepPoint], None] | None = None) -> tuple[float, list[SweepPoint]]:
-    """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense."""
-    specs = [(m, method_from_spec(m)) for m in methods]  # validate every name before the long work
+    """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense.
+
+    ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec."""
+    specs = sweep_methods(methods).items()  # check every spec before the long work
     if sparse_layers(model):
         raise ValueError("the model is already sparsified; call actsparse.remove_sparsity(model) first")
     dense = perplexity(model, eval_ids, context=context, stride=stride, progress=progress).token_perplexity
@@ -151,4 +179,5 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
 
 
 def method_meta(methods: Sequence[str]) -> dict[str, Any]:
-    return {m: method_to_dict(method_from_spec(m)) for m in methods}
+    """``{spec: the method's config as a dict}`` for the sweep's method specs."""
+    return {label: method_to_dict(m) for label, m in sweep_methods(methods).items()}

@@ -9,6 +9,7 @@ removed) and ``result() -> float`` (the threshold τ). The calibration engine
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..sparse_linear import SparsityParams  # noqa: F401  (the Collector protocol's result type)
 
 __all__ = ["MethodConfig", "Collector", "register_method", "get_method", "registered_methods",
-           "method_from_spec", "method_to_dict"]
+           "method_from_spec", "method_to_dict", "parse_option", "parse_method_spec"]
 
 
 class Collector(Protocol):
@@ -92,6 +93,7 @@ def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"method must be a registered name or a MethodConfig, got {type(spec).__name__}")
+    given = options
     spec, plus, suffix = spec.partition("+")
     if plus:  # "wina+topk": any method with top-k at inference
         if suffix != "topk":
@@ -106,7 +108,41 @@ def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(f"method {spec!r} has no option(s) {unknown}; its options: {sorted(fields)}")
-    return cls(**options)
+    try:
+        return cls(**options)
+    except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. step="abc"
+        raise ValueError(f"method {spec!r}: bad option value in {given} ({e}); values are JSON (0.1, null, true) "
+                         "or bare strings (mode=kde)") from None
+
+
+_PYTHON_LITERALS = {"None": None, "True": True, "False": False}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` → ``(key, value)``: the value read as JSON (``0.1``, ``null``, ``true``), Python's
+    ``None``/``True``/``False``, else kept as a bare string (``mode=kde``). Shared by ``--option`` and sweep specs."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
+    if value in _PYTHON_LITERALS:
+        return key, _PYTHON_LITERALS[value]
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME[:KEY=VALUE[:KEY=VALUE...]]"`` → ``(NAME, {KEY: value})``, values as :func:`parse_option`
+    reads them (so a value holds no ``:``). The options are not checked here: see :func:`method_from_spec`."""
+    name, *parts = [p.strip() for p in spec.split(":")]
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, value = parse_option(part)
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice")
+        options[key] = value
+    return name, options
 
 
 def method_to_dict(method: MethodConfig) -> dict[str, Any]:
