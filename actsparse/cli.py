@@ -103,10 +103,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="device for the whole model (default cuda when available, else cpu); not with --device-map")
     p.add_argument("--device-map", type=_device_map_arg, default=None, metavar="{auto,balanced,sequential}|JSON",
-                   help="spread a model that does not fit one device over the GPUs, the CPU and disk (accelerate); "
-                        "or a JSON object / file {module name: device}")
+                   help="spread a model that does not fit one device over the GPUs, the CPU and disk (accelerate), "
+                        "within --max-memory or else all free GPU memory and the available CPU RAM; planned before "
+                        "loading, and an error if weights would go to disk without --offload-folder. Or a JSON "
+                        "object / file {module name: device}")
     p.add_argument("--max-memory", type=_max_memory_arg, default=None, metavar="DEVICE=SIZE,...",
-                   help="with --device-map: memory per device for the weights, e.g. cpu=2GiB,0=70GiB")
+                   help="with --device-map: memory per device for the weights, e.g. cpu=2GiB,0=70GiB (default: "
+                        "the free GPU memory and the available CPU RAM, as accelerate finds them)")
     p.add_argument("--offload-folder", default=None, metavar="DIR",
                    help="with --device-map: allow offloading weights to disk, re-saving them in DIR where needed")
     p.add_argument("--weights", default="dense", choices=["dense", *WEIGHT_MODES],

@@ -119,10 +119,31 @@ def _fmt(n: float) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
+def _default_max_memory(device_map: str) -> dict[int | str, int]:
+    """The budget ``from_pretrained`` plans a string ``device_map`` within when no ``max_memory`` is given:
+    accelerate's ``get_max_memory()`` (the free memory of every GPU, the available CPU RAM), through transformers'
+    own wrapper where it has one (transformers >= 5 adds the GPU memory torch has cached but not allocated, and
+    keeps 10% of the CPU RAM back), and for ``"auto"``/``"balanced"`` on a single GPU only 90% of it, as
+    ``get_balanced_memory`` does for a budget nobody set."""
+    try:
+        from transformers.integrations.accelerate import get_max_memory  # transformers >= 5
+    except ImportError:  # transformers 4 calls accelerate's directly
+        from accelerate.utils import get_max_memory
+
+    memory = {k: int(v) for k, v in get_max_memory(None).items()}
+    accelerators = [k for k, v in memory.items() if k not in ("cpu", "disk") and v > 0]
+    first_gpu = next((k for k in memory if isinstance(k, int)), None)
+    if device_map != "sequential" and len(accelerators) == 1 and first_gpu is not None:
+        memory[first_gpu] = int(memory[first_gpu] * 0.9)
+    return memory
+
+
 def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_map: str,
-                        max_memory: dict[int | str, int], offload_folder: str | None, label: str) -> dict[str, Any]:
+                        max_memory: dict[int | str, int] | None, offload_folder: str | None,
+                        label: str) -> dict[str, Any]:
     """The device map accelerate makes for this model within ``max_memory`` (on an empty, meta-device copy of
-    the model: nothing is loaded); an error when it needs the disk but no ``offload_folder`` was given."""
+    the model: nothing is loaded); an error when it needs the disk but no ``offload_folder`` was given.
+    ``max_memory=None`` plans within the defaults ``from_pretrained`` would take (:func:`_default_max_memory`)."""
     from accelerate import infer_auto_device_map, init_empty_weights
     from accelerate.utils import compute_module_sizes, get_balanced_memory
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -132,7 +153,9 @@ def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_ma
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     meta.tie_weights()  # tied input and output embeddings are one tensor, placed and counted once
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
-    memory = dict(max_memory)
+    given = max_memory is not None
+    budget = dict(max_memory) if given else _default_max_memory(device_map)
+    memory = dict(budget)
     if device_map != "sequential":  # as transformers does: spread evenly over the GPUs first
         memory = get_balanced_memory(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
     planned = infer_auto_device_map(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
@@ -140,15 +163,22 @@ def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_ma
     if on_disk and offload_folder is None:
         sizes = compute_module_sizes(meta, dtype=dtype)
         block = max((sizes[n] for n, m in meta.named_modules() if type(m).__name__ in no_split), default=0)
-        allowed = sum(v for k, v in max_memory.items() if k != "disk")
-        limits = ", ".join(f"{k}={_fmt(v)}" for k, v in max_memory.items())
+        allowed = sum(v for k, v in budget.items() if k != "disk")
+        limits = ", ".join(f"{k}={_fmt(v)}" for k, v in budget.items())
+        if given:
+            where, allows, larger = "max_memory", "max_memory allows", "a larger --max-memory"
+        else:
+            where = "the memory free on this machine"
+            allows = ("accelerate's default budget (no --max-memory given: the free GPU memory and the available "
+                      "CPU RAM, as from_pretrained takes them) allows")
+            larger = "--max-memory DEVICE=SIZE,... (max_memory=) to set the budget yourself"
         raise ValueError(
-            f"{label} does not fit in max_memory: its weights need {_fmt(sizes[''])} in {str(dtype)[6:]}, "
-            f"max_memory allows {_fmt(allowed)} ({limits}), and accelerate also keeps room for one "
+            f"{label} does not fit in {where}: its weights need {_fmt(sizes[''])} in {str(dtype)[6:]}, "
+            f"{allows} {_fmt(allowed)} ({limits}), and accelerate also keeps room for one "
             f"{_fmt(block)} block on the devices it offloads from, so {len(on_disk)} module(s) "
             f"({', '.join(on_disk[:3])}{', ...' if len(on_disk) > 3 else ''}) would go to disk. Pass "
             f"--offload-folder DIR (offload_folder=) to offload them there (slow: read from disk on every "
-            f"forward), or a larger --max-memory")
+            f"forward), or {larger}")
     return planned
 
 
@@ -160,10 +190,12 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "f
     ``device`` (default CPU) puts the whole model on one device. For a model that does not fit one device, give
     ``device_map`` instead (``"auto"``, ``"balanced"``, ``"sequential"`` or ``{module name: device}``): accelerate
     spreads the decoder blocks over the GPUs, then the CPU, then disk, and moves activations between them.
-    ``max_memory`` (``{"cpu": "2GiB", 0: "70GiB"}`` or ``"cpu=2GiB,0=70GiB"``) caps each device; with it the
-    map is planned before loading, and a model that would spill to disk without ``offload_folder`` is a
-    ``ValueError`` saying how much it needs. ``offload_folder`` allows disk offload (weights that must be
-    re-saved go there; safetensors checkpoints are read in place).
+    ``max_memory`` (``{"cpu": "2GiB", 0: "70GiB"}`` or ``"cpu=2GiB,0=70GiB"``) caps each device; without it the
+    budget is what ``from_pretrained`` would take: accelerate's ``get_max_memory()``, i.e. the free GPU memory
+    and the available CPU RAM. A string map is planned within that budget on an empty copy of the model before
+    any weight loads, and a model that would spill to disk without ``offload_folder`` is a ``ValueError`` saying
+    how much it needs. ``offload_folder`` allows disk offload (weights that must be re-saved go there;
+    safetensors checkpoints are read in place).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -206,11 +238,12 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "f
     if gguf and isinstance(device_map, dict) and "disk" in device_map.values():
         raise ValueError("transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
                          "device_map='auto' with max_memory and offload_folder instead")
-    if max_memory is not None:  # plan (and check) the map here, then load exactly that map
+    if isinstance(device_map, str):  # plan (and check) the map here, then load exactly that map
         planned = _planned_device_map(folder, kwargs, dtype, device_map, max_memory, offload_folder,
                                       name_or_path or "the embedded model")
         if gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
-            kwargs["max_memory"] = max_memory
+            if max_memory is not None:  # (or from the same defaults)
+                kwargs["max_memory"] = max_memory
         else:
             device_map = planned
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,

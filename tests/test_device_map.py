@@ -3,15 +3,18 @@ save/load and evaluate exactly like the same model loaded plainly on the CPU."""
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+import transformers
 
 import actsparse as A
+import actsparse.models
 from actsparse.cli import main
 from actsparse.eval import perplexity
-from actsparse.models import load_model, parse_max_memory
+from actsparse.models import DEVICE_MAPS, load_model, parse_max_memory
 from actsparse.offload import model_device
 from conftest import byte_tokenizer, make_tiny_llama
 
@@ -127,6 +130,88 @@ def test_a_map_that_fits_loads_without_offload(model_dir, calib_data):
     assert all(p.device.type == "cpu" for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(calib_data[0]).logits, plain(calib_data[0]).logits)
+
+
+def default_budget(monkeypatch, cpu: int) -> dict:
+    """accelerate's get_max_memory() reports ``cpu`` bytes free and no GPU, at the place the defaults are taken
+    (transformers >= 5 wraps accelerate's function, bound in its integrations module; 4 calls accelerate's).
+    Returns the budget from_pretrained then takes."""
+    import accelerate.utils
+    import transformers.integrations.accelerate as hf_accelerate
+
+    wrapped = hasattr(hf_accelerate, "accelerate_max_memory")
+    where, name = (hf_accelerate, "accelerate_max_memory") if wrapped else (accelerate.utils, "get_max_memory")
+    real = getattr(where, name)
+    monkeypatch.setattr(where, name, lambda max_memory=None: {"cpu": cpu} if max_memory is None else real(max_memory))
+    return (hf_accelerate.get_max_memory if wrapped else accelerate.utils.get_max_memory)(None)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_auto_without_max_memory_checks_the_default_budget_before_loading(model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    budget = default_budget(monkeypatch, 400 * 2**10)  # as SPLIT: blocks 1-3 would go to disk
+    assert set(budget) == {"cpu"} and 300 * 2**10 <= budget["cpu"] <= 400 * 2**10  # transformers 5 keeps 10% back
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or pytest.fail("the weights were loaded"))
+    before = snapshot(model_dir)
+    need = sum(p.numel() * 4 for p in make_tiny_llama(layers=4).parameters())
+    for device_map in DEVICE_MAPS:
+        with pytest.raises(ValueError) as e:
+            load_model(model_dir, device_map=device_map)
+        msg = str(e.value)
+        assert "does not fit in the memory free on this machine" in msg, msg
+        assert f"need {need / 2**20:.2f} MiB in float32" in msg and "no --max-memory given" in msg
+        cpu = f"{int(budget['cpu']) / 2**20:.2f} MiB"
+        assert "default budget" in msg and f"allows {cpu} (cpu={cpu})" in msg
+        assert "model.layers.1" in msg and "--offload-folder DIR (offload_folder=)" in msg and "--max-memory" in msg
+    assert not loads and snapshot(model_dir) == before and not list(tmp_path.iterdir())
+
+    capsys.readouterr()
+    assert main(["eval", "--model", model_dir, "--device-map", "auto", "--no-progress"]) == 2  # the CLI says the same
+    err = capsys.readouterr().err
+    assert "error:" in err and "--offload-folder DIR" in err and len(err.strip().splitlines()) == 1
+    assert not loads and snapshot(model_dir) == before
+    assert actsparse.models._default_max_memory("auto") == {"cpu": int(budget["cpu"])}  # planned with those
+
+
+def test_auto_without_max_memory_loads_within_a_big_enough_default_budget(model_dir, tmp_path, calib_data,
+                                                                         monkeypatch):
+    plain, _ = load_model(model_dir)
+    before = snapshot(model_dir)
+    with torch.no_grad():
+        dense = plain(calib_data[0]).logits
+        default_budget(monkeypatch, 16 * 2**20)
+        model, _ = load_model(model_dir, device_map="auto")
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        assert torch.equal(model(calib_data[0]).logits, dense)
+        monkeypatch.undo()
+
+        model, _ = load_model(model_dir, device_map="auto")  # what this machine has: GPU 0 where there is one
+        dev = model_device(model)
+        assert all(p.device == dev for p in model.parameters())
+        assert torch.allclose(model(calib_data[0].to(dev)).logits.cpu(), dense, atol=1e-5)
+        # with an offload folder, the same tiny default budget offloads as SPLIT does
+        default_budget(monkeypatch, 400 * 2**10)
+        off, _ = load_model(model_dir, device_map="auto", offload_folder=str(tmp_path / "offload"))
+        assert off.hf_device_map["model.layers.0"] == "cpu" and off.hf_device_map["model.layers.3"] == "disk"
+        assert torch.allclose(off(calib_data[0]).logits, dense, atol=1e-5)
+    assert snapshot(model_dir) == before
+
+
+def test_single_gpu_default_budget_keeps_10_percent_back_like_accelerate(monkeypatch):
+    import accelerate.utils
+    import transformers.integrations.accelerate as hf_accelerate
+
+    fake = {0: 10 * 2**30, "cpu": 100 * 2**30}
+    for where, name in ((hf_accelerate, "accelerate_max_memory"), (accelerate.utils, "get_max_memory")):
+        if hasattr(where, name):
+            monkeypatch.setattr(where, name, lambda max_memory=None: dict(fake))
+    auto, sequential = actsparse.models._default_max_memory("auto"), actsparse.models._default_max_memory("sequential")
+    assert auto[0] == int(sequential[0] * 0.9) and auto["cpu"] == sequential["cpu"]
 
 
 def test_parse_max_memory():
