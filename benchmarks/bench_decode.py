@@ -276,12 +276,17 @@ def load_kernel_module(path):
     return load(path)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_loop_args(ap: argparse.ArgumentParser) -> None:
+    """The decode loop's flags (shared with bounds.py)."""
     ap.add_argument("--models", default="llama2-7b,llama3-8b")
     ap.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7")
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--start-pos", type=int, default=256)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_loop_args(ap)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--int8", action="store_true", help="also int8 weights + sparsity")
     ap.add_argument("--out", default=None)

@@ -37,7 +37,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_decode import CONFIGS, GROUPS, Model, calibrate, make_layer_fn, time_graph  # noqa: E402
+from bench_decode import CONFIGS, GROUPS, Model, add_loop_args, calibrate, make_layer_fn, time_graph  # noqa: E402
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
@@ -261,10 +261,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="llama2-7b,llama3-8b")
-    ap.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7")
-    ap.add_argument("--max-seq", type=int, default=512)
-    ap.add_argument("--start-pos", type=int, default=256)
+    add_loop_args(ap)
     ap.add_argument("--skip-gemv", action="store_true", help="only the floors and the decode decomposition")
     ap.add_argument("--profile", action="store_true", help="also profile the decode graphs (kernels, gaps)")
     ap.add_argument("--out", default=None)
