@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from .weights import dense_weight
+
 __all__ = ["execution_device", "model_device", "loaded_weights", "layer_weight", "move_hook"]
 
 
@@ -66,8 +68,6 @@ def loaded_weights(module: nn.Module) -> Iterator[nn.Module]:
 
 def layer_weight(module: nn.Module) -> torch.Tensor:
     """A Linear's weight as a plain dense tensor (dequantized if int8), loaded from the offload if needed."""
-    from .quant import dense_weight
-
     with loaded_weights(module):
         return dense_weight(module.weight.detach())
 

@@ -23,30 +23,12 @@ import torch
 import torch.nn as nn
 
 from .scope import IgnoredScope, TargetScope, resolve_targets
+from .weights import dense_weight, int8_codes
 
 __all__ = ["WEIGHT_MODES", "compress_weights", "int8_codes", "int8_layers", "dense_weight", "TORCHAO_INSTALL"]
 
 WEIGHT_MODES = ("int8_asym", "int8_sym")
 TORCHAO_INSTALL = "pip install 'actsparse[int8]'  (torchao)"
-
-
-def dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as a plain tensor: torchao's quantized weights are dequantized, others returned as is."""
-    if type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "qdata"):
-        return weight.dequantize()
-    return weight
-
-
-def int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """``(q int8 [N, K], scale fp32 [N], zero fp32 [N] or None)`` of a per-channel int8 weight, else None."""
-    q = getattr(weight, "qdata", None)
-    if type(weight) in (torch.Tensor, nn.Parameter) or q is None or q.dtype != torch.int8 or q.dim() != 2:
-        return None
-    scale = weight.scale.float().reshape(-1)
-    if scale.numel() != q.shape[0]:  # grouped scales: not the per-output-channel layout the kernels read
-        return None
-    zero = weight.zero_point.float().reshape(-1)
-    return q, scale, None if bool((zero == 0).all()) else zero
 
 
 def int8_layers(model: nn.Module) -> list[str]:

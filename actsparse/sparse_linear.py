@@ -25,15 +25,15 @@ keeps everything; NaNs are kept. With μ = 0 and no scale the general rule equal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.linear import disable_kernels, kernel_forward
 from .offload import execution_device, move_hook
-from .quant import dense_weight
+from .rule import SparsityParams, drop_mask, sparsify_tensor
+from .weights import dense_weight
 
 __all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask"]
 
@@ -41,58 +41,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
                "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
-
-
-@dataclass
-class SparsityParams:
-    """One layer's calibrated sparsity parameters (what a method returns, what a file stores)."""
-
-    threshold: float = -math.inf
-    shift: float = 0.0
-    scale: torch.Tensor | None = None  # [in_features], >= 0
-    topk: int | None = None            # tokens keep this many entries
-    info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
-
-    def validate(self, in_features: int, where: str) -> None:
-        if math.isnan(self.threshold):
-            raise ValueError(f"threshold for {where!r} is NaN")
-        if not math.isfinite(self.shift):
-            raise ValueError(f"shift for {where!r} must be finite, got {self.shift}")
-        if self.scale is not None:
-            s = self.scale
-            if s.dim() != 1 or s.numel() != in_features:
-                raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
-            if not (torch.isfinite(s).all() and (s >= 0).all()):
-                raise ValueError(f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
-                                 f"τ >= 0: a static unit mask)")
-        if self.topk is not None and not 0 <= self.topk <= in_features:
-            raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
-
-
-def drop_mask(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
-              scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
-    """Boolean mask of the entries of ``x`` the rule of the module docstring drops."""
-    if shift is None and scale is None and topk is None:
-        return x.abs() <= threshold
-    score = (x.float() - (0.0 if shift is None else shift)).abs()
-    if scale is not None:
-        score = score * scale
-    if topk is not None:
-        drop = torch.ones_like(score, dtype=torch.bool)
-        if topk > 0:
-            drop.scatter_(-1, score.nan_to_num(nan=math.inf).topk(topk, dim=-1).indices, False)
-        return drop
-    tau = threshold if scale is not None else torch.as_tensor(threshold).to(x.dtype).float()
-    return score <= tau
-
-
-def sparsify_tensor(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
-                    scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
-    """``x'`` of the module docstring's rule (the shifted, masked input; same dtype as ``x``)."""
-    drop = drop_mask(x, threshold, shift, scale, topk)
-    if shift is None:
-        return x.masked_fill(drop, 0)
-    return (x.float() - shift).masked_fill(drop, 0.0).to(x.dtype)
 
 
 def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
@@ -118,7 +66,9 @@ class SparseLinear(nn.Linear):
     """Linear layer with static activation sparsity on its input (see the module docstring)."""
 
     act_threshold: torch.Tensor
-    _packed = None  # a PackedGemv once actsparse.kernels.enable_kernels() ran
+    # set by actsparse.kernels.enable_kernels(): the packed weights, their identity at packing, the shared-input
+    # group (one launch for q/k/v or gate/up) and the route decision
+    _packed = _packed_from = _kernel_group = _kernel_route = None
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - build with from_linear
         raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
@@ -147,6 +97,17 @@ class SparseLinear(nn.Linear):
         new.calibration = dict(p.info)
         return new
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() convert floating buffers too; the sparsity parameters stay fp32
+        # (the rule and the kernels read them so), only their device follows
+        saved = {b: t for b in BUFFERS[:3] if (t := self._buffers.get(b)) is not None}
+        super()._apply(fn, recurse)
+        for b, old in saved.items():
+            new = self._buffers[b]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[b] = old.to(new.device)
+        return self
+
     @property
     def params(self) -> SparsityParams:
         """This layer's :class:`SparsityParams` (copies, on CPU)."""
@@ -166,7 +127,6 @@ class SparseLinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """The plain ``nn.Linear`` sharing this layer's parameters (and hooks)."""
         if self._packed is not None:  # weights were laid out for the sparse GEMV: back to [out, in]
-            from .kernels.linear import disable_kernels
             disable_kernels(self)
         return plain_linear(self)
 
@@ -179,7 +139,6 @@ class SparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:  # set by actsparse.kernels.enable_kernels
-            from .kernels.linear import kernel_forward
             y = kernel_forward(self, x)
             if y is not None:
                 return y

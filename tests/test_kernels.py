@@ -250,9 +250,12 @@ def test_enable_kernels_decode_matches_masked_linear(dtype):
         ref = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
     names = K.enable_kernels(model)
     assert len(names) == 14  # 7 projections × 2 layers
-    down = model.model.layers[0].mlp.down_proj  # out_features 64: packed copy; up_proj (256): shared view
-    up = model.model.layers[0].mlp.up_proj
-    assert up.weight.data_ptr() == up._packed.weight_t.data_ptr() and down._packed.weight_t.data_ptr() != 0
+    down = model.model.layers[0].mlp.down_proj  # out_features 64: packed copy; gate/up (256): shared views
+    up, gate = model.model.layers[0].mlp.up_proj, model.model.layers[0].mlp.gate_proj
+    assert up._packed is gate._packed  # one packed group, one launch
+    storage = up._packed.weight_t.untyped_storage().data_ptr()
+    assert up.weight.untyped_storage().data_ptr() == storage == gate.weight.untyped_storage().data_ptr()
+    assert down._packed.weight_t.untyped_storage().data_ptr() != down.weight.untyped_storage().data_ptr()
     calls = []
     hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
              for m in model.modules() if isinstance(m, SparseLinear)]
@@ -332,8 +335,10 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
     assert len(K.enable_kernels(model)) == 6
     up = model.model.layers[0].mlp.up_proj
     q, scale, zero = int8_codes(up.weight)
-    assert up._packed.quantized and torch.equal(up._packed.weight_t, q.t())  # the codes torchao chose, not ours
-    assert torch.equal(up._packed.scale, scale) and (up._packed.zero is None) == (zero is None)
+    assert up._packed is model.model.layers[0].mlp.gate_proj._packed  # gate/up: one launch
+    off, n = up._packed.segments[up._kernel_group[1]]
+    assert up._packed.quantized and torch.equal(up._packed.columns(off, off + n), q.t())  # torchao's codes, not ours
+    assert torch.equal(up._packed.scale[off:off + n], scale) and (up._packed.zero is None) == (zero is None)
     calls = []
     hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
              for m in model.modules() if isinstance(m, SparseLinear)]

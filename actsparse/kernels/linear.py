@@ -1,28 +1,72 @@
-"""Route ``SparseLinear`` batch-1 decode calls to the sparse GEMV.
+"""Route sparse Linear layers' batch-1 decode calls to the sparse GEMV.
 
-``enable_kernels(model)`` gives every ``SparseLinear`` a :class:`PackedGemv` view of its weights. Where
-``out_features`` is a multiple of ``COLUMN_ALIGN`` (every real LLM projection), the layer's weight
+``enable_kernels(model)`` gives sparse Linear layers (``nn.Linear`` modules with an ``act_threshold``
+buffer, i.e. :class:`actsparse.SparseLinear`; this module knows them by that protocol only) a
+:class:`PackedGemv` view of their weights, by three rules:
+
+* **Eligible**: a threshold (and shift) layer without per-channel scale or top-k, with fp16/bf16 weights
+  (or int8 codes from :func:`actsparse.quant.compress_weights`), on a device where Triton runs.
+* **Fused**: layers that read one input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj`` and
+  the other sibling sets in :data:`SHARED_INPUT_GROUPS`) are packed together and run as **one** launch: the
+  first of them called with an input computes every output and leaves the others' for them, so the
+  model's own forward, which calls them one by one, launches one kernel per group.
+* **Never slower than dense**: a layer (or group) whose expected sparsity is below ``min_sparsity``
+  (default :data:`KERNEL_MIN_SPARSITY`) takes the dense route, as the sparse GEMV loses to cuBLAS there.
+  The expected sparsity is the layer's calibration target (``target_sparsity``), 0 for ``τ = -inf`` and
+  1 for ``τ = +inf``; a layer with a threshold but no target counts as sparse. A group's is the mean of its
+  layers' weighted by ``out_features``. The rule is deterministic: the same model gives the same routes.
+
+Where ``out_features`` is a multiple of ``COLUMN_ALIGN`` (every real LLM projection), a layer's weight
 *becomes* a transposed view of the packed ``weight_t``: no second copy, and prefill's ``F.linear`` reads
 the same memory (cuBLAS takes the transposed layout). Odd widths keep a padded packed copy.
 
-After that, ``SparseLinear.forward`` uses the kernel when the input is a single row on a device the
-kernel supports and no gradient is being recorded; everything else (prefill, batches, training, CPU)
-takes the usual masked ``F.linear``. Thresholds stay live: the packed threshold is the layer's
-``act_threshold`` buffer itself.
+After that, a packed layer uses the kernel when its input is a single row and no gradient is recorded;
+everything else (prefill, batches, training) takes the usual masked ``F.linear``. Thresholds stay live: the
+packed thresholds are the layers' ``act_threshold`` buffers themselves. :func:`kernel_forward` does no
+Python-side checks of the weights' storage in the hot path, so it traces under
+``torch.compile(fullgraph=True)``; eagerly it also checks that the weight was not replaced or edited since
+packing (and then stays dense). :func:`stale_kernels` is that check for a whole model.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 
-from ..quant import int8_codes
+from ..weights import int8_codes
 from .ops import sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
-__all__ = ["enable_kernels", "disable_kernels", "kernel_forward"]
+__all__ = ["enable_kernels", "disable_kernels", "kernel_forward", "kernel_routes", "stale_kernels", "KernelRoute",
+           "expected_sparsity", "KERNEL_MIN_SPARSITY", "SHARED_INPUT_GROUPS"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+
+# Below this expected sparsity the sparse GEMV is slower than cuBLAS. Measured on an H200 (issue 16/17,
+# benchmarks/README.md): 4096x14336 bf16 costs 36.0 µs at 0% and 23.4 µs at 50% against cuBLAS's 30.2 µs
+# (graph-timed), i.e. break-even at ≈ 23%; on the whole Llama-2-7B decode step ×0.95 at 0% and ×1.20 at 40%.
+KERNEL_MIN_SPARSITY = 0.2
+
+# Sibling Linear layers (same parent module) that HF architectures feed the same input, in call order.
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),   # Llama, Mistral, Qwen2/3, Gemma, Phi-3 (unfused), OPT, ...
+    ("gate_proj", "up_proj"),         # Llama-style gated MLPs
+    ("w1", "w3"),                     # Mixtral-style experts (gate, up)
+    ("query", "key", "value"),        # BERT-style attention
+)
+
+
+def _is_sparse_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and "act_threshold" in m._buffers
+
+
+def _eligible(m: nn.Module) -> bool:
+    return (_is_sparse_linear(m) and m._buffers.get("act_scale") is None and m._buffers.get("act_topk") is None
+            and m.weight.dtype in _DTYPES and triton_available(m.weight.device))
 
 
 def _weight_key(w: torch.Tensor) -> tuple[int, int]:
@@ -32,61 +76,193 @@ def _weight_key(w: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t._version
 
 
-def _pack_layer(layer) -> PackedGemv:
-    w = layer.weight
-    shift = layer._buffers.get("act_shift")
+def _weight_kind(w: torch.Tensor) -> tuple:
     codes = int8_codes(w)
+    return (w.dtype, w.device, None if codes is None else codes[2] is not None)
+
+
+def expected_sparsity(layer: nn.Module) -> float | None:
+    """The fraction of inputs ``layer`` is expected to drop: its ``target_sparsity``, 0 for ``τ = -inf``,
+    1 for ``τ = +inf``, else None (unknown)."""
+    target = getattr(layer, "target_sparsity", None)
+    if target is not None:
+        return float(target)
+    tau = float(layer.act_threshold)
+    return 0.0 if tau == -math.inf else 1.0 if tau == math.inf else None
+
+
+class SharedInput:
+    """The layers of one packed group: the first called with an input computes all their outputs and leaves
+    the others' here (``pending``: input, its version, outputs, indices still to be taken)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.pending: tuple | None = None
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    """How a sparse layer runs batch-1 decode: ``"kernel"`` (with the layers of its ``group``) or ``"dense"``."""
+
+    route: str
+    group: tuple[str, ...]
+    expected_sparsity: float | None
+    reason: str
+
+
+def _units(model: nn.Module, fuse: bool) -> list[tuple[str, ...]]:
+    """Eligible layers in packing units: shared-input groups where all members qualify, else single layers."""
+    modules = dict(model.named_modules())
+    eligible = [n for n, m in modules.items() if _eligible(m)]
+    taken: set[str] = set()
+    units: list[tuple[str, ...]] = []
+    if fuse:
+        for name in eligible:
+            parent, _, leaf = name.rpartition(".")
+            for group in SHARED_INPUT_GROUPS:
+                if leaf != group[0]:
+                    continue
+                names = tuple(f"{parent}.{g}" if parent else g for g in group)
+                members = [modules.get(n) for n in names]
+                if (all(m is not None and _eligible(m) for m in members)
+                        and len({m.in_features for m in members}) == 1
+                        and len({_weight_kind(m.weight) for m in members}) == 1):
+                    units.append(names)
+                    taken.update(names)
+    units += [(n,) for n in eligible if n not in taken]
+    return units
+
+
+def _unit_sparsity(layers: list[nn.Module]) -> float | None:
+    values = [expected_sparsity(m) for m in layers]
+    if any(v is None for v in values):
+        return None
+    return sum(v * m.out_features for v, m in zip(values, layers)) / sum(m.out_features for m in layers)
+
+
+def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
+    weights = [m.weight for m in layers]
+    codes = int8_codes(weights[0])
     quantize = None if codes is None else "int8" if codes[2] is not None else "int8-sym"
-    packed = pack([w.detach()], layout_block=None, shifts=None if shift is None else [float(shift)],
-                  biases=[layer.bias.detach()] if layer.bias is not None else None, quantize=quantize)
-    packed.threshold = layer.act_threshold.view(1)  # live: load_thresholds/apply_thresholds update it
-    if shift is not None:
-        packed.shift = shift.view(1)
-    if codes is None and layer.out_features % COLUMN_ALIGN == 0:  # share: the weight is a view of weight_t
-        layer.weight.data = packed.weight_t.t()
-        if layer.bias is not None:
-            packed.bias = layer.bias.detach()  # same length, read as fp32 by the kernel
+    shifts = [m._buffers.get("act_shift") for m in layers]
+    has_shift = any(s is not None for s in shifts)
+    packed = pack([w.detach() for w in weights], layout_block=None,
+                  shifts=[float(s) if s is not None else 0.0 for s in shifts] if has_shift else None,
+                  biases=[m.bias.detach() if m.bias is not None else None for m in layers],
+                  quantize=quantize)
+    # live thresholds: one buffer per layer, so updates (load_thresholds, apply_thresholds) reach the kernel
+    if len(layers) == 1:
+        packed.threshold = layers[0].act_threshold.view(1)
+        if has_shift:
+            packed.shift = shifts[0].view(1)
+    if codes is None and all(m.out_features % COLUMN_ALIGN == 0 for m in layers):
+        for m, (off, n) in zip(layers, packed.segments):  # share: each weight is a view of weight_t
+            m.weight.data = packed.weight_t[:, off:off + n].t()
+        if len(layers) == 1 and layers[0].bias is not None:
+            packed.bias = layers[0].bias.detach()  # same length, read as fp32 by the kernel
     return packed
 
 
-def enable_kernels(model: nn.Module) -> list[str]:
-    """Pack every eligible ``SparseLinear`` of ``model`` for the sparse GEMV; returns the layer names.
+def _group_threshold_sync(layers: list[nn.Module], packed: PackedGemv) -> None:
+    """A group's packed thresholds are one tensor; make each layer's buffer a view of it, so that updating
+    a layer's ``act_threshold`` in place (``fill_``/``copy_``) reaches the kernel."""
+    for i, m in enumerate(layers):
+        packed.threshold[i] = m.act_threshold.to(packed.threshold.device)
+        m._buffers["act_threshold"] = packed.threshold[i]
+        shift = m._buffers.get("act_shift")
+        if shift is not None and packed.shift is not None:
+            packed.shift[i] = shift.to(packed.shift.device)
+            m._buffers["act_shift"] = packed.shift[i]
 
-    Eligible: threshold (and shift) layers, without a per-channel scale or top-k, with fp16/bf16 weights
-    (or int8 weights from :func:`actsparse.quant.compress_weights` with fp16/bf16 activations: the int8
-    sparse GEMV, from a packed copy of the codes) on a device where Triton runs (CUDA; any device under
-    ``TRITON_INTERPRET=1``). Other layers are left as they are (they run the torch path).
+
+def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSITY, fuse: bool = True) -> list[str]:
+    """Pack ``model``'s eligible sparse layers for the sparse GEMV; returns the names of the packed layers.
+
+    See the module docstring for the rules: eligible layers, shared-input groups packed into one launch
+    (``fuse=False`` packs every layer alone), and the dense route below ``min_sparsity``. Calling it again
+    re-plans every layer (after thresholds or targets changed). Other layers are left as they are (they run
+    the torch path); :func:`kernel_routes` reports the decision for every sparse layer.
     """
-    from ..sparse_linear import SparseLinear
-
-    names = []
-    for name, m in model.named_modules():
-        if (isinstance(m, SparseLinear) and m._buffers.get("act_scale") is None and m._buffers.get("act_topk") is None
-                and m.weight.dtype in _DTYPES and triton_available(m.weight.device)):
-            if getattr(m, "_packed", None) is None:
-                m._packed = _pack_layer(m)
-                m._packed_from = _weight_key(m.weight)
-            names.append(name)
+    if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    disable_kernels(model)
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for unit in _units(model, fuse):
+        layers = [modules[n] for n in unit]
+        sparsity = _unit_sparsity(layers)
+        if sparsity is not None and sparsity < min_sparsity:
+            route = KernelRoute("dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: "
+                                                          f"cuBLAS is faster there")
+            for m in layers:
+                m._kernel_route = route
+            continue
+        packed = _pack_unit(layers)
+        if len(layers) > 1:
+            _group_threshold_sync(layers, packed)
+        shared = SharedInput(unit) if len(layers) > 1 else None
+        route = KernelRoute("kernel", unit, sparsity, "fused launch" if shared else "one launch")
+        for i, m in enumerate(layers):
+            m._packed = packed
+            m._packed_from = _weight_key(m.weight)
+            m._kernel_group = None if shared is None else (shared, i)
+            m._kernel_route = route
+        names += unit
     return names
 
 
 def disable_kernels(model: nn.Module) -> None:
     """Undo :func:`enable_kernels`: contiguous ``[out, in]`` weights again, no packed state."""
-    from ..sparse_linear import SparseLinear
-
     for m in model.modules():
-        if isinstance(m, SparseLinear) and getattr(m, "_packed", None) is not None:
+        if not _is_sparse_linear(m):
+            continue
+        if getattr(m, "_packed", None) is not None:
             if int8_codes(m.weight) is None and not m.weight.is_contiguous():
                 m.weight.data = m.weight.data.contiguous()
-            m._packed = m._packed_from = None
+            for b in ("act_threshold", "act_shift"):  # a group's buffers were views of the packed ones
+                t = m._buffers.get(b)
+                if t is not None and t._base is not None:
+                    m._buffers[b] = t.clone()
+        m._packed = m._packed_from = m._kernel_group = m._kernel_route = None
 
 
-def kernel_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+def kernel_routes(model: nn.Module) -> dict[str, KernelRoute | None]:
+    """For every sparse layer: its :class:`KernelRoute` from the last :func:`enable_kernels` (None: not planned,
+    e.g. not eligible or kernels never enabled)."""
+    return {n: getattr(m, "_kernel_route", None) for n, m in model.named_modules() if _is_sparse_linear(m)}
+
+
+def stale_kernels(model: nn.Module) -> list[str]:
+    """Packed layers whose weight was replaced or edited in place since packing (they would compute with
+    the old weights in a compiled graph; eagerly they stay dense)."""
+    return [n for n, m in model.named_modules()
+            if _is_sparse_linear(m) and getattr(m, "_packed", None) is not None
+            and m._packed_from != _weight_key(m.weight)]
+
+
+def _version(x: torch.Tensor) -> int | None:
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
+
+
+def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
-    packed = getattr(layer, "_packed", None)
+    packed = layer._packed
     if (packed is None or x.numel() != layer.in_features or x.dtype != layer.weight.dtype
             or torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)):
         return None
-    if layer._packed_from != _weight_key(layer.weight):
+    if not torch.compiler.is_compiling() and layer._packed_from != _weight_key(layer.weight):
         return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)
-    return sparse_gemv(x, packed)[0]
+    group = layer._kernel_group
+    if group is None:
+        return sparse_gemv(x, packed)[0]
+    shared, i = group
+    pending = shared.pending
+    if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
+        rest = tuple(j for j in pending[3] if j != i)
+        shared.pending = (pending[0], pending[1], pending[2], rest) if rest else None
+        return pending[2][i]
+    outs = sparse_gemv(x, packed)
+    shared.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
+    return outs[i]

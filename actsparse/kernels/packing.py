@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from ..quant import int8_codes
+from ..weights import int8_codes
 
 __all__ = ["PackedGemv", "pack", "quantize_int8", "COLUMN_ALIGN", "MAX_SEGMENTS"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparse_linear import sparsify_tensor
+from ..rule import sparsify_tensor
 from .packing import PackedGemv
 
 __all__ = ["sparse_gemv_reference", "mask_input"]

@@ -1,0 +1,74 @@
+"""The sparsity rule: one layer's parameters (:class:`SparsityParams`) and which input entries it drops.
+
+The one definition every other part follows (``SparseLinear``'s forward, the kernels' torch reference, the
+calibration engine, the sparsity monitor). With ``D`` the activation dtype::
+
+    plain (no shift, scale or top-k):  x' = x where not |x| <= D(τ)          (compared in D, as NNCF)
+    otherwise:  d = float32(x) - μ;  score = |d| · s;  keep = not score <= τ' (or score in the top k)
+                x' = D(d · keep)
+
+where ``τ' = float32(D(τ))`` without a scale (the kernels' rule) and ``τ`` itself with one. ``τ = -inf``
+keeps everything; NaNs are kept. With μ = 0 and no scale the general rule equals the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["SparsityParams", "drop_mask", "sparsify_tensor"]
+
+
+@dataclass
+class SparsityParams:
+    """One layer's calibrated sparsity parameters (what a method returns, what a file stores)."""
+
+    threshold: float = -math.inf
+    shift: float = 0.0
+    scale: torch.Tensor | None = None  # [in_features], >= 0
+    topk: int | None = None            # tokens keep this many entries
+    info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
+
+    def validate(self, in_features: int, where: str) -> None:
+        if math.isnan(self.threshold):
+            raise ValueError(f"threshold for {where!r} is NaN")
+        if not math.isfinite(self.shift):
+            raise ValueError(f"shift for {where!r} must be finite, got {self.shift}")
+        if self.scale is not None:
+            s = self.scale
+            if s.dim() != 1 or s.numel() != in_features:
+                raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
+            if not (torch.isfinite(s).all() and (s >= 0).all()):
+                raise ValueError(f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
+                                 f"τ >= 0: a static unit mask)")
+        if self.topk is not None and not 0 <= self.topk <= in_features:
+            raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
+
+
+def drop_mask(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
+              scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+    """Boolean mask of the entries of ``x`` the rule of the module docstring drops."""
+    if shift is None and scale is None and topk is None:
+        return x.abs() <= threshold
+    score = (x.float() - (0.0 if shift is None else shift)).abs()
+    if scale is not None:
+        score = score * scale
+    if topk is not None:
+        drop = torch.ones_like(score, dtype=torch.bool)
+        if topk > 0:
+            drop.scatter_(-1, score.nan_to_num(nan=math.inf).topk(topk, dim=-1).indices, False)
+        return drop
+    tau = threshold if scale is not None else torch.as_tensor(threshold).to(x.dtype).float()
+    return score <= tau
+
+
+def sparsify_tensor(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
+                    scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+    """``x'`` of the module docstring's rule (the shifted, masked input; same dtype as ``x``)."""
+    drop = drop_mask(x, threshold, shift, scale, topk)
+    if shift is None:
+        return x.masked_fill(drop, 0)
+    return (x.float() - shift).masked_fill(drop, 0.0).to(x.dtype)
