@@ -22,6 +22,7 @@ from .eval.lmeval import LMEVAL_INSTALL
 from .eval.perplexity import perplexity
 from .eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .io import load_thresholds, save_thresholds
+from .kernels import KERNEL_MIN_SPARSITY, enable_kernels, triton_available
 from .eval.sweep import (ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods,
                          write_sweep)
 from .methods import method_from_spec, method_to_dict, parse_option, registered_methods
@@ -261,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true",
                      help="generate dense, then sparse, and print them side by side (nothing is streamed)")
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    gen.add_argument("--engine", default="auto", choices=["auto", "graph", "eager"],
+                     help="graph: the static-cache decoder, one CUDA-graph replay per token (compiled on CUDA); "
+                          "eager: the dynamic-cache loop; auto (default): graph on CUDA, eager elsewhere")
+    gen.add_argument("--no-kernels", action="store_true",
+                     help="on CUDA, decode sparse layers with masked dense matmuls instead of the sparse GEMV kernels "
+                          "(default: kernels where they beat cuBLAS, see actsparse.kernels.enable_kernels)")
     return parser
 
 
@@ -705,6 +712,12 @@ def cmd_generate(args) -> dict[str, Any]:
         _log(args, f"calibrated {', '.join(f'{p}={s}' for p, s in cal['scopes'].items())} with "
                    f"{_method_label(cal['method'])} on {cal['calibration_tokens']} tokens in "
                    f"{cal['calibration_seconds']:.1f} s")
+    settings["engine"] = args.engine
+    if not args.no_kernels and not args.dense and triton_available(model_device(model)):
+        packed = enable_kernels(model)
+        result["kernel_layers"] = len(packed)
+        _log(args, f"sparse GEMV kernels on {len(packed)} of {len(sparse_layers(model))} sparse layers "
+                   f"(the others take the dense route: below {KERNEL_MIN_SPARSITY:g} expected sparsity or not eligible)")
     if args.compare:
         _log(args, "generating with the dense model, then with the sparse one")
         comparison = compare_generate(model, tokenizer, prompt, **settings)

@@ -1,7 +1,7 @@
 """Exceptions raised by actsparse. Each message says what is wrong and how to fix it."""
 
 __all__ = ["ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
-           "AlreadySparsifiedError", "ConfigFileError"]
+           "AlreadySparsifiedError", "ConfigFileError", "DecoderError"]
 
 
 class ActSparseError(Exception):
@@ -30,3 +30,7 @@ class AlreadySparsifiedError(ActSparseError, RuntimeError):
 
 class ConfigFileError(ActSparseError, ValueError):
     """A JSON sparsify config is unreadable, of another format or version, or holds invalid values."""
+
+
+class DecoderError(ActSparseError, ValueError):
+    """The decoder cannot run this model or these inputs (bad sizes, a graph that cannot be captured)."""

@@ -26,9 +26,6 @@ chat template as one user message with the assistant turn opened (an error witho
 
 from __future__ import annotations
 
-import functools
-import inspect
-import math
 import shutil
 import textwrap
 import time
@@ -40,13 +37,16 @@ import torch
 import torch.nn as nn
 
 from .api import sparse_layers
-from .calibrate import model_device
+from .engine import Decoder, check_sampling, eos_token_ids, forward_kwargs, select_next
 from .eval.sparsity import SparsityMonitor, summarize_by_type
+from .offload import model_device
 from .sparse_linear import plain_linear
 
 __all__ = ["GenerationResult", "Comparison", "generate", "compare_generate", "check_settings", "encode_prompt",
            "prefill", "decode_one_token", "dense_view", "first_divergence", "format_side_by_side",
-           "format_summary", "format_footer"]
+           "format_summary", "format_footer", "ENGINES", "resolve_engine"]
+
+ENGINES = ("auto", "graph", "eager")
 
 Stream = Callable[[str], None]
 
@@ -75,6 +75,7 @@ class GenerationResult:
     prefill_sparsity: dict[str, float] = field(default_factory=dict)
     decode_sparsity: dict[str, float] = field(default_factory=dict)
     target_sparsity: dict[str, float | None] = field(default_factory=dict)
+    engine: str = "loop"  # how decode steps ran: "graph" (CUDA graph), "compile", "eager" (Decoder) or "loop"
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,17 +139,25 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 # ------------------------------------------------------------------------------------------- inputs
 def check_settings(prompt: str, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0) -> None:
+                   top_p: float = 1.0, engine: str = "auto") -> None:
     """Raise ``ValueError`` for an empty prompt or out-of-range settings (before any model work)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty; give some text to continue")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if do_sample:
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r} (use greedy decoding for 'temperature 0')")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_sampling(do_sample, temperature, top_p)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
+def resolve_engine(model: nn.Module, engine: str = "auto") -> str:
+    """``"graph"`` (the static-cache :class:`~actsparse.engine.Decoder`) or ``"eager"`` (the dynamic-cache
+    loop): ``"auto"`` picks the decoder for a model on CUDA and the loop elsewhere."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return "graph" if model_device(model).type == "cuda" else "eager"
+    return engine
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[torch.Tensor, bool]:
@@ -170,16 +179,6 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[to
     return torch.tensor([ids], dtype=torch.long), chat
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 def _encode_checked(model: nn.Module, tokenizer, prompt: str, chat: bool | None,
                     max_new_tokens: int) -> tuple[torch.Tensor, bool]:
     """:func:`encode_prompt`, refusing a prompt + ``max_new_tokens`` beyond the model's positions."""
@@ -195,30 +194,12 @@ def _encode_checked(model: nn.Module, tokenizer, prompt: str, chat: bool | None,
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
           generator: torch.Generator | None) -> int:
     """Greedy argmax, or a draw after temperature and top-p (nucleus) filtering, of ``logits`` [vocab]."""
-    logits = logits.float()
-    if not do_sample:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(0) - sorted_p >= top_p  # the mass before it already reaches top_p (never the 1st)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@functools.lru_cache(maxsize=32)
-def _forward_params(forward: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(forward).parameters)
+    return int(select_next(logits.view(1, -1), do_sample=do_sample, temperature=temperature, top_p=top_p,
+                           generator=generator)[0])
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, *, all_logits: bool = False) -> tuple[torch.Tensor, Any]:
-    params = _forward_params(getattr(model.forward, "__func__", model.forward))
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if cache is not None:  # transformers >= 5.2x names it `cache`, earlier versions `past_key_values`
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if "logits_to_keep" in params and not all_logits:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (lm_head sees one row)
-    out = model(ids, **kwargs)
+    out = model(ids, **forward_kwargs(model, cache, last_only=not all_logits))
     return out.logits[0, -1], _cache_of(out)
 
 
@@ -281,29 +262,12 @@ def _measure(model: nn.Module, prompt_ids: torch.Tensor, new_ids: list[int]) -> 
     return pre.sparsity(), decode, pre.targets()
 
 
-@torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = False,
-             stream: Stream | None = None, stop_at_eos: bool = True,
-             measure_sparsity: bool = True) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1, KV cache) and time it.
-
-    ``stream`` receives text chunks as they are decoded; their concatenation is the result's ``text``
-    (special tokens skipped). Generation stops at the model's EOS token(s) unless ``stop_at_eos=False``.
-    The model is not modified; on bad input a ``ValueError`` is raised before it runs.
-    """
-    check_settings(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                   top_p=top_p)
-    ids, chat = _encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
-    device = model_device(model)
-    ids = ids.to(device)
-    eos = _eos_ids(model, tokenizer) if stop_at_eos else set()
-    generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
-    detok = _Detokenizer(tokenizer, stream)
-
+def _loop(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: set[int], sampling: dict[str, Any],
+          generator: torch.Generator | None, detok: "_Detokenizer") -> tuple[list[int], float, float]:
+    """The eager loop (dynamic cache, one host sync per token): ``(new tokens, prefill s, decode s)``."""
     t = time.perf_counter()
     logits, cache = prefill(model, ids)
-    token = _pick(logits, do_sample, temperature, top_p, generator)  # .item(): the device has finished
+    token = _pick(logits, generator=generator, **sampling)  # int(): the device has finished
     prefill_seconds = time.perf_counter() - t
     new = [token]
     detok.push(token)
@@ -311,20 +275,66 @@ def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 
     while len(new) < max_new_tokens and token not in eos:
         t = time.perf_counter()
         logits, cache = decode_one_token(model, token, cache)
-        token = _pick(logits, do_sample, temperature, top_p, generator)
+        token = _pick(logits, generator=generator, **sampling)
         decode_seconds += time.perf_counter() - t
         new.append(token)
         detok.push(token)
+    return new, prefill_seconds, decode_seconds
+
+
+def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int) -> Decoder:
+    if decoder is None:  # a cache as long as this generation needs: decode attends over all of it
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        size = -(-needed // 64) * 64
+        return Decoder(model, max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size))
+    if decoder.model is not model:
+        raise ValueError("the decoder was built for another model; pass Decoder(model) of this model")
+    return decoder
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = False,
+             stream: Stream | None = None, stop_at_eos: bool = True, measure_sparsity: bool = True,
+             engine: str = "auto", decoder: Decoder | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1, KV cache) and time it.
+
+    ``stream`` receives text chunks as they are decoded; their concatenation is the result's ``text``
+    (special tokens skipped). Generation stops at the model's EOS token(s) unless ``stop_at_eos=False``.
+    ``engine``: ``"graph"`` decodes with the static-cache :class:`~actsparse.engine.Decoder` (one CUDA-graph
+    replay per token on CUDA; the same computation eagerly elsewhere), ``"eager"`` with the dynamic-cache
+    loop, ``"auto"`` (default) the decoder on CUDA and the loop elsewhere. Pass ``decoder=Decoder(model, ...)``
+    to reuse one compiled graph across calls (otherwise each call compiles its own).
+    The model is not modified; on bad input a ``ValueError`` is raised before it runs.
+    """
+    check_settings(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_p=top_p, engine=engine)
+    ids, chat = _encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
+    chosen = "graph" if decoder is not None else resolve_engine(model, engine)
+    device = model_device(model)
+    ids = ids.to(device)
+    eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+    detok = _Detokenizer(tokenizer, stream)
+    if chosen == "graph":
+        dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens)
+        out = dec.run(ids, max_new_tokens, seed=seed, eos_token_id=sorted(eos), **sampling,
+                      on_tokens=(lambda toks: [detok.push(t) for t in toks]))
+        new = out.sequences[0, ids.shape[1]:ids.shape[1] + out.new_tokens].tolist()
+        prefill_seconds, decode_seconds, mode = out.prefill_seconds, out.decode_seconds, out.mode
+    else:
+        generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
+        new, prefill_seconds, decode_seconds = _loop(model, ids, max_new_tokens, eos, sampling, generator, detok)
+        mode = "loop"
     text = detok.finish()
-    del cache
 
     is_sparse = bool(sparse_layers(model))
-    pre, dec, targets = _measure(model, ids, new) if is_sparse and measure_sparsity else ({}, {}, {})
+    pre, dec_sp, targets = _measure(model, ids, new) if is_sparse and measure_sparsity else ({}, {}, {})
     return GenerationResult(
         prompt=prompt, chat=chat, prompt_tokens=int(ids.shape[1]), text=text, token_ids=new,
-        tokens=[tokenizer.decode([i]) for i in new], stop_reason="eos" if token in eos else "length",
+        tokens=[tokenizer.decode([i]) for i in new], stop_reason="eos" if new[-1] in eos else "length",
         prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, sparse=is_sparse,
-        prefill_sparsity=pre, decode_sparsity=dec, target_sparsity=targets,
+        prefill_sparsity=pre, decode_sparsity=dec_sp, target_sparsity=targets, engine=mode,
         settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                   "top_p": top_p, "seed": seed})
 
@@ -351,14 +361,18 @@ def compare_generate(model: nn.Module, tokenizer, prompt: str, *, stream: Stream
 
     Same prompt and ``settings`` (the keyword arguments of :func:`generate`) for both, so greedy runs differ
     only through sparsity and sampled runs draw the same random numbers. ``stream`` streams the sparse run
-    only. ``warmup`` first runs two untimed tokens of each, so neither timing pays one-off start-up costs.
+    only. ``warmup`` first runs two untimed tokens of each, so neither timing pays one-off start-up costs
+    (with the graph engine: compiling and capturing both). Both run through the same engine, with the
+    graph engine through one :class:`~actsparse.engine.Decoder` (it recaptures when the layers swap).
     """
     if not sparse_layers(model):
         raise ValueError("the model has no SparseLinear layers; sparsify it (or load thresholds) before comparing")
     check_settings(prompt, max_new_tokens=settings.get("max_new_tokens", 64),
                    do_sample=settings.get("do_sample", False), temperature=settings.get("temperature", 1.0),
-                   top_p=settings.get("top_p", 1.0))
-    _encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
+                   top_p=settings.get("top_p", 1.0), engine=settings.get("engine", "auto"))
+    ids, _ = _encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
+    if settings.get("decoder") is None and resolve_engine(model, settings.get("engine", "auto")) == "graph":
+        settings["decoder"] = _decoder_for(model, None, ids.shape[1] + settings.get("max_new_tokens", 64))
     if warmup:
         short = {**settings, "max_new_tokens": min(2, settings.get("max_new_tokens", 64)), "measure_sparsity": False}
         with dense_view(model):
@@ -409,11 +423,14 @@ def _sparsity_line(r: GenerationResult) -> str | None:
     return f"measured sparsity ({phase}): {mean:.3f} mean over {n} layers; {parts}"
 
 
+ENGINE_LABELS = {"graph": "CUDA graph", "compile": "compiled", "eager": "static cache", "loop": "eager loop"}
+
+
 def format_summary(r: GenerationResult) -> list[str]:
     """Lines after a single generation: tokens, time to first token, decode tokens/s, measured sparsity."""
     lines = [f"{r.new_tokens} new tokens (stop: {r.stop_reason}); prompt {r.prompt_tokens} tokens"
              f"{' (chat template)' if r.chat else ''}; time to first token {r.prefill_seconds:.3f} s; "
-             f"decode {_num(r.decode_tokens_per_s, '.1f')} tokens/s"]
+             f"decode {_num(r.decode_tokens_per_s, '.1f')} tokens/s ({ENGINE_LABELS.get(r.engine, r.engine)})"]
     line = _sparsity_line(r)
     if line:
         lines.append(line)
@@ -426,8 +443,9 @@ def format_footer(c: Comparison) -> list[str]:
     rows = [("new tokens", str(d.new_tokens), str(s.new_tokens)),
             ("time to first token", _num(d.prefill_seconds, ".3f", " s"), _num(s.prefill_seconds, ".3f", " s")),
             ("decode tokens/s", _num(d.decode_tokens_per_s, ".1f"), _num(s.decode_tokens_per_s, ".1f")),
-            ("measured sparsity", "-", _num(s.mean_sparsity("decode"), ".3f"))]
-    lines = [f"{'':<22}{'dense':>12}{'sparse':>12}"] + [f"{k:<22}{a:>12}{b:>12}" for k, a, b in rows]
+            ("measured sparsity", "-", _num(s.mean_sparsity("decode"), ".3f")),
+            ("engine", ENGINE_LABELS.get(d.engine, d.engine), ENGINE_LABELS.get(s.engine, s.engine))]
+    lines = [f"{'':<22}{'dense':>14}{'sparse':>14}"] + [f"{k:<22}{a:>14}{b:>14}" for k, a, b in rows]
     line = _sparsity_line(s)
     if line:
         lines.append(line)

@@ -297,6 +297,24 @@ def test_cli_generate_streams_text_and_summary(tiny_model_dir, thresholds, capsy
     assert "time to first token" in stdout and "tokens/s" in stdout and "measured sparsity (decode)" in stdout
 
 
+def test_cli_generate_engines_give_the_same_tokens(tiny_model_dir, thresholds, capsys):
+    runs = {}
+    for engine in ("eager", "graph"):
+        code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
+                                        "--prompt", PROMPT, "--max-new-tokens", "12", "--engine", engine, "--json"])
+        assert code == 0
+        runs[engine] = json.loads(stdout)
+    assert runs["eager"]["engine"] == "loop" and runs["graph"]["engine"] == "eager"  # no CUDA: the Decoder eagerly
+    assert runs["eager"]["token_ids"] == runs["graph"]["token_ids"]
+    assert runs["eager"]["decode_sparsity"].keys() == runs["graph"]["decode_sparsity"].keys()
+    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
+                                    "--prompt", PROMPT, "--max-new-tokens", "6", "--engine", "graph", "--compare"])
+    assert code == 0 and "static cache" in stdout  # the footer says how both ran
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--engine", "fast"])
+    assert exit_.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 def test_cli_compare(tiny_model_dir, thresholds, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "70")
     capsys.readouterr()

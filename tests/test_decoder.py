@@ -1,0 +1,264 @@
+"""The static-cache Decoder against transformers' own generate, on tiny random models (CPU, fp32)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import VOCAB, byte_tokenizer, make_tiny_llama
+from transformers import (MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+import actsparse as A
+import actsparse.kernels as K
+from actsparse.engine import Decoder, select_next
+from actsparse.errors import DecoderError
+from actsparse.generate import dense_view, generate
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return make_tiny_llama(seed=seed)
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=4096)).eval()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**COMMON)).eval()
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)).eval()
+    raise ValueError(arch)
+
+
+def _ids(n: int = 7, rows: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(4)]
+
+
+def _sparsify(model, sparsity=0.4):
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": sparsity}), _calib(), progress=False)
+    return model
+
+
+def _hf(model, ids, n, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                              output_logits=True, **kw)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "mixtral"]
+
+
+# ------------------------------------------------------------------------------------- vs transformers
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_and_logits_equal_hf_generate(arch):
+    model = _tiny(arch)
+    ids = _ids()
+    ref = _hf(model, ids, 24)
+    out = Decoder(model, max_seq_len=64).run(ids, 24, output_logits=True)
+    assert out.mode == "eager" and out.stop_reason == "length" and out.new_tokens == 24
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsified_model_decodes_like_the_eager_loop(arch, monkeypatch):
+    model = _sparsify(_tiny(arch))
+    tok = byte_tokenizer()
+    loop = generate(model, tok, "hello sparse world", max_new_tokens=20, engine="eager", measure_sparsity=False)
+    graph = generate(model, tok, "hello sparse world", max_new_tokens=20, engine="graph", measure_sparsity=False)
+    assert loop.engine == "loop" and graph.engine == "eager"  # the Decoder, eagerly: no CUDA here
+    assert graph.token_ids == loop.token_ids and graph.text == loop.text
+    # and the sparse model really differs from the dense one (the comparison is not vacuous)
+    with dense_view(model):
+        dense = generate(model, tok, "hello sparse world", max_new_tokens=20, engine="graph", measure_sparsity=False)
+    assert dense.token_ids != graph.token_ids
+
+
+def test_batch_of_equal_length_prompts_equals_hf_generate():
+    model = _tiny("llama")
+    ids = _ids(6, rows=3, seed=4)
+    ref = _hf(model, ids, 12)
+    got = Decoder(model, max_seq_len=32, batch_size=3).generate(ids, 12)
+    assert torch.equal(got, ref.sequences)
+
+
+@pytest.mark.parametrize("sync_every", [1, 5])
+def test_stops_at_eos_like_hf_generate(sync_every):
+    model = _tiny("llama")
+    ids = _ids()
+    free = Decoder(model, 64).generate(ids, 16, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    k = next(i for i in range(3, 16) if free[i] not in free[:i])  # first occurrence of some token
+    model.generation_config.eos_token_id = free[k]
+    ref = _hf(model, ids, 16).sequences
+    dec = Decoder(model, 64, sync_every=sync_every)
+    out = dec.run(ids, 16)
+    assert out.stop_reason == "eos" and out.new_tokens == k + 1 and torch.equal(out.sequences, ref)
+    streamed: list[int] = []
+    dec.run(ids, 16, on_tokens=streamed.extend)
+    assert streamed == free[:k + 1]
+
+
+def test_batch_rows_stopping_at_eos_are_padded():
+    model = _tiny("llama")
+    ids = _ids(5, rows=2, seed=7)
+    free = Decoder(model, 64, batch_size=2).generate(ids, 10, eos_token_id=[])[:, 5:]
+    eos = int(free[0, 2])
+    got = Decoder(model, 64, batch_size=2).run(ids, 10, eos_token_id=eos, pad_token_id=VOCAB - 1)
+    row0 = got.sequences[0, 5:].tolist()
+    first = row0.index(eos)
+    assert row0[:first + 1] == free[0, :first + 1].tolist() and set(row0[first + 1:]) <= {VOCAB - 1}
+
+
+def test_sampling_is_seeded_and_matches_the_eager_loop():
+    model = _sparsify(_tiny("llama"), 0.3)
+    tok = byte_tokenizer()
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.8, stop_at_eos=False,
+              measure_sparsity=False)
+    a = generate(model, tok, "abc", seed=3, engine="graph", **kw)
+    b = generate(model, tok, "abc", seed=3, engine="graph", **kw)
+    c = generate(model, tok, "abc", seed=4, engine="graph", **kw)
+    loop = generate(model, tok, "abc", seed=3, engine="eager", **kw)
+    assert a.token_ids == b.token_ids == loop.token_ids != c.token_ids
+
+
+def test_select_next_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {tuple(select_next(logits, do_sample=True, top_p=0.7, generator=g).tolist()) for _ in range(300)}
+    assert {r[0] for r in seen} == {0, 1} and {r[1] for r in seen} == {3, 2}  # 0.5 + 0.3 reach 0.7
+    assert select_next(logits).tolist() == [0, 3]
+
+
+# ------------------------------------------------------------------------------------- compiled step
+def _count_gemv_backend(counts):
+    def backend(gm, example_inputs):
+        counts.append(sum(1 for n in gm.graph.nodes if "actsparse.sparse_gemv" in str(n.target)))
+        return gm.forward
+    return backend
+
+
+def test_compiled_step_traces_fullgraph_dense_and_sparse():
+    model = _tiny("llama")
+    ids = _ids()
+    ref = _hf(model, ids, 12).sequences
+    dec = Decoder(model, 64, compile=True, backend="aot_eager", fallback=False)
+    assert dec.mode == "compile" and torch.equal(dec.generate(ids, 12), ref)
+    _sparsify(model)
+    eager = Decoder(model, 64).generate(ids, 12)
+    assert torch.equal(dec.generate(ids, 12), eager)  # modules swapped: the same Decoder recompiled
+
+
+def test_compiled_step_with_kernels_is_one_graph_with_one_launch_per_group():
+    torch.manual_seed(0)
+    model = make_tiny_llama(hidden=64, inter=256).to(torch.bfloat16)
+    _sparsify(model)
+    packed = K.enable_kernels(model)
+    assert len(packed) == 14
+    ids = _ids()
+    eager = Decoder(model, 64).run(ids, 6, output_logits=True)
+    counts: list[int] = []
+    out = Decoder(model, 64, compile=True, backend=_count_gemv_backend(counts), fallback=False).run(
+        ids, 6, output_logits=True)
+    # one graph (fullgraph) with q/k/v, o, gate/up, down: 4 launches per block, 2 blocks
+    assert counts == [8]
+    assert torch.equal(out.sequences, eager.sequences)
+    for a, b in zip(out.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_thresholds_changed_in_place_reach_the_captured_step():
+    model = _sparsify(_tiny("llama"), 0.3)
+    ids = _ids()
+    dec = Decoder(model, 64, compile=True, backend="aot_eager", fallback=False)
+    before = dec.generate(ids, 10)
+    for m in A.sparse_layers(model).values():
+        m.act_threshold.fill_(math.inf)  # every input dropped: the logits are the lm_head of the residual
+    after = dec.generate(ids, 10)
+    assert torch.equal(after, Decoder(model, 64).generate(ids, 10)) and not torch.equal(after, before)
+
+
+# ------------------------------------------------------------------------------------- fallbacks, errors
+def test_a_forward_that_does_not_trace_falls_back_to_eager_with_one_warning():
+    model = _tiny("llama")
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: torch._dynamo.graph_break())  # not one graph
+    ids = _ids()
+    ref = _hf(model, ids, 8).sequences
+    with pytest.warns(UserWarning, match="decodes eagerly") as rec:
+        dec = Decoder(model, 64, compile=True, backend="aot_eager")
+        got = dec.generate(ids, 8)
+    assert len(rec) == 1 and dec.mode == "eager" and dec.fallback_reason and torch.equal(got, ref)
+    with pytest.raises(DecoderError, match="cannot capture"):
+        Decoder(model, 64, compile=True, backend="aot_eager", fallback=False).generate(ids, 8)
+
+
+def test_sliding_window_longer_than_the_window_decodes_eagerly_and_correctly():
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16)).eval()
+    ids = _ids()
+    ref = _hf(model, ids, 24).sequences  # 31 positions: past the window
+    with pytest.warns(UserWarning, match="sliding-window"):
+        dec = Decoder(model, 64, compile=True, backend="aot_eager")
+    assert dec.mode == "eager" and torch.equal(dec.generate(ids, 24), ref)
+    with pytest.raises(DecoderError, match="max_seq_len <= 16"):
+        Decoder(model, 64, compile=True, fallback=False)
+    inside = Decoder(model, 16, compile=True, backend="aot_eager", fallback=False)  # within the window: fine
+    assert torch.equal(inside.generate(ids, 9), _hf(model, ids, 9).sequences)
+
+
+def test_bad_inputs_are_refused_with_the_fix():
+    model = _tiny("llama")
+    with pytest.raises(DecoderError, match="exceeds max_seq_len=16; build the Decoder with a larger"):
+        Decoder(model, 16).generate(_ids(10), 7)
+    with pytest.raises(DecoderError, match="batch_size=2"):
+        Decoder(model, 64).generate(_ids(rows=2), 4)
+    with pytest.raises(DecoderError, match=r"\[0, 256\)"):
+        Decoder(model, 64).generate(torch.tensor([[1, 256]]), 4)
+    with pytest.raises(DecoderError, match="integer tensor"):
+        Decoder(model, 64).generate(torch.ones(1, 3), 4)
+    with pytest.raises(DecoderError, match="max_new_tokens"):
+        Decoder(model, 64).generate(_ids(), 0)
+    with pytest.raises(DecoderError, match="512 positions"):
+        Decoder(model, 1024)
+    with pytest.raises(DecoderError, match="cuda_graph=False"):
+        Decoder(model, 64, cuda_graph=True)
+    with pytest.raises(DecoderError, match="Hugging Face causal LM"):
+        Decoder(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="top_p"):
+        Decoder(model, 64).generate(_ids(), 4, do_sample=True, top_p=0)
+    with pytest.raises(ValueError, match="engine"):
+        generate(model, byte_tokenizer(), "hi", engine="fast")
+
+
+def test_weights_edited_after_enable_kernels_are_refused():
+    torch.manual_seed(0)
+    model = make_tiny_llama(hidden=64, inter=256).to(torch.bfloat16)
+    _sparsify(model)
+    K.enable_kernels(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    with pytest.raises(DecoderError, match="enable_kernels"):
+        Decoder(model, 64).generate(_ids(), 4)
+    K.enable_kernels(model)  # re-packed: fine again
+    Decoder(model, 64).generate(_ids(), 4)
+
+
+def test_offloaded_model_decodes_eagerly():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    model = _tiny("llama")
+    ids = _ids()
+    ref = _hf(model, ids, 6).sequences
+    add_hook_to_module(model.model.layers[1], AlignDevicesHook(execution_device="cpu", offload=True,
+                                                               weights_map=model.model.layers[1].state_dict()))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        dec = Decoder(model, 64, compile=True, backend="aot_eager")
+    assert any("offloaded" in str(w.message) for w in rec) and dec.mode == "eager"
+    assert torch.equal(dec.generate(ids, 6), ref)
