@@ -84,6 +84,56 @@ def bounds_tables(b):
                   f"{r['ceiling']:.2f} ({r['ceiling_launch']:.2f}) | {r['pct_read_for_2x']:.0f}% of read |")
 
 
+GENERATE_MODELS = ("llama2", "llama3", "qwen2")
+
+
+def generate_tables():
+    """benchmarks/bench_generate.py (the HF model object) next to bench_decode.py (the hand-written loop)."""
+    runs = {m: json.load(open(os.path.join(RES, f"generate_{m}_h200.json"))) for m in GENERATE_MODELS
+            if os.path.exists(os.path.join(RES, f"generate_{m}_h200.json"))}
+    if not runs:
+        return
+    env = next(iter(runs.values()))["env"]
+    print(f"\nDecode on the Hugging Face model object, batch 1, {env['gpu']}, torch {env['torch']}, transformers "
+          f"{env['transformers']}: tokens/s (× vs the Decoder dense, same run); prompt 256 tokens, 64 new, static "
+          "cache 512; bench_decode.py = the hand-written gpt-fast loop in the same call where run\n")
+    sparsities = (0.0, 0.25, 0.4, 0.5, 0.6, 0.7)
+    print("| model | weights | HF generate | Decoder dense | " + " | ".join(f"{int(s * 100)}%" for s in sparsities)
+          + " | bench_decode dense / 50% |")
+    print("|---|---|---|---|" + "---|" * len(sparsities) + "---|")
+    for m, d in runs.items():
+        rows = d["rows"]
+        name = rows[0]["model"]
+        hf = next(r for r in rows if r["path"] == "hf-generate")
+        dense = next(r for r in rows if r["path"] == "decoder" and r["weights"] == "bf16")
+        bd_path = os.path.join(RES, f"decode_{m}_h200.json")
+        bd = json.load(open(bd_path))["rows"] if os.path.exists(bd_path) else []
+        for weights in ("bf16", "int8"):
+            sel = {r["target"]: r for r in rows if r["path"] == "decoder-sparse" and r["weights"] == weights}
+            if not sel:
+                continue
+            base = dense if weights == "bf16" else next(r for r in rows if r["path"] == "decoder" and r["weights"] == "int8")
+            cells = [f"{sel[s]['tok_s']:.1f} (×{sel[s]['vs_dense']:.2f})" if s in sel else "-" for s in sparsities]
+            b = {r["target"]: r for r in bd if r["weights"] == weights}
+            ref = f"{b[0.0]['dense_tok_s']:.1f} / {b[0.5]['sparse_tok_s']:.1f} (×{b[0.5]['speedup']:.2f})" if b else "-"
+            hf_cell = f"{hf['tok_s']:.1f}" if weights == "bf16" else ""
+            dense_cell = (f"{base['tok_s']:.1f}" if weights == "bf16"
+                          else f"{base['tok_s']:.1f} (torchao, ×{base['vs_dense']:.2f})")
+            print(f"| {name} | {weights} | {hf_cell} | {dense_cell} | " + " | ".join(cells) + f" | {ref} |")
+    print("\nGreedy tokens of the graph decoder identical to the same model decoded eagerly (identical prefix)\n")
+    print("| model | dense: vs HF generate / HF static cache / eager Decoder (of 64) | "
+          "bf16 70%: vs eager Decoder / HF generate (of 32) | int8 70%: same |")
+    print("|---|---|---|---|")
+    for d in runs.values():
+        rows = d["rows"]
+        dense = next(r for r in rows if r["path"] == "decoder" and r["weights"] == "bf16")
+        last = {w: [r for r in rows if r["path"] == "decoder-sparse" and r["weights"] == w][-1:] for w in ("bf16", "int8")}
+        cells = [f"{v[0]['same_tokens_as_eager_decoder']} / {v[0]['same_tokens_as_hf_generate']}" if v else "-"
+                 for v in last.values()]
+        print(f"| {rows[0]['model']} | {dense['same_tokens_as_hf_generate']} / {dense['same_tokens_as_hf_static']} / "
+              f"{dense['same_tokens_as_eager_decoder']} | " + " | ".join(cells) + " |")
+
+
 def plots(gemv, decode):
     import matplotlib
     matplotlib.use("Agg")
@@ -113,6 +163,7 @@ def plots(gemv, decode):
 
 
 if __name__ == "__main__":
+    generate_tables()
     g = json.load(open(os.path.join(RES, "gemv_h100.json")))
     dd = json.load(open(os.path.join(RES, "decode_h100.json")))
     gemv_table(g)

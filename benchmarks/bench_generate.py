@@ -1,0 +1,280 @@
+"""Decode speed on the Hugging Face model object itself: HF generate vs actsparse's Decoder, dense and sparse.
+
+    python benchmarks/bench_generate.py --models llama2-7b,llama3-8b,qwen2-7b --out results/generate_h200.json
+
+What a user gets: ``transformers`` models (LlamaForCausalLM, Qwen2ForCausalLM) with real shapes and random
+bf16 weights, batch 1, a prompt of ``--prompt-len`` random tokens, then ``--tokens`` greedy tokens:
+
+* ``hf-generate``: dense ``model.generate`` (eager, dynamic cache), decode tokens/s from the difference of
+  a ``--tokens`` and a 1-token generation (so the prompt's prefill cancels out);
+* ``decoder``: ``actsparse.engine.Decoder(model, max_seq_len)``, dense: the model's own forward compiled
+  (``fullgraph=True``) and replayed as one CUDA graph per token;
+* ``decoder-sparse``: the same Decoder after ``apply_thresholds`` on all seven projections and
+  ``enable_kernels`` (q/k/v and gate/up fused; the dense route below the break-even sparsity), at each
+  ``--sparsities`` target; thresholds are per-layer quantiles of |input| over a ``--calib-len``-token random
+  prompt, measured sparsity is what a SparsityMonitor counts on another prompt;
+* ``--int8``: the same after ``compress_weights(model, "int8_asym")`` (torchao), dense and sparse.
+
+Timing: ``DecodeResult.decode_seconds`` (host clock around the replays, one sync at the end), median of
+``--reps`` runs. Also checked: the decoder's greedy tokens against HF generate's (identical prefix length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import actsparse as A  # noqa: E402
+import actsparse.kernels as K  # noqa: E402
+from actsparse.engine import Decoder  # noqa: E402
+from actsparse.eval import SparsityMonitor  # noqa: E402
+
+CONFIGS = {
+    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                rope_theta=500000.0)),
+    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                               rope_theta=1000000.0)),
+    "tiny": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000)),
+}
+PROJ = r".*(q|k|v|o|gate|up|down)_proj$"
+DEV = "cuda"
+
+
+def build(name: str, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    arch, kw = CONFIGS[name]
+    cls, cfg_cls = (LlamaForCausalLM, LlamaConfig) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config)
+    cfg = cfg_cls(**kw, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEV):
+            model = cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_generate_tok_s(model, ids, tokens, reps):
+    def once(n):
+        sync()
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync()
+        return time.perf_counter() - t, out
+    once(2)
+    t1 = statistics.median(once(1)[0] for _ in range(reps))
+    times, outs = zip(*(once(tokens) for _ in range(reps)))
+    return (tokens - 1) / (statistics.median(times) - t1), outs[0]
+
+
+def decoder_tok_s(dec, ids, tokens, reps):
+    dec.run(ids, 4, eos_token_id=[])  # compile/capture (first time) outside the timing
+    runs = [dec.run(ids, tokens, eos_token_id=[]) for _ in range(reps)]
+    return statistics.median(r.decode_tokens_per_s for r in runs), runs[0]
+
+
+def same_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    a, b = a.view(-1).tolist(), b.view(-1).tolist()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def layer_stats(model, ids):
+    """|input| samples of every sparse layer over one prefill of ``ids`` (at most 2^22 values each)."""
+    stats, hooks = {}, []
+    for name, m in A.sparse_layers(model).items():
+        def pre(mod, args, name=name):
+            a = args[0].detach().float().abs().flatten()
+            stats[name] = a[torch.randperm(a.numel(), device=a.device)[:1 << 22]]
+        hooks.append(m.register_forward_pre_hook(pre))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def set_sparsity(model, stats, s):
+    with torch.no_grad():
+        for name, m in A.sparse_layers(model).items():
+            tau = -math.inf if s <= 0 else torch.quantile(stats[name][:1 << 24], s).item()
+            m.act_threshold.fill_(tau)
+            m.target_sparsity = s
+
+
+def measured(model, ids):
+    with SparsityMonitor(model) as mon, torch.no_grad():
+        model(ids)
+    sp = mon.sparsity()
+    sizes = {n: m.in_features * m.out_features for n, m in A.sparse_layers(model).items()}
+    return sum(sp[n] * sizes[n] for n in sp) / sum(sizes[n] for n in sp)  # weighted by bytes read
+
+
+def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
+    A.apply_thresholds(model, {n: -math.inf for n, m in model.named_modules()
+                               if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)})
+    stats = layer_stats(model, calib)
+    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+    routes = None
+    for s in sparsities:
+        set_sparsity(model, stats, s)
+        plan = s >= K.KERNEL_MIN_SPARSITY
+        if plan != routes:  # re-plan only where the route changes (thresholds are read live)
+            t = time.time()
+            K.enable_kernels(model)
+            dec.run(ids, 4, eos_token_id=[])
+            log(f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, compile+capture "
+                f"{time.time() - t:.0f}s, mode {dec.mode}")
+            routes = plan
+        tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
+        meas = measured(model, held_out)
+        packed = sum(1 for r in K.kernel_routes(model).values() if r is not None and r.route == "kernel")
+        rows.append(dict(model=name, path="decoder-sparse", weights=weights, target=s, measured=meas,
+                         tok_s=tok_s, vs_dense=tok_s / dense_tok_s, kernel_layers=packed, mode=dec.mode))
+        log(f"[{name}] {weights} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
+            f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)")
+    # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    graph = dec.generate(ids, 32, eos_token_id=[])
+    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(ids, 32, eos_token_id=[])
+    p = ids.shape[1]
+    rows[-1]["same_tokens_as_hf_generate"] = same_prefix(graph[:, p:], eager[:, p:])
+    rows[-1]["same_tokens_as_eager_decoder"] = same_prefix(graph[:, p:], static[:, p:])
+    log(f"[{name}] {weights} sparse {sparsities[-1]}: graph decoder vs the same sparse model eagerly: "
+        f"{rows[-1]['same_tokens_as_eager_decoder']}/32 greedy tokens identical to the eager Decoder (static cache), "
+        f"{rows[-1]['same_tokens_as_hf_generate']}/32 to HF generate (dynamic cache)")
+    del dec
+    K.disable_kernels(model)
+    A.remove_sparsity(model)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_model(name, args, log):
+    rows = []
+    t = time.time()
+    model = build(name)
+    log(f"[{name}] built in {time.time() - t:.0f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
+    g = torch.Generator(device=DEV).manual_seed(1)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.prompt_len), device=DEV, generator=g)
+    calib = torch.randint(0, vocab, (1, args.calib_len), device=DEV, generator=g)
+    held_out = torch.randint(0, vocab, (1, args.calib_len), device=DEV, generator=g)
+
+    hf_tok_s, hf_out = hf_generate_tok_s(model, ids, args.tokens, args.reps)
+    rows.append(dict(model=name, path="hf-generate", weights="bf16", target=None, tok_s=hf_tok_s))
+    log(f"[{name}] HF generate (eager, dynamic cache): {hf_tok_s:.1f} tok/s")
+    t = time.time()
+    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+    dec.run(ids, 4, eos_token_id=[])
+    log(f"[{name}] decoder dense compile+capture {time.time() - t:.0f}s, mode {dec.mode}")
+    dense_tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
+    ident = same_prefix(run.sequences[:, args.prompt_len:], hf_out[:, args.prompt_len:])
+    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(
+        ids, args.tokens, eos_token_id=[])
+    ident_static = same_prefix(run.sequences[:, args.prompt_len:], static[:, args.prompt_len:])
+    with torch.no_grad():  # HF's own static-cache path, eagerly: the same attention over a masked static cache
+        hf_static = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                                   cache_implementation="static", disable_compile=True)
+    ident_hf_static = same_prefix(run.sequences[:, args.prompt_len:], hf_static[:, args.prompt_len:])
+    rows.append(dict(model=name, path="decoder", weights="bf16", target=None, tok_s=dense_tok_s,
+                     vs_hf=dense_tok_s / hf_tok_s, same_tokens_as_hf_generate=ident,
+                     same_tokens_as_eager_decoder=ident_static, same_tokens_as_hf_static=ident_hf_static,
+                     mode=dec.mode))
+    log(f"[{name}] decoder dense: {dense_tok_s:.1f} tok/s (x{dense_tok_s / hf_tok_s:.1f} vs HF generate); "
+        f"{ident}/{args.tokens} greedy tokens identical to HF generate, {ident_hf_static}/{args.tokens} to HF generate "
+        f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder")
+    del dec
+    sparse_points(model, name, "bf16", args, ids, calib, held_out, dense_tok_s, rows, log, args.sparsities)
+    if args.int8:
+        t = time.time()
+        A.compress_weights(model, "int8_asym")
+        dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+        dec.run(ids, 4, eos_token_id=[])
+        int8_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
+        rows.append(dict(model=name, path="decoder", weights="int8", target=None, tok_s=int8_tok_s,
+                         vs_dense=int8_tok_s / dense_tok_s, mode=dec.mode))
+        log(f"[{name}] decoder int8 dense (torchao): {int8_tok_s:.1f} tok/s x{int8_tok_s / dense_tok_s:.2f} vs bf16 "
+            f"[{time.time() - t:.0f}s]")
+        del dec
+        sparse_points(model, name, "int8", args, ids, calib, held_out, dense_tok_s, rows, log,
+                      [s for s in args.sparsities if s >= K.KERNEL_MIN_SPARSITY])  # below: the int8 dense row
+    del model
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama2-7b,llama3-8b,qwen2-7b")
+    ap.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per timed generation")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--max-seq", type=int, default=512, help="the decoder's static cache (bench_decode's --max-seq)")
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--int8", action="store_true", help="also int8 weights (torchao) dense and sparse")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
+    args = ap.parse_args()
+    args.sparsities = [float(v) for v in args.sparsities.split(",")]
+    global DEV
+    if args.cpu_smoke:
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("bench_generate needs a CUDA GPU (or --cpu-smoke)")
+    import transformers
+    from bench_gemv import env_info
+
+    def log(msg):
+        print(msg, flush=True)
+
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name, args, log)
+        if args.out:  # keep what is done if a later model runs out of time
+            write(args, rows, {**(env_info() if DEV == "cuda" else {}), "transformers": transformers.__version__})
+    print(f"\n{'model':>10} {'path':>15} {'weights':>7} {'target':>6} {'meas.':>6} {'tok/s':>8} {'x dense':>8}")
+    for r in rows:
+        target = "-" if r["target"] is None else f"{r['target']:.2f}"
+        meas = f"{r['measured']:.3f}" if "measured" in r else "-"
+        ratio = r.get("vs_dense", 1.0 if r["path"] == "decoder" and r["weights"] == "bf16" else None)
+        print(f"{r['model']:>10} {r['path']:>15} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
+              f"{'-' if ratio is None else f'{ratio:.3f}':>8}")
+
+
+def write(args, rows, env):
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"env": env, "args": vars(args), "rows": rows}, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
