@@ -2,72 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch.nn as nn
 
 from .calibrate import calibrate_thresholds
+from .config import SparsifyConfig
 from .data import prepare_batches
 from .errors import AlreadySparsifiedError
-from .methods import MethodConfig, method_from_spec
+from .methods import MethodConfig
 from .moe import expert_scope_hint, fuse_experts, unfuses_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
-from .sparse_linear import SparseLinear, SparsityParams
+from .sparse_linear import SparseLinear, SparsityParams, sparse_layers
 
 __all__ = ["SparsifyConfig", "sparsify_", "sparsify_activations", "remove_sparsity", "sparse_layers",
            "apply_thresholds"]
-
-
-@dataclass
-class SparsifyConfig:
-    """What to sparsify and how to calibrate it.
-
-    ``target_sparsity_by_scope`` maps ``TargetScope`` (or a bare regex string, shorthand for
-    ``TargetScope(patterns=[s])``) to a sparsity in [0, 1]. ``method`` is a registered method name
-    (``"quantile"``) or a method config such as ``QuantileMethod(statistic="ema")``.
-    """
-
-    target_sparsity_by_scope: Mapping[TargetScope | str, float]
-    ignored_scope: IgnoredScope | None = None
-    method: MethodConfig | str = "quantile"
-    method_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.target_sparsity_by_scope, Mapping):
-            raise TypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
-        self.target_sparsity_by_scope = {
-            TargetScope(patterns=[k]) if isinstance(k, str) else k: v
-            for k, v in self.target_sparsity_by_scope.items()}
-        self.method = method_from_spec(self.method, **self.method_options)
-        self.method_options = {}
-
-    def to_dict(self) -> dict[str, Any]:
-        """This config as versioned, JSON-ready data (``actsparse.config``)."""
-        from .config import config_to_dict
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
-        """Rebuild a config from :meth:`to_dict` data; every field is checked."""
-        from .config import config_from_dict
-        return config_from_dict(data)
-
-    def save(self, path: str) -> str:
-        """Write this config as versioned JSON (atomically)."""
-        from .config import save_config
-        return save_config(self, path)
-
-    @classmethod
-    def load(cls, path: str) -> "SparsifyConfig":
-        """Read a JSON config written by :meth:`save` (or by hand)."""
-        from .config import load_config
-        return load_config(path)
-
-
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    """``{name: SparseLinear}`` for every sparsified layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
 def _check_not_sparsified(model: nn.Module) -> None:

@@ -30,61 +30,16 @@ from tqdm.auto import tqdm
 
 from .data import Batch
 from .errors import CalibrationError
+from .forward import call_model, find_block_stack, leading_batches, next_token_nll, real_tokens
 from .methods import Collector, MethodConfig
 from .offload import execution_device, model_device
 from .sparse_linear import SparsityParams, drop_mask
 
-__all__ = ["calibrate_thresholds"]
+__all__ = ["calibrate_thresholds", "StageContext", "as_params", "next_token_nll", "real_tokens", "leading_batches"]
 
 
 class _StopForward(Exception):
     pass
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
-
-
-def _call_model(model: nn.Module, batch: Batch, device: torch.device):
-    inputs = {k: _to(v, device) for k, v in batch.inputs.items()}
-    if hasattr(model, "config") and "use_cache" not in inputs:
-        inputs["use_cache"] = False
-    return model(**inputs)
-
-
-def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """``x[..., features]`` as ``[tokens, features]`` without padding (when ``token_mask`` fits ``x``)."""
-    m = token_mask
-    if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
-        return x[m.to(x.device)]
-    return x.reshape(-1, x.shape[-1])
-
-
-def leading_batches(batches: list[Batch], tokens: int | None) -> int:
-    """How many leading batches hold at least ``tokens`` real tokens (all of them when None or too few)."""
-    if tokens is None:
-        return len(batches)
-    total = 0
-    for i, b in enumerate(batches):
-        total += b.n_tokens
-        if total >= tokens:
-            return i + 1
-    return len(batches)
-
-
-@torch.no_grad()
-def next_token_nll(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, int]:
-    """(summed next-token NLL, number of scored tokens) of ``model`` on ``batches``; pairs touching padding
-    are skipped."""
-    total, count = 0.0, 0
-    for b in batches:
-        logits = _call_model(model, b, device).logits.float()
-        ids = b.inputs["input_ids"].to(logits.device)
-        valid = (b.token_mask[:, 1:] & b.token_mask[:, :-1]).to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        total += float(nll[valid].double().sum())
-        count += int(valid.sum())
-    return total, count
 
 
 class _Hooks:
@@ -179,14 +134,6 @@ def _groups(trace: list[tuple[str, torch.Tensor]], names: Sequence[str]) -> tupl
     return groups, called_once
 
 
-def _find_block_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
-    for prefix, m in model.named_modules():  # outermost first
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix:
-            if all(n.startswith(prefix + ".") for n in names):
-                return prefix, m
-    return None
-
-
 def _capture_block_inputs(model, blocks: nn.ModuleList, batches, device):
     """Run the model once per batch up to the last block; record each block's call arguments.
 
@@ -224,7 +171,7 @@ def _capture_block_inputs(model, blocks: nn.ModuleList, batches, device):
         for batch in batches:
             state.update(next=0, out=None, ok=True, rest=[])
             try:
-                _call_model(model, batch, device)
+                call_model(model, batch, device)
             except _StopForward:
                 pass
             if not state["ok"] or state["next"] != n:
@@ -265,7 +212,7 @@ def _block_stages(model, prefix, blocks, names, batches, device, hooks):
 def _whole_model_stage(model, names, batches, device, hooks):
     def run(b):
         hooks.token_mask = batches[b].token_mask
-        return _call_model(model, batches[b], device)
+        return call_model(model, batches[b], device)
 
     return [_Stage(list(names), run, lambda: None, "whole model")]
 
@@ -363,7 +310,7 @@ def calibrate_thresholds(
                 p.validate(linears[n].in_features, n)
             return {n: found[n] for n in targets}
         with hooks.installed():
-            stack = _find_block_stack(model, list(targets))
+            stack = find_block_stack(model, list(targets))
             stages = None
             if stack is not None:
                 stages = _block_stages(model, *stack, list(targets), batches, device, hooks)

@@ -1,4 +1,4 @@
-"""Versioned JSON files for :class:`~actsparse.SparsifyConfig` (what to sparsify and how to calibrate).
+"""``SparsifyConfig`` (what to sparsify and how to calibrate) and its versioned JSON files.
 
 A config file is plain JSON, so a recipe can be reviewed, diffed and shared without pickles::
 
@@ -17,21 +17,64 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import __version__
-from .api import SparsifyConfig
+from ._version import __version__
 from .errors import ConfigFileError
-from .methods import method_from_spec, method_to_dict
+from .fileio import atomic_write
+from .methods import MethodConfig, method_from_spec, method_to_dict
 from .scope import IgnoredScope, TargetScope
 
-__all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config"]
+__all__ = ["SparsifyConfig", "CONFIG_FORMAT", "CONFIG_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config"]
 
 CONFIG_FORMAT = "actsparse.sparsify_config"
 CONFIG_VERSION = 1
 _TOP_KEYS = {"format", "version", "actsparse_version", "targets", "ignored_scope", "method"}
 _TARGET_KEYS = {"names", "patterns", "sparsity"}
 _IGNORED_KEYS = {"names", "patterns", "types", "validate"}
+
+
+@dataclass
+class SparsifyConfig:
+    """What to sparsify and how to calibrate it.
+
+    ``target_sparsity_by_scope`` maps ``TargetScope`` (or a bare regex string, shorthand for
+    ``TargetScope(patterns=[s])``) to a sparsity in [0, 1]. ``method`` is a registered method name
+    (``"quantile"``) or a method config such as ``QuantileMethod(statistic="ema")``.
+    """
+
+    target_sparsity_by_scope: Mapping[TargetScope | str, float]
+    ignored_scope: IgnoredScope | None = None
+    method: MethodConfig | str = "quantile"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.target_sparsity_by_scope, Mapping):
+            raise TypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
+        self.target_sparsity_by_scope = {
+            TargetScope(patterns=[k]) if isinstance(k, str) else k: v
+            for k, v in self.target_sparsity_by_scope.items()}
+        self.method = method_from_spec(self.method, **self.method_options)
+        self.method_options = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """This config as versioned, JSON-ready data (``actsparse.config``)."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
+        """Rebuild a config from :meth:`to_dict` data; every field is checked."""
+        return config_from_dict(data)
+
+    def save(self, path: str) -> str:
+        """Write this config as versioned JSON (atomically)."""
+        return save_config(self, path)
+
+    @classmethod
+    def load(cls, path: str) -> "SparsifyConfig":
+        """Read a JSON config written by :meth:`save` (or by hand)."""
+        return load_config(path)
 
 
 def config_to_dict(config: SparsifyConfig) -> dict[str, Any]:
@@ -133,7 +176,6 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Sparsif
 
 def save_config(config: SparsifyConfig, path: str | os.PathLike) -> str:
     """Write ``config`` as versioned JSON to ``path`` (atomically); returns the path."""
-    from .io import atomic_write
 
     text = json.dumps(config_to_dict(config), indent=2, allow_nan=False) + "\n"
 

@@ -10,19 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import AlreadySparsifiedError, ThresholdFileError
+from .fileio import atomic_write
+from .methods.scap import read_scap_json
 from .moe import linear_shapes, unfuses_experts
 from .sparse_linear import BUFFERS, SparsityParams
 
 __all__ = ["save_thresholds", "load_thresholds", "read_thresholds", "save_pretrained", "from_pretrained",
-           "model_fingerprint", "THRESHOLDS_FILENAME"]
+           "import_scap_json", "model_fingerprint", "THRESHOLDS_FILENAME"]
 
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
@@ -49,21 +50,6 @@ def _model_identity(model: nn.Module) -> dict[str, Any]:
         "model_type": getattr(cfg, "model_type", None),
         "fingerprint": model_fingerprint(model),
     }
-
-
-def atomic_write(path: str, write, *, suffix: str = ".safetensors") -> None:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path`` (all or nothing)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None = None) -> str:
@@ -198,3 +184,12 @@ def from_pretrained(folder: str, **kwargs) -> nn.Module:
     read_thresholds(path)  # fail on a bad thresholds file before the (slow) model load
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return load_thresholds(model, path)
+
+
+def import_scap_json(model: nn.Module, path: str) -> nn.Module:
+    """Sparsify ``model`` in place with a SCAP ``calibrated_thresholds.json`` (validated first)."""
+    params, targets = read_scap_json(path)
+    try:
+        return apply_thresholds(model, params, target_sparsity=targets, method="scap")
+    except ValueError as e:
+        raise ThresholdFileError(f"{path!r} does not fit this model: {e}") from None

@@ -22,7 +22,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .moe import fused_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
+from .sparse_linear import sparse_layers
 from .weights import dense_weight, int8_codes
 
 __all__ = ["WEIGHT_MODES", "compress_weights", "int8_codes", "int8_layers", "dense_weight", "TORCHAO_INSTALL"]
@@ -37,7 +39,7 @@ def int8_layers(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_torchao():
+def quiet_torchao():
     # torchao logs a warning per optional CUDA extension it cannot load on a CPU-only machine, and torch one
     # about an Enum torchao registers: neither concerns the user
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
@@ -53,7 +55,7 @@ def _quiet_torchao():
 
 def _torchao():
     try:
-        with _quiet_torchao():
+        with quiet_torchao():
             from torchao.quantization import IntxWeightOnlyConfig, quantize_
             from torchao.quantization.granularity import PerAxis
             from torchao.quantization.quant_primitives import MappingType
@@ -78,8 +80,6 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
     ``include_output_head=True`` compresses it too). Compress *before* sparsifying. Everything is checked
     before the first weight changes: on error the model is unmodified.
     """
-    from .api import sparse_layers
-
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
     if sparse_layers(model):
@@ -108,8 +108,6 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
         if not w.is_floating_point() or w.device.type == "meta":
             raise ValueError(f"cannot compress {n!r}: its weight is {w.dtype} on {w.device} (need a float weight "
                              f"with data; load the model fully before compressing)")
-    from .moe import fused_experts
-
     fused = list(fused_experts(model))
     if fused:
         warnings.warn(f"fused MoE expert weights of {len(fused)} module(s) (e.g. {fused[0]}) stay in full precision: "
@@ -119,6 +117,6 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
     config = config_cls(weight_dtype=torch.int8, granularity=per_axis(0),
                         mapping_type=mapping.ASYMMETRIC if mode == "int8_asym" else mapping.SYMMETRIC)
     chosen = set(names)
-    with torch.no_grad(), _quiet_torchao():
+    with torch.no_grad(), quiet_torchao():
         quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)
     return names

@@ -35,7 +35,7 @@ from .offload import execution_device, move_hook
 from .rule import SparsityParams, drop_mask, sparsify_tensor
 from .weights import dense_weight
 
-__all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask"]
+__all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask", "sparse_layers", "plain_linear"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
@@ -160,3 +160,8 @@ class SparseLinear(nn.Linear):
         if self.target_sparsity is not None:
             extra += f", target_sparsity={self.target_sparsity}"
         return super().extra_repr() + extra
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """``{name: SparseLinear}`` for every sparsified layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}

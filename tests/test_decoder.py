@@ -13,7 +13,7 @@ import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import Decoder, select_next
 from actsparse.errors import DecoderError
-from actsparse.generate import dense_view, generate
+from actsparse.generation import dense_view, generate
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)

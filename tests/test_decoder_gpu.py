@@ -11,7 +11,7 @@ from conftest import VOCAB, byte_tokenizer, make_tiny_llama
 import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import Decoder
-from actsparse.generate import compare_generate, generate
+from actsparse.generation import compare_generate, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

@@ -10,8 +10,8 @@ from conftest import VOCAB, byte_tokenizer, make_tiny_llama
 import actsparse as A
 from actsparse.cli import main
 from actsparse.eval import SparsityMonitor
-from actsparse.generate import (_Detokenizer, _pick, compare_generate, dense_view, first_divergence,
-                                format_side_by_side, generate)
+from actsparse.cli.format import format_side_by_side
+from actsparse.generation import _Detokenizer, _pick, compare_generate, dense_view, first_divergence, generate
 from actsparse.models import load_model
 
 PROMPT = "hello world"

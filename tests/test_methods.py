@@ -15,7 +15,8 @@ from actsparse.data import prepare_batches
 from actsparse.eval import SparsityMonitor
 from actsparse.eval.sweep import weighted_sparsity
 from actsparse.methods import method_from_spec
-from actsparse.methods.scap import export_scap_json, import_scap_json, kde_peaks, parse_scap_config
+from actsparse.io import import_scap_json
+from actsparse.methods.scap import export_scap_json, kde_peaks, parse_scap_config
 from actsparse.methods.teal import TealMethod
 from actsparse.sparse_linear import drop_mask, sparsify_tensor
 

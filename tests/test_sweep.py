@@ -5,7 +5,7 @@ from conftest import VOCAB
 
 import actsparse.eval.sweep as sweep_mod
 from actsparse import sparse_layers
-from actsparse.cli import _option_arg
+from actsparse.cli.args import option_arg
 from actsparse.eval.sweep import format_table, method_meta, run_sweep, sweep_methods, write_sweep
 from actsparse.methods import parse_method_spec, parse_option
 from actsparse.methods.teal import TealMethod
@@ -37,7 +37,7 @@ def test_spec_options_reach_the_method_object():
                                          ("mode=kde", "kde"), ("probe_tokens=512", 512)])
 def test_sweep_specs_and_calibrate_options_read_values_alike(text, value):
     key = text.partition("=")[0]
-    assert parse_option(text) == _option_arg(text) == (key, value)  # one parser for --option and sweep specs
+    assert parse_option(text) == option_arg(text) == (key, value)  # one parser for --option and sweep specs
     assert parse_method_spec(f"teal-greedy:{text}") == ("teal-greedy", {key: value})
 
 

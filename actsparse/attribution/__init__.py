@@ -6,8 +6,8 @@ deactivated, per input (:func:`tradeoff_curves`, ``per-input``) or with a calibr
 deployable through ``sparsify_(model, SparsifyConfig(..., method=AttributionMethod(...)))``).
 """
 
-from .curves import MODES, TARGETS, UNIT_SETS, CurvePoint, calibrated_scores, tradeoff_curves, write_curves
-from .scores import (METRICS, ScoreBatch, UnitStats, gradient_drift, keep_masks, masked_nll, unit_scores,
+from .curves import MODES, TARGETS, UNIT_SETS, CurvePoint, tradeoff_curves, write_curves
+from .scores import (METRICS, ScoreBatch, calibrated_scores, UnitStats, gradient_drift, keep_masks, masked_nll, unit_scores,
                      unit_statistics)
 from .units import KINDS, UnitLayer, find_unit_layers, unit_layers_for
 

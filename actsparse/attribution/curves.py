@@ -29,11 +29,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..eval.mc import MCExample, mc_scores
-from .scores import (ScoreBatch, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll, masked_row_nll,
+from ..eval.plots import plot_tradeoff
+from .scores import (ScoreBatch, calibrated_scores, collect_stats, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll, masked_row_nll,
                      row_nll, unit_scores, unit_statistics)
 from .units import UnitLayer
 
-__all__ = ["CurvePoint", "tradeoff_curves", "write_curves", "calibrated_scores", "check_options", "UNIT_SETS", "MODES", "TARGETS"]
+__all__ = ["CurvePoint", "tradeoff_curves", "write_curves", "check_options", "UNIT_SETS", "MODES", "TARGETS"]
 
 UNIT_SETS = ("heads", "neurons", "both")
 MODES = ("per-input", "calibrated")
@@ -102,50 +103,6 @@ def _scores(stats: dict[str, UnitStats], names, metric, rho) -> dict[str, torch.
     return {n: unit_scores(stats[n], metric, rho) for n in names}
 
 
-def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[ScoreBatch], metric: str, *,
-                      n_steps: int = 8, ig_chunk: int = 4, rho: float | str = 0.5, sparsity: float | dict[str, float] | None = None,
-                      progress: bool = True, stats: list[dict[str, UnitStats]] | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """Per-layer unit scores ``[n_units]``: the mean over calibration examples of each example's score.
-    ``rho="auto"`` measures each layer's relative gradient drift ``ρ_l = ‖δg_l‖/‖g_l‖`` on the first batch,
-    with the calibrated plain-GxO masks at ``sparsity`` applied."""
-    if stats is None:
-        stats = _collect(model, layers, batches, n_steps if metric == "ig" else 0, ig_chunk, progress)
-    names = [la.name for la in layers]
-    if metric == "cor_gxo" and rho == "auto":
-        if sparsity is None:
-            raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
-        keep = keep_masks(_mean({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
-        _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)   # the dense gradients themselves
-        drift = gradient_drift(model, layers, batches[0], grads, keep)
-        ratio = {n: float((drift[n] / stats[0][n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
-        for s in stats:
-            for n in names:
-                s[n].drift = ratio[n] * s[n].g2.sum(1).sqrt()
-    return _mean({n: unit_scores(s[n], metric, rho) for n in names} for s in stats)
-
-
-def _collect(model, layers, batches, n_steps, ig_chunk, progress) -> list[dict[str, UnitStats]]:
-    out = []
-    total = len(batches) * (1 + n_steps)
-    with tqdm(total=total, desc="attribution scores", disable=not progress) as bar:
-        for b in batches:
-            s, _ = unit_statistics(model, layers, b, n_steps=n_steps, ig_chunk=ig_chunk, progress=bar)
-            out.append(s)
-            bar.update(1)
-    return out
-
-
-def _mean(per_batch) -> dict[str, torch.Tensor]:
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for scores in per_batch:
-        for n, v in scores.items():
-            sums[n] = v.sum(0) if n not in sums else sums[n] + v.sum(0)
-        count += next(iter(scores.values())).shape[0]
-    return {n: v / count for n, v in sums.items()}
-
-
 # ------------------------------------------------------------------------------------------- curves
 def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: Sequence[ScoreBatch] = (),
                     mc_examples: Sequence[MCExample] = (), calibration: Sequence[ScoreBatch] = (),
@@ -191,7 +148,7 @@ def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: 
                             add(("per-input", u, metric, s), item.evaluate(model, layers, keep))
                             bar.update(1)
     if "calibrated" in modes:
-        cal_stats = _collect(model, layers, list(calibration), steps, ig_chunk, progress)
+        cal_stats = collect_stats(model, layers, list(calibration), steps, ig_chunk, progress)
         with tqdm(total=len(levels) * len(units) * len(metrics), desc="calibrated", disable=not progress) as bar:
             for s in levels:
                 for u in units:
@@ -260,8 +217,6 @@ def write_curves(folder: str, points: Sequence[CurvePoint], meta: dict) -> dict[
             w.writerow(asdict(p))
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump({**meta, "points": [asdict(p) for p in points]}, f, indent=2)
-    from ..eval.plots import plot_tradeoff
-
     for u in dict.fromkeys(p.units for p in points):
         path = plot_tradeoff(os.path.join(folder, f"curves_{u}.png"), [p for p in points if p.units == u],
                              title=f"{meta.get('title', '')} — {u}")

@@ -47,12 +47,14 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ..calibrate import model_device
+from ..offload import model_device
 from .units import UnitLayer
 
 __all__ = ["METRICS", "ScoreBatch", "UnitStats", "UnitHooks", "unit_statistics", "gradient_drift", "unit_scores",
-           "keep_masks", "frozen_parameters", "masked_nll", "masked_row_nll"]
+           "keep_masks", "frozen_parameters", "masked_nll", "masked_row_nll", "calibrated_scores", "collect_stats",
+           "mean_scores"]
 
 METRICS = ("magnitude", "gradient", "gxo", "ig", "snip", "cor_gxo")
 
@@ -304,3 +306,47 @@ def masked_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
     m = batch.label_mask.to(nll.device)
     correct = ((pred == batch.labels.to(pred.device)) & m).sum()
     return float((nll.double() * m).sum()), int(m.sum()), int(correct)
+
+
+def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[ScoreBatch], metric: str, *,
+                      n_steps: int = 8, ig_chunk: int = 4, rho: float | str = 0.5, sparsity: float | dict[str, float] | None = None,
+                      progress: bool = True, stats: list[dict[str, UnitStats]] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Per-layer unit scores ``[n_units]``: the mean over calibration examples of each example's score.
+    ``rho="auto"`` measures each layer's relative gradient drift ``ρ_l = ‖δg_l‖/‖g_l‖`` on the first batch,
+    with the calibrated plain-GxO masks at ``sparsity`` applied."""
+    if stats is None:
+        stats = collect_stats(model, layers, batches, n_steps if metric == "ig" else 0, ig_chunk, progress)
+    names = [la.name for la in layers]
+    if metric == "cor_gxo" and rho == "auto":
+        if sparsity is None:
+            raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
+        keep = keep_masks(mean_scores({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
+        _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)   # the dense gradients themselves
+        drift = gradient_drift(model, layers, batches[0], grads, keep)
+        ratio = {n: float((drift[n] / stats[0][n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
+        for s in stats:
+            for n in names:
+                s[n].drift = ratio[n] * s[n].g2.sum(1).sqrt()
+    return mean_scores({n: unit_scores(s[n], metric, rho) for n in names} for s in stats)
+
+
+def collect_stats(model, layers, batches, n_steps, ig_chunk, progress) -> list[dict[str, UnitStats]]:
+    out = []
+    total = len(batches) * (1 + n_steps)
+    with tqdm(total=total, desc="attribution scores", disable=not progress) as bar:
+        for b in batches:
+            s, _ = unit_statistics(model, layers, b, n_steps=n_steps, ig_chunk=ig_chunk, progress=bar)
+            out.append(s)
+            bar.update(1)
+    return out
+
+
+def mean_scores(per_batch) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for scores in per_batch:
+        for n, v in scores.items():
+            sums[n] = v.sum(0) if n not in sums else sums[n] + v.sum(0)
+        count += next(iter(scores.values())).shape[0]
+    return {n: v / count for n, v in sums.items()}

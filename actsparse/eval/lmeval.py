@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..api import sparse_layers
-from ..calibrate import model_device
+from ..offload import model_device
 from ..errors import ActSparseError
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
 

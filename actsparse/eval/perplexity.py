@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibrate import model_device
+from ..offload import model_device
 
 __all__ = ["PerplexityResult", "perplexity"]
 

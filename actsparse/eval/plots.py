@@ -6,6 +6,8 @@ import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from .sparsity import layer_type
+
 if TYPE_CHECKING:
     from .sweep import SweepPoint
 
@@ -48,8 +50,6 @@ def plot_activation_ratio(path: str, activation_ratio: Mapping[str, float], *, t
     plt = _pyplot()
     if plt is None:
         return None
-    from .sparsity import layer_type
-
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for i, (name, r) in enumerate(activation_ratio.items()):
         block = _block_index(name)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..fileio import atomic_write
 from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..scope import IgnoredScope, TargetScope
@@ -151,7 +152,6 @@ def format_table(dense: float, points: Sequence[SweepPoint]) -> list[str]:
 
 def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: dict[str, Any]) -> dict[str, str]:
     """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` (when matplotlib is installed) into ``folder``."""
-    from ..io import atomic_write
 
     os.makedirs(folder, exist_ok=True)
     paths = {"csv": os.path.join(folder, "sweep.csv"), "json": os.path.join(folder, "sweep.json")}

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..sparse_linear import SparsityParams
-from . import MethodConfig, register_method
+from ..attribution.scores import ScoreBatch, calibrated_scores, check_metrics, keep_masks
+from ..attribution.units import unit_layers_for
+from ..forward import leading_batches
+from ..rule import SparsityParams
+from .base import MethodConfig, register_method
 
 __all__ = ["AttributionMethod"]
 
@@ -33,8 +36,6 @@ class AttributionMethod(MethodConfig):
     tokens: int | None = None
 
     def __post_init__(self):
-        from ..attribution.scores import check_metrics
-
         check_metrics([self.metric])
         if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or self.n_steps <= 0:
             raise ValueError(f"n_steps must be a positive number of IG interpolations, got {self.n_steps!r}")
@@ -50,11 +51,6 @@ class AttributionMethod(MethodConfig):
 
     def calibrate_model(self, model: nn.Module, batches, targets: dict[str, float], device,
                         progress: bool = True) -> dict[str, SparsityParams]:
-        from ..attribution.curves import calibrated_scores
-        from ..attribution.scores import ScoreBatch, keep_masks
-        from ..attribution.units import unit_layers_for
-        from ..calibrate import leading_batches
-
         layers = unit_layers_for(model, list(targets))
         n = leading_batches(batches, self.tokens)
         data = [ScoreBatch.from_ids(b.inputs["input_ids"], b.token_mask) for b in batches[:n]]

@@ -31,16 +31,16 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..sparse_linear import drop_mask
+from ..forward import call_model, find_block_stack, leading_batches, next_token_nll, real_tokens
+from ..rule import drop_mask
 from ..stats import HistogramQuantile
 
 __all__ = ["sensitivity_block_budgets", "allocate_segments"]
 
 
 def _block_of(names, model) -> dict[str, list[str]]:
-    from ..calibrate import _find_block_stack
 
-    stack = _find_block_stack(model, list(names))
+    stack = find_block_stack(model, list(names))
     if stack is None:
         return {}
     prefix = stack[0] + "."
@@ -82,7 +82,6 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
                               probe_tokens: int = 2048, max_sparsity: float = 0.95, max_raise: float = 1.15,
                               progress: bool = True) -> dict[str, float]:
     """New per-layer targets (see the module docstring); ``targets`` unchanged if there is no block stack."""
-    from ..calibrate import _call_model, leading_batches, next_token_nll, real_tokens
 
     blocks = _block_of(targets, model)
     if len(blocks) < 2:
@@ -113,7 +112,7 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
         state["apply"] = None
         for b in tqdm(batches, desc="block budgets: statistics", disable=not progress):
             state["mask"] = b.token_mask
-            _call_model(model, b, device)
+            call_model(model, b, device)
         state["apply"] = {}
         base = loss()
         names = list(blocks)

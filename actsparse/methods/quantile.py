@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..stats import EMAQuantile, HistogramQuantile
-from . import MethodConfig, register_method
+from .base import MethodConfig, register_method
 
 __all__ = ["QuantileMethod"]
 

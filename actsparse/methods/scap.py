@@ -26,13 +26,16 @@ from typing import Any
 
 import torch
 
-from ..scope import TargetScope
+from ..errors import ThresholdFileError
+from ..fileio import atomic_write
 from ..offload import layer_weight
-from ..sparse_linear import SparsityParams
+from ..rule import SparsityParams
+from ..scope import TargetScope
+from ..sparse_linear import sparse_layers
 from ..stats import HistogramQuantile, Reservoir, SignedQuantile
-from . import MethodConfig, register_method
+from .base import MethodConfig, register_method
 
-__all__ = ["ScapMethod", "parse_scap_config", "export_scap_json", "import_scap_json", "MODES", "kde_peaks"]
+__all__ = ["ScapMethod", "parse_scap_config", "export_scap_json", "read_scap_json", "MODES", "kde_peaks"]
 
 MODES = ("zero", "median", "kde")
 
@@ -206,9 +209,6 @@ def parse_scap_config(text: str) -> tuple[dict[TargetScope, float], ScapMethod]:
 # ------------------------------------------------------------------------------------- JSON files
 def export_scap_json(model: torch.nn.Module, path: str) -> str:
     """Write SCAP's ``calibrated_thresholds.json`` for every sparsified layer (atomically)."""
-    from ..api import sparse_layers
-    from ..io import atomic_write
-
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("the model has no SparseLinear layers; sparsify it before exporting")
@@ -231,11 +231,9 @@ def export_scap_json(model: torch.nn.Module, path: str) -> str:
     return path
 
 
-def import_scap_json(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """Sparsify ``model`` in place with a SCAP ``calibrated_thresholds.json`` (validated first)."""
-    from ..api import apply_thresholds
-    from ..errors import ThresholdFileError
-
+def read_scap_json(path: str) -> tuple[dict[str, SparsityParams], dict[str, float | None]]:
+    """``(params, target sparsities)`` per layer of a SCAP ``calibrated_thresholds.json`` (validated);
+    :func:`actsparse.import_scap_json` applies them to a model."""
     if not os.path.isfile(path):
         raise ThresholdFileError(f"SCAP thresholds file {path!r} does not exist")
     try:
@@ -258,7 +256,4 @@ def import_scap_json(model: torch.nn.Module, path: str) -> torch.nn.Module:
                                      f"'threshold' numbers") from None
         infos[name] = {"demode_method": entry.get("demode_method", "zero"), "mode": mu}
         params[name] = SparsityParams(tau, shift=mu, info=infos[name])
-    try:
-        return apply_thresholds(model, params, target_sparsity=targets, method="scap")
-    except ValueError as e:
-        raise ThresholdFileError(f"{path!r} does not fit this model: {e}") from None
+    return params, targets

@@ -25,10 +25,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import CalibrationError
+from ..forward import call_model, next_token_nll, real_tokens
 from ..offload import layer_weight
-from ..sparse_linear import SparsityParams, drop_mask
+from ..rule import SparsityParams, drop_mask
 from ..stats import HistogramQuantile
-from . import MethodConfig, register_method
+from .base import MethodConfig, register_method
 from .wina import column_norms
 
 __all__ = ["SparsingLawMethod", "METRICS", "calibration_perplexity"]
@@ -53,7 +55,6 @@ class _Fixed:
 
 def calibration_perplexity(model: nn.Module, batches, device) -> float:
     """Token perplexity of ``model`` on the calibration batches (next-token NLL over non-pad tokens)."""
-    from ..calibrate import next_token_nll
 
     nll, n = next_token_nll(model, batches, device)
     if n == 0:
@@ -126,7 +127,6 @@ class SparsingLawMethod(MethodConfig):
             lo, hi = (c, hi) if ratio < goal else (lo, c)
         ratio, c, params = best
         if abs(ratio - goal) > 0.005:
-            from ..errors import CalibrationError
             raise CalibrationError(
                 f"pplp could not reach PPL ratio {goal:.4f} on the calibration data (closest: {ratio:.4f} at CETT "
                 f"{c:.4g}); the layers in scope {'cannot move' if ratio < goal else 'move'} perplexity that much "
@@ -144,7 +144,6 @@ def _input_hooks(layers: dict[str, nn.Module], fn):
 @torch.no_grad()
 def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progress):
     """Per layer: (thresholds at ``grid`` sparsity levels, mean CETT at each), from dense activations."""
-    from ..calibrate import _call_model, real_tokens
 
     hists = {n: HistogramQuantile(0.5) for n in layers}
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
@@ -163,7 +162,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
     try:
         for b in tqdm(batches, desc="pplp statistics", disable=not progress):
             state["mask"] = b.token_mask
-            _call_model(model, b, device)
+            call_model(model, b, device)
     finally:
         for h in handles:
             h.remove()
@@ -171,7 +170,6 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
     curves = {}
     for n, lin in layers.items():
         if hists[n].n == 0:
-            from ..errors import CalibrationError
             raise CalibrationError(f"layer {n!r} saw no calibration tokens; is it reached by the forward pass?")
         x = torch.cat(kept[n])
         w = layer_weight(lin).float().cpu()

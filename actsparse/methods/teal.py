@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparse_linear import SparsityParams
+from ..rule import SparsityParams
 from ..stats import HistogramQuantile
-from . import MethodConfig, register_method
+from .base import MethodConfig, register_method
+from .budget import sensitivity_block_budgets
 
 __all__ = ["TealMethod", "greedy_allocation"]
 
@@ -137,7 +138,6 @@ class TealMethod(MethodConfig):
         """Block budgets before the sequential pass (``block_budget="sensitivity"``, see ``methods/budget.py``)."""
         if self.block_budget == "uniform":
             return targets
-        from .budget import sensitivity_block_budgets
         return sensitivity_block_budgets(model, batches, targets, device, probe_tokens=self.probe_tokens,
                                          max_sparsity=self.max_sparsity, max_raise=self.max_raise,
                                          progress=progress)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from ..offload import layer_weight
-from ..sparse_linear import SparsityParams
+from ..rule import SparsityParams
 from ..stats import HistogramQuantile
 from ..weights import dense_weight
-from . import MethodConfig, register_method
+from .base import MethodConfig, register_method
 
 __all__ = ["WinaMethod", "column_norms"]
 

@@ -26,8 +26,6 @@ chat template as one user message with the assistant turn opened (an error witho
 
 from __future__ import annotations
 
-import shutil
-import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -43,8 +41,7 @@ from .offload import model_device
 from .sparse_linear import plain_linear
 
 __all__ = ["GenerationResult", "Comparison", "generate", "compare_generate", "check_settings", "encode_prompt",
-           "prefill", "decode_one_token", "dense_view", "first_divergence", "format_side_by_side",
-           "format_summary", "format_footer", "ENGINES", "resolve_engine"]
+           "prefill", "decode_one_token", "dense_view", "first_divergence", "ENGINES", "resolve_engine"]
 
 ENGINES = ("auto", "graph", "eager")
 
@@ -382,77 +379,3 @@ def compare_generate(model: nn.Module, tokenizer, prompt: str, *, stream: Stream
         dense = generate(model, tokenizer, prompt, **settings)
     sparse = generate(model, tokenizer, prompt, stream=stream, **settings)
     return Comparison(dense, sparse)
-
-
-# ------------------------------------------------------------------------------------------- format
-def _wrap(text: str, width: int) -> list[str]:
-    lines: list[str] = []
-    for para in text.split("\n"):
-        lines += textwrap.wrap(para, width) or [""]
-    return [line.rstrip() for line in lines]
-
-
-def format_side_by_side(left: str, right: str, *, width: int | None = None,
-                        titles: tuple[str, str] = ("dense", "sparse")) -> list[str]:
-    """Two texts in two columns wrapped to ``width`` (default: the terminal's), separated by `` | ``."""
-    width = width or shutil.get_terminal_size((100, 24)).columns
-    col = max(12, (width - 3) // 2)
-    a, b = _wrap(left, col), _wrap(right, col)
-    a += [""] * (len(b) - len(a))
-    b += [""] * (len(a) - len(b))
-    return ([f"{titles[0]:<{col}} | {titles[1]}", f"{'-' * col}-+-{'-' * col}"]
-            + [f"{x:<{col}} | {y}".rstrip() for x, y in zip(a, b)])
-
-
-def _num(value: float | None, fmt: str, unit: str = "") -> str:
-    return "-" if value is None else f"{value:{fmt}}{unit}"
-
-
-def _sparsity_line(r: GenerationResult) -> str | None:
-    mean = r.mean_sparsity("decode")
-    phase = "decode"
-    if mean is None:
-        mean, phase = r.mean_sparsity("prefill"), "prefill"
-    if mean is None:
-        return None
-    by_type = r.sparsity_by_type(phase)
-    targets = summarize_by_type({n: t for n, t in r.target_sparsity.items() if t is not None})
-    parts = ", ".join(f"{k} {v:.3f}" + (f" (target {targets[k]:.2f})" if k in targets else "")
-                      for k, v in by_type.items())
-    n = len(r.decode_sparsity if phase == "decode" else r.prefill_sparsity)
-    return f"measured sparsity ({phase}): {mean:.3f} mean over {n} layers; {parts}"
-
-
-ENGINE_LABELS = {"graph": "CUDA graph", "compile": "compiled", "eager": "static cache", "loop": "eager loop"}
-
-
-def format_summary(r: GenerationResult) -> list[str]:
-    """Lines after a single generation: tokens, time to first token, decode tokens/s, measured sparsity."""
-    lines = [f"{r.new_tokens} new tokens (stop: {r.stop_reason}); prompt {r.prompt_tokens} tokens"
-             f"{' (chat template)' if r.chat else ''}; time to first token {r.prefill_seconds:.3f} s; "
-             f"decode {_num(r.decode_tokens_per_s, '.1f')} tokens/s ({ENGINE_LABELS.get(r.engine, r.engine)})"]
-    line = _sparsity_line(r)
-    if line:
-        lines.append(line)
-    return lines
-
-
-def format_footer(c: Comparison) -> list[str]:
-    """The comparison's footer: a dense/sparse table, the sparse run's measured sparsity, the first divergence."""
-    d, s = c.dense, c.sparse
-    rows = [("new tokens", str(d.new_tokens), str(s.new_tokens)),
-            ("time to first token", _num(d.prefill_seconds, ".3f", " s"), _num(s.prefill_seconds, ".3f", " s")),
-            ("decode tokens/s", _num(d.decode_tokens_per_s, ".1f"), _num(s.decode_tokens_per_s, ".1f")),
-            ("measured sparsity", "-", _num(s.mean_sparsity("decode"), ".3f")),
-            ("engine", ENGINE_LABELS.get(d.engine, d.engine), ENGINE_LABELS.get(s.engine, s.engine))]
-    lines = [f"{'':<22}{'dense':>14}{'sparse':>14}"] + [f"{k:<22}{a:>14}{b:>14}" for k, a, b in rows]
-    line = _sparsity_line(s)
-    if line:
-        lines.append(line)
-    i = c.first_divergence
-    if i is None:
-        lines.append(f"first divergence: none (identical {d.new_tokens} tokens)")
-    else:
-        tok = lambda r: repr(r.tokens[i]) if i < r.new_tokens else "(ended)"  # noqa: E731
-        lines.append(f"first divergence: new token {i} (dense {tok(d)}, sparse {tok(s)})")
-    return lines

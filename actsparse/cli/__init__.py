@@ -1,0 +1,50 @@
+"""Command line: ``actsparse demo | calibrate | eval | sweep | attribution | generate``.
+
+One module per command (``register(subparsers)`` adds its arguments, ``run(args, config)`` runs it), the
+argument groups they share in :mod:`.args`, the shared steps in :mod:`.common`, terminal output in :mod:`.format`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .._version import __version__
+from ..errors import ActSparseError
+from ..quant import quiet_torchao
+from . import attribution, calibrate, demo, evaluate, generate, sweep
+from .common import sparsify_config
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+COMMANDS = {"demo": demo.run, "calibrate": calibrate.run, "eval": evaluate.run, "sweep": sweep.run,
+            "attribution": attribution.run, "generate": generate.run}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actsparse", description="Post-training activation sparsity for HF LMs")
+    parser.add_argument("--version", action="version", version=f"actsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (demo, calibrate, evaluate, sweep, attribution, generate):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # commands that may calibrate: a bad recipe fails before any loading
+        config = sparsify_config(args) if hasattr(args, "default_scopes") else None
+        with quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
+            result = COMMANDS[args.command](args, config)
+    except (ActSparseError, FileNotFoundError, ValueError) as e:
+        print(f"actsparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

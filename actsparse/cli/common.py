@@ -1,0 +1,162 @@
+"""The steps the commands share: load the model (and compress it), build the sparsify config from the flags,
+calibrate, evaluate perplexity with the measured sparsity, apply saved thresholds."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..api import sparsify_
+from ..config import SparsifyConfig
+from ..data import chunk_tokens, count_words, load_corpus, tokenize
+from ..eval.perplexity import perplexity
+from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
+from ..io import import_scap_json, load_thresholds, read_thresholds
+from ..methods import method_from_spec, method_to_dict
+from ..methods.scap import parse_scap_config
+from ..models import load_model
+from ..quant import compress_weights
+from ..scope import IgnoredScope, TargetScope
+from ..sparse_linear import sparse_layers
+from .args import scope_arg
+
+__all__ = ["log", "load_model_from_args", "load_all", "calibration_data", "token_batches", "sparsify_config",
+           "calibrate", "evaluate", "by_type", "method_label", "check_saved_thresholds", "apply_saved_thresholds"]
+
+
+def log(args, msg: str) -> None:
+    if not args.json:
+        print(msg, file=sys.stderr, flush=True)
+
+def load_model_from_args(args, *, compress: bool = True):
+    """``(model, tokenizer)`` as the model flags say: loaded, then int8-compressed with ``--weights``."""
+    device = args.device
+    if device is None and args.device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
+                                  max_memory=args.max_memory, offload_folder=args.offload_folder)
+    log(args, f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
+    placed = getattr(model, "hf_device_map", None)
+    if args.device_map is not None and placed:
+        counts = collections.Counter(str(d) for d in placed.values())
+        log(args, "device map: " + ", ".join(f"{n} module(s) on {d}" for d, n in counts.items()))
+    if compress and args.weights != "dense":
+        names = compress_weights(model, args.weights)
+        log(args, f"compressed {len(names)} Linear weights to {args.weights}")
+    return model, tokenizer
+
+def load_all(args, *, compress: bool = True):
+    return (*load_model_from_args(args, compress=compress), load_corpus(args.data))
+
+def calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+    if args.calib_batch_size < 1:
+        raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
+    return token_batches(tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len,
+                          args.calib_batch_size)
+
+def token_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """Up to ``n`` windows of ``seq_len`` tokens of ``text``, ``batch_size`` per ``[B, seq_len]`` tensor."""
+    chunks = chunk_tokens(tokenizer, text, seq_len, n)
+    return [torch.cat(chunks[i:i + batch_size]) for i in range(0, len(chunks), batch_size)]
+
+def method_from_args(args):
+    options = dict(args.option)
+    if args.statistic is not None:
+        options["statistic"] = args.statistic
+    if args.scap_config:
+        if args.scope:
+            raise ValueError("give either --scap-config or --scope, not both (the SCAP recipe sets the scopes)")
+        scopes, method = parse_scap_config(args.scap_config)
+        if args.method not in ("quantile", "scap"):
+            raise ValueError(f"--scap-config sets the method to scap; drop --method {args.method}")
+        if options:
+            method = dataclasses.replace(method, **options)
+        return scopes, method
+    scopes = args.scope or [scope_arg(s) for s in args.default_scopes]
+    return {TargetScope(patterns=[p]): s for p, s in scopes}, method_from_spec(args.method, **options)
+
+def sparsify_config(args) -> SparsifyConfig:
+    """The config the flags ask for: ``--config FILE``, or ``--scope/--ignore/--method/--option/--scap-config``."""
+    if args.config:
+        given = [flag for flag, on in (("--scope", args.scope), ("--ignore", args.ignore),
+                                       ("--method", args.method != "quantile"), ("--option", args.option),
+                                       ("--statistic", args.statistic), ("--scap-config", args.scap_config)) if on]
+        if given:
+            raise ValueError(f"--config holds the scopes and the method; drop {', '.join(given)} "
+                             f"(or edit the config file)")
+        return SparsifyConfig.load(args.config)
+    scopes, method = method_from_args(args)
+    return SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
+
+
+def calibrate(args, config: SparsifyConfig, model, tokenizer, corpus) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Sparsify ``model`` with ``config`` (built and checked before the model loaded); ``(report, batches)``."""
+    data = calibration_data(args, tokenizer, corpus)
+    t = time.perf_counter()
+    sparsify_(model, config, data, progress=not args.no_progress)
+    seconds = time.perf_counter() - t
+    result = {"scopes": {"|".join(k.patterns) or str(k): v for k, v in config.target_sparsity_by_scope.items()},
+              "method": method_to_dict(config.method), "config": config.to_dict(),
+              "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
+    if args.save_config:
+        result["config_file"] = config.save(args.save_config)
+    return result, data
+
+
+def evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
+    ids = tokenize(tokenizer, text)
+    if args.eval_tokens is not None:
+        ids = ids[: args.eval_tokens]
+        text = tokenizer.decode(ids)
+    words = count_words(text)
+    monitor = SparsityMonitor(model) if sparse_layers(model) else None
+    with monitor or contextlib.nullcontext():
+        ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
+                         progress=not args.no_progress)
+    out: dict[str, Any] = {"token_perplexity": ppl.token_perplexity, "word_perplexity": ppl.word_perplexity,
+                           "eval_tokens": int(ids.numel()), "words": words, "context": ppl.context,
+                           "stride": ppl.stride}
+    if monitor:
+        measured = monitor.sparsity()
+        targets = monitor.targets()
+        out["measured_sparsity"] = measured
+        out["target_sparsity"] = targets
+        out["by_type"] = by_type(measured, targets)
+    return out
+
+def by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, float]]:
+    mean_m = summarize_by_type(measured)
+    mean_t = summarize_by_type({n: t for n, t in targets.items() if t is not None})
+    counts: dict[str, int] = {}
+    for n in measured:
+        counts[layer_type(n)] = counts.get(layer_type(n), 0) + 1
+    return {k: {"layers": counts[k], "target": mean_t.get(k), "measured": v} for k, v in mean_m.items()}
+
+def method_label(m: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name" and k in ("statistic", "allocation", "mode", "topk")
+                     and v not in (False, None))
+    return f"{m['name']} ({opts})" if opts else m["name"]
+
+def check_saved_thresholds(args) -> None:
+    """``--thresholds`` / ``--scap-json``: at most one, and a thresholds file must read, before the model loads."""
+    if args.thresholds and args.scap_json:
+        raise ValueError("give either --thresholds or --scap-json, not both")
+    if args.thresholds:
+        read_thresholds(args.thresholds)
+
+def apply_saved_thresholds(args, model) -> bool:
+    """Sparsify ``model`` with ``--thresholds`` or ``--scap-json``; False when neither was given."""
+    if args.thresholds:
+        load_thresholds(model, args.thresholds)
+    elif args.scap_json:
+        import_scap_json(model, args.scap_json)
+    return bool(args.thresholds or args.scap_json)

@@ -1,0 +1,73 @@
+"""Model-forward helpers shared by the calibration engine and the methods that run the model themselves.
+
+Running a batch through a model (inputs on its device, no KV cache), selecting the real (unpadded) tokens
+of an activation, the summed next-token NLL of a model on calibration batches, and finding the stack of
+decoder blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from .data import Batch
+
+__all__ = ["call_model", "real_tokens", "leading_batches", "next_token_nll", "find_block_stack"]
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+
+def call_model(model: nn.Module, batch: Batch, device: torch.device):
+    """``model(**batch.inputs)`` on ``device`` (without a KV cache for HF models)."""
+    inputs = {k: _to(v, device) for k, v in batch.inputs.items()}
+    if hasattr(model, "config") and "use_cache" not in inputs:
+        inputs["use_cache"] = False
+    return model(**inputs)
+
+
+def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x[..., features]`` as ``[tokens, features]`` without padding (when ``token_mask`` fits ``x``)."""
+    m = token_mask
+    if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
+        return x[m.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def leading_batches(batches: list[Batch], tokens: int | None) -> int:
+    """How many leading batches hold at least ``tokens`` real tokens (all of them when None or too few)."""
+    if tokens is None:
+        return len(batches)
+    total = 0
+    for i, b in enumerate(batches):
+        total += b.n_tokens
+        if total >= tokens:
+            return i + 1
+    return len(batches)
+
+
+@torch.no_grad()
+def next_token_nll(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, int]:
+    """(summed next-token NLL, number of scored tokens) of ``model`` on ``batches``; pairs touching padding
+    are skipped."""
+    total, count = 0.0, 0
+    for b in batches:
+        logits = call_model(model, b, device).logits.float()
+        ids = b.inputs["input_ids"].to(logits.device)
+        valid = (b.token_mask[:, 1:] & b.token_mask[:, :-1]).to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        total += float(nll[valid].double().sum())
+        count += int(valid.sum())
+    return total, count
+
+
+def find_block_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
+    """The outermost ``nn.ModuleList`` (name, module) that holds every layer in ``names``: the decoder blocks."""
+    for prefix, m in model.named_modules():  # outermost first
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix:
+            if all(n.startswith(prefix + ".") for n in names):
+                return prefix, m
+    return None

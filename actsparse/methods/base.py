@@ -1,0 +1,149 @@
+"""Calibration methods: a registry of ``@dataclass`` configs keyed by name (torchao-style).
+
+A method config turns one layer's target sparsity into a *collector*: an object with
+``update(x)`` (called with that layer's input activations, ``[n_tokens, in_features]``, padding
+removed) and ``result() -> float`` (the threshold τ). The calibration engine
+(``actsparse.calibrate``) owns the data flow; a method only owns its statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+
+from ..rule import SparsityParams
+
+__all__ = ["MethodConfig", "Collector", "register_method", "get_method", "registered_methods",
+           "method_from_spec", "method_to_dict", "parse_option", "parse_method_spec"]
+
+
+class Collector(Protocol):
+    """Statistics of one layer's inputs. ``result()`` gives τ or full ``SparsityParams``. A collector may
+    also define ``next_pass() -> bool``: called after each pass over the calibration data, True asks for
+    another pass (e.g. the mode first, then the threshold of ``|x - mode|``)."""
+
+    def update(self, x: torch.Tensor) -> None: ...
+
+    def result(self) -> "float | SparsityParams": ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base class of method configs (subclasses are frozen dataclasses registered with a name).
+
+    ``topk=True`` (any method): at inference every token keeps exactly ``round((1 - s) · in_features)``
+    entries (the highest-scoring ones under the method's score, shift and scale) instead of thresholding.
+    """
+
+    name: ClassVar[str]
+    topk: bool = dataclasses.field(default=False, kw_only=True)
+
+    def make_collector(self, layer_name: str, module: torch.nn.Module, target_sparsity: float) -> Collector:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in _REGISTRY:
+            raise ValueError(f"calibration method {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+# names that preset options of a registered method (CLI/sweep shorthands)
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "teal-greedy": ("teal", {"allocation": "greedy"}),
+    "teal-uniform": ("teal", {"allocation": "uniform"}),
+    "teal-greedy-sens": ("teal", {"allocation": "greedy", "block_budget": "sensitivity"}),
+    "teal-uniform-sens": ("teal", {"allocation": "uniform", "block_budget": "sensitivity"}),
+    "scap-median": ("scap", {"mode": "median"}),
+    "scap-kde": ("scap", {"mode": "kde"}),
+    "topk": ("sparsing-law", {"metric": "topk"}),
+    "fat": ("sparsing-law", {"metric": "fat"}),
+    "pplp": ("sparsing-law", {"metric": "pplp"}),
+}
+
+
+def registered_methods(aliases: bool = False) -> list[str]:
+    """Registered method names (with ``aliases=True``, also the shorthands such as ``teal-greedy``)."""
+    return sorted(_REGISTRY) + (sorted(a for a, (base, _) in ALIASES.items() if base in _REGISTRY) if aliases else [])
+
+
+def get_method(name: str) -> type[MethodConfig]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown calibration method {name!r}; registered methods: "
+                         f"{', '.join(registered_methods(aliases=True))} (add '+topk' for top-k)") from None
+
+
+def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig:
+    """A config instance from an instance (returned as is) or a registered name plus options."""
+    if isinstance(spec, MethodConfig):
+        if options:
+            raise ValueError("pass options either in the method config or as keywords, not both")
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"method must be a registered name or a MethodConfig, got {type(spec).__name__}")
+    given = options
+    spec, plus, suffix = spec.partition("+")
+    if plus:  # "wina+topk": any method with top-k at inference
+        if suffix != "topk":
+            raise ValueError(f"unknown method suffix '+{suffix}'; the only one is '+topk'")
+        options = {**options, "topk": True}
+    if spec in ALIASES and ALIASES[spec][0] in _REGISTRY:
+        base, preset = ALIASES[spec]
+        options = {**preset, **options}
+        spec = base
+    cls = get_method(spec)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"method {spec!r} has no option(s) {unknown}; its options: {sorted(fields)}")
+    try:
+        return cls(**options)
+    except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. step="abc"
+        raise ValueError(f"method {spec!r}: bad option value in {given} ({e}); values are JSON (0.1, null, true) "
+                         "or bare strings (mode=kde)") from None
+
+
+_PYTHON_LITERALS = {"None": None, "True": True, "False": False}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` → ``(key, value)``: the value read as JSON (``0.1``, ``null``, ``true``), Python's
+    ``None``/``True``/``False``, else kept as a bare string (``mode=kde``). Shared by ``--option`` and sweep specs."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
+    if value in _PYTHON_LITERALS:
+        return key, _PYTHON_LITERALS[value]
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME[:KEY=VALUE[:KEY=VALUE...]]"`` → ``(NAME, {KEY: value})``, values as :func:`parse_option`
+    reads them (so a value holds no ``:``). The options are not checked here: see :func:`method_from_spec`."""
+    name, *parts = [p.strip() for p in spec.split(":")]
+    options: dict[str, Any] = {}
+    for part in parts:
+        key, value = parse_option(part)
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice")
+        options[key] = value
+    return name, options
+
+
+def method_to_dict(method: MethodConfig) -> dict[str, Any]:
+    return {"name": method.name, **dataclasses.asdict(method)}
