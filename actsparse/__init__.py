@@ -1,13 +1,20 @@
 """actsparse: post-training activation sparsity for Hugging Face causal LMs."""
 
 from ._version import __version__
-from .api import (SparsifyConfig, apply_thresholds, remove_sparsity, sparse_layers,
-                  sparsify_, sparsify_activations)
+from .api import SparsifyConfig, apply_thresholds, remove_sparsity, sparse_layers, sparsify_, sparsify_activations
 from .engine import Decoder
-from .errors import (ActSparseError, AlreadySparsifiedError, CalibrationError, ConfigFileError, DatasetError,
-                     DecoderError, ScopeError, ThresholdFileError)
-from .io import from_pretrained, import_scap_json, load_thresholds, save_pretrained, save_thresholds
+from .errors import (
+    ActSparseError,
+    AlreadySparsifiedError,
+    CalibrationError,
+    ConfigFileError,
+    DatasetError,
+    DecoderError,
+    ScopeError,
+    ThresholdFileError,
+)
 from .generation import compare_generate, generate
+from .io import from_pretrained, import_scap_json, load_thresholds, save_pretrained, save_thresholds
 from .methods import register_method, registered_methods
 from .methods.attribution import AttributionMethod
 from .methods.quantile import QuantileMethod
@@ -21,12 +28,46 @@ from .scope import IgnoredScope, TargetScope
 from .sparse_linear import SparseLinear, SparsityParams
 
 __all__ = [
-    "__version__", "sparsify_activations", "sparsify_", "SparsifyConfig", "remove_sparsity", "sparse_layers",
-    "apply_thresholds", "TargetScope", "IgnoredScope", "SparseLinear", "SparsityParams", "QuantileMethod",
-    "ScapMethod", "TealMethod", "WinaMethod", "SparsingLawMethod", "AttributionMethod", "parse_scap_config",
-    "export_scap_json", "import_scap_json", "register_method", "registered_methods", "compress_weights",
-    "unfuse_experts", "fuse_experts", "UnsupportedExpertsError", "generate", "compare_generate", "save_thresholds", "load_thresholds", "save_pretrained", "from_pretrained",
-    "ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
-    "AlreadySparsifiedError", "ConfigFileError", "DecoderError", "Decoder",
+    "__version__",
+    "sparsify_activations",
+    "sparsify_",
+    "SparsifyConfig",
+    "remove_sparsity",
+    "sparse_layers",
+    "apply_thresholds",
+    "TargetScope",
+    "IgnoredScope",
+    "SparseLinear",
+    "SparsityParams",
+    "QuantileMethod",
+    "ScapMethod",
+    "TealMethod",
+    "WinaMethod",
+    "SparsingLawMethod",
+    "AttributionMethod",
+    "parse_scap_config",
+    "export_scap_json",
+    "import_scap_json",
+    "register_method",
+    "registered_methods",
+    "compress_weights",
+    "unfuse_experts",
+    "fuse_experts",
+    "UnsupportedExpertsError",
+    "generate",
+    "compare_generate",
+    "save_thresholds",
+    "load_thresholds",
+    "save_pretrained",
+    "from_pretrained",
+    "ActSparseError",
+    "ScopeError",
+    "DatasetError",
+    "CalibrationError",
+    "ThresholdFileError",
+    "AlreadySparsifiedError",
+    "ConfigFileError",
+    "DecoderError",
+    "Decoder",
 ]
 # lm-eval is an optional extra: `from actsparse.eval.lmeval import run_lm_eval`.

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn as nn
 
@@ -15,8 +16,14 @@ from .moe import expert_scope_hint, fuse_experts, unfuses_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
 from .sparse_linear import SparseLinear, SparsityParams, sparse_layers
 
-__all__ = ["SparsifyConfig", "sparsify_", "sparsify_activations", "remove_sparsity", "sparse_layers",
-           "apply_thresholds"]
+__all__ = [
+    "SparsifyConfig",
+    "sparsify_",
+    "sparsify_activations",
+    "remove_sparsity",
+    "sparse_layers",
+    "apply_thresholds",
+]
 
 
 def _check_not_sparsified(model: nn.Module) -> None:
@@ -24,13 +31,18 @@ def _check_not_sparsified(model: nn.Module) -> None:
     if existing:
         raise AlreadySparsifiedError(
             f"the model is already sparsified ({len(existing)} SparseLinear layers, e.g. "
-            f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first")
+            f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first"
+        )
 
 
 @unfuses_experts
-def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float | SparsityParams], *,
-                     target_sparsity: Mapping[str, float | None] | None = None,
-                     method: str | None = None) -> nn.Module:
+def apply_thresholds(
+    model: nn.Module,
+    thresholds: Mapping[str, float | SparsityParams],
+    *,
+    target_sparsity: Mapping[str, float | None] | None = None,
+    method: str | None = None,
+) -> nn.Module:
     """Swap each named ``nn.Linear`` for a ``SparseLinear`` (in place).
 
     ``thresholds`` maps layer names to a threshold τ or to full :class:`SparsityParams` (shift, scale, top-k).
@@ -52,8 +64,7 @@ def apply_thresholds(model: nn.Module, thresholds: Mapping[str, float | Sparsity
 
 
 @unfuses_experts
-def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *,
-              progress: bool = True) -> nn.Module:
+def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *, progress: bool = True) -> nn.Module:
     """Calibrate thresholds on ``dataset`` and sparsify ``model`` in place (torchao-style).
 
     Everything is validated and calibrated before the model changes: on any error the model is
@@ -63,8 +74,9 @@ def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *,
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
     _check_not_sparsified(model)
-    targets = resolve_targets(model, config.target_sparsity_by_scope, config.ignored_scope,
-                              hint=expert_scope_hint(model))
+    targets = resolve_targets(
+        model, config.target_sparsity_by_scope, config.ignored_scope, hint=expert_scope_hint(model)
+    )
     batches = prepare_batches(dataset)
     params = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
     return apply_thresholds(model, params, target_sparsity=targets, method=config.method.name)

@@ -20,9 +20,10 @@ left exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,6 @@ class _Hooks:
                 h.remove()
             self._handles.clear()
 
-
     def _hook(self, name: str, module: nn.Module, args: tuple):
         x = args[0]
         if self.trace is not None:
@@ -78,7 +78,8 @@ class _Hooks:
                 raise CalibrationError(
                     f"non-finite (NaN/inf) input activations in {name!r} on calibration batch "
                     f"{self.batch_index}; the model overflows in its current dtype ({x.dtype}). "
-                    f"Calibrate in float32 or bfloat16, or check the model and data.")
+                    f"Calibrate in float32 or bfloat16, or check the model and data."
+                )
             collector.update(tokens)
             if name == self.stop_after:
                 raise _StopForward
@@ -91,9 +92,12 @@ class _Hooks:
 
     def set_params(self, name: str, p: SparsityParams) -> None:
         dev = execution_device(self.modules[name]) or torch.device("cpu")  # not meta: offloaded weights rest there
-        self.params[name] = (torch.tensor(p.threshold, dtype=torch.float32, device=dev),
-                             p.shift if p.shift != 0.0 else None,
-                             None if p.scale is None else p.scale.to(dev, torch.float32), p.topk)
+        self.params[name] = (
+            torch.tensor(p.threshold, dtype=torch.float32, device=dev),
+            p.shift if p.shift != 0.0 else None,
+            None if p.scale is None else p.scale.to(dev, torch.float32),
+            p.topk,
+        )
 
 
 class _Stage:
@@ -227,7 +231,7 @@ class StageContext:
     returns its outputs per batch (e.g. to compare with the dense outputs, ``outputs({})``).
     """
 
-    def __init__(self, stage: "_Stage", hooks: _Hooks, targets: dict[str, float], batches: list[Batch], modules):
+    def __init__(self, stage: _Stage, hooks: _Hooks, targets: dict[str, float], batches: list[Batch], modules):
         self.names = list(stage.names)
         self._batches = batches
         self.targets = {n: targets[n] for n in self.names}
@@ -250,8 +254,12 @@ class StageContext:
                 self._hooks.params.pop(n, None)
             self._hooks.params.update(saved)
 
-    def collect(self, collectors: dict[str, Collector], params: dict[str, SparsityParams] | None = None,
-                batches: int | None = None) -> None:
+    def collect(
+        self,
+        collectors: dict[str, Collector],
+        params: dict[str, SparsityParams] | None = None,
+        batches: int | None = None,
+    ) -> None:
         with self._applied(params or {}):
             self._hooks.collectors = collectors
             try:
@@ -374,8 +382,9 @@ def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_b
             try:
                 p = as_params(c.result())
             except ValueError as e:
-                raise CalibrationError(f"layer {n!r} saw no calibration tokens ({e}); "
-                                       f"is it reached by the model's forward pass?") from None
+                raise CalibrationError(
+                    f"layer {n!r} saw no calibration tokens ({e}); is it reached by the model's forward pass?"
+                ) from None
             if method.topk:  # exact per-token sparsity: keep round((1 - s)·in) entries
                 k = linears[n].in_features
                 p.topk = k - round(targets[n] * k)

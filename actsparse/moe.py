@@ -42,8 +42,9 @@ import copy
 import functools
 import inspect
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -51,23 +52,47 @@ import torch.nn as nn
 from .errors import ActSparseError, AlreadySparsifiedError, CalibrationError
 from .sparse_linear import SparseLinear
 
-__all__ = ["UnfusedExperts", "ExpertMLP", "UnsupportedExpertsError", "fused_experts", "unfuse_experts",
-           "fuse_experts", "experts_unfused", "unfuses_experts", "linear_shapes", "expert_scope_hint", "explain_calibration_error",
-           "EXPERT_PATTERNS"]
+__all__ = [
+    "UnfusedExperts",
+    "ExpertMLP",
+    "UnsupportedExpertsError",
+    "fused_experts",
+    "unfuse_experts",
+    "fuse_experts",
+    "experts_unfused",
+    "unfuses_experts",
+    "linear_shapes",
+    "expert_scope_hint",
+    "explain_calibration_error",
+    "EXPERT_PATTERNS",
+]
 
 # scope patterns for per-expert layers (they match the unfused names and old-style per-expert Linears alike)
-EXPERT_PATTERNS = {"gate_proj": r".*experts\.\d+\.gate_proj", "up_proj": r".*experts\.\d+\.up_proj",
-                   "down_proj": r".*experts\.\d+\.down_proj"}
+EXPERT_PATTERNS = {
+    "gate_proj": r".*experts\.\d+\.gate_proj",
+    "up_proj": r".*experts\.\d+\.up_proj",
+    "down_proj": r".*experts\.\d+\.down_proj",
+}
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _SIGNATURE = ["hidden_states", "top_k_index", "top_k_weights"]
 # (attribute set by transformers' @use_experts_implementation, the value we understand, what else means)
-_FLAGS = (("has_gate", True, "no gate projection (up_proj only)"), ("has_bias", False, "biases"),
-          ("is_transposed", False, "transposed [E, in, out] weights"),
-          ("is_concatenated", True, "interleaved gate/up rows"),
-          ("has_post_expert_norm", False, "a norm after each expert"),
-          ("_is_expert_parallel", False, "expert parallelism"))
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_FLAGS = (
+    ("has_gate", True, "no gate projection (up_proj only)"),
+    ("has_bias", False, "biases"),
+    ("is_transposed", False, "transposed [E, in, out] weights"),
+    ("is_concatenated", True, "interleaved gate/up rows"),
+    ("has_post_expert_norm", False, "a norm after each expert"),
+    ("_is_expert_parallel", False, "expert parallelism"),
+)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 _EXPERT_LAYER = re.compile(r"(^|\.)experts\.\d+\.")
 T = TypeVar("T")
 
@@ -77,6 +102,7 @@ class UnsupportedExpertsError(ActSparseError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- detection
+
 
 def _is_candidate(m: nn.Module) -> bool:
     """Does ``m`` hold fused expert weights (a 3D ``*_proj`` Parameter, or 3D weights in an ``*Experts``)?"""
@@ -99,21 +125,26 @@ def _layout_problems(m: nn.Module) -> list[str]:
     problems = []
     params = {k: p for k, p in m._parameters.items() if p is not None}
     if set(params) != {"gate_up_proj", "down_proj"}:
-        problems.append(f"parameters {sorted(params)} instead of exactly gate_up_proj [E, 2I, H] and down_proj "
-                        f"[E, H, I]")
+        problems.append(
+            f"parameters {sorted(params)} instead of exactly gate_up_proj [E, 2I, H] and down_proj [E, H, I]"
+        )
     else:
         gu, dn = params["gate_up_proj"], params["down_proj"]
         ok = gu.dim() == 3 and dn.dim() == 3 and gu.shape[1] % 2 == 0
         if not ok or tuple(dn.shape) != (gu.shape[0], gu.shape[2], gu.shape[1] // 2):
-            problems.append(f"shapes gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} are not "
-                            f"[E, 2I, H] and [E, H, I]")
+            problems.append(
+                f"shapes gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} are not "
+                f"[E, 2I, H] and [E, H, I]"
+            )
         elif getattr(m, "num_experts", gu.shape[0]) != gu.shape[0]:
             problems.append(f"num_experts={m.num_experts} but {gu.shape[0]} expert weights")
     if m._buffers:
         problems.append(f"buffers {sorted(m._buffers)}")
     if not hasattr(m, "is_transposed"):
-        problems.append("its class is not declared through transformers' @use_experts_implementation, so its "
-                        "forward semantics are unknown")
+        problems.append(
+            "its class is not declared through transformers' @use_experts_implementation, so its "
+            "forward semantics are unknown"
+        )
     else:
         problems += [what for attr, want, what in _FLAGS if getattr(m, attr, want) != want]
         default = _default_apply_gate()
@@ -157,6 +188,7 @@ def linear_shapes(model: nn.Module) -> Iterator[tuple[str, int, int]]:
 
 # ------------------------------------------------------------------------------------------------ modules
 
+
 def _expert_views(fused: nn.Module, i: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(gate, up, down)`` weight views of every expert of a fused module (``i``: intermediate size)."""
     gu, dn = fused.gate_up_proj.data, fused.down_proj.data
@@ -181,7 +213,7 @@ class ExpertMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
 
-def _drop_expert_weights(module: "UnfusedExperts", state_dict, prefix: str, local_metadata) -> None:
+def _drop_expert_weights(module: UnfusedExperts, state_dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook: the per-expert weights are saved as the fused tensors instead."""
     for e in range(module.num_experts):
         for proj in _PROJ:
@@ -204,8 +236,14 @@ class UnfusedExperts(nn.Module):
         self.num_experts, two_i, self.hidden_dim = gu.shape
         self.intermediate_dim = two_i // 2
         for e, (g, u, d) in enumerate(self._views()):
-            self.add_module(str(e), ExpertMLP(_view_linear(g, gu.requires_grad), _view_linear(u, gu.requires_grad),
-                                              _view_linear(d, dn.requires_grad)))
+            self.add_module(
+                str(e),
+                ExpertMLP(
+                    _view_linear(g, gu.requires_grad),
+                    _view_linear(u, gu.requires_grad),
+                    _view_linear(d, dn.requires_grad),
+                ),
+            )
         self.act_fn = fused.act_fn
         self.train(fused.training)
         for d in _HOOK_DICTS:  # hooks on the experts module keep firing
@@ -233,8 +271,14 @@ class UnfusedExperts(nn.Module):
         """Is every expert weight still a view of the fused storage?"""
         for ws, vs in zip(self._weights(), self._views()):
             for w, v in zip(ws, vs):
-                if (w.device != v.device or w.dtype != v.dtype or w.shape != v.shape or w.stride() != v.stride()
-                        or w.data_ptr() != v.data_ptr() or w.device.type == "meta"):
+                if (
+                    w.device != v.device
+                    or w.dtype != v.dtype
+                    or w.shape != v.shape
+                    or w.stride() != v.stride()
+                    or w.data_ptr() != v.data_ptr()
+                    or w.device.type == "meta"
+                ):
                     return False
         return True
 
@@ -244,14 +288,20 @@ class UnfusedExperts(nn.Module):
             gu, dn = self._fused.gate_up_proj, self._fused.down_proj
             return (gu, dn) if keep_vars else (gu.detach(), dn.detach())
         ws = self._weights()
-        return (torch.stack([torch.cat([g.detach(), u.detach()]) for g, u, _ in ws]),
-                torch.stack([d.detach() for _, _, d in ws]))
+        return (
+            torch.stack([torch.cat([g.detach(), u.detach()]) for g, u, _ in ws]),
+            torch.stack([d.detach() for _, _, d in ws]),
+        )
 
     def _tie(self) -> None:
         for ws, vs in zip(self._weights(), self._views()):
             for w, v in zip(ws, vs):
-                if not (w.data_ptr() == v.data_ptr() and w.dtype == v.dtype and w.device == v.device
-                        and w.stride() == v.stride()):
+                if not (
+                    w.data_ptr() == v.data_ptr()
+                    and w.dtype == v.dtype
+                    and w.device == v.device
+                    and w.stride() == v.stride()
+                ):
                     w.data = v
 
     def _sync(self) -> None:
@@ -271,7 +321,7 @@ class UnfusedExperts(nn.Module):
     def _apply(self, fn, recurse=True):
         self._sync()
         self._fused._apply(fn)  # convert the fused storage once, as the original module would
-        self._tie()             # so fn is a no-op on the expert weights below
+        self._tie()  # so fn is a no-op on the expert weights below
         super()._apply(fn, recurse)
         self._tie()
         return self
@@ -280,19 +330,24 @@ class UnfusedExperts(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "gate_up_proj"], destination[prefix + "down_proj"] = self.fused_weights(keep_vars)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         i = self.intermediate_dim
-        for name, shape in (("gate_up_proj", (self.num_experts, 2 * i, self.hidden_dim)),
-                            ("down_proj", (self.num_experts, self.hidden_dim, i))):
+        for name, shape in (
+            ("gate_up_proj", (self.num_experts, 2 * i, self.hidden_dim)),
+            ("down_proj", (self.num_experts, self.hidden_dim, i)),
+        ):
             key = prefix + name
             if key not in state_dict:
                 continue  # the experts then report their weights missing
             value = state_dict.pop(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {got} from checkpoint, "
-                                  f"the shape in current model is {shape}.")
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {got} from checkpoint, "
+                    f"the shape in current model is {shape}."
+                )
                 continue
             for e in range(self.num_experts):
                 if name == "gate_up_proj":
@@ -300,8 +355,9 @@ class UnfusedExperts(nn.Module):
                     state_dict[f"{prefix}{e}.up_proj.weight"] = value[e, i:]
                 else:
                     state_dict[f"{prefix}{e}.down_proj.weight"] = value[e]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))
@@ -317,8 +373,9 @@ class UnfusedExperts(nn.Module):
         return new
 
     # --- forward ------------------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """transformers' eager expert loop (Mixtral, Qwen-MoE), each expert's matmuls through its Linears."""
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -338,11 +395,14 @@ class UnfusedExperts(nn.Module):
         return final_hidden_states
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"intermediate_dim={self.intermediate_dim}, fused={type(self._fused).__name__}")
+        return (
+            f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, fused={type(self._fused).__name__}"
+        )
 
 
 # ------------------------------------------------------------------------------------------- operations
+
 
 def unfuse_experts(model: nn.Module, *, strict: bool = True) -> list[str]:
     """Swap every fused experts module of ``model`` for an :class:`UnfusedExperts` (in place).
@@ -381,8 +441,10 @@ def fuse_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
     for n, m in modules.items():
         sparse = [k for k, s in m.named_modules() if isinstance(s, SparseLinear)]
         if sparse:
-            raise AlreadySparsifiedError(f"{n!r} holds sparsified expert layers (e.g. {n}.{sparse[0]}); "
-                                         f"actsparse.remove_sparsity(model) removes the sparsity and fuses them back")
+            raise AlreadySparsifiedError(
+                f"{n!r} holds sparsified expert layers (e.g. {n}.{sparse[0]}); "
+                f"actsparse.remove_sparsity(model) removes the sparsity and fuses them back"
+            )
     _refuse(model, modules)
     return list(modules)
 
@@ -400,8 +462,11 @@ def experts_unfused(model: nn.Module):
     except BaseException:
         _refuse(model, _unfused_modules(model, names))
         raise
-    idle = {n: m for n, m in _unfused_modules(model, names).items()
-            if not any(isinstance(s, SparseLinear) for s in m.modules())}
+    idle = {
+        n: m
+        for n, m in _unfused_modules(model, names).items()
+        if not any(isinstance(s, SparseLinear) for s in m.modules())
+    }
     _refuse(model, idle)
 
 
@@ -427,12 +492,15 @@ def unfuses_experts(fn: Callable[..., T]) -> Callable[..., T]:
 
 # ----------------------------------------------------------------------------------------------- messages
 
+
 def _unsupported_message(model: nn.Module, bad: dict[str, list[str]]) -> str:
     n, problems = next(iter(bad.items()))
     more = f" (and {len(bad) - 1} more modules)" if len(bad) > 1 else ""
-    return (f"{n!r} ({type(model.get_submodule(n)).__name__}) stores its experts fused in a layout actsparse "
-            f"cannot split into per-expert Linears: {'; '.join(problems)}{more}. Its experts cannot be sparsified; "
-            f"exclude them from the scopes")
+    return (
+        f"{n!r} ({type(model.get_submodule(n)).__name__}) stores its experts fused in a layout actsparse "
+        f"cannot split into per-expert Linears: {'; '.join(problems)}{more}. Its experts cannot be sparsified; "
+        f"exclude them from the scopes"
+    )
 
 
 def expert_scope_hint(model: nn.Module) -> str:
@@ -442,11 +510,13 @@ def expert_scope_hint(model: nn.Module) -> str:
     splittable = [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
     splittable += [n for n, p in found.items() if not p]
     if splittable:
-        parts.append(f"MoE experts are sparsified per expert: their fused 3D weights (experts.gate_up_proj, "
-                     f"experts.down_proj) are split into Linears such as {splittable[0]}.0.gate_proj / .up_proj / "
-                     f".down_proj; target them with r'{EXPERT_PATTERNS['gate_proj']}', r'{EXPERT_PATTERNS['up_proj']}', "
-                     f"r'{EXPERT_PATTERNS['down_proj']}' (or r'.*experts\\..*' for all three; Mixtral checkpoints' w1, w3, "
-                     f"w2 are gate_proj, up_proj, down_proj)")
+        parts.append(
+            f"MoE experts are sparsified per expert: their fused 3D weights (experts.gate_up_proj, "
+            f"experts.down_proj) are split into Linears such as {splittable[0]}.0.gate_proj / .up_proj / "
+            f".down_proj; target them with r'{EXPERT_PATTERNS['gate_proj']}', r'{EXPERT_PATTERNS['up_proj']}', "
+            f"r'{EXPERT_PATTERNS['down_proj']}' (or r'.*experts\\..*' for all three; Mixtral checkpoints' w1, w3, "
+            f"w2 are gate_proj, up_proj, down_proj)"
+        )
     bad = {n: p for n, p in found.items() if p}
     if bad:
         parts.append(_unsupported_message(model, bad))
@@ -462,7 +532,8 @@ def explain_calibration_error(err: CalibrationError) -> CalibrationError | None:
     expert = _EXPERT_LAYER.search(m.group(1)) if m is not None else None
     if expert is None:
         return None
-    pattern = re.escape(m.group(1)[:expert.end()])
+    pattern = re.escape(m.group(1)[: expert.end()])
     return CalibrationError(
         f"{err} An MoE expert only sees the calibration tokens its router sends it, and this one got none: "
-        f"calibrate on more tokens, or leave the expert dense with IgnoredScope(patterns=[r'{pattern}', ...])")
+        f"calibrate on more tokens, or leave the expert dense with IgnoredScope(patterns=[r'{pattern}', ...])"
+    )

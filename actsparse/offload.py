@@ -10,8 +10,8 @@ read through its hook, and a module that replaces another must take over its hoo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -70,8 +70,14 @@ def _output_head(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
 
 
-def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Iterable[str] | None = None,
-                     ignored_scope: IgnoredScope | None = None, include_output_head: bool = False) -> list[str]:
+def compress_weights(
+    model: nn.Module,
+    mode: str = "int8_asym",
+    *,
+    patterns: Iterable[str] | None = None,
+    ignored_scope: IgnoredScope | None = None,
+    include_output_head: bool = False,
+) -> list[str]:
     """Int8 weight-only compression of ``model``'s Linear layers, in place; returns the compressed names.
 
     ``mode``: ``"int8_asym"`` (per-channel scale + zero point, NNCF's default) or ``"int8_sym"``.
@@ -83,8 +89,10 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
     if sparse_layers(model):
-        raise ValueError("compress the weights before sparsifying: calibrate thresholds on the compressed model "
-                         "(call actsparse.remove_sparsity(model) first, compress, then sparsify again)")
+        raise ValueError(
+            "compress the weights before sparsifying: calibrate thresholds on the compressed model "
+            "(call actsparse.remove_sparsity(model) first, compress, then sparsify again)"
+        )
     modules = dict(model.named_modules())
     if patterns is None:
         head = None if include_output_head else _output_head(model)
@@ -97,25 +105,36 @@ def compress_weights(model: nn.Module, mode: str = "int8_asym", *, patterns: Ite
     names = list(resolve_targets(model, {scope: 0.0}, ignored_scope))
     bad = [n for n in names if type(modules[n]) is not nn.Linear]
     if bad:
-        raise ValueError(f"int8 weight compression supports plain torch.nn.Linear layers only; {bad[0]!r} is a "
-                         f"{type(modules[bad[0]]).__name__} ({len(bad)} such); leave it out with ignored_scope")
+        raise ValueError(
+            f"int8 weight compression supports plain torch.nn.Linear layers only; {bad[0]!r} is a "
+            f"{type(modules[bad[0]]).__name__} ({len(bad)} such); leave it out with ignored_scope"
+        )
     done = [n for n in names if int8_codes(modules[n].weight) is not None]
     if done:
-        raise ValueError(f"{done[0]!r} (and {len(done) - 1} more) already hold int8 weights; load the model again "
-                         f"to compress it another way")
+        raise ValueError(
+            f"{done[0]!r} (and {len(done) - 1} more) already hold int8 weights; load the model again "
+            f"to compress it another way"
+        )
     for n in names:
         w = modules[n].weight
         if not w.is_floating_point() or w.device.type == "meta":
-            raise ValueError(f"cannot compress {n!r}: its weight is {w.dtype} on {w.device} (need a float weight "
-                             f"with data; load the model fully before compressing)")
+            raise ValueError(
+                f"cannot compress {n!r}: its weight is {w.dtype} on {w.device} (need a float weight "
+                f"with data; load the model fully before compressing)"
+            )
     fused = list(fused_experts(model))
     if fused:
-        warnings.warn(f"fused MoE expert weights of {len(fused)} module(s) (e.g. {fused[0]}) stay in full precision: "
-                      f"int8 compression applies to nn.Linear layers, and fused experts hold 3D weights",
-                      stacklevel=2)
+        warnings.warn(
+            f"fused MoE expert weights of {len(fused)} module(s) (e.g. {fused[0]}) stay in full precision: "
+            f"int8 compression applies to nn.Linear layers, and fused experts hold 3D weights",
+            stacklevel=2,
+        )
     config_cls, quantize_, per_axis, mapping = _torchao()
-    config = config_cls(weight_dtype=torch.int8, granularity=per_axis(0),
-                        mapping_type=mapping.ASYMMETRIC if mode == "int8_asym" else mapping.SYMMETRIC)
+    config = config_cls(
+        weight_dtype=torch.int8,
+        granularity=per_axis(0),
+        mapping_type=mapping.ASYMMETRIC if mode == "int8_asym" else mapping.SYMMETRIC,
+    )
     chosen = set(names)
     with torch.no_grad(), quiet_torchao():
         quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)

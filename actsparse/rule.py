@@ -29,7 +29,7 @@ class SparsityParams:
     threshold: float = -math.inf
     shift: float = 0.0
     scale: torch.Tensor | None = None  # [in_features], >= 0
-    topk: int | None = None            # tokens keep this many entries
+    topk: int | None = None  # tokens keep this many entries
     info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
 
     def validate(self, in_features: int, where: str) -> None:
@@ -42,14 +42,21 @@ class SparsityParams:
             if s.dim() != 1 or s.numel() != in_features:
                 raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
             if not (torch.isfinite(s).all() and (s >= 0).all()):
-                raise ValueError(f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
-                                 f"τ >= 0: a static unit mask)")
+                raise ValueError(
+                    f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
+                    f"τ >= 0: a static unit mask)"
+                )
         if self.topk is not None and not 0 <= self.topk <= in_features:
             raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
 
 
-def drop_mask(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
-              scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+def drop_mask(
+    x: torch.Tensor,
+    threshold: torch.Tensor | float,
+    shift: torch.Tensor | float | None = None,
+    scale: torch.Tensor | None = None,
+    topk: int | None = None,
+) -> torch.Tensor:
     """Boolean mask of the entries of ``x`` the rule of the module docstring drops."""
     if shift is None and scale is None and topk is None:
         return x.abs() <= threshold
@@ -65,8 +72,13 @@ def drop_mask(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Ten
     return score <= tau
 
 
-def sparsify_tensor(x: torch.Tensor, threshold: torch.Tensor | float, shift: torch.Tensor | float | None = None,
-                    scale: torch.Tensor | None = None, topk: int | None = None) -> torch.Tensor:
+def sparsify_tensor(
+    x: torch.Tensor,
+    threshold: torch.Tensor | float,
+    shift: torch.Tensor | float | None = None,
+    scale: torch.Tensor | None = None,
+    topk: int | None = None,
+) -> torch.Tensor:
     """``x'`` of the module docstring's rule (the shifted, masked input; same dtype as ``x``)."""
     drop = drop_mask(x, threshold, shift, scale, topk)
     if shift is None:

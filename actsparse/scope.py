@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch.nn as nn
 
@@ -43,8 +43,9 @@ def _compile(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ScopeError(f"invalid regular expression {pattern!r}: {e}. "
-                         f"Patterns are Python regexes, e.g. '.*up_proj.*'.") from None
+        raise ScopeError(
+            f"invalid regular expression {pattern!r}: {e}. Patterns are Python regexes, e.g. '.*up_proj.*'."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class TargetScope:
         object.__setattr__(self, "names", _as_str_tuple(self.names, "TargetScope names"))
         object.__setattr__(self, "patterns", _as_str_tuple(self.patterns, "TargetScope patterns"))
         if not self.names and not self.patterns:
-            raise ScopeError("TargetScope needs at least one name or pattern, "
-                             "e.g. TargetScope(patterns=['.*up_proj.*'])")
+            raise ScopeError(
+                "TargetScope needs at least one name or pattern, e.g. TargetScope(patterns=['.*up_proj.*'])"
+            )
         for p in self.patterns:
             _compile(p)
 
@@ -133,8 +135,10 @@ def resolve_targets(
     appended to the errors about entries that match nothing usable (e.g. how to name MoE expert layers).
     """
     if not isinstance(target_sparsity_by_scope, Mapping) or not target_sparsity_by_scope:
-        raise ScopeError("target_sparsity_by_scope must be a non-empty dict "
-                         "{TargetScope(...): sparsity}, e.g. {TargetScope(patterns=['.*up_proj.*']): 0.3}")
+        raise ScopeError(
+            "target_sparsity_by_scope must be a non-empty dict "
+            "{TargetScope(...): sparsity}, e.g. {TargetScope(patterns=['.*up_proj.*']): 0.3}"
+        )
     modules = dict(model.named_modules())
     all_names = [n for n in modules if n]
     linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
@@ -146,8 +150,10 @@ def resolve_targets(
     owner: dict[str, TargetScope] = {}
     for scope, sparsity in target_sparsity_by_scope.items():
         if not isinstance(scope, TargetScope):
-            raise ScopeError(f"keys of target_sparsity_by_scope must be TargetScope, got "
-                             f"{type(scope).__name__} {scope!r}; wrap it: TargetScope(patterns=[...])")
+            raise ScopeError(
+                f"keys of target_sparsity_by_scope must be TargetScope, got "
+                f"{type(scope).__name__} {scope!r}; wrap it: TargetScope(patterns=[...])"
+            )
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise ScopeError(f"target sparsity for {scope} must be a number in [0, 1], got {sparsity!r}")
         sparsity = float(sparsity)
@@ -155,18 +161,23 @@ def resolve_targets(
             raise ScopeError(f"target sparsity for {scope} must be in [0, 1], got {sparsity}")
         for entry, raw, matched in _match_entry(all_names, scope.patterns, scope.names):
             if not matched:
-                raise ScopeError(f"{scope}: {entry} matches no module of {type(model).__name__}"
-                                 + _close(raw, linear_names) + hint)
+                raise ScopeError(
+                    f"{scope}: {entry} matches no module of {type(model).__name__}" + _close(raw, linear_names) + hint
+                )
             linears = [n for n in matched if isinstance(modules[n], nn.Linear)]
             if not linears:
                 kinds = sorted({type(modules[n]).__name__ for n in matched})
-                raise ScopeError(f"{scope}: {entry} matches only non-Linear modules ({', '.join(kinds)}); "
-                                 f"activation sparsity applies to nn.Linear inputs. Target the Linear "
-                                 f"layers instead" + _close(raw, linear_names) + hint)
+                raise ScopeError(
+                    f"{scope}: {entry} matches only non-Linear modules ({', '.join(kinds)}); "
+                    f"activation sparsity applies to nn.Linear inputs. Target the Linear "
+                    f"layers instead" + _close(raw, linear_names) + hint
+                )
             for n in linears:
                 if n in owner and owner[n] != scope:
-                    raise ScopeError(f"module {n!r} is matched by two target scopes: {owner[n]} and {scope}; "
-                                     f"make the scopes disjoint")
+                    raise ScopeError(
+                        f"module {n!r} is matched by two target scopes: {owner[n]} and {scope}; "
+                        f"make the scopes disjoint"
+                    )
                 owner[n] = scope
                 result[n] = sparsity
 
@@ -176,20 +187,24 @@ def resolve_targets(
         ignored: set[str] = set()
         for entry, raw, matched in _match_entry(all_names, ignored_scope.patterns, ignored_scope.names):
             if not matched and ignored_scope.validate:
-                raise ScopeError(f"IgnoredScope {entry} matches no module"
-                                 + _close(raw, linear_names)
-                                 + " (or pass IgnoredScope(..., validate=False))" + hint)
+                raise ScopeError(
+                    f"IgnoredScope {entry} matches no module"
+                    + _close(raw, linear_names)
+                    + " (or pass IgnoredScope(..., validate=False))"
+                    + hint
+                )
             ignored.update(matched)
         for t in ignored_scope.types:
             matched = [n for n in all_names if type(modules[n]).__name__ == t]
             if not matched and ignored_scope.validate:
                 kinds = sorted({type(m).__name__ for m in modules.values()})
-                raise ScopeError(f"IgnoredScope type {t!r} matches no module; types in the model: "
-                                 f"{', '.join(kinds)}")
+                raise ScopeError(f"IgnoredScope type {t!r} matches no module; types in the model: {', '.join(kinds)}")
             ignored.update(matched)
         result = {n: s for n, s in result.items() if n not in ignored}
 
     if not result:
-        raise ScopeError("nothing left to sparsify: every targeted Linear is in the ignored scope; "
-                         "narrow the IgnoredScope or widen the TargetScopes")
+        raise ScopeError(
+            "nothing left to sparsify: every targeted Linear is in the ignored scope; "
+            "narrow the IgnoredScope or widen the TargetScopes"
+        )
     return dict(sorted(result.items(), key=lambda kv: order[kv[0]]))

@@ -37,9 +37,17 @@ from .weights import dense_weight
 
 __all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask", "sparse_layers", "plain_linear"]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
 BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
 
 
@@ -74,11 +82,19 @@ class SparseLinear(nn.Linear):
         raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float | SparsityParams = -math.inf, *,
-                    target_sparsity: float | None = None, method: str | None = None) -> "SparseLinear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        threshold: float | SparsityParams = -math.inf,
+        *,
+        target_sparsity: float | None = None,
+        method: str | None = None,
+    ) -> SparseLinear:
         if type(linear) is not nn.Linear:
-            raise TypeError(f"SparseLinear wraps plain torch.nn.Linear layers, got {type(linear).__name__}; "
-                            f"exclude it with an IgnoredScope")
+            raise TypeError(
+                f"SparseLinear wraps plain torch.nn.Linear layers, got {type(linear).__name__}; "
+                f"exclude it with an IgnoredScope"
+            )
         p = threshold if isinstance(threshold, SparsityParams) else SparsityParams(float(threshold))
         p.validate(linear.in_features, "layer")
         new = cls.__new__(cls)
@@ -117,7 +133,8 @@ class SparseLinear(nn.Linear):
             float(g("act_shift")) if g("act_shift") is not None else 0.0,
             g("act_scale").detach().cpu().clone() if g("act_scale") is not None else None,
             int(g("act_topk")) if g("act_topk") is not None else None,
-            dict(getattr(self, "calibration", {})))
+            dict(getattr(self, "calibration", {})),
+        )
 
     @property
     def is_plain(self) -> bool:
@@ -134,8 +151,9 @@ class SparseLinear(nn.Linear):
         """``x'``: the (shifted) input with its dropped entries zeroed, as the matmul sees it."""
         g = self._buffers.get
         topk = g("act_topk")
-        return sparsify_tensor(x, self.act_threshold, g("act_shift"), g("act_scale"),
-                               None if topk is None else int(topk))
+        return sparsify_tensor(
+            x, self.act_threshold, g("act_shift"), g("act_scale"), None if topk is None else int(topk)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:  # set by actsparse.kernels.enable_kernels

@@ -62,7 +62,7 @@ class HistogramQuantile:
             return
         self.n += a.numel()
         self.max = max(self.max, a.max().item())
-        tiny = a < 2.0 ** _LOG2_MIN
+        tiny = a < 2.0**_LOG2_MIN
         n_tiny = int(tiny.sum().item())
         self.n_tiny += n_tiny
         if n_tiny:
@@ -108,7 +108,7 @@ class EMAQuantile:
         t = exact_quantile(x.detach().abs(), self.q)
         beta = 1.0 - self.alpha
         k = self.n_batches
-        self.value = (t * self.alpha + self.value * beta * (1 - beta ** k)) / (1 - beta ** (k + 1))
+        self.value = (t * self.alpha + self.value * beta * (1 - beta**k)) / (1 - beta ** (k + 1))
         self.n_batches += 1
 
     def result(self) -> float:

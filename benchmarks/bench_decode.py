@@ -41,7 +41,7 @@ DEV = "cuda"
 class Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    dense: dict          # group -> [out, in] weight (qkv and gate_up concatenated)
+    dense: dict  # group -> [out, in] weight (qkv and gate_up concatenated)
     packed: dict | None  # group -> PackedGemv
     cache_k: torch.Tensor
     cache_v: torch.Tensor
@@ -118,10 +118,16 @@ class Model:
         self.layers = []
         for _ in range(cfg["layers"]):
             dense = {"qkv": w(d + 2 * kv, d), "o": w(d, d), "gate_up": w(2 * i, d), "down": w(d, i)}
-            self.layers.append(Layer(torch.ones(d, device=DEV, dtype=dtype), torch.ones(d, device=DEV, dtype=dtype),
-                                     dense, None,
-                                     torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype),
-                                     torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype)))
+            self.layers.append(
+                Layer(
+                    torch.ones(d, device=DEV, dtype=dtype),
+                    torch.ones(d, device=DEV, dtype=dtype),
+                    dense,
+                    None,
+                    torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype),
+                    torch.zeros(1, cfg["kv_heads"], max_seq, hd, device=DEV, dtype=dtype),
+                )
+            )
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=DEV).float() / hd))
         ang = torch.outer(torch.arange(max_seq, device=DEV).float(), inv)
         self.cos, self.sin = ang.cos(), ang.sin()
@@ -135,16 +141,20 @@ class Model:
         i = self.cfg["inter"]
         for L in self.layers:
             qkv, gu = L.dense["qkv"], L.dense["gate_up"]
-            L.packed = {"qkv": K.pack([qkv[:d], qkv[d:d + kv], qkv[d + kv:]], quantize=quantize),
-                        "o": K.pack([L.dense["o"]], quantize=quantize),
-                        "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize),
-                        "down": K.pack([L.dense["down"]], quantize=quantize)}
+            L.packed = {
+                "qkv": K.pack([qkv[:d], qkv[d : d + kv], qkv[d + kv :]], quantize=quantize),
+                "o": K.pack([L.dense["o"]], quantize=quantize),
+                "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize),
+                "down": K.pack([L.dense["down"]], quantize=quantize),
+            }
         segments = {g: p.segments for g, p in self.layers[0].packed.items()}
         self.fns[True] = make_layer_fn(self.cfg, True, segments)
 
     def compile(self):
-        self.fns = {k: f if hasattr(f, "_torchdynamo_orig_callable") else torch.compile(f, fullgraph=True, dynamic=False)
-                    for k, f in self.fns.items()}
+        self.fns = {
+            k: f if hasattr(f, "_torchdynamo_orig_callable") else torch.compile(f, fullgraph=True, dynamic=False)
+            for k, f in self.fns.items()
+        }
 
     def lin(self, L, sparse):
         if not sparse:
@@ -167,8 +177,11 @@ class Model:
         for li, L in enumerate(self.layers):
             for g in GROUPS:
                 a = stats[li][g]
-                tau = -math.inf if s <= 0 else torch.quantile(a[torch.randperm(a.numel(), device=a.device)[:1 << 20]],
-                                                              s).item()
+                tau = (
+                    -math.inf
+                    if s <= 0
+                    else torch.quantile(a[torch.randperm(a.numel(), device=a.device)[: 1 << 20]], s).item()
+                )
                 L.packed[g].threshold.fill_(tau)
 
 
@@ -187,8 +200,12 @@ def measured_sparsity(model, stats, s):
     fr = []
     for li, L in enumerate(model.layers):
         for g in GROUPS:
-            fr.append((stats[li][g].to(model.dtype).float() <= L.packed[g].threshold[0].to(model.dtype).float())
-                      .float().mean().item())
+            fr.append(
+                (stats[li][g].to(model.dtype).float() <= L.packed[g].threshold[0].to(model.dtype).float())
+                .float()
+                .mean()
+                .item()
+            )
     return statistics.mean(fr)
 
 
@@ -218,6 +235,7 @@ def time_graph(model, sparse, start_pos, steps=32, reps=5):
             b.synchronize()
             times.append(a.elapsed_time(b) / steps)
         return statistics.median(times)
+
     return g, run
 
 
@@ -231,11 +249,13 @@ def bench_model(name, args):
     t0 = time.time()
     _, run_dense = time_graph(model, False, args.start_pos)
     dense_ms = run_dense()
-    print(f"[{name}] dense step {dense_ms:.3f} ms ({1000 / dense_ms:.1f} tok/s) [capture {time.time() - t0:.0f}s]",
-          flush=True)
+    print(
+        f"[{name}] dense step {dense_ms:.3f} ms ({1000 / dense_ms:.1f} tok/s) [capture {time.time() - t0:.0f}s]",
+        flush=True,
+    )
     rows = []
     kernels = [("current", None)] + ([("before", load_kernel_module(args.baseline))] if args.baseline else [])
-    for quant in ([None, "int8"] if args.int8 else [None]):
+    for quant in [None, "int8"] if args.int8 else [None]:
         model.pack(quantize=quant)
         if args.compile:
             model.compile()
@@ -251,16 +271,27 @@ def bench_model(name, args):
                 model.set_sparsity(s, stats)
                 ms = run_sparse()
                 meas = measured_sparsity(model, stats, s)
-                row = dict(model=name, weights="int8" if quant else "bf16", target=s, measured=meas,
-                           dense_ms=dense_ms, sparse_ms=ms, dense_tok_s=1000 / dense_ms, sparse_tok_s=1000 / ms,
-                           speedup=dense_ms / ms)
+                row = dict(
+                    model=name,
+                    weights="int8" if quant else "bf16",
+                    target=s,
+                    measured=meas,
+                    dense_ms=dense_ms,
+                    sparse_ms=ms,
+                    dense_tok_s=1000 / dense_ms,
+                    sparse_tok_s=1000 / ms,
+                    speedup=dense_ms / ms,
+                )
                 if mod is not None:
                     cur = next(r for r in rows if (r["model"], r["weights"], r["target"]) == (name, row["weights"], s))
                     cur.update(before_ms=ms, before_tok_s=1000 / ms, before_speedup=dense_ms / ms)
                 else:
                     rows.append(row)
-                print(f"[{name}] {kname} {row['weights']} sparsity {s:.2f} (measured {meas:.3f}): {ms:.3f} ms "
-                      f"{1000 / ms:.1f} tok/s  x{dense_ms / ms:.2f} vs dense", flush=True)
+                print(
+                    f"[{name}] {kname} {row['weights']} sparsity {s:.2f} (measured {meas:.3f}): {ms:.3f} ms "
+                    f"{1000 / ms:.1f} tok/s  x{dense_ms / ms:.2f} vs dense",
+                    flush=True,
+                )
             K.ops._tg = saved
             del g, run_sparse
         for L in model.layers:
@@ -273,6 +304,7 @@ def bench_model(name, args):
 
 def load_kernel_module(path):
     from bench_gemv import load_kernel_module as load
+
     return load(path)
 
 
@@ -296,15 +328,20 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     from bench_gemv import env_info
+
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args)
-    print(f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}"
-          + (f" {'before tok/s':>12} {'x':>5}" if args.baseline else ""))
+    print(
+        f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}"
+        + (f" {'before tok/s':>12} {'x':>5}" if args.baseline else "")
+    )
     for r in rows:
-        print(f"{r['model']:>10} {r['weights']:>7} {r['target']:>6.2f} {r['measured']:>6.3f} {r['dense_tok_s']:>11.1f} "
-              f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}"
-              + (f" {r['before_tok_s']:>12.1f} {r['before_speedup']:>5.2f}" if "before_tok_s" in r else ""))
+        print(
+            f"{r['model']:>10} {r['weights']:>7} {r['target']:>6.2f} {r['measured']:>6.3f} {r['dense_tok_s']:>11.1f} "
+            f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}"
+            + (f" {r['before_tok_s']:>12.1f} {r['before_speedup']:>5.2f}" if "before_tok_s" in r else "")
+        )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -106,8 +106,9 @@ class Case:
         calls = calls or 4 * self.copies
         fn = (kernel or tg).sparse_gemv_triton
         y = [torch.empty(p.padded_out, dtype=self.dtype, device="cuda") for p in self.packed]
-        return graph_time_us(lambda i: fn(self.x[i % self.copies], self.packed[i % self.copies],
-                                          cfg, out=y[i % self.copies]), calls)
+        return graph_time_us(
+            lambda i: fn(self.x[i % self.copies], self.packed[i % self.copies], cfg, out=y[i % self.copies]), calls
+        )
 
     def time_dense(self, calls=None):
         calls = calls or 4 * self.copies
@@ -126,10 +127,17 @@ class Case:
 
 def env_info():
     import triton
+
     p = torch.cuda.get_device_properties(0)
-    return {"gpu": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "sms": p.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def tune_configs(k, n, sms, quantized):
@@ -143,13 +151,18 @@ def tune_configs(k, n, sms, quantized):
                         for stages in (1, 3):
                             split = max(1, min(math.ceil(waves * sms / (n // bn)), k // (2 * bk)))
                             cfg = tg.GemvConfig(bk, bn, split, warps, stages, True, compact)
-                            out.append((waves, tg.GemvConfig(bk, bn, math.ceil(k / cfg.k_per(k)), warps, stages,
-                                                             True, compact)))
+                            out.append(
+                                (
+                                    waves,
+                                    tg.GemvConfig(bk, bn, math.ceil(k / cfg.k_per(k)), warps, stages, True, compact),
+                                )
+                            )
     return out
 
 
 def tune(args):
     import triton
+
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for k, n in [(4096, 14336), (14336, 4096)]:
@@ -158,8 +171,9 @@ def tune(args):
             case.check()
             td = case.time_dense()
             x2, w = case.x[0].view(1, -1), case.dense[0]
-            td_bench = triton.testing.do_bench(lambda x2=x2, w=w: F.linear(x2, w), warmup=50, rep=200,
-                                               return_mode="median")
+            td_bench = triton.testing.do_bench(
+                lambda x2=x2, w=w: F.linear(x2, w), warmup=50, rep=200, return_mode="median"
+            )
             for s in (0.0, 0.5):
                 kept = case.set_sparsity(s)
                 best = {}
@@ -170,13 +184,28 @@ def tune(args):
                         print("fail", cfg, repr(e)[:200])
                         continue
                     gbs = (kept * case.wbytes_row) / (t * 1e-6) / 1e9
-                    rows.append(dict(k=k, n=n, w=name, s=s, cfg=cfg.__dict__, waves=waves, us=t, gbs=gbs,
-                                     dense_us=td, dense_dobench_us=td_bench * 1e3))
+                    rows.append(
+                        dict(
+                            k=k,
+                            n=n,
+                            w=name,
+                            s=s,
+                            cfg=cfg.__dict__,
+                            waves=waves,
+                            us=t,
+                            gbs=gbs,
+                            dense_us=td,
+                            dense_dobench_us=td_bench * 1e3,
+                        )
+                    )
                     if cfg.compact not in best or t < best[cfg.compact][0]:
                         best[cfg.compact] = (t, cfg, gbs, waves)
                 for compact, b in best.items():
-                    print(f"{k}x{n} {name} s={s} compact={compact}: dense {td:.1f}us (do_bench {td_bench * 1e3:.1f}us) "
-                          f"best {b[0]:.1f}us {b[2]:.0f}GB/s waves={b[3]} {b[1]}", flush=True)
+                    print(
+                        f"{k}x{n} {name} s={s} compact={compact}: dense {td:.1f}us (do_bench {td_bench * 1e3:.1f}us) "
+                        f"best {b[0]:.1f}us {b[2]:.0f}GB/s waves={b[3]} {b[1]}",
+                        flush=True,
+                    )
             del case
             torch.cuda.empty_cache()
     return rows
@@ -185,6 +214,7 @@ def tune(args):
 def load_kernel_module(path):
     """A kernel module (a copy of ``triton_gemv.py``, e.g. an older version) loaded from a file path."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("baseline_triton_gemv", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses and triton.jit look their module up there
@@ -194,13 +224,16 @@ def load_kernel_module(path):
 
 def bench(args):
     import triton
+
     baseline = load_kernel_module(args.baseline) if args.baseline else None
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     results = {"env": env_info(), "copy_gbs": bw, "rows": [], "baseline": args.baseline}
     variants = [("fp16", torch.float16, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
-    print(f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}"
-          + (f" {'before us':>9} {'ratio':>6}" if baseline is not None else ""))
+    print(
+        f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}"
+        + (f" {'before us':>9} {'ratio':>6}" if baseline is not None else "")
+    )
     shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else SHAPES
     for k, n in shapes:
         for name, dtype, q in variants:
@@ -210,30 +243,48 @@ def bench(args):
             err = case.check()
             td = case.time_dense()
             x2, w2 = case.x[0].view(1, -1), case.dense[0]  # one eager launch per measurement (L2-warm weights)
-            td_bench = 1e3 * triton.testing.do_bench(lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200,
-                                                     return_mode="median")
+            td_bench = 1e3 * triton.testing.do_bench(
+                lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
+            )
             dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
             for s in SPARSITIES:
                 kept = case.set_sparsity(s)
                 t = case.time_sparse()
                 sbytes = kept * case.wbytes_row + 2 * (k + n)
-                row = dict(k=k, n=n, weights=name, sparsity=s, kept_rows=kept, dense_us=td, sparse_us=t,
-                           ratio=td / t, sparse_gbs=sbytes / (t * 1e-6) / 1e9,
-                           dense_gbs=dense_bytes / (td * 1e-6) / 1e9, rel_err=err,
-                           config=tg.choose_config(k, case.packed[0].padded_out,
-                                                   case.packed[0].weight_t.element_size(),
-                                                   torch.cuda.get_device_properties(0).multi_processor_count).__dict__)
+                row = dict(
+                    k=k,
+                    n=n,
+                    weights=name,
+                    sparsity=s,
+                    kept_rows=kept,
+                    dense_us=td,
+                    sparse_us=t,
+                    ratio=td / t,
+                    sparse_gbs=sbytes / (t * 1e-6) / 1e9,
+                    dense_gbs=dense_bytes / (td * 1e-6) / 1e9,
+                    rel_err=err,
+                    config=tg.choose_config(
+                        k,
+                        case.packed[0].padded_out,
+                        case.packed[0].weight_t.element_size(),
+                        torch.cuda.get_device_properties(0).multi_processor_count,
+                    ).__dict__,
+                )
                 row["pct_copy"] = 100 * row["sparse_gbs"] / bw
                 row["dense_dobench_us"] = td_bench
                 extra = ""
                 if baseline is not None:
                     tb = case.time_sparse(kernel=baseline)
-                    row.update(before_us=tb, before_ratio=td / tb,
-                               before_pct_copy=100 * sbytes / (tb * 1e-6) / 1e9 / bw)
+                    row.update(
+                        before_us=tb, before_ratio=td / tb, before_pct_copy=100 * sbytes / (tb * 1e-6) / 1e9 / bw
+                    )
                     extra = f" {tb:>9.1f} {td / tb:>6.2f}"
                 results["rows"].append(row)
-                print(f"{k:>5}x{n:<6} {name:>5} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
-                      f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%{extra}", flush=True)
+                print(
+                    f"{k:>5}x{n:<6} {name:>5} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
+                    f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%{extra}",
+                    flush=True,
+                )
             del case
             torch.cuda.empty_cache()
     return results

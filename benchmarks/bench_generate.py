@@ -39,16 +39,52 @@ from actsparse.engine import Decoder  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
 CONFIGS = {
-    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)),
-    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                rope_theta=500000.0)),
-    "qwen2-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                               rope_theta=1000000.0)),
-    "tiny": ("llama", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=1000)),
+    "llama2-7b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        ),
+    ),
+    "llama3-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+        ),
+    ),
+    "qwen2-7b": (
+        "qwen2",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_theta=1000000.0,
+        ),
+    ),
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+        ),
+    ),
 }
 PROJ = r".*(q|k|v|o|gate|up|down)_proj$"
 DEV = "cuda"
@@ -85,6 +121,7 @@ def hf_generate_tok_s(model, ids, tokens, reps):
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         sync()
         return time.perf_counter() - t, out
+
     once(2)
     t1 = statistics.median(once(1)[0] for _ in range(reps))
     times, outs = zip(*(once(tokens) for _ in range(reps)))
@@ -106,9 +143,11 @@ def layer_stats(model, ids):
     """|input| samples of every sparse layer over one prefill of ``ids`` (at most 2^22 values each)."""
     stats, hooks = {}, []
     for name, m in A.sparse_layers(model).items():
+
         def pre(mod, args, name=name):
             a = args[0].detach().float().abs().flatten()
-            stats[name] = a[torch.randperm(a.numel(), device=a.device)[:1 << 22]]
+            stats[name] = a[torch.randperm(a.numel(), device=a.device)[: 1 << 22]]
+
         hooks.append(m.register_forward_pre_hook(pre))
     with torch.no_grad():
         model(ids)
@@ -120,7 +159,7 @@ def layer_stats(model, ids):
 def set_sparsity(model, stats, s):
     with torch.no_grad():
         for name, m in A.sparse_layers(model).items():
-            tau = -math.inf if s <= 0 else torch.quantile(stats[name][:1 << 24], s).item()
+            tau = -math.inf if s <= 0 else torch.quantile(stats[name][: 1 << 24], s).item()
             m.act_threshold.fill_(tau)
             m.target_sparsity = s
 
@@ -134,8 +173,9 @@ def measured(model, ids):
 
 
 def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
-    A.apply_thresholds(model, {n: -math.inf for n, m in model.named_modules()
-                               if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)})
+    A.apply_thresholds(
+        model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
+    )
     stats = layer_stats(model, calib)
     dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
     routes = None
@@ -146,27 +186,46 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             t = time.time()
             K.enable_kernels(model)
             dec.run(ids, 4, eos_token_id=[])
-            log(f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, compile+capture "
-                f"{time.time() - t:.0f}s, mode {dec.mode}")
+            log(
+                f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, compile+capture "
+                f"{time.time() - t:.0f}s, mode {dec.mode}"
+            )
             routes = plan
         tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
         meas = measured(model, held_out)
         packed = sum(1 for r in K.kernel_routes(model).values() if r is not None and r.route == "kernel")
-        rows.append(dict(model=name, path="decoder-sparse", weights=weights, target=s, measured=meas,
-                         tok_s=tok_s, vs_dense=tok_s / dense_tok_s, kernel_layers=packed, mode=dec.mode))
-        log(f"[{name}] {weights} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
-            f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)")
+        rows.append(
+            dict(
+                model=name,
+                path="decoder-sparse",
+                weights=weights,
+                target=s,
+                measured=meas,
+                tok_s=tok_s,
+                vs_dense=tok_s / dense_tok_s,
+                kernel_layers=packed,
+                mode=dec.mode,
+            )
+        )
+        log(
+            f"[{name}] {weights} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
+            f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
+        )
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     graph = dec.generate(ids, 32, eos_token_id=[])
-    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(ids, 32, eos_token_id=[])
+    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(
+        ids, 32, eos_token_id=[]
+    )
     p = ids.shape[1]
     rows[-1]["same_tokens_as_hf_generate"] = same_prefix(graph[:, p:], eager[:, p:])
     rows[-1]["same_tokens_as_eager_decoder"] = same_prefix(graph[:, p:], static[:, p:])
-    log(f"[{name}] {weights} sparse {sparsities[-1]}: graph decoder vs the same sparse model eagerly: "
+    log(
+        f"[{name}] {weights} sparse {sparsities[-1]}: graph decoder vs the same sparse model eagerly: "
         f"{rows[-1]['same_tokens_as_eager_decoder']}/32 greedy tokens identical to the eager Decoder (static cache), "
-        f"{rows[-1]['same_tokens_as_hf_generate']}/32 to HF generate (dynamic cache)")
+        f"{rows[-1]['same_tokens_as_hf_generate']}/32 to HF generate (dynamic cache)"
+    )
     del dec
     K.disable_kernels(model)
     A.remove_sparsity(model)
@@ -193,21 +252,40 @@ def bench_model(name, args, log):
     dec.run(ids, 4, eos_token_id=[])
     log(f"[{name}] decoder dense compile+capture {time.time() - t:.0f}s, mode {dec.mode}")
     dense_tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
-    ident = same_prefix(run.sequences[:, args.prompt_len:], hf_out[:, args.prompt_len:])
+    ident = same_prefix(run.sequences[:, args.prompt_len :], hf_out[:, args.prompt_len :])
     static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(
-        ids, args.tokens, eos_token_id=[])
-    ident_static = same_prefix(run.sequences[:, args.prompt_len:], static[:, args.prompt_len:])
+        ids, args.tokens, eos_token_id=[]
+    )
+    ident_static = same_prefix(run.sequences[:, args.prompt_len :], static[:, args.prompt_len :])
     with torch.no_grad():  # HF's own static-cache path, eagerly: the same attention over a masked static cache
-        hf_static = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                                   cache_implementation="static", disable_compile=True)
-    ident_hf_static = same_prefix(run.sequences[:, args.prompt_len:], hf_static[:, args.prompt_len:])
-    rows.append(dict(model=name, path="decoder", weights="bf16", target=None, tok_s=dense_tok_s,
-                     vs_hf=dense_tok_s / hf_tok_s, same_tokens_as_hf_generate=ident,
-                     same_tokens_as_eager_decoder=ident_static, same_tokens_as_hf_static=ident_hf_static,
-                     mode=dec.mode))
-    log(f"[{name}] decoder dense: {dense_tok_s:.1f} tok/s (x{dense_tok_s / hf_tok_s:.1f} vs HF generate); "
+        hf_static = model.generate(
+            ids,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            cache_implementation="static",
+            disable_compile=True,
+        )
+    ident_hf_static = same_prefix(run.sequences[:, args.prompt_len :], hf_static[:, args.prompt_len :])
+    rows.append(
+        dict(
+            model=name,
+            path="decoder",
+            weights="bf16",
+            target=None,
+            tok_s=dense_tok_s,
+            vs_hf=dense_tok_s / hf_tok_s,
+            same_tokens_as_hf_generate=ident,
+            same_tokens_as_eager_decoder=ident_static,
+            same_tokens_as_hf_static=ident_hf_static,
+            mode=dec.mode,
+        )
+    )
+    log(
+        f"[{name}] decoder dense: {dense_tok_s:.1f} tok/s (x{dense_tok_s / hf_tok_s:.1f} vs HF generate); "
         f"{ident}/{args.tokens} greedy tokens identical to HF generate, {ident_hf_static}/{args.tokens} to HF generate "
-        f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder")
+        f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder"
+    )
     del dec
     sparse_points(model, name, "bf16", args, ids, calib, held_out, dense_tok_s, rows, log, args.sparsities)
     if args.int8:
@@ -216,13 +294,35 @@ def bench_model(name, args, log):
         dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
         dec.run(ids, 4, eos_token_id=[])
         int8_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
-        rows.append(dict(model=name, path="decoder", weights="int8", target=None, tok_s=int8_tok_s,
-                         vs_dense=int8_tok_s / dense_tok_s, mode=dec.mode))
-        log(f"[{name}] decoder int8 dense (torchao): {int8_tok_s:.1f} tok/s x{int8_tok_s / dense_tok_s:.2f} vs bf16 "
-            f"[{time.time() - t:.0f}s]")
+        rows.append(
+            dict(
+                model=name,
+                path="decoder",
+                weights="int8",
+                target=None,
+                tok_s=int8_tok_s,
+                vs_dense=int8_tok_s / dense_tok_s,
+                mode=dec.mode,
+            )
+        )
+        log(
+            f"[{name}] decoder int8 dense (torchao): {int8_tok_s:.1f} tok/s x{int8_tok_s / dense_tok_s:.2f} vs bf16 "
+            f"[{time.time() - t:.0f}s]"
+        )
         del dec
-        sparse_points(model, name, "int8", args, ids, calib, held_out, dense_tok_s, rows, log,
-                      [s for s in args.sparsities if s >= K.KERNEL_MIN_SPARSITY])  # below: the int8 dense row
+        sparse_points(
+            model,
+            name,
+            "int8",
+            args,
+            ids,
+            calib,
+            held_out,
+            dense_tok_s,
+            rows,
+            log,
+            [s for s in args.sparsities if s >= K.KERNEL_MIN_SPARSITY],
+        )  # below: the int8 dense row
     del model
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -264,8 +364,10 @@ def main():
         target = "-" if r["target"] is None else f"{r['target']:.2f}"
         meas = f"{r['measured']:.3f}" if "measured" in r else "-"
         ratio = r.get("vs_dense", 1.0 if r["path"] == "decoder" and r["weights"] == "bf16" else None)
-        print(f"{r['model']:>10} {r['path']:>15} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
-              f"{'-' if ratio is None else f'{ratio:.3f}':>8}")
+        print(
+            f"{r['model']:>10} {r['path']:>15} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
+            f"{'-' if ratio is None else f'{ratio:.3f}':>8}"
+        )
 
 
 def write(args, rows, env):

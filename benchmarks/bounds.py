@@ -94,30 +94,46 @@ def launch_floor_us(grid=(56, 4), calls=200) -> float:
 def gemv_ceilings(read_gbs: float, floor_us: float) -> list[dict]:
     rows = []
     for k, n in SHAPES:
-        for name, dtype, q in (("fp16", torch.float16, None), ("bf16", torch.bfloat16, None),
-                               ("int8", torch.bfloat16, "int8")):
+        for name, dtype, q in (
+            ("fp16", torch.float16, None),
+            ("bf16", torch.bfloat16, None),
+            ("int8", torch.bfloat16, "int8"),
+        ):
             case = Case(k, n, dtype, q)
             case.check()
             dense = case.time_dense()
             x2, w2 = case.x[0].view(1, -1), case.dense[0]
-            dense_db = 1e3 * triton.testing.do_bench(lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200,
-                                                     return_mode="median")
+            dense_db = 1e3 * triton.testing.do_bench(
+                lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
+            )
             for s in (0.0, 0.5, 0.7):
                 kept = case.set_sparsity(s)
                 ours = case.time_sparse()
                 read_bytes = kept * case.wbytes_row + 2 * (k + n) + (8 * n if q else 0)
                 ideal = read_bytes / (read_gbs * 1e3)  # µs at read bandwidth
-                row = dict(k=k, n=n, weights=name, sparsity=s, dense_us=dense, dense_dobench_us=dense_db,
-                           ours_us=ours, ideal_us=ideal, ideal_plus_launch_us=ideal + floor_us,
-                           ours_ratio=dense / ours, ceiling_ratio=dense / ideal,
-                           ceiling_ratio_launch=dense / (ideal + floor_us),
-                           ceiling_ratio_dobench=dense_db / ideal,
-                           dense_pct_read=100 * (k * n * case.x[0].element_size()) / (dense * 1e3) / read_gbs)
+                row = dict(
+                    k=k,
+                    n=n,
+                    weights=name,
+                    sparsity=s,
+                    dense_us=dense,
+                    dense_dobench_us=dense_db,
+                    ours_us=ours,
+                    ideal_us=ideal,
+                    ideal_plus_launch_us=ideal + floor_us,
+                    ours_ratio=dense / ours,
+                    ceiling_ratio=dense / ideal,
+                    ceiling_ratio_launch=dense / (ideal + floor_us),
+                    ceiling_ratio_dobench=dense_db / ideal,
+                    dense_pct_read=100 * (k * n * case.x[0].element_size()) / (dense * 1e3) / read_gbs,
+                )
                 rows.append(row)
-                print(f"{k:>5}x{n:<6} {name:>5} {s:>4.0%}: dense {dense:5.1f} us (do_bench {dense_db:5.1f}, "
-                      f"{row['dense_pct_read']:4.0f}% of read bw)  ours {ours:5.1f} (x{row['ours_ratio']:.2f})  "
-                      f"ideal {ideal:5.1f} (x{row['ceiling_ratio']:.2f}; +launch x{row['ceiling_ratio_launch']:.2f})",
-                      flush=True)
+                print(
+                    f"{k:>5}x{n:<6} {name:>5} {s:>4.0%}: dense {dense:5.1f} us (do_bench {dense_db:5.1f}, "
+                    f"{row['dense_pct_read']:4.0f}% of read bw)  ours {ours:5.1f} (x{row['ours_ratio']:.2f})  "
+                    f"ideal {ideal:5.1f} (x{row['ceiling_ratio']:.2f}; +launch x{row['ceiling_ratio_launch']:.2f})",
+                    flush=True,
+                )
             del case
             torch.cuda.empty_cache()
     return rows
@@ -144,8 +160,12 @@ class BoundsModel(Model):
 def weight_bytes(cfg, dtype_bytes=2):
     d, i, hd = cfg["dim"], cfg["inter"], cfg["dim"] // cfg["heads"]
     kv = cfg["kv_heads"] * hd
-    return {"qkv": d * (d + 2 * kv) * dtype_bytes, "o": d * d * dtype_bytes, "gate_up": d * 2 * i * dtype_bytes,
-            "down": i * d * dtype_bytes}
+    return {
+        "qkv": d * (d + 2 * kv) * dtype_bytes,
+        "o": d * d * dtype_bytes,
+        "gate_up": d * 2 * i * dtype_bytes,
+        "down": i * d * dtype_bytes,
+    }
 
 
 def kept_bytes(model, stats, wb):
@@ -163,6 +183,7 @@ def profile_graph(g, model, start_pos, steps=4) -> dict:
     """Kernels of ``steps`` graph replays (CUPTI sees the kernels inside graphs): count, busy time and the
     gaps between them per step, and the busiest kernel names."""
     from torch.profiler import ProfilerActivity, profile
+
     model.pos.fill_(start_pos)
     g.replay()
     torch.cuda.synchronize()
@@ -170,9 +191,17 @@ def profile_graph(g, model, start_pos, steps=4) -> dict:
         for _ in range(steps):
             g.replay()
         torch.cuda.synchronize()
-    ev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                 and e.device_time_total > 0 and "Memcpy" not in e.name and "Memset" not in e.name),
-                key=lambda e: e.time_range.start)
+    ev = sorted(
+        (
+            e
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and e.device_time_total > 0
+            and "Memcpy" not in e.name
+            and "Memset" not in e.name
+        ),
+        key=lambda e: e.time_range.start,
+    )
     if not ev:
         return {}
     span = ev[-1].time_range.end - ev[0].time_range.start
@@ -183,20 +212,29 @@ def profile_graph(g, model, start_pos, steps=4) -> dict:
         v[0] += 1
         v[1] += e.time_range.end - e.time_range.start
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
-    return dict(kernels_per_step=len(ev) / steps, busy_us_per_step=busy / steps, span_us_per_step=span / steps,
-                gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
-                top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in top])
+    return dict(
+        kernels_per_step=len(ev) / steps,
+        busy_us_per_step=busy / steps,
+        span_us_per_step=span / steps,
+        gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
+        top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in top],
+    )
 
 
 def _print_profile(label, pr):
     if not pr:
         print(f"  {label}: profiler saw no kernels", flush=True)
         return
-    print(f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
-          f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel", flush=True)
+    print(
+        f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
+        f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel",
+        flush=True,
+    )
     for t in pr["top"][:6]:
-        print(f"      {t['us_per_step']:8.0f} us/step {t['per_step']:5.0f}x {t['us_each']:6.2f} us  {t['name']}",
-              flush=True)
+        print(
+            f"      {t['us_per_step']:8.0f} us/step {t['per_step']:5.0f}x {t['us_each']:6.2f} us  {t['name']}",
+            flush=True,
+        )
 
 
 def decode_bounds(name, read_gbs, floor_us, sparsities, args):
@@ -216,8 +254,9 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     g_null, run_null = time_graph(model, "null", args.start_pos)
     null = run_null()
     g_sparse, run_sparse = time_graph(model, True, args.start_pos)
-    print(f"[{name}] graphs captured in {time.time() - t0:.0f}s: dense {dense:.3f} ms, no GEMVs {null:.3f} ms",
-          flush=True)
+    print(
+        f"[{name}] graphs captured in {time.time() - t0:.0f}s: dense {dense:.3f} ms, no GEMVs {null:.3f} ms", flush=True
+    )
     for L in model.layers:
         for g in GROUPS:
             L.packed[g].threshold.fill_(math.inf)
@@ -227,13 +266,24 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
         profiles["sparse 100%"] = profile_graph(g_sparse, model, args.start_pos)
         profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
         profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
-    res = dict(model=name, dense_ms=dense, no_gemv_ms=null, sparse100_ms=full, gemv_bytes=gemv_bytes,
-               n_gemv=n_gemv, dense_gemv_ms=dense - null,
-               dense_gemv_pct_read=100 * gemv_bytes / ((dense - null) * 1e-3) / (read_gbs * 1e9),
-               fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[], profiles=profiles)
-    print(f"[{name}] GEMVs in the dense step {dense - null:.3f} ms = {res['dense_gemv_pct_read']:.0f}% of read bw; "
-          f"ours at 100%: {full:.3f} ms -> {res['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
-          flush=True)
+    res = dict(
+        model=name,
+        dense_ms=dense,
+        no_gemv_ms=null,
+        sparse100_ms=full,
+        gemv_bytes=gemv_bytes,
+        n_gemv=n_gemv,
+        dense_gemv_ms=dense - null,
+        dense_gemv_pct_read=100 * gemv_bytes / ((dense - null) * 1e-3) / (read_gbs * 1e9),
+        fixed_us_per_gemv=(full - null) * 1e3 / n_gemv,
+        rows=[],
+        profiles=profiles,
+    )
+    print(
+        f"[{name}] GEMVs in the dense step {dense - null:.3f} ms = {res['dense_gemv_pct_read']:.0f}% of read bw; "
+        f"ours at 100%: {full:.3f} ms -> {res['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
+        flush=True,
+    )
     for s in sparsities:
         model.set_sparsity(s, stats)
         ms = run_sparse()
@@ -241,15 +291,25 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
         ideal = null + kb / (read_gbs * 1e9) * 1e3
         ideal_launch = ideal + n_gemv * floor_us * 1e-3
         need = dense / 2 - null  # ms the GEMVs may take for 2.0x
-        row = dict(target=s, sparse_ms=ms, speedup=dense / ms, kept_bytes=kb,
-                   sparse_gemv_ms=ms - null, sparse_gemv_pct_read=100 * kb / ((ms - null) * 1e-3) / (read_gbs * 1e9),
-                   ceiling=dense / ideal, ceiling_launch=dense / ideal_launch,
-                   pct_read_for_2x=100 * kb / (need * 1e-3) / (read_gbs * 1e9) if need > 0 else math.inf)
+        row = dict(
+            target=s,
+            sparse_ms=ms,
+            speedup=dense / ms,
+            kept_bytes=kb,
+            sparse_gemv_ms=ms - null,
+            sparse_gemv_pct_read=100 * kb / ((ms - null) * 1e-3) / (read_gbs * 1e9),
+            ceiling=dense / ideal,
+            ceiling_launch=dense / ideal_launch,
+            pct_read_for_2x=100 * kb / (need * 1e-3) / (read_gbs * 1e9) if need > 0 else math.inf,
+        )
         res["rows"].append(row)
-        print(f"[{name}] {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
-              f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
-              f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
-              f"{row['pct_read_for_2x']:.0f}% of read bw", flush=True)
+        print(
+            f"[{name}] {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
+            f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
+            f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
+            f"{row['pct_read_for_2x']:.0f}% of read bw",
+            flush=True,
+        )
         if args.profile and s == 0.5:
             profiles["sparse 50%"] = profile_graph(g_sparse, model, args.start_pos)
     for label, pr in profiles.items():
@@ -271,10 +331,20 @@ def main():
     copy = copy_bandwidth()
     read, per_grid = read_bandwidth()
     floor = launch_floor_us()
-    print(f"copy {copy:.0f} GB/s (read+write), read {read:.0f} GB/s "
-          f"({', '.join(f'{k}: {v:.0f}' for k, v in per_grid.items())}), empty launch {floor:.2f} us", flush=True)
-    out = {"env": env_info(), "copy_gbs": copy, "read_gbs": read, "read_by_grid": {str(k): v for k, v in per_grid.items()},
-           "launch_floor_us": floor, "gemv": [], "decode": []}
+    print(
+        f"copy {copy:.0f} GB/s (read+write), read {read:.0f} GB/s "
+        f"({', '.join(f'{k}: {v:.0f}' for k, v in per_grid.items())}), empty launch {floor:.2f} us",
+        flush=True,
+    )
+    out = {
+        "env": env_info(),
+        "copy_gbs": copy,
+        "read_gbs": read,
+        "read_by_grid": {str(k): v for k, v in per_grid.items()},
+        "launch_floor_us": floor,
+        "gemv": [],
+        "decode": [],
+    }
     if not args.skip_gemv:
         out["gemv"] = gemv_ceilings(read, floor)
     sparsities = [float(v) for v in args.sparsities.split(",")]

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 
-MiB = 2 ** 20
+MiB = 2**20
 RECIPES = {
     "nncf": {".*up_proj.*": 0.3, ".*gate_proj.*": 0.3, ".*down_proj.*": 0.5},
     "all7": {f".*{p}.*": 0.5 for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
@@ -107,6 +107,7 @@ class _Peaks:
                 if self.trim:
                     _malloc_trim()
                 _reset_hwm()
+
         return wrapped
 
     def _patch(self, owner, attr, name):
@@ -128,6 +129,7 @@ class _Peaks:
             for s in stages or []:
                 s.advance = self._wrap("advance", s.advance)
             return stages
+
         self._saved.append((cal, "_block_stages", block_stages))
         cal._block_stages = staged
 
@@ -152,8 +154,21 @@ class _Peaks:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _malloc_bytes() -> tuple[int, int] | None:
@@ -242,8 +257,9 @@ def child(spec: dict) -> dict:
     tokens = sum(d.numel() for d in data)
     if data[0].shape[1] != spec["seq_len"] or len(data) * spec["batch_size"] < spec["samples"]:
         raise SystemExit(f"the embedded corpus has too few tokens for {spec['samples']} x {spec['seq_len']}")
-    config = SparsifyConfig({TargetScope(patterns=[p]): s for p, s in RECIPES[spec["scope"]].items()},
-                            method="quantile")
+    config = SparsifyConfig(
+        {TargetScope(patterns=[p]): s for p, s in RECIPES[spec["scope"]].items()}, method="quantile"
+    )
     targets = resolve_targets(model, config.target_sparsity_by_scope, None)
     modules = dict(model.named_modules())
     cfg = model.config
@@ -294,8 +310,7 @@ def child(spec: dict) -> dict:
     layers = sparse_layers(model)
     result_bytes = sum(b.numel() * b.element_size() for m in layers.values() for b in m.buffers())
     remove_sparsity(model)
-    collector = method_from_spec("quantile").make_collector(
-        next(iter(targets)), modules[next(iter(targets))], 0.5)
+    collector = method_from_spec("quantile").make_collector(next(iter(targets)), modules[next(iter(targets))], 0.5)
     collector_bytes = sum(t.numel() * t.element_size() for t in vars(collector).values() if torch.is_tensor(t))
     with torch.no_grad():
         captured = _capture_block_inputs(model, model.model.layers, prepare_batches(data), torch.device("cpu"))
@@ -305,25 +320,49 @@ def child(spec: dict) -> dict:
         hidden0, rest = captured
         hidden0_bytes = sum(h.numel() * h.element_size() for h in hidden0)
         kw_unique, kw_per_block = _unique_bytes(_tensors_in(rest))
-        kw_keys = sorted({k for per_batch in rest for _, kw, _ in per_batch for k, v in kw.items()
-                          if any(True for _ in _tensors_in(v))})
+        kw_keys = sorted(
+            {
+                k
+                for per_batch in rest
+                for _, kw, _ in per_batch
+                for k, v in kw.items()
+                if any(True for _ in _tensors_in(v))
+            }
+        )
     del captured
 
     return {
-        "depth": spec["depth"], "full_model_blocks": full_blocks, "scope": spec["scope"],
-        "calib_samples": spec["samples"], "calib_seq_len": spec["seq_len"], "calib_batch_size": spec["batch_size"],
-        "calib_batches": len(data), "calib_tokens": tokens, "target_layers": len(targets),
-        "hidden_size": hidden, "weights_bytes": weight_bytes, "block_weights_bytes": block_weight_bytes,
+        "depth": spec["depth"],
+        "full_model_blocks": full_blocks,
+        "scope": spec["scope"],
+        "calib_samples": spec["samples"],
+        "calib_seq_len": spec["seq_len"],
+        "calib_batch_size": spec["batch_size"],
+        "calib_batches": len(data),
+        "calib_tokens": tokens,
+        "target_layers": len(targets),
+        "hidden_size": hidden,
+        "weights_bytes": weight_bytes,
+        "block_weights_bytes": block_weight_bytes,
         "one_block_activation_bytes": 2 * tokens * hidden * 4,
         "all_layers_inputs_bytes": all_inputs_bytes,
-        "rss_before_kib": rss0, "rss_after_kib": rss1, "peak_rss_kib": peak_kib, "peak_source": peak_source,
-        "peak_rss_above_baseline_bytes": (peak_kib - rss0) * 1024, "retained_rss_bytes": (rss1 - rss0) * 1024,
-        "malloc_trim_released": trimmed, "tracemalloc_peak_bytes": tm_peak,
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss1,
+        "peak_rss_kib": peak_kib,
+        "peak_source": peak_source,
+        "peak_rss_above_baseline_bytes": (peak_kib - rss0) * 1024,
+        "retained_rss_bytes": (rss1 - rss0) * 1024,
+        "malloc_trim_released": trimmed,
+        "tracemalloc_peak_bytes": tm_peak,
         "tracemalloc_own_bytes_at_end": tm_overhead,
-        "per_layer_results_bytes": result_bytes, "collector_bytes": collector_bytes,
-        "captured_kwargs_unique_bytes": kw_unique, "captured_kwargs_per_block_sum_bytes": kw_per_block,
-        "captured_kwargs_tensor_keys": kw_keys, "captured_hidden0_bytes": hidden0_bytes,
-        "load_seconds": load_s, "calibration_seconds": calib_s,
+        "per_layer_results_bytes": result_bytes,
+        "collector_bytes": collector_bytes,
+        "captured_kwargs_unique_bytes": kw_unique,
+        "captured_kwargs_per_block_sum_bytes": kw_per_block,
+        "captured_kwargs_tensor_keys": kw_keys,
+        "captured_hidden0_bytes": hidden0_bytes,
+        "load_seconds": load_s,
+        "calibration_seconds": calib_s,
         "phases": None if peaks is None else peaks.summary(rss0, malloc0),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "malloc_trim_per_phase": bool(peaks is not None and peaks.trim),
@@ -358,9 +397,17 @@ def _cpu_info() -> dict:
 
 
 def _versions() -> dict:
-    out = subprocess.run([sys.executable, "-c", "import torch, transformers, sys; "
-                          "print(torch.__version__, transformers.__version__, sys.version.split()[0])"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, transformers, sys; "
+            "print(torch.__version__, transformers.__version__, sys.version.split()[0])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return {"torch": out[0], "transformers": out[1], "python": out[2], "glibc": "-".join(platform.libc_ver())}
 
 
@@ -371,7 +418,7 @@ def run_child(spec: dict, env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child {spec} failed with exit status {proc.returncode}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _mib(b: float) -> float:
@@ -398,16 +445,37 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for _key, rs in sorted(groups.items()):
         peaks = [r["peak_rss_above_baseline_bytes"] for r in rs]
-        a = {k: rs[0][k] for k in ("depth", "target_layers", "weights_bytes", "block_weights_bytes", "calib_samples",
-                                   "calib_seq_len", "calib_batches", "calib_tokens", "one_block_activation_bytes",
-                                   "all_layers_inputs_bytes", "per_layer_results_bytes", "collector_bytes",
-                                   "captured_kwargs_unique_bytes", "captured_kwargs_per_block_sum_bytes",
-                                   "captured_kwargs_tensor_keys", "captured_hidden0_bytes", "peak_source")}
-        a.update(repeats=len(rs), peak_rss_bytes=_median(peaks), peak_rss_min_bytes=min(peaks),
-                 peak_rss_max_bytes=max(peaks),
-                 tracemalloc_peak_bytes=_median([r["tracemalloc_peak_bytes"] for r in rs]),
-                 retained_rss_bytes=_median([r["retained_rss_bytes"] for r in rs]),
-                 calibration_seconds=_median([r["calibration_seconds"] for r in rs]))
+        a = {
+            k: rs[0][k]
+            for k in (
+                "depth",
+                "target_layers",
+                "weights_bytes",
+                "block_weights_bytes",
+                "calib_samples",
+                "calib_seq_len",
+                "calib_batches",
+                "calib_tokens",
+                "one_block_activation_bytes",
+                "all_layers_inputs_bytes",
+                "per_layer_results_bytes",
+                "collector_bytes",
+                "captured_kwargs_unique_bytes",
+                "captured_kwargs_per_block_sum_bytes",
+                "captured_kwargs_tensor_keys",
+                "captured_hidden0_bytes",
+                "peak_source",
+            )
+        }
+        a.update(
+            repeats=len(rs),
+            peak_rss_bytes=_median(peaks),
+            peak_rss_min_bytes=min(peaks),
+            peak_rss_max_bytes=max(peaks),
+            tracemalloc_peak_bytes=_median([r["tracemalloc_peak_bytes"] for r in rs]),
+            retained_rss_bytes=_median([r["retained_rss_bytes"] for r in rs]),
+            calibration_seconds=_median([r["calibration_seconds"] for r in rs]),
+        )
         if all(r.get("phases") for r in rs):
             ph = [r["phases"] for r in rs]
             a["phase_peaks_bytes"] = {
@@ -417,8 +485,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "fit_max": _median([max(p["fit"]) for p in ph]),
                 "advance_max": _median([max(p["advance"]) for p in ph]),
                 "apply": _median([p["apply"][0] for p in ph]),
-                "fit_slope_bytes_per_block": _median([_slope(range(len(p["fit"])), p["fit"]) if len(p["fit"]) > 1
-                                                      else 0.0 for p in ph]),
+                "fit_slope_bytes_per_block": _median(
+                    [_slope(range(len(p["fit"])), p["fit"]) if len(p["fit"]) > 1 else 0.0 for p in ph]
+                ),
             }
             if all("malloc_in_use_after_fit" in p for p in ph):
                 for kind in ("in_use", "held"):
@@ -430,39 +499,50 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def table(aggs: list[dict]) -> list[str]:
-    out = [f"{'depth':>6} {'target':>6} {'weights':>8} {'calib':>9} {'peak RSS above baseline':>24} "
-           f"{'tracemalloc':>11} {'1 block':>8} {'all-layer':>10} {'calib':>6}",
-           f"{'blocks':>6} {'layers':>6} {'MiB':>8} {'tokens':>9} {'MiB (min-max)':>24} "
-           f"{'peak MiB':>11} {'act MiB':>8} {'inputs MiB':>10} {'s':>6}"]
+    out = [
+        f"{'depth':>6} {'target':>6} {'weights':>8} {'calib':>9} {'peak RSS above baseline':>24} "
+        f"{'tracemalloc':>11} {'1 block':>8} {'all-layer':>10} {'calib':>6}",
+        f"{'blocks':>6} {'layers':>6} {'MiB':>8} {'tokens':>9} {'MiB (min-max)':>24} "
+        f"{'peak MiB':>11} {'act MiB':>8} {'inputs MiB':>10} {'s':>6}",
+    ]
     for a in aggs:
         toks = f"{a['calib_samples']}x{a['calib_seq_len']}"
         peak = f"{_mib(a['peak_rss_bytes']):.1f}"
         if a["repeats"] > 1:
             peak += f" ({_mib(a['peak_rss_min_bytes']):.0f}-{_mib(a['peak_rss_max_bytes']):.0f})"
-        out.append(f"{a['depth']:>6} {a['target_layers']:>6} {_mib(a['weights_bytes']):>8.1f} {toks:>9} {peak:>24} "
-                   f"{_mib(a['tracemalloc_peak_bytes']):>11.2f} {_mib(a['one_block_activation_bytes']):>8.1f} "
-                   f"{_mib(a['all_layers_inputs_bytes']):>10.1f} {a['calibration_seconds']:>6.1f}")
+        out.append(
+            f"{a['depth']:>6} {a['target_layers']:>6} {_mib(a['weights_bytes']):>8.1f} {toks:>9} {peak:>24} "
+            f"{_mib(a['tracemalloc_peak_bytes']):>11.2f} {_mib(a['one_block_activation_bytes']):>8.1f} "
+            f"{_mib(a['all_layers_inputs_bytes']):>10.1f} {a['calibration_seconds']:>6.1f}"
+        )
     return out
 
 
 def phase_table(aggs: list[dict]) -> list[str]:
     if not all("phase_peaks_bytes" in a for a in aggs):
         return []
-    out = ["peak RSS above baseline per phase, MiB (median over repeats):",
-           f"{'depth':>6} {'calib':>9} {'capture':>8} {'fit blk 1':>10} {'fit last':>9} {'fit max':>8} "
-           f"{'fit slope':>10} {'output':>8} {'apply':>6} {'retained':>9} {'malloc live/arena':>17}",
-           f"{'blocks':>6} {'tokens':>9} {'inputs':>8} {'':>10} {'block':>9} {'':>8} {'/block':>10} "
-           f"{'pass max':>8} {'':>6} {'after':>9} {'after fit 1 -> last':>19}"]
+    out = [
+        "peak RSS above baseline per phase, MiB (median over repeats):",
+        f"{'depth':>6} {'calib':>9} {'capture':>8} {'fit blk 1':>10} {'fit last':>9} {'fit max':>8} "
+        f"{'fit slope':>10} {'output':>8} {'apply':>6} {'retained':>9} {'malloc live/arena':>17}",
+        f"{'blocks':>6} {'tokens':>9} {'inputs':>8} {'':>10} {'block':>9} {'':>8} {'/block':>10} "
+        f"{'pass max':>8} {'':>6} {'after':>9} {'after fit 1 -> last':>19}",
+    ]
     for a in aggs:
         p = a["phase_peaks_bytes"]
         toks = f"{a['calib_samples']}x{a['calib_seq_len']}"
-        out.append(f"{a['depth']:>6} {toks:>9} {_mib(p['capture']):>8.1f} {_mib(p['fit_first_block']):>10.1f} "
-                   f"{_mib(p['fit_last_block']):>9.1f} {_mib(p['fit_max']):>8.1f} "
-                   f"{_mib(p['fit_slope_bytes_per_block']):>+10.2f} {_mib(p['advance_max']):>8.1f} "
-                   f"{_mib(p['apply']):>6.1f} {_mib(a['retained_rss_bytes']):>9.1f}"
-                   + (f" {_mib(p['malloc_in_use_after_fit_first']):.0f}/{_mib(p['malloc_held_after_fit_first']):.0f}"
-                      f" -> {_mib(p['malloc_in_use_after_fit_last']):.0f}/{_mib(p['malloc_held_after_fit_last']):.0f}"
-                      if "malloc_in_use_after_fit_first" in p else ""))
+        out.append(
+            f"{a['depth']:>6} {toks:>9} {_mib(p['capture']):>8.1f} {_mib(p['fit_first_block']):>10.1f} "
+            f"{_mib(p['fit_last_block']):>9.1f} {_mib(p['fit_max']):>8.1f} "
+            f"{_mib(p['fit_slope_bytes_per_block']):>+10.2f} {_mib(p['advance_max']):>8.1f} "
+            f"{_mib(p['apply']):>6.1f} {_mib(a['retained_rss_bytes']):>9.1f}"
+            + (
+                f" {_mib(p['malloc_in_use_after_fit_first']):.0f}/{_mib(p['malloc_held_after_fit_first']):.0f}"
+                f" -> {_mib(p['malloc_in_use_after_fit_last']):.0f}/{_mib(p['malloc_held_after_fit_last']):.0f}"
+                if "malloc_in_use_after_fit_first" in p
+                else ""
+            )
+        )
     return out
 
 
@@ -476,37 +556,55 @@ def summary(aggs: list[dict], samples: int) -> tuple[list[str], dict]:
         ratio = hi["peak_rss_bytes"] / lo["peak_rss_bytes"]
         tm = hi["tracemalloc_peak_bytes"] / max(lo["tracemalloc_peak_bytes"], 1)
         nonstream = hi["all_layers_inputs_bytes"] / lo["all_layers_inputs_bytes"]
-        out["depth"] = {"shallow": lo["depth"], "deep": hi["depth"], "depth_ratio": hi["depth"] / lo["depth"],
-                        "peak_rss_ratio": ratio, "peak_rss_slope_bytes_per_block": slope,
-                        "tracemalloc_peak_ratio": tm, "weights_ratio": hi["weights_bytes"] / lo["weights_bytes"],
-                        "all_layers_inputs_ratio": nonstream}
-        lines.append(f"depth {lo['depth']} -> {hi['depth']} blocks (x{hi['depth'] / lo['depth']:.2f}), "
-                     f"{samples}x{lo['calib_seq_len']} tokens: peak RSS above baseline x{ratio:.2f} "
-                     f"({_mib(lo['peak_rss_bytes']):.1f} -> {_mib(hi['peak_rss_bytes']):.1f} MiB, median of "
-                     f"{lo['repeats']}; least-squares {_mib(slope):+.2f} MiB per block); tracemalloc peak x{tm:.2f} "
-                     f"({_mib(lo['tracemalloc_peak_bytes']):.2f} -> {_mib(hi['tracemalloc_peak_bytes']):.2f} MiB); "
-                     f"a calibration keeping every target layer's inputs would grow x{nonstream:.2f} "
-                     f"({_mib(lo['all_layers_inputs_bytes']):.0f} -> {_mib(hi['all_layers_inputs_bytes']):.0f} MiB)")
+        out["depth"] = {
+            "shallow": lo["depth"],
+            "deep": hi["depth"],
+            "depth_ratio": hi["depth"] / lo["depth"],
+            "peak_rss_ratio": ratio,
+            "peak_rss_slope_bytes_per_block": slope,
+            "tracemalloc_peak_ratio": tm,
+            "weights_ratio": hi["weights_bytes"] / lo["weights_bytes"],
+            "all_layers_inputs_ratio": nonstream,
+        }
+        lines.append(
+            f"depth {lo['depth']} -> {hi['depth']} blocks (x{hi['depth'] / lo['depth']:.2f}), "
+            f"{samples}x{lo['calib_seq_len']} tokens: peak RSS above baseline x{ratio:.2f} "
+            f"({_mib(lo['peak_rss_bytes']):.1f} -> {_mib(hi['peak_rss_bytes']):.1f} MiB, median of "
+            f"{lo['repeats']}; least-squares {_mib(slope):+.2f} MiB per block); tracemalloc peak x{tm:.2f} "
+            f"({_mib(lo['tracemalloc_peak_bytes']):.2f} -> {_mib(hi['tracemalloc_peak_bytes']):.2f} MiB); "
+            f"a calibration keeping every target layer's inputs would grow x{nonstream:.2f} "
+            f"({_mib(lo['all_layers_inputs_bytes']):.0f} -> {_mib(hi['all_layers_inputs_bytes']):.0f} MiB)"
+        )
         p = hi.get("phase_peaks_bytes")
         if p:
-            lines.append(f"at depth {hi['depth']}: peak while fitting block 1 {_mib(p['fit_first_block']):.1f} MiB, "
-                         f"block {hi['depth']} {_mib(p['fit_last_block']):.1f} MiB (least-squares "
-                         f"{_mib(p['fit_slope_bytes_per_block']) * 1024:+.1f} KiB per block over the blocks of one run)"
-                         + (f"; glibc's live bytes right after fitting block 1 / block {hi['depth']}: "
-                            f"{_mib(p['malloc_in_use_after_fit_first']):+.1f} / "
-                            f"{_mib(p['malloc_in_use_after_fit_last']):+.1f} MiB, size of its arenas (mapped, not all "
-                            f"resident) {_mib(p['malloc_held_after_fit_first']):+.1f} / "
-                            f"{_mib(p['malloc_held_after_fit_last']):+.1f}"
-                            f" MiB (above the baseline)" if "malloc_in_use_after_fit_first" in p else ""))
-        lines.append(f"per-layer results left on the model: {hi['per_layer_results_bytes'] / hi['target_layers']:.0f} "
-                     f"bytes per layer ({hi['per_layer_results_bytes'] / 1024:.2f} KiB for {hi['target_layers']} "
-                     f"layers); one threshold collector (histogram) {hi['collector_bytes'] / 1024:.0f} KiB, alive only "
-                     f"while its group (at most 2 layers) is fitted")
-        lines.append(f"captured block-call kwargs ({', '.join(hi['captured_kwargs_tensor_keys']) or 'no tensors'}): "
-                     f"{_mib(hi['captured_kwargs_unique_bytes']):.2f} MiB in distinct storages vs "
-                     f"{_mib(hi['captured_kwargs_per_block_sum_bytes']):.2f} MiB counted once per block "
-                     f"({hi['depth']} blocks): shared by reference, not copied per block; block-0 inputs "
-                     f"{_mib(hi['captured_hidden0_bytes']):.1f} MiB")
+            lines.append(
+                f"at depth {hi['depth']}: peak while fitting block 1 {_mib(p['fit_first_block']):.1f} MiB, "
+                f"block {hi['depth']} {_mib(p['fit_last_block']):.1f} MiB (least-squares "
+                f"{_mib(p['fit_slope_bytes_per_block']) * 1024:+.1f} KiB per block over the blocks of one run)"
+                + (
+                    f"; glibc's live bytes right after fitting block 1 / block {hi['depth']}: "
+                    f"{_mib(p['malloc_in_use_after_fit_first']):+.1f} / "
+                    f"{_mib(p['malloc_in_use_after_fit_last']):+.1f} MiB, size of its arenas (mapped, not all "
+                    f"resident) {_mib(p['malloc_held_after_fit_first']):+.1f} / "
+                    f"{_mib(p['malloc_held_after_fit_last']):+.1f}"
+                    f" MiB (above the baseline)"
+                    if "malloc_in_use_after_fit_first" in p
+                    else ""
+                )
+            )
+        lines.append(
+            f"per-layer results left on the model: {hi['per_layer_results_bytes'] / hi['target_layers']:.0f} "
+            f"bytes per layer ({hi['per_layer_results_bytes'] / 1024:.2f} KiB for {hi['target_layers']} "
+            f"layers); one threshold collector (histogram) {hi['collector_bytes'] / 1024:.0f} KiB, alive only "
+            f"while its group (at most 2 layers) is fitted"
+        )
+        lines.append(
+            f"captured block-call kwargs ({', '.join(hi['captured_kwargs_tensor_keys']) or 'no tensors'}): "
+            f"{_mib(hi['captured_kwargs_unique_bytes']):.2f} MiB in distinct storages vs "
+            f"{_mib(hi['captured_kwargs_per_block_sum_bytes']):.2f} MiB counted once per block "
+            f"({hi['depth']} blocks): shared by reference, not copied per block; block-0 inputs "
+            f"{_mib(hi['captured_hidden0_bytes']):.1f} MiB"
+        )
     for d in sorted({a["depth"] for a in aggs if a["calib_samples"] != samples}):
         by_tok = [a for a in aggs if a["depth"] == d]
         if len(by_tok) >= 2:
@@ -514,11 +612,17 @@ def summary(aggs: list[dict], samples: int) -> tuple[list[str], dict]:
             ys = [a["peak_rss_bytes"] for a in by_tok]
             slope = _slope(xs, ys)
             per_tok = by_tok[0]["one_block_activation_bytes"] / by_tok[0]["calib_tokens"]
-            out[f"tokens_depth{d}"] = {"tokens": xs, "peak_rss_bytes": ys, "slope_bytes_per_token": slope,
-                                       "one_block_activation_bytes_per_token": per_tok}
-            lines.append(f"depth {d}: calibration tokens {' -> '.join(map(str, xs))}: peak RSS "
-                         f"{' -> '.join(f'{_mib(y):.1f}' for y in ys)} MiB; least-squares {slope:.0f} bytes per "
-                         f"token = {slope / per_tok:.2f} x one block's in+out activations ({per_tok:.0f} bytes/token)")
+            out[f"tokens_depth{d}"] = {
+                "tokens": xs,
+                "peak_rss_bytes": ys,
+                "slope_bytes_per_token": slope,
+                "one_block_activation_bytes_per_token": per_tok,
+            }
+            lines.append(
+                f"depth {d}: calibration tokens {' -> '.join(map(str, xs))}: peak RSS "
+                f"{' -> '.join(f'{_mib(y):.1f}' for y in ys)} MiB; least-squares {slope:.0f} bytes per "
+                f"token = {slope / per_tok:.2f} x one block's in+out activations ({per_tok:.0f} bytes/token)"
+            )
     return lines, out
 
 
@@ -528,22 +632,38 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--calib-seq-len", type=int, default=256, help="tokens per window (default 256)")
     ap.add_argument("--calib-batch-size", type=int, default=8, help="windows per forward pass (default 8, as the CLI)")
-    ap.add_argument("--vary-samples", default="16,64",
-                    help="extra calibration window counts, run at --vary-depth (default 16,64; '' for none)")
+    ap.add_argument(
+        "--vary-samples",
+        default="16,64",
+        help="extra calibration window counts, run at --vary-depth (default 16,64; '' for none)",
+    )
     ap.add_argument("--vary-depth", type=int, default=None, help="depth for --vary-samples (default: the smallest)")
-    ap.add_argument("--scope", choices=sorted(RECIPES), default="nncf",
-                    help="nncf: up/gate 0.3 + down 0.5 (default); all7: all seven projections at 0.5")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="fresh processes per configuration; the table shows the median (default 2)")
-    ap.add_argument("--malloc", choices=["default", "strict", "trim"], default="default",
-                    help="default: glibc as configured; strict: children run with "
-                         + " ".join(f"{k}={v}" for k, v in STRICT_MALLOC.items())
-                         + " (freed tensors go back to the OS at once: RSS follows live bytes more closely); "
-                           "trim: default glibc, but malloc_trim(0) after every calibration phase (capture, each "
-                           "block's fit and output pass): what a trim per block in calibrate.py would give")
+    ap.add_argument(
+        "--scope",
+        choices=sorted(RECIPES),
+        default="nncf",
+        help="nncf: up/gate 0.3 + down 0.5 (default); all7: all seven projections at 0.5",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="fresh processes per configuration; the table shows the median (default 2)",
+    )
+    ap.add_argument(
+        "--malloc",
+        choices=["default", "strict", "trim"],
+        default="default",
+        help="default: glibc as configured; strict: children run with "
+        + " ".join(f"{k}={v}" for k, v in STRICT_MALLOC.items())
+        + " (freed tensors go back to the OS at once: RSS follows live bytes more closely); "
+        "trim: default glibc, but malloc_trim(0) after every calibration phase (capture, each "
+        "block's fit and output pass): what a trim per block in calibrate.py would give",
+    )
     ap.add_argument("--no-phases", action="store_true", help="do not record the peak per calibration phase")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "calibration_memory.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "calibration_memory.json")
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
@@ -553,8 +673,13 @@ def main(argv=None) -> int:
     depths = sorted(_ints(args.depths))
     vary = _ints(args.vary_samples)
     vary_depth = args.vary_depth if args.vary_depth is not None else min(depths)
-    base = {"seq_len": args.calib_seq_len, "batch_size": args.calib_batch_size, "scope": args.scope,
-            "phases": not args.no_phases, "trim": args.malloc == "trim"}
+    base = {
+        "seq_len": args.calib_seq_len,
+        "batch_size": args.calib_batch_size,
+        "scope": args.scope,
+        "phases": not args.no_phases,
+        "trim": args.malloc == "trim",
+    }
     specs = [{**base, "depth": d, "samples": args.calib_samples} for d in depths]
     specs += [{**base, "depth": vary_depth, "samples": s} for s in vary if s != args.calib_samples]
     env = STRICT_MALLOC if args.malloc == "strict" else {}
@@ -565,30 +690,53 @@ def main(argv=None) -> int:
             r = run_child(spec, env)
             r["repeat"] = rep
             rows.append(r)
-            print(f"  [{rep + 1}/{args.repeats}] depth {r['depth']:>2}, {r['calib_samples']}x{r['calib_seq_len']}: "
-                  f"peak RSS above baseline {_mib(r['peak_rss_above_baseline_bytes']):.1f} MiB, tracemalloc "
-                  f"{_mib(r['tracemalloc_peak_bytes']):.2f} MiB, calibration {r['calibration_seconds']:.1f} s "
-                  f"({time.perf_counter() - t:.0f} s in all)", flush=True)
+            print(
+                f"  [{rep + 1}/{args.repeats}] depth {r['depth']:>2}, {r['calib_samples']}x{r['calib_seq_len']}: "
+                f"peak RSS above baseline {_mib(r['peak_rss_above_baseline_bytes']):.1f} MiB, tracemalloc "
+                f"{_mib(r['tracemalloc_peak_bytes']):.2f} MiB, calibration {r['calibration_seconds']:.1f} s "
+                f"({time.perf_counter() - t:.0f} s in all)",
+                flush=True,
+            )
     aggs = aggregate(rows)
     lines = table(aggs)
     phases = phase_table(aggs)
     notes, ratios = summary(aggs, args.calib_samples)
-    title = (f"calibration memory: embedded SmolLM2-135M fp32, scope {args.scope}, method quantile, "
-             f"{args.calib_batch_size} windows per forward, malloc {args.malloc}, {args.repeats} fresh process(es) "
-             f"per row; peak = {rows[0]['peak_source']}")
+    title = (
+        f"calibration memory: embedded SmolLM2-135M fp32, scope {args.scope}, method quantile, "
+        f"{args.calib_batch_size} windows per forward, malloc {args.malloc}, {args.repeats} fresh process(es) "
+        f"per row; peak = {rows[0]['peak_source']}"
+    )
     print("\n" + title)
     print("\n".join(lines))
     if phases:
         print("\n" + "\n".join(phases))
     print("\n" + "\n".join(notes))
-    meta = {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "cpu": _cpu_info(), "versions": _versions(), "scope": args.scope, "recipe": RECIPES[args.scope],
-            "method": "quantile", "torch_threads": 2, "malloc": args.malloc, "malloc_env": env,
-            "repeats": args.repeats}
+    meta = {
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": _cpu_info(),
+        "versions": _versions(),
+        "scope": args.scope,
+        "recipe": RECIPES[args.scope],
+        "method": "quantile",
+        "torch_threads": 2,
+        "malloc": args.malloc,
+        "malloc_env": env,
+        "repeats": args.repeats,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "summary": ratios, "aggregate": aggs, "rows": rows,
-                   "printed": [title, *lines, "", *phases, "", *notes]}, f, indent=2)
+        json.dump(
+            {
+                "meta": meta,
+                "summary": ratios,
+                "aggregate": aggs,
+                "rows": rows,
+                "printed": [title, *lines, "", *phases, "", *notes],
+            },
+            f,
+            indent=2,
+        )
     print(f"\nwrote {args.out}")
     return 0
 

@@ -61,7 +61,12 @@ def _int8_to_fp16_asm(q):
         sub.f16x2 $0, $0, c;
         sub.f16x2 $1, $1, c;
         }""",
-        constraints="=r,=r,r", args=[q], dtype=tl.float16, is_pure=True, pack=4)
+        constraints="=r,=r,r",
+        args=[q],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit
@@ -90,12 +95,35 @@ def _use(acc, w, xs, row0, QUANT: tl.constexpr, MODE: tl.constexpr, FOLD: tl.con
 
 
 @triton.jit
-def _exp_kernel(x_ptr, w_ptr, y_ptr, tau_ptr, scale_ptr, zero_ptr, part_ptr, cnt_ptr, idx_ptr, xv_ptr,
-                K, N, LB, K_PER,
-                QUANT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_N: tl.constexpr, MODE: tl.constexpr, LISTX: tl.constexpr, PREFETCH: tl.constexpr,
-                FOLD: tl.constexpr, K_P2: tl.constexpr, PDL: tl.constexpr, HEAD: tl.constexpr,
-                ABL: tl.constexpr):
+def _exp_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    tau_ptr,
+    scale_ptr,
+    zero_ptr,
+    part_ptr,
+    cnt_ptr,
+    idx_ptr,
+    xv_ptr,
+    K,
+    N,
+    LB,
+    K_PER,
+    QUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr,
+    LISTX: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    FOLD: tl.constexpr,
+    K_P2: tl.constexpr,
+    PDL: tl.constexpr,
+    HEAD: tl.constexpr,
+    ABL: tl.constexpr,
+):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -108,8 +136,9 @@ def _exp_kernel(x_ptr, w_ptr, y_ptr, tau_ptr, scale_ptr, zero_ptr, part_ptr, cnt
             tl.store(y_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32).to(y_ptr.dtype.element_ty))
         return
     if ABL == 3:  # launch + x load
-        xx = tl.load(x_ptr + pid_k * K_PER + tl.arange(0, K_P2), mask=pid_k * K_PER + tl.arange(0, K_P2) < K,
-                     other=0.0).to(tl.float32)
+        xx = tl.load(
+            x_ptr + pid_k * K_PER + tl.arange(0, K_P2), mask=pid_k * K_PER + tl.arange(0, K_P2) < K, other=0.0
+        ).to(tl.float32)
         if pid_k == 0:
             out = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.sum(xx, 0)
             tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty))
@@ -199,15 +228,34 @@ def _exp_kernel(x_ptr, w_ptr, y_ptr, tau_ptr, scale_ptr, zero_ptr, part_ptr, cnt
     arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
     if arrived == SPLIT_K - 1:
         offs_s = tl.arange(0, SPLIT_P2)
-        parts = tl.load(part_ptr + offs_s[:, None] * N + offs_n[None, :], mask=(offs_s < SPLIT_K)[:, None],
-                        other=0.0, cache_modifier=".cg")
+        parts = tl.load(
+            part_ptr + offs_s[:, None] * N + offs_n[None, :],
+            mask=(offs_s < SPLIT_K)[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
         tl.store(y_ptr + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty))
         tl.store(cnt_ptr + pid_n, 0)
 
 
 class Variant:
-    def __init__(self, name, block_k=64, block_n=256, programs=2.0, warps=4, stages=3, mode=0, listx=1,
-                 prefetch=0, fold=0, layout=256, pdl=0, head=0, abl=0):
+    def __init__(
+        self,
+        name,
+        block_k=64,
+        block_n=256,
+        programs=2.0,
+        warps=4,
+        stages=3,
+        mode=0,
+        listx=1,
+        prefetch=0,
+        fold=0,
+        layout=256,
+        pdl=0,
+        head=0,
+        abl=0,
+    ):
         self.layout, self.pdl, self.head, self.abl = layout, pdl, head, abl
         self.name, self.block_k, self.block_n, self.programs = name, block_k, block_n, programs
         self.warps, self.stages, self.mode = warps, stages, mode
@@ -231,12 +279,37 @@ class Variant:
         part, cnt, idx, xv = ws(split * n, nb, nb * split * k_p2, x.device)
         quant = 0 if not p.quantized else 2
         c = _exp_kernel[(nb, split)](
-            x, p.weight_t, y, p.threshold, p.scale if p.scale is not None else y, p.zero if p.zero is not None else y,
-            part, cnt, idx, xv, k, n, lb, k_per,
-            QUANT=quant, SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_K=self.block_k,
-            BLOCK_N=self.block_n, MODE=self.mode, LISTX=self.listx, PREFETCH=self.prefetch, FOLD=self.fold,
-            K_P2=k_p2, PDL=self.pdl, HEAD=self.head, ABL=self.abl, num_warps=self.warps, num_stages=self.stages,
-            **({"launch_pdl": True} if self.pdl else {}))
+            x,
+            p.weight_t,
+            y,
+            p.threshold,
+            p.scale if p.scale is not None else y,
+            p.zero if p.zero is not None else y,
+            part,
+            cnt,
+            idx,
+            xv,
+            k,
+            n,
+            lb,
+            k_per,
+            QUANT=quant,
+            SPLIT_K=split,
+            SPLIT_P2=triton.next_power_of_2(split),
+            BLOCK_K=self.block_k,
+            BLOCK_N=self.block_n,
+            MODE=self.mode,
+            LISTX=self.listx,
+            PREFETCH=self.prefetch,
+            FOLD=self.fold,
+            K_P2=k_p2,
+            PDL=self.pdl,
+            HEAD=self.head,
+            ABL=self.abl,
+            num_warps=self.warps,
+            num_stages=self.stages,
+            **({"launch_pdl": True} if self.pdl else {}),
+        )
         if self.compiled is None:
             self.compiled = c
         return y
@@ -248,67 +321,111 @@ _WS = {}
 def workspace(n_part, n_cnt, n_idx, device="cuda"):
     key = (n_part, n_cnt, n_idx, str(device))
     if key not in _WS:
-        _WS[key] = (torch.empty(n_part, dtype=torch.float32, device=device),
-                    torch.zeros(n_cnt, dtype=torch.int32, device=device),
-                    torch.empty(n_idx, dtype=torch.int32, device=device),
-                    torch.empty(n_idx, dtype=torch.float32, device=device))
+        _WS[key] = (
+            torch.empty(n_part, dtype=torch.float32, device=device),
+            torch.zeros(n_cnt, dtype=torch.int32, device=device),
+            torch.empty(n_idx, dtype=torch.int32, device=device),
+            torch.empty(n_idx, dtype=torch.float32, device=device),
+        )
     return _WS[key]
 
 
 def _sets():
     """The three sweeps run on the H100 (benchmarks/README.md); each: (variants, int8-only variants)."""
     V = Variant
-    explore = ([V("dot-nolist", listx=0), V("dot"), V("dot-p1", programs=1.0), V("dot-p3", programs=3.0),
-                V("dot-p4", programs=4.0), V("dot-w8", warps=8), V("dot-s2", stages=2), V("dot-s4", stages=4),
-                V("dot-bk32", block_k=32), V("dot-bk128-w8", block_k=128, warps=8), V("dot-bn128", block_n=128),
-                V("dot-pref", stages=1, prefetch=1), V("dot-pref-bk32", block_k=32, stages=1, prefetch=1),
-                V("fma2d-bk16", block_k=16, mode=1), V("fma2d-bk32-w8", block_k=32, mode=1, warps=8),
-                V("fma2d-bk16-pref", block_k=16, mode=1, stages=1, prefetch=1),
-                V("fma2d-bk32-w8-pref", block_k=32, mode=1, warps=8, stages=1, prefetch=1),
-                V("fma1d-bk32", block_k=32, mode=2), V("fma1d-bk64-w8", block_k=64, mode=2, warps=8),
-                V("fma1d-bk32-w8-pref", block_k=32, mode=2, warps=8, stages=1, prefetch=1),
-                V("dot-L512-bk32", block_k=32, block_n=512, layout=512, warps=8),
-                V("fma1d-L512-bk32-w8", block_k=32, block_n=512, layout=512, mode=2, warps=8)],
-               [V("dot-fold", fold=1), V("dot-fold-pref", fold=1, stages=1, prefetch=1),
-                V("fma2d-bk32-w8-fold", block_k=32, mode=1, warps=8, fold=1)])
-    fit = ([V("dot-nolist", listx=0), V("fit", listx=0, programs="fit"),
+    explore = (
+        [
+            V("dot-nolist", listx=0),
+            V("dot"),
+            V("dot-p1", programs=1.0),
+            V("dot-p3", programs=3.0),
+            V("dot-p4", programs=4.0),
+            V("dot-w8", warps=8),
+            V("dot-s2", stages=2),
+            V("dot-s4", stages=4),
+            V("dot-bk32", block_k=32),
+            V("dot-bk128-w8", block_k=128, warps=8),
+            V("dot-bn128", block_n=128),
+            V("dot-pref", stages=1, prefetch=1),
+            V("dot-pref-bk32", block_k=32, stages=1, prefetch=1),
+            V("fma2d-bk16", block_k=16, mode=1),
+            V("fma2d-bk32-w8", block_k=32, mode=1, warps=8),
+            V("fma2d-bk16-pref", block_k=16, mode=1, stages=1, prefetch=1),
+            V("fma2d-bk32-w8-pref", block_k=32, mode=1, warps=8, stages=1, prefetch=1),
+            V("fma1d-bk32", block_k=32, mode=2),
+            V("fma1d-bk64-w8", block_k=64, mode=2, warps=8),
+            V("fma1d-bk32-w8-pref", block_k=32, mode=2, warps=8, stages=1, prefetch=1),
+            V("dot-L512-bk32", block_k=32, block_n=512, layout=512, warps=8),
+            V("fma1d-L512-bk32-w8", block_k=32, block_n=512, layout=512, mode=2, warps=8),
+        ],
+        [
+            V("dot-fold", fold=1),
+            V("dot-fold-pref", fold=1, stages=1, prefetch=1),
+            V("fma2d-bk32-w8-fold", block_k=32, mode=1, warps=8, fold=1),
+        ],
+    )
+    fit = (
+        [
+            V("dot-nolist", listx=0),
+            V("fit", listx=0, programs="fit"),
             V("fit-pdl", listx=0, programs="fit", pdl=1),
             V("fit-bn128", listx=0, programs="fit", block_n=128),
             V("fit-bn128-pdl", listx=0, programs="fit", block_n=128, pdl=1),
             V("fit-s4", listx=0, programs="fit", stages=4),
-            V("fit-bk32-s4", listx=0, programs="fit", block_k=32, stages=4)],
-           [V("fit-fold", listx=0, programs="fit", fold=1), V("fit-cvt", listx=0, programs="fit", fold=2),
+            V("fit-bk32-s4", listx=0, programs="fit", block_k=32, stages=4),
+        ],
+        [
+            V("fit-fold", listx=0, programs="fit", fold=1),
+            V("fit-cvt", listx=0, programs="fit", fold=2),
             V("fit-cvt-w8", listx=0, programs="fit", fold=2, warps=8),
             V("fit-cvt-bk32", listx=0, programs="fit", fold=2, block_k=32),
             V("fit-cvt-bk128-w8", listx=0, programs="fit", fold=2, block_k=128, warps=8),
             V("fit-cvt-pdl", listx=0, programs="fit", fold=2, pdl=1),
             V("fit-cvt-bn128-pdl", listx=0, programs="fit", fold=2, block_n=128, pdl=1),
-            V("p3-cvt-bk32", listx=0, programs=3.0, fold=2, block_k=32)])
-    ablate = ([V("fit", listx=0, programs="fit"), V("fit-pdl", listx=0, programs="fit", pdl=1),
-               V("fit-head", listx=0, programs="fit", head=1),
-               V("fit-head-pdl", listx=0, programs="fit", head=1, pdl=1),
-               V("fit-listx-pdl", listx=1, programs="fit", pdl=1),
-               V("fit-L512-bk32", listx=0, programs="fit", block_k=32, block_n=512, layout=512),
-               V("fit-L512-bk32-s4", listx=0, programs="fit", block_k=32, block_n=512, layout=512, stages=4),
-               V("fit-L512-bk32-w8", listx=0, programs="fit", block_k=32, block_n=512, layout=512, warps=8),
-               V("abl1-noreduce", listx=0, programs="fit", abl=1),
-               V("abl2-nolist", listx=0, programs="fit", abl=2),
-               V("abl3-xonly", listx=0, programs="fit", abl=3),
-               V("abl4-empty", listx=0, programs="fit", abl=4),
-               V("abl4-empty-pdl", listx=0, programs="fit", abl=4, pdl=1)],
-              [V("fit-fold-pdl", listx=0, programs="fit", fold=1, pdl=1),
-               V("fit-fold-head-pdl", listx=0, programs="fit", fold=1, head=1, pdl=1)])
-    unpack = ([V("fit", listx=0, programs="fit")],
-              [V("fit-asm", listx=0, programs="fit", fold=3),
-               V("fit-asm-s4", listx=0, programs="fit", fold=3, stages=4),
-               V("fit-asm-w8", listx=0, programs="fit", fold=3, warps=8),
-               V("fit-asm-bk128-w8", listx=0, programs="fit", fold=3, block_k=128, warps=8),
-               V("fit-asm-bk32", listx=0, programs="fit", fold=3, block_k=32),
-               V("p3-asm", listx=0, programs=3.0, fold=3),
-               V("p4-asm-w8", listx=0, programs=4.0, fold=3, warps=8)])
-    fit3 = ([V("fit", listx=0, programs="fit"), V("fit3", listx=0, programs="fit3"),
-             V("fit3-s4", listx=0, programs="fit3", stages=4)],
-            [V("fit3-asm", listx=0, programs="fit3", fold=3)])
+            V("p3-cvt-bk32", listx=0, programs=3.0, fold=2, block_k=32),
+        ],
+    )
+    ablate = (
+        [
+            V("fit", listx=0, programs="fit"),
+            V("fit-pdl", listx=0, programs="fit", pdl=1),
+            V("fit-head", listx=0, programs="fit", head=1),
+            V("fit-head-pdl", listx=0, programs="fit", head=1, pdl=1),
+            V("fit-listx-pdl", listx=1, programs="fit", pdl=1),
+            V("fit-L512-bk32", listx=0, programs="fit", block_k=32, block_n=512, layout=512),
+            V("fit-L512-bk32-s4", listx=0, programs="fit", block_k=32, block_n=512, layout=512, stages=4),
+            V("fit-L512-bk32-w8", listx=0, programs="fit", block_k=32, block_n=512, layout=512, warps=8),
+            V("abl1-noreduce", listx=0, programs="fit", abl=1),
+            V("abl2-nolist", listx=0, programs="fit", abl=2),
+            V("abl3-xonly", listx=0, programs="fit", abl=3),
+            V("abl4-empty", listx=0, programs="fit", abl=4),
+            V("abl4-empty-pdl", listx=0, programs="fit", abl=4, pdl=1),
+        ],
+        [
+            V("fit-fold-pdl", listx=0, programs="fit", fold=1, pdl=1),
+            V("fit-fold-head-pdl", listx=0, programs="fit", fold=1, head=1, pdl=1),
+        ],
+    )
+    unpack = (
+        [V("fit", listx=0, programs="fit")],
+        [
+            V("fit-asm", listx=0, programs="fit", fold=3),
+            V("fit-asm-s4", listx=0, programs="fit", fold=3, stages=4),
+            V("fit-asm-w8", listx=0, programs="fit", fold=3, warps=8),
+            V("fit-asm-bk128-w8", listx=0, programs="fit", fold=3, block_k=128, warps=8),
+            V("fit-asm-bk32", listx=0, programs="fit", fold=3, block_k=32),
+            V("p3-asm", listx=0, programs=3.0, fold=3),
+            V("p4-asm-w8", listx=0, programs=4.0, fold=3, warps=8),
+        ],
+    )
+    fit3 = (
+        [
+            V("fit", listx=0, programs="fit"),
+            V("fit3", listx=0, programs="fit3"),
+            V("fit3-s4", listx=0, programs="fit3", stages=4),
+        ],
+        [V("fit3-asm", listx=0, programs="fit3", fold=3)],
+    )
     return {"explore": explore, "fit": fit, "ablate": ablate, "unpack": unpack, "fit3": fit3}
 
 
@@ -319,6 +436,7 @@ VARIANTS, INT8_ONLY = SETS["ablate"]
 def relayout(p, lb):
     """A copy of packed ``p`` blocked by ``lb`` columns (wider than pack() allows; one segment only)."""
     import dataclasses
+
     w = p.columns(0, p.padded_out)
     k, n = w.shape
     return dataclasses.replace(p, weight_t=w.reshape(k, n // lb, lb).permute(1, 0, 2).contiguous())
@@ -396,13 +514,31 @@ def main():
                     if v.abl >= 2 and s < 1:
                         table[(v.name, s)] = float("nan")
                         continue
-                    t = graph_time_us(lambda i, v=v, case=case, wide=wide, ys=ys: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
-                                                           ys[i % case.copies], workspace, sms), 4 * case.copies)
+                    t = graph_time_us(
+                        lambda i, v=v, case=case, wide=wide, ys=ys: v.run(
+                            case.x[i % case.copies],
+                            wide[v.layout][i % case.copies],
+                            ys[i % case.copies],
+                            workspace,
+                            sms,
+                        ),
+                        4 * case.copies,
+                    )
                     table[(v.name, s)] = t
                 for name in ["base", "base-scan"] + [v.name for v in ok]:
                     t = table[(name, s)]
-                    res["rows"].append(dict(k=k, n=n, w=wname, s=s, variant=name, us=t, dense_us=td,
-                                            pct_copy=100 * sbytes / (t * 1e-6) / 1e9 / bw))
+                    res["rows"].append(
+                        dict(
+                            k=k,
+                            n=n,
+                            w=wname,
+                            s=s,
+                            variant=name,
+                            us=t,
+                            dense_us=td,
+                            pct_copy=100 * sbytes / (t * 1e-6) / 1e9 / bw,
+                        )
+                    )
             # DRAM granularity: 50% kept in runs of R consecutive rows instead of at random
             saved = [x.clone() for x in case.x]
             runs = {}
@@ -418,14 +554,24 @@ def main():
                 for v in ok:
                     if v.name in ("fit", "fit-L512-bk32", "fit-cvt", "fit-bn128"):
                         runs[(v.name, run)] = graph_time_us(
-                            lambda i, v=v, case=case, wide=wide, ys=ys: v.run(case.x[i % case.copies], wide[v.layout][i % case.copies],
-                                                 ys[i % case.copies], workspace, sms), 4 * case.copies)
+                            lambda i, v=v, case=case, wide=wide, ys=ys: v.run(
+                                case.x[i % case.copies],
+                                wide[v.layout][i % case.copies],
+                                ys[i % case.copies],
+                                workspace,
+                                sms,
+                            ),
+                            4 * case.copies,
+                        )
             for x, x0 in zip(case.x, saved):
                 x.copy_(x0)
-            print(f"\n{shape} {wname}: 50% kept in runs of 1(random)/8/64 rows: " +
-                  ", ".join(f"{nm}@{r}={t:.1f}" for (nm, r), t in runs.items()))
-            res["runs"] = res.get("runs", []) + [dict(k=k, n=n, w=wname, variant=nm, run=r, us=t)
-                                                 for (nm, r), t in runs.items()]
+            print(
+                f"\n{shape} {wname}: 50% kept in runs of 1(random)/8/64 rows: "
+                + ", ".join(f"{nm}@{r}={t:.1f}" for (nm, r), t in runs.items())
+            )
+            res["runs"] = res.get("runs", []) + [
+                dict(k=k, n=n, w=wname, variant=nm, run=r, us=t) for (nm, r), t in runs.items()
+            ]
             print(f"\n{shape} {wname}: dense {td:.1f} us; sparse us per variant at sparsity {sparsities}")
             for name in ["base", "base-scan"] + [v.name for v in ok]:
                 print(f"  {name:>22} " + " ".join(f"{table[(name, s)]:7.1f}" for s in sparsities), flush=True)

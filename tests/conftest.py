@@ -17,9 +17,16 @@ VOCAB = 256
 
 def make_tiny_llama(layers: int = 2, seed: int = 0, hidden: int = 64, inter: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -56,11 +63,35 @@ def tiny_model_dir(tmp_path):
 
 @pytest.fixture
 def text_file(tmp_path):
-    words = ("the quick brown fox jumps over the lazy dog while seven wizards quietly judge "
-             "boxing matches and pack my box with five dozen liquor jugs").split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wizards",
+        "quietly",
+        "judge",
+        "boxing",
+        "matches",
+        "and",
+        "pack",
+        "my",
+        "box",
+        "with",
+        "five",
+        "dozen",
+        "liquor",
+        "jugs",
+    ]
     g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=g).tolist())
-             for _ in range(30)]
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (40,), generator=g).tolist()) for _ in range(30)]
     p = tmp_path / "corpus.txt"
     p.write_text("\n".join(lines), encoding="utf-8")
     return str(p)

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 import actsparse as A
-from actsparse import (AlreadySparsifiedError, DatasetError, IgnoredScope, QuantileMethod, SparseLinear,
-                       SparsifyConfig, TargetScope)
+from actsparse import (
+    AlreadySparsifiedError,
+    DatasetError,
+    IgnoredScope,
+    QuantileMethod,
+    SparseLinear,
+    SparsifyConfig,
+    TargetScope,
+)
 
 RECIPE = {TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3, TargetScope(patterns=[".*down_proj.*"]): 0.5}
 
@@ -24,8 +31,9 @@ def _assert_unmodified(model, before, x, ref):
 def test_nncf_example_end_to_end(tiny_llama, calib_data):
     x = calib_data[0]
     dense = tiny_llama(x).logits
-    out = A.sparsify_activations(tiny_llama, calib_data, RECIPE,
-                                 ignored_scope=IgnoredScope(patterns=[r".*layers\.0\..*"]), progress=False)
+    out = A.sparsify_activations(
+        tiny_llama, calib_data, RECIPE, ignored_scope=IgnoredScope(patterns=[r".*layers\.0\..*"]), progress=False
+    )
     assert out is tiny_llama
     names = sorted(A.sparse_layers(tiny_llama))
     assert names == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
@@ -54,13 +62,16 @@ def test_unknown_method_lists_registered():
         SparsifyConfig({".*": 0.5}, method_options={"alpha": 1})
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: [x[0] for x in d],  # 1-D tensors
-    lambda d: d,  # 2-D tensors
-    lambda d: [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in d],
-    lambda d: [x[0].tolist() for x in d],  # lists of ints
-    lambda d: (x for x in d),  # a one-shot generator
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: [x[0] for x in d],  # 1-D tensors
+        lambda d: d,  # 2-D tensors
+        lambda d: [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in d],
+        lambda d: [x[0].tolist() for x in d],  # lists of ints
+        lambda d: (x for x in d),  # a one-shot generator
+    ],
+)
 def test_dataset_forms(tiny_llama, calib_data, make):
     A.sparsify_activations(tiny_llama, make(calib_data), RECIPE, progress=False)
     assert len(A.sparse_layers(tiny_llama)) == 6
@@ -79,18 +90,23 @@ def test_nncf_dataset_like_object(tiny_llama, calib_data):
     assert len(A.sparse_layers(tiny_llama)) == 6
 
 
-@pytest.mark.parametrize("dataset, message", [
-    ([], "empty"),
-    (None, "dataset is required"),
-    (["some text"], "tokenize"),
-    ("some text", "string"),
-    ([torch.randn(2, 8)], "integers"),
-    ([{"ids": torch.zeros(1, 4, dtype=torch.long)}], "input_ids"),
-    ([3.5], "unsupported item"),
-    (42, "iterable"),
-    ([{"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}],
-     "no real tokens"),
-])
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ([], "empty"),
+        (None, "dataset is required"),
+        (["some text"], "tokenize"),
+        ("some text", "string"),
+        ([torch.randn(2, 8)], "integers"),
+        ([{"ids": torch.zeros(1, 4, dtype=torch.long)}], "input_ids"),
+        ([3.5], "unsupported item"),
+        (42, "iterable"),
+        (
+            [{"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.zeros(1, 4, dtype=torch.long)}],
+            "no real tokens",
+        ),
+    ],
+)
 def test_bad_datasets_raise_clear_errors_and_leave_model_unmodified(tiny_llama, calib_data, dataset, message):
     x, before = calib_data[0], _state(tiny_llama)
     ref = tiny_llama(x).logits
@@ -99,10 +115,13 @@ def test_bad_datasets_raise_clear_errors_and_leave_model_unmodified(tiny_llama, 
     _assert_unmodified(tiny_llama, before, x, ref)
 
 
-@pytest.mark.parametrize("scopes", [
-    {TargetScope(patterns=[".*up_proj.*"]): 1.2},
-    {TargetScope(patterns=[".*nothing.*"]): 0.3},
-])
+@pytest.mark.parametrize(
+    "scopes",
+    [
+        {TargetScope(patterns=[".*up_proj.*"]): 1.2},
+        {TargetScope(patterns=[".*nothing.*"]): 0.3},
+    ],
+)
 def test_bad_scopes_leave_model_unmodified(tiny_llama, calib_data, scopes):
     x, before = calib_data[0], _state(tiny_llama)
     ref = tiny_llama(x).logits

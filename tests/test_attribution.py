@@ -10,17 +10,27 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import VOCAB, byte_tokenizer, make_tiny_llama
 
 from actsparse import SparsifyConfig, TargetScope, load_thresholds, save_thresholds, sparsify_
-from actsparse.attribution import (ScoreBatch, calibrated_scores, find_unit_layers, gradient_drift, keep_masks,
-                                   masked_nll, tradeoff_curves, unit_layers_for, unit_scores, unit_statistics)
+from actsparse.attribution import (
+    ScoreBatch,
+    calibrated_scores,
+    find_unit_layers,
+    gradient_drift,
+    keep_masks,
+    masked_nll,
+    tradeoff_curves,
+    unit_layers_for,
+    unit_scores,
+    unit_statistics,
+)
 from actsparse.attribution.scores import row_nll
 from actsparse.cli import main
 from actsparse.errors import DatasetError
 from actsparse.eval.mc import load_mc, parse_mc, tokenize_mc
 from actsparse.methods import method_from_spec
 from actsparse.methods.attribution import AttributionMethod
-from conftest import VOCAB, byte_tokenizer, make_tiny_llama
 
 
 def _batch(seed=0, rows=3, tokens=12):
@@ -33,12 +43,16 @@ def _loss(model, batch, keep=None, scale=None):
     handles = []
     if scale is not None:
         for la, s in scale:
-            handles.append(la.module.register_forward_pre_hook(
-                lambda m, a, la=la, s=s: (a[0] * s.repeat_interleave(la.group).to(a[0].dtype),)))
+            handles.append(
+                la.module.register_forward_pre_hook(
+                    lambda m, a, la=la, s=s: (a[0] * s.repeat_interleave(la.group).to(a[0].dtype),)
+                )
+            )
     try:
         with torch.no_grad():
             if keep is not None:
                 from actsparse.attribution.scores import UnitHooks
+
                 layers = [la for la, _ in keep]
                 hooks = UnitHooks(layers)
                 hooks.keep = {la.name: k for la, k in keep}
@@ -58,8 +72,12 @@ def test_find_unit_layers_llama():
     m = make_tiny_llama()
     layers = find_unit_layers(m)
     kinds = [(la.name, la.kind, la.n_units, la.group) for la in layers]
-    assert kinds == [("model.layers.0.self_attn.o_proj", "heads", 4, 16), ("model.layers.0.mlp.down_proj", "neurons", 128, 1),
-                     ("model.layers.1.self_attn.o_proj", "heads", 4, 16), ("model.layers.1.mlp.down_proj", "neurons", 128, 1)]
+    assert kinds == [
+        ("model.layers.0.self_attn.o_proj", "heads", 4, 16),
+        ("model.layers.0.mlp.down_proj", "neurons", 128, 1),
+        ("model.layers.1.self_attn.o_proj", "heads", 4, 16),
+        ("model.layers.1.mlp.down_proj", "neurons", 128, 1),
+    ]
     assert [la.kind for la in find_unit_layers(m, ("heads",))] == ["heads", "heads"]
     with pytest.raises(ValueError, match="unknown unit kind"):
         find_unit_layers(m, ("experts",))
@@ -86,8 +104,12 @@ def test_statistics_match_an_independent_autograd_computation():
     stats, _ = unit_statistics(m, layers, batch)
     # reference: retain the unit layers' inputs, one ordinary backward through the whole model
     saved = {}
-    hs = [la.module.register_forward_pre_hook(lambda mod, a, la=la: saved.__setitem__(la.name, a[0]) or
-                                              a[0].retain_grad()) for la in layers]
+    hs = [
+        la.module.register_forward_pre_hook(
+            lambda mod, a, la=la: saved.__setitem__(la.name, a[0]) or a[0].retain_grad()
+        )
+        for la in layers
+    ]
     with torch.enable_grad():
         out = m(input_ids=batch.ids).logits
         nll = F.cross_entropy(out[:, :-1].float().transpose(1, 2), batch.labels, reduction="none")
@@ -102,14 +124,18 @@ def test_statistics_match_an_independent_autograd_computation():
         torch.testing.assert_close(s.ga, (g * a).sum((1, 3)), rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(s.g2, g.square().sum((1, 3)), rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(s.a2, a.square().sum((1, 3)), rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(unit_scores(s, "magnitude"), (a.square().sum((1, 3)) / 12).sqrt(), rtol=1e-5,
-                                   atol=1e-9)
+        torch.testing.assert_close(
+            unit_scores(s, "magnitude"), (a.square().sum((1, 3)) / 12).sqrt(), rtol=1e-5, atol=1e-9
+        )
         torch.testing.assert_close(unit_scores(s, "gradient"), g.square().sum((1, 3)).sqrt(), rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(unit_scores(s, "snip"), (g * a).sum((1, 3)).abs(), rtol=1e-4, atol=1e-9)
         gnorm = g.square().sum((1, 2, 3)).sqrt()[:, None]
-        torch.testing.assert_close(unit_scores(s, "cor_gxo", rho=0.7),
-                                   -(g * a).sum((1, 3)) + 0.7 * gnorm * a.square().sum((1, 3)).sqrt(),
-                                   rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            unit_scores(s, "cor_gxo", rho=0.7),
+            -(g * a).sum((1, 3)) + 0.7 * gnorm * a.square().sum((1, 3)).sqrt(),
+            rtol=1e-4,
+            atol=1e-9,
+        )
 
 
 def test_gxo_is_the_first_order_loss_increase_of_deactivation():
@@ -120,7 +146,7 @@ def test_gxo_is_the_first_order_loss_increase_of_deactivation():
     eps = 1e-3
     for la in layers:
         gxo = unit_scores(stats[la.name], "gxo")[0]
-        for u in gxo.abs().topk(2).indices.tolist():   # the units that matter most to first order
+        for u in gxo.abs().topk(2).indices.tolist():  # the units that matter most to first order
             lo, hi = torch.ones(la.n_units), torch.ones(la.n_units)
             lo[u], hi[u] = 1 - eps, 1 + eps
             # scale unit u by (1 ∓ eps): ΔL ≈ ±eps · gxo_u (central difference)
@@ -137,7 +163,7 @@ def test_integrated_gradients_satisfy_completeness_as_steps_grow():
     errors = []
     for n in (1, 4, 32):
         stats, _ = unit_statistics(m, layers, batch, n_steps=n, ig_chunk=3)
-        total = sum(float(-unit_scores(s, "ig").sum()) for s in stats.values())   # Σ IG_u
+        total = sum(float(-unit_scores(s, "ig").sum()) for s in stats.values())  # Σ IG_u
         errors.append(abs(total - (full - off)))
     assert errors[2] < 0.02 * abs(full - off)
     assert errors[2] < errors[1] < errors[0]
@@ -165,7 +191,7 @@ def test_unreached_unit_layer_is_an_error():
     m = make_tiny_llama()
     layers = find_unit_layers(m)
     stray = unit_layers_for(m, ["model.layers.0.mlp.up_proj"])[0]
-    stray.module = nn.Linear(64, 8)   # never called by the model
+    stray.module = nn.Linear(64, 8)  # never called by the model
     stray.name = "stray"
     with pytest.raises(ValueError, match="not reached"):
         unit_statistics(m, layers + [stray], _batch())
@@ -189,12 +215,12 @@ class _Bowl(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         z = self.mlp.down_proj(self.emb(input_ids))[..., 0]
-        return SimpleNamespace(logits=torch.stack([-(z - self.c) ** 2, torch.zeros_like(z)], -1))
+        return SimpleNamespace(logits=torch.stack([-((z - self.c) ** 2), torch.zeros_like(z)], -1))
 
 
 def _bowl_loss(kept):
     z = sum(a for a, k in zip(_Bowl.A, kept) if k)
-    return math.log1p(math.exp((z - (sum(_Bowl.A) - 0.01)) ** 2))   # softplus((z-c)^2): NLL of class 0
+    return math.log1p(math.exp((z - (sum(_Bowl.A) - 0.01)) ** 2))  # softplus((z-c)^2): NLL of class 0
 
 
 def test_plain_gxo_is_provably_off_and_corrected_gxo_is_not():
@@ -208,14 +234,17 @@ def test_plain_gxo_is_provably_off_and_corrected_gxo_is_not():
     assert gxo_keep.tolist() == [False, False, True, True]
     assert _bowl_loss(gxo_keep.tolist()) > 10
     # the seed's constant ρ = 0.5 ties every unit here (all g_u equal, ‖g‖ = 2|g_u|), so it cannot fix it either
-    torch.testing.assert_close(unit_scores(s, "cor_gxo", 0.5), torch.zeros(1, 4, dtype=torch.float64), atol=1e-12,
-                               rtol=0)
+    torch.testing.assert_close(
+        unit_scores(s, "cor_gxo", 0.5), torch.zeros(1, 4, dtype=torch.float64), atol=1e-12, rtol=0
+    )
     # measured drift: deactivating what GxO picked moves the gradient far away → the magnitude term dominates
     s.drift = gradient_drift(m, layers, batch, grads, {"mlp.down_proj": gxo_keep[None]})["mlp.down_proj"]
     keep = keep_masks({"mlp.down_proj": unit_scores(s, "cor_gxo", "auto")}, 0.5)["mlp.down_proj"][0]
     assert keep.tolist() == [True, True, False, False]
-    best = min(_bowl_loss(k) for k in ([1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]))
-    assert _bowl_loss(keep.tolist()) == pytest.approx(best)          # the optimal pair, exactly
+    best = min(
+        _bowl_loss(k) for k in ([1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1])
+    )
+    assert _bowl_loss(keep.tolist()) == pytest.approx(best)  # the optimal pair, exactly
     # the same through the calibrated path (ρ_l measured on the calibration batch)
     cal = calibrated_scores(m, layers, [batch], "cor_gxo", rho="auto", sparsity=0.5, progress=False)
     assert keep_masks(cal, 0.5)["mlp.down_proj"].tolist() == [True, True, False, False]
@@ -226,7 +255,7 @@ def test_keep_masks_counts_ties_nan_and_errors():
     s = {"a": torch.tensor([[3.0, 1.0, 2.0, 1.0], [float("nan"), 5.0, 4.0, 6.0]]), "b": torch.arange(9.0)}
     k = keep_masks(s, 0.5)
     assert k["a"].tolist() == [[True, False, True, False], [False, True, False, True]]
-    assert (~k["b"]).sum() == 5 and not k["b"][:5].any()          # ⌊0.5·9 + ½⌋ = 5 lowest
+    assert (~k["b"]).sum() == 5 and not k["b"][:5].any()  # ⌊0.5·9 + ½⌋ = 5 lowest
     assert (~keep_masks(s, {"a": 0.25, "b": 0.0})["a"]).sum(1).tolist() == [1, 1]
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
@@ -241,7 +270,7 @@ def test_masked_nll_equals_zeroed_weight_columns():
     keep = {la.name: torch.rand(la.n_units, generator=g) > 0.4 for la in layers}
     nll, n, correct = masked_nll(m, layers, batch, keep)
     ref = make_tiny_llama()
-    for la in layers:   # independent implementation: drop the deactivated units' weight columns
+    for la in layers:  # independent implementation: drop the deactivated units' weight columns
         mod = dict(ref.named_modules())[la.name]
         mod.weight.data[:, ~keep[la.name].repeat_interleave(la.group)] = 0
     with torch.no_grad():
@@ -259,10 +288,12 @@ def test_attribution_method_static_masks_save_load_and_match_the_scores(tmp_path
     sparsify_(m, SparsifyConfig(targets, method=AttributionMethod(metric="gxo")), data, progress=False)
     layer = m.model.layers[0]
     s_heads, s_neur = layer.self_attn.o_proj.params.scale, layer.mlp.down_proj.params.scale
-    assert s_heads.view(4, 16).eq(s_heads.view(4, 16)[:, :1]).all()          # whole heads
+    assert s_heads.view(4, 16).eq(s_heads.view(4, 16)[:, :1]).all()  # whole heads
     assert int((s_heads.view(4, 16)[:, 0] == 0).sum()) == 2 and int((s_neur == 0).sum()) == 32
     ref = make_tiny_llama()
-    layers = unit_layers_for(ref, [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.o_proj", "mlp.down_proj")])
+    layers = unit_layers_for(
+        ref, [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.o_proj", "mlp.down_proj")]
+    )
     scores = calibrated_scores(ref, layers, [ScoreBatch.from_ids(d) for d in data], "gxo", progress=False)
     keep = keep_masks(scores, {la.name: 0.5 if la.kind == "heads" else 0.25 for la in layers})
     assert torch.equal(s_neur.bool(), keep["model.layers.0.mlp.down_proj"])
@@ -280,9 +311,17 @@ def test_attribution_method_static_masks_save_load_and_match_the_scores(tmp_path
     assert fresh.model.layers[0].mlp.down_proj.calibration["metric"] == "gxo"
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"metric": "saliency"}, "unknown attribution metric"), ({"n_steps": 0}, "n_steps"), ({"n_steps": -3}, "n_steps"),
-    ({"rho": -1}, "rho"), ({"rho": "often"}, "rho"), ({"topk": True}, "topk")])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"metric": "saliency"}, "unknown attribution metric"),
+        ({"n_steps": 0}, "n_steps"),
+        ({"n_steps": -3}, "n_steps"),
+        ({"rho": -1}, "rho"),
+        ({"rho": "often"}, "rho"),
+        ({"topk": True}, "topk"),
+    ],
+)
 def test_attribution_method_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         method_from_spec("attribution", **options)
@@ -293,8 +332,17 @@ def test_tradeoff_curves_shape_dense_point_and_errors():
     m = make_tiny_llama()
     layers = find_unit_layers(m)
     ev, cal = [_batch(seed=10)], [_batch(seed=11)]
-    pts = tradeoff_curves(m, layers, eval_batches=ev, calibration=cal, metrics=["magnitude", "ig"], n_steps=2,
-                          sparsities=[0.0, 0.5], units=["heads", "both"], progress=False)
+    pts = tradeoff_curves(
+        m,
+        layers,
+        eval_batches=ev,
+        calibration=cal,
+        metrics=["magnitude", "ig"],
+        n_steps=2,
+        sparsities=[0.0, 0.5],
+        units=["heads", "both"],
+        progress=False,
+    )
     assert len(pts) == 2 * 2 * 2 * 2
     dense = [p for p in pts if p.sparsity == 0]
     nll, n, _ = masked_nll(m, layers, ev[0])
@@ -305,8 +353,13 @@ def test_tradeoff_curves_shape_dense_point_and_errors():
     nll, n, _ = masked_nll(m, layers, ev[0], keep)
     p = next(p for p in pts if (p.mode, p.units, p.metric, p.sparsity) == ("per-input", "heads", "magnitude", 0.5))
     assert p.perplexity == pytest.approx(math.exp(nll / n))
-    for kw, match in [({"sparsities": [1.0]}, r"\[0, 1\)"), ({"metrics": ["grad"]}, "unknown attribution metric"),
-                      ({"n_steps": 0}, "n_steps"), ({"units": ["layers"]}, "unit set"), ({"rho": -2}, "rho")]:
+    for kw, match in [
+        ({"sparsities": [1.0]}, r"\[0, 1\)"),
+        ({"metrics": ["grad"]}, "unknown attribution metric"),
+        ({"n_steps": 0}, "n_steps"),
+        ({"units": ["layers"]}, "unit set"),
+        ({"rho": -2}, "rho"),
+    ]:
         with pytest.raises(ValueError, match=match):
             tradeoff_curves(m, layers, eval_batches=ev, calibration=cal, progress=False, **kw)
     with pytest.raises(ValueError, match="calibration"):
@@ -315,9 +368,11 @@ def test_tradeoff_curves_shape_dense_point_and_errors():
 
 # ------------------------------------------------------------------------------------ multiple choice
 def _mc_records():
-    return [{"question": "what is one plus one?", "choices": ["two", "three", "a fish"], "label": 0},
-            {"question": "which is a color?", "choices": ["table", "blue"], "label": 1},
-            {"question": "pick the animal", "choices": ["cat", "stone", "rain", "glass"], "label": 0}]
+    return [
+        {"question": "what is one plus one?", "choices": ["two", "three", "a fish"], "label": 0},
+        {"question": "which is a color?", "choices": ["table", "blue"], "label": 1},
+        {"question": "pick the animal", "choices": ["cat", "stone", "rain", "glass"], "label": 0},
+    ]
 
 
 def test_mc_loading_and_errors(tmp_path):
@@ -327,9 +382,12 @@ def test_mc_loading_and_errors(tmp_path):
     q = tmp_path / "mc.json"
     q.write_text(json.dumps(_mc_records()))
     assert len(load_mc(str(q))) == 3
-    for bad, match in [([{"question": "q", "choices": ["a", "b"]}], "missing label"),
-                       ([{"question": "q", "choices": ["a", "b"], "label": 2}], "label"),
-                       ([{"question": "q", "choices": ["a"], "label": 0}], ">= 2 strings"), ([], "no records")]:
+    for bad, match in [
+        ([{"question": "q", "choices": ["a", "b"]}], "missing label"),
+        ([{"question": "q", "choices": ["a", "b"], "label": 2}], "label"),
+        ([{"question": "q", "choices": ["a"], "label": 0}], ">= 2 strings"),
+        ([], "no records"),
+    ]:
         with pytest.raises(DatasetError, match=match):
             parse_mc(bad)
     with pytest.raises(DatasetError, match="neither"):
@@ -341,10 +399,18 @@ def test_mc_accuracy_matches_unpadded_log_likelihoods():
     tok = byte_tokenizer()
     items = parse_mc(_mc_records())
     ex = tokenize_mc(tok, items)
-    pts = tradeoff_curves(m, find_unit_layers(m), mc_examples=ex, metrics=["magnitude"], sparsities=[0.0],
-                          units=["both"], modes=["per-input"], progress=False)
+    pts = tradeoff_curves(
+        m,
+        find_unit_layers(m),
+        mc_examples=ex,
+        metrics=["magnitude"],
+        sparsities=[0.0],
+        units=["both"],
+        modes=["per-input"],
+        progress=False,
+    )
     correct = 0
-    for it in items:   # reference: each choice alone, no padding
+    for it in items:  # reference: each choice alone, no padding
         prompt = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
         ll = []
         for c in it.choices:
@@ -362,9 +428,34 @@ def test_cli_attribution_writes_curves(tiny_model_dir, text_file, tmp_path, caps
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps(r) for r in _mc_records()))
     out = tmp_path / "curves"
-    rc = main(["attribution", "--model", tiny_model_dir, "--data", text_file, "--metrics", "magnitude,cor_gxo",
-               "--sparsity", "0,0.5", "--eval-samples", "2", "--seq-len", "16", "--calib-samples", "2",
-               "--calib-seq-len", "16", "--mc", str(mc), "--out", str(out), "--no-progress", "--rho", "auto"])
+    rc = main(
+        [
+            "attribution",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_file,
+            "--metrics",
+            "magnitude,cor_gxo",
+            "--sparsity",
+            "0,0.5",
+            "--eval-samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--calib-samples",
+            "2",
+            "--calib-seq-len",
+            "16",
+            "--mc",
+            str(mc),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--rho",
+            "auto",
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader(open(out / "curves.csv")))
     assert len(rows) == 2 * 3 * 2 * 2 and all(r["mc_items"] == "3" for r in rows)
@@ -372,9 +463,16 @@ def test_cli_attribution_writes_curves(tiny_model_dir, text_file, tmp_path, caps
     assert "cor_gxo" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--metrics", "magnitude,saliency"], "unknown attribution metric"), (["--n-steps", "0"], "n_steps"),
-    (["--sparsity", "0:1:0.5"], r"\[0, 1\)"), (["--rho", "lots"], "rho"), (["--no-corpus"], "--mc")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--metrics", "magnitude,saliency"], "unknown attribution metric"),
+        (["--n-steps", "0"], "n_steps"),
+        (["--sparsity", "0:1:0.5"], r"\[0, 1\)"),
+        (["--rho", "lots"], "rho"),
+        (["--no-corpus"], "--mc"),
+    ],
+)
 def test_cli_attribution_bad_input(args, match, capsys, tmp_path):
     assert main(["attribution", "--out", str(tmp_path / "x"), *args]) == 2
     assert re.search(match, capsys.readouterr().err)

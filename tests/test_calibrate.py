@@ -1,4 +1,5 @@
 """Sequential calibration: checked against a slow, independent reference (full passes, exact quantile)."""
+
 import copy
 
 import pytest
@@ -12,12 +13,16 @@ from actsparse.data import prepare_batches
 from actsparse.eval import SparsityMonitor
 from actsparse.sparse_linear import sparsify_tensor
 
+
 def _taus(*args, **kwargs):
     return {n: p.threshold for n, p in calibrate_thresholds(*args, **kwargs).items()}
 
 
-ALL7 = {TargetScope(patterns=[r".*(q|k|v|o)_proj"]): 0.4, TargetScope(patterns=[r".*(gate|up)_proj"]): 0.3,
-        TargetScope(patterns=[r".*down_proj"]): 0.5}
+ALL7 = {
+    TargetScope(patterns=[r".*(q|k|v|o)_proj"]): 0.4,
+    TargetScope(patterns=[r".*(gate|up)_proj"]): 0.3,
+    TargetScope(patterns=[r".*down_proj"]): 0.5,
+}
 
 
 def _reference_thresholds(model, data, targets, ours):
@@ -28,8 +33,10 @@ def _reference_thresholds(model, data, targets, ours):
     for k, name in enumerate(targets):
         earlier = list(targets)[:k]
         seen = []
-        handles = [modules[n].register_forward_pre_hook(
-            lambda m, a, n=n: (sparsify_tensor(a[0], torch.tensor(ours[n])),)) for n in earlier]
+        handles = [
+            modules[n].register_forward_pre_hook(lambda m, a, n=n: (sparsify_tensor(a[0], torch.tensor(ours[n])),))
+            for n in earlier
+        ]
         handles.append(modules[name].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1))))
         with torch.no_grad():
             for x in data:
@@ -53,10 +60,9 @@ def test_thresholds_are_sequential_exact_quantiles(tiny_llama, calib_data):
 
 def test_measured_sparsity_on_calibration_data_equals_target(tiny_llama, calib_data):
     A.sparsify_activations(tiny_llama, calib_data, ALL7, progress=False)
-    with SparsityMonitor(tiny_llama) as mon:
-        with torch.no_grad():
-            for x in calib_data:
-                tiny_llama(x)
+    with SparsityMonitor(tiny_llama) as mon, torch.no_grad():
+        for x in calib_data:
+            tiny_llama(x)
     for n, s in mon.sparsity().items():
         assert s == pytest.approx(mon.targets()[n], abs=2e-3), n
 
@@ -74,10 +80,9 @@ def test_whole_model_fallback_gives_same_thresholds(tiny_llama, calib_data, monk
 def test_targets_outside_the_block_stack_use_the_whole_model(tiny_llama, calib_data):
     scopes = {TargetScope(names=["lm_head"]): 0.5, TargetScope(patterns=[r".*down_proj"]): 0.5}
     A.sparsify_activations(tiny_llama, calib_data, scopes, progress=False)
-    with SparsityMonitor(tiny_llama) as mon:
-        with torch.no_grad():
-            for x in calib_data:
-                tiny_llama(x)
+    with SparsityMonitor(tiny_llama) as mon, torch.no_grad():
+        for x in calib_data:
+            tiny_llama(x)
     assert mon.sparsity()["lm_head"] == pytest.approx(0.5, abs=2e-3)
 
 
@@ -98,11 +103,11 @@ def test_ema_statistic_follows_nncf_rule(tiny_llama, calib_data):
     """With one target layer, NNCF's EMA threshold is the adjusted EWM of per-batch quantiles."""
     name = "model.layers.0.mlp.up_proj"
     targets = {name: 0.3}
-    got = _taus(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(statistic="ema"),
-                               progress=False)[name]
+    got = _taus(tiny_llama, prepare_batches(calib_data), targets, QuantileMethod(statistic="ema"), progress=False)[name]
     per_batch = []
     h = dict(tiny_llama.named_modules())[name].register_forward_pre_hook(
-        lambda m, a: per_batch.append(torch.quantile(a[0].abs().reshape(-1), 0.3).item()))
+        lambda m, a: per_batch.append(torch.quantile(a[0].abs().reshape(-1), 0.3).item())
+    )
     with torch.no_grad():
         for x in calib_data:
             tiny_llama(x)
@@ -141,8 +146,9 @@ def test_non_hf_module_with_sequential_blocks():
             super().__init__()
             torch.manual_seed(0)
             self.emb = nn.Embedding(50, 16)
-            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
-                                         for _ in range(2)])
+            self.blocks = nn.ModuleList(
+                [nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(2)]
+            )
 
         def forward(self, input_ids):
             h = self.emb(input_ids)

@@ -16,9 +16,26 @@ def _run(capsys, argv):
 def test_calibrate_then_eval_with_json(tiny_model_dir, text_file, tmp_path, capsys):
     out = str(tmp_path / "th.safetensors")
     common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress"]
-    code, stdout, _ = _run(capsys, ["calibrate", *common, "--scope", ".*down_proj.*=0.5", "--scope",
-                                    ".*up_proj.*=0.3", "--calib-samples", "6", "--calib-seq-len", "32",
-                                    "--calib-batch-size", "4", "--out", out, "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "calibrate",
+            *common,
+            "--scope",
+            ".*down_proj.*=0.5",
+            "--scope",
+            ".*up_proj.*=0.3",
+            "--calib-samples",
+            "6",
+            "--calib-seq-len",
+            "32",
+            "--calib-batch-size",
+            "4",
+            "--out",
+            out,
+            "--json",
+        ],
+    )
     assert code == 0
     cal = json.loads(stdout)
     assert cal["layers"] == 4 and cal["calibration_tokens"] == 6 * 32 and cal["out"] == out
@@ -43,12 +60,17 @@ def test_eval_table_and_per_layer(tiny_model_dir, text_file, tmp_path, capsys):
     assert "gate_proj" in stdout and "model.layers.1.mlp.down_proj" in stdout and "token perplexity" in stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["calibrate", "--scope", ".*nothing.*=0.3", "--calib-samples", "2", "--calib-seq-len", "16"],
-     "matches no module"),
-    (["calibrate", "--scope", ".*up_proj.*=1.5", "--calib-samples", "2", "--calib-seq-len", "16"], r"\[0, 1\]"),
-    (["eval", "--thresholds", "missing.safetensors"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["calibrate", "--scope", ".*nothing.*=0.3", "--calib-samples", "2", "--calib-seq-len", "16"],
+            "matches no module",
+        ),
+        (["calibrate", "--scope", ".*up_proj.*=1.5", "--calib-samples", "2", "--calib-seq-len", "16"], r"\[0, 1\]"),
+        (["eval", "--thresholds", "missing.safetensors"], "does not exist"),
+    ],
+)
 def test_errors_are_one_line_and_exit_2(tiny_model_dir, text_file, tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = _run(capsys, [*argv, "--model", tiny_model_dir, "--data", text_file, "--no-progress"])
@@ -77,9 +99,24 @@ def test_version(capsys):
 def test_scap_config_export_and_eval_import(tiny_model_dir, text_file, tmp_path, capsys):
     common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress"]
     out, js = str(tmp_path / "th.safetensors"), str(tmp_path / "calibrated_thresholds.json")
-    code, stdout, _ = _run(capsys, ["calibrate", *common, "--scap-config", "up,median,0.4,down,zero,0.5",
-                                    "--calib-samples", "4", "--calib-seq-len", "32", "--out", out,
-                                    "--export-scap", js, "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "calibrate",
+            *common,
+            "--scap-config",
+            "up,median,0.4,down,zero,0.5",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--out",
+            out,
+            "--export-scap",
+            js,
+            "--json",
+        ],
+    )
     assert code == 0
     cal = json.loads(stdout)
     assert cal["method"]["name"] == "scap" and cal["layers"] == 4 and cal["scap_json"] == js
@@ -95,18 +132,33 @@ def test_scap_config_export_and_eval_import(tiny_model_dir, text_file, tmp_path,
 
 
 def test_method_and_options_from_the_command_line(tiny_model_dir, text_file, tmp_path, capsys):
-    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress", "--calib-samples", "4",
-              "--calib-seq-len", "32", "--out", str(tmp_path / "t.safetensors"), "--json"]
-    code, stdout, _ = _run(capsys, ["calibrate", *common, "--method", "teal-greedy", "--option", "step=0.1",
-                                    "--scope", r".*_proj=0.4"])
+    common = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        text_file,
+        "--no-progress",
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "t.safetensors"),
+        "--json",
+    ]
+    code, stdout, _ = _run(
+        capsys, ["calibrate", *common, "--method", "teal-greedy", "--option", "step=0.1", "--scope", r".*_proj=0.4"]
+    )
     assert code == 0
     m = json.loads(stdout)["method"]
     assert (m["name"], m["allocation"], m["step"]) == ("teal", "greedy", 0.1)
-    for argv, message in [(["--method", "nope"], "unknown calibration method"),
-                          (["--method", "teal", "--option", "speed=3"], "no option"),
-                          (["--method", "teal", "--option", "step=abc"], r"bad option value in \{'step': 'abc'\}"),
-                          (["--scap-config", "up,zero"], "triplets"),
-                          (["--scap-config", "up,zero,0.3", "--scope", ".*=0.2"], "not both")]:
+    for argv, message in [
+        (["--method", "nope"], "unknown calibration method"),
+        (["--method", "teal", "--option", "speed=3"], "no option"),
+        (["--method", "teal", "--option", "step=abc"], r"bad option value in \{'step': 'abc'\}"),
+        (["--scap-config", "up,zero"], "triplets"),
+        (["--scap-config", "up,zero,0.3", "--scope", ".*=0.2"], "not both"),
+    ]:
         code, _, err = _run(capsys, ["calibrate", *common, *argv])
         assert code == 2 and re.search(message, err), (argv, err)
     with pytest.raises(SystemExit):  # the KEY=VALUE syntax is argparse's to refuse, with the sweep specs' message
@@ -116,18 +168,43 @@ def test_method_and_options_from_the_command_line(tiny_model_dir, text_file, tmp
 
 def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "sw"
-    code, stdout, _ = _run(capsys, ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
-                                    "--methods", "quantile,wina", "--sparsity", "0.3:0.5:0.2", "--calib-samples", "4",
-                                    "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "300",
-                                    "--out", str(out)])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "sweep",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_file,
+            "--no-progress",
+            "--methods",
+            "quantile,wina",
+            "--sparsity",
+            "0.3:0.5:0.2",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--context",
+            "64",
+            "--eval-tokens",
+            "300",
+            "--out",
+            str(out),
+        ],
+    )
     assert code == 0
     assert "quantile" in stdout and "wina" in stdout and "dense" in stdout
     rows = (out / "sweep.csv").read_text().strip().splitlines()
     assert rows[0].startswith("method,target,measured") and len(rows) == 1 + 1 + 4
     data = json.loads((out / "sweep.json").read_text())
     pts = data["points"]
-    assert [(p["method"], p["target"]) for p in pts] == [("quantile", 0.3), ("quantile", 0.5), ("wina", 0.3),
-                                                         ("wina", 0.5)]
+    assert [(p["method"], p["target"]) for p in pts] == [
+        ("quantile", 0.3),
+        ("quantile", 0.5),
+        ("wina", 0.3),
+        ("wina", 0.5),
+    ]
     assert all(abs(p["measured"] - p["target"]) < 0.1 for p in pts)
     assert all(p["token_perplexity"] != data["dense_token_perplexity"] for p in pts)  # random model: any direction
     assert (out / "sweep.png").stat().st_size > 1000
@@ -136,10 +213,32 @@ def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
 def test_sweep_method_options_label_the_points(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "sw"
     specs = ["quantile", "teal-greedy:step=0.5", "teal-greedy:step=0.05:greedy_tokens=None"]
-    code, stdout, _ = _run(capsys, ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
-                                    "--methods", ",".join(specs), "--sparsity", "0.4", "--calib-samples", "4",
-                                    "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "300",
-                                    "--out", str(out), "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "sweep",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_file,
+            "--no-progress",
+            "--methods",
+            ",".join(specs),
+            "--sparsity",
+            "0.4",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--context",
+            "64",
+            "--eval-tokens",
+            "300",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert code == 0
     result = json.loads(stdout)
     assert [p["method"] for p in result["points"]] == specs
@@ -153,14 +252,19 @@ def test_sweep_method_options_label_the_points(tiny_model_dir, text_file, tmp_pa
     assert [r.split(",")[0] for r in rows[1:]] == ["dense", *specs]
 
 
-@pytest.mark.parametrize("methods, match", [
-    ("quantile,teal-greedy:stepp=0.1", r"sweep method 'teal-greedy:stepp=0.1': .*no option\(s\) \['stepp'\]"),
-    ("quantile,teal-greedy:step=0", r"'teal-greedy:step=0': step must be in \(0, 1\]"),
-    ("teal-greedy:step=0.1,quantile,teal-greedy:step=0.1", "'teal-greedy:step=0.1' is given twice"),
-])
+@pytest.mark.parametrize(
+    "methods, match",
+    [
+        ("quantile,teal-greedy:stepp=0.1", r"sweep method 'teal-greedy:stepp=0.1': .*no option\(s\) \['stepp'\]"),
+        ("quantile,teal-greedy:step=0", r"'teal-greedy:step=0': step must be in \(0, 1\]"),
+        ("teal-greedy:step=0.1,quantile,teal-greedy:step=0.1", "'teal-greedy:step=0.1' is given twice"),
+    ],
+)
 def test_sweep_bad_method_spec_fails_before_the_model_loads(tmp_path, capsys, methods, match):
-    code, _, err = _run(capsys, ["sweep", "--model", str(tmp_path / "no-such-model"), "--methods", methods,
-                                 "--out", str(tmp_path / "sw")])
+    code, _, err = _run(
+        capsys,
+        ["sweep", "--model", str(tmp_path / "no-such-model"), "--methods", methods, "--out", str(tmp_path / "sw")],
+    )
     assert code == 2 and re.search(match, err), err
     assert err.count("\n") == 1 and not (tmp_path / "sw").exists()
 
@@ -173,10 +277,30 @@ def test_sweep_bad_sparsity_list(tiny_model_dir, capsys, text, match):
 
 def test_calibrate_reports_activation_ratio_thresholds_and_plot(tiny_model_dir, text_file, tmp_path, capsys):
     png = tmp_path / "ratio.png"
-    code, stdout, _ = _run(capsys, ["calibrate", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
-                                    "--method", "topk", "--scope", r".*down_proj=0.75", "--calib-samples", "4",
-                                    "--calib-seq-len", "32", "--out", str(tmp_path / "t.safetensors"),
-                                    "--plot", str(png), "--per-layer"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "calibrate",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_file,
+            "--no-progress",
+            "--method",
+            "topk",
+            "--scope",
+            r".*down_proj=0.75",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "t.safetensors"),
+            "--plot",
+            str(png),
+            "--per-layer",
+        ],
+    )
     assert code == 0
     assert "average activation ratio on the calibration data: 0.250" in stdout  # top-k: exact
     assert "model.layers.1.mlp.down_proj" in stdout and png.stat().st_size > 1000

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main
@@ -13,17 +14,25 @@ from actsparse.errors import ConfigFileError
 from actsparse.io import read_thresholds
 from actsparse.methods import method_from_spec, registered_methods
 
-from conftest import make_tiny_llama
-
-NON_DEFAULT = {"quantile": {"statistic": "ema", "ema_alpha": 0.3}, "teal": {"step": 0.1, "greedy_tokens": None},
-               "scap": {"mode": "median", "modes": {".*down_proj": "zero"}}, "wina": {"topk": True},
-               "sparsing-law": {"metric": "fat", "epsilon": 0.02}, "attribution": {"metric": "gxo", "n_steps": 4}}
+NON_DEFAULT = {
+    "quantile": {"statistic": "ema", "ema_alpha": 0.3},
+    "teal": {"step": 0.1, "greedy_tokens": None},
+    "scap": {"mode": "median", "modes": {".*down_proj": "zero"}},
+    "wina": {"topk": True},
+    "sparsing-law": {"metric": "fat", "epsilon": 0.02},
+    "attribution": {"metric": "gxo", "n_steps": 4},
+}
 
 
 def _config(method):
-    return A.SparsifyConfig({A.TargetScope(patterns=[".*up_proj.*"]): 0.3,
-                             A.TargetScope(names=["model.layers.0.mlp.down_proj"], patterns=[".*down_proj$"]): 0.5},
-                            A.IgnoredScope(patterns=[".*layers\\.1\\.mlp\\.up_proj"], validate=False), method)
+    return A.SparsifyConfig(
+        {
+            A.TargetScope(patterns=[".*up_proj.*"]): 0.3,
+            A.TargetScope(names=["model.layers.0.mlp.down_proj"], patterns=[".*down_proj$"]): 0.5,
+        },
+        A.IgnoredScope(patterns=[".*layers\\.1\\.mlp\\.up_proj"], validate=False),
+        method,
+    )
 
 
 @pytest.mark.parametrize("name", registered_methods())
@@ -42,8 +51,9 @@ def test_every_method_round_trips_through_the_file(name, tmp_path):
 def test_a_loaded_config_calibrates_the_same_thresholds(calib_data, tmp_path):
     config = A.SparsifyConfig({".*(up|down)_proj": 0.4}, None, A.TealMethod(step=0.1))
     a = A.sparsify_(make_tiny_llama(), config, calib_data, progress=False)
-    b = A.sparsify_(make_tiny_llama(), A.SparsifyConfig.load(config.save(str(tmp_path / "c.json"))), calib_data,
-                    progress=False)
+    b = A.sparsify_(
+        make_tiny_llama(), A.SparsifyConfig.load(config.save(str(tmp_path / "c.json"))), calib_data, progress=False
+    )
     ta = {n: m.act_threshold for n, m in A.sparse_layers(a).items()}
     tb = {n: m.act_threshold for n, m in A.sparse_layers(b).items()}
     assert ta.keys() == tb.keys() and len(ta) == 4
@@ -64,26 +74,29 @@ def _edit(**changes):
     return d
 
 
-@pytest.mark.parametrize("data, message", [
-    (_edit(version=CONFIG_VERSION + 1), "upgrade actsparse"),
-    (_edit(version="1"), "positive integer"),
-    (_edit(format="nncf.config"), "not an actsparse sparsify config"),
-    (_edit(format=None), "missing key(s) ['format']"),
-    (_edit(extra=1), "unknown key(s) ['extra']"),
-    (_edit(targets=[]), "non-empty list"),
-    (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": 1.5}]), "sparsity must be a number in [0, 1]"),
-    (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": True}]), "sparsity must be a number in [0, 1]"),
-    (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": 0.3, "sparsty": 0.3}]), "unknown key(s) ['sparsty']"),
-    (_edit(targets=[{"patterns": "up_proj", "sparsity": 0.3}]), "list of strings"),
-    (_edit(targets=[{"patterns": ["("], "sparsity": 0.3}]), "targets[0]"),
-    (_edit(targets=[{"sparsity": 0.3}]), "at least one name or pattern"),
-    (_edit(ignored_scope={"pattern": ["x"]}), "unknown key(s) ['pattern']"),
-    (_edit(method={"name": "teal", "stepp": 0.1}), "no option(s) ['stepp']"),
-    (_edit(method={"name": "nope"}), "unknown calibration method 'nope'"),
-    (_edit(method={"name": "teal", "step": -1}), "step must be in (0, 1]"),
-    (_edit(method="quantile"), "expected {\"name\""),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_edit(version=CONFIG_VERSION + 1), "upgrade actsparse"),
+        (_edit(version="1"), "positive integer"),
+        (_edit(format="nncf.config"), "not an actsparse sparsify config"),
+        (_edit(format=None), "missing key(s) ['format']"),
+        (_edit(extra=1), "unknown key(s) ['extra']"),
+        (_edit(targets=[]), "non-empty list"),
+        (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": 1.5}]), "sparsity must be a number in [0, 1]"),
+        (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": True}]), "sparsity must be a number in [0, 1]"),
+        (_edit(targets=[{"patterns": [".*up_proj"], "sparsity": 0.3, "sparsty": 0.3}]), "unknown key(s) ['sparsty']"),
+        (_edit(targets=[{"patterns": "up_proj", "sparsity": 0.3}]), "list of strings"),
+        (_edit(targets=[{"patterns": ["("], "sparsity": 0.3}]), "targets[0]"),
+        (_edit(targets=[{"sparsity": 0.3}]), "at least one name or pattern"),
+        (_edit(ignored_scope={"pattern": ["x"]}), "unknown key(s) ['pattern']"),
+        (_edit(method={"name": "teal", "stepp": 0.1}), "no option(s) ['stepp']"),
+        (_edit(method={"name": "nope"}), "unknown calibration method 'nope'"),
+        (_edit(method={"name": "teal", "step": -1}), "step must be in (0, 1]"),
+        (_edit(method="quantile"), 'expected {"name"'),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_bad_configs_name_the_field(data, message):
     with pytest.raises(ConfigFileError) as e:
         config_from_dict(data)
@@ -105,11 +118,37 @@ def test_unreadable_files_and_unwritable_configs(tmp_path):
 
 
 def test_cli_config_file_equals_the_flags_and_is_recorded(tiny_model_dir, text_file, tmp_path, capsys):
-    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress", "--calib-samples", "2",
-              "--calib-seq-len", "32"]
+    common = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        text_file,
+        "--no-progress",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+    ]
     flags, cfg = str(tmp_path / "flags.safetensors"), str(tmp_path / "cfg.json")
-    assert main(["calibrate", *common, "--scope", ".*down_proj.*=0.5", "--method", "teal", "--option", "step=0.1",
-                 "--save-config", cfg, "--out", flags]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                *common,
+                "--scope",
+                ".*down_proj.*=0.5",
+                "--method",
+                "teal",
+                "--option",
+                "step=0.1",
+                "--save-config",
+                cfg,
+                "--out",
+                flags,
+            ]
+        )
+        == 0
+    )
     saved = load_config(cfg)
     assert saved.method == A.TealMethod(step=0.1)
     from_file = str(tmp_path / "file.safetensors")

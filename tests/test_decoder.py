@@ -6,8 +6,14 @@ import warnings
 import pytest
 import torch
 from conftest import VOCAB, byte_tokenizer, make_tiny_llama
-from transformers import (MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import actsparse as A
 import actsparse.kernels as K
@@ -15,8 +21,16 @@ from actsparse.engine import Decoder, select_next
 from actsparse.errors import DecoderError
 from actsparse.generation import dense_view, generate
 
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
 
 
 def _tiny(arch: str, seed: int = 0):
@@ -48,8 +62,9 @@ def _sparsify(model, sparsity=0.4):
 
 def _hf(model, ids, n, **kw):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
-                              output_logits=True, **kw)
+        return model.generate(
+            ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True, **kw
+        )
 
 
 ARCHS = ["llama", "mistral", "qwen2", "mixtral"]
@@ -94,7 +109,7 @@ def test_batch_of_equal_length_prompts_equals_hf_generate():
 def test_stops_at_eos_like_hf_generate(sync_every):
     model = _tiny("llama")
     ids = _ids()
-    free = Decoder(model, 64).generate(ids, 16, eos_token_id=[])[0, ids.shape[1]:].tolist()
+    free = Decoder(model, 64).generate(ids, 16, eos_token_id=[])[0, ids.shape[1] :].tolist()
     k = next(i for i in range(3, 16) if free[i] not in free[:i])  # first occurrence of some token
     model.generation_config.eos_token_id = free[k]
     ref = _hf(model, ids, 16).sequences
@@ -103,7 +118,7 @@ def test_stops_at_eos_like_hf_generate(sync_every):
     assert out.stop_reason == "eos" and out.new_tokens == k + 1 and torch.equal(out.sequences, ref)
     streamed: list[int] = []
     dec.run(ids, 16, on_tokens=streamed.extend)
-    assert streamed == free[:k + 1]
+    assert streamed == free[: k + 1]
 
 
 def test_batch_rows_stopping_at_eos_are_padded():
@@ -114,14 +129,13 @@ def test_batch_rows_stopping_at_eos_are_padded():
     got = Decoder(model, 64, batch_size=2).run(ids, 10, eos_token_id=eos, pad_token_id=VOCAB - 1)
     row0 = got.sequences[0, 5:].tolist()
     first = row0.index(eos)
-    assert row0[:first + 1] == free[0, :first + 1].tolist() and set(row0[first + 1:]) <= {VOCAB - 1}
+    assert row0[: first + 1] == free[0, : first + 1].tolist() and set(row0[first + 1 :]) <= {VOCAB - 1}
 
 
 def test_sampling_is_seeded_and_matches_the_eager_loop():
     model = _sparsify(_tiny("llama"), 0.3)
     tok = byte_tokenizer()
-    kw = dict(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.8, stop_at_eos=False,
-              measure_sparsity=False)
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.8, stop_at_eos=False, measure_sparsity=False)
     a = generate(model, tok, "abc", seed=3, engine="graph", **kw)
     b = generate(model, tok, "abc", seed=3, engine="graph", **kw)
     c = generate(model, tok, "abc", seed=4, engine="graph", **kw)
@@ -142,6 +156,7 @@ def _count_gemv_backend(counts):
     def backend(gm, example_inputs):
         counts.append(sum(1 for n in gm.graph.nodes if "actsparse.sparse_gemv" in str(n.target)))
         return gm.forward
+
     return backend
 
 
@@ -166,7 +181,8 @@ def test_compiled_step_with_kernels_is_one_graph_with_one_launch_per_group():
     eager = Decoder(model, 64).run(ids, 6, output_logits=True)
     counts: list[int] = []
     out = Decoder(model, 64, compile=True, backend=_count_gemv_backend(counts), fallback=False).run(
-        ids, 6, output_logits=True)
+        ids, 6, output_logits=True
+    )
     # one graph (fullgraph) with q/k/v, o, gate/up, down: 4 launches per block, 2 blocks
     assert counts == [8]
     assert torch.equal(out.sequences, eager.sequences)
@@ -252,11 +268,14 @@ def test_weights_edited_after_enable_kernels_are_refused():
 
 def test_offloaded_model_decodes_eagerly():
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
     model = _tiny("llama")
     ids = _ids()
     ref = _hf(model, ids, 6).sequences
-    add_hook_to_module(model.model.layers[1], AlignDevicesHook(execution_device="cpu", offload=True,
-                                                               weights_map=model.model.layers[1].state_dict()))
+    add_hook_to_module(
+        model.model.layers[1],
+        AlignDevicesHook(execution_device="cpu", offload=True, weights_map=model.model.layers[1].state_dict()),
+    )
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         dec = Decoder(model, 64, compile=True, backend="aot_eager")

@@ -48,16 +48,18 @@ def test_graph_decoder_with_kernels_equals_the_eager_decoder():
     assert graph.mode == "graph" and eager.mode == "eager"
     # the compiled step rounds as eager does and the kernel is the same op: the same logits, hence the same tokens
     torch.testing.assert_close(graph.logits[1], eager.logits[1], rtol=0, atol=0)
-    same = next((i for i, (a, b) in enumerate(zip(graph.sequences[0].tolist(), eager.sequences[0].tolist()))
-                 if a != b), None)
+    same = next(
+        (i for i, (a, b) in enumerate(zip(graph.sequences[0].tolist(), eager.sequences[0].tolist())) if a != b), None
+    )
     assert same is None, f"first difference at position {same}"
 
 
 def test_graph_sampling_equals_the_eager_loop_and_streams():
     model = _model(torch.float32, 0.4)
     tok = byte_tokenizer()
-    kw = dict(max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=5, stop_at_eos=False,
-              measure_sparsity=False)
+    kw = dict(
+        max_new_tokens=24, do_sample=True, temperature=0.8, top_p=0.9, seed=5, stop_at_eos=False, measure_sparsity=False
+    )
     chunks: list[str] = []
     graph = generate(model, tok, "hello", engine="graph", stream=chunks.append, **kw)
     loop = generate(model, tok, "hello", engine="eager", **kw)

@@ -1,5 +1,6 @@
 """Big models: a model loaded with an accelerate device map, part of it offloaded to disk, must calibrate, apply,
 save/load and evaluate exactly like the same model loaded plainly on the CPU."""
+
 import json
 import math
 import re
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
+from conftest import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.models
@@ -16,7 +18,6 @@ from actsparse.cli import main
 from actsparse.eval import perplexity
 from actsparse.models import DEVICE_MAPS, load_model, parse_max_memory
 from actsparse.offload import model_device
-from conftest import byte_tokenizer, make_tiny_llama
 
 RECIPE = {A.TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3, A.TargetScope(patterns=[".*down_proj.*"]): 0.5}
 # 4 blocks of 144.5 KiB (fp32) + embedding and head of 64 KiB: 706 KiB. With 400 KiB of CPU, accelerate keeps the
@@ -150,13 +151,15 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
 
 
-def test_auto_without_max_memory_checks_the_default_budget_before_loading(model_dir, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_auto_without_max_memory_checks_the_default_budget_before_loading(model_dir, tmp_path, monkeypatch, capsys):
     budget = default_budget(monkeypatch, 400 * 2**10)  # as SPLIT: blocks 1-3 would go to disk
     assert set(budget) == {"cpu"} and 300 * 2**10 <= budget["cpu"] <= 400 * 2**10  # transformers 5 keeps 10% back
     loads = []
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: loads.append(a) or pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: loads.append(a) or pytest.fail("the weights were loaded"),
+    )
     before = snapshot(model_dir)
     need = sum(p.numel() * 4 for p in make_tiny_llama(layers=4).parameters())
     for device_map in DEVICE_MAPS:
@@ -178,8 +181,7 @@ def test_auto_without_max_memory_checks_the_default_budget_before_loading(model_
     assert actsparse.models._default_max_memory("auto") == {"cpu": int(budget["cpu"])}  # planned with those
 
 
-def test_auto_without_max_memory_loads_within_a_big_enough_default_budget(model_dir, tmp_path, calib_data,
-                                                                         monkeypatch):
+def test_auto_without_max_memory_loads_within_a_big_enough_default_budget(model_dir, tmp_path, calib_data, monkeypatch):
     plain, _ = load_model(model_dir)
     before = snapshot(model_dir)
     with torch.no_grad():
@@ -220,29 +222,35 @@ def test_parse_max_memory():
     assert parse_max_memory(None) is None
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("cpu:2GiB", "DEVICE=SIZE"),
-    ("cpu=2G", "bad size '2G' for 'cpu'"),
-    ("cpu=lots", "bad size"),
-    ("gpu=1GiB", "unknown device 'gpu'"),
-    ("cpu=1GiB,cpu=2GiB", "names 'cpu' twice"),
-    (" , ", "empty"),
-    (f"{torch.cuda.device_count()}=1GiB", "GPU(s)"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("cpu:2GiB", "DEVICE=SIZE"),
+        ("cpu=2G", "bad size '2G' for 'cpu'"),
+        ("cpu=lots", "bad size"),
+        ("gpu=1GiB", "unknown device 'gpu'"),
+        ("cpu=1GiB,cpu=2GiB", "names 'cpu' twice"),
+        (" , ", "empty"),
+        (f"{torch.cuda.device_count()}=1GiB", "GPU(s)"),
+    ],
+)
 def test_bad_max_memory(spec, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         parse_max_memory(spec)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"device_map": "fastest"}, "unknown device_map 'fastest'; choose one of auto, balanced, sequential"),
-    ({"device_map": "auto", "device": "cpu"}, "not both"),
-    ({"max_memory": "cpu=1GiB"}, "add device_map='auto'"),
-    ({"offload_folder": "off"}, "add device_map='auto'"),
-    ({"device_map": {"": "disk"}}, "offload_folder=DIR"),
-    ({"device_map": {"": "cpu"}, "max_memory": "cpu=1GiB"}, "drop one of them"),
-    ({"device_map": "auto", "max_memory": "cpu=1"}, "does not fit in max_memory"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"device_map": "fastest"}, "unknown device_map 'fastest'; choose one of auto, balanced, sequential"),
+        ({"device_map": "auto", "device": "cpu"}, "not both"),
+        ({"max_memory": "cpu=1GiB"}, "add device_map='auto'"),
+        ({"offload_folder": "off"}, "add device_map='auto'"),
+        ({"device_map": {"": "disk"}}, "offload_folder=DIR"),
+        ({"device_map": {"": "cpu"}, "max_memory": "cpu=1GiB"}, "drop one of them"),
+        ({"device_map": "auto", "max_memory": "cpu=1"}, "does not fit in max_memory"),
+    ],
+)
 def test_bad_device_map_options(model_dir, kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         load_model(model_dir, **kwargs)
@@ -276,8 +284,9 @@ def test_cli_calibrate_and_eval_with_device_map(model_dir, text_file, tmp_path, 
     placed = load_model(model_dir, device_map="auto", max_memory=SPLIT, offload_folder=str(tmp_path / "o"))[0]
     map_file = tmp_path / "map.json"
     map_file.write_text(json.dumps(placed.hf_device_map))
-    dense_off, _ = run(["eval", *common, "--device-map", str(map_file), "--offload-folder", str(tmp_path / "o2"),
-                        "--context", "64"])
+    dense_off, _ = run(
+        ["eval", *common, "--device-map", str(map_file), "--offload-folder", str(tmp_path / "o2"), "--context", "64"]
+    )
     dense_plain, _ = run(["eval", *common, *plain, "--context", "64"])
     assert math.isclose(dense_off["token_perplexity"], dense_plain["token_perplexity"], rel_tol=1e-6)
     assert dense_off["token_perplexity"] != ev_off["token_perplexity"]

@@ -1,4 +1,5 @@
 """CPU always; CUDA too where a GPU is present (run on the GPU machine: see the closing note)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

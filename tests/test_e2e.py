@@ -1,4 +1,5 @@
 """End-to-end on the embedded SmolLM2-135M and Lee corpus (marked e2e; ~1-2 min on 2 cores)."""
+
 import json
 
 import pytest
@@ -40,8 +41,21 @@ def test_embedded_model_sparsify_eval_save_load(embedded, tmp_path):
 
 
 def test_demo_command_prints_json(capsys):
-    code = main(["demo", "--no-progress", "--json", "--calib-samples", "4", "--calib-seq-len", "128",
-                 "--eval-tokens", "1024", "--context", "512"])
+    code = main(
+        [
+            "demo",
+            "--no-progress",
+            "--json",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "128",
+            "--eval-tokens",
+            "1024",
+            "--context",
+            "512",
+        ]
+    )
     assert code == 0
     res = json.loads(capsys.readouterr().out)
     assert res["dense"]["token_perplexity"] < res["sparse"]["token_perplexity"]
@@ -56,12 +70,22 @@ def test_embedded_attribution_heads_and_neurons(embedded):
     model, tok = embedded
     corpus = load_corpus("embedded")
     layers = find_unit_layers(model)
-    assert len(layers) == 60 and {(la.kind, la.n_units, la.group) for la in layers} == {("heads", 9, 64),
-                                                                                          ("neurons", 1536, 1)}
+    assert len(layers) == 60 and {(la.kind, la.n_units, la.group) for la in layers} == {
+        ("heads", 9, 64),
+        ("neurons", 1536, 1),
+    }
     ev = [ScoreBatch.from_ids(torch.cat(chunk_tokens(tok, corpus.evaluation, 64, 2)))]
     cal = [ScoreBatch.from_ids(torch.cat(chunk_tokens(tok, corpus.calibration, 64, 2)))]
-    pts = tradeoff_curves(model, layers, eval_batches=ev, calibration=cal, metrics=["magnitude", "gxo", "cor_gxo"],
-                          sparsities=[0.0, 0.3], units=["neurons"], progress=False)
+    pts = tradeoff_curves(
+        model,
+        layers,
+        eval_batches=ev,
+        calibration=cal,
+        metrics=["magnitude", "gxo", "cor_gxo"],
+        sparsities=[0.0, 0.3],
+        units=["neurons"],
+        progress=False,
+    )
     ppl = {(p.mode, p.metric, p.sparsity): p.perplexity for p in pts}
     dense = ppl[("per-input", "magnitude", 0.0)]
     assert 10 < dense < 80

@@ -9,8 +9,8 @@ from conftest import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main
-from actsparse.eval import SparsityMonitor
 from actsparse.cli.format import format_side_by_side
+from actsparse.eval import SparsityMonitor
 from actsparse.generation import _Detokenizer, _pick, compare_generate, dense_view, first_divergence, generate
 from actsparse.models import load_model
 
@@ -36,7 +36,7 @@ def _sparsified(sparsity: float, scope: str = ".*layers.*"):
 def _hf_greedy(model, tok, prompt: str, n: int) -> list[int]:
     ids = torch.tensor([tok(prompt)["input_ids"]])
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+        return model.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1] :].tolist()
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def test_stops_at_eos_like_model_generate(tok):
     k = next(i for i in range(2, 12) if first[i] not in first[:i])  # a token not generated before it
     model.generation_config.eos_token_id = first[k]
     r = generate(model, tok, PROMPT, max_new_tokens=12)
-    assert r.token_ids == first[:k + 1] == _hf_greedy(model, tok, PROMPT, 12) and r.stop_reason == "eos"
+    assert r.token_ids == first[: k + 1] == _hf_greedy(model, tok, PROMPT, 12) and r.stop_reason == "eos"
     assert generate(model, tok, PROMPT, max_new_tokens=12, stop_at_eos=False).token_ids == first
 
 
@@ -69,8 +69,9 @@ def test_streamed_chunks_concatenate_to_the_text(tok):
     model = _sparsified(0.3)
     for seed in range(3):  # random bytes: incomplete UTF-8 sequences must be held back, then flushed
         chunks: list[str] = []
-        r = generate(model, tok, PROMPT, max_new_tokens=40, do_sample=True, seed=seed, stop_at_eos=False,
-                     stream=chunks.append)
+        r = generate(
+            model, tok, PROMPT, max_new_tokens=40, do_sample=True, seed=seed, stop_at_eos=False, stream=chunks.append
+        )
         assert "".join(chunks) == r.text and len(chunks) > 1 and all(chunks)
 
 
@@ -144,8 +145,10 @@ def test_measured_sparsity_equals_the_fraction_below_threshold(tok):
     r = generate(model, tok, PROMPT, max_new_tokens=24, stop_at_eos=False)
     layers = A.sparse_layers(model)
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach()))
-               for n, m in layers.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach()))
+        for n, m in layers.items()
+    ]
     ids = torch.tensor([tok(PROMPT)["input_ids"] + r.token_ids[:-1]])
     with torch.no_grad():
         model(ids)
@@ -201,10 +204,9 @@ def test_compare_identical_when_nothing_is_dropped(tok):
 def test_dense_view_restores_the_model_on_error():
     model = _sparsified(0.3)
     layers = A.sparse_layers(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with dense_view(model):
-            assert not A.sparse_layers(model)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), dense_view(model):
+        assert not A.sparse_layers(model)
+        raise RuntimeError("boom")
     assert A.sparse_layers(model) == layers
 
 
@@ -219,15 +221,18 @@ def test_side_by_side_fits_the_width():
 
 
 # ------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("prompt, kwargs, message", [
-    ("", {}, "prompt is empty"),
-    ("   \n", {}, "prompt is empty"),
-    (PROMPT, {"max_new_tokens": 0}, "max_new_tokens"),
-    (PROMPT, {"max_new_tokens": -3}, "max_new_tokens"),
-    (PROMPT, {"do_sample": True, "temperature": 0.0}, "temperature"),
-    (PROMPT, {"do_sample": True, "top_p": 1.5}, "top_p"),
-    (PROMPT, {"max_new_tokens": 600}, "exceeds the model's 512 positions"),
-])
+@pytest.mark.parametrize(
+    "prompt, kwargs, message",
+    [
+        ("", {}, "prompt is empty"),
+        ("   \n", {}, "prompt is empty"),
+        (PROMPT, {"max_new_tokens": 0}, "max_new_tokens"),
+        (PROMPT, {"max_new_tokens": -3}, "max_new_tokens"),
+        (PROMPT, {"do_sample": True, "temperature": 0.0}, "temperature"),
+        (PROMPT, {"do_sample": True, "top_p": 1.5}, "top_p"),
+        (PROMPT, {"max_new_tokens": 600}, "exceeds the model's 512 positions"),
+    ],
+)
 def test_bad_input_raises_and_leaves_the_model_alone(tok, prompt, kwargs, message):
     model = _sparsified(0.3)
     before, layers = _state(model), A.sparse_layers(model)
@@ -266,16 +271,50 @@ def _run(capsys, argv):
 @pytest.fixture
 def thresholds(tiny_model_dir, text_file, tmp_path):
     out = str(tmp_path / "th.safetensors")
-    assert main(["calibrate", "--model", tiny_model_dir, "--data", text_file, "--no-progress", "--scope",
-                 ".*down_proj.*=0.5", "--scope", ".*up_proj.*=0.3", "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--out", out, "--json"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                text_file,
+                "--no-progress",
+                "--scope",
+                ".*down_proj.*=0.5",
+                "--scope",
+                ".*up_proj.*=0.3",
+                "--calib-samples",
+                "4",
+                "--calib-seq-len",
+                "32",
+                "--out",
+                out,
+                "--json",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_cli_generate_with_thresholds_json(tiny_model_dir, thresholds, capsys):
     capsys.readouterr()
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                    "--prompt", PROMPT, "--max-new-tokens", "12", "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--thresholds",
+            thresholds,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+    )
     assert code == 0
     res = json.loads(stdout)  # nothing streamed into the JSON
     assert res["thresholds"] == thresholds and res["sparse"] and res["new_tokens"] == len(res["token_ids"])
@@ -287,8 +326,10 @@ def test_cli_generate_with_thresholds_json(tiny_model_dir, thresholds, capsys):
 def test_cli_generate_streams_text_and_summary(tiny_model_dir, thresholds, capsys, monkeypatch):
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT + "\n"))
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                    "--prompt", "-", "--max-new-tokens", "10"])
+    code, stdout, _ = _run(
+        capsys,
+        ["generate", "--model", tiny_model_dir, "--thresholds", thresholds, "--prompt", "-", "--max-new-tokens", "10"],
+    )
     assert code == 0
     model, tok = load_model(tiny_model_dir)
     A.load_thresholds(model, thresholds)
@@ -300,15 +341,45 @@ def test_cli_generate_streams_text_and_summary(tiny_model_dir, thresholds, capsy
 def test_cli_generate_engines_give_the_same_tokens(tiny_model_dir, thresholds, capsys):
     runs = {}
     for engine in ("eager", "graph"):
-        code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                        "--prompt", PROMPT, "--max-new-tokens", "12", "--engine", engine, "--json"])
+        code, stdout, _ = _run(
+            capsys,
+            [
+                "generate",
+                "--model",
+                tiny_model_dir,
+                "--thresholds",
+                thresholds,
+                "--prompt",
+                PROMPT,
+                "--max-new-tokens",
+                "12",
+                "--engine",
+                engine,
+                "--json",
+            ],
+        )
         assert code == 0
         runs[engine] = json.loads(stdout)
     assert runs["eager"]["engine"] == "loop" and runs["graph"]["engine"] == "eager"  # no CUDA: the Decoder eagerly
     assert runs["eager"]["token_ids"] == runs["graph"]["token_ids"]
     assert runs["eager"]["decode_sparsity"].keys() == runs["graph"]["decode_sparsity"].keys()
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                    "--prompt", PROMPT, "--max-new-tokens", "6", "--engine", "graph", "--compare"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--thresholds",
+            thresholds,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "6",
+            "--engine",
+            "graph",
+            "--compare",
+        ],
+    )
     assert code == 0 and "static cache" in stdout  # the footer says how both ran
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "--model", tiny_model_dir, "--prompt", PROMPT, "--engine", "fast"])
@@ -318,39 +389,88 @@ def test_cli_generate_engines_give_the_same_tokens(tiny_model_dir, thresholds, c
 def test_cli_compare(tiny_model_dir, thresholds, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "70")
     capsys.readouterr()
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                    "--prompt", PROMPT, "--max-new-tokens", "8", "--compare"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--thresholds",
+            thresholds,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "8",
+            "--compare",
+        ],
+    )
     assert code == 0
     lines = stdout.splitlines()
     assert lines[0].startswith("dense") and "| sparse" in lines[0] and len(lines[1]) <= 70
     assert "decode tokens/s" in stdout and "first divergence:" in stdout
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--thresholds", thresholds,
-                                    "--prompt", PROMPT, "--max-new-tokens", "8", "--compare", "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--thresholds",
+            thresholds,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "8",
+            "--compare",
+            "--json",
+        ],
+    )
     res = json.loads(stdout)
     assert code == 0 and set(res) >= {"dense", "sparse", "first_divergence"}
     assert res["first_divergence"] == first_divergence(res["dense"]["token_ids"], res["sparse"]["token_ids"])
 
 
 def test_cli_generate_calibrates_without_thresholds(tiny_model_dir, text_file, capsys):
-    code, stdout, err = _run(capsys, ["generate", "--model", tiny_model_dir, "--data", text_file, "--no-progress",
-                                      "--calib-samples", "2", "--calib-seq-len", "32", "--prompt", PROMPT,
-                                      "--max-new-tokens", "4", "--no-stream"])
+    code, stdout, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            text_file,
+            "--no-progress",
+            "--calib-samples",
+            "2",
+            "--calib-seq-len",
+            "32",
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "4",
+            "--no-stream",
+        ],
+    )
     assert code == 0 and "no --thresholds given: calibrating" in err and "measured sparsity" in stdout
-    code, stdout, _ = _run(capsys, ["generate", "--model", tiny_model_dir, "--dense", "--prompt", PROMPT,
-                                    "--max-new-tokens", "4", "--json"])
+    code, stdout, _ = _run(
+        capsys,
+        ["generate", "--model", tiny_model_dir, "--dense", "--prompt", PROMPT, "--max-new-tokens", "4", "--json"],
+    )
     res = json.loads(stdout)
     assert code == 0 and not res["sparse"] and "calibration" not in res and res["new_tokens"] >= 1
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--prompt", ""], "prompt is empty"),
-    (["--prompt", PROMPT, "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
-    (["--prompt", PROMPT, "--temperature", "0.7"], "only with --sample"),
-    (["--prompt", PROMPT, "--sample", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
-    (["--prompt", PROMPT, "--thresholds", "missing.safetensors"], "does not exist"),
-    (["--prompt", PROMPT, "--dense", "--compare"], "--dense generates without sparsity"),
-    (["--prompt", PROMPT, "--dense", "--chat"], "no chat template"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", PROMPT, "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--prompt", PROMPT, "--temperature", "0.7"], "only with --sample"),
+        (["--prompt", PROMPT, "--sample", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+        (["--prompt", PROMPT, "--thresholds", "missing.safetensors"], "does not exist"),
+        (["--prompt", PROMPT, "--dense", "--compare"], "--dense generates without sparsity"),
+        (["--prompt", PROMPT, "--dense", "--chat"], "no chat template"),
+    ],
+)
 def test_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = _run(capsys, ["generate", "--model", tiny_model_dir, *extra])

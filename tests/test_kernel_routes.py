@@ -56,9 +56,9 @@ def test_shared_input_layers_run_as_one_launch_with_the_per_layer_result():
     K.enable_kernels(model)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj._packed is attn.k_proj._packed is attn.v_proj._packed
-    assert [r.group for r in K.kernel_routes(model).values()][:3] == [("model.layers.0.self_attn.q_proj",
-                                                                        "model.layers.0.self_attn.k_proj",
-                                                                        "model.layers.0.self_attn.v_proj")] * 3
+    assert [r.group for r in K.kernel_routes(model).values()][:3] == [
+        ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+    ] * 3
     with CountGemv() as fused:
         got = _decode_logits(model, ids)
     assert alone.n == 14 and fused.n == 8  # 7 launches per block -> 4 (q/k/v, o, gate/up, down)
@@ -75,12 +75,12 @@ def test_group_members_called_alone_or_out_of_order_stay_correct():
         want2 = attn.q_proj(x2)
         K.enable_kernels(model)
         with CountGemv() as c:
-            got_v = attn.v_proj(x)      # a follower first: it launches the group
-            got_q2 = attn.q_proj(x2)    # another input: a launch of its own (replaces what x left)
-            got_k = attn.k_proj(x)      # x again: launches the group again
-            got_q = attn.q_proj(x)      # ... and leaves q's output for x
+            got_v = attn.v_proj(x)  # a follower first: it launches the group
+            got_q2 = attn.q_proj(x2)  # another input: a launch of its own (replaces what x left)
+            got_k = attn.k_proj(x)  # x again: launches the group again
+            got_q = attn.q_proj(x)  # ... and leaves q's output for x
         assert c.n == 3
-        x.mul_(2)                       # an in-place edit of the shared input: nothing stale is returned
+        x.mul_(2)  # an in-place edit of the shared input: nothing stale is returned
         assert not torch.equal(attn.k_proj(x), got_k)
     for got, name in ((got_q, "q_proj"), (got_k, "k_proj"), (got_v, "v_proj")):
         torch.testing.assert_close(got, want[name], rtol=2e-2, atol=2e-2)
@@ -126,8 +126,15 @@ def test_dense_route_below_break_even_is_deterministic():
 def test_expected_sparsity_from_targets_and_identity_thresholds():
     torch.manual_seed(0)
     model = make_tiny_llama(hidden=64, inter=256).to(DEV, DT)
-    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": -math.inf, "model.layers.0.mlp.gate_proj": -math.inf,
-                               "model.layers.0.mlp.down_proj": 0.1, "model.layers.1.mlp.down_proj": math.inf})
+    A.apply_thresholds(
+        model,
+        {
+            "model.layers.0.mlp.up_proj": -math.inf,
+            "model.layers.0.mlp.gate_proj": -math.inf,
+            "model.layers.0.mlp.down_proj": 0.1,
+            "model.layers.1.mlp.down_proj": math.inf,
+        },
+    )
     layers = A.sparse_layers(model)
     assert K.expected_sparsity(layers["model.layers.0.mlp.up_proj"]) == 0.0
     assert K.expected_sparsity(layers["model.layers.0.mlp.down_proj"]) is None  # a threshold, no target

@@ -47,8 +47,8 @@ def check(x, packed, config=None):
     out = torch.full((packed.padded_out,), float("nan"), dtype=x.dtype, device=x.device)  # poison
     y = tg.sparse_gemv_triton(x, packed, config, out=out)
     for off, n in packed.segments:
-        assert not torch.isnan(y[off:off + n]).any(), "kernel left outputs unwritten"
-        assert rel_err(y[off:off + n], ref[off:off + n]) <= TOL[x.dtype], (off, n)
+        assert not torch.isnan(y[off : off + n]).any(), "kernel left outputs unwritten"
+        assert rel_err(y[off : off + n], ref[off : off + n]) <= TOL[x.dtype], (off, n)
     return y
 
 
@@ -57,8 +57,14 @@ def check(x, packed, config=None):
 @pytest.mark.parametrize("layout", [None, 128, 256])
 def test_kernel_matches_reference_with_shift_bias_and_segments(dtype, quantize, layout):
     x, p = make(100, [37, 300, 5], dtype, shifts=[0.3, -0.5, 0.0], bias=True, quantize=quantize, layout=layout)
-    configs = [None, tg.GemvConfig(32, 128, 3), tg.GemvConfig(16, 64, 7), tg.GemvConfig(32, 128, 2, use_dot=False),
-               tg.GemvConfig(16, 128, 2, compact=False), tg.GemvConfig(16, 128, 1, use_dot=False, compact=False)]
+    configs = [
+        None,
+        tg.GemvConfig(32, 128, 3),
+        tg.GemvConfig(16, 64, 7),
+        tg.GemvConfig(32, 128, 2, use_dot=False),
+        tg.GemvConfig(16, 128, 2, compact=False),
+        tg.GemvConfig(16, 128, 1, use_dot=False, compact=False),
+    ]
     if layout != 128:
         configs.append(tg.GemvConfig(16, 256, 1))
     for cfg in configs:
@@ -99,6 +105,7 @@ def test_threshold_compares_in_activation_dtype():
     p = K.pack([w], [0.8])
     y = tg.sparse_gemv_triton(x, p)
     from actsparse.sparse_linear import sparsify_tensor
+
     expected = sparsify_tensor(x, torch.tensor(0.8, device=DEV)).float().sum()
     assert y[0].item() == pytest.approx(expected.item())
     assert expected.item() == pytest.approx(4 * 1.0)
@@ -122,27 +129,59 @@ def test_split_k_is_deterministic_and_resets_its_counters():
 
 
 @settings(max_examples=20, deadline=None)
-@given(k=st.integers(1, 300), ns=st.lists(st.integers(1, 300), min_size=1, max_size=3),
-       dtype=st.sampled_from(DTYPES), sparsity=st.floats(0, 1),
-       shift=st.one_of(st.none(), st.floats(-2, 2)), quantize=st.sampled_from([None, "int8", "int8-sym"]),
-       split=st.integers(1, 9), layout=st.sampled_from([None, 128, 256]), compact=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    k=st.integers(1, 300),
+    ns=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    sparsity=st.floats(0, 1),
+    shift=st.one_of(st.none(), st.floats(-2, 2)),
+    quantize=st.sampled_from([None, "int8", "int8-sym"]),
+    split=st.integers(1, 9),
+    layout=st.sampled_from([None, 128, 256]),
+    compact=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 # found by hypothesis: bf16 x − μ must round to nearest-even in the kernel as in the reference (the CPU
 # interpreter truncated it; W·x' + μ·ΣW then cancels an ulp of x' into a 4.6% error)
-@example(k=1, ns=[1, 1], dtype=torch.bfloat16, sparsity=0.0, shift=0.9921875, quantize=None, split=1, layout=None,
-         compact=False, seed=0)
-@example(k=1, ns=[1, 1], dtype=torch.bfloat16, sparsity=0.0, shift=0.9921875, quantize="int8", split=1,
-         layout=None, compact=True, seed=0)
+@example(
+    k=1,
+    ns=[1, 1],
+    dtype=torch.bfloat16,
+    sparsity=0.0,
+    shift=0.9921875,
+    quantize=None,
+    split=1,
+    layout=None,
+    compact=False,
+    seed=0,
+)
+@example(
+    k=1,
+    ns=[1, 1],
+    dtype=torch.bfloat16,
+    sparsity=0.0,
+    shift=0.9921875,
+    quantize="int8",
+    split=1,
+    layout=None,
+    compact=True,
+    seed=0,
+)
 def test_kernel_property(k, ns, dtype, sparsity, shift, quantize, split, layout, compact, seed):
     shifts = [shift] * len(ns) if shift is not None else None
-    x, p = make(k, ns, dtype, sparsity=sparsity, shifts=shifts, bias=seed % 2 == 0, quantize=quantize, seed=seed,
-                layout=layout)
+    x, p = make(
+        k, ns, dtype, sparsity=sparsity, shifts=shifts, bias=seed % 2 == 0, quantize=quantize, seed=seed, layout=layout
+    )
     check(x, p, tg.GemvConfig(16, 128, split, compact=compact))
 
 
 @settings(max_examples=50, deadline=None)
-@given(k=st.integers(1, 100_000), n=st.integers(1, 200).map(lambda b: b * 256),
-       wbytes=st.sampled_from([1, 2, 4]), sms=st.integers(1, 200))
+@given(
+    k=st.integers(1, 100_000),
+    n=st.integers(1, 200).map(lambda b: b * 256),
+    wbytes=st.sampled_from([1, 2, 4]),
+    sms=st.integers(1, 200),
+)
 def test_config_rule_covers_k_with_no_empty_split(k, n, wbytes, sms):
     cfg = tg.choose_config(k, n, wbytes, sms)
     assert n % cfg.block_n == 0 and cfg.split_k >= 1
@@ -181,8 +220,9 @@ def test_custom_op_compiles_to_one_graph():
     x, p = make(64, [32], torch.float32, sparsity=0.5)
     f = torch.compile(lambda v: K.sparse_gemv(v, p)[0] * 2 + 1, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(x), K.sparse_gemv(x, p)[0] * 2 + 1)
-    torch.library.opcheck(torch.ops.actsparse.sparse_gemv.default,
-                          (x, p.weight_t, p.threshold, None, None, None, None, None, [0, 32]))
+    torch.library.opcheck(
+        torch.ops.actsparse.sparse_gemv.default, (x, p.weight_t, p.threshold, None, None, None, None, None, [0, 32])
+    )
 
 
 def test_quantize_int8_error_bound_and_exact_grid():
@@ -201,20 +241,24 @@ def test_quantize_int8_error_bound_and_exact_grid():
 
 def test_mask_input_matches_sparse_linear_rule():
     from actsparse.sparse_linear import sparsify_tensor
+
     x = torch.randn(1000, dtype=torch.float16)
     tau = torch.tensor(0.6)
     assert torch.equal(mask_input(x, tau).to(torch.float16), sparsify_tensor(x, tau))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(weights=[torch.randn(4, 8), torch.randn(4, 9)]), "same in_features"),
-    (dict(weights=[torch.randn(4, 8)] * 4), "1 to 3"),
-    (dict(weights=[torch.randn(4, 8)], quantize="int4"), "quantize"),
-    (dict(weights=[torch.randn(4, 8)], thresholds=[0.1, 0.2]), "one value per weight"),
-    (dict(weights=[torch.randn(4, 8)], shifts=[float("nan")]), "finite"),
-    (dict(weights=[torch.randn(4, 8).to(torch.int32)]), "float dtype"),
-    (dict(weights=[torch.randn(4, 8)], layout_block=100), "layout_block"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(weights=[torch.randn(4, 8), torch.randn(4, 9)]), "same in_features"),
+        (dict(weights=[torch.randn(4, 8)] * 4), "1 to 3"),
+        (dict(weights=[torch.randn(4, 8)], quantize="int4"), "quantize"),
+        (dict(weights=[torch.randn(4, 8)], thresholds=[0.1, 0.2]), "one value per weight"),
+        (dict(weights=[torch.randn(4, 8)], shifts=[float("nan")]), "finite"),
+        (dict(weights=[torch.randn(4, 8).to(torch.int32)]), "float dtype"),
+        (dict(weights=[torch.randn(4, 8)], layout_block=100), "layout_block"),
+    ],
+)
 def test_pack_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         K.pack(bad.pop("weights"), **bad)
@@ -231,8 +275,10 @@ def test_sparse_gemv_rejects_bad_input():
 
 
 def _sparse_tiny(dtype, hidden=64, inter=256):
-    from actsparse import sparsify_activations
     from conftest import make_tiny_llama
+
+    from actsparse import sparsify_activations
+
     model = make_tiny_llama(hidden=hidden, inter=inter).to(DEV, dtype)
     g = torch.Generator().manual_seed(3)
     data = [torch.randint(0, 256, (2, 16), generator=g).to(DEV) for _ in range(2)]
@@ -243,6 +289,7 @@ def _sparse_tiny(dtype, hidden=64, inter=256):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_enable_kernels_decode_matches_masked_linear(dtype):
     from actsparse import SparseLinear
+
     model = _sparse_tiny(dtype)
     ids = torch.randint(0, 256, (1, 12), device=DEV)
     with torch.no_grad():
@@ -257,8 +304,11 @@ def test_enable_kernels_decode_matches_masked_linear(dtype):
     assert up.weight.untyped_storage().data_ptr() == storage == gate.weight.untyped_storage().data_ptr()
     assert down._packed.weight_t.untyped_storage().data_ptr() != down.weight.untyped_storage().data_ptr()
     calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
-             for m in model.modules() if isinstance(m, SparseLinear)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
+        for m in model.modules()
+        if isinstance(m, SparseLinear)
+    ]
     with torch.no_grad():
         out = model(ids[:, :11], use_cache=True)  # prefill: dense route
         assert set(calls) == {"torch"}
@@ -284,6 +334,7 @@ def test_kernel_path_steps_aside_for_grad_and_edited_weights():
     up = model.model.layers[0].mlp.up_proj
     x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float16)
     from actsparse.kernels.linear import kernel_forward
+
     with torch.no_grad():
         assert kernel_forward(up, x) is not None
         up.weight.mul_(2)  # edited in place after packing
@@ -297,12 +348,17 @@ def test_enable_kernels_runs_shifted_layers_and_skips_scaled_or_topk_ones():
     from conftest import make_tiny_llama
 
     from actsparse import SparsityParams, apply_thresholds, sparse_layers
+
     torch.manual_seed(0)
     model = make_tiny_llama(seed=3).to(DEV, torch.float16)
-    apply_thresholds(model, {
-        "model.layers.0.mlp.up_proj": SparsityParams(0.3, shift=0.2),
-        "model.layers.0.mlp.down_proj": SparsityParams(0.05, scale=torch.rand(128) + 0.5),
-        "model.layers.1.mlp.gate_proj": SparsityParams(topk=32)})
+    apply_thresholds(
+        model,
+        {
+            "model.layers.0.mlp.up_proj": SparsityParams(0.3, shift=0.2),
+            "model.layers.0.mlp.down_proj": SparsityParams(0.05, scale=torch.rand(128) + 0.5),
+            "model.layers.1.mlp.gate_proj": SparsityParams(topk=32),
+        },
+    )
     x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float16)
     up = sparse_layers(model)["model.layers.0.mlp.up_proj"]
     with torch.no_grad():
@@ -323,6 +379,7 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
 
     from actsparse import SparseLinear, sparsify_activations
     from actsparse.quant import compress_weights, dense_weight, int8_codes
+
     model = make_tiny_llama(hidden=64, inter=256).to(DEV, torch.bfloat16)
     compress_weights(model, mode)
     g = torch.Generator().manual_seed(3)
@@ -338,10 +395,13 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
     assert up._packed is model.model.layers[0].mlp.gate_proj._packed  # gate/up: one launch
     off, n = up._packed.segments[up._kernel_group[1]]
     assert up._packed.quantized and torch.equal(up._packed.columns(off, off + n), q.t())  # torchao's codes, not ours
-    assert torch.equal(up._packed.scale[off:off + n], scale) and (up._packed.zero is None) == (zero is None)
+    assert torch.equal(up._packed.scale[off : off + n], scale) and (up._packed.zero is None) == (zero is None)
     calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
-             for m in model.modules() if isinstance(m, SparseLinear)]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: calls.append(ops.kernel_for(i[0], m._packed)))
+        for m in model.modules()
+        if isinstance(m, SparseLinear)
+    ]
     with torch.no_grad():
         out = model(ids[:, :11], use_cache=True)
         calls.clear()

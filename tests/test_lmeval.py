@@ -5,13 +5,12 @@ import sys
 
 import pytest
 import torch
+from conftest import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main
 from actsparse.eval import SparsityMonitor
 from actsparse.eval.lmeval import LMEVAL_INSTALL, check_tasks, run_lm_eval
-
-from conftest import byte_tokenizer, make_tiny_llama
 
 TASK = "actsparse_tiny_mc"
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
@@ -25,8 +24,13 @@ def _items() -> list[dict]:
     for i, noun in enumerate(NOUNS):
         k = 3 + i % 2
         picks = torch.randperm(len(COLORS), generator=g)[:k].tolist()
-        items.append({"question": f"What color is the {noun} number {i}?", "choices": [COLORS[j] for j in picks],
-                      "label": int(torch.randint(0, k, (1,), generator=g))})
+        items.append(
+            {
+                "question": f"What color is the {noun} number {i}?",
+                "choices": [COLORS[j] for j in picks],
+                "label": int(torch.randint(0, k, (1,), generator=g)),
+            }
+        )
     return items
 
 
@@ -64,13 +68,21 @@ def task_dir(tmp_path, offline):
     data.write_text("\n".join(json.dumps(it) for it in items), encoding="utf-8")
     folder = tmp_path / "tasks"
     folder.mkdir()
-    cfg = {"task": TASK, "dataset_path": "json",
-           "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf-cache")},
-           "output_type": "multiple_choice", "test_split": "test",
-           "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "choices", "doc_to_target": "label",
-           "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                           {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
-           "metadata": {"version": 1.0}}
+    cfg = {
+        "task": TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}, "cache_dir": str(tmp_path / "hf-cache")},
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
     (folder / "tiny_mc.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return str(folder), items
 
@@ -93,7 +105,7 @@ def own_scores(model, tok, items) -> tuple[float, float, list[torch.Tensor], lis
             cont = tok(" " + c, add_special_tokens=False)["input_ids"]
             x = torch.tensor([ctx + cont])[:, :-1]  # lm-eval drops the last token too
             with torch.no_grad():
-                logp = model(x).logits.float().log_softmax(-1)[0, len(ctx) - 1:]
+                logp = model(x).logits.float().log_softmax(-1)[0, len(ctx) - 1 :]
             lls.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
             inputs.append(x)
         norm = [ll / len(c) for ll, c in zip(lls, it["choices"])]
@@ -183,8 +195,12 @@ def test_model_and_tokenizer_unchanged_on_error(task_dir, calib_data, monkeypatc
         run_lm_eval(model, tok, [TASK], include_path=folder)
     assert model.training and tok.pad_token is None
     assert all(not m._forward_pre_hooks for m in A.sparse_layers(model).values())  # the monitor's hooks are gone
-    for bad, match in [({"batch_size": 0}, "batch_size"), ({"batch_size": "auto"}, "batch_size"),
-                       ({"limit": 0}, "limit"), ({"num_fewshot": -1}, "num_fewshot")]:
+    for bad, match in [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": "auto"}, "batch_size"),
+        ({"limit": 0}, "limit"),
+        ({"num_fewshot": -1}, "num_fewshot"),
+    ]:
         with pytest.raises(ValueError, match=match):
             run_lm_eval(model, tok, [TASK], include_path=folder, **bad)
     with pytest.raises(ValueError, match="BOS or EOS"):
@@ -225,8 +241,11 @@ def test_cli_lm_eval_options_need_tasks(tmp_path, capsys):
     assert main(["eval", "--model", "no/such/model", "--limit", "5", "--num-fewshot", "1"]) == 2
     err = capsys.readouterr().err
     assert "--num-fewshot, --limit apply only to lm-eval" in err and "--tasks" in err
-    for flag, value, message in [("--limit", "0", "fraction below 1"), ("--lm-eval-batch-size", "0", ">= 1"),
-                                 ("--num-fewshot", "-1", ">= 0")]:
+    for flag, value, message in [
+        ("--limit", "0", "fraction below 1"),
+        ("--lm-eval-batch-size", "0", ">= 1"),
+        ("--num-fewshot", "-1", ">= 0"),
+    ]:
         with pytest.raises(SystemExit):
             main(["eval", "--tasks", "piqa", flag, value])
         err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Calibration methods (SCAP, WINA, TEAL greedy, top-k) and the general sparsity rule they rely on."""
+
 import json
 import math
 
@@ -14,8 +15,8 @@ from actsparse.calibrate import StageContext, calibrate_thresholds
 from actsparse.data import prepare_batches
 from actsparse.eval import SparsityMonitor
 from actsparse.eval.sweep import weighted_sparsity
-from actsparse.methods import method_from_spec
 from actsparse.io import import_scap_json
+from actsparse.methods import method_from_spec
 from actsparse.methods.scap import export_scap_json, kde_peaks, parse_scap_config
 from actsparse.methods.teal import TealMethod
 from actsparse.sparse_linear import drop_mask, sparsify_tensor
@@ -104,10 +105,16 @@ def test_topk_keeps_exactly_k_highest_scores_per_token():
     assert (SparseLinear.from_linear(lin, SparsityParams(topk=0)).sparsify_input(x) == 0).all()
 
 
-@pytest.mark.parametrize("params,match", [
-    (SparsityParams(float("nan")), "NaN"), (SparsityParams(0.1, shift=math.inf), "finite"),
-    (SparsityParams(0.1, scale=torch.ones(3)), "shape"), (SparsityParams(0.1, scale=-torch.ones(16)), ">= 0"),
-    (SparsityParams(topk=17), "topk")])
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        (SparsityParams(float("nan")), "NaN"),
+        (SparsityParams(0.1, shift=math.inf), "finite"),
+        (SparsityParams(0.1, scale=torch.ones(3)), "shape"),
+        (SparsityParams(0.1, scale=-torch.ones(16)), ">= 0"),
+        (SparsityParams(topk=17), "topk"),
+    ],
+)
 def test_bad_params_are_refused(params, match):
     with pytest.raises(ValueError, match=match):
         SparseLinear.from_linear(_lin(), params)
@@ -119,8 +126,9 @@ def test_params_round_trip_through_files(tmp_path):
     params = {}
     for i, n in enumerate(names):
         k = dict(model.named_modules())[n].in_features
-        params[n] = SparsityParams(0.1 * (i + 1), shift=0.01 * i, scale=torch.rand(k) + 0.5,
-                                   topk=k // 2 if i == 1 else None, info={"note": i})
+        params[n] = SparsityParams(
+            0.1 * (i + 1), shift=0.01 * i, scale=torch.rand(k) + 0.5, topk=k // 2 if i == 1 else None, info={"note": i}
+        )
     A.apply_thresholds(model, params)
     path = A.save_thresholds(model, str(tmp_path / "t.safetensors"))
     fresh = make_tiny_llama()
@@ -135,12 +143,11 @@ def test_params_round_trip_through_files(tmp_path):
 
 
 def test_malformed_scale_in_file_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     model = make_tiny_llama()
-    A.sparsify_activations(model, [torch.randint(0, VOCAB, (1, 16))], {".*up_proj": 0.5}, method="wina",
-                           progress=False)
+    A.sparsify_activations(model, [torch.randint(0, VOCAB, (1, 16))], {".*up_proj": 0.5}, method="wina", progress=False)
     path = A.save_thresholds(model, str(tmp_path / "t.safetensors"))
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
@@ -216,9 +223,18 @@ def test_mode_centering_gives_lower_output_error_on_shifted_activations():
     assert errs["scap-median"] < 0.2 * errs["scap"]
 
 
-@pytest.mark.parametrize("text,match", [("up,zero", "triplets"), ("up,zero,0.3,up,zero,0.4", "twice"),
-                                        ("up,mean,0.3", "unknown mode"), ("up,zero,x", "not a number"),
-                                        ("up,zero,1.5", r"\[0, 1\)"), ("u p!,zero,0.3", "not a name"), ("", "triplets")])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("up,zero", "triplets"),
+        ("up,zero,0.3,up,zero,0.4", "twice"),
+        ("up,mean,0.3", "unknown mode"),
+        ("up,zero,x", "not a number"),
+        ("up,zero,1.5", r"\[0, 1\)"),
+        ("u p!,zero,0.3", "not a name"),
+        ("", "triplets"),
+    ],
+)
 def test_bad_scap_config_strings(text, match):
     with pytest.raises(ValueError, match=match):
         parse_scap_config(text)
@@ -248,9 +264,15 @@ def test_scap_config_string_and_json_round_trip(tiny_llama, calib_data, tmp_path
         assert torch.equal(fresh(x).logits, tiny_llama(x).logits)
 
 
-@pytest.mark.parametrize("content,match", [("not json", "not a JSON"), ("[]", "JSON object"),
-                                           ('{"model.layers.0.mlp.up_proj": {"mode": 0.1}}', "threshold"),
-                                           ('{"model.layers.9.mlp.up_proj": {"mode": 0, "threshold": 1}}', "fit")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("not json", "not a JSON"),
+        ("[]", "JSON object"),
+        ('{"model.layers.0.mlp.up_proj": {"mode": 0.1}}', "threshold"),
+        ('{"model.layers.9.mlp.up_proj": {"mode": 0, "threshold": 1}}', "fit"),
+    ],
+)
 def test_bad_scap_json_is_refused_and_model_unchanged(tmp_path, content, match):
     model = make_tiny_llama()
     p = tmp_path / "c.json"
@@ -274,8 +296,9 @@ def test_greedy_puts_sparsity_where_it_costs_nothing(calib_data):
     model = make_tiny_llama()
     with torch.no_grad():  # o_proj of block 0 barely reaches the output: its input is free to drop
         model.model.layers[0].self_attn.o_proj.weight.mul_(1e-4)
-    A.sparsify_activations(model, calib_data, ALL, method=TealMethod(allocation="greedy", max_sparsity=0.95),
-                           progress=False)
+    A.sparsify_activations(
+        model, calib_data, ALL, method=TealMethod(allocation="greedy", max_sparsity=0.95), progress=False
+    )
     layers = A.sparse_layers(model)
     assert layers["model.layers.0.self_attn.o_proj"].target_sparsity == pytest.approx(0.95)
     for i in range(2):
@@ -292,12 +315,16 @@ def test_greedy_beats_uniform_on_block_output_error(calib_data):
         params = calibrate_thresholds(model, batches, targets, TealMethod(allocation=allocation), progress=False)
         A.apply_thresholds(model, params)
         with torch.no_grad():
-            sparse = [model.model.layers[0](model.model.embed_tokens(x), position_embeddings=_rope(model, x))
-                      for x in calib_data]
+            sparse = [
+                model.model.layers[0](model.model.embed_tokens(x), position_embeddings=_rope(model, x))
+                for x in calib_data
+            ]
         A.remove_sparsity(model)
         with torch.no_grad():
-            dense = [model.model.layers[0](model.model.embed_tokens(x), position_embeddings=_rope(model, x))
-                     for x in calib_data]
+            dense = [
+                model.model.layers[0](model.model.embed_tokens(x), position_embeddings=_rope(model, x))
+                for x in calib_data
+            ]
         errs[allocation] = sum(float((_t(s) - _t(d)).pow(2).sum()) for s, d in zip(sparse, dense))
     assert errs["greedy"] < errs["uniform"]
 
@@ -312,13 +339,25 @@ def _rope(model, x):
 
 
 def test_greedy_lazy_and_plain_reach_the_same_budget(tiny_llama, calib_data):
-    lazy = calibrate_thresholds(tiny_llama, prepare_batches(calib_data), A.scope.resolve_targets(tiny_llama, ALL),
-                                TealMethod(lazy=False), progress=False)
+    lazy = calibrate_thresholds(
+        tiny_llama,
+        prepare_batches(calib_data),
+        A.scope.resolve_targets(tiny_llama, ALL),
+        TealMethod(lazy=False),
+        progress=False,
+    )
     assert len(lazy) == 14
 
 
-@pytest.mark.parametrize("kwargs,match", [({"allocation": "best"}, "allocation"), ({"step": 0}, "step"),
-                                          ({"max_sparsity": 0}, "max_sparsity"), ({"greedy_tokens": 0}, "greedy")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"allocation": "best"}, "allocation"),
+        ({"step": 0}, "step"),
+        ({"max_sparsity": 0}, "max_sparsity"),
+        ({"greedy_tokens": 0}, "greedy"),
+    ],
+)
 def test_bad_teal_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TealMethod(**kwargs)
@@ -326,13 +365,20 @@ def test_bad_teal_configs(kwargs, match):
 
 def test_greedy_target_above_cap_is_a_clear_error(tiny_llama, calib_data):
     with pytest.raises(ValueError, match="max_sparsity"):
-        A.sparsify_activations(tiny_llama, calib_data, {A.TargetScope(patterns=[r".*_proj"]): 0.9},
-                               method=TealMethod(max_sparsity=0.8), progress=False)
+        A.sparsify_activations(
+            tiny_llama,
+            calib_data,
+            {A.TargetScope(patterns=[r".*_proj"]): 0.9},
+            method=TealMethod(max_sparsity=0.8),
+            progress=False,
+        )
     assert not A.sparse_layers(tiny_llama)
 
 
-@pytest.mark.parametrize("spec,match", [("magic", "unknown calibration method"), ("wina+fast", r"\+topk"),
-                                        ("scap-turbo", "registered methods")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [("magic", "unknown calibration method"), ("wina+fast", r"\+topk"), ("scap-turbo", "registered methods")],
+)
 def test_unknown_methods_list_the_registered_ones(spec, match):
     with pytest.raises(ValueError, match=match):
         method_from_spec(spec)
@@ -347,8 +393,10 @@ def test_stage_context_restores_params(tiny_llama, calib_data):
             dense = ctx.outputs({})
             sparse = ctx.outputs({n: SparsityParams(math.inf) for n in ctx.names})
             again = ctx.outputs({})
-            seen[ctx.names[0]] = (all(torch.equal(a, b) for a, b in zip(dense, again)),
-                                  any(not torch.equal(a, b) for a, b in zip(dense, sparse)))
+            seen[ctx.names[0]] = (
+                all(torch.equal(a, b) for a, b in zip(dense, again)),
+                any(not torch.equal(a, b) for a, b in zip(dense, sparse)),
+            )
             return dict(ctx.targets)
 
     A.sparsify_activations(tiny_llama, calib_data, ALL, method=Probe(allocation="uniform"), progress=False)
@@ -369,11 +417,13 @@ def _peaky_llama():
 @pytest.mark.parametrize("p", [0.01, 0.03])
 def test_pplp_hits_its_perplexity_ratio_on_calibration_data(calib_data, p):
     from actsparse.methods.sparsing_law import SparsingLawMethod, calibration_perplexity
+
     model = _peaky_llama()
     batches = prepare_batches(calib_data)
     dense = calibration_perplexity(model, batches, torch.device("cpu"))
-    A.sparsify_activations(model, calib_data, {r".*down_proj": 0.0}, method=SparsingLawMethod(metric="pplp", p=p),
-                           progress=False)
+    A.sparsify_activations(
+        model, calib_data, {r".*down_proj": 0.0}, method=SparsingLawMethod(metric="pplp", p=p), progress=False
+    )
     ratio = calibration_perplexity(model, batches, torch.device("cpu")) / dense
     assert ratio == pytest.approx(1 + p, abs=0.005)  # ±0.5 percentage points (the search stops at 0.1)
     layers = A.sparse_layers(model)
@@ -387,21 +437,30 @@ def test_pplp_hits_its_perplexity_ratio_on_calibration_data(calib_data, p):
 
 def test_pplp_unreachable_target_is_a_clear_error(calib_data):
     from actsparse.methods.sparsing_law import SparsingLawMethod
+
     model = make_tiny_llama()  # random init: dropping down_proj inputs hardly moves perplexity
     with pytest.raises(A.CalibrationError, match="could not reach"):
-        A.sparsify_activations(model, calib_data, {r".*down_proj": 0.0},
-                               method=SparsingLawMethod(metric="pplp", p=0.5), progress=False)
+        A.sparsify_activations(
+            model, calib_data, {r".*down_proj": 0.0}, method=SparsingLawMethod(metric="pplp", p=0.5), progress=False
+        )
     assert not A.sparse_layers(model)
 
 
 def test_topk_and_fat_metrics(tiny_llama, calib_data):
     from actsparse.methods.sparsing_law import SparsingLawMethod
+
     A.sparsify_activations(tiny_llama, calib_data, {r".*down_proj": 0.7}, method="topk", progress=False)
-    assert all(m.params.topk == 128 - round(0.7 * 128) and m.params.scale is None
-               for m in A.sparse_layers(tiny_llama).values())
+    assert all(
+        m.params.topk == 128 - round(0.7 * 128) and m.params.scale is None for m in A.sparse_layers(tiny_llama).values()
+    )
     A.remove_sparsity(tiny_llama)
-    A.sparsify_activations(tiny_llama, calib_data, {r".*down_proj": 0.0},
-                           method=SparsingLawMethod(metric="fat", epsilon=0.02, column_norms=True), progress=False)
+    A.sparsify_activations(
+        tiny_llama,
+        calib_data,
+        {r".*down_proj": 0.0},
+        method=SparsingLawMethod(metric="fat", epsilon=0.02, column_norms=True),
+        progress=False,
+    )
     layer = A.sparse_layers(tiny_llama)["model.layers.0.mlp.down_proj"]
     assert layer.params.threshold == pytest.approx(0.02)
     x = torch.randn(3, 128)
@@ -409,11 +468,18 @@ def test_topk_and_fat_metrics(tiny_llama, calib_data):
     assert torch.equal(layer.sparsify_input(x) == 0, expected)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"metric": "pplp", "p": 0.0}, "p > 0"), ({"metric": "pplp", "p": -1}, "p > 0"),
-                                          ({"metric": "rank"}, "unknown Sparsing Law metric"),
-                                          ({"metric": "fat", "epsilon": -1.0}, "epsilon")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"metric": "pplp", "p": 0.0}, "p > 0"),
+        ({"metric": "pplp", "p": -1}, "p > 0"),
+        ({"metric": "rank"}, "unknown Sparsing Law metric"),
+        ({"metric": "fat", "epsilon": -1.0}, "epsilon"),
+    ],
+)
 def test_bad_sparsing_law_configs(kwargs, match):
     from actsparse.methods.sparsing_law import SparsingLawMethod
+
     with pytest.raises(ValueError, match=match):
         SparsingLawMethod(**kwargs)
 
@@ -421,6 +487,7 @@ def test_bad_sparsing_law_configs(kwargs, match):
 # ------------------------------------------------------------------------------ block budgets
 def test_segment_allocation_buys_the_cheapest_loss_per_weight():
     from actsparse.methods.budget import allocate_segments
+
     levels = [[0.25, 0.5, 0.75]] * 2
     # block 0 is cheap everywhere, block 1 expensive: block 0 goes to 0.75, block 1 gets the rest
     p = allocate_segments(levels, [[0.0, 0.1, 0.2], [0.0, 1.0, 3.0]], [1.0, 1.0], 0.5)

@@ -12,10 +12,10 @@ import actsparse as A
 from actsparse import CalibrationError, IgnoredScope, ScopeError, TargetScope, ThresholdFileError
 from actsparse.eval import SparsityMonitor
 from actsparse.io import model_fingerprint
-from actsparse.moe import (UnfusedExperts, UnsupportedExpertsError, fuse_experts, fused_experts, unfuse_experts)
+from actsparse.moe import UnfusedExperts, UnsupportedExpertsError, fuse_experts, fused_experts, unfuse_experts
 from actsparse.scope import resolve_targets
 
-VOCAB, H, I, E, K = 100, 32, 64, 4, 2
+VOCAB, H, I, E, K = 100, 32, 64, 4, 2  # noqa: E741 (hidden, intermediate, experts, top-k)
 EXPERTS = {TargetScope(patterns=[r".*experts\..*"]): 0.5}
 
 
@@ -23,10 +23,19 @@ def make_mixtral(seed: int = 0, experts: int = E, impl: str | None = "eager", in
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=inter, num_hidden_layers=layers,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
-                        num_experts_per_tok=K, max_position_embeddings=128, tie_word_embeddings=False,
-                        experts_implementation=impl)
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=K,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        experts_implementation=impl,
+    )
     return MixtralForCausalLM(cfg).eval()
 
 
@@ -34,10 +43,20 @@ def make_qwen2_moe(seed: int = 0, moe_inter: int = 48):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I, moe_intermediate_size=moe_inter,
-                         shared_expert_intermediate_size=40, num_experts=E, num_experts_per_tok=K, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         experts_implementation="eager")
+    cfg = Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=I,
+        moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=40,
+        num_experts=E,
+        num_experts_per_tok=K,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        experts_implementation="eager",
+    )
     return Qwen2MoeForCausalLM(cfg).eval()
 
 
@@ -45,10 +64,20 @@ def make_qwen3_moe(seed: int = 0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=I, moe_intermediate_size=96,
-                         num_experts=E, num_experts_per_tok=K, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         experts_implementation="eager")
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=H,
+        intermediate_size=I,
+        moe_intermediate_size=96,
+        num_experts=E,
+        num_experts_per_tok=K,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        experts_implementation="eager",
+    )
     return Qwen3MoeForCausalLM(cfg).eval()
 
 
@@ -64,8 +93,11 @@ def data():
 
 
 def _snapshot(model):
-    return ([(n, type(m)) for n, m in model.named_modules()], {n: m for n, m in model.named_modules()},
-            {k: v.clone() for k, v in model.state_dict().items()})
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        dict(model.named_modules()),
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
 
 
 def _assert_unmodified(model, snap, x, ref):
@@ -108,6 +140,7 @@ def kth_abs(values: torch.Tensor, q: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ unfusing
+
 
 @pytest.mark.parametrize("make", [make_mixtral, lambda: make_qwen2_moe(moe_inter=32), make_qwen3_moe])
 def test_unfused_forward_and_state_dict_are_exactly_the_original(make, data):
@@ -160,6 +193,7 @@ def test_conversion_copy_and_load_state_dict_keep_experts_views(mixtral, data):
     assert torch.equal(mixtral(x).logits, other(x).logits)
 
     import copy
+
     clone = copy.deepcopy(mixtral)
     assert clone.model.layers[0].mlp.experts.is_tied()
     assert clone.model.layers[0].mlp.experts[0].gate_proj.weight.data_ptr() != ex[0].gate_proj.weight.data_ptr()
@@ -212,10 +246,20 @@ def test_unsupported_fused_layouts_are_refused_and_left_alone(data):
     from transformers import GptOssConfig, GptOssForCausalLM
 
     torch.manual_seed(0)
-    model = GptOssForCausalLM(GptOssConfig(
-        vocab_size=VOCAB, hidden_size=H, intermediate_size=H, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=E, num_experts_per_tok=K,
-        max_position_embeddings=128)).eval()
+    model = GptOssForCausalLM(
+        GptOssConfig(
+            vocab_size=VOCAB,
+            hidden_size=H,
+            intermediate_size=H,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+            max_position_embeddings=128,
+        )
+    ).eval()
     x = data[0]
     snap, ref = _snapshot(model), model(x).logits
     with pytest.raises(UnsupportedExpertsError, match="transposed.*biases|biases.*transposed"):
@@ -229,20 +273,29 @@ def test_unsupported_fused_layouts_are_refused_and_left_alone(data):
 
 # ------------------------------------------------------------------------------------------------- scopes
 
+
 def test_scopes_resolve_to_per_expert_linears(mixtral):
     unfuse_experts(mixtral)
     down = resolve_targets(mixtral, {TargetScope(patterns=[".*experts.*down_proj"]): 0.5})
     assert list(down) == [f"model.layers.{li}.mlp.experts.{e}.down_proj" for li in range(2) for e in range(E)]
     # the dense MLP recipe applies unchanged (Mixtral's router `mlp.gate` is not a Linear)
-    recipe = resolve_targets(mixtral, {TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3,
-                                       TargetScope(patterns=[".*down_proj.*"]): 0.5})
+    recipe = resolve_targets(
+        mixtral,
+        {TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3, TargetScope(patterns=[".*down_proj.*"]): 0.5},
+    )
     assert len(recipe) == 2 * E * 3
 
 
-@pytest.mark.parametrize("scope, message", [
-    (TargetScope(patterns=[r".*experts\.gate_up_proj"]), r"matches no module.*r'\.\*experts\\\.\\d\+\\\.gate_proj'"),
-    (TargetScope(names=["model.layers.0.mlp.experts"]), r"only non-Linear modules \(UnfusedExperts\).*split"),
-])
+@pytest.mark.parametrize(
+    "scope, message",
+    [
+        (
+            TargetScope(patterns=[r".*experts\.gate_up_proj"]),
+            r"matches no module.*r'\.\*experts\\\.\\d\+\\\.gate_proj'",
+        ),
+        (TargetScope(names=["model.layers.0.mlp.experts"]), r"only non-Linear modules \(UnfusedExperts\).*split"),
+    ],
+)
 def test_scope_on_the_fused_weights_names_the_per_expert_pattern(mixtral, data, scope, message):
     x = data[0]
     snap, ref = _snapshot(mixtral), mixtral(x).logits
@@ -253,13 +306,14 @@ def test_scope_on_the_fused_weights_names_the_per_expert_pattern(mixtral, data, 
 
 # ------------------------------------------------------------------------------------------- calibration
 
+
 def _check_routed_calibration(model, blocks, route, data, experts_of, names):
     """Layer-0 thresholds are the quantile of |x| over exactly the routed tokens (computed here from the
     dense model), and every expert layer reaches its 50% on the calibration data, counting only routed tokens."""
     dense = routed_inputs(model, {n: b for n, b in blocks.items() if ".0." in n + "."}, route, data)
     A.sparsify_activations(model, data, {TargetScope(patterns=[names]): 0.5}, progress=False)
     sparse = A.sparse_layers(model)
-    (b0, (x, idx)), = dense.items()
+    ((b0, (x, idx)),) = dense.items()
     differs = []
     for e, (gate_name, down_name, gate, up) in enumerate(experts_of(model.get_submodule(b0))):
         xe = x[(idx == e).any(-1)]
@@ -279,7 +333,7 @@ def _check_routed_calibration(model, blocks, route, data, experts_of, names):
     assert set(sparsity) == set(sparse)
     for name, layer in sparse.items():
         block = next(b for b in blocks if name.startswith(b + "."))
-        e = int(name[len(block):].split(".")[2])
+        e = int(name[len(block) :].split(".")[2])
         n_tokens = int((routed[block][1] == e).any(-1).sum())
         assert mon.total[name] == n_tokens * layer.in_features  # only the tokens routed to this expert
         assert sparsity[name] == pytest.approx(0.5, abs=0.03), name
@@ -305,11 +359,16 @@ def test_expert_without_calibration_tokens_is_a_clear_error(mixtral, data):
     _assert_unmodified(mixtral, snap, x, ref)
 
     # the fix it names: ignore the experts that got no token (layer 0: routing known from the dense model)
-    (_, idx), = routed_inputs(mixtral, {"b": mixtral.model.layers[0].mlp}, hf_route, one_token).values()
+    ((_, idx),) = routed_inputs(mixtral, {"b": mixtral.model.layers[0].mlp}, hf_route, one_token).values()
     unused = sorted(set(range(E)) - set(idx.flatten().tolist()))
     ignored = IgnoredScope(patterns=[rf"model\.layers\.0\.mlp\.experts\.{e}\." for e in unused])
-    A.sparsify_activations(mixtral, one_token, {TargetScope(patterns=[r"model\.layers\.0\.mlp\.experts\..*"]): 0.5},
-                           ignored, progress=False)
+    A.sparsify_activations(
+        mixtral,
+        one_token,
+        {TargetScope(patterns=[r"model\.layers\.0\.mlp\.experts\..*"]): 0.5},
+        ignored,
+        progress=False,
+    )
     assert sorted({int(n.split(".")[5]) for n in A.sparse_layers(mixtral)}) == sorted(idx.flatten().tolist())
 
 
@@ -317,8 +376,12 @@ def test_qwen2_moe_routed_and_shared_experts(data):
     model = make_qwen2_moe()
     x = data[0]
     ref = model(x).logits
-    A.sparsify_activations(model, data, {TargetScope(patterns=[r".*mlp\.experts\..*"]): 0.5,
-                                         TargetScope(patterns=[r".*shared_expert\..*"]): 0.3}, progress=False)
+    A.sparsify_activations(
+        model,
+        data,
+        {TargetScope(patterns=[r".*mlp\.experts\..*"]): 0.5, TargetScope(patterns=[r".*shared_expert\..*"]): 0.3},
+        progress=False,
+    )
     names = list(A.sparse_layers(model))
     assert len(names) == 2 * (E * 3 + 3) and "model.layers.0.mlp.shared_expert.up_proj" in names
     assert not torch.equal(model(x).logits, ref)
@@ -329,11 +392,17 @@ def test_qwen2_moe_routed_and_shared_experts(data):
 
 # ------------------------------------------------------------------------------------- save, load, remove
 
+
 def test_save_load_thresholds_into_a_fresh_fused_model(mixtral, data, tmp_path):
     x = data[0]
     layer1_experts = mixtral.model.layers[1].mlp.experts
-    A.sparsify_activations(mixtral, data, {**EXPERTS, TargetScope(patterns=[r".*self_attn\.[qkv]_proj"]): 0.3},
-                           IgnoredScope(patterns=[r"model\.layers\.1\.mlp\..*"]), progress=False)
+    A.sparsify_activations(
+        mixtral,
+        data,
+        {**EXPERTS, TargetScope(patterns=[r".*self_attn\.[qkv]_proj"]): 0.3},
+        IgnoredScope(patterns=[r"model\.layers\.1\.mlp\..*"]),
+        progress=False,
+    )
     # only experts that hold sparsified layers stay unfused; layer 1's are the original module again
     assert isinstance(mixtral.model.layers[0].mlp.experts, UnfusedExperts)
     assert mixtral.model.layers[1].mlp.experts is layer1_experts
@@ -393,10 +462,15 @@ def test_error_during_calibration_leaves_the_model_unmodified(mixtral, data):
 
 # ------------------------------------------------------------------------- old style: one Linear per expert
 
+
 class OldExpert(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(H, I, bias=False), nn.Linear(I, H, bias=False), nn.Linear(H, I, bias=False)
+        self.w1, self.w2, self.w3 = (
+            nn.Linear(H, I, bias=False),
+            nn.Linear(I, H, bias=False),
+            nn.Linear(H, I, bias=False),
+        )
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -459,13 +533,15 @@ def test_old_style_per_expert_linears_work_through_the_same_api(data, tmp_path):
     model = OldMoeLM().eval()
     assert not fused_experts(model)
     blocks = {f"layers.{i}.block_sparse_moe": layer.block_sparse_moe for i, layer in enumerate(model.layers)}
-    _check_routed_calibration(model, blocks, lambda b, x: b.route(x)[1], data, _old_experts,
-                              r".*block_sparse_moe\.experts\..*")
+    _check_routed_calibration(
+        model, blocks, lambda b, x: b.route(x)[1], data, _old_experts, r".*block_sparse_moe\.experts\..*"
+    )
     assert len(A.sparse_layers(model)) == 2 * E * 3
     path = A.save_thresholds(model, str(tmp_path / "t.safetensors"))
     fresh = OldMoeLM().eval()
     A.load_thresholds(fresh, path)
     assert torch.equal(fresh(data[0]).logits, model(data[0]).logits)
     with pytest.raises(CalibrationError, match=r"experts\.\d\.w\d.*IgnoredScope"):
-        A.sparsify_activations(OldMoeLM().eval(), [torch.tensor([[7]])],
-                               {TargetScope(patterns=[r".*experts\..*"]): 0.5}, progress=False)
+        A.sparsify_activations(
+            OldMoeLM().eval(), [torch.tensor([[7]])], {TargetScope(patterns=[r".*experts\..*"]): 0.5}, progress=False
+        )

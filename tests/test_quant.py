@@ -24,8 +24,10 @@ def _logits(model, ids):
 
 
 def _state(model):
-    return {k: (type(v), v.detach().clone() if type(v) in (torch.Tensor, nn.Parameter) else v.dequantize().clone())
-            for k, v in model.state_dict().items()}
+    return {
+        k: (type(v), v.detach().clone() if type(v) in (torch.Tensor, nn.Parameter) else v.dequantize().clone())
+        for k, v in model.state_dict().items()
+    }
 
 
 def _same_state(a, b):
@@ -129,6 +131,7 @@ def test_bad_compression_requests_leave_the_model_unchanged(calib_data):
 
     class Fancy(nn.Linear):  # a Linear subclass (e.g. another library's quantized layer)
         pass
+
     fancy = make_tiny_llama()
     fancy.model.layers[0].mlp.up_proj.__class__ = Fancy
     with pytest.raises(ValueError, match="plain torch.nn.Linear layers only.*Fancy"):
@@ -147,6 +150,7 @@ def test_bad_compression_requests_leave_the_model_unchanged(calib_data):
 
 def test_missing_torchao_names_the_install(monkeypatch):
     import sys
+
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     model = make_tiny_llama()
     with pytest.raises(ImportError, match=r"actsparse\[int8\]"):
@@ -156,8 +160,22 @@ def test_missing_torchao_names_the_install(monkeypatch):
 
 def test_demo_int8_prints_seed_000s_four_rows(tiny_model_dir, text_file, capsys):
     from actsparse.cli import main
-    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress", "--calib-samples", "4",
-              "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "256"]
+
+    common = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        text_file,
+        "--no-progress",
+        "--calib-samples",
+        "4",
+        "--calib-seq-len",
+        "32",
+        "--context",
+        "64",
+        "--eval-tokens",
+        "256",
+    ]
     assert main(["demo", *common, "--int8", "--json"]) == 0
     r = __import__("json").loads(capsys.readouterr().out)
     assert r["int8_mode"] == "int8_asym"

@@ -8,8 +8,10 @@ UP = TargetScope(patterns=[".*up_proj.*"])
 
 
 def test_patterns_and_names_resolve_in_module_order(tiny_llama):
-    t = resolve_targets(tiny_llama, {TargetScope(patterns=[".*down_proj.*"]): 0.5,
-                                     TargetScope(names=["model.layers.0.mlp.up_proj"]): 0.3})
+    t = resolve_targets(
+        tiny_llama,
+        {TargetScope(patterns=[".*down_proj.*"]): 0.5, TargetScope(names=["model.layers.0.mlp.up_proj"]): 0.3},
+    )
     assert list(t) == ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert t["model.layers.0.mlp.up_proj"] == 0.3 and t["model.layers.1.mlp.down_proj"] == 0.5
 

@@ -74,6 +74,7 @@ def test_exact_quantile_equals_torch_quantile(values, q):
 @pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
 def test_signed_quantile_matches_torch(q):
     from actsparse.stats import SignedQuantile
+
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(3000, generator=g) * 0.5 - 0.3, torch.zeros(200), torch.rand(1000, generator=g) * 4])
     sq = SignedQuantile(q)
@@ -84,6 +85,7 @@ def test_signed_quantile_matches_torch(q):
 
 def test_reservoir_is_a_uniform_sample_of_the_stream():
     from actsparse.stats import Reservoir
+
     r = Reservoir(2000, seed=0)
     stream = torch.arange(100_000, dtype=torch.float32)
     for part in stream.split(3333):

@@ -1,4 +1,5 @@
 """Sweep method specs ``NAME[:KEY=VALUE...]``: parsing, checks before any model work, labelled points."""
+
 import pytest
 import torch
 from conftest import VOCAB
@@ -32,26 +33,41 @@ def test_spec_options_reach_the_method_object():
     assert meta["teal-greedy"]["step"] == 0.05
 
 
-@pytest.mark.parametrize("text, value", [("step=0.025", 0.025), ("greedy_tokens=None", None),
-                                         ("greedy_tokens=null", None), ("lazy=True", True), ("lazy=false", False),
-                                         ("mode=kde", "kde"), ("probe_tokens=512", 512)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("step=0.025", 0.025),
+        ("greedy_tokens=None", None),
+        ("greedy_tokens=null", None),
+        ("lazy=True", True),
+        ("lazy=false", False),
+        ("mode=kde", "kde"),
+        ("probe_tokens=512", 512),
+    ],
+)
 def test_sweep_specs_and_calibrate_options_read_values_alike(text, value):
     key = text.partition("=")[0]
     assert parse_option(text) == option_arg(text) == (key, value)  # one parser for --option and sweep specs
     assert parse_method_spec(f"teal-greedy:{text}") == ("teal-greedy", {key: value})
 
 
-@pytest.mark.parametrize("specs, match", [
-    (["quantile", "teal-greedy:stepp=0.025"], r"sweep method 'teal-greedy:stepp=0.025': .*no option\(s\) \['stepp'\]"
-                                              r".*its options: .*'step'"),
-    (["teal-greedy:step=2"], r"'teal-greedy:step=2': step must be in \(0, 1\]"),
-    (["teal-greedy:step=abc"], r"'teal-greedy:step=abc': .*bad option value in \{'step': 'abc'\}"),
-    (["teal-greedy:step"], "expected KEY=VALUE, e.g. step=0.1, got 'step'"),
-    (["teal:step=0.1:step=0.2"], "option 'step' is given twice"),
-    (["nope:step=0.1"], "unknown calibration method 'nope'"),
-    (["quantile", "teal-greedy:step=0.025", "teal-greedy: step=0.025"], "'teal-greedy:step=0.025' is given twice"),
-    ([], "no methods"),
-])
+@pytest.mark.parametrize(
+    "specs, match",
+    [
+        (
+            ["quantile", "teal-greedy:stepp=0.025"],
+            r"sweep method 'teal-greedy:stepp=0.025': .*no option\(s\) \['stepp'\]"
+            r".*its options: .*'step'",
+        ),
+        (["teal-greedy:step=2"], r"'teal-greedy:step=2': step must be in \(0, 1\]"),
+        (["teal-greedy:step=abc"], r"'teal-greedy:step=abc': .*bad option value in \{'step': 'abc'\}"),
+        (["teal-greedy:step"], "expected KEY=VALUE, e.g. step=0.1, got 'step'"),
+        (["teal:step=0.1:step=0.2"], "option 'step' is given twice"),
+        (["nope:step=0.1"], "unknown calibration method 'nope'"),
+        (["quantile", "teal-greedy:step=0.025", "teal-greedy: step=0.025"], "'teal-greedy:step=0.025' is given twice"),
+        ([], "no methods"),
+    ],
+)
 def test_bad_specs_fail_before_any_model_work(tiny_llama, calib_data, monkeypatch, specs, match):
     def no_model_work(*args, **kwargs):
         raise AssertionError("the model was run before the method specs were checked")

@@ -34,14 +34,15 @@ def resolve(importer: str, is_pkg: bool, level: int, target: str | None) -> str:
     if level == 0:
         return target or ""
     base = importer.split(".") if is_pkg else importer.split(".")[:-1]
-    base = base[:len(base) - (level - 1)] if level > 1 else base
+    base = base[: len(base) - (level - 1)] if level > 1 else base
     return ".".join(base + ([target] if target else []))
 
 
 def _type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def imports(path: Path, modules: set[str]) -> list[tuple[str, int, bool]]:

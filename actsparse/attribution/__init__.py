@@ -7,10 +7,37 @@ deployable through ``sparsify_(model, SparsifyConfig(..., method=AttributionMeth
 """
 
 from .curves import MODES, TARGETS, UNIT_SETS, CurvePoint, tradeoff_curves, write_curves
-from .scores import (METRICS, ScoreBatch, calibrated_scores, UnitStats, gradient_drift, keep_masks, masked_nll, unit_scores,
-                     unit_statistics)
+from .scores import (
+    METRICS,
+    ScoreBatch,
+    UnitStats,
+    calibrated_scores,
+    gradient_drift,
+    keep_masks,
+    masked_nll,
+    unit_scores,
+    unit_statistics,
+)
 from .units import KINDS, UnitLayer, find_unit_layers, unit_layers_for
 
-__all__ = ["METRICS", "MODES", "TARGETS", "UNIT_SETS", "KINDS", "CurvePoint", "ScoreBatch", "UnitStats", "UnitLayer",
-           "calibrated_scores", "tradeoff_curves", "write_curves", "gradient_drift", "keep_masks", "masked_nll",
-           "unit_scores", "unit_statistics", "find_unit_layers", "unit_layers_for"]
+__all__ = [
+    "METRICS",
+    "MODES",
+    "TARGETS",
+    "UNIT_SETS",
+    "KINDS",
+    "CurvePoint",
+    "ScoreBatch",
+    "UnitStats",
+    "UnitLayer",
+    "calibrated_scores",
+    "tradeoff_curves",
+    "write_curves",
+    "gradient_drift",
+    "keep_masks",
+    "masked_nll",
+    "unit_scores",
+    "unit_statistics",
+    "find_unit_layers",
+    "unit_layers_for",
+]

@@ -21,8 +21,8 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,8 +30,20 @@ from tqdm.auto import tqdm
 
 from ..eval.mc import MCExample, mc_scores
 from ..eval.plots import plot_tradeoff
-from .scores import (ScoreBatch, calibrated_scores, collect_stats, UnitStats, check_metrics, gradient_drift, keep_masks, masked_nll, masked_row_nll,
-                     row_nll, unit_scores, unit_statistics)
+from .scores import (
+    ScoreBatch,
+    UnitStats,
+    calibrated_scores,
+    check_metrics,
+    collect_stats,
+    gradient_drift,
+    keep_masks,
+    masked_nll,
+    masked_row_nll,
+    row_nll,
+    unit_scores,
+    unit_statistics,
+)
 from .units import UnitLayer
 
 __all__ = ["CurvePoint", "tradeoff_curves", "write_curves", "check_options", "UNIT_SETS", "MODES", "TARGETS"]
@@ -86,7 +98,7 @@ class _MCItem:
         return _attribution_target(model, ScoreBatch.from_ids(self.ex.prompt), target)
 
     def evaluate(self, model, layers, keep) -> Counter:
-        c = self.rows.ids.shape[0]   # per-input masks come from the one prompt row: same for every choice
+        c = self.rows.ids.shape[0]  # per-input masks come from the one prompt row: same for every choice
         keep = {n: (k.expand(c, -1) if k.dim() == 2 else k) for n, k in (keep or {}).items()}
         nll, _ = masked_row_nll(model, layers, self.rows, keep)
         loglik = -(nll.double() * self.rows.label_mask.to(nll.device)).sum(1).cpu()
@@ -104,12 +116,24 @@ def _scores(stats: dict[str, UnitStats], names, metric, rho) -> dict[str, torch.
 
 
 # ------------------------------------------------------------------------------------------- curves
-def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: Sequence[ScoreBatch] = (),
-                    mc_examples: Sequence[MCExample] = (), calibration: Sequence[ScoreBatch] = (),
-                    metrics: Sequence[str] = ("magnitude", "gxo", "cor_gxo"), sparsities: Sequence[float] = (0.5,),
-                    units: Sequence[str] = UNIT_SETS, modes: Sequence[str] = MODES, n_steps: int = 8,
-                    ig_chunk: int = 4, rho: float | str = 0.5, target: str = "dense", progress: bool = True,
-                    on_point: Callable[[CurvePoint], None] | None = None) -> list[CurvePoint]:
+def tradeoff_curves(
+    model: nn.Module,
+    layers: list[UnitLayer],
+    *,
+    eval_batches: Sequence[ScoreBatch] = (),
+    mc_examples: Sequence[MCExample] = (),
+    calibration: Sequence[ScoreBatch] = (),
+    metrics: Sequence[str] = ("magnitude", "gxo", "cor_gxo"),
+    sparsities: Sequence[float] = (0.5,),
+    units: Sequence[str] = UNIT_SETS,
+    modes: Sequence[str] = MODES,
+    n_steps: int = 8,
+    ig_chunk: int = 4,
+    rho: float | str = 0.5,
+    target: str = "dense",
+    progress: bool = True,
+    on_point: Callable[[CurvePoint], None] | None = None,
+) -> list[CurvePoint]:
     """Evaluate every (mode, unit set, metric, sparsity); the 0-sparsity point (dense) is shared by all."""
     metrics = check_metrics(metrics)
     check_options(sparsities, units, modes, n_steps, rho, target)
@@ -140,8 +164,9 @@ def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: 
                         names = _subset(layers, u)
                         for metric in metrics:
                             if metric == "cor_gxo" and auto:
-                                drift = gradient_drift(model, layers, attr, grads,
-                                                       keep_masks(_scores(stats, names, "gxo", rho), s))
+                                drift = gradient_drift(
+                                    model, layers, attr, grads, keep_masks(_scores(stats, names, "gxo", rho), s)
+                                )
                                 for n in names:
                                     stats[n].drift = drift[n]
                             keep = keep_masks(_scores(stats, names, metric, rho), s)
@@ -155,8 +180,9 @@ def tradeoff_curves(model: nn.Module, layers: list[UnitLayer], *, eval_batches: 
                     sub = [la for la in layers if la.name in set(_subset(layers, u))]
                     for metric in metrics:
                         stats = [{n: _copy(st[n]) for n in st} for st in cal_stats]
-                        scores = calibrated_scores(model, sub, list(calibration), metric, rho=rho, sparsity=s,
-                                                   stats=stats, progress=False)
+                        scores = calibrated_scores(
+                            model, sub, list(calibration), metric, rho=rho, sparsity=s, stats=stats, progress=False
+                        )
                         keep = keep_masks(scores, s)
                         total = Counter()
                         for item in items:
@@ -185,8 +211,18 @@ def _point(mode, units, metric, s, c: Counter) -> CurvePoint:
     ppl = math.exp(c["nll"] / tokens) if tokens else math.nan
     acc = c["correct"] / tokens if tokens else math.nan
     mc = int(c.get("mc_total", 0))
-    return CurvePoint(mode, units, metric, float(s), ppl, acc, tokens,
-                      c["mc_correct"] / mc if mc else None, c["mc_norm"] / mc if mc else None, mc)
+    return CurvePoint(
+        mode,
+        units,
+        metric,
+        float(s),
+        ppl,
+        acc,
+        tokens,
+        c["mc_correct"] / mc if mc else None,
+        c["mc_norm"] / mc if mc else None,
+        mc,
+    )
 
 
 def check_options(sparsities, units, modes, n_steps, rho, target) -> None:
@@ -218,9 +254,11 @@ def write_curves(folder: str, points: Sequence[CurvePoint], meta: dict) -> dict[
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump({**meta, "points": [asdict(p) for p in points]}, f, indent=2)
     for u in dict.fromkeys(p.units for p in points):
-        path = plot_tradeoff(os.path.join(folder, f"curves_{u}.png"), [p for p in points if p.units == u],
-                             title=f"{meta.get('title', '')} — {u}")
+        path = plot_tradeoff(
+            os.path.join(folder, f"curves_{u}.png"),
+            [p for p in points if p.units == u],
+            title=f"{meta.get('title', '')} — {u}",
+        )
         if path:
             paths[u] = path
     return paths
-

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -52,9 +52,22 @@ from tqdm.auto import tqdm
 from ..offload import model_device
 from .units import UnitLayer
 
-__all__ = ["METRICS", "ScoreBatch", "UnitStats", "UnitHooks", "unit_statistics", "gradient_drift", "unit_scores",
-           "keep_masks", "frozen_parameters", "masked_nll", "masked_row_nll", "calibrated_scores", "collect_stats",
-           "mean_scores"]
+__all__ = [
+    "METRICS",
+    "ScoreBatch",
+    "UnitStats",
+    "UnitHooks",
+    "unit_statistics",
+    "gradient_drift",
+    "unit_scores",
+    "keep_masks",
+    "frozen_parameters",
+    "masked_nll",
+    "masked_row_nll",
+    "calibrated_scores",
+    "collect_stats",
+    "mean_scores",
+]
 
 METRICS = ("magnitude", "gradient", "gxo", "ig", "snip", "cor_gxo")
 
@@ -78,15 +91,15 @@ class ScoreBatch:
     label_mask: torch.Tensor
 
     @classmethod
-    def from_ids(cls, ids: torch.Tensor, attention: torch.Tensor | None = None) -> "ScoreBatch":
+    def from_ids(cls, ids: torch.Tensor, attention: torch.Tensor | None = None) -> ScoreBatch:
         ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
         att = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
         return cls(ids, att, ids[:, 1:].clone(), att[:, 1:] & att[:, :-1])
 
-    def with_labels(self, labels: torch.Tensor) -> "ScoreBatch":
+    def with_labels(self, labels: torch.Tensor) -> ScoreBatch:
         return ScoreBatch(self.ids, self.attention, labels, self.label_mask)
 
-    def repeat(self, n: int) -> "ScoreBatch":
+    def repeat(self, n: int) -> ScoreBatch:
         return ScoreBatch(*(t.repeat(n, 1) for t in (self.ids, self.attention, self.labels, self.label_mask)))
 
     @property
@@ -128,12 +141,12 @@ class UnitHooks:
 
     def __init__(self, layers: list[UnitLayer]):
         self.layers = layers
-        self.keep: dict[str, torch.Tensor] = {}    # name -> bool [n] (static) or [R, n] (per row)
-        self.alpha: torch.Tensor | None = None     # [R] gate per row
+        self.keep: dict[str, torch.Tensor] = {}  # name -> bool [n] (static) or [R, n] (per row)
+        self.alpha: torch.Tensor | None = None  # [R] gate per row
         self.record = False
-        self.fold = 1                              # rows = fold × examples (IG chunks); sums fold back
+        self.fold = 1  # rows = fold × examples (IG chunks); sums fold back
         self.token_mask: torch.Tensor | None = None
-        self.reference: dict[str, torch.Tensor] | None = None   # dense gradients, for the drift
+        self.reference: dict[str, torch.Tensor] | None = None  # dense gradients, for the drift
         self.keep_grads = False
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.grads: dict[str, torch.Tensor] = {}
@@ -141,7 +154,7 @@ class UnitHooks:
         self.seen: set[str] = set()
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["UnitHooks"]:
+    def installed(self) -> Iterator[UnitHooks]:
         handles = [layer.module.register_forward_pre_hook(partial(self._pre, layer)) for layer in self.layers]
         try:
             yield self
@@ -152,8 +165,9 @@ class UnitHooks:
     def _pre(self, layer: UnitLayer, module, args):
         x = args[0]
         if x.dim() != 3 or x.shape[-1] != layer.in_features:
-            raise ValueError(f"unit layer {layer.name!r}: expected input [batch, tokens, {layer.in_features}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"unit layer {layer.name!r}: expected input [batch, tokens, {layer.in_features}], got {tuple(x.shape)}"
+            )
         self.seen.add(layer.name)
         rows, tokens = x.shape[:2]
         xs = x.view(rows, tokens, layer.n_units, layer.group)
@@ -199,7 +213,7 @@ def _backward(model: nn.Module, hooks: UnitHooks, batch: ScoreBatch) -> None:
     hooks.leaves, hooks.seen, hooks.token_mask = [], set(), batch.attention
     nll, _ = row_nll(model, batch)
     m = batch.label_mask.to(nll.device)
-    loss = ((nll * m).sum(1) / m.sum(1).clamp(min=1)).sum()   # Σ over rows of each row's mean NLL
+    loss = ((nll * m).sum(1) / m.sum(1).clamp(min=1)).sum()  # Σ over rows of each row's mean NLL
     missing = [la.name for la in hooks.layers if la.name not in hooks.seen]
     if missing:
         raise ValueError(f"unit layer(s) {missing[:3]} were not reached by the model's forward pass")
@@ -207,9 +221,16 @@ def _backward(model: nn.Module, hooks: UnitHooks, batch: ScoreBatch) -> None:
     hooks.leaves = []
 
 
-def unit_statistics(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch, *, n_steps: int = 0,
-                    ig_chunk: int = 4, keep_grads: bool = False, progress=None) -> tuple[dict[str, UnitStats],
-                                                                                        dict[str, torch.Tensor]]:
+def unit_statistics(
+    model: nn.Module,
+    layers: list[UnitLayer],
+    batch: ScoreBatch,
+    *,
+    n_steps: int = 0,
+    ig_chunk: int = 4,
+    keep_grads: bool = False,
+    progress=None,
+) -> tuple[dict[str, UnitStats], dict[str, torch.Tensor]]:
     """One forward/backward for the gradient statistics, plus ``n_steps`` integrated-gradient points in chunks of
     ``ig_chunk`` rows per example (memory grows with the chunk, not with ``n_steps``). Returns the statistics
     per layer and, with ``keep_grads``, the dense gradients per layer (for :func:`gradient_drift`)."""
@@ -224,7 +245,7 @@ def unit_statistics(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch
         grads, hooks.keep_grads = hooks.grads, False
         if n_steps:
             hooks.sums = {}
-            alphas = (torch.arange(n_steps, dtype=torch.float64) + 0.5) / n_steps   # midpoint rule
+            alphas = (torch.arange(n_steps, dtype=torch.float64) + 0.5) / n_steps  # midpoint rule
             for chunk in alphas.split(ig_chunk):
                 hooks.fold = len(chunk)
                 hooks.alpha = chunk.repeat_interleave(batch.ids.shape[0]).float()
@@ -236,8 +257,13 @@ def unit_statistics(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch
     return out, grads
 
 
-def gradient_drift(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch, reference: dict[str, torch.Tensor],
-                   keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gradient_drift(
+    model: nn.Module,
+    layers: list[UnitLayer],
+    batch: ScoreBatch,
+    reference: dict[str, torch.Tensor],
+    keep: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """``‖g_l(deactivated) − g_l(dense)‖_F`` per example ``[B]`` and layer, with units deactivated by ``keep``."""
     hooks = UnitHooks(layers)
     hooks.keep, hooks.reference = keep, reference
@@ -290,8 +316,9 @@ def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, floa
 
 
 @torch.no_grad()
-def masked_row_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
-                   keep: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_row_nll(
+    model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch, keep: dict[str, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`row_nll` with units deactivated by ``keep`` (static ``[n]`` or per row ``[R, n]`` masks)."""
     hooks = UnitHooks(layers)
     hooks.keep = keep or {}
@@ -299,8 +326,9 @@ def masked_row_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
         return row_nll(model, batch)
 
 
-def masked_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
-               keep: dict[str, torch.Tensor] | None = None) -> tuple[float, int, int]:
+def masked_nll(
+    model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch, keep: dict[str, torch.Tensor] | None = None
+) -> tuple[float, int, int]:
     """``(sum of NLL, scored tokens, correct next-token predictions)`` with units deactivated by ``keep``."""
     nll, pred = masked_row_nll(model, layers, batch, keep)
     m = batch.label_mask.to(nll.device)
@@ -308,10 +336,19 @@ def masked_nll(model: nn.Module, layers: list[UnitLayer], batch: ScoreBatch,
     return float((nll.double() * m).sum()), int(m.sum()), int(correct)
 
 
-def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[ScoreBatch], metric: str, *,
-                      n_steps: int = 8, ig_chunk: int = 4, rho: float | str = 0.5, sparsity: float | dict[str, float] | None = None,
-                      progress: bool = True, stats: list[dict[str, UnitStats]] | None = None
-                      ) -> dict[str, torch.Tensor]:
+def calibrated_scores(
+    model: nn.Module,
+    layers: list[UnitLayer],
+    batches: list[ScoreBatch],
+    metric: str,
+    *,
+    n_steps: int = 8,
+    ig_chunk: int = 4,
+    rho: float | str = 0.5,
+    sparsity: float | dict[str, float] | None = None,
+    progress: bool = True,
+    stats: list[dict[str, UnitStats]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-layer unit scores ``[n_units]``: the mean over calibration examples of each example's score.
     ``rho="auto"`` measures each layer's relative gradient drift ``ρ_l = ‖δg_l‖/‖g_l‖`` on the first batch,
     with the calibrated plain-GxO masks at ``sparsity`` applied."""
@@ -322,7 +359,7 @@ def calibrated_scores(model: nn.Module, layers: list[UnitLayer], batches: list[S
         if sparsity is None:
             raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
         keep = keep_masks(mean_scores({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
-        _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)   # the dense gradients themselves
+        _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)  # the dense gradients themselves
         drift = gradient_drift(model, layers, batches[0], grads, keep)
         ratio = {n: float((drift[n] / stats[0][n].g2.sum(1).sqrt().clamp(min=1e-30)).mean()) for n in names}
         for s in stats:

@@ -18,18 +18,18 @@ __all__ = ["UnitLayer", "find_unit_layers", "unit_layers_for", "KINDS", "NEURON_
 KINDS = ("heads", "neurons")
 # module-name endings per architecture family (the unit layer of each block)
 NEURON_SUFFIXES = (
-    "mlp.down_proj",          # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
-    "fc2",                    # OPT, Phi-1/2 (mlp.fc2)
-    "mlp.dense_4h_to_h",      # GPT-NeoX / Pythia, Falcon
-    "mlp.c_proj",             # GPT-2 (Conv1D)
+    "mlp.down_proj",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
+    "fc2",  # OPT, Phi-1/2 (mlp.fc2)
+    "mlp.dense_4h_to_h",  # GPT-NeoX / Pythia, Falcon
+    "mlp.c_proj",  # GPT-2 (Conv1D)
 )
 HEAD_SUFFIXES = (
-    "self_attn.o_proj",       # Llama, Mistral, Qwen, Gemma, Phi-3
-    "self_attn.dense",        # Phi-1/2
-    "self_attn.out_proj",     # OPT
-    "attention.dense",        # GPT-NeoX / Pythia
-    "self_attention.dense",   # Falcon
-    "attn.c_proj",            # GPT-2 (Conv1D)
+    "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, Phi-3
+    "self_attn.dense",  # Phi-1/2
+    "self_attn.out_proj",  # OPT
+    "attention.dense",  # GPT-NeoX / Pythia
+    "self_attention.dense",  # Falcon
+    "attn.c_proj",  # GPT-2 (Conv1D)
 )
 
 
@@ -38,9 +38,9 @@ class UnitLayer:
     """One unit layer: ``n_units`` units of ``group`` consecutive input channels of module ``name``."""
 
     name: str
-    kind: str       # "heads" | "neurons"
+    kind: str  # "heads" | "neurons"
     n_units: int
-    group: int      # channels per unit: head_dim for heads, 1 for neurons
+    group: int  # channels per unit: head_dim for heads, 1 for neurons
     module: nn.Module
 
     @property
@@ -83,8 +83,10 @@ def _make(model: nn.Module, name: str, module: nn.Module, kind: str) -> UnitLaye
         return UnitLayer(name, kind, width, 1, module)
     heads = _num_heads(model)
     if heads is None or width % heads:
-        raise ValueError(f"cannot split {name!r} ({width} input channels) into attention heads: the model config "
-                         f"gives {heads} heads; score it as neurons instead")
+        raise ValueError(
+            f"cannot split {name!r} ({width} input channels) into attention heads: the model config "
+            f"gives {heads} heads; score it as neurons instead"
+        )
     return UnitLayer(name, kind, heads, width // heads, module)
 
 
@@ -100,8 +102,10 @@ def find_unit_layers(model: nn.Module, kinds: tuple[str, ...] | list[str] = KIND
             found.append(_make(model, name, module, kind))
     if not found:
         ends = ", ".join(HEAD_SUFFIXES * ("heads" in kinds) + NEURON_SUFFIXES * ("neurons" in kinds))
-        raise ValueError(f"no {'/'.join(kinds)} unit layers found in {type(model).__name__}: looked for module "
-                         f"names ending in {ends}; name the layers explicitly (unit_layers_for)")
+        raise ValueError(
+            f"no {'/'.join(kinds)} unit layers found in {type(model).__name__}: looked for module "
+            f"names ending in {ends}; name the layers explicitly (unit_layers_for)"
+        )
     return found
 
 

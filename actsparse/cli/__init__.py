@@ -18,8 +18,14 @@ from .common import sparsify_config
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS = {"demo": demo.run, "calibrate": calibrate.run, "eval": evaluate.run, "sweep": sweep.run,
-            "attribution": attribution.run, "generate": generate.run}
+COMMANDS = {
+    "demo": demo.run,
+    "calibrate": calibrate.run,
+    "eval": evaluate.run,
+    "sweep": sweep.run,
+    "attribution": attribution.run,
+    "generate": generate.run,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

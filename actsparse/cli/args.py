@@ -11,8 +11,18 @@ from ..methods import parse_option, registered_methods
 from ..models import DEVICE_MAPS, parse_max_memory
 from ..quant import WEIGHT_MODES
 
-__all__ = ["NNCF_RECIPE", "scope_arg", "option_arg", "int_at_least", "limit_arg", "device_map_arg", "max_memory_arg",
-           "add_model_args", "add_calib_args", "add_eval_args"]
+__all__ = [
+    "NNCF_RECIPE",
+    "scope_arg",
+    "option_arg",
+    "int_at_least",
+    "limit_arg",
+    "device_map_arg",
+    "max_memory_arg",
+    "add_model_args",
+    "add_calib_args",
+    "add_eval_args",
+]
 
 NNCF_RECIPE = [".*up_proj.*=0.3", ".*gate_proj.*=0.3", ".*down_proj.*=0.5"]
 
@@ -26,11 +36,13 @@ def scope_arg(text: str) -> tuple[str, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PATTERN=SPARSITY, e.g. '.*up_proj.*=0.3', got {text!r}") from None
 
+
 def option_arg(text: str) -> tuple[str, Any]:
     try:
         return parse_option(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def int_at_least(minimum: int):
     def parse(text: str) -> int:
@@ -41,7 +53,9 @@ def int_at_least(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
         return value
+
     return parse
+
 
 def limit_arg(text: str) -> int | float:
     try:
@@ -51,6 +65,7 @@ def limit_arg(text: str) -> int | float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of examples or a fraction below 1, got {text!r}")
     return int(value) if value >= 1 and value == int(value) else value
+
 
 def device_map_arg(text: str) -> str | dict[str, Any]:
     if text in DEVICE_MAPS:
@@ -64,9 +79,12 @@ def device_map_arg(text: str) -> str | dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected {', '.join(DEVICE_MAPS)}, or a JSON object {{module name: device}} "
-                                         f"(inline or in a file), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(DEVICE_MAPS)}, or a JSON object {{module name: device}} "
+            f"(inline or in a file), got {text!r}"
+        )
     return value
+
 
 def max_memory_arg(text: str) -> dict[int | str, int]:
     try:
@@ -74,57 +92,114 @@ def max_memory_arg(text: str) -> dict[int | str, int]:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="embedded",
-                   help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model", default="embedded", help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default=None,
-                   help="device for the whole model (default cuda when available, else cpu); not with --device-map")
-    p.add_argument("--device-map", type=device_map_arg, default=None, metavar="{auto,balanced,sequential}|JSON",
-                   help="spread a model that does not fit one device over the GPUs, the CPU and disk (accelerate), "
-                        "within --max-memory or else all free GPU memory and the available CPU RAM; planned before "
-                        "loading, and an error if weights would go to disk without --offload-folder. Or a JSON "
-                        "object / file {module name: device}")
-    p.add_argument("--max-memory", type=max_memory_arg, default=None, metavar="DEVICE=SIZE,...",
-                   help="with --device-map: memory per device for the weights, e.g. cpu=2GiB,0=70GiB (default: "
-                        "the free GPU memory and the available CPU RAM, as accelerate finds them)")
-    p.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="with --device-map: allow offloading weights to disk, re-saving them in DIR where needed")
-    p.add_argument("--weights", default="dense", choices=["dense", *WEIGHT_MODES],
-                   help="compress the Linear weights to int8 (torchao, per channel) after loading, before any "
-                        "calibration (default dense)")
-    p.add_argument("--data", default="embedded",
-                   help="'embedded' (gensim's Lee corpus), a text file, or hf:DATASET[:CONFIG]")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="device for the whole model (default cuda when available, else cpu); not with --device-map",
+    )
+    p.add_argument(
+        "--device-map",
+        type=device_map_arg,
+        default=None,
+        metavar="{auto,balanced,sequential}|JSON",
+        help="spread a model that does not fit one device over the GPUs, the CPU and disk (accelerate), "
+        "within --max-memory or else all free GPU memory and the available CPU RAM; planned before "
+        "loading, and an error if weights would go to disk without --offload-folder. Or a JSON "
+        "object / file {module name: device}",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=max_memory_arg,
+        default=None,
+        metavar="DEVICE=SIZE,...",
+        help="with --device-map: memory per device for the weights, e.g. cpu=2GiB,0=70GiB (default: "
+        "the free GPU memory and the available CPU RAM, as accelerate finds them)",
+    )
+    p.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="with --device-map: allow offloading weights to disk, re-saving them in DIR where needed",
+    )
+    p.add_argument(
+        "--weights",
+        default="dense",
+        choices=["dense", *WEIGHT_MODES],
+        help="compress the Linear weights to int8 (torchao, per channel) after loading, before any "
+        "calibration (default dense)",
+    )
+    p.add_argument(
+        "--data", default="embedded", help="'embedded' (gensim's Lee corpus), a text file, or hf:DATASET[:CONFIG]"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+
 def add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None) -> None:
-    p.add_argument("--scope", action="append", type=scope_arg, metavar="PATTERN=SPARSITY",
-                   help="regex (re.match on module names) and target sparsity; repeatable "
-                        f"(default: NNCF's recipe {' '.join(NNCF_RECIPE)})")
-    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="regex of layers to leave dense; repeatable")
-    p.add_argument("--method", default="quantile",
-                   help=f"calibration method: {', '.join(registered_methods(aliases=True))}; "
-                        "append '+topk' for exact per-token top-k at inference (default quantile)")
-    p.add_argument("--option", action="append", default=[], type=option_arg, metavar="KEY=VALUE",
-                   help="method option, e.g. step=0.1 for teal or mode=kde for scap (JSON value; None, True "
-                        "and False also read as Python's); repeatable")
-    p.add_argument("--statistic", default=None, choices=["histogram", "ema"],
-                   help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA")
-    p.add_argument("--scap-config", default=None, metavar="TYPE,MODE,SPARSITY,...",
-                   help="SCAP recipe, e.g. up,zero,0.35,gate,zero,0.35,down,median,0.55 (sets scopes and method)")
-    p.add_argument("--config", default=None, metavar="JSON",
-                   help="versioned JSON sparsify config (scopes, ignored scope, method and options; see "
-                        "SparsifyConfig.save) instead of --scope/--ignore/--method/--option")
+    p.add_argument(
+        "--scope",
+        action="append",
+        type=scope_arg,
+        metavar="PATTERN=SPARSITY",
+        help="regex (re.match on module names) and target sparsity; repeatable "
+        f"(default: NNCF's recipe {' '.join(NNCF_RECIPE)})",
+    )
+    p.add_argument(
+        "--ignore", action="append", default=[], metavar="PATTERN", help="regex of layers to leave dense; repeatable"
+    )
+    p.add_argument(
+        "--method",
+        default="quantile",
+        help=f"calibration method: {', '.join(registered_methods(aliases=True))}; "
+        "append '+topk' for exact per-token top-k at inference (default quantile)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=option_arg,
+        metavar="KEY=VALUE",
+        help="method option, e.g. step=0.1 for teal or mode=kde for scap (JSON value; None, True "
+        "and False also read as Python's); repeatable",
+    )
+    p.add_argument(
+        "--statistic",
+        default=None,
+        choices=["histogram", "ema"],
+        help="quantile statistic: one quantile over all tokens (histogram) or NNCF's per-batch EMA",
+    )
+    p.add_argument(
+        "--scap-config",
+        default=None,
+        metavar="TYPE,MODE,SPARSITY,...",
+        help="SCAP recipe, e.g. up,zero,0.35,gate,zero,0.35,down,median,0.55 (sets scopes and method)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="JSON",
+        help="versioned JSON sparsify config (scopes, ignored scope, method and options; see "
+        "SparsifyConfig.save) instead of --scope/--ignore/--method/--option",
+    )
     p.add_argument("--save-config", default=None, metavar="JSON", help="write the sparsify config used to this file")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.set_defaults(default_scopes=default_scopes)
 
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="new tokens scored per window (default: context - 1; consecutive windows share one token)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="new tokens scored per window (default: context - 1; consecutive windows share one token)",
+    )
     p.add_argument("--eval-tokens", type=int, default=None, help="evaluate the first N tokens of the split")

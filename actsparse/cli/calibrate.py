@@ -23,11 +23,19 @@ def register(sub) -> None:
     add_model_args(cal)
     add_calib_args(cal, NNCF_RECIPE)
     cal.add_argument("--out", default="thresholds.safetensors", help="output file (default thresholds.safetensors)")
-    cal.add_argument("--plot", default=None, metavar="PNG",
-                     help="save the per-layer activation ratio on the calibration data (Sparsing Law's plot)")
+    cal.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="save the per-layer activation ratio on the calibration data (Sparsing Law's plot)",
+    )
     cal.add_argument("--per-layer", action="store_true", help="print every layer's threshold and activation ratio")
-    cal.add_argument("--export-scap", default=None, metavar="JSON",
-                     help="also write SCAP's calibrated_thresholds.json (threshold/shift methods only)")
+    cal.add_argument(
+        "--export-scap",
+        default=None,
+        metavar="JSON",
+        help="also write SCAP's calibrated_thresholds.json (threshold/shift methods only)",
+    )
 
 
 def calibration_report(args, model, batches: list[torch.Tensor]) -> dict[str, Any]:
@@ -47,8 +55,9 @@ def calibration_report(args, model, batches: list[torch.Tensor]) -> dict[str, An
     if "ppl_ratio" in info:
         report["ppl_ratio"], report["cett"] = info["ppl_ratio"], info["cett"]
     if args.plot:
-        report["plot"] = plot_activation_ratio(args.plot, report["activation_ratio"],
-                                               title=f"{args.model}: activation ratio per layer")
+        report["plot"] = plot_activation_ratio(
+            args.plot, report["activation_ratio"], title=f"{args.model}: activation ratio per layer"
+        )
         if report["plot"] is None:
             raise ValueError("--plot needs matplotlib: pip install matplotlib")
     return report
@@ -64,10 +73,14 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     cal.update(calibration_report(args, model, batches))
     cal["layers"] = len(sparse_layers(model))
     if not args.json:
-        print(f"calibrated {cal['layers']} layers on {cal['calibration_tokens']} tokens in "
-              f"{cal['calibration_seconds']:.1f} s; thresholds saved to {path}")
-        print(f"average activation ratio on the calibration data: {cal['average_activation_ratio']:.3f} "
-              f"(weighted by layer size: {cal['weighted_activation_ratio']:.3f})")
+        print(
+            f"calibrated {cal['layers']} layers on {cal['calibration_tokens']} tokens in "
+            f"{cal['calibration_seconds']:.1f} s; thresholds saved to {path}"
+        )
+        print(
+            f"average activation ratio on the calibration data: {cal['average_activation_ratio']:.3f} "
+            f"(weighted by layer size: {cal['weighted_activation_ratio']:.3f})"
+        )
         if "ppl_ratio" in cal:
             print(f"PPL ratio on the calibration data: {cal['ppl_ratio']:.4f} (shared CETT {cal['cett']:.4g})")
         if args.per_layer:

@@ -26,13 +26,26 @@ from ..scope import IgnoredScope, TargetScope
 from ..sparse_linear import sparse_layers
 from .args import scope_arg
 
-__all__ = ["log", "load_model_from_args", "load_all", "calibration_data", "token_batches", "sparsify_config",
-           "calibrate", "evaluate", "by_type", "method_label", "check_saved_thresholds", "apply_saved_thresholds"]
+__all__ = [
+    "log",
+    "load_model_from_args",
+    "load_all",
+    "calibration_data",
+    "token_batches",
+    "sparsify_config",
+    "calibrate",
+    "evaluate",
+    "by_type",
+    "method_label",
+    "check_saved_thresholds",
+    "apply_saved_thresholds",
+]
 
 
 def log(args, msg: str) -> None:
     if not args.json:
         print(msg, file=sys.stderr, flush=True)
+
 
 def load_model_from_args(args, *, compress: bool = True):
     """``(model, tokenizer)`` as the model flags say: loaded, then int8-compressed with ``--weights``."""
@@ -40,8 +53,14 @@ def load_model_from_args(args, *, compress: bool = True):
     if device is None and args.device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, device_map=args.device_map,
-                                  max_memory=args.max_memory, offload_folder=args.offload_folder)
+    model, tokenizer = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=device,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
+    )
     log(args, f"loaded {args.model} in {time.perf_counter() - t:.1f} s")
     placed = getattr(model, "hf_device_map", None)
     if args.device_map is not None and placed:
@@ -52,21 +71,24 @@ def load_model_from_args(args, *, compress: bool = True):
         log(args, f"compressed {len(names)} Linear weights to {args.weights}")
     return model, tokenizer
 
+
 def load_all(args, *, compress: bool = True):
     return (*load_model_from_args(args, compress=compress), load_corpus(args.data))
+
 
 def calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.calib_batch_size < 1:
         raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
-    return token_batches(tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len,
-                          args.calib_batch_size)
+    return token_batches(tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size)
+
 
 def token_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
     """Up to ``n`` windows of ``seq_len`` tokens of ``text``, ``batch_size`` per ``[B, seq_len]`` tensor."""
     chunks = chunk_tokens(tokenizer, text, seq_len, n)
-    return [torch.cat(chunks[i:i + batch_size]) for i in range(0, len(chunks), batch_size)]
+    return [torch.cat(chunks[i : i + batch_size]) for i in range(0, len(chunks), batch_size)]
+
 
 def method_from_args(args):
     options = dict(args.option)
@@ -84,15 +106,26 @@ def method_from_args(args):
     scopes = args.scope or [scope_arg(s) for s in args.default_scopes]
     return {TargetScope(patterns=[p]): s for p, s in scopes}, method_from_spec(args.method, **options)
 
+
 def sparsify_config(args) -> SparsifyConfig:
     """The config the flags ask for: ``--config FILE``, or ``--scope/--ignore/--method/--option/--scap-config``."""
     if args.config:
-        given = [flag for flag, on in (("--scope", args.scope), ("--ignore", args.ignore),
-                                       ("--method", args.method != "quantile"), ("--option", args.option),
-                                       ("--statistic", args.statistic), ("--scap-config", args.scap_config)) if on]
+        given = [
+            flag
+            for flag, on in (
+                ("--scope", args.scope),
+                ("--ignore", args.ignore),
+                ("--method", args.method != "quantile"),
+                ("--option", args.option),
+                ("--statistic", args.statistic),
+                ("--scap-config", args.scap_config),
+            )
+            if on
+        ]
         if given:
-            raise ValueError(f"--config holds the scopes and the method; drop {', '.join(given)} "
-                             f"(or edit the config file)")
+            raise ValueError(
+                f"--config holds the scopes and the method; drop {', '.join(given)} (or edit the config file)"
+            )
         return SparsifyConfig.load(args.config)
     scopes, method = method_from_args(args)
     return SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
@@ -104,9 +137,13 @@ def calibrate(args, config: SparsifyConfig, model, tokenizer, corpus) -> tuple[d
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
-    result = {"scopes": {"|".join(k.patterns) or str(k): v for k, v in config.target_sparsity_by_scope.items()},
-              "method": method_to_dict(config.method), "config": config.to_dict(),
-              "calibration_tokens": sum(d.numel() for d in data), "calibration_seconds": seconds}
+    result = {
+        "scopes": {"|".join(k.patterns) or str(k): v for k, v in config.target_sparsity_by_scope.items()},
+        "method": method_to_dict(config.method),
+        "config": config.to_dict(),
+        "calibration_tokens": sum(d.numel() for d in data),
+        "calibration_seconds": seconds,
+    }
     if args.save_config:
         result["config_file"] = config.save(args.save_config)
     return result, data
@@ -120,11 +157,17 @@ def evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
     words = count_words(text)
     monitor = SparsityMonitor(model) if sparse_layers(model) else None
     with monitor or contextlib.nullcontext():
-        ppl = perplexity(model, ids, context=args.context, stride=args.stride, n_words=words,
-                         progress=not args.no_progress)
-    out: dict[str, Any] = {"token_perplexity": ppl.token_perplexity, "word_perplexity": ppl.word_perplexity,
-                           "eval_tokens": int(ids.numel()), "words": words, "context": ppl.context,
-                           "stride": ppl.stride}
+        ppl = perplexity(
+            model, ids, context=args.context, stride=args.stride, n_words=words, progress=not args.no_progress
+        )
+    out: dict[str, Any] = {
+        "token_perplexity": ppl.token_perplexity,
+        "word_perplexity": ppl.word_perplexity,
+        "eval_tokens": int(ids.numel()),
+        "words": words,
+        "context": ppl.context,
+        "stride": ppl.stride,
+    }
     if monitor:
         measured = monitor.sparsity()
         targets = monitor.targets()
@@ -132,6 +175,7 @@ def evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
         out["target_sparsity"] = targets
         out["by_type"] = by_type(measured, targets)
     return out
+
 
 def by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, float]]:
     mean_m = summarize_by_type(measured)
@@ -141,10 +185,15 @@ def by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dic
         counts[layer_type(n)] = counts.get(layer_type(n), 0) + 1
     return {k: {"layers": counts[k], "target": mean_t.get(k), "measured": v} for k, v in mean_m.items()}
 
+
 def method_label(m: dict[str, Any]) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name" and k in ("statistic", "allocation", "mode", "topk")
-                     and v not in (False, None))
+    opts = ", ".join(
+        f"{k}={v}"
+        for k, v in m.items()
+        if k != "name" and k in ("statistic", "allocation", "mode", "topk") and v not in (False, None)
+    )
     return f"{m['name']} ({opts})" if opts else m["name"]
+
 
 def check_saved_thresholds(args) -> None:
     """``--thresholds`` / ``--scap-json``: at most one, and a thresholds file must read, before the model loads."""
@@ -152,6 +201,7 @@ def check_saved_thresholds(args) -> None:
         raise ValueError("give either --thresholds or --scap-json, not both")
     if args.thresholds:
         read_thresholds(args.thresholds)
+
 
 def apply_saved_thresholds(args, model) -> bool:
     """Sparsify ``model`` with ``--thresholds`` or ``--scap-json``; False when neither was given."""

@@ -18,9 +18,12 @@ def register(sub) -> None:
     add_calib_args(demo, NNCF_RECIPE)
     add_eval_args(demo)
     demo.set_defaults(eval_tokens=8192)
-    demo.add_argument("--int8", action="store_true",
-                      help="add int8 weights (torchao, per channel; --weights picks the mode, default int8_asym) "
-                           "without and with the same recipe: seed 000's dense/sparse/int8/int8+sparse table")
+    demo.add_argument(
+        "--int8",
+        action="store_true",
+        help="add int8 weights (torchao, per channel; --weights picks the mode, default int8_asym) "
+        "without and with the same recipe: seed 000's dense/sparse/int8/int8+sparse table",
+    )
 
 
 def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
@@ -32,9 +35,16 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     log(args, "evaluating the sparse model")
     sparse = evaluate(args, model, tokenizer, corpus.evaluation)
     delta = 100.0 * (sparse["token_perplexity"] / dense["token_perplexity"] - 1.0)
-    result = {"model": args.model, "data": corpus.name, "dtype": args.dtype,
-              "weights": "dense" if args.int8 else args.weights,
-              "calibration": cal, "dense": dense, "sparse": sparse, "delta_token_ppl_percent": delta}
+    result = {
+        "model": args.model,
+        "data": corpus.name,
+        "dtype": args.dtype,
+        "weights": "dense" if args.int8 else args.weights,
+        "calibration": cal,
+        "dense": dense,
+        "sparse": sparse,
+        "delta_token_ppl_percent": delta,
+    }
     rows = [("dense", dense), ("sparse", sparse)]
     if args.int8:  # seed 000's table: the same recipe calibrated again on int8 weights
         mode = args.weights if args.weights != "dense" else "int8_asym"
@@ -52,8 +62,10 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     if not args.json:
         recipe = ", ".join(f"{p}={s}" for p, s in cal["scopes"].items())
         print(f"\nactsparse demo: {args.model} model, {corpus.name} corpus, {args.dtype}")
-        print(f"calibration: {cal['calibration_tokens']} tokens, method {method_label(cal['method'])}, "
-              f"{cal['calibration_seconds']:.1f} s; recipe {recipe}")
+        print(
+            f"calibration: {cal['calibration_tokens']} tokens, method {method_label(cal['method'])}, "
+            f"{cal['calibration_seconds']:.1f} s; recipe {recipe}"
+        )
         print(f"evaluation: {dense['eval_tokens']} tokens ({dense['words']} words), context {dense['context']}\n")
         width = max(len(label) for label, _ in rows) + 2
         print(f"{'':<{width}}{'token ppl':>11} {'word ppl':>11}{'Δ token ppl':>13}")

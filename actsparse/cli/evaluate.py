@@ -12,22 +12,35 @@ from .format import print_sparsity
 
 
 def register(sub) -> None:
-    ev = sub.add_parser("eval", help="perplexity (or lm-eval accuracy with --tasks) and measured sparsity, dense "
-                                     "or with saved thresholds")
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity (or lm-eval accuracy with --tasks) and measured sparsity, dense or with saved thresholds",
+    )
     add_model_args(ev)
     add_eval_args(ev)
     ev.add_argument("--thresholds", default=None, help="thresholds file from `actsparse calibrate`")
     ev.add_argument("--scap-json", default=None, help="SCAP calibrated_thresholds.json to apply instead")
-    ev.add_argument("--tasks", default=None, metavar="TASK,...",
-                    help="lm-eval tasks, e.g. winogrande,piqa,sciq,hellaswag,boolq,arc_easy,arc_challenge: report "
-                         "their accuracy instead of perplexity (--data and the perplexity options are then unused; "
-                         f"needs {LMEVAL_INSTALL})")
+    ev.add_argument(
+        "--tasks",
+        default=None,
+        metavar="TASK,...",
+        help="lm-eval tasks, e.g. winogrande,piqa,sciq,hellaswag,boolq,arc_easy,arc_challenge: report "
+        "their accuracy instead of perplexity (--data and the perplexity options are then unused; "
+        f"needs {LMEVAL_INSTALL})",
+    )
     ev.add_argument("--num-fewshot", type=int_at_least(0), default=None, help="lm-eval few-shot examples (default 0)")
-    ev.add_argument("--limit", type=limit_arg, default=None,
-                    help="lm-eval examples per task (a fraction if < 1); for quick checks, not reportable numbers")
-    ev.add_argument("--lm-eval-batch-size", type=int_at_least(1), default=None,
-                    help="lm-eval batch size (default 1; larger batches are padded, and padding counts in the "
-                         "measured sparsity)")
+    ev.add_argument(
+        "--limit",
+        type=limit_arg,
+        default=None,
+        help="lm-eval examples per task (a fraction if < 1); for quick checks, not reportable numbers",
+    )
+    ev.add_argument(
+        "--lm-eval-batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="lm-eval batch size (default 1; larger batches are padded, and padding counts in the measured sparsity)",
+    )
     ev.add_argument("--include-path", default=None, metavar="DIR", help="folder of custom lm-eval task YAMLs")
 
     ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
@@ -37,18 +50,27 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     check_saved_thresholds(args)
     if args.tasks is not None:
         return eval_tasks(args)
-    lm_only = [f"--{k.replace('_', '-')}" for k in ("num_fewshot", "limit", "lm_eval_batch_size", "include_path")
-               if getattr(args, k) is not None]
+    lm_only = [
+        f"--{k.replace('_', '-')}"
+        for k in ("num_fewshot", "limit", "lm_eval_batch_size", "include_path")
+        if getattr(args, k) is not None
+    ]
     if lm_only:
         raise ValueError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
     model, tokenizer, corpus = load_all(args)
     apply_saved_thresholds(args, model)
-    result = {"model": args.model, "data": corpus.name, "thresholds": args.thresholds,
-              **evaluate(args, model, tokenizer, corpus.evaluation)}
+    result = {
+        "model": args.model,
+        "data": corpus.name,
+        "thresholds": args.thresholds,
+        **evaluate(args, model, tokenizer, corpus.evaluation),
+    }
     if not args.json:
         word = result["word_perplexity"]
-        print(f"token perplexity {result['token_perplexity']:.3f}, word perplexity {word:.3f} "
-              f"({result['eval_tokens']} tokens, context {result['context']})")
+        print(
+            f"token perplexity {result['token_perplexity']:.3f}, word perplexity {word:.3f} "
+            f"({result['eval_tokens']} tokens, context {result['context']})"
+        )
         print_sparsity(args, result)
     return result
 
@@ -62,15 +84,29 @@ def eval_tasks(args) -> dict[str, Any]:
     model, tokenizer = load_model_from_args(args)
     apply_saved_thresholds(args, model)
     log(args, f"lm-eval on {', '.join(tasks)} ({shots}-shot)")
-    r = run_lm_eval(model, tokenizer, tasks, num_fewshot=shots, limit=args.limit,
-                    batch_size=batch_size, include_path=args.include_path)
-    result = {"model": args.model, "weights": args.weights, "thresholds": args.thresholds,
-              "scap_json": args.scap_json, **r}
+    r = run_lm_eval(
+        model,
+        tokenizer,
+        tasks,
+        num_fewshot=shots,
+        limit=args.limit,
+        batch_size=batch_size,
+        include_path=args.include_path,
+    )
+    result = {
+        "model": args.model,
+        "weights": args.weights,
+        "thresholds": args.thresholds,
+        "scap_json": args.scap_json,
+        **r,
+    }
     if not args.json:
         weights = args.thresholds or args.scap_json
         limit = "" if args.limit is None else f", limit {args.limit}"
-        print(f"lm-eval {r['lm_eval_version']}: {args.model} {'with ' + weights if weights else '(dense)'}, "
-              f"{shots}-shot{limit}, {r['seconds']:.1f} s\n")
+        print(
+            f"lm-eval {r['lm_eval_version']}: {args.model} {'with ' + weights if weights else '(dense)'}, "
+            f"{shots}-shot{limit}, {r['seconds']:.1f} s\n"
+        )
         print("\n".join(format_lm_eval_table(r)))
         if "by_type" in result:
             print("\nmeasured sparsity during the lm-eval run:")

@@ -17,33 +17,51 @@ from .format import format_footer, format_side_by_side, format_summary, write_st
 
 
 def register(sub) -> None:
-    gen = sub.add_parser("generate", help="stream text from the sparsified model: time to first token, decode "
-                                          "tokens/s, measured sparsity; --compare: dense and sparse side by side")
+    gen = sub.add_parser(
+        "generate",
+        help="stream text from the sparsified model: time to first token, decode "
+        "tokens/s, measured sparsity; --compare: dense and sparse side by side",
+    )
     add_model_args(gen)
     add_calib_args(gen, NNCF_RECIPE)  # used only when neither --thresholds, --scap-json nor --dense is given
     gen.add_argument("--prompt", required=True, help="prompt text, or '-' to read it from stdin")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=None,
-                     help="sampling temperature (with --sample; default 1)")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample; default 1)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample; default 1)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--chat", action="store_true",
-                     help="wrap the prompt in the tokenizer's chat template as a user turn (default: plain completion)")
-    gen.add_argument("--thresholds", default=None,
-                     help="thresholds file from `actsparse calibrate` (default: calibrate the --scope recipe, "
-                          "NNCF's unless given, on --data first)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt in the tokenizer's chat template as a user turn (default: plain completion)",
+    )
+    gen.add_argument(
+        "--thresholds",
+        default=None,
+        help="thresholds file from `actsparse calibrate` (default: calibrate the --scope recipe, "
+        "NNCF's unless given, on --data first)",
+    )
     gen.add_argument("--scap-json", default=None, help="SCAP calibrated_thresholds.json to apply instead")
     gen.add_argument("--dense", action="store_true", help="generate with the dense model (no thresholds)")
-    gen.add_argument("--compare", action="store_true",
-                     help="generate dense, then sparse, and print them side by side (nothing is streamed)")
+    gen.add_argument(
+        "--compare",
+        action="store_true",
+        help="generate dense, then sparse, and print them side by side (nothing is streamed)",
+    )
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
-    gen.add_argument("--engine", default="auto", choices=["auto", "graph", "eager"],
-                     help="graph: the static-cache decoder, one CUDA-graph replay per token (compiled on CUDA); "
-                          "eager: the dynamic-cache loop; auto (default): graph on CUDA, eager elsewhere")
-    gen.add_argument("--no-kernels", action="store_true",
-                     help="on CUDA, decode sparse layers with masked dense matmuls instead of the sparse GEMV kernels "
-                          "(default: kernels where they beat cuBLAS, see actsparse.kernels.enable_kernels)")
+    gen.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "graph", "eager"],
+        help="graph: the static-cache decoder, one CUDA-graph replay per token (compiled on CUDA); "
+        "eager: the dynamic-cache loop; auto (default): graph on CUDA, eager elsewhere",
+    )
+    gen.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="on CUDA, decode sparse layers with masked dense matmuls instead of the sparse GEMV kernels "
+        "(default: kernels where they beat cuBLAS, see actsparse.kernels.enable_kernels)",
+    )
 
 
 def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
@@ -54,29 +72,51 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
         raise ValueError("--temperature and --top-p apply only with --sample (greedy decoding ignores them)")
     prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     settings: dict[str, Any] = {
-        "max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "seed": args.seed, "chat": args.chat,
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "seed": args.seed,
+        "chat": args.chat,
         "temperature": 1.0 if args.temperature is None else args.temperature,
-        "top_p": 1.0 if args.top_p is None else args.top_p}
-    check_settings(prompt, max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
-                   temperature=settings["temperature"], top_p=settings["top_p"])  # before the slow model load
+        "top_p": 1.0 if args.top_p is None else args.top_p,
+    }
+    check_settings(
+        prompt,
+        max_new_tokens=settings["max_new_tokens"],
+        do_sample=settings["do_sample"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+    )  # before the slow model load
     model, tokenizer = load_model_from_args(args)
-    result: dict[str, Any] = {"model": args.model, "weights": args.weights, "thresholds": args.thresholds,
-                              "scap_json": args.scap_json}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "weights": args.weights,
+        "thresholds": args.thresholds,
+        "scap_json": args.scap_json,
+    }
     if not apply_saved_thresholds(args, model) and not args.dense:
         corpus = load_corpus(args.data)
-        log(args, f"no --thresholds given: calibrating on {corpus.name} "
-                   "(save thresholds with `actsparse calibrate` to skip this)")
+        log(
+            args,
+            f"no --thresholds given: calibrating on {corpus.name} "
+            "(save thresholds with `actsparse calibrate` to skip this)",
+        )
         result["calibration"] = cal = calibrate(args, config, model, tokenizer, corpus)[0]
         result["data"] = corpus.name
-        log(args, f"calibrated {', '.join(f'{p}={s}' for p, s in cal['scopes'].items())} with "
-                   f"{method_label(cal['method'])} on {cal['calibration_tokens']} tokens in "
-                   f"{cal['calibration_seconds']:.1f} s")
+        log(
+            args,
+            f"calibrated {', '.join(f'{p}={s}' for p, s in cal['scopes'].items())} with "
+            f"{method_label(cal['method'])} on {cal['calibration_tokens']} tokens in "
+            f"{cal['calibration_seconds']:.1f} s",
+        )
     settings["engine"] = args.engine
     if not args.no_kernels and not args.dense and triton_available(model_device(model)):
         packed = enable_kernels(model)
         result["kernel_layers"] = len(packed)
-        log(args, f"sparse GEMV kernels on {len(packed)} of {len(sparse_layers(model))} sparse layers "
-                   f"(the others take the dense route: below {KERNEL_MIN_SPARSITY:g} expected sparsity or not eligible)")
+        log(
+            args,
+            f"sparse GEMV kernels on {len(packed)} of {len(sparse_layers(model))} sparse layers "
+            f"(the others take the dense route: below {KERNEL_MIN_SPARSITY:g} expected sparsity or not eligible)",
+        )
     if args.compare:
         log(args, "generating with the dense model, then with the sparse one")
         comparison = compare_generate(model, tokenizer, prompt, **settings)

@@ -6,8 +6,7 @@ from typing import Any
 
 from ..config import SparsifyConfig
 from ..data import tokenize
-from ..eval.sweep import (ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods,
-                          write_sweep)
+from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
 from .args import add_eval_args, add_model_args
 from .common import calibration_data, load_all, log
 
@@ -17,13 +16,18 @@ def register(sub) -> None:
     add_model_args(sw)
     add_eval_args(sw)
     sw.set_defaults(eval_tokens=8192)
-    sw.add_argument("--methods", default="quantile,teal-greedy,scap-median,wina", metavar="NAME[:KEY=VALUE...],...",
-                    help="comma list of methods, each with optional ':'-separated options (the KEY=VALUE of "
-                         "calibrate's --option), e.g. quantile,teal-greedy:step=0.025:greedy_tokens=null; the spec "
-                         "labels the method in the outputs (default quantile,teal-greedy,scap-median,wina)")
+    sw.add_argument(
+        "--methods",
+        default="quantile,teal-greedy,scap-median,wina",
+        metavar="NAME[:KEY=VALUE...],...",
+        help="comma list of methods, each with optional ':'-separated options (the KEY=VALUE of "
+        "calibrate's --option), e.g. quantile,teal-greedy:step=0.025:greedy_tokens=null; the spec "
+        "labels the method in the outputs (default quantile,teal-greedy,scap-median,wina)",
+    )
     sw.add_argument("--sparsity", default="0.2:0.7:0.1", help="START:STOP:STEP or a comma list (default 0.2:0.7:0.1)")
-    sw.add_argument("--scope", default=ALL_PROJECTIONS,
-                    help="regex of the layers to sparsify (default: all seven projections)")
+    sw.add_argument(
+        "--scope", default=ALL_PROJECTIONS, help="regex of the layers to sparsify (default: all seven projections)"
+    )
     sw.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="regex of layers to leave dense")
     sw.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     sw.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
@@ -43,17 +47,37 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     log(args, f"sweep: {len(methods)} methods x {len(sparsities)} sparsities on {args.scope}")
 
     def show(p):
-        log(args, f"  {p.method:<16} target {p.target:.2f}  measured {p.measured:.3f}  "
-                   f"ppl {p.token_perplexity:.3f} ({p.delta_percent:+.2f}%)  calibration {p.calibration_seconds:.0f} s")
+        log(
+            args,
+            f"  {p.method:<16} target {p.target:.2f}  measured {p.measured:.3f}  "
+            f"ppl {p.token_perplexity:.3f} ({p.delta_percent:+.2f}%)  calibration {p.calibration_seconds:.0f} s",
+        )
 
-    dense, points = run_sweep(model, data, ids, methods, sparsities, scope=args.scope, ignored=args.ignore,
-                              context=args.context, stride=args.stride, progress=not args.no_progress,
-                              per_layer=True, on_point=show)
-    meta = {"model": args.model, "data": corpus.name, "dtype": args.dtype, "scope": args.scope,
-            "eval_tokens": int(ids.numel()), "context": args.context,
-            "calibration_tokens": sum(d.numel() for d in data),
-            "methods": method_meta(methods),
-            "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"}
+    dense, points = run_sweep(
+        model,
+        data,
+        ids,
+        methods,
+        sparsities,
+        scope=args.scope,
+        ignored=args.ignore,
+        context=args.context,
+        stride=args.stride,
+        progress=not args.no_progress,
+        per_layer=True,
+        on_point=show,
+    )
+    meta = {
+        "model": args.model,
+        "data": corpus.name,
+        "dtype": args.dtype,
+        "scope": args.scope,
+        "eval_tokens": int(ids.numel()),
+        "context": args.context,
+        "calibration_tokens": sum(d.numel() for d in data),
+        "methods": method_meta(methods),
+        "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens",
+    }
     paths = write_sweep(args.out, dense, points, meta)
     if not args.json:
         print("\n".join(format_table(dense, points)))

@@ -1,6 +1,6 @@
 """Fast decode on the user's own model: a static-cache decoder captured in one CUDA graph per step."""
 
-from .decoder import DecodeResult, Decoder, eos_token_ids, forward_kwargs
+from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
 from .sampling import check_sampling, select_next
 
 __all__ = ["Decoder", "DecodeResult", "select_next", "check_sampling", "forward_kwargs", "eos_token_ids"]

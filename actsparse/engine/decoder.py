@@ -29,8 +29,9 @@ import itertools
 import time
 import types
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -82,12 +83,12 @@ class DecodeResult:
     are padded with ``pad_token_id``.
     """
 
-    sequences: torch.Tensor       # [B, prompt + new] int64, on the model's device
-    new_tokens: int               # new positions in sequences (the longest row's)
+    sequences: torch.Tensor  # [B, prompt + new] int64, on the model's device
+    new_tokens: int  # new positions in sequences (the longest row's)
     prefill_seconds: float
     decode_seconds: float
-    stop_reason: str              # "eos" (every row) or "length"
-    mode: str                     # "graph", "compile" or "eager": how the decode steps ran
+    stop_reason: str  # "eos" (every row) or "length"
+    mode: str  # "graph", "compile" or "eager": how the decode steps ran
     logits: tuple[torch.Tensor, ...] | None = None  # with output_logits: fp32 [B, vocab] per new token
 
     @property
@@ -107,8 +108,9 @@ def _tensor_key(t: torch.Tensor | None) -> tuple:
 _serial = itertools.count()
 # Inductor keeps fused bf16/fp16 intermediates in fp32 unless told to round them as eager does; rounding them
 # makes the compiled step compute what the eager forward computes (same tokens, not just close logits)
-_EAGER_NUMERICS = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") \
-    else None
+_EAGER_NUMERICS = (
+    {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
+)
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -143,26 +145,42 @@ class Decoder:
             (``False``: raise :class:`~actsparse.DecoderError` instead).
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int = 2048, *, batch_size: int = 1,
-                 compile: bool | None = None, cuda_graph: bool | None = None, backend: str = "inductor",
-                 sync_every: int = 16, fallback: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        max_seq_len: int = 2048,
+        *,
+        batch_size: int = 1,
+        compile: bool | None = None,
+        cuda_graph: bool | None = None,
+        backend: str = "inductor",
+        sync_every: int = 16,
+        fallback: bool = True,
+    ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-            raise DecoderError(f"Decoder needs a Hugging Face causal LM (an nn.Module with a .config), got "
-                               f"{type(model).__name__}")
-        for name, value, low in (("max_seq_len", max_seq_len, 2), ("batch_size", batch_size, 1),
-                                 ("sync_every", sync_every, 1)):
+            raise DecoderError(
+                f"Decoder needs a Hugging Face causal LM (an nn.Module with a .config), got {type(model).__name__}"
+            )
+        for name, value, low in (
+            ("max_seq_len", max_seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("sync_every", sync_every, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise DecoderError(f"{name} must be an integer >= {low}, got {value!r}")
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and limit > 0 and max_seq_len > limit:
-            raise DecoderError(f"max_seq_len={max_seq_len} exceeds the model's {limit} positions "
-                               f"(config.max_position_embeddings); use max_seq_len <= {limit}")
+            raise DecoderError(
+                f"max_seq_len={max_seq_len} exceeds the model's {limit} positions "
+                f"(config.max_position_embeddings); use max_seq_len <= {limit}"
+            )
         self.model = model
         self.max_seq_len, self.batch_size, self.sync_every = max_seq_len, batch_size, sync_every
         self.device = model_device(model)
         if cuda_graph and self.device.type != "cuda":
-            raise DecoderError(f"cuda_graph=True needs a model on a CUDA device; this one runs on {self.device} "
-                               f"(use cuda_graph=False)")
+            raise DecoderError(
+                f"cuda_graph=True needs a model on a CUDA device; this one runs on {self.device} (use cuda_graph=False)"
+            )
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         self.compile = self.cuda_graph if compile is None else bool(compile)
         self.backend, self.fallback = backend, fallback
@@ -193,15 +211,19 @@ class Decoder:
         if window is not None and self.max_seq_len <= window:
             # positions never leave the window: a full static layer holds the same keys and gives the same
             # attention, without the sliding layer's Python-side position counter (which a graph would freeze)
-            cache.layers = [StaticLayer(max_cache_len=self.max_seq_len) if getattr(layer, "is_sliding", False)
-                            else layer for layer in cache.layers]
+            cache.layers = [
+                StaticLayer(max_cache_len=self.max_seq_len) if getattr(layer, "is_sliding", False) else layer
+                for layer in cache.layers
+            ]
         return cache
 
     def _not_capturable(self) -> str | None:
         window = _sliding_window(self.cache)
         if window is not None:
-            return (f"its sliding-window cache ({window} positions) is shorter than max_seq_len={self.max_seq_len}; "
-                    f"a graph needs max_seq_len <= {window}")
+            return (
+                f"its sliding-window cache ({window} positions) is shorter than max_seq_len={self.max_seq_len}; "
+                f"a graph needs max_seq_len <= {window}"
+            )
         for name, m in self.model.named_modules():
             hook = getattr(m, "_hf_hook", None)
             hooks = getattr(hook, "hooks", (hook,))
@@ -211,8 +233,9 @@ class Decoder:
 
     def _give_up(self, reason: str) -> None:
         if not self.fallback:
-            raise DecoderError(f"cannot capture {type(self.model).__name__} in a CUDA graph / compile its decode step: "
-                               f"{reason}")
+            raise DecoderError(
+                f"cannot capture {type(self.model).__name__} in a CUDA graph / compile its decode step: {reason}"
+            )
         warnings.warn(f"actsparse Decoder: {type(self.model).__name__} decodes eagerly: {reason}", stacklevel=3)
         self.fallback_reason = reason
         self.compile = self.cuda_graph = False
@@ -222,15 +245,26 @@ class Decoder:
         """What a captured graph depends on: module identities, parameter/buffer storage, hooks, packed kernels."""
         parts: list[Any] = []
         for m in self.model.modules():
-            parts.append((id(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
-                          id(getattr(m, "_packed", None)), id(getattr(m, "_kernel_group", None))))
+            parts.append(
+                (
+                    id(m),
+                    m.training,
+                    len(m._forward_hooks),
+                    len(m._forward_pre_hooks),
+                    id(getattr(m, "_packed", None)),
+                    id(getattr(m, "_kernel_group", None)),
+                )
+            )
             parts.extend(_tensor_key(t) for t in m._parameters.values())
             parts.extend(_tensor_key(t) for t in m._buffers.values())
         return tuple(parts)
 
     def _hooks(self) -> tuple:
-        return tuple((i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for i, m in enumerate(self.model.modules())
-                     if m._forward_pre_hooks or m._forward_hooks)
+        return tuple(
+            (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+            for i, m in enumerate(self.model.modules())
+            if m._forward_pre_hooks or m._forward_hooks
+        )
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits of the last position ``[B, vocab]`` for ``ids`` on the static cache."""
@@ -256,8 +290,10 @@ class Decoder:
         """Compile and capture the decode step for the model as it is now (no-op when nothing changed)."""
         stale = stale_kernels(self.model)
         if stale:
-            raise DecoderError(f"the weights of {len(stale)} packed layer(s) (e.g. {stale[0]}) changed after "
-                               f"enable_kernels; call actsparse.kernels.enable_kernels(model) again")
+            raise DecoderError(
+                f"the weights of {len(stale)} packed layer(s) (e.g. {stale[0]}) changed after "
+                f"enable_kernels; call actsparse.kernels.enable_kernels(model) again"
+            )
         key = (self._fingerprint(), self.mode)
         if self._ready == key:
             return
@@ -282,8 +318,13 @@ class Decoder:
         hooks = self._hooks()
         if self.compile and hooks not in self._compiled:
             step = types.MethodType(_own_code(Decoder._logits), self)
-            self._compiled[hooks] = torch.compile(step, fullgraph=True, dynamic=False, backend=self.backend,
-                                                  options=_EAGER_NUMERICS if self.backend == "inductor" else None)
+            self._compiled[hooks] = torch.compile(
+                step,
+                fullgraph=True,
+                dynamic=False,
+                backend=self.backend,
+                options=_EAGER_NUMERICS if self.backend == "inductor" else None,
+            )
         self._step_fn = self._compiled[hooks] if self.compile else self._logits
         if not self.cuda_graph:
             self._body()  # compiles now, not inside the first timed generation
@@ -302,24 +343,34 @@ class Decoder:
     # ------------------------------------------------------------------------------------------- decode
     def _check_inputs(self, input_ids: Any, max_new_tokens: int) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int, torch.int16):
-            raise DecoderError(f"input_ids must be an integer tensor [batch, tokens], got "
-                               f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+            raise DecoderError(
+                f"input_ids must be an integer tensor [batch, tokens], got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+            )
         ids = input_ids.view(1, -1) if input_ids.dim() == 1 else input_ids
         if ids.dim() != 2 or ids.shape[1] < 1:
-            raise DecoderError(f"input_ids must have shape [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}")
+            raise DecoderError(
+                f"input_ids must have shape [batch, tokens] with tokens >= 1, got {tuple(input_ids.shape)}"
+            )
         if ids.shape[0] != self.batch_size:
-            raise DecoderError(f"input_ids has {ids.shape[0]} rows; this Decoder was built for batch_size="
-                               f"{self.batch_size} (make one with Decoder(model, batch_size={ids.shape[0]}))")
+            raise DecoderError(
+                f"input_ids has {ids.shape[0]} rows; this Decoder was built for batch_size="
+                f"{self.batch_size} (make one with Decoder(model, batch_size={ids.shape[0]}))"
+            )
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise DecoderError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if ids.shape[1] + max_new_tokens > self.max_seq_len:
-            raise DecoderError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                               f"max_seq_len={self.max_seq_len}; build the Decoder with a larger max_seq_len "
-                               f"or generate fewer tokens")
+            raise DecoderError(
+                f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_seq_len={self.max_seq_len}; build the Decoder with a larger max_seq_len "
+                f"or generate fewer tokens"
+            )
         vocab = getattr(self.model.config, "vocab_size", None)
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or isinstance(vocab, int) and hi >= vocab:
-            raise DecoderError(f"input_ids must be in [0, {vocab}) (the model's vocabulary), got values in [{lo}, {hi}]")
+            raise DecoderError(
+                f"input_ids must be in [0, {vocab}) (the model's vocabulary), got values in [{lo}, {hi}]"
+            )
         return ids.to(self.device, torch.long)
 
     def _sync(self) -> None:
@@ -327,10 +378,20 @@ class Decoder:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, max_new_tokens: int = 64, *, do_sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0, seed: int | None = 0,
-            eos_token_id: int | Iterable[int] | None = None, pad_token_id: int | None = None,
-            on_tokens: TokenCallback | None = None, output_logits: bool = False) -> DecodeResult:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        eos_token_id: int | Iterable[int] | None = None,
+        pad_token_id: int | None = None,
+        on_tokens: TokenCallback | None = None,
+        output_logits: bool = False,
+    ) -> DecodeResult:
         """Generate up to ``max_new_tokens`` after ``input_ids`` ``[B, T]``; see :meth:`generate`.
 
         ``on_tokens`` receives row 0's new token ids as they become known on the host (every ``sync_every``
@@ -339,10 +400,16 @@ class Decoder:
         """
         ids = self._check_inputs(input_ids, max_new_tokens)
         check_sampling(do_sample, temperature, top_p)
-        eos = eos_token_ids(self.model) if eos_token_id is None else (
-            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
-        pad = pad_token_id if pad_token_id is not None else getattr(
-            getattr(self.model, "generation_config", None), "pad_token_id", None)
+        eos = (
+            eos_token_ids(self.model)
+            if eos_token_id is None
+            else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        )
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
+        )
         pad = int(pad) if isinstance(pad, int) else (min(eos) if eos else 0)
         generator = None
         if do_sample:
@@ -357,8 +424,11 @@ class Decoder:
         t0 = time.perf_counter()
         logits = self._logits(ids)
         kept = [logits.clone()] if output_logits else None
-        self._tok.copy_(select_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                                    generator=generator).view(-1, 1))
+        self._tok.copy_(
+            select_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator).view(
+                -1, 1
+            )
+        )
         first = self._tok[:, 0].tolist()  # waits for the device: the time to the first token
         prefill_seconds = time.perf_counter() - t0
 
@@ -377,10 +447,13 @@ class Decoder:
                 if kept is not None:
                     kept.append(logits.clone())
                 if do_sample:
-                    self._tok.copy_(select_next(logits, do_sample=True, temperature=temperature, top_p=top_p,
-                                                generator=generator).view(-1, 1))
+                    self._tok.copy_(
+                        select_next(
+                            logits, do_sample=True, temperature=temperature, top_p=top_p, generator=generator
+                        ).view(-1, 1)
+                    )
             # each step recorded the token it was fed (new tokens steps+1 .. steps+todo-1); the newest is in _tok
-            block = torch.cat([self._out[:, steps + 1:steps + todo], self._tok], dim=1).tolist()
+            block = torch.cat([self._out[:, steps + 1 : steps + todo], self._tok], dim=1).tolist()
             steps += todo
             for r, new in enumerate(block):
                 for t in new:
@@ -395,9 +468,15 @@ class Decoder:
 
         longest = max(len(r) for r in rows)
         new = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long, device=self.device)
-        return DecodeResult(torch.cat([ids, new], dim=1), longest, prefill_seconds, decode_seconds,
-                            "eos" if all(done) else "length", self.mode,
-                            None if kept is None else tuple(kept[:longest]))
+        return DecodeResult(
+            torch.cat([ids, new], dim=1),
+            longest,
+            prefill_seconds,
+            decode_seconds,
+            "eos" if all(done) else "length",
+            self.mode,
+            None if kept is None else tuple(kept[:longest]),
+        )
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs: Any) -> torch.Tensor:
         """``[B, T + new]`` token ids: the prompt followed by greedy (default) or sampled new tokens, as
@@ -408,5 +487,7 @@ class Decoder:
 
     def __repr__(self) -> str:
         extra = f", fallback: {self.fallback_reason}" if self.fallback_reason else ""
-        return (f"Decoder({type(self.model).__name__}, max_seq_len={self.max_seq_len}, batch_size={self.batch_size}, "
-                f"mode={self.mode}{extra})")
+        return (
+            f"Decoder({type(self.model).__name__}, max_seq_len={self.max_seq_len}, batch_size={self.batch_size}, "
+            f"mode={self.mode}{extra})"
+        )

@@ -17,15 +17,25 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
     """``ValueError`` for out-of-range sampling settings (they are ignored when ``do_sample`` is False)."""
     if not do_sample:
         return
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-            and math.isfinite(temperature) and temperature > 0):
+    if not (
+        isinstance(temperature, (int, float))
+        and not isinstance(temperature, bool)
+        and math.isfinite(temperature)
+        and temperature > 0
+    ):
         raise ValueError(f"temperature must be > 0, got {temperature!r} (use greedy decoding for 'temperature 0')")
     if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def select_next(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def select_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The next token of each row of ``logits`` ``[B, vocab]``: ``[B]`` int64 on the logits' device.
 
     Greedy picks the argmax of the fp32 logits (as ``model.generate(do_sample=False)``); sampling divides

@@ -19,18 +19,25 @@ import functools
 import os
 import time
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..api import sparse_layers
-from ..offload import model_device
 from ..errors import ActSparseError
+from ..offload import model_device
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
 
-__all__ = ["run_lm_eval", "check_tasks", "check_options", "format_lm_eval_table", "LMEvalNotInstalledError",
-           "LMEVAL_INSTALL"]
+__all__ = [
+    "run_lm_eval",
+    "check_tasks",
+    "check_options",
+    "format_lm_eval_table",
+    "LMEvalNotInstalledError",
+    "LMEVAL_INSTALL",
+]
 
 LMEVAL_INSTALL = "pip install 'actsparse[lmeval]'"
 PREFERRED_METRICS = ("acc", "acc_norm")
@@ -48,8 +55,9 @@ def _import_lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise LMEvalNotInstalledError(f"lm-eval evaluation needs the lm-eval package ({e}); install it with: "
-                                      f"{LMEVAL_INSTALL}") from None
+        raise LMEvalNotInstalledError(
+            f"lm-eval evaluation needs the lm-eval package ({e}); install it with: {LMEVAL_INSTALL}"
+        ) from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -130,10 +138,12 @@ def _resolve(tasks: str | Sequence[str], include_path) -> tuple[list[str], Any]:
             close = difflib.get_close_matches(n, tm.all_tasks, n=5, cutoff=0.6)
             hints.append(f"{n!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
         where = f" (built-in or in {', '.join(paths)})" if paths else ""
-        raise ValueError(f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. Known are "
-                         f"{len(tm.all_tasks)} tasks/groups/tags{where}; list them with `lm-eval ls tasks`, and for a "
-                         "custom task pass the folder holding its YAML with --include-path DIR (include_path= in "
-                         "Python)")
+        raise ValueError(
+            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. Known are "
+            f"{len(tm.all_tasks)} tasks/groups/tags{where}; list them with `lm-eval ls tasks`, and for a "
+            "custom task pass the folder holding its YAML with --include-path DIR (include_path= in "
+            "Python)"
+        )
     return list(dict.fromkeys(resolved)), tm
 
 
@@ -170,8 +180,9 @@ def _metrics(raw: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 def _sparsity_by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, Any]]:
     counts = Counter(layer_type(n) for n in measured)
     mean_t = summarize_by_type({n: t for n, t in targets.items() if t is not None})
-    return {k: {"layers": counts[k], "target": mean_t.get(k), "measured": v}
-            for k, v in summarize_by_type(measured).items()}
+    return {
+        k: {"layers": counts[k], "target": mean_t.get(k), "measured": v} for k, v in summarize_by_type(measured).items()
+    }
 
 
 @contextlib.contextmanager
@@ -191,8 +202,9 @@ def _restored(model: nn.Module, device: str | torch.device | None) -> Iterator[N
 
 def check_options(num_fewshot: int | None = 0, limit: int | float | None = None, batch_size: int = 1) -> None:
     """Validate ``run_lm_eval``'s options (``ValueError`` naming the bad one)."""
-    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
-                                    or num_fewshot < 0):
+    if num_fewshot is not None and (
+        isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
+    ):
         raise ValueError(f"num_fewshot must be an int >= 0 (or None for each task's default), got {num_fewshot!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
         raise ValueError(f"limit must be > 0: a number of examples per task, or a fraction below 1, got {limit!r}")
@@ -201,9 +213,17 @@ def check_options(num_fewshot: int | None = 0, limit: int | float | None = None,
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
-def run_lm_eval(model: nn.Module, tokenizer, tasks: str | Sequence[str], *, num_fewshot: int | None = 0,
-                limit: int | float | None = None, batch_size: int = 1, include_path=None,
-                device: str | torch.device | None = None) -> dict[str, Any]:
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer,
+    tasks: str | Sequence[str],
+    *,
+    num_fewshot: int | None = 0,
+    limit: int | float | None = None,
+    batch_size: int = 1,
+    include_path=None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Evaluate ``model`` (dense or sparsified, in memory) on lm-eval tasks; return JSON-able results.
 
     Args:
@@ -227,23 +247,34 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: str | Sequence[str], *, num_
     check_options(num_fewshot, limit, batch_size)
     names, manager = _resolve(tasks, include_path)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
-        raise ValueError("lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
-                         "set one, e.g. tokenizer.eos_token = '</s>'")
+        raise ValueError(
+            "lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
+            "set one, e.g. tokenizer.eos_token = '</s>'"
+        )
     layers = sparse_layers(model)
     monitor = SparsityMonitor(model) if layers else None
     t = time.perf_counter()
     with _restored(model, device), monitor or contextlib.nullcontext():
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
-        raw = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      batch_size=batch_size, task_manager=manager, log_samples=False)
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            task_manager=manager,
+            log_samples=False,
+        )
     seconds = time.perf_counter() - t
     results = raw["results"]
     order = [n for n in names if n in results] + [n for n in results if n not in names]
     out: dict[str, Any] = {
         "tasks": {n: _metrics(results[n]) for n in order},
         "samples": {n: int(v["effective"]) for n, v in raw.get("n-samples", {}).items()},
-        "num_fewshot": {n: v for n, v in raw.get("n-shot", {}).items()},
-        "limit": limit, "batch_size": batch_size, "seconds": seconds,
+        "num_fewshot": dict(raw.get("n-shot", {})),
+        "limit": limit,
+        "batch_size": batch_size,
+        "seconds": seconds,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
     }
     if monitor is not None:
@@ -263,6 +294,7 @@ def format_lm_eval_table(result: dict[str, Any]) -> list[str]:
         n = result.get("samples", {}).get(task)
         for m in shown:
             v, se = metrics[m]["value"], metrics[m]["stderr"]
-            lines.append(f"{task:<{width}}{m:<12}{v:>8.4f} ± {'-' if se is None else f'{se:.4f}':<8}"
-                         f"{'' if n is None else n:>7}")
+            lines.append(
+                f"{task:<{width}}{m:<12}{v:>8.4f} ± {'-' if se is None else f'{se:.4f}':<8}{'' if n is None else n:>7}"
+            )
     return lines

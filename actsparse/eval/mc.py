@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -36,18 +37,22 @@ def parse_mc(records: Iterable[Any], where: str = "dataset") -> list[MCItem]:
     items = []
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise DatasetError(f"{where} record {i}: expected an object with question/choices/label, got "
-                               f"{type(r).__name__}")
+            raise DatasetError(
+                f"{where} record {i}: expected an object with question/choices/label, got {type(r).__name__}"
+            )
         missing = [k for k in ("question", "choices", "label") if k not in r]
         if missing:
-            raise DatasetError(f"{where} record {i}: missing {', '.join(missing)} (has {sorted(r)}); a multiple-"
-                               f"choice set needs 'question', 'choices' (list of strings) and 'label' (int)")
+            raise DatasetError(
+                f"{where} record {i}: missing {', '.join(missing)} (has {sorted(r)}); a multiple-"
+                f"choice set needs 'question', 'choices' (list of strings) and 'label' (int)"
+            )
         q, ch, lab = r["question"], r["choices"], r["label"]
         if not isinstance(q, str) or not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
             raise DatasetError(f"{where} record {i}: 'question' must be a string and 'choices' a list of >= 2 strings")
         if isinstance(lab, bool) or not isinstance(lab, int) or not 0 <= lab < len(ch):
-            raise DatasetError(f"{where} record {i}: 'label' must be an int index into its {len(ch)} choices, "
-                               f"got {lab!r}")
+            raise DatasetError(
+                f"{where} record {i}: 'label' must be an int index into its {len(ch)} choices, got {lab!r}"
+            )
         items.append(MCItem(q, list(ch), lab))
     if not items:
         raise DatasetError(f"{where} has no records")
@@ -109,7 +114,7 @@ def tokenize_mc(tokenizer, items: list[MCItem], pad_id: int | None = None) -> li
             n = len(prompt) + len(c)
             rows[i, :n] = torch.tensor(prompt + c)
             att[i, :n] = True
-            cmask[i, len(prompt) - 1:n - 1] = True   # label t (predicted at position t) = token t+1
+            cmask[i, len(prompt) - 1 : n - 1] = True  # label t (predicted at position t) = token t+1
         out.append(MCExample(torch.tensor([prompt]), rows, att, cmask, [len(c) for c in it.choices], it.label))
     return out
 

@@ -30,8 +30,15 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, input_ids: torch.Tensor, *, context: int = 1024, stride: int | None = None,
-               n_words: int | None = None, progress: bool = True) -> PerplexityResult:
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    context: int = 1024,
+    stride: int | None = None,
+    n_words: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
     """Perplexity of ``model`` on one token stream, HF-style sliding window.
 
     Every token but the first is scored exactly once. Each window scores the next ``stride`` tokens
@@ -65,7 +72,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, context: int = 1024
     try:
         for begin, first, end in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
             logits = model(ids[begin:end].unsqueeze(0).to(device), **kwargs).logits[0]
-            pred = logits[first - begin - 1:end - begin - 1].float()
+            pred = logits[first - begin - 1 : end - begin - 1].float()
             nll += F.cross_entropy(pred, ids[first:end].to(pred.device), reduction="sum").double().item()
     finally:
         model.train(was_training)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from .sparsity import layer_type
 
@@ -17,6 +18,7 @@ __all__ = ["plot_activation_ratio", "plot_sweep", "plot_tradeoff"]
 def _pyplot():
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -64,7 +66,7 @@ def plot_activation_ratio(path: str, activation_ratio: Mapping[str, float], *, t
     return _finish(plt, fig, ax, path, title)
 
 
-def plot_sweep(path: str, dense: float, points: Sequence["SweepPoint"], *, title: str | None = None) -> str | None:
+def plot_sweep(path: str, dense: float, points: Sequence[SweepPoint], *, title: str | None = None) -> str | None:
     """Perplexity vs measured (weighted) sparsity, one line per method. None if matplotlib is missing."""
     plt = _pyplot()
     if plt is None:

@@ -34,7 +34,7 @@ class SparsityMonitor:
         self.zeros[name] += int((xs == 0).sum().item())
         self.total[name] += xs.numel()
 
-    def __enter__(self) -> "SparsityMonitor":
+    def __enter__(self) -> SparsityMonitor:
         self._handles = [m.register_forward_pre_hook(partial(self._hook, n)) for n, m in self.layers.items()]
         return self
 

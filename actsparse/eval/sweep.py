@@ -14,22 +14,32 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..fileio import atomic_write
 from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
+from ..fileio import atomic_write
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..scope import IgnoredScope, TargetScope
 from .perplexity import perplexity
 from .plots import plot_sweep
 from .sparsity import SparsityMonitor
 
-__all__ = ["SweepPoint", "run_sweep", "sweep_methods", "parse_range", "weighted_sparsity", "write_sweep",
-           "plot_sweep", "format_table", "method_meta"]
+__all__ = [
+    "SweepPoint",
+    "run_sweep",
+    "sweep_methods",
+    "parse_range",
+    "weighted_sparsity",
+    "write_sweep",
+    "plot_sweep",
+    "format_table",
+    "method_meta",
+]
 
 ALL_PROJECTIONS = r".*\.(q|k|v|o|gate|up|down)_proj$"
 
@@ -60,7 +70,9 @@ def parse_range(text: str) -> list[float]:
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"bad sparsity list {text!r}; use START:STOP:STEP (e.g. 0.2:0.7:0.1) or a comma list") from None
+        raise ValueError(
+            f"bad sparsity list {text!r}; use START:STOP:STEP (e.g. 0.2:0.7:0.1) or a comma list"
+        ) from None
     if not values:
         raise ValueError(f"bad sparsity list {text!r}: no values")
     bad = [v for v in values if not 0.0 <= v < 1.0]
@@ -75,16 +87,19 @@ def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
     label is the spec, spaces around ``:`` removed. Checks every spec (name, option keys and values) and refuses
     a spec given twice, so a bad list fails before any model work."""
     if isinstance(specs, str):
-        raise TypeError(f"sweep methods are a list of specs, e.g. ['quantile', 'teal-greedy:step=0.025'], "
-                        f"got {specs!r}")
+        raise TypeError(
+            f"sweep methods are a list of specs, e.g. ['quantile', 'teal-greedy:step=0.025'], got {specs!r}"
+        )
     methods: dict[str, MethodConfig] = {}
     for spec in specs:
         if not isinstance(spec, str):
             raise TypeError(f"sweep methods are spec strings NAME[:KEY=VALUE...], got {type(spec).__name__}")
         label = ":".join(p.strip() for p in spec.split(":"))
         if label in methods:
-            raise ValueError(f"sweep method {label!r} is given twice; drop one, or give the two different "
-                             f"options (NAME:KEY=VALUE) to compare variants")
+            raise ValueError(
+                f"sweep method {label!r} is given twice; drop one, or give the two different "
+                f"options (NAME:KEY=VALUE) to compare variants"
+            )
         try:
             name, options = parse_method_spec(label)
             methods[label] = method_from_spec(name, **options)
@@ -103,10 +118,21 @@ def weighted_sparsity(model: nn.Module, measured: Mapping[str, float]) -> float:
     return sum(measured[n] * sizes[n] for n in measured) / total if total else 0.0
 
 
-def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tensor, methods: Sequence[str],
-              sparsities: Sequence[float], *, scope: str = ALL_PROJECTIONS, ignored: Sequence[str] = (),
-              context: int = 1024, stride: int | None = None, progress: bool = True, per_layer: bool = False,
-              on_point: Callable[[SweepPoint], None] | None = None) -> tuple[float, list[SweepPoint]]:
+def run_sweep(
+    model: nn.Module,
+    calibration: Sequence[Any],
+    eval_ids: torch.Tensor,
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    *,
+    scope: str = ALL_PROJECTIONS,
+    ignored: Sequence[str] = (),
+    context: int = 1024,
+    stride: int | None = None,
+    progress: bool = True,
+    per_layer: bool = False,
+    on_point: Callable[[SweepPoint], None] | None = None,
+) -> tuple[float, list[SweepPoint]]:
     """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense.
 
     ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec."""
@@ -127,10 +153,17 @@ def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tens
                     ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
                 measured = mon.sparsity()
                 allocated = dict(mon.targets())
-                point = SweepPoint(name, s, weighted_sparsity(model, measured),
-                                   sum(measured.values()) / len(measured), ppl.token_perplexity,
-                                   100.0 * (ppl.token_perplexity / dense - 1.0), seconds,
-                                   measured if per_layer else None, allocated if per_layer else None)
+                point = SweepPoint(
+                    name,
+                    s,
+                    weighted_sparsity(model, measured),
+                    sum(measured.values()) / len(measured),
+                    ppl.token_perplexity,
+                    100.0 * (ppl.token_perplexity / dense - 1.0),
+                    seconds,
+                    measured if per_layer else None,
+                    allocated if per_layer else None,
+                )
                 points.append(point)
                 if on_point is not None:
                     on_point(point)
@@ -142,11 +175,15 @@ def run_sweep(model: nn.Module, calibration: Sequence[Any], eval_ids: torch.Tens
 
 def format_table(dense: float, points: Sequence[SweepPoint]) -> list[str]:
     w = max([18] + [len(p.method) + 2 for p in points])
-    lines = [f"{'method':<{w}}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>11}{'calib s':>9}",
-             f"{'dense':<{w}}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>11}{'':>9}"]
+    lines = [
+        f"{'method':<{w}}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>11}{'calib s':>9}",
+        f"{'dense':<{w}}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>11}{'':>9}",
+    ]
     for p in points:
-        lines.append(f"{p.method:<{w}}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
-                     f"{p.token_perplexity:>11.3f}{p.delta_percent:>+10.2f}%{p.calibration_seconds:>9.1f}")
+        lines.append(
+            f"{p.method:<{w}}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
+            f"{p.token_perplexity:>11.3f}{p.delta_percent:>+10.2f}%{p.calibration_seconds:>9.1f}"
+        )
     return lines
 
 
@@ -155,8 +192,15 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
 
     os.makedirs(folder, exist_ok=True)
     paths = {"csv": os.path.join(folder, "sweep.csv"), "json": os.path.join(folder, "sweep.json")}
-    fields = ["method", "target", "measured", "measured_mean", "token_perplexity", "delta_percent",
-              "calibration_seconds"]
+    fields = [
+        "method",
+        "target",
+        "measured",
+        "measured_mean",
+        "token_perplexity",
+        "delta_percent",
+        "calibration_seconds",
+    ]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -41,8 +41,17 @@ from ..weights import int8_codes
 from .ops import sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
-__all__ = ["enable_kernels", "disable_kernels", "kernel_forward", "kernel_routes", "stale_kernels", "KernelRoute",
-           "expected_sparsity", "KERNEL_MIN_SPARSITY", "SHARED_INPUT_GROUPS"]
+__all__ = [
+    "enable_kernels",
+    "disable_kernels",
+    "kernel_forward",
+    "kernel_routes",
+    "stale_kernels",
+    "KernelRoute",
+    "expected_sparsity",
+    "KERNEL_MIN_SPARSITY",
+    "SHARED_INPUT_GROUPS",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -53,10 +62,10 @@ KERNEL_MIN_SPARSITY = 0.2
 
 # Sibling Linear layers (same parent module) that HF architectures feed the same input, in call order.
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),   # Llama, Mistral, Qwen2/3, Gemma, Phi-3 (unfused), OPT, ...
-    ("gate_proj", "up_proj"),         # Llama-style gated MLPs
-    ("w1", "w3"),                     # Mixtral-style experts (gate, up)
-    ("query", "key", "value"),        # BERT-style attention
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2/3, Gemma, Phi-3 (unfused), OPT, ...
+    ("gate_proj", "up_proj"),  # Llama-style gated MLPs
+    ("w1", "w3"),  # Mixtral-style experts (gate, up)
+    ("query", "key", "value"),  # BERT-style attention
 )
 
 
@@ -65,8 +74,13 @@ def _is_sparse_linear(m: nn.Module) -> bool:
 
 
 def _eligible(m: nn.Module) -> bool:
-    return (_is_sparse_linear(m) and m._buffers.get("act_scale") is None and m._buffers.get("act_topk") is None
-            and m.weight.dtype in _DTYPES and triton_available(m.weight.device))
+    return (
+        _is_sparse_linear(m)
+        and m._buffers.get("act_scale") is None
+        and m._buffers.get("act_topk") is None
+        and m.weight.dtype in _DTYPES
+        and triton_available(m.weight.device)
+    )
 
 
 def _weight_key(w: torch.Tensor) -> tuple[int, int]:
@@ -124,9 +138,11 @@ def _units(model: nn.Module, fuse: bool) -> list[tuple[str, ...]]:
                     continue
                 names = tuple(f"{parent}.{g}" if parent else g for g in group)
                 members = [modules.get(n) for n in names]
-                if (all(m is not None and _eligible(m) for m in members)
-                        and len({m.in_features for m in members}) == 1
-                        and len({_weight_kind(m.weight) for m in members}) == 1):
+                if (
+                    all(m is not None and _eligible(m) for m in members)
+                    and len({m.in_features for m in members}) == 1
+                    and len({_weight_kind(m.weight) for m in members}) == 1
+                ):
                     units.append(names)
                     taken.update(names)
     units += [(n,) for n in eligible if n not in taken]
@@ -146,10 +162,13 @@ def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
     quantize = None if codes is None else "int8" if codes[2] is not None else "int8-sym"
     shifts = [m._buffers.get("act_shift") for m in layers]
     has_shift = any(s is not None for s in shifts)
-    packed = pack([w.detach() for w in weights], layout_block=None,
-                  shifts=[float(s) if s is not None else 0.0 for s in shifts] if has_shift else None,
-                  biases=[m.bias.detach() if m.bias is not None else None for m in layers],
-                  quantize=quantize)
+    packed = pack(
+        [w.detach() for w in weights],
+        layout_block=None,
+        shifts=[float(s) if s is not None else 0.0 for s in shifts] if has_shift else None,
+        biases=[m.bias.detach() if m.bias is not None else None for m in layers],
+        quantize=quantize,
+    )
     # live thresholds: one buffer per layer, so updates (load_thresholds, apply_thresholds) reach the kernel
     if len(layers) == 1:
         packed.threshold = layers[0].act_threshold.view(1)
@@ -157,7 +176,7 @@ def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
             packed.shift = shifts[0].view(1)
     if codes is None and all(m.out_features % COLUMN_ALIGN == 0 for m in layers):
         for m, (off, n) in zip(layers, packed.segments):  # share: each weight is a view of weight_t
-            m.weight.data = packed.weight_t[:, off:off + n].t()
+            m.weight.data = packed.weight_t[:, off : off + n].t()
         if len(layers) == 1 and layers[0].bias is not None:
             packed.bias = layers[0].bias.detach()  # same length, read as fp32 by the kernel
     return packed
@@ -192,8 +211,9 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
         layers = [modules[n] for n in unit]
         sparsity = _unit_sparsity(layers)
         if sparsity is not None and sparsity < min_sparsity:
-            route = KernelRoute("dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: "
-                                                          f"cuBLAS is faster there")
+            route = KernelRoute(
+                "dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: cuBLAS is faster there"
+            )
             for m in layers:
                 m._kernel_route = route
             continue
@@ -235,9 +255,11 @@ def kernel_routes(model: nn.Module) -> dict[str, KernelRoute | None]:
 def stale_kernels(model: nn.Module) -> list[str]:
     """Packed layers whose weight was replaced or edited in place since packing (they would compute with
     the old weights in a compiled graph; eagerly they stay dense)."""
-    return [n for n, m in model.named_modules()
-            if _is_sparse_linear(m) and getattr(m, "_packed", None) is not None
-            and m._packed_from != _weight_key(m.weight)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if _is_sparse_linear(m) and getattr(m, "_packed", None) is not None and m._packed_from != _weight_key(m.weight)
+    ]
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -249,8 +271,13 @@ def _version(x: torch.Tensor) -> int | None:
 def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
     packed = layer._packed
-    if (packed is None or x.numel() != layer.in_features or x.dtype != layer.weight.dtype
-            or torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)):
+    if (
+        packed is None
+        or x.numel() != layer.in_features
+        or x.dtype != layer.weight.dtype
+        or torch.is_grad_enabled()
+        and (x.requires_grad or layer.weight.requires_grad)
+    ):
         return None
     if not torch.compiler.is_compiling() and layer._packed_from != _weight_key(layer.weight):
         return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)

@@ -10,8 +10,6 @@ as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +53,7 @@ def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         xs = mask_input(x2, packed.threshold[i], mu).to(x.dtype)
         w = packed.columns(off, off + n).t() if not packed.quantized else packed.dense_weight(i).to(x.dtype)
         extra = packed.output_offset(i)
-        y[:, off:off + n] = F.linear(xs, w, None if extra is None else extra.to(x.dtype))
+        y[:, off : off + n] = F.linear(xs, w, None if extra is None else extra.to(x.dtype))
     return y.reshape(*x.shape[:-1], packed.padded_out)
 
 
@@ -69,10 +67,17 @@ def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
 
 
 @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
-def _sparse_gemv_op(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
-                    shift: Optional[torch.Tensor], wsum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    scale: Optional[torch.Tensor], zero: Optional[torch.Tensor],
-                    segments: list[int]) -> torch.Tensor:
+def _sparse_gemv_op(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    shift: torch.Tensor | None,
+    wsum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    segments: list[int],
+) -> torch.Tensor:
     segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
     return _run(x, PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero))
 
@@ -96,6 +101,7 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]
     if x.device != packed.weight_t.device:
         raise ValueError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
     segs = [v for seg in packed.segments for v in seg]
-    y = torch.ops.actsparse.sparse_gemv(x, packed.weight_t, packed.threshold, packed.shift, packed.wsum,
-                                        packed.bias, packed.scale, packed.zero, segs)
+    y = torch.ops.actsparse.sparse_gemv(
+        x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero, segs
+    )
     return packed.split(y)

@@ -20,8 +20,8 @@ Int8 weights are ``W = (q - zero) * scale`` per output channel; the kernel accum
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -66,14 +66,14 @@ def quantize_int8(weight: torch.Tensor, *, symmetric: bool = False) -> tuple[tor
 class PackedGemv:
     """One or more Linear layers sharing an input, stored for the sparse GEMV (see module docstring)."""
 
-    weight_t: torch.Tensor                 # [K, N_pad] or blocked [N_pad/L, K, L]; fp16/bf16/fp32 or int8
+    weight_t: torch.Tensor  # [K, N_pad] or blocked [N_pad/L, K, L]; fp16/bf16/fp32 or int8
     segments: tuple[tuple[int, int], ...]  # (first column, out_features) per layer
-    threshold: torch.Tensor                # fp32 [n_segments]
-    shift: torch.Tensor | None = None      # fp32 [n_segments] (μ), or None for 0
-    wsum: torch.Tensor | None = None       # fp32 [N_pad], Σ_k W[n, k]; needed when shift is set
-    bias: torch.Tensor | None = None       # fp32 [N_pad]
-    scale: torch.Tensor | None = None      # fp32 [N_pad], int8 only
-    zero: torch.Tensor | None = None       # fp32 [N_pad], int8 asymmetric only
+    threshold: torch.Tensor  # fp32 [n_segments]
+    shift: torch.Tensor | None = None  # fp32 [n_segments] (μ), or None for 0
+    wsum: torch.Tensor | None = None  # fp32 [N_pad], Σ_k W[n, k]; needed when shift is set
+    bias: torch.Tensor | None = None  # fp32 [N_pad]
+    scale: torch.Tensor | None = None  # fp32 [N_pad], int8 only
+    zero: torch.Tensor | None = None  # fp32 [N_pad], int8 asymmetric only
 
     @property
     def in_features(self) -> int:
@@ -102,15 +102,15 @@ class PackedGemv:
     def segment_starts(self) -> list[int]:
         """Column where segments 1 and 2 begin (``N_pad`` where there is none): the kernel's tile → layer map."""
         starts = [off for off, _ in self.segments[1:]]
-        return (starts + [self.padded_out] * (MAX_SEGMENTS - 1))[:MAX_SEGMENTS - 1]
+        return (starts + [self.padded_out] * (MAX_SEGMENTS - 1))[: MAX_SEGMENTS - 1]
 
     def dense_weight(self, segment: int) -> torch.Tensor:
         """Layer ``segment``'s weight ``[out, in]`` in fp32 (dequantized for int8)."""
         off, n = self.segments[segment]
         w = self.columns(off, off + n).float()
         if self.quantized:
-            zero = self.zero[off:off + n] if self.zero is not None else 0.0
-            w = (w - zero) * self.scale[off:off + n]
+            zero = self.zero[off : off + n] if self.zero is not None else 0.0
+            w = (w - zero) * self.scale[off : off + n]
         return w.t()
 
     def output_offset(self, segment: int) -> torch.Tensor | None:
@@ -125,13 +125,18 @@ class PackedGemv:
 
     def split(self, y_pad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of each layer's outputs in a padded output ``[..., N_pad]``."""
-        return tuple(y_pad[..., off:off + n] for off, n in self.segments)
+        return tuple(y_pad[..., off : off + n] for off, n in self.segments)
 
 
-def pack(weights: Sequence[torch.Tensor], thresholds: Sequence[float] | torch.Tensor | None = None, *,
-         shifts: Sequence[float] | torch.Tensor | None = None,
-         biases: Sequence[torch.Tensor | None] | None = None,
-         quantize: str | None = None, layout_block: int | None = COLUMN_ALIGN) -> PackedGemv:
+def pack(
+    weights: Sequence[torch.Tensor],
+    thresholds: Sequence[float] | torch.Tensor | None = None,
+    *,
+    shifts: Sequence[float] | torch.Tensor | None = None,
+    biases: Sequence[torch.Tensor | None] | None = None,
+    quantize: str | None = None,
+    layout_block: int | None = COLUMN_ALIGN,
+) -> PackedGemv:
     """Pack Linear weights ``[out_i, in]`` that read one input into a :class:`PackedGemv`.
 
     ``thresholds``/``shifts`` are one per weight (default ``-inf``/none); ``quantize`` is ``None``,
@@ -181,17 +186,19 @@ def pack(weights: Sequence[torch.Tensor], thresholds: Sequence[float] | torch.Te
     for (o, n), w in zip(segments, weights):
         codes = int8_codes(w)
         if codes is not None and quantize != ("int8" if codes[2] is not None else "int8-sym"):
-            raise ValueError(f"weight {len(segments)} already holds {'asymmetric' if codes[2] is not None else 'symmetric'} "
-                             f"int8 codes; pack it with quantize={'int8' if codes[2] is not None else 'int8-sym'!r}")
+            raise ValueError(
+                f"weight {len(segments)} already holds {'asymmetric' if codes[2] is not None else 'symmetric'} "
+                f"int8 codes; pack it with quantize={'int8' if codes[2] is not None else 'int8-sym'!r}"
+            )
         if quantize:
             q, s, z = codes if codes is not None else quantize_int8(w, symmetric=quantize == "int8-sym")
             z = torch.zeros_like(s) if z is None else z
-            weight_t[:, o:o + n] = q.t()
-            scale[o:o + n] = s
+            weight_t[:, o : o + n] = q.t()
+            scale[o : o + n] = s
             if zero is not None:
-                zero[o:o + n] = z
+                zero[o : o + n] = z
         else:
-            weight_t[:, o:o + n] = w.detach().t()
+            weight_t[:, o : o + n] = w.detach().t()
 
     bias = None
     if biases is not None and any(b is not None for b in biases):
@@ -202,12 +209,12 @@ def pack(weights: Sequence[torch.Tensor], thresholds: Sequence[float] | torch.Te
             if b is not None:
                 if b.shape != (n,):
                     raise ValueError(f"bias of shape {tuple(b.shape)} does not match out_features {n}")
-                bias[o:o + n] = b.detach().float()
+                bias[o : o + n] = b.detach().float()
     if layout_block is not None:
         weight_t = weight_t.reshape(k, n_pad // layout_block, layout_block).permute(1, 0, 2).contiguous()
     packed = PackedGemv(weight_t, tuple(segments), threshold, shift, None, bias, scale, zero)
     if shift is not None:
         packed.wsum = torch.zeros(n_pad, dtype=torch.float32, device=dev)
         for i, (o, n) in enumerate(segments):
-            packed.wsum[o:o + n] = packed.dense_weight(i).sum(dim=1)
+            packed.wsum[o : o + n] = packed.dense_weight(i).sum(dim=1)
     return packed

@@ -34,4 +34,3 @@ def sparse_gemv_reference(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         if extra is not None:
             y[:, cols] += extra
     return y.to(x.dtype).reshape(*lead, packed.padded_out)
-

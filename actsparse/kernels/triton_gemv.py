@@ -30,11 +30,35 @@ __all__ = ["GemvConfig", "choose_config", "sparse_gemv_triton"]
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, y_ptr, tau_ptr, mu_ptr, wsum_ptr, bias_ptr, scale_ptr, zero_ptr, part_ptr, cnt_ptr, idx_ptr,
-    K, N, LB, K_PER, C1, C2,
-    HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
-    SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, COMPACT: tl.constexpr, K_P2: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    tau_ptr,
+    mu_ptr,
+    wsum_ptr,
+    bias_ptr,
+    scale_ptr,
+    zero_ptr,
+    part_ptr,
+    cnt_ptr,
+    idx_ptr,
+    K,
+    N,
+    LB,
+    K_PER,
+    C1,
+    C2,
+    HAS_MU: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    COMPACT: tl.constexpr,
+    K_P2: tl.constexpr,
     EXACT_CAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -84,16 +108,46 @@ def _sparse_gemv_kernel(
             valid = r < count
             rows = tl.load(rows_ptr + r, mask=valid, other=0)
             xs = tl.load(x_ptr + rows, mask=valid, other=0.0).to(tl.float32) - mu
-            acc, xacc = _accumulate(acc, xacc, tl.where(valid, xs, 0.0), rows, valid, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, False, EXACT_CAST)
+            acc, xacc = _accumulate(
+                acc,
+                xacc,
+                tl.where(valid, xs, 0.0),
+                rows,
+                valid,
+                w_cols,
+                LB,
+                row0,
+                X_DTYPE,
+                MMA_DTYPE,
+                QUANT,
+                USE_DOT,
+                DOT_UPCAST,
+                False,
+                EXACT_CAST,
+            )
     else:
         for kk in range(0, K_PER, BLOCK_K):  # same trip count for every program; rows past k_hi are masked
             offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
             in_k = offs_k < k_hi
             d = tl.load(x_ptr + offs_k, mask=in_k, other=0.0).to(tl.float32) - mu
             keep = in_k & ~(tl.abs(d) <= tau)  # not (|d| <= τ): NaN is kept, as in the reference
-            acc, xacc = _accumulate(acc, xacc, tl.where(keep, d, 0.0), offs_k, keep, w_cols, LB, row0,
-                                    X_DTYPE, MMA_DTYPE, QUANT, USE_DOT, DOT_UPCAST, QUANT == 2, EXACT_CAST)
+            acc, xacc = _accumulate(
+                acc,
+                xacc,
+                tl.where(keep, d, 0.0),
+                offs_k,
+                keep,
+                w_cols,
+                LB,
+                row0,
+                X_DTYPE,
+                MMA_DTYPE,
+                QUANT,
+                USE_DOT,
+                DOT_UPCAST,
+                QUANT == 2,
+                EXACT_CAST,
+            )
         if QUANT == 2:
             xsum = tl.sum(xacc, axis=0)
     part = tl.sum(acc, axis=0)
@@ -110,16 +164,34 @@ def _sparse_gemv_kernel(
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             offs_s = tl.arange(0, SPLIT_P2)
-            parts = tl.load(part_ptr + offs_s[:, None] * N + offs_n[None, :],
-                            mask=(offs_s < SPLIT_K)[:, None], other=0.0, cache_modifier=".cg")
+            parts = tl.load(
+                part_ptr + offs_s[:, None] * N + offs_n[None, :],
+                mask=(offs_s < SPLIT_K)[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
             _epilogue(tl.sum(parts, axis=0), offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
             tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
-def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr,
-                QUANT: tl.constexpr, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, XACC: tl.constexpr,
-                EXACT_CAST: tl.constexpr):
+def _accumulate(
+    acc,
+    xacc,
+    xs,
+    rows,
+    keep,
+    w_cols,
+    LB,
+    row0,
+    X_DTYPE: tl.constexpr,
+    MMA_DTYPE: tl.constexpr,
+    QUANT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    XACC: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):
     """Add ``W[rows, cols]ᵀ · x'[rows]`` to ``acc`` (and ``x'`` to ``xacc`` if ``XACC``); ``xs`` is ``x − μ``
     (fp32), 0 where not kept."""
     xs = _to_x(xs, X_DTYPE, EXACT_CAST)  # x' in the activation dtype (exact when μ = 0)
@@ -142,11 +214,11 @@ def _accumulate(acc, xacc, xs, rows, keep, w_cols, LB, row0, X_DTYPE: tl.constex
 @triton.jit
 def _round_to(t, DTYPE: tl.constexpr):
     """fp32 ``t`` rounded to nearest-even in ``DTYPE`` (as torch's ``.to``), returned as fp32."""
-    if DTYPE == tl.bfloat16:  # by bits: same result compiled and in the interpreter (which truncates)
+    if tl.bfloat16 == DTYPE:  # by bits: same result compiled and in the interpreter (which truncates)
         b = t.to(tl.uint32, bitcast=True)
         b = b + 0x7FFF + ((b >> 16) & 1)
         t = ((b >> 16) << 16).to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float16:
+    elif tl.float16 == DTYPE:
         t = t.to(tl.float16).to(tl.float32)
     return t
 
@@ -204,8 +276,9 @@ _RULES = {  # weight bytes -> (block_k, block_n, programs per SM, num_stages, co
 }
 
 
-def choose_config(k: int, n: int, weight_bytes: int, sm_count: int, *, per_sm: int | None = None,
-                  block_n: int | None = None) -> GemvConfig:
+def choose_config(
+    k: int, n: int, weight_bytes: int, sm_count: int, *, per_sm: int | None = None, block_n: int | None = None
+) -> GemvConfig:
     """A deterministic launch rule by shape and weight width (no autotuning lottery).
 
     Tiles from ``_RULES``; K is split so that at most ``per_sm × SMs`` programs run (one wave; fp32:
@@ -238,8 +311,9 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
 _CONFIG_CACHE: dict[tuple, GemvConfig] = {}
 
 
-def sparse_gemv_triton(x: torch.Tensor, packed: PackedGemv, config: GemvConfig | None = None, *,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_gemv_triton(
+    x: torch.Tensor, packed: PackedGemv, config: GemvConfig | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``), in ``x``'s dtype (into ``out`` if given)."""
     k, n, lb = packed.in_features, packed.padded_out, packed.layout_block
     x1 = x.reshape(-1)
@@ -251,8 +325,9 @@ def sparse_gemv_triton(x: torch.Tensor, packed: PackedGemv, config: GemvConfig |
         key = (k, n, lb, packed.weight_t.element_size(), dev.type, dev.index)
         config = _CONFIG_CACHE.get(key)
         if config is None:
-            config = _CONFIG_CACHE[key] = choose_config(k, n, packed.weight_t.element_size(), _sm_count(dev),
-                                                        block_n=lb)
+            config = _CONFIG_CACHE[key] = choose_config(
+                k, n, packed.weight_t.element_size(), _sm_count(dev), block_n=lb
+            )
     if lb % config.block_n:
         raise ValueError(f"block_n={config.block_n} must divide the layout block {lb}")
     split = config.split_k
@@ -269,19 +344,38 @@ def sparse_gemv_triton(x: torch.Tensor, packed: PackedGemv, config: GemvConfig |
     quant = 0 if not packed.quantized else (2 if packed.zero is not None else 1)
     c1, c2 = packed.segment_starts
     _sparse_gemv_kernel[(n_blocks, split)](
-        x1, packed.weight_t, y, packed.threshold,
+        x1,
+        packed.weight_t,
+        y,
+        packed.threshold,
         packed.shift if packed.shift is not None else packed.threshold,
         packed.wsum if packed.wsum is not None else y,
         packed.bias if packed.bias is not None else y,
         packed.scale if packed.scale is not None else y,
         packed.zero if packed.zero is not None else y,
-        part, cnt, idx, k, n, lb, k_per, c1, c2,
-        HAS_MU=packed.shift is not None, HAS_BIAS=packed.bias is not None, QUANT=quant,
-        SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+        part,
+        cnt,
+        idx,
+        k,
+        n,
+        lb,
+        k_per,
+        c1,
+        c2,
+        HAS_MU=packed.shift is not None,
+        HAS_BIAS=packed.bias is not None,
+        QUANT=quant,
+        SPLIT_K=split,
+        SPLIT_P2=triton.next_power_of_2(split),
+        BLOCK_K=config.block_k,
+        BLOCK_N=config.block_n,
         USE_DOT=config.use_dot and torch.float32 not in (x1.dtype, packed.weight_t.dtype) and config.block_k >= 16,
         DOT_UPCAST=interpreting() and packed.weight_t.dtype == torch.bfloat16,
-        COMPACT=compact, K_P2=k_p2, EXACT_CAST=interpreting() and x1.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        COMPACT=compact,
+        K_P2=k_p2,
+        EXACT_CAST=interpreting() and x1.dtype == torch.bfloat16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return y
 

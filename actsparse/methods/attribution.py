@@ -49,18 +49,36 @@ class AttributionMethod(MethodConfig):
     def make_collector(self, layer_name, module, target_sparsity):
         raise RuntimeError("attribution is calibrated by calibrate_model()")
 
-    def calibrate_model(self, model: nn.Module, batches, targets: dict[str, float], device,
-                        progress: bool = True) -> dict[str, SparsityParams]:
+    def calibrate_model(
+        self, model: nn.Module, batches, targets: dict[str, float], device, progress: bool = True
+    ) -> dict[str, SparsityParams]:
         layers = unit_layers_for(model, list(targets))
         n = leading_batches(batches, self.tokens)
         data = [ScoreBatch.from_ids(b.inputs["input_ids"], b.token_mask) for b in batches[:n]]
-        scores = calibrated_scores(model, layers, data, self.metric, n_steps=self.n_steps, ig_chunk=self.ig_chunk,
-                                   rho=self.rho, sparsity=dict(targets), progress=progress)
+        scores = calibrated_scores(
+            model,
+            layers,
+            data,
+            self.metric,
+            n_steps=self.n_steps,
+            ig_chunk=self.ig_chunk,
+            rho=self.rho,
+            sparsity=dict(targets),
+            progress=progress,
+        )
         keep = keep_masks(scores, dict(targets))
         out = {}
         for la in layers:
             k = keep[la.name]
-            out[la.name] = SparsityParams(0.0, scale=k.repeat_interleave(la.group).float(), info={
-                "metric": self.metric, "units": la.kind, "n_units": la.n_units,
-                "deactivated_units": int((~k).sum()), "deactivated": [int(i) for i in (~k).nonzero().flatten()]})
+            out[la.name] = SparsityParams(
+                0.0,
+                scale=k.repeat_interleave(la.group).float(),
+                info={
+                    "metric": self.metric,
+                    "units": la.kind,
+                    "n_units": la.n_units,
+                    "deactivated_units": int((~k).sum()),
+                    "deactivated": [int(i) for i in (~k).nonzero().flatten()],
+                },
+            )
         return out

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ..rule import SparsityParams
 
-__all__ = ["MethodConfig", "Collector", "register_method", "get_method", "registered_methods",
-           "method_from_spec", "method_to_dict", "parse_option", "parse_method_spec"]
+__all__ = [
+    "MethodConfig",
+    "Collector",
+    "register_method",
+    "get_method",
+    "registered_methods",
+    "method_from_spec",
+    "method_to_dict",
+    "parse_option",
+    "parse_method_spec",
+]
 
 
 class Collector(Protocol):
@@ -27,7 +37,7 @@ class Collector(Protocol):
 
     def update(self, x: torch.Tensor) -> None: ...
 
-    def result(self) -> "float | SparsityParams": ...
+    def result(self) -> float | SparsityParams: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,7 @@ def register_method(name: str) -> Callable[[type], type]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return deco
 
 
@@ -81,11 +92,13 @@ def get_method(name: str) -> type[MethodConfig]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown calibration method {name!r}; registered methods: "
-                         f"{', '.join(registered_methods(aliases=True))} (add '+topk' for top-k)") from None
+        raise ValueError(
+            f"unknown calibration method {name!r}; registered methods: "
+            f"{', '.join(registered_methods(aliases=True))} (add '+topk' for top-k)"
+        ) from None
 
 
-def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig:
+def method_from_spec(spec: MethodConfig | str, **options: Any) -> MethodConfig:
     """A config instance from an instance (returned as is) or a registered name plus options."""
     if isinstance(spec, MethodConfig):
         if options:
@@ -111,8 +124,10 @@ def method_from_spec(spec: "MethodConfig | str", **options: Any) -> MethodConfig
     try:
         return cls(**options)
     except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. step="abc"
-        raise ValueError(f"method {spec!r}: bad option value in {given} ({e}); values are JSON (0.1, null, true) "
-                         "or bare strings (mode=kde)") from None
+        raise ValueError(
+            f"method {spec!r}: bad option value in {given} ({e}); values are JSON (0.1, null, true) "
+            "or bare strings (mode=kde)"
+        ) from None
 
 
 _PYTHON_LITERALS = {"None": None, "True": True, "False": False}

@@ -46,12 +46,13 @@ def _block_of(names, model) -> dict[str, list[str]]:
     prefix = stack[0] + "."
     blocks: dict[str, list[str]] = defaultdict(list)
     for n in names:
-        blocks[prefix + n[len(prefix):].split(".", 1)[0]].append(n)
+        blocks[prefix + n[len(prefix) :].split(".", 1)[0]].append(n)
     return dict(blocks)
 
 
-def allocate_segments(levels: list[list[float]], costs: list[list[float]], size: list[float],
-                      mean: float) -> list[float]:
+def allocate_segments(
+    levels: list[list[float]], costs: list[list[float]], size: list[float], mean: float
+) -> list[float]:
     """Block sparsities from piecewise-linear cost curves: start each block at its first level and buy
     segments (made convex per block) by increasing cost per skipped weight until the weighted mean is
     ``mean``. ``levels[b]``/``costs[b]`` are a block's probe sparsities (increasing) and loss increases."""
@@ -63,8 +64,10 @@ def allocate_segments(levels: list[list[float]], costs: list[list[float]], size:
         pts = [(lv[0], c[0])]
         for x, y in zip(lv[1:], c[1:]):  # lower convex hull: merge a segment cheaper than its predecessor
             pts.append((x, y))
-            while len(pts) >= 3 and ((pts[-1][1] - pts[-2][1]) / (pts[-1][0] - pts[-2][0])
-                                     <= (pts[-2][1] - pts[-3][1]) / (pts[-2][0] - pts[-3][0])):
+            while len(pts) >= 3 and (
+                (pts[-1][1] - pts[-2][1]) / (pts[-1][0] - pts[-2][0])
+                <= (pts[-2][1] - pts[-3][1]) / (pts[-2][0] - pts[-3][0])
+            ):
                 del pts[-2]
         for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
             segments.append(((y1 - y0) / ((x1 - x0) * size[b]), b, x0, x1))
@@ -78,9 +81,17 @@ def allocate_segments(levels: list[list[float]], costs: list[list[float]], size:
 
 
 @torch.no_grad()
-def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, float], device, *,
-                              probe_tokens: int = 2048, max_sparsity: float = 0.95, max_raise: float = 1.15,
-                              progress: bool = True) -> dict[str, float]:
+def sensitivity_block_budgets(
+    model: nn.Module,
+    batches,
+    targets: dict[str, float],
+    device,
+    *,
+    probe_tokens: int = 2048,
+    max_sparsity: float = 0.95,
+    max_raise: float = 1.15,
+    progress: bool = True,
+) -> dict[str, float]:
     """New per-layer targets (see the module docstring); ``targets`` unchanged if there is no block stack."""
 
     blocks = _block_of(targets, model)
@@ -102,7 +113,7 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
         return (x.masked_fill(drop_mask(x, tau), 0),) + tuple(args[1:])
 
     handles = [m.register_forward_pre_hook(partial(hook, n)) for n, m in layers.items()]
-    probe = batches[:leading_batches(batches, probe_tokens)]
+    probe = batches[: leading_batches(batches, probe_tokens)]
 
     def loss() -> float:
         total, count = next_token_nll(model, probe, device)
@@ -117,8 +128,10 @@ def sensitivity_block_budgets(model: nn.Module, batches, targets: dict[str, floa
         base = loss()
         names = list(blocks)
         size = [sum(layers[n].in_features * layers[n].out_features for n in blocks[k]) for k in names]
-        mean_t = [sum(layers[n].in_features * layers[n].out_features * targets[n] for n in blocks[k]) / s
-                  for k, s in zip(names, size)]
+        mean_t = [
+            sum(layers[n].in_features * layers[n].out_features * targets[n] for n in blocks[k]) / s
+            for k, s in zip(names, size)
+        ]
         levels, costs = [], []
         for k, t in tqdm(list(zip(names, mean_t)), desc="block budgets: probes", disable=not progress):
             lv = sorted({min(max_sparsity, f * t) for f in (0.5, 1.0, max_raise)}) if t > 0 else [0.0]

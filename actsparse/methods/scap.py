@@ -59,7 +59,7 @@ def kde_peaks(samples: torch.Tensor, bw_adjust: float = 0.5, gridsize: int = 200
         raise ValueError("the KDE needs at least 2 finite samples")
     peaks = []
     for part in (x.numel() // 3, 2 * x.numel() // 3, x.numel()):
-        v = x[:max(part, 2)]
+        v = x[: max(part, 2)]
         lo, hi = v.min().item(), v.max().item()
         if hi <= lo:
             peaks.append(lo)
@@ -84,7 +84,7 @@ class _ScapCollector:
     """Pass 1: the mode (median histogram or KDE reservoir); pass 2: τ = quantile of |x - μ| per candidate;
     pass 3 (only with several candidates): output error of each candidate."""
 
-    def __init__(self, mode: str, q: float, weight: torch.Tensor, cfg: "ScapMethod"):
+    def __init__(self, mode: str, q: float, weight: torch.Tensor, cfg: ScapMethod):
         self.mode, self.q, self.weight, self.cfg = mode, q, weight, cfg
         self.stage = "mode"
         self.candidates: list[float] = [0.0]
@@ -218,9 +218,14 @@ def export_scap_json(model: torch.nn.Module, path: str) -> str:
         if p.scale is not None or p.topk is not None:
             raise ValueError(f"layer {name!r} uses a per-channel scale or top-k, which SCAP's format cannot hold")
         info = getattr(m, "calibration", None) or {}
-        out[name] = {"module_name": name, "demode_method": info.get("demode_method", "zero" if not p.shift else "median"),
-                     "mode": p.shift, "threshold": p.threshold, "target_sparsity": m.target_sparsity,
-                     "hook_type": "pre_hook"}
+        out[name] = {
+            "module_name": name,
+            "demode_method": info.get("demode_method", "zero" if not p.shift else "median"),
+            "mode": p.shift,
+            "threshold": p.threshold,
+            "target_sparsity": m.target_sparsity,
+            "hook_type": "pre_hook",
+        }
     text = json.dumps(out, indent=2)
 
     def write(tmp: str) -> None:
@@ -252,8 +257,9 @@ def read_scap_json(path: str) -> tuple[dict[str, SparsityParams], dict[str, floa
             ts = entry.get("target_sparsity")
             targets[name] = None if ts is None else float(ts)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ThresholdFileError(f"{path!r}: bad entry for {name!r} ({e}); each entry needs 'mode' and "
-                                     f"'threshold' numbers") from None
+            raise ThresholdFileError(
+                f"{path!r}: bad entry for {name!r} ({e}); each entry needs 'mode' and 'threshold' numbers"
+            ) from None
         infos[name] = {"demode_method": entry.get("demode_method", "zero"), "mode": mu}
         params[name] = SparsityParams(tau, shift=mu, info=infos[name])
     return params, targets

@@ -72,9 +72,9 @@ class SparsingLawMethod(MethodConfig):
     p: float = 0.01
     epsilon: float = 0.01
     column_norms: bool | None = None
-    grid: int = 32                 # sparsity levels of each layer's CETT curve
-    cett_tokens: int = 2048        # calibration tokens used for the CETT curves
-    ppl_tolerance: float = 0.001   # stop when |PPL ratio - (1 + p)| <= this (0.1 percentage point)
+    grid: int = 32  # sparsity levels of each layer's CETT curve
+    cett_tokens: int = 2048  # calibration tokens used for the CETT curves
+    ppl_tolerance: float = 0.001  # stop when |PPL ratio - (1 + p)| <= this (0.1 percentage point)
     max_iterations: int = 30
 
     def __post_init__(self):
@@ -101,8 +101,9 @@ class SparsingLawMethod(MethodConfig):
         raise RuntimeError("pplp is calibrated by calibrate_model()")
 
     # ----------------------------------------------------------------------------------- PPL-p%
-    def calibrate_model(self, model: nn.Module, batches, targets: dict[str, float], device,
-                        progress: bool = True) -> dict[str, SparsityParams] | None:
+    def calibrate_model(
+        self, model: nn.Module, batches, targets: dict[str, float], device, progress: bool = True
+    ) -> dict[str, SparsityParams] | None:
         """Whole-model calibration for ``pplp`` (None for the other metrics: the usual engine runs)."""
         if self.metric != "pplp":
             return None
@@ -130,10 +131,16 @@ class SparsingLawMethod(MethodConfig):
             raise CalibrationError(
                 f"pplp could not reach PPL ratio {goal:.4f} on the calibration data (closest: {ratio:.4f} at CETT "
                 f"{c:.4g}); the layers in scope {'cannot move' if ratio < goal else 'move'} perplexity that much "
-                f"{'even at 99.5% sparsity' if ratio < goal else 'at the finest step'}: choose another p or scope")
+                f"{'even at 99.5% sparsity' if ratio < goal else 'at the finest step'}: choose another p or scope"
+            )
         for p in params.values():
-            p.info = {"metric": "pplp", "cett": c, "ppl_ratio": ratio, "dense_calibration_ppl": dense,
-                      "score_threshold": p.threshold}
+            p.info = {
+                "metric": "pplp",
+                "cett": c,
+                "ppl_ratio": ratio,
+                "dense_calibration_ppl": dense,
+                "score_threshold": p.threshold,
+            }
         return params
 
 
@@ -147,7 +154,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
 
     hists = {n: HistogramQuantile(0.5) for n in layers}
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    budget = {n: max_tokens for n in layers}
+    budget = dict.fromkeys(layers, max_tokens)
     state = {"mask": None}
 
     def collect(name, module, args):
@@ -155,7 +162,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
         s = x.float().abs() * (scales[name].to(x.device) if scales[name] is not None else 1.0)
         hists[name].update(s)
         if budget[name] > 0:
-            kept[name].append(x[:budget[name]].detach().float().cpu())
+            kept[name].append(x[: budget[name]].detach().float().cpu())
             budget[name] -= kept[name][-1].shape[0]
 
     handles = _input_hooks(layers, collect)

@@ -39,8 +39,15 @@ def _relative_error(outs: list[torch.Tensor], dense: list[torch.Tensor]) -> floa
     return num / max(den, 1e-30)
 
 
-def greedy_allocation(ctx, *, step: float = 0.05, max_sparsity: float = 0.95, tokens: int | None = None,
-                      lazy: bool = True, bins_per_octave: int = 1024) -> dict[str, float]:
+def greedy_allocation(
+    ctx,
+    *,
+    step: float = 0.05,
+    max_sparsity: float = 0.95,
+    tokens: int | None = None,
+    lazy: bool = True,
+    bins_per_octave: int = 1024,
+) -> dict[str, float]:
     """Per-layer sparsities for one stage (see the module docstring). ``ctx`` is a
     :class:`actsparse.calibrate.StageContext`."""
     names = ctx.names
@@ -48,10 +55,12 @@ def greedy_allocation(ctx, *, step: float = 0.05, max_sparsity: float = 0.95, to
     total = sum(size.values())
     goal = sum(size[n] * ctx.targets[n] for n in names)  # skipped weights wanted
     if goal <= 0:
-        return {n: 0.0 for n in names}
+        return dict.fromkeys(names, 0.0)
     if goal > max_sparsity * total + 1e-9:
-        raise ValueError(f"a block-wise target of {goal / total:.3f} exceeds max_sparsity={max_sparsity}; "
-                         f"raise max_sparsity or lower the target")
+        raise ValueError(
+            f"a block-wise target of {goal / total:.3f} exceeds max_sparsity={max_sparsity}; "
+            f"raise max_sparsity or lower the target"
+        )
     batches = ctx.batches_for(tokens)
     hists = {n: HistogramQuantile(0.5, bins_per_octave) for n in names}
     ctx.collect(hists, batches=batches)
@@ -61,7 +70,7 @@ def greedy_allocation(ctx, *, step: float = 0.05, max_sparsity: float = 0.95, to
         params = {n: SparsityParams(hists[n].quantile(v)) for n, v in s.items() if v > 0}
         return _relative_error(ctx.outputs(params, batches=batches), dense)
 
-    s = {n: 0.0 for n in names}
+    s = dict.fromkeys(names, 0.0)
     current = 0.0
     done = 0.0  # skipped weights so far
 
@@ -138,12 +147,25 @@ class TealMethod(MethodConfig):
         """Block budgets before the sequential pass (``block_budget="sensitivity"``, see ``methods/budget.py``)."""
         if self.block_budget == "uniform":
             return targets
-        return sensitivity_block_budgets(model, batches, targets, device, probe_tokens=self.probe_tokens,
-                                         max_sparsity=self.max_sparsity, max_raise=self.max_raise,
-                                         progress=progress)
+        return sensitivity_block_budgets(
+            model,
+            batches,
+            targets,
+            device,
+            probe_tokens=self.probe_tokens,
+            max_sparsity=self.max_sparsity,
+            max_raise=self.max_raise,
+            progress=progress,
+        )
 
     def allocate(self, ctx) -> dict[str, float]:
         if self.allocation == "uniform":
             return dict(ctx.targets)
-        return greedy_allocation(ctx, step=self.step, max_sparsity=self.max_sparsity, tokens=self.greedy_tokens,
-                                 lazy=self.lazy, bins_per_octave=self.bins_per_octave)
+        return greedy_allocation(
+            ctx,
+            step=self.step,
+            max_sparsity=self.max_sparsity,
+            tokens=self.greedy_tokens,
+            lazy=self.lazy,
+            bins_per_octave=self.bins_per_octave,
+        )
