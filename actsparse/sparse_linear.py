@@ -37,7 +37,8 @@ from .weights import dense_weight
 
 __all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask", "sparse_layers", "plain_linear"]
 
-_HOOK_DICTS = (
+# a module's hooks on its calls (what a replacement module must keep firing), and all of its hooks
+CALL_HOOK_DICTS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -45,9 +46,8 @@ _HOOK_DICTS = (
     "_forward_pre_hooks_with_kwargs",
     "_backward_hooks",
     "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
 )
+_HOOK_DICTS = CALL_HOOK_DICTS + ("_state_dict_hooks", "_load_state_dict_pre_hooks")
 BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
 
 

@@ -11,7 +11,8 @@ import actsparse as A
 from actsparse.cli import main
 from actsparse.cli.format import format_side_by_side
 from actsparse.eval import SparsityMonitor
-from actsparse.generation import _Detokenizer, _pick, compare_generate, dense_view, first_divergence, generate
+from actsparse.generation import Detokenizer, compare_generate, dense_view, first_divergence, generate
+from actsparse.generation.loop import _pick
 from actsparse.models import load_model
 
 PROMPT = "hello world"
@@ -80,7 +81,7 @@ def test_detokenizer_holds_back_split_characters(tok):
     ids = tok(text)["input_ids"]
     assert len(ids) == len(text.encode())  # one token per byte: multi-byte characters are split
     chunks: list[str] = []
-    d = _Detokenizer(tok, chunks.append)
+    d = Detokenizer(tok, chunks.append)
     for i in ids:
         d.push(i)
     assert d.finish() == text == "".join(chunks)

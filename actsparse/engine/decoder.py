@@ -23,9 +23,6 @@ the graph reads the buffers live.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import itertools
 import time
 import types
 import warnings
@@ -35,43 +32,25 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import StaticCache, StaticLayer
 
 from ..errors import DecoderError
 from ..kernels.linear import stale_kernels
 from ..offload import model_device
+from .hf import (
+    EAGER_NUMERICS,
+    eos_token_ids,
+    forward_kwargs,
+    hooks_key,
+    make_static_cache,
+    not_capturable,
+    own_code,
+    structure_key,
+)
 from .sampling import check_sampling, select_next
 
 __all__ = ["Decoder", "DecodeResult", "forward_kwargs", "eos_token_ids"]
 
 TokenCallback = Callable[[list[int]], None]
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_params(forward: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(forward).parameters)
-
-
-def forward_kwargs(model: nn.Module, cache: Any, *, last_only: bool = True) -> dict[str, Any]:
-    """Keyword arguments for ``model(ids, **kwargs)`` with a KV ``cache``: transformers >= 5.2x names it
-    ``cache``, earlier versions ``past_key_values``; ``logits_to_keep=1`` where the forward takes it."""
-    params = _forward_params(getattr(model.forward, "__func__", model.forward))
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if cache is not None:
-        kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    if last_only and "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (lm_head sees one row)
-    return kwargs
-
-
-def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:
-    """The model's EOS token ids (generation config first, then the tokenizer's); empty when it has none."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
 @dataclass
@@ -96,36 +75,6 @@ class DecodeResult:
         """``(new_tokens - 1) / decode_seconds`` per row (``None`` without decode steps)."""
         steps = self.new_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
-
-
-def _tensor_key(t: torch.Tensor | None) -> tuple:
-    if t is None:
-        return ()
-    plain = type(t) in (torch.Tensor, nn.Parameter)
-    return id(t), t.data_ptr() if plain and t.device.type != "meta" else 0
-
-
-_serial = itertools.count()
-# Inductor keeps fused bf16/fp16 intermediates in fp32 unless told to round them as eager does; rounding them
-# makes the compiled step compute what the eager forward computes (same tokens, not just close logits)
-_EAGER_NUMERICS = (
-    {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
-)
-
-
-def _own_code(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object and reuses one for
-    any module tree that passes its guards, which do not cover hooks (``skip_nnmodule_hook_guards``): a graph
-    traced without a hook would silently skip one added later. Each Decoder, and each set of hooks, gets
-    its own code object and so its own trace (and its own recompile limit)."""
-    code = fn.__code__
-    code = code.replace(co_name=f"{code.co_name}_{next(_serial)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-
-
-def _sliding_window(cache: StaticCache) -> int | None:
-    sizes = [layer.max_cache_len for layer in cache.layers if getattr(layer, "is_sliding", False)]
-    return min(sizes) if sizes else None
 
 
 class Decoder:
@@ -185,10 +134,10 @@ class Decoder:
         self.compile = self.cuda_graph if compile is None else bool(compile)
         self.backend, self.fallback = backend, fallback
         self.fallback_reason: str | None = None
-        self.cache = self._make_cache()
+        self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
         self._graph_logits: torch.Tensor | None = None
-        reason = self._not_capturable()
+        reason = not_capturable(model, self.cache, max_seq_len)
         if reason is not None and (self.compile or self.cuda_graph):
             self._give_up(reason)
         self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -205,32 +154,6 @@ class Decoder:
         """How decode steps run: ``"graph"`` (compiled + CUDA graph), ``"compile"`` or ``"eager"``."""
         return "graph" if self.cuda_graph else "compile" if self.compile else "eager"
 
-    def _make_cache(self) -> StaticCache:
-        cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
-        window = _sliding_window(cache)
-        if window is not None and self.max_seq_len <= window:
-            # positions never leave the window: a full static layer holds the same keys and gives the same
-            # attention, without the sliding layer's Python-side position counter (which a graph would freeze)
-            cache.layers = [
-                StaticLayer(max_cache_len=self.max_seq_len) if getattr(layer, "is_sliding", False) else layer
-                for layer in cache.layers
-            ]
-        return cache
-
-    def _not_capturable(self) -> str | None:
-        window = _sliding_window(self.cache)
-        if window is not None:
-            return (
-                f"its sliding-window cache ({window} positions) is shorter than max_seq_len={self.max_seq_len}; "
-                f"a graph needs max_seq_len <= {window}"
-            )
-        for name, m in self.model.named_modules():
-            hook = getattr(m, "_hf_hook", None)
-            hooks = getattr(hook, "hooks", (hook,))
-            if any(getattr(h, "offload", False) for h in hooks):
-                return f"its weights are offloaded by accelerate ({name or 'the model'} loads them per call)"
-        return None
-
     def _give_up(self, reason: str) -> None:
         if not self.fallback:
             raise DecoderError(
@@ -240,31 +163,6 @@ class Decoder:
         self.fallback_reason = reason
         self.compile = self.cuda_graph = False
         self._graph = self._step_fn = None
-
-    def _fingerprint(self) -> tuple:
-        """What a captured graph depends on: module identities, parameter/buffer storage, hooks, packed kernels."""
-        parts: list[Any] = []
-        for m in self.model.modules():
-            parts.append(
-                (
-                    id(m),
-                    m.training,
-                    len(m._forward_hooks),
-                    len(m._forward_pre_hooks),
-                    id(getattr(m, "_packed", None)),
-                    id(getattr(m, "_kernel_group", None)),
-                )
-            )
-            parts.extend(_tensor_key(t) for t in m._parameters.values())
-            parts.extend(_tensor_key(t) for t in m._buffers.values())
-        return tuple(parts)
-
-    def _hooks(self) -> tuple:
-        return tuple(
-            (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-            for i, m in enumerate(self.model.modules())
-            if m._forward_pre_hooks or m._forward_hooks
-        )
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits of the last position ``[B, vocab]`` for ``ids`` on the static cache."""
@@ -294,12 +192,12 @@ class Decoder:
                 f"the weights of {len(stale)} packed layer(s) (e.g. {stale[0]}) changed after "
                 f"enable_kernels; call actsparse.kernels.enable_kernels(model) again"
             )
-        key = (self._fingerprint(), self.mode)
+        key = (structure_key(self.model), self.mode)
         if self._ready == key:
             return
         self._graph = self._graph_logits = None
         if self._ready is not None:  # the model changed (dtype, device, modules): a cache that matches it
-            self.cache = self._make_cache()
+            self.cache = make_static_cache(self.model.config, self.max_seq_len)
             self._kwargs = forward_kwargs(self.model, self.cache)
         if self.compile or self.cuda_graph:
             try:
@@ -309,21 +207,21 @@ class Decoder:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self._give_up(f"{type(e).__name__}: {first[:300]}")
         self.cache.reset()
-        self._ready = (self._fingerprint(), self.mode)
+        self._ready = (structure_key(self.model), self.mode)
 
     def _capture(self) -> None:
         self.cache.reset()
         self._tok.zero_()
         self._logits(self._tok)  # a one-token prefill allocates the cache's tensors (lazily sized by transformers)
-        hooks = self._hooks()
+        hooks = hooks_key(self.model)
         if self.compile and hooks not in self._compiled:
-            step = types.MethodType(_own_code(Decoder._logits), self)
+            step = types.MethodType(own_code(Decoder._logits), self)
             self._compiled[hooks] = torch.compile(
                 step,
                 fullgraph=True,
                 dynamic=False,
                 backend=self.backend,
-                options=_EAGER_NUMERICS if self.backend == "inductor" else None,
+                options=EAGER_NUMERICS if self.backend == "inductor" else None,
             )
         self._step_fn = self._compiled[hooks] if self.compile else self._logits
         if not self.cuda_graph:

@@ -27,197 +27,23 @@ chat template as one user message with the assistant turn opened (an error witho
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .api import sparse_layers
-from .engine import Decoder, check_sampling, eos_token_ids, forward_kwargs, select_next
-from .eval.sparsity import SparsityMonitor, summarize_by_type
-from .offload import model_device
-from .sparse_linear import plain_linear
+from ..engine import Decoder, eos_token_ids, forward_kwargs, select_next
+from ..eval.sparsity import SparsityMonitor
+from ..offload import model_device
+from ..sparse_linear import plain_linear, sparse_layers
+from .prompt import Detokenizer, Stream, check_settings, encode_checked, resolve_engine
+from .results import Comparison, GenerationResult
 
-__all__ = [
-    "GenerationResult",
-    "Comparison",
-    "generate",
-    "compare_generate",
-    "check_settings",
-    "encode_prompt",
-    "prefill",
-    "decode_one_token",
-    "dense_view",
-    "first_divergence",
-    "ENGINES",
-    "resolve_engine",
-]
-
-ENGINES = ("auto", "graph", "eager")
-
-Stream = Callable[[str], None]
+__all__ = ["generate", "compare_generate", "prefill", "decode_one_token", "dense_view"]
 
 
-# ------------------------------------------------------------------------------------------ results
-@dataclass
-class GenerationResult:
-    """One generation: the text, its tokens, timings and measured sparsity.
-
-    ``prefill_seconds`` is the time to first token (prompt forward + picking the first token);
-    ``decode_seconds`` the time of the remaining ``new_tokens - 1`` single-token steps. Sparsity maps
-    layer names to the measured fraction of zero inputs (empty for a dense model; ``decode_sparsity`` is
-    empty too when only one token was generated, as no decode step ran).
-    """
-
-    prompt: str
-    chat: bool
-    prompt_tokens: int
-    text: str
-    token_ids: list[int]
-    tokens: list[str]
-    stop_reason: str  # "eos" or "length"
-    prefill_seconds: float
-    decode_seconds: float
-    sparse: bool
-    prefill_sparsity: dict[str, float] = field(default_factory=dict)
-    decode_sparsity: dict[str, float] = field(default_factory=dict)
-    target_sparsity: dict[str, float | None] = field(default_factory=dict)
-    engine: str = "loop"  # how decode steps ran: "graph" (CUDA graph), "compile", "eager" (Decoder) or "loop"
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """``(new_tokens - 1) / decode_seconds``: tokens per second after the first (``None`` without decode steps)."""
-        steps = self.new_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
-
-    def mean_sparsity(self, phase: str = "decode") -> float | None:
-        """Unweighted mean over layers of the measured sparsity of ``phase`` ("decode" or "prefill")."""
-        values = self._phase(phase)
-        return sum(values.values()) / len(values) if values else None
-
-    def sparsity_by_type(self, phase: str = "decode") -> dict[str, float]:
-        """Mean measured sparsity per projection type (``up_proj``, ...) of ``phase``."""
-        return summarize_by_type(self._phase(phase))
-
-    def _phase(self, phase: str) -> dict[str, float]:
-        if phase not in ("decode", "prefill"):
-            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
-        return self.decode_sparsity if phase == "decode" else self.prefill_sparsity
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.update(
-            new_tokens=self.new_tokens,
-            decode_tokens_per_s=self.decode_tokens_per_s,
-            mean_decode_sparsity=self.mean_sparsity("decode"),
-            mean_prefill_sparsity=self.mean_sparsity("prefill"),
-            decode_sparsity_by_type=self.sparsity_by_type("decode"),
-        )
-        return out
-
-
-@dataclass
-class Comparison:
-    """Dense and sparse generations of the same prompt with the same settings."""
-
-    dense: GenerationResult
-    sparse: GenerationResult
-
-    @property
-    def first_divergence(self) -> int | None:
-        """Index of the first new token where the two differ (``None`` if identical); see :func:`first_divergence`."""
-        return first_divergence(self.dense.token_ids, self.sparse.token_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dense": self.dense.to_dict(),
-            "sparse": self.sparse.to_dict(),
-            "first_divergence": self.first_divergence,
-        }
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """The first index where ``a`` and ``b`` differ; ``min(len)`` when one is a proper prefix of the other
-    (one stopped early at EOS); ``None`` when they are equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-# ------------------------------------------------------------------------------------------- inputs
-def check_settings(
-    prompt: str,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    engine: str = "auto",
-) -> None:
-    """Raise ``ValueError`` for an empty prompt or out-of-range settings (before any model work)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty; give some text to continue")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    check_sampling(do_sample, temperature, top_p)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-
-
-def resolve_engine(model: nn.Module, engine: str = "auto") -> str:
-    """``"graph"`` (the static-cache :class:`~actsparse.engine.Decoder`) or ``"eager"`` (the dynamic-cache
-    loop): ``"auto"`` picks the decoder for a model on CUDA and the loop elsewhere."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "auto":
-        return "graph" if model_device(model).type == "cuda" else "eager"
-    return engine
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[torch.Tensor, bool]:
-    """``([1, T] token ids, chat used)``. ``chat=None`` uses the chat template when the tokenizer has one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if chat is None:
-        chat = bool(template)
-    if chat:
-        if not template:
-            raise ValueError(
-                "chat=True but the tokenizer has no chat template; generate with chat=False (plain completion)"
-            )
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds the special tokens
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
-    return torch.tensor([ids], dtype=torch.long), chat
-
-
-def _encode_checked(
-    model: nn.Module, tokenizer, prompt: str, chat: bool | None, max_new_tokens: int
-) -> tuple[torch.Tensor, bool]:
-    """:func:`encode_prompt`, refusing a prompt + ``max_new_tokens`` beyond the model's positions."""
-    ids, chat = encode_prompt(tokenizer, prompt, chat)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 0 and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions"
-        )
-    return ids, chat
-
-
-# --------------------------------------------------------------------------------------------- loop
 def _pick(
     logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> int:
@@ -252,35 +78,6 @@ def decode_one_token(model: nn.Module, token: int, cache: Any) -> tuple[torch.Te
     return _forward(model, torch.tensor([[token]], device=model_device(model)), cache)
 
 
-class _Detokenizer:
-    """Incremental text for streaming: emits the new suffix of the decoded text, holding it back while it ends
-    in an incomplete UTF-8 sequence (U+FFFD) or while decoding more tokens rewrote earlier text."""
-
-    def __init__(self, tokenizer, stream: Stream | None):
-        self.tokenizer, self.stream = tokenizer, stream
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        if self.stream is None:
-            return
-        text = self._text()
-        if not text.endswith("\ufffd") and text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.stream(text[len(self.emitted) :])
-            self.emitted = text
-
-    def finish(self) -> str:
-        text = self._text()
-        if self.stream is not None and text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.stream(text[len(self.emitted) :])
-            self.emitted = text
-        return text
-
-
 def _measure(model: nn.Module, prompt_ids: torch.Tensor, new_ids: list[int]) -> tuple[dict, dict, dict]:
     """Replay with a SparsityMonitor: ``(prefill sparsity, decode sparsity, targets)`` per layer."""
     with SparsityMonitor(model) as pre:
@@ -300,7 +97,7 @@ def _loop(
     eos: set[int],
     sampling: dict[str, Any],
     generator: torch.Generator | None,
-    detok: _Detokenizer,
+    detok: Detokenizer,
 ) -> tuple[list[int], float, float]:
     """The eager loop (dynamic cache, one host sync per token): ``(new tokens, prefill s, decode s)``."""
     t = time.perf_counter()
@@ -361,13 +158,13 @@ def generate(
     check_settings(
         prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, engine=engine
     )
-    ids, chat = _encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
+    ids, chat = encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
     chosen = "graph" if decoder is not None else resolve_engine(model, engine)
     device = model_device(model)
     ids = ids.to(device)
     eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
     sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
-    detok = _Detokenizer(tokenizer, stream)
+    detok = Detokenizer(tokenizer, stream)
     if chosen == "graph":
         dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens)
         out = dec.run(
@@ -450,7 +247,7 @@ def compare_generate(
         top_p=settings.get("top_p", 1.0),
         engine=settings.get("engine", "auto"),
     )
-    ids, _ = _encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
+    ids, _ = encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
     if settings.get("decoder") is None and resolve_engine(model, settings.get("engine", "auto")) == "graph":
         settings["decoder"] = _decoder_for(model, None, ids.shape[1] + settings.get("max_new_tokens", 64))
     if warmup:

@@ -1,0 +1,145 @@
+"""What the decoder needs to know about transformers models: forward arguments across versions, EOS ids,
+a static cache that a CUDA graph can hold, why a model cannot be captured, and what a captured graph
+depends on (so that a change triggers a new capture)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers.cache_utils import StaticCache, StaticLayer
+
+__all__ = [
+    "forward_kwargs",
+    "eos_token_ids",
+    "make_static_cache",
+    "not_capturable",
+    "structure_key",
+    "hooks_key",
+    "own_code",
+    "EAGER_NUMERICS",
+]
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_params(forward: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(forward).parameters)
+
+
+def forward_kwargs(model: nn.Module, cache: Any, *, last_only: bool = True) -> dict[str, Any]:
+    """Keyword arguments for ``model(ids, **kwargs)`` with a KV ``cache``: transformers >= 5.2x names it
+    ``cache``, earlier versions ``past_key_values``; ``logits_to_keep=1`` where the forward takes it."""
+    params = _forward_params(getattr(model.forward, "__func__", model.forward))
+    kwargs: dict[str, Any] = {"use_cache": True}
+    if cache is not None:
+        kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if last_only and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (lm_head sees one row)
+    return kwargs
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:
+    """The model's EOS token ids (generation config first, then the tokenizer's); empty when it has none."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _tensor_key(t: torch.Tensor | None) -> tuple:
+    if t is None:
+        return ()
+    plain = type(t) in (torch.Tensor, nn.Parameter)
+    return id(t), t.data_ptr() if plain and t.device.type != "meta" else 0
+
+
+_serial = itertools.count()
+
+
+# Inductor keeps fused bf16/fp16 intermediates in fp32 unless told to round them as eager does; rounding them
+# makes the compiled step compute what the eager forward computes (same tokens, not just close logits)
+EAGER_NUMERICS = (
+    {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
+)
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs per code object and reuses one for
+    any module tree that passes its guards, which do not cover hooks (``skip_nnmodule_hook_guards``): a graph
+    traced without a hook would silently skip one added later. Each Decoder, and each set of hooks, gets
+    its own code object and so its own trace (and its own recompile limit)."""
+    code = fn.__code__
+    code = code.replace(co_name=f"{code.co_name}_{next(_serial)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _sliding_window(cache: StaticCache) -> int | None:
+    sizes = [layer.max_cache_len for layer in cache.layers if getattr(layer, "is_sliding", False)]
+    return min(sizes) if sizes else None
+
+
+def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
+    """A transformers ``StaticCache`` of ``max_seq_len`` positions; sliding-window layers that the positions never
+    leave become full static layers (same keys, same attention, no Python-side position counter)."""
+    cache = StaticCache(config=config, max_cache_len=max_seq_len)
+    window = _sliding_window(cache)
+    if window is not None and max_seq_len <= window:
+        # positions never leave the window: a full static layer holds the same keys and gives the same
+        # attention, without the sliding layer's Python-side position counter (which a graph would freeze)
+        cache.layers = [
+            StaticLayer(max_cache_len=max_seq_len) if getattr(layer, "is_sliding", False) else layer
+            for layer in cache.layers
+        ]
+    return cache
+
+
+def not_capturable(model: nn.Module, cache: StaticCache, max_seq_len: int) -> str | None:
+    """Why a CUDA graph cannot take this model and cache (None: it can)."""
+    window = _sliding_window(cache)
+    if window is not None:
+        return (
+            f"its sliding-window cache ({window} positions) is shorter than max_seq_len={max_seq_len}; "
+            f"a graph needs max_seq_len <= {window}"
+        )
+    for name, m in model.named_modules():
+        hook = getattr(m, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", (hook,))
+        if any(getattr(h, "offload", False) for h in hooks):
+            return f"its weights are offloaded by accelerate ({name or 'the model'} loads them per call)"
+    return None
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What a captured graph depends on: module identities, parameter/buffer storage, hooks, packed kernels."""
+    parts: list[Any] = []
+    for m in model.modules():
+        parts.append(
+            (
+                id(m),
+                m.training,
+                len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                id(getattr(m, "_packed", None)),
+                id(getattr(m, "_kernel_group", None)),
+            )
+        )
+        parts.extend(_tensor_key(t) for t in m._parameters.values())
+        parts.extend(_tensor_key(t) for t in m._buffers.values())
+    return tuple(parts)
+
+
+def hooks_key(model: nn.Module) -> tuple:
+    """The forward hooks of every module (the compiled step's trace depends on them; dynamo does not guard them)."""
+    return tuple(
+        (i, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+        for i, m in enumerate(model.modules())
+        if m._forward_pre_hooks or m._forward_hooks
+    )
