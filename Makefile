@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast lint typecheck check
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,19 @@ demo: install
 # pytest exit code 5 means "no tests collected": not a failure of this project
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# the suite without the end-to-end tests on the embedded model
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# ruff (lint + format check) and the import-layer check: no cycles, no imports inside functions
+lint: install
+	$(VENV)/bin/ruff check actsparse tests benchmarks tools
+	$(VENV)/bin/ruff format --check actsparse tests benchmarks tools
+	$(PY) tools/check_layers.py
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# what CI runs before the tests
+check: lint typecheck

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 
 from .calibrate import calibrate_thresholds
 from .config import SparsifyConfig
 from .data import prepare_batches
-from .errors import AlreadySparsifiedError
 from .methods import MethodConfig
 from .moe import expert_scope_hint, fuse_experts, unfuses_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
-from .sparse_linear import SparseLinear, SparsityParams, sparse_layers
+from .sparse_linear import SparseLinear, SparsityParams, check_not_sparsified, sparse_layers
 
 __all__ = [
     "SparsifyConfig",
@@ -24,15 +23,6 @@ __all__ = [
     "sparse_layers",
     "apply_thresholds",
 ]
-
-
-def _check_not_sparsified(model: nn.Module) -> None:
-    existing = sparse_layers(model)
-    if existing:
-        raise AlreadySparsifiedError(
-            f"the model is already sparsified ({len(existing)} SparseLinear layers, e.g. "
-            f"{next(iter(existing))!r}); call actsparse.remove_sparsity(model) first"
-        )
 
 
 @unfuses_experts
@@ -49,7 +39,7 @@ def apply_thresholds(
     Fused MoE experts are split into per-expert Linears first (``actsparse.moe``), so names such as
     ``model.layers.0.mlp.experts.3.down_proj`` work on a freshly loaded model.
     """
-    _check_not_sparsified(model)
+    check_not_sparsified(model)
     modules = dict(model.named_modules())
     params = {n: p if isinstance(p, SparsityParams) else SparsityParams(float(p)) for n, p in thresholds.items()}
     for name, p in params.items():  # validate everything before touching the model
@@ -73,13 +63,14 @@ def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *, 
     """
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
-    _check_not_sparsified(model)
-    targets = resolve_targets(
-        model, config.target_sparsity_by_scope, config.ignored_scope, hint=expert_scope_hint(model)
-    )
+    check_not_sparsified(model)
+    # SparsifyConfig.__post_init__ normalised both: TargetScope keys, a MethodConfig
+    scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
+    method = cast(MethodConfig, config.method)
+    targets = resolve_targets(model, scopes, config.ignored_scope, hint=expert_scope_hint(model))
     batches = prepare_batches(dataset)
-    params = calibrate_thresholds(model, batches, targets, config.method, progress=progress)
-    return apply_thresholds(model, params, target_sparsity=targets, method=config.method.name)
+    found = calibrate_thresholds(model, batches, targets, method, progress=progress)
+    return apply_thresholds(model, found.params, target_sparsity=found.targets, method=method.name)
 
 
 def sparsify_activations(

@@ -20,8 +20,9 @@ left exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,12 +32,20 @@ from tqdm.auto import tqdm
 
 from .data import Batch
 from .errors import CalibrationError
-from .forward import call_model, find_block_stack, leading_batches, next_token_nll, real_tokens
+from .forward import call_model, find_block_stack, input_hooks, leading_batches, next_token_nll, real_tokens
 from .methods import Collector, MethodConfig
 from .offload import execution_device, model_device
-from .sparse_linear import SparsityParams, drop_mask
+from .rule import SparsityParams, dense_equivalent_input
 
-__all__ = ["calibrate_thresholds", "StageContext", "as_params", "next_token_nll", "real_tokens", "leading_batches"]
+__all__ = [
+    "calibrate_thresholds",
+    "CalibrationResult",
+    "StageContext",
+    "as_params",
+    "next_token_nll",
+    "real_tokens",
+    "leading_batches",
+]
 
 
 class _StopForward(Exception):
@@ -54,21 +63,13 @@ class _Hooks:
         self.token_mask: torch.Tensor | None = None
         self.batch_index = 0
         self.trace: list[tuple[str, torch.Tensor]] | None = None
-        self._handles = []
 
     @contextmanager
-    def installed(self):
-        try:
-            for name, m in self.modules.items():
-                self._handles.append(m.register_forward_pre_hook(partial(self._hook, name)))
+    def installed(self) -> Iterator[_Hooks]:
+        with input_hooks(self.modules, self._hook):
             yield self
-        finally:
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
 
-    def _hook(self, name: str, module: nn.Module, args: tuple):
-        x = args[0]
+    def _hook(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if self.trace is not None:
             self.trace.append((name, x))
         collector = self.collectors.get(name)
@@ -84,11 +85,7 @@ class _Hooks:
             if name == self.stop_after:
                 raise _StopForward
         p = self.params.get(name)
-        if p is not None:  # dropped entries become μ: W·x_eff = W·x' + μ·ΣW, the layer's exact output rule
-            tau, mu, scale, topk = p
-            x = x.masked_fill(drop_mask(x, tau, mu, scale, topk), 0.0 if mu is None else mu)
-            return (x,) + tuple(args[1:])
-        return None
+        return None if p is None else dense_equivalent_input(x, *p)
 
     def set_params(self, name: str, p: SparsityParams) -> None:
         dev = execution_device(self.modules[name]) or torch.device("cpu")  # not meta: offloaded weights rest there
@@ -280,6 +277,15 @@ class StageContext:
         return outs
 
 
+@dataclass
+class CalibrationResult:
+    """What calibration found: each layer's parameters, and the target sparsity each was fitted to (after
+    the method's own allocation, e.g. TEAL's greedy or block budgets)."""
+
+    params: dict[str, SparsityParams]
+    targets: dict[str, float]
+
+
 def as_params(result: float | SparsityParams) -> SparsityParams:
     """A collector's result as :class:`SparsityParams` (a bare float is a threshold)."""
     return result if isinstance(result, SparsityParams) else SparsityParams(float(result))
@@ -293,12 +299,13 @@ def calibrate_thresholds(
     method: MethodConfig,
     *,
     progress: bool = True,
-) -> dict[str, SparsityParams]:
-    """Calibrate every target Linear sequentially. Returns ``{name: SparsityParams}``.
+) -> CalibrationResult:
+    """Calibrate every target Linear of ``targets`` (name -> requested sparsity) with ``method``.
 
-    ``targets`` maps layer names to target sparsities; a method with an ``allocate(ctx)`` hook may
-    re-distribute them inside each stage (block-wise greedy allocation) before the thresholds are fitted.
-    The resulting per-layer targets are written back into ``targets``.
+    Per-layer methods: ``method.plan`` may re-distribute the targets first, ``method.allocate`` inside each
+    stage (block-wise greedy allocation) before its thresholds are fitted, sequentially. Whole-model
+    searches (``method.searches()``): ``method.calibrate_model`` gives the parameters. ``targets`` is not
+    modified; the result holds the parameters and the per-layer targets they were fitted to.
     """
     modules = dict(model.named_modules())
     linears = {n: modules[n] for n in targets}
@@ -306,17 +313,18 @@ def calibrate_thresholds(
     hooks = _Hooks(linears)
     was_training = model.training
     model.eval()
+    targets = dict(targets)
     results: dict[str, SparsityParams] = {}
     try:
-        plan = getattr(method, "plan", None)  # methods that re-distribute targets across blocks first
-        if plan is not None:
-            targets.update(plan(model, batches, dict(targets), device, progress=progress))
-        whole = getattr(method, "calibrate_model", None)  # methods that search over the whole model (pplp)
-        found = whole(model, batches, targets, device, progress=progress) if whole is not None else None
-        if found is not None:
-            for n, p in found.items():
-                p.validate(linears[n].in_features, n)
-            return {n: found[n] for n in targets}
+        targets.update(method.plan(model, batches, dict(targets), device, progress=progress))
+        if method.searches():
+            found = method.calibrate_model(model, batches, dict(targets), device, progress=progress)
+            missing = [n for n in targets if n not in found]
+            if missing:
+                raise CalibrationError(f"method {method.name!r} returned no parameters for {missing[0]!r}")
+            for n in targets:
+                found[n].validate(linears[n].in_features, n)
+            return CalibrationResult({n: found[n] for n in targets}, targets)
         with hooks.installed():
             stack = find_block_stack(model, list(targets))
             stages = None
@@ -328,23 +336,17 @@ def calibrate_thresholds(
             for stage in bar:
                 bar.set_postfix_str(stage.label)
                 if stage.names:
-                    allocate = getattr(method, "allocate", None)
-                    if allocate is not None:
-                        ctx = StageContext(stage, hooks, targets, batches, modules)
-                        targets.update(allocate(ctx))
+                    targets.update(method.allocate(StageContext(stage, hooks, targets, batches, modules)))
                     _calibrate_stage(stage, targets, method, linears, hooks, len(batches), results)
                 stage.advance()
     finally:
         model.train(was_training)
-    return {n: results[n] for n in targets}
+    return CalibrationResult({n: results[n] for n in targets}, targets)
 
 
-def _wants_another_pass(name: str, collector) -> bool:
-    step = getattr(collector, "next_pass", None)
-    if step is None:
-        return False
+def _wants_another_pass(name: str, collector: Collector) -> bool:
     try:
-        return bool(step())
+        return bool(collector.next_pass())
     except ValueError as e:
         raise CalibrationError(f"layer {name!r}: {e}; is it reached by the model's forward pass?") from None
 

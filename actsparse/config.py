@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ._version import __version__
 from .errors import ConfigFileError
@@ -53,7 +53,7 @@ class SparsifyConfig:
     (``"quantile"``) or a method config such as ``QuantileMethod(statistic="ema")``.
     """
 
-    target_sparsity_by_scope: Mapping[TargetScope | str, float]
+    target_sparsity_by_scope: Mapping[TargetScope, float] | Mapping[str, float] | Mapping[TargetScope | str, float]
     ignored_scope: IgnoredScope | None = None
     method: MethodConfig | str = "quantile"
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -91,13 +91,15 @@ def config_to_dict(config: SparsifyConfig) -> dict[str, Any]:
     if not isinstance(config, SparsifyConfig):
         raise TypeError(f"expected a SparsifyConfig, got {type(config).__name__}")
     ig = config.ignored_scope
+    # __post_init__ made every key a TargetScope and the method a MethodConfig
+    scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
+    method = cast(MethodConfig, config.method)
     out = {
         "format": CONFIG_FORMAT,
         "version": CONFIG_VERSION,
         "actsparse_version": __version__,
         "targets": [
-            {"names": list(s.names), "patterns": list(s.patterns), "sparsity": float(v)}
-            for s, v in config.target_sparsity_by_scope.items()
+            {"names": list(s.names), "patterns": list(s.patterns), "sparsity": float(v)} for s, v in scopes.items()
         ],
         "ignored_scope": None
         if ig is None
@@ -107,13 +109,13 @@ def config_to_dict(config: SparsifyConfig) -> dict[str, Any]:
             "types": list(ig.types),
             "validate": bool(ig.validate),
         },
-        "method": method_to_dict(config.method),
+        "method": method_to_dict(method),
     }
     try:
         json.dumps(out, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigFileError(
-            f"method {config.method.name!r} has options that JSON cannot hold ({e}); "
+            f"method {method.name!r} has options that JSON cannot hold ({e}); "
             f"give it plain numbers, strings, lists and dicts"
         ) from None
     return out
@@ -123,7 +125,7 @@ def _fail(where: str, problem: str) -> ConfigFileError:
     return ConfigFileError(f"{where}: {problem}")
 
 
-def _check_keys(where: str, d: Any, allowed: set[str], required: set[str] = frozenset()) -> None:
+def _check_keys(where: str, d: Any, allowed: set[str], required: set[str] | frozenset[str] = frozenset()) -> None:
     if not isinstance(d, Mapping):
         raise _fail(where, f"expected a JSON object, got {type(d).__name__}")
     unknown = sorted(set(d) - allowed)

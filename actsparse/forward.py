@@ -7,7 +7,9 @@ decoder blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ import torch.nn as nn
 
 from .data import Batch
 
-__all__ = ["call_model", "real_tokens", "leading_batches", "next_token_nll", "find_block_stack"]
+__all__ = ["call_model", "real_tokens", "leading_batches", "next_token_nll", "find_block_stack", "input_hooks"]
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -71,3 +73,25 @@ def find_block_stack(model: nn.Module, names: Sequence[str]) -> tuple[str, nn.Mo
         if isinstance(m, nn.ModuleList) and len(m) > 0 and prefix and all(n.startswith(prefix + ".") for n in names):
             return prefix, m
     return None
+
+
+InputHook = Callable[[str, nn.Module, torch.Tensor], "torch.Tensor | None"]
+
+
+def _call(fn: InputHook, name: str, module: nn.Module, args: tuple) -> tuple | None:
+    x = fn(name, module, args[0])
+    return None if x is None else (x, *args[1:])
+
+
+@contextmanager
+def input_hooks(layers: Mapping[str, nn.Module], fn: InputHook) -> Iterator[None]:
+    """Inside, every call of a layer in ``layers`` first runs ``fn(name, module, x)`` on its input ``x``; a
+    tensor it returns replaces the input. The hooks are removed on exit, also on error."""
+    handles = []
+    try:
+        for name, m in layers.items():
+            handles.append(m.register_forward_pre_hook(partial(_call, fn, name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 
 from ._version import __version__
 from .api import apply_thresholds, sparse_layers
-from .errors import AlreadySparsifiedError, ThresholdFileError
+from .errors import ThresholdFileError
 from .fileio import atomic_write
 from .methods.scap import read_scap_json
 from .moe import linear_shapes, unfuses_experts
-from .sparse_linear import BUFFERS, SparsityParams
+from .sparse_linear import BUFFERS, SparsityParams, check_not_sparsified
 
 __all__ = [
     "save_thresholds",
@@ -70,10 +70,10 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     if os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     tensors = {
-        f"{n}.{b}": m._buffers[b].detach().cpu().clone()
+        f"{n}.{b}": t.detach().cpu().clone()
         for n, m in layers.items()
         for b in BUFFERS
-        if m._buffers.get(b) is not None
+        if (t := m._buffers.get(b)) is not None
     }
     header = {
         "format": FORMAT,
@@ -164,11 +164,7 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
     Fused MoE experts are split into their per-expert Linears first (``actsparse.moe``).
     """
     thresholds, header = read_thresholds(path)
-    existing = sparse_layers(model)
-    if existing:
-        raise AlreadySparsifiedError(
-            "the model is already sparsified; call actsparse.remove_sparsity(model) before loading thresholds"
-        )
+    check_not_sparsified(model, "loading thresholds")
     made_for = header.get("model", {})
     desc = f"{made_for.get('name_or_path') or made_for.get('class')} ({made_for.get('model_type')})"
     modules = dict(model.named_modules())
@@ -207,7 +203,7 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIXES)}
-    model.save_pretrained(folder, state_dict=state, **kwargs)
+    cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)  # a HF PreTrainedModel
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     save_thresholds(model, os.path.join(folder, THRESHOLDS_FILENAME))

@@ -10,7 +10,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -87,6 +87,10 @@ def _memory_device(key: Any) -> int | str:
     raise ValueError(f"max_memory: unknown device {key!r}; {_MAX_MEMORY_HELP}")
 
 
+@overload
+def parse_max_memory(spec: None) -> None: ...
+@overload
+def parse_max_memory(spec: str | Mapping[Any, Any]) -> dict[int | str, int]: ...
 def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[int | str, int] | None:
     """``"cpu=2GiB,0=70GiB"`` or ``{"cpu": "2GiB", 0: "70GiB"}`` as ``{device: bytes}`` (None stays None).
 
@@ -152,7 +156,9 @@ def _default_max_memory(device_map: str) -> dict[int | str, int]:
     try:
         from transformers.integrations.accelerate import get_max_memory  # transformers >= 5
     except ImportError:  # transformers 4 calls accelerate's directly
-        from accelerate.utils import get_max_memory
+        from accelerate.utils import get_max_memory as accelerate_get_max_memory
+
+        get_max_memory = accelerate_get_max_memory
 
     memory = {k: int(v) for k, v in get_max_memory(None).items()}
     accelerators = [k for k, v in memory.items() if k not in ("cpu", "disk") and v > 0]
@@ -184,7 +190,7 @@ def _planned_device_map(
     meta.tie_weights()  # tied input and output embeddings are one tensor, placed and counted once
     no_split = list(getattr(meta, "_no_split_modules", None) or [])
     given = max_memory is not None
-    budget = dict(max_memory) if given else _default_max_memory(device_map)
+    budget = dict(max_memory) if max_memory is not None else _default_max_memory(device_map)
     memory = dict(budget)
     if device_map != "sequential":  # as transformers does: spread evenly over the GPUs first
         memory = get_balanced_memory(meta, max_memory=memory, no_split_module_classes=no_split, dtype=dtype)
@@ -266,7 +272,7 @@ def load_model(
                     "the device map puts modules on 'disk': pass offload_folder=DIR (--offload-folder DIR)"
                 )
             device_map = dict(device_map)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if name_or_path in (None, "embedded"):
         folder, gguf = embedded_model_path()
         kwargs["gguf_file"] = gguf
@@ -277,10 +283,10 @@ def load_model(
         folder = name_or_path
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if device_map is None:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         return model.to(device or "cpu").eval(), tokenizer
-    gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
-    if gguf and isinstance(device_map, dict) and "disk" in device_map.values():
+    is_gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
+    if is_gguf and isinstance(device_map, dict) and "disk" in device_map.values():
         raise ValueError(
             "transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
             "device_map='auto' with max_memory and offload_folder instead"
@@ -289,7 +295,7 @@ def load_model(
         planned = _planned_device_map(
             folder, kwargs, dtype, device_map, max_memory, offload_folder, name_or_path or "the embedded model"
         )
-        if gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
+        if is_gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
             if max_memory is not None:  # (or from the same defaults)
                 kwargs["max_memory"] = max_memory
         else:

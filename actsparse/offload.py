@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -41,7 +42,7 @@ def model_device(model: nn.Module) -> torch.device:
     """Where the model's inputs go: the execution device of its input embedding (for a model dispatched by
     accelerate, not where its weights rest), else of the model; CPU for a parameterless model."""
     try:
-        emb = model.get_input_embeddings()
+        emb = cast(Any, model).get_input_embeddings()  # HF models have it, other modules may not
     except (AttributeError, NotImplementedError):
         emb = None
     for m in (emb, model):
@@ -69,7 +70,7 @@ def loaded_weights(module: nn.Module) -> Iterator[nn.Module]:
 def layer_weight(module: nn.Module) -> torch.Tensor:
     """A Linear's weight as a plain dense tensor (dequantized if int8), loaded from the offload if needed."""
     with loaded_weights(module):
-        return dense_weight(module.weight.detach())
+        return dense_weight(cast(torch.Tensor, module.weight).detach())
 
 
 def move_hook(src: nn.Module, dst: nn.Module) -> None:

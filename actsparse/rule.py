@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SparsityParams", "drop_mask", "sparsify_tensor"]
+__all__ = ["SparsityParams", "drop_mask", "sparsify_tensor", "dense_equivalent_input"]
 
 
 @dataclass
@@ -84,3 +84,16 @@ def sparsify_tensor(
     if shift is None:
         return x.masked_fill(drop, 0)
     return (x.float() - shift).masked_fill(drop, 0.0).to(x.dtype)
+
+
+def dense_equivalent_input(
+    x: torch.Tensor,
+    threshold: torch.Tensor | float,
+    shift: torch.Tensor | float | None = None,
+    scale: torch.Tensor | None = None,
+    topk: int | None = None,
+) -> torch.Tensor:
+    """What a *dense* layer must be fed to compute the sparse layer's output: the dropped entries replaced
+    by μ (0 without a shift), since ``W·x_eff = W·x' + μ·ΣW``. Calibration hooks apply a layer's parameters
+    this way, before it is swapped for a ``SparseLinear``."""
+    return x.masked_fill(drop_mask(x, threshold, shift, scale, topk), 0.0 if shift is None else shift)

@@ -19,6 +19,7 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
@@ -58,6 +59,10 @@ class TargetScope:
     names: tuple[str, ...] = field(default_factory=tuple)
     patterns: tuple[str, ...] = field(default_factory=tuple)
 
+    if TYPE_CHECKING:  # the dataclass __init__ also takes lists or one string; __post_init__ stores tuples
+
+        def __init__(self, names: Iterable[str] | None = ..., patterns: Iterable[str] | None = ...) -> None: ...
+
     def __post_init__(self):
         object.__setattr__(self, "names", _as_str_tuple(self.names, "TargetScope names"))
         object.__setattr__(self, "patterns", _as_str_tuple(self.patterns, "TargetScope patterns"))
@@ -85,6 +90,16 @@ class IgnoredScope:
     patterns: tuple[str, ...] = field(default_factory=tuple)
     types: tuple[str, ...] = field(default_factory=tuple)
     validate: bool = True
+
+    if TYPE_CHECKING:  # the dataclass __init__ also takes lists or one string; __post_init__ stores tuples
+
+        def __init__(
+            self,
+            names: Iterable[str] | None = ...,
+            patterns: Iterable[str] | None = ...,
+            types: Iterable[str] | None = ...,
+            validate: bool = ...,
+        ) -> None: ...
 
     def __post_init__(self):
         object.__setattr__(self, "names", _as_str_tuple(self.names, "IgnoredScope names"))

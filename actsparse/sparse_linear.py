@@ -25,17 +25,27 @@ keeps everything; NaNs are kept. With μ = 0 and no scale the general rule equal
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import AlreadySparsifiedError
 from .kernels.linear import disable_kernels, kernel_forward
 from .offload import execution_device, move_hook
 from .rule import SparsityParams, drop_mask, sparsify_tensor
-from .weights import dense_weight
+from .weights import dense_weight, weight_key
 
-__all__ = ["SparseLinear", "SparsityParams", "sparsify_tensor", "drop_mask", "sparse_layers", "plain_linear"]
+__all__ = [
+    "SparseLinear",
+    "SparsityParams",
+    "sparsify_tensor",
+    "drop_mask",
+    "sparse_layers",
+    "check_not_sparsified",
+    "plain_linear",
+]
 
 # a module's hooks on its calls (what a replacement module must keep firing), and all of its hooks
 CALL_HOOK_DICTS = (
@@ -51,9 +61,9 @@ _HOOK_DICTS = CALL_HOOK_DICTS + ("_state_dict_hooks", "_load_state_dict_pre_hook
 BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
 
 
-def _share_linear_state(src: nn.Linear, dst: nn.Module) -> None:
+def _share_linear_state(src: nn.Linear, dst: nn.Linear) -> None:
     dst.in_features, dst.out_features = src.in_features, src.out_features
-    dst.register_parameter("weight", src.weight)
+    dst.register_parameter("weight", cast(nn.Parameter, src.weight))
     dst.register_parameter("bias", src.bias)
     dst.train(src.training)
     for d in _HOOK_DICTS:  # keep user hooks attached to the layer
@@ -74,9 +84,14 @@ class SparseLinear(nn.Linear):
     """Linear layer with static activation sparsity on its input (see the module docstring)."""
 
     act_threshold: torch.Tensor
+    # set by from_linear(): what the layer was calibrated for (kept with the layer for reports)
+    target_sparsity: float | None
+    method: str | None
+    calibration: dict[str, Any]
     # set by actsparse.kernels.enable_kernels(): the packed weights, their identity at packing, the shared-input
     # group (one launch for q/k/v or gate/up) and the route decision
     _packed = _packed_from = _kernel_group = _kernel_route = None
+    _wsum: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight identity, ΣW) of a shifted layer
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - build with from_linear
         raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
@@ -128,11 +143,12 @@ class SparseLinear(nn.Linear):
     def params(self) -> SparsityParams:
         """This layer's :class:`SparsityParams` (copies, on CPU)."""
         g = self._buffers.get
+        shift, scale, topk = g("act_shift"), g("act_scale"), g("act_topk")
         return SparsityParams(
             float(self.act_threshold),
-            float(g("act_shift")) if g("act_shift") is not None else 0.0,
-            g("act_scale").detach().cpu().clone() if g("act_scale") is not None else None,
-            int(g("act_topk")) if g("act_topk") is not None else None,
+            float(shift) if shift is not None else 0.0,
+            scale.detach().cpu().clone() if scale is not None else None,
+            int(topk) if topk is not None else None,
             dict(getattr(self, "calibration", {})),
         )
 
@@ -163,8 +179,19 @@ class SparseLinear(nn.Linear):
         y = F.linear(self.sparsify_input(x), self.weight, self.bias)
         shift = self._buffers.get("act_shift")
         if shift is not None:  # μ·ΣW: the centred-away part, exactly as the kernels fold it
-            y = y + (shift * dense_weight(self.weight).float().sum(dim=1)).to(y.dtype)
+            y = y + (shift * self._weight_sums()).to(y.dtype)
         return y
+
+    def _weight_sums(self) -> torch.Tensor:
+        """``ΣW`` per output (fp32, dequantized), read from the weight once and again only after it changed
+        (a compiled graph uses the value of its eager warm-up, as the packed kernels do)."""
+        cached = self._wsum
+        if torch.compiler.is_compiling():
+            return cached[1] if cached is not None else dense_weight(self.weight).float().sum(dim=1)
+        key = weight_key(self.weight)
+        if cached is None or cached[0] != key:
+            cached = self._wsum = (key, dense_weight(self.weight).detach().float().sum(dim=1))
+        return cached[1]
 
     def extra_repr(self) -> str:
         p = self.params
@@ -178,6 +205,17 @@ class SparseLinear(nn.Linear):
         if self.target_sparsity is not None:
             extra += f", target_sparsity={self.target_sparsity}"
         return super().extra_repr() + extra
+
+
+def check_not_sparsified(model: nn.Module, doing: str = "") -> None:
+    """:class:`~actsparse.AlreadySparsifiedError` when ``model`` already has ``SparseLinear`` layers (the one
+    message for every entry point that sparsifies; ``doing`` says what the user tried, e.g. "loading thresholds")."""
+    existing = sparse_layers(model)
+    if existing:
+        raise AlreadySparsifiedError(
+            f"the model is already sparsified ({len(existing)} SparseLinear layers, e.g. {next(iter(existing))!r}); "
+            f"call actsparse.remove_sparsity(model) {'before ' + doing if doing else 'first'}"
+        )
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:

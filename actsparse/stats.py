@@ -14,12 +14,32 @@ the threshold τ such that a fraction ``q`` of the |x| is ``<= τ``. By conventi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["HistogramQuantile", "EMAQuantile", "SignedQuantile", "Reservoir", "exact_quantile"]
+__all__ = ["Collector", "HistogramQuantile", "EMAQuantile", "SignedQuantile", "Reservoir", "exact_quantile"]
 
 _LOG2_MIN, _LOG2_MAX = -40, 24
+
+
+class Collector:
+    """Statistics of one layer's inputs during calibration (what a per-layer method returns).
+
+    ``update(x)`` receives the layer's input activations ``[n_tokens, in_features]`` (padding removed),
+    ``result()`` gives the threshold τ (or full ``SparsityParams``). ``next_pass()`` is called after each
+    pass over the calibration data: True asks for another pass over the same data (e.g. the mode first,
+    then the threshold of ``|x - mode|``); the default is one pass.
+    """
+
+    def update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+    def next_pass(self) -> bool:
+        return False
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> float:
@@ -42,7 +62,7 @@ def _edge_threshold(q: float, n_seen: int) -> float | None:
     return -math.inf if q == 0.0 else math.inf if q == 1.0 else None
 
 
-class HistogramQuantile:
+class HistogramQuantile(Collector):
     """Quantile of |x| over every value seen, from a fixed log2-spaced histogram."""
 
     def __init__(self, q: float, bins_per_octave: int = 1024):
@@ -92,7 +112,7 @@ class HistogramQuantile:
         return min(tau, self.max)
 
 
-class EMAQuantile:
+class EMAQuantile(Collector):
     """NNCF's threshold: per-batch quantile of |x| combined by a bias-corrected EMA."""
 
     def __init__(self, q: float, alpha: float = 0.2):
@@ -116,7 +136,7 @@ class EMAQuantile:
         return self.value if edge is None else edge
 
 
-class SignedQuantile:
+class SignedQuantile(Collector):
     """Quantile of signed values (e.g. the median of x) from two |x| histograms, one per sign."""
 
     def __init__(self, q: float, bins_per_octave: int = 1024):
@@ -146,7 +166,7 @@ class SignedQuantile:
         return min(self.pos.quantile((rank - n_neg - self.n_zero) / n_pos), self.pos.max)
 
 
-class Reservoir:
+class Reservoir(Collector):
     """A uniform random sample of at most ``size`` values from a stream (Algorithm R, batched; seeded)."""
 
     def __init__(self, size: int, seed: int = 0):

@@ -8,26 +8,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from helpers import VOCAB, byte_tokenizer, make_tiny_llama  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-VOCAB = 256
-
-
-def make_tiny_llama(layers: int = 2, seed: int = 0, hidden: int = 64, inter: int = 128) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
@@ -39,17 +22,6 @@ def tiny_llama():
 def calib_data():
     g = torch.Generator().manual_seed(1)
     return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(4)]
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @pytest.fixture

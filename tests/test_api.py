@@ -155,7 +155,7 @@ def test_sparsity_zero_and_one(tiny_llama, calib_data):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models(calib_data, dtype):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     model = make_tiny_llama().to(dtype)
     A.sparsify_activations(model, calib_data, RECIPE, progress=False)
@@ -173,7 +173,7 @@ def test_model_copy_is_independent(tiny_llama, calib_data):
 
 
 def test_state_dict_round_trip_between_sparsified_models(calib_data):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     a, b = make_tiny_llama(), make_tiny_llama()
     A.sparsify_activations(a, calib_data, RECIPE, progress=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import VOCAB, byte_tokenizer, make_tiny_llama
+from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 from actsparse import SparsifyConfig, TargetScope, load_thresholds, save_thresholds, sparsify_
 from actsparse.attribution import (

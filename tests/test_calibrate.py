@@ -15,7 +15,7 @@ from actsparse.sparse_linear import sparsify_tensor
 
 
 def _taus(*args, **kwargs):
-    return {n: p.threshold for n, p in calibrate_thresholds(*args, **kwargs).items()}
+    return {n: p.threshold for n, p in calibrate_thresholds(*args, **kwargs).params.items()}
 
 
 ALL7 = {

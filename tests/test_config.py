@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main

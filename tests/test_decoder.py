@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, byte_tokenizer, make_tiny_llama
+from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 from transformers import (
     MistralConfig,
     MistralForCausalLM,

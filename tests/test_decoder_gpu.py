@@ -6,7 +6,7 @@ the CPU suite covers the same code eagerly and compiled without graphs (tests/te
 
 import pytest
 import torch
-from conftest import VOCAB, byte_tokenizer, make_tiny_llama
+from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.kernels as K

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
-from conftest import byte_tokenizer, make_tiny_llama
+from helpers import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.models

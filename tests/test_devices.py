@@ -14,7 +14,7 @@ RECIPE = {A.TargetScope(patterns=[".*up_proj.*", ".*gate_proj.*"]): 0.3, A.Targe
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sparsify_forward_measure_save_load(device, dtype, calib_data, tmp_path):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     model = make_tiny_llama().to(device=device, dtype=dtype)
     A.sparsify_activations(model, calib_data, RECIPE, progress=False)  # CPU data, moved by the engine

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import VOCAB, byte_tokenizer, make_tiny_llama
+from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main

@@ -18,7 +18,7 @@ def sparse_llama(tiny_llama, calib_data):
 
 
 def test_save_load_round_trip_is_exact(sparse_llama, calib_data, tmp_path):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     path = A.save_thresholds(sparse_llama, str(tmp_path / "t.safetensors"))
     fresh = make_tiny_llama()
@@ -36,7 +36,7 @@ def test_save_load_round_trip_is_exact(sparse_llama, calib_data, tmp_path):
 
 
 def test_load_onto_another_model_is_refused(sparse_llama, tmp_path):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     path = A.save_thresholds(sparse_llama, str(tmp_path / "t.safetensors"))
     wider = make_tiny_llama(inter=96)

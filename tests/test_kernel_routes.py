@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import actsparse as A

@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import actsparse.kernels as K
+from actsparse.engine import forward_kwargs
 from actsparse.kernels import ops
 from actsparse.kernels.reference import mask_input, sparse_gemv_reference
 
@@ -17,6 +18,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # fp32 accumulation in another order; outputs rounded once to the dtype (rare 1-ulp flips)
 TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+def _step(model, ids, out):
+    """One decode step on the cache ``out`` returned (named for the installed transformers version)."""
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return model(ids, **forward_kwargs(model, cache, last_only=False)).logits
 
 
 def rel_err(a, b):
@@ -275,7 +282,7 @@ def test_sparse_gemv_rejects_bad_input():
 
 
 def _sparse_tiny(dtype, hidden=64, inter=256):
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     from actsparse import sparsify_activations
 
@@ -294,7 +301,7 @@ def test_enable_kernels_decode_matches_masked_linear(dtype):
     ids = torch.randint(0, 256, (1, 12), device=DEV)
     with torch.no_grad():
         out = model(ids[:, :11], use_cache=True)
-        ref = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+        ref = _step(model, ids[:, 11:], out)
     names = K.enable_kernels(model)
     assert len(names) == 14  # 7 projections × 2 layers
     down = model.model.layers[0].mlp.down_proj  # out_features 64: packed copy; gate/up (256): shared views
@@ -313,7 +320,7 @@ def test_enable_kernels_decode_matches_masked_linear(dtype):
         out = model(ids[:, :11], use_cache=True)  # prefill: dense route
         assert set(calls) == {"torch"}
         calls.clear()
-        got = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+        got = _step(model, ids[:, 11:], out)
         assert set(calls) == {"triton"}
     for h in hooks:
         h.remove()
@@ -345,7 +352,7 @@ def test_kernel_path_steps_aside_for_grad_and_edited_weights():
 
 
 def test_enable_kernels_runs_shifted_layers_and_skips_scaled_or_topk_ones():
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     from actsparse import SparsityParams, apply_thresholds, sparse_layers
 
@@ -375,7 +382,7 @@ def test_enable_kernels_runs_shifted_layers_and_skips_scaled_or_topk_ones():
 @pytest.mark.parametrize("mode", ["int8_asym", "int8_sym"])
 def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
     pytest.importorskip("torchao", reason="torchao is not installed")
-    from conftest import make_tiny_llama
+    from helpers import make_tiny_llama
 
     from actsparse import SparseLinear, sparsify_activations
     from actsparse.quant import compress_weights, dense_weight, int8_codes
@@ -388,7 +395,7 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
     ids = torch.randint(0, 256, (1, 12), device=DEV)
     with torch.no_grad():
         out = model(ids[:, :11], use_cache=True)
-        ref = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+        ref = _step(model, ids[:, 11:], out)
     assert len(K.enable_kernels(model)) == 6
     up = model.model.layers[0].mlp.up_proj
     q, scale, zero = int8_codes(up.weight)
@@ -405,7 +412,7 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
     with torch.no_grad():
         out = model(ids[:, :11], use_cache=True)
         calls.clear()
-        got = model(ids[:, 11:], past_key_values=out.past_key_values, use_cache=True).logits
+        got = _step(model, ids[:, 11:], out)
     for h in hooks:
         h.remove()
     assert set(calls) == {"triton"} and len(calls) == 6

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import byte_tokenizer, make_tiny_llama
+from helpers import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import VOCAB, make_tiny_llama
+from helpers import VOCAB, make_tiny_llama
 
 import actsparse as A
 from actsparse import SparseLinear, SparsityParams, ThresholdFileError
@@ -184,8 +184,8 @@ def test_topk_option_gives_exact_per_token_sparsity(tiny_llama, calib_data, spec
 def test_scap_zero_equals_plain_quantile(tiny_llama, calib_data):
     targets = A.scope.resolve_targets(tiny_llama, ALL)
     batches = prepare_batches(calib_data)
-    q = calibrate_thresholds(tiny_llama, batches, dict(targets), method_from_spec("quantile"), progress=False)
-    z = calibrate_thresholds(tiny_llama, batches, dict(targets), method_from_spec("scap"), progress=False)
+    q = calibrate_thresholds(tiny_llama, batches, targets, method_from_spec("quantile"), progress=False).params
+    z = calibrate_thresholds(tiny_llama, batches, targets, method_from_spec("scap"), progress=False).params
     assert {n: p.threshold for n, p in q.items()} == {n: p.threshold for n, p in z.items()}
     assert all(p.shift == 0.0 for p in z.values())
 
@@ -312,8 +312,10 @@ def test_greedy_beats_uniform_on_block_output_error(calib_data):
     errs = {}
     for allocation in ("uniform", "greedy"):
         targets = A.scope.resolve_targets(model, ALL)
-        params = calibrate_thresholds(model, batches, targets, TealMethod(allocation=allocation), progress=False)
-        A.apply_thresholds(model, params)
+        found = calibrate_thresholds(model, batches, targets, TealMethod(allocation=allocation), progress=False)
+        assert targets == A.scope.resolve_targets(model, ALL)  # the request is not modified
+        assert (found.targets != targets) == (allocation == "greedy")  # greedy moved sparsity between layers
+        A.apply_thresholds(model, found.params)
         with torch.no_grad():
             sparse = [
                 model.model.layers[0](model.model.embed_tokens(x), position_embeddings=_rope(model, x))
@@ -346,7 +348,7 @@ def test_greedy_lazy_and_plain_reach_the_same_budget(tiny_llama, calib_data):
         TealMethod(lazy=False),
         progress=False,
     )
-    assert len(lazy) == 14
+    assert len(lazy.params) == 14 and lazy.targets.keys() == lazy.params.keys()
 
 
 @pytest.mark.parametrize(

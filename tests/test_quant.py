@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import VOCAB, make_tiny_llama
+from helpers import VOCAB, make_tiny_llama
 
 import actsparse
 from actsparse import IgnoredScope, SparsityParams, apply_thresholds, sparse_layers, sparsify_activations

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from actsparse import SparseLinear
+from actsparse import SparseLinear, SparsityParams
 from actsparse.sparse_linear import sparsify_tensor
 
 
@@ -71,3 +71,23 @@ def test_moves_with_model_dtype_and_keeps_fp32_threshold():
     sl = sl.to(torch.bfloat16)
     assert sl.weight.dtype == torch.bfloat16
     assert sl(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_shifted_layer_reads_its_weight_sums_once_and_again_after_an_edit():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    layer = SparseLinear.from_linear(lin, SparsityParams(0.3, shift=0.5))
+    x = torch.randn(3, 16)
+
+    def reference():
+        xs = (x - 0.5).masked_fill((x - 0.5).abs() <= 0.3, 0.0)
+        return xs @ lin.weight.t() + 0.5 * lin.weight.sum(1) + lin.bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference())
+        sums = layer._wsum[1]
+        layer(x)
+        assert layer._wsum[1] is sums  # not recomputed from the weight
+        lin.weight.mul_(2)  # the shared weight edited in place: the sums follow
+        torch.testing.assert_close(layer(x), reference())
+        assert layer._wsum[1] is not sums

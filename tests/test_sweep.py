@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB
+from helpers import VOCAB
 
 import actsparse.eval.sweep as sweep_mod
 from actsparse import sparse_layers

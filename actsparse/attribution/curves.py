@@ -86,7 +86,8 @@ class _CorpusItem:
 
     def evaluate(self, model, layers, keep) -> Counter:
         nll, n, correct = masked_nll(model, layers, self.batch, keep)
-        return Counter(nll=nll, tokens=n, correct=correct)
+        # typeshed types a Counter's values as int; this one also sums the (float) NLL
+        return Counter(nll=nll, tokens=n, correct=correct)  # type: ignore[call-overload]
 
 
 class _MCItem:
@@ -150,7 +151,7 @@ def tradeoff_curves(
     def add(key, c):
         acc[key] = acc.get(key, Counter()) + c
 
-    dense = Counter()
+    dense: Counter[str] = Counter()
     for item in tqdm(items, desc="dense", disable=not progress):
         dense += item.evaluate(model, layers, None)
     if "per-input" in modes:
@@ -179,12 +180,12 @@ def tradeoff_curves(
                 for u in units:
                     sub = [la for la in layers if la.name in set(_subset(layers, u))]
                     for metric in metrics:
-                        stats = [{n: _copy(st[n]) for n in st} for st in cal_stats]
+                        copies = [{n: _copy(st[n]) for n in st} for st in cal_stats]
                         scores = calibrated_scores(
-                            model, sub, list(calibration), metric, rho=rho, sparsity=s, stats=stats, progress=False
+                            model, sub, list(calibration), metric, rho=rho, sparsity=s, stats=copies, progress=False
                         )
                         keep = keep_masks(scores, s)
-                        total = Counter()
+                        total: Counter[str] = Counter()
                         for item in items:
                             total += item.evaluate(model, layers, keep)
                         add(("calibrated", u, metric, s), total)

@@ -186,6 +186,7 @@ class UnitHooks:
 
     def _grad(self, layer: UnitLayer, a: torch.Tensor, g: torch.Tensor):
         g64, a64 = g.double(), a.double()
+        assert self.token_mask is not None  # _backward sets it before every recorded forward
         w = self.token_mask.to(a.device, torch.float64)[:, :, None, None]
         new = {"ga": (g64 * a64).sum((1, 3)), "g2": g64.square().sum((1, 3)), "a2": (a64.square() * w).sum((1, 3))}
         if self.reference is not None:
@@ -241,7 +242,10 @@ def unit_statistics(
         hooks.record, hooks.keep_grads = True, keep_grads
         _backward(model, hooks, batch)
         tokens = batch.attention.sum(1).double()
-        out = {la.name: UnitStats(*(hooks.sums[la.name][k] for k in ("a2", "g2", "ga")), tokens) for la in layers}
+        out = {
+            la.name: UnitStats(hooks.sums[la.name]["a2"], hooks.sums[la.name]["g2"], hooks.sums[la.name]["ga"], tokens)
+            for la in layers
+        }
         grads, hooks.keep_grads = hooks.grads, False
         if n_steps:
             hooks.sums = {}

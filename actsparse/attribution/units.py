@@ -98,7 +98,7 @@ def find_unit_layers(model: nn.Module, kinds: tuple[str, ...] | list[str] = KIND
     found = []
     for name, module in model.named_modules():
         kind = _kind_of(name)
-        if kind in kinds and _in_features(module) is not None:
+        if kind is not None and kind in kinds and _in_features(module) is not None:
             found.append(_make(model, name, module, kind))
     if not found:
         ends = ", ".join(HEAD_SUFFIXES * ("heads" in kinds) + NEURON_SUFFIXES * ("neurons" in kinds))

@@ -65,6 +65,7 @@ def calibration_report(args, model, batches: list[torch.Tensor]) -> dict[str, An
 
 def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     model, tokenizer, corpus = load_all(args)
+    assert config is not None  # main() builds it for every command with the calibration flags
     cal, batches = calibrate(args, config, model, tokenizer, corpus)
     path = save_thresholds(model, args.out, extra={"calibration": cal, "data": corpus.name})
     cal["out"] = path

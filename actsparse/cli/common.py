@@ -8,7 +8,8 @@ import contextlib
 import dataclasses
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 
@@ -18,7 +19,7 @@ from ..data import chunk_tokens, count_words, load_corpus, tokenize
 from ..eval.perplexity import perplexity
 from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from ..io import import_scap_json, load_thresholds, read_thresholds
-from ..methods import method_from_spec, method_to_dict
+from ..methods import MethodConfig, method_from_spec, method_to_dict
 from ..methods.scap import parse_scap_config
 from ..models import load_model
 from ..quant import compress_weights
@@ -103,8 +104,8 @@ def method_from_args(args):
         if options:
             method = dataclasses.replace(method, **options)
         return scopes, method
-    scopes = args.scope or [scope_arg(s) for s in args.default_scopes]
-    return {TargetScope(patterns=[p]): s for p, s in scopes}, method_from_spec(args.method, **options)
+    pairs = args.scope or [scope_arg(s) for s in args.default_scopes]
+    return {TargetScope(patterns=[p]): s for p, s in pairs}, method_from_spec(args.method, **options)
 
 
 def sparsify_config(args) -> SparsifyConfig:
@@ -137,9 +138,11 @@ def calibrate(args, config: SparsifyConfig, model, tokenizer, corpus) -> tuple[d
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
+    # SparsifyConfig.__post_init__ made every key a TargetScope and the method a MethodConfig
+    scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
     result = {
-        "scopes": {"|".join(k.patterns) or str(k): v for k, v in config.target_sparsity_by_scope.items()},
-        "method": method_to_dict(config.method),
+        "scopes": {"|".join(k.patterns) or str(k): v for k, v in scopes.items()},
+        "method": method_to_dict(cast(MethodConfig, config.method)),
         "config": config.to_dict(),
         "calibration_tokens": sum(d.numel() for d in data),
         "calibration_seconds": seconds,
@@ -177,7 +180,7 @@ def evaluate(args, model, tokenizer, text: str) -> dict[str, Any]:
     return out
 
 
-def by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, float]]:
+def by_type(measured: dict[str, float], targets: dict[str, float | None]) -> dict[str, dict[str, float | None]]:
     mean_m = summarize_by_type(measured)
     mean_t = summarize_by_type({n: t for n, t in targets.items() if t is not None})
     counts: dict[str, int] = {}

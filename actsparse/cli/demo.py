@@ -31,6 +31,7 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     log(args, "evaluating the dense model")
     dense = evaluate(args, model, tokenizer, corpus.evaluation)
     log(args, "calibrating thresholds")
+    assert config is not None  # main() builds it for every command with the calibration flags
     cal, _ = calibrate(args, config, model, tokenizer, corpus)
     log(args, "evaluating the sparse model")
     sparse = evaluate(args, model, tokenizer, corpus.evaluation)

@@ -100,6 +100,7 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
             f"no --thresholds given: calibrating on {corpus.name} "
             "(save thresholds with `actsparse calibrate` to skip this)",
         )
+        assert config is not None  # main() builds it for every command with the calibration flags
         result["calibration"] = cal = calibrate(args, config, model, tokenizer, corpus)[0]
         result["data"] = corpus.name
         log(

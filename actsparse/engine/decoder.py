@@ -173,6 +173,7 @@ class Decoder:
         """One decode step: a graph replay (its logits buffer is returned) or the step run directly."""
         if self._graph is not None:
             self._graph.replay()
+            assert self._graph_logits is not None  # captured together with the graph
             return self._graph_logits
         return self._body()
 

@@ -9,7 +9,7 @@ import inspect
 import itertools
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -66,7 +66,7 @@ _serial = itertools.count()
 
 # Inductor keeps fused bf16/fp16 intermediates in fp32 unless told to round them as eager does; rounding them
 # makes the compiled step compute what the eager forward computes (same tokens, not just close logits)
-EAGER_NUMERICS = (
+EAGER_NUMERICS: dict[str, Any] | None = (
     {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else None
 )
 
@@ -82,7 +82,8 @@ def own_code(fn: Callable) -> Callable:
 
 
 def _sliding_window(cache: StaticCache) -> int | None:
-    sizes = [layer.max_cache_len for layer in cache.layers if getattr(layer, "is_sliding", False)]
+    # a StaticCache's sliding layers are StaticSlidingWindowLayer (a StaticLayer)
+    sizes = [cast(StaticLayer, layer).max_cache_len for layer in cache.layers if getattr(layer, "is_sliding", False)]
     return min(sizes) if sizes else None
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from functools import partial
+from contextlib import ExitStack
 
+import torch
 import torch.nn as nn
 
+from ..forward import input_hooks
 from ..sparse_linear import SparseLinear
 
 __all__ = ["SparsityMonitor", "summarize_by_type", "layer_type"]
@@ -27,21 +29,23 @@ class SparsityMonitor:
             raise ValueError("the model has no SparseLinear layers to measure; sparsify it first")
         self.zeros: dict[str, int] = defaultdict(int)
         self.total: dict[str, int] = defaultdict(int)
-        self._handles = []
+        self._hooks: ExitStack | None = None
 
-    def _hook(self, name: str, module: SparseLinear, args: tuple) -> None:
-        xs = module.sparsify_input(args[0])
+    def _hook(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        assert isinstance(module, SparseLinear)
+        xs = module.sparsify_input(x)
         self.zeros[name] += int((xs == 0).sum().item())
         self.total[name] += xs.numel()
 
     def __enter__(self) -> SparsityMonitor:
-        self._handles = [m.register_forward_pre_hook(partial(self._hook, n)) for n, m in self.layers.items()]
+        self._hooks = ExitStack()
+        self._hooks.enter_context(input_hooks(self.layers, self._hook))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
 
     def sparsity(self) -> dict[str, float]:
         return {n: self.zeros[n] / self.total[n] for n in self.layers if self.total[n]}

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..api import SparsifyConfig, remove_sparsity, sparse_layers, sparsify_
+from ..api import SparsifyConfig, remove_sparsity, sparsify_
 from ..fileio import atomic_write
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..scope import IgnoredScope, TargetScope
+from ..sparse_linear import check_not_sparsified
 from .perplexity import perplexity
 from .plots import plot_sweep
 from .sparsity import SparsityMonitor
@@ -54,7 +55,7 @@ class SweepPoint:
     delta_percent: float  # perplexity increase over dense
     calibration_seconds: float
     per_layer: dict[str, float] | None = None
-    allocated: dict[str, float] | None = None  # per-layer targets after allocation (greedy)
+    allocated: dict[str, float | None] | None = None  # per-layer targets after allocation (greedy)
 
 
 def parse_range(text: str) -> list[float]:
@@ -137,8 +138,7 @@ def run_sweep(
 
     ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec."""
     specs = sweep_methods(methods).items()  # check every spec before the long work
-    if sparse_layers(model):
-        raise ValueError("the model is already sparsified; call actsparse.remove_sparsity(model) first")
+    check_not_sparsified(model, "sweeping")
     dense = perplexity(model, eval_ids, context=context, stride=stride, progress=progress).token_perplexity
     points = []
     ignored_scope = IgnoredScope(patterns=list(ignored)) if ignored else None

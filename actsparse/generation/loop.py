@@ -163,17 +163,22 @@ def generate(
     device = model_device(model)
     ids = ids.to(device)
     eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
-    sampling = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
+    sampling: dict[str, Any] = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
     detok = Detokenizer(tokenizer, stream)
     if chosen == "graph":
         dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens)
+
+        def on_tokens(toks: list[int]) -> None:
+            for t in toks:
+                detok.push(t)
+
         out = dec.run(
             ids,
             max_new_tokens,
             seed=seed,
             eos_token_id=sorted(eos),
             **sampling,
-            on_tokens=(lambda toks: [detok.push(t) for t in toks]),
+            on_tokens=on_tokens,
         )
         new = out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens].tolist()
         prefill_seconds, decode_seconds, mode = out.prefill_seconds, out.decode_seconds, out.mode

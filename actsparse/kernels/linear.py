@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn as nn
 
-from ..weights import int8_codes
+from ..weights import int8_codes, weight_key
 from .ops import sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
@@ -69,11 +69,11 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _is_sparse_linear(m: nn.Module) -> bool:
+def _is_sparse_linear(m: nn.Module) -> TypeGuard[nn.Linear]:
     return isinstance(m, nn.Linear) and "act_threshold" in m._buffers
 
 
-def _eligible(m: nn.Module) -> bool:
+def _eligible(m: nn.Module) -> TypeGuard[nn.Linear]:
     return (
         _is_sparse_linear(m)
         and m._buffers.get("act_scale") is None
@@ -81,13 +81,6 @@ def _eligible(m: nn.Module) -> bool:
         and m.weight.dtype in _DTYPES
         and triton_available(m.weight.device)
     )
-
-
-def _weight_key(w: torch.Tensor) -> tuple[int, int]:
-    """Identity of a weight's storage and its in-place edits (of the int8 codes for compressed weights)."""
-    codes = int8_codes(w)
-    t = w if codes is None else codes[0]
-    return t.data_ptr(), t._version
 
 
 def _weight_kind(w: torch.Tensor) -> tuple:
@@ -101,7 +94,7 @@ def expected_sparsity(layer: nn.Module) -> float | None:
     target = getattr(layer, "target_sparsity", None)
     if target is not None:
         return float(target)
-    tau = float(layer.act_threshold)
+    tau = float(cast(torch.Tensor, layer.act_threshold))
     return 0.0 if tau == -math.inf else 1.0 if tau == math.inf else None
 
 
@@ -138,25 +131,25 @@ def _units(model: nn.Module, fuse: bool) -> list[tuple[str, ...]]:
                     continue
                 names = tuple(f"{parent}.{g}" if parent else g for g in group)
                 members = [modules.get(n) for n in names]
-                if (
-                    all(m is not None and _eligible(m) for m in members)
-                    and len({m.in_features for m in members}) == 1
-                    and len({_weight_kind(m.weight) for m in members}) == 1
-                ):
+                if not all(m is not None and _eligible(m) for m in members):
+                    continue
+                linears = cast("list[nn.Linear]", members)  # all present and eligible (sparse Linears)
+                if len({m.in_features for m in linears}) == 1 and len({_weight_kind(m.weight) for m in linears}) == 1:
                     units.append(names)
                     taken.update(names)
     units += [(n,) for n in eligible if n not in taken]
     return units
 
 
-def _unit_sparsity(layers: list[nn.Module]) -> float | None:
+def _unit_sparsity(layers: list[nn.Linear]) -> float | None:
     values = [expected_sparsity(m) for m in layers]
     if any(v is None for v in values):
         return None
-    return sum(v * m.out_features for v, m in zip(values, layers)) / sum(m.out_features for m in layers)
+    known = cast("list[float]", values)  # no None left (checked above)
+    return sum(v * m.out_features for v, m in zip(known, layers)) / sum(m.out_features for m in layers)
 
 
-def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
+def _pack_unit(layers: list[nn.Linear]) -> PackedGemv:
     weights = [m.weight for m in layers]
     codes = int8_codes(weights[0])
     quantize = None if codes is None else "int8" if codes[2] is not None else "int8-sym"
@@ -171,9 +164,11 @@ def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
     )
     # live thresholds: one buffer per layer, so updates (load_thresholds, apply_thresholds) reach the kernel
     if len(layers) == 1:
-        packed.threshold = layers[0].act_threshold.view(1)
+        packed.threshold = cast(torch.Tensor, layers[0].act_threshold).view(1)
         if has_shift:
-            packed.shift = shifts[0].view(1)
+            shift = shifts[0]
+            assert shift is not None  # the only layer, and it has a shift
+            packed.shift = shift.view(1)
     if codes is None and all(m.out_features % COLUMN_ALIGN == 0 for m in layers):
         for m, (off, n) in zip(layers, packed.segments):  # share: each weight is a view of weight_t
             m.weight.data = packed.weight_t[:, off : off + n].t()
@@ -182,11 +177,11 @@ def _pack_unit(layers: list[nn.Module]) -> PackedGemv:
     return packed
 
 
-def _group_threshold_sync(layers: list[nn.Module], packed: PackedGemv) -> None:
+def _group_threshold_sync(layers: list[nn.Linear], packed: PackedGemv) -> None:
     """A group's packed thresholds are one tensor; make each layer's buffer a view of it, so that updating
     a layer's ``act_threshold`` in place (``fill_``/``copy_``) reaches the kernel."""
     for i, m in enumerate(layers):
-        packed.threshold[i] = m.act_threshold.to(packed.threshold.device)
+        packed.threshold[i] = cast(torch.Tensor, m.act_threshold).to(packed.threshold.device)
         m._buffers["act_threshold"] = packed.threshold[i]
         shift = m._buffers.get("act_shift")
         if shift is not None and packed.shift is not None:
@@ -208,7 +203,7 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
     modules = dict(model.named_modules())
     names: list[str] = []
     for unit in _units(model, fuse):
-        layers = [modules[n] for n in unit]
+        layers: list[Any] = [modules[n] for n in unit]  # sparse Linears; their packed state is plain attributes
         sparsity = _unit_sparsity(layers)
         if sparsity is not None and sparsity < min_sparsity:
             route = KernelRoute(
@@ -224,7 +219,7 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
         route = KernelRoute("kernel", unit, sparsity, "fused launch" if shared else "one launch")
         for i, m in enumerate(layers):
             m._packed = packed
-            m._packed_from = _weight_key(m.weight)
+            m._packed_from = weight_key(m.weight)
             m._kernel_group = None if shared is None else (shared, i)
             m._kernel_route = route
         names += unit
@@ -243,7 +238,8 @@ def disable_kernels(model: nn.Module) -> None:
                 t = m._buffers.get(b)
                 if t is not None and t._base is not None:
                     m._buffers[b] = t.clone()
-        m._packed = m._packed_from = m._kernel_group = m._kernel_route = None
+        for attr in ("_packed", "_packed_from", "_kernel_group", "_kernel_route"):
+            setattr(m, attr, None)
 
 
 def kernel_routes(model: nn.Module) -> dict[str, KernelRoute | None]:
@@ -258,7 +254,7 @@ def stale_kernels(model: nn.Module) -> list[str]:
     return [
         n
         for n, m in model.named_modules()
-        if _is_sparse_linear(m) and getattr(m, "_packed", None) is not None and m._packed_from != _weight_key(m.weight)
+        if _is_sparse_linear(m) and getattr(m, "_packed", None) is not None and m._packed_from != weight_key(m.weight)
     ]
 
 
@@ -279,7 +275,7 @@ def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         and (x.requires_grad or layer.weight.requires_grad)
     ):
         return None
-    if not torch.compiler.is_compiling() and layer._packed_from != _weight_key(layer.weight):
+    if not torch.compiler.is_compiling() and layer._packed_from != weight_key(layer.weight):
         return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)
     group = layer._kernel_group
     if group is None:

@@ -10,12 +10,15 @@ as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
 from .packing import PackedGemv
 from .reference import mask_input, sparse_gemv_reference
 
+_tg: ModuleType | None
 try:  # Triton is optional: CPU-only installs use the reference
     from . import triton_gemv as _tg
 except Exception:  # pragma: no cover - depends on the environment
@@ -60,6 +63,7 @@ def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
 def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
     kind = kernel_for(x, packed)
     if kind == "triton":
+        assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
         return _tg.sparse_gemv_triton(x, packed).reshape(*x.shape[:-1], packed.padded_out)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         return _dense_route(x, packed)

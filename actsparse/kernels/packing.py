@@ -109,6 +109,7 @@ class PackedGemv:
         off, n = self.segments[segment]
         w = self.columns(off, off + n).float()
         if self.quantized:
+            assert self.scale is not None  # int8 packs always carry their scales
             zero = self.zero[off : off + n] if self.zero is not None else 0.0
             w = (w - zero) * self.scale[off : off + n]
         return w.t()
@@ -119,6 +120,7 @@ class PackedGemv:
         cols = slice(off, off + n)
         extra = self.bias[cols] if self.bias is not None else None
         if self.shift is not None:
+            assert self.wsum is not None  # set whenever shift is (see the field comments)
             s = self.shift[segment] * self.wsum[cols]
             extra = s if extra is None else extra + s
         return extra
@@ -194,6 +196,7 @@ def pack(
             q, s, z = codes if codes is not None else quantize_int8(w, symmetric=quantize == "int8-sym")
             z = torch.zeros_like(s) if z is None else z
             weight_t[:, o : o + n] = q.t()
+            assert scale is not None  # made above whenever quantize is set
             scale[o : o + n] = s
             if zero is not None:
                 zero[o : o + n] = z

@@ -79,8 +79,8 @@ def _sparse_gemv_kernel(
     X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     if QUANT > 0:  # int8 weights enter the tensor cores as exact fp16 integers
         MMA_DTYPE: tl.constexpr = tl.float16
-    else:
-        MMA_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    else:  # Triton reads the constexpr annotation per branch, so mypy sees the name twice
+        MMA_DTYPE: tl.constexpr = w_ptr.dtype.element_ty  # type: ignore[no-redef]
     if USE_DOT:  # x' as row 0 of a 16-row operand: the MMA does the fp16→fp32 work at tensor-core rate
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     else:

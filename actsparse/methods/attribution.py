@@ -46,11 +46,11 @@ class AttributionMethod(MethodConfig):
         if self.topk:
             raise ValueError("attribution masks are static per unit; '+topk' does not apply")
 
-    def make_collector(self, layer_name, module, target_sparsity):
-        raise RuntimeError("attribution is calibrated by calibrate_model()")
+    def searches(self) -> bool:
+        return True
 
     def calibrate_model(
-        self, model: nn.Module, batches, targets: dict[str, float], device, progress: bool = True
+        self, model: nn.Module, batches, targets: dict[str, float], device, *, progress: bool = True
     ) -> dict[str, SparsityParams]:
         layers = unit_layers_for(model, list(targets))
         n = leading_batches(batches, self.tokens)

@@ -1,9 +1,16 @@
-"""Calibration methods: a registry of ``@dataclass`` configs keyed by name (torchao-style).
+"""The method contract and the registry of method configs (frozen ``@dataclass``es keyed by name, torchao-style).
 
-A method config turns one layer's target sparsity into a *collector*: an object with
-``update(x)`` (called with that layer's input activations, ``[n_tokens, in_features]``, padding
-removed) and ``result() -> float`` (the threshold τ). The calibration engine
-(``actsparse.calibrate``) owns the data flow; a method only owns its statistics.
+A method is one of two kinds, declared by :meth:`MethodConfig.searches`:
+
+* **per-layer** (the default): :meth:`~MethodConfig.make_collector` turns one layer's target sparsity into a
+  :class:`~actsparse.stats.Collector`, which the calibration engine (``actsparse.calibrate``) feeds that
+  layer's inputs, sequentially (later layers see earlier ones sparsified). Two optional hooks adjust the
+  targets: :meth:`~MethodConfig.plan` before calibration (across blocks) and :meth:`~MethodConfig.allocate`
+  per stage (within a block, e.g. TEAL's greedy allocation, through a :class:`StageView`).
+* **whole-model search**: :meth:`~MethodConfig.calibrate_model` returns every target's parameters itself
+  (it runs the model as it needs: PPL-p%, attribution masks).
+
+The engine owns the data flow and calls these hooks directly; a method owns only its statistics.
 """
 
 from __future__ import annotations
@@ -11,15 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
+import torch.nn as nn
 
+from ..data import Batch
 from ..rule import SparsityParams
+from ..stats import Collector
 
 __all__ = [
     "MethodConfig",
     "Collector",
+    "StageView",
     "register_method",
     "get_method",
     "registered_methods",
@@ -30,14 +41,26 @@ __all__ = [
 ]
 
 
-class Collector(Protocol):
-    """Statistics of one layer's inputs. ``result()`` gives τ or full ``SparsityParams``. A collector may
-    also define ``next_pass() -> bool``: called after each pass over the calibration data, True asks for
-    another pass (e.g. the mode first, then the threshold of ``|x - mode|``)."""
+class StageView(Protocol):
+    """What :meth:`MethodConfig.allocate` may do with one stage of the engine (a block, or the whole model):
+    its target layers (execution order), their requested sparsities and modules; ``collect`` feeds collectors
+    the layers' inputs (``params`` applied to this stage's layers), ``outputs`` runs the stage with
+    ``params`` and returns its outputs per batch; ``batches_for(tokens)`` counts leading batches."""
 
-    def update(self, x: torch.Tensor) -> None: ...
+    names: list[str]
+    targets: dict[str, float]
+    modules: dict[str, nn.Module]
 
-    def result(self) -> float | SparsityParams: ...
+    def batches_for(self, tokens: int | None) -> int: ...
+
+    def collect(
+        self,
+        collectors: dict[str, Collector],
+        params: dict[str, SparsityParams] | None = None,
+        batches: int | None = None,
+    ) -> None: ...
+
+    def outputs(self, params: dict[str, SparsityParams], batches: int | None = None) -> list[torch.Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +74,53 @@ class MethodConfig:
     name: ClassVar[str]
     topk: bool = dataclasses.field(default=False, kw_only=True)
 
-    def make_collector(self, layer_name: str, module: torch.nn.Module, target_sparsity: float) -> Collector:
-        raise NotImplementedError
+    def searches(self) -> bool:
+        """True: a whole-model search (:meth:`calibrate_model`); False (default): per-layer collectors."""
+        return False
+
+    # ------------------------------------------------------------------------------------ per-layer
+    def make_collector(self, layer_name: str, module: nn.Module, target_sparsity: float) -> Collector:
+        """The collector that calibrates ``layer_name`` at ``target_sparsity`` (per-layer methods)."""
+        raise NotImplementedError(f"method {self.name!r} defines no per-layer collector")
+
+    def plan(
+        self,
+        model: nn.Module,
+        batches: list[Batch],
+        targets: dict[str, float],
+        device: torch.device,
+        *,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Per-layer targets before calibration starts (default: the requested ones)."""
+        return dict(targets)
+
+    def allocate(self, stage: StageView) -> dict[str, float]:
+        """Targets of one stage's layers, just before they are calibrated (default: the stage's targets)."""
+        return dict(stage.targets)
+
+    # ------------------------------------------------------------------------------------ search
+    def calibrate_model(
+        self,
+        model: nn.Module,
+        batches: list[Batch],
+        targets: dict[str, float],
+        device: torch.device,
+        *,
+        progress: bool = True,
+    ) -> dict[str, SparsityParams]:
+        """Every target's parameters (whole-model searches, where :meth:`searches` is True)."""
+        raise NotImplementedError(f"method {self.name!r} is not a whole-model search")
 
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
 
-def register_method(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
+M = TypeVar("M", bound="MethodConfig")
+
+
+def register_method(name: str) -> Callable[[type[M]], type[M]]:
+    def deco(cls: type[M]) -> type[M]:
         if name in _REGISTRY:
             raise ValueError(f"calibration method {name!r} is already registered")
         cls.name = name

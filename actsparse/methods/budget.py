@@ -25,14 +25,14 @@ them between the block's layers). Cost: ``3 × blocks`` forward passes over ``pr
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..forward import call_model, find_block_stack, leading_batches, next_token_nll, real_tokens
-from ..rule import drop_mask
+from ..forward import call_model, find_block_stack, input_hooks, leading_batches, next_token_nll, real_tokens
+from ..rule import dense_equivalent_input
 from ..stats import HistogramQuantile
 
 __all__ = ["sensitivity_block_budgets", "allocate_segments"]
@@ -100,26 +100,22 @@ def sensitivity_block_budgets(
     modules = dict(model.named_modules())
     layers = {n: modules[n] for n in targets}
     hists = {n: HistogramQuantile(0.5) for n in targets}
-    state = {"mask": None, "apply": {}}
+    state: dict[str, Any] = {"mask": None, "apply": {}}
 
-    def hook(name, module, args):
-        x = args[0]
+    def hook(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if state["apply"] is None:
             hists[name].update(real_tokens(x, state["mask"]))
             return None
         tau = state["apply"].get(name)
-        if tau is None:
-            return None
-        return (x.masked_fill(drop_mask(x, tau), 0),) + tuple(args[1:])
+        return None if tau is None else dense_equivalent_input(x, tau)
 
-    handles = [m.register_forward_pre_hook(partial(hook, n)) for n, m in layers.items()]
     probe = batches[: leading_batches(batches, probe_tokens)]
 
     def loss() -> float:
         total, count = next_token_nll(model, probe, device)
         return total / max(count, 1)
 
-    try:
+    with input_hooks(layers, hook):
         state["apply"] = None
         for b in tqdm(batches, desc="block budgets: statistics", disable=not progress):
             state["mask"] = b.token_mask
@@ -141,9 +137,6 @@ def sensitivity_block_budgets(
                 c.append(loss() - base)
             levels.append(lv)
             costs.append(c)
-    finally:
-        for h in handles:
-            h.remove()
     mean = sum(s * t for s, t in zip(size, mean_t)) / sum(size)
     budgets = allocate_segments(levels, costs, size, mean)
     new = dict(targets)

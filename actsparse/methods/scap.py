@@ -32,7 +32,7 @@ from ..offload import layer_weight
 from ..rule import SparsityParams
 from ..scope import TargetScope
 from ..sparse_linear import sparse_layers
-from ..stats import HistogramQuantile, Reservoir, SignedQuantile
+from ..stats import Collector, HistogramQuantile, Reservoir, SignedQuantile
 from .base import MethodConfig, register_method
 
 __all__ = ["ScapMethod", "parse_scap_config", "export_scap_json", "read_scap_json", "MODES", "kde_peaks"]
@@ -80,7 +80,7 @@ def kde_peaks(samples: torch.Tensor, bw_adjust: float = 0.5, gridsize: int = 200
     return peaks
 
 
-class _ScapCollector:
+class _ScapCollector(Collector):
     """Pass 1: the mode (median histogram or KDE reservoir); pass 2: τ = quantile of |x - μ| per candidate;
     pass 3 (only with several candidates): output error of each candidate."""
 

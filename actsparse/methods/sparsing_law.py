@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
-from ..forward import call_model, next_token_nll, real_tokens
+from ..forward import call_model, input_hooks, next_token_nll, real_tokens
 from ..offload import layer_weight
-from ..rule import SparsityParams, drop_mask
-from ..stats import HistogramQuantile
+from ..rule import SparsityParams, dense_equivalent_input, drop_mask
+from ..stats import Collector, HistogramQuantile
 from .base import MethodConfig, register_method
 from .wina import column_norms
 
@@ -38,7 +37,7 @@ __all__ = ["SparsingLawMethod", "METRICS", "calibration_perplexity"]
 METRICS = ("topk", "fat", "pplp")
 
 
-class _Fixed:
+class _Fixed(Collector):
     """Collector that needs no statistics (its result is known up front), but checks the layer is reached."""
 
     def __init__(self, params: SparsityParams):
@@ -96,17 +95,16 @@ class SparsingLawMethod(MethodConfig):
         if self.metric == "topk":
             k = module.in_features
             return _Fixed(SparsityParams(-math.inf, scale=scale, topk=k - round(target_sparsity * k)))
-        if self.metric == "fat":
-            return _Fixed(SparsityParams(self.epsilon, scale=scale))
-        raise RuntimeError("pplp is calibrated by calibrate_model()")
+        return _Fixed(SparsityParams(self.epsilon, scale=scale))  # fat (pplp is a search: see searches())
 
     # ----------------------------------------------------------------------------------- PPL-p%
+    def searches(self) -> bool:
+        return self.metric == "pplp"  # topk and fat are per-layer collectors
+
     def calibrate_model(
-        self, model: nn.Module, batches, targets: dict[str, float], device, progress: bool = True
-    ) -> dict[str, SparsityParams] | None:
-        """Whole-model calibration for ``pplp`` (None for the other metrics: the usual engine runs)."""
-        if self.metric != "pplp":
-            return None
+        self, model: nn.Module, batches, targets: dict[str, float], device, *, progress: bool = True
+    ) -> dict[str, SparsityParams]:
+        """PPL-p%: one shared CETT level, bisected until the calibration perplexity rises by ``p``."""
         modules = dict(model.named_modules())
         layers = {n: modules[n] for n in targets}
         scales = {n: column_norms(layer_weight(m)) if self.uses_norms else None for n, m in layers.items()}
@@ -126,6 +124,7 @@ class SparsingLawMethod(MethodConfig):
             if abs(ratio - goal) <= self.ppl_tolerance:
                 break
             lo, hi = (c, hi) if ratio < goal else (lo, c)
+        assert best is not None  # max_iterations >= 1 (checked in __post_init__)
         ratio, c, params = best
         if abs(ratio - goal) > 0.005:
             raise CalibrationError(
@@ -144,10 +143,6 @@ class SparsingLawMethod(MethodConfig):
         return params
 
 
-def _input_hooks(layers: dict[str, nn.Module], fn):
-    return [m.register_forward_pre_hook(partial(fn, n)) for n, m in layers.items()]
-
-
 @torch.no_grad()
 def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progress):
     """Per layer: (thresholds at ``grid`` sparsity levels, mean CETT at each), from dense activations."""
@@ -157,22 +152,18 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
     budget = dict.fromkeys(layers, max_tokens)
     state = {"mask": None}
 
-    def collect(name, module, args):
-        x = real_tokens(args[0], state["mask"])
+    def collect(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = real_tokens(x, state["mask"])
         s = x.float().abs() * (scales[name].to(x.device) if scales[name] is not None else 1.0)
         hists[name].update(s)
         if budget[name] > 0:
             kept[name].append(x[: budget[name]].detach().float().cpu())
             budget[name] -= kept[name][-1].shape[0]
 
-    handles = _input_hooks(layers, collect)
-    try:
+    with input_hooks(layers, collect):
         for b in tqdm(batches, desc="pplp statistics", disable=not progress):
             state["mask"] = b.token_mask
             call_model(model, b, device)
-    finally:
-        for h in handles:
-            h.remove()
     levels = torch.linspace(0.0, 0.995, grid).tolist()
     curves = {}
     for n, lin in layers.items():
@@ -210,15 +201,10 @@ def _tau_at(curve, c: float) -> float:
 
 @torch.no_grad()
 def _perplexity_with(model, batches, layers, params, device) -> float:
-    def apply(name, module, args):
+    def apply(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = params[name]
-        x = args[0]
         scale = p.scale.to(x.device) if p.scale is not None else None
-        return (x.masked_fill(drop_mask(x, p.threshold, None, scale, p.topk), 0),) + tuple(args[1:])
+        return dense_equivalent_input(x, p.threshold, None, scale, p.topk)
 
-    handles = _input_hooks(layers, apply)
-    try:
+    with input_hooks(layers, apply):
         return calibration_perplexity(model, batches, device)
-    finally:
-        for h in handles:
-            h.remove()

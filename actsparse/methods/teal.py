@@ -143,10 +143,10 @@ class TealMethod(MethodConfig):
     def make_collector(self, layer_name, module, target_sparsity):
         return HistogramQuantile(target_sparsity, self.bins_per_octave)
 
-    def plan(self, model, batches, targets, device, progress=True) -> dict[str, float]:
+    def plan(self, model, batches, targets, device, *, progress=True) -> dict[str, float]:
         """Block budgets before the sequential pass (``block_budget="sensitivity"``, see ``methods/budget.py``)."""
         if self.block_budget == "uniform":
-            return targets
+            return dict(targets)
         return sensitivity_block_budgets(
             model,
             batches,

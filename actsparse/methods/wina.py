@@ -14,7 +14,7 @@ import torch
 
 from ..offload import layer_weight
 from ..rule import SparsityParams
-from ..stats import HistogramQuantile
+from ..stats import Collector, HistogramQuantile
 from ..weights import dense_weight
 from .base import MethodConfig, register_method
 
@@ -26,7 +26,7 @@ def column_norms(weight: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
     return dense_weight(weight.detach()).float().norm(dim=0).clamp_min(floor)
 
 
-class _ScoreQuantile:
+class _ScoreQuantile(Collector):
     def __init__(self, q: float, scale: torch.Tensor, bins_per_octave: int):
         self.scale = scale
         self.hist = HistogramQuantile(q, bins_per_octave)

@@ -304,7 +304,7 @@ def explain_calibration_error(err: CalibrationError) -> CalibrationError | None:
     """For "saw no calibration tokens" on an expert layer: the same error with the MoE-specific fix."""
     m = _NO_TOKENS.search(str(err))
     expert = _EXPERT_LAYER.search(m.group(1)) if m is not None else None
-    if expert is None:
+    if m is None or expert is None:
         return None
     pattern = re.escape(m.group(1)[: expert.end()])
     return CalibrationError(

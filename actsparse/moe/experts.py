@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -18,7 +19,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def _expert_views(fused: nn.Module, i: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(gate, up, down)`` weight views of every expert of a fused module (``i``: intermediate size)."""
-    gu, dn = fused.gate_up_proj.data, fused.down_proj.data
+    gu, dn = cast(torch.Tensor, fused.gate_up_proj).data, cast(torch.Tensor, fused.down_proj).data
     return [(gu[e, :i], gu[e, i:], dn[e]) for e in range(gu.shape[0])]
 
 
@@ -56,10 +57,12 @@ class UnfusedExperts(nn.Module):
     per-expert weights are the truth and the fused tensors are rebuilt from them when needed.
     """
 
+    _fused: nn.Module
+
     def __init__(self, fused: nn.Module):
         super().__init__()
         object.__setattr__(self, "_fused", fused)  # restored by fuse(); not a submodule
-        gu, dn = fused.gate_up_proj, fused.down_proj
+        gu, dn = cast(torch.Tensor, fused.gate_up_proj), cast(torch.Tensor, fused.down_proj)
         self.num_experts, two_i, self.hidden_dim = gu.shape
         self.intermediate_dim = two_i // 2
         for e, (g, u, d) in enumerate(self._views()):
@@ -71,18 +74,18 @@ class UnfusedExperts(nn.Module):
                     _view_linear(d, dn.requires_grad),
                 ),
             )
-        self.act_fn = fused.act_fn
+        self.act_fn = cast("Callable[[torch.Tensor], torch.Tensor]", fused.act_fn)
         self.train(fused.training)
-        for d in CALL_HOOK_DICTS:  # hooks on the experts module keep firing
-            if hasattr(fused, d):
-                setattr(self, d, getattr(fused, d))
+        for hooks in CALL_HOOK_DICTS:  # hooks on the experts module keep firing
+            if hasattr(fused, hooks):
+                setattr(self, hooks, getattr(fused, hooks))
         self.register_state_dict_post_hook(_drop_expert_weights)
 
     def __len__(self) -> int:
         return self.num_experts
 
     def __getitem__(self, e: int) -> ExpertMLP:
-        return self._modules[str(int(e))]
+        return cast(ExpertMLP, self._modules[str(int(e))])
 
     def __iter__(self) -> Iterator[ExpertMLP]:
         return (self[e] for e in range(self.num_experts))
@@ -91,7 +94,7 @@ class UnfusedExperts(nn.Module):
     def _views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return _expert_views(self._fused, self.intermediate_dim)
 
-    def _weights(self) -> list[tuple[nn.Parameter, nn.Parameter, nn.Parameter]]:
+    def _weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return [(ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight) for ex in self]
 
     def is_tied(self) -> bool:
@@ -112,7 +115,7 @@ class UnfusedExperts(nn.Module):
     def fused_weights(self, keep_vars: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate_up_proj, down_proj)`` as 3D tensors holding the current expert weights (no copy when tied)."""
         if self.is_tied():
-            gu, dn = self._fused.gate_up_proj, self._fused.down_proj
+            gu, dn = cast(torch.Tensor, self._fused.gate_up_proj), cast(torch.Tensor, self._fused.down_proj)
             return (gu, dn) if keep_vars else (gu.detach(), dn.detach())
         ws = self._weights()
         return (
