@@ -10,7 +10,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from helpers import VOCAB, byte_tokenizer, make_tiny_llama  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: the tiny models gain nothing from two, and on a busy machine OpenMP's spin-waiting
+# threads make every op wait for a core (measured on 2 cores with two other busy processes:
+# tests/test_calibrate.py + test_methods.py 137 s with 2 threads, 28 s with 1; idle 17 s either way; the
+# whole suite idle 3:50 with 1 thread vs 3:39 with 2). ACTSPARSE_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("ACTSPARSE_TEST_THREADS", "1")))
 
 
 @pytest.fixture
