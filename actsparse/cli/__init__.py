@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 from .._version import __version__
 from ..errors import ActSparseError
 from ..quant import quiet_torchao
 from . import attribution, calibrate, demo, evaluate, generate, sweep
-from .common import sparsify_config
+from .common import precheck_scopes, sparsify_config, will_calibrate
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -28,8 +29,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (what is wrong, where the options are), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actsparse", description="Post-training activation sparsity for HF LMs")
+    parser = _Parser(prog="actsparse", description="Post-training activation sparsity for HF LMs")
     parser.add_argument("--version", action="version", version=f"actsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo, calibrate, evaluate, sweep, attribution, generate):
@@ -38,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and bad arguments (2, one line on stderr already)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         # commands that may calibrate: a bad recipe fails before any loading
         config = sparsify_config(args) if hasattr(args, "default_scopes") else None
         with quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
+            if config is not None and will_calibrate(args):
+                precheck_scopes(args, config)  # scopes that match nothing: before the model loads
             result = COMMANDS[args.command](args, config)
     except (ActSparseError, FileNotFoundError, ValueError) as e:
         print(f"actsparse {args.command}: error: {e}", file=sys.stderr)

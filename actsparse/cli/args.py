@@ -32,9 +32,13 @@ def scope_arg(text: str) -> tuple[str, float]:
     try:
         if not sep or not pattern:
             raise ValueError
-        return pattern, float(value)
+        sparsity = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PATTERN=SPARSITY, e.g. '.*up_proj.*=0.3', got {text!r}") from None
+    if not 0.0 <= sparsity <= 1.0:
+        hint = f"; did you mean {pattern}={sparsity / 100:g}?" if 1.0 < sparsity <= 100.0 else ""
+        raise argparse.ArgumentTypeError(f"the sparsity in {text!r} must be a fraction in [0, 1]{hint}")
+    return pattern, sparsity
 
 
 def option_arg(text: str) -> tuple[str, Any]:
@@ -97,7 +101,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="embedded", help="HF model name, folder or .gguf file (default: the embedded SmolLM2-135M)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and activations (default float32; bfloat16 or float16 on a GPU for speed)",
+    )
     p.add_argument(
         "--device",
         default=None,
@@ -194,7 +203,7 @@ def add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None)
     p.set_defaults(default_scopes=default_scopes)
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
+def add_eval_args(p: argparse.ArgumentParser, eval_tokens: int | None = None) -> None:
     p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
     p.add_argument(
         "--stride",
@@ -202,4 +211,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="new tokens scored per window (default: context - 1; consecutive windows share one token)",
     )
-    p.add_argument("--eval-tokens", type=int, default=None, help="evaluate the first N tokens of the split")
+    p.add_argument(
+        "--eval-tokens",
+        type=int_at_least(2),
+        default=eval_tokens,
+        help=f"evaluate the first N tokens of the evaluation split (default {eval_tokens or 'all of them'})",
+    )

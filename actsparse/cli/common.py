@@ -21,9 +21,10 @@ from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from ..io import import_scap_json, load_thresholds, read_thresholds
 from ..methods import MethodConfig, method_from_spec, method_to_dict
 from ..methods.scap import parse_scap_config
-from ..models import load_model
+from ..models import empty_model, load_model
+from ..moe import expert_scope_hint, experts_unfused
 from ..quant import compress_weights
-from ..scope import IgnoredScope, TargetScope
+from ..scope import IgnoredScope, TargetScope, resolve_targets
 from ..sparse_linear import sparse_layers
 from .args import scope_arg
 
@@ -31,6 +32,8 @@ __all__ = [
     "log",
     "load_model_from_args",
     "load_all",
+    "precheck_scopes",
+    "will_calibrate",
     "calibration_data",
     "token_batches",
     "sparsify_config",
@@ -53,6 +56,8 @@ def load_model_from_args(args, *, compress: bool = True):
     device = args.device
     if device is None and args.device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model == "embedded" and args.device_map is None:
+        log(args, "loading the embedded SmolLM2-135M (about 15 s on 2 idle CPU cores)")
     t = time.perf_counter()
     model, tokenizer = load_model(
         args.model,
@@ -74,15 +79,60 @@ def load_model_from_args(args, *, compress: bool = True):
 
 
 def load_all(args, *, compress: bool = True):
-    return (*load_model_from_args(args, compress=compress), load_corpus(args.data))
+    """``(model, tokenizer, corpus)``; the corpus first, so that bad ``--data`` fails before the slow load."""
+    corpus = load_corpus(args.data)
+    return (*load_model_from_args(args, compress=compress), corpus)
 
 
-def calibration_data(args, tokenizer, corpus) -> list[torch.Tensor]:
+def will_calibrate(args) -> bool:
+    """Whether the command calibrates thresholds (generate does only without saved thresholds or --dense)."""
+    if args.command != "generate":
+        return args.command in ("demo", "calibrate")
+    return not (args.thresholds or args.scap_json or args.dense)
+
+
+def precheck_scopes(args, config: SparsifyConfig) -> None:
+    """Resolve ``config``'s scopes on the model's empty module tree (seconds, no weights): a scope that matches
+    nothing is reported before the slow load. Models whose module tree cannot be built from the config alone
+    are checked after the load, as before."""
+    try:
+        meta = empty_model(args.model)
+    except Exception:  # e.g. a custom architecture: the real load reports (or passes)
+        return
+    with experts_unfused(meta):
+        scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
+        resolve_targets(meta, scopes, config.ignored_scope, hint=expert_scope_hint(meta))
+
+
+def calibration_data(args, tokenizer, corpus, *, evaluates: bool = False) -> list[torch.Tensor]:
+    """The calibration windows, with a line saying how many tokens of the data they use; ``evaluates``: the
+    command then measures perplexity on ``corpus.evaluation`` (a note when that is the same text)."""
     if args.calib_samples < 1:
         raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.calib_batch_size < 1:
         raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
-    return token_batches(tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size)
+    batches = token_batches(
+        tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size
+    )
+    windows = sum(b.shape[0] for b in batches)
+    available = tokenize(tokenizer, corpus.calibration).numel()
+    short = (
+        f"; the text fills only {windows} of the {args.calib_samples} windows asked for (--calib-samples)"
+        if windows < args.calib_samples
+        else ""
+    )
+    log(
+        args,
+        f"calibration data: {windows} windows x {args.calib_seq_len} tokens = {windows * args.calib_seq_len} of the "
+        f"{available} calibration tokens of {corpus.name}{short}",
+    )
+    if evaluates and corpus.calibration is corpus.evaluation:
+        log(
+            args,
+            f"note: {corpus.name} is used whole for calibration and evaluation, so perplexity is measured on the "
+            "calibration text; for held-out numbers evaluate on another file (actsparse eval --data OTHER)",
+        )
+    return batches
 
 
 def token_batches(tokenizer, text: str, n: int, seq_len: int, batch_size: int) -> list[torch.Tensor]:
@@ -132,9 +182,11 @@ def sparsify_config(args) -> SparsifyConfig:
     return SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
 
 
-def calibrate(args, config: SparsifyConfig, model, tokenizer, corpus) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def calibrate(
+    args, config: SparsifyConfig, model, tokenizer, corpus, *, evaluates: bool = False
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Sparsify ``model`` with ``config`` (built and checked before the model loaded); ``(report, batches)``."""
-    data = calibration_data(args, tokenizer, corpus)
+    data = calibration_data(args, tokenizer, corpus, evaluates=evaluates)
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t

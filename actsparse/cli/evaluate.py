@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..config import SparsifyConfig
 from ..eval.lmeval import LMEVAL_INSTALL, check_options, check_tasks, format_lm_eval_table, run_lm_eval
+from ..io import read_thresholds
 from .args import add_eval_args, add_model_args, int_at_least, limit_arg
 from .common import apply_saved_thresholds, check_saved_thresholds, evaluate, load_all, load_model_from_args, log
-from .format import print_sparsity
+from .format import perplexity_table, print_sparsity
 
 
 def register(sub) -> None:
@@ -44,6 +46,11 @@ def register(sub) -> None:
     ev.add_argument("--include-path", default=None, metavar="DIR", help="folder of custom lm-eval task YAMLs")
 
     ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
+    ev.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="with --thresholds/--scap-json: skip the dense evaluation printed next to the sparse one (one pass less)",
+    )
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -58,6 +65,19 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     if lm_only:
         raise ValueError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
     model, tokenizer, corpus = load_all(args)
+    sparse = bool(args.thresholds or args.scap_json)
+    if args.thresholds and corpus.calibration is corpus.evaluation:
+        calibrated_on = read_thresholds(args.thresholds)[1].get("extra", {}).get("data")
+        if calibrated_on is not None and os.path.abspath(str(calibrated_on)) == os.path.abspath(corpus.name):
+            log(
+                args,
+                f"note: these thresholds were calibrated on {corpus.name} itself: the perplexity below is measured "
+                "on the calibration text; pass another --data for held-out numbers",
+            )
+    dense = None
+    if sparse and not args.no_baseline:
+        log(args, "evaluating the dense model first (the baseline; --no-baseline skips it)")
+        dense = evaluate(args, model, tokenizer, corpus.evaluation)
     apply_saved_thresholds(args, model)
     result = {
         "model": args.model,
@@ -65,12 +85,16 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "thresholds": args.thresholds,
         **evaluate(args, model, tokenizer, corpus.evaluation),
     }
+    if dense is not None:
+        result["dense"] = {k: dense[k] for k in ("token_perplexity", "word_perplexity")}
+        result["delta_token_ppl_percent"] = 100.0 * (result["token_perplexity"] / dense["token_perplexity"] - 1.0)
     if not args.json:
-        word = result["word_perplexity"]
         print(
-            f"token perplexity {result['token_perplexity']:.3f}, word perplexity {word:.3f} "
-            f"({result['eval_tokens']} tokens, context {result['context']})"
+            f"{result['eval_tokens']} tokens ({result['words']} words) of {corpus.name}, context {result['context']}\n"
         )
+        rows = ([("dense", dense)] if dense is not None else []) + [("sparse" if sparse else "dense", result)]
+        print("\n".join(perplexity_table(rows)))
+        print()
         print_sparsity(args, result)
     return result
 

@@ -11,6 +11,7 @@ from ..eval.sparsity import summarize_by_type
 from ..generation import Comparison, GenerationResult
 
 __all__ = [
+    "perplexity_table",
     "sparsity_table",
     "print_sparsity",
     "curves_table",
@@ -20,6 +21,17 @@ __all__ = [
     "format_footer",
     "ENGINE_LABELS",
 ]
+
+
+def perplexity_table(rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """``label  token ppl  word ppl  Δ token ppl`` rows; Δ against the first row."""
+    base = rows[0][1]["token_perplexity"]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'':<{width}}{'token ppl':>11} {'word ppl':>11}{'Δ token ppl':>13}"]
+    for i, (label, r) in enumerate(rows):
+        change = f"{100.0 * (r['token_perplexity'] / base - 1.0):>+12.2f}%" if i else ""
+        lines.append(f"{label:<{width}}{r['token_perplexity']:>11.3f} {r['word_perplexity']:>11.3f}{change}")
+    return lines
 
 
 def sparsity_table(by_type: dict[str, dict[str, float]]) -> list[str]:

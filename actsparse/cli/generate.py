@@ -12,7 +12,15 @@ from ..kernels import KERNEL_MIN_SPARSITY, enable_kernels, triton_available
 from ..offload import model_device
 from ..sparse_linear import sparse_layers
 from .args import NNCF_RECIPE, add_calib_args, add_model_args
-from .common import apply_saved_thresholds, calibrate, check_saved_thresholds, load_model_from_args, log, method_label
+from .common import (
+    apply_saved_thresholds,
+    calibrate,
+    check_saved_thresholds,
+    load_model_from_args,
+    log,
+    method_label,
+    will_calibrate,
+)
 from .format import format_footer, format_side_by_side, format_summary, write_stdout
 
 
@@ -86,6 +94,17 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
         temperature=settings["temperature"],
         top_p=settings["top_p"],
     )  # before the slow model load
+    corpus = None
+    if will_calibrate(args):
+        corpus = load_corpus(args.data)  # bad --data fails now, not after the load
+        model_flag = "" if args.model == "embedded" else f" --model {args.model}"
+        took = " (the embedded model on 2 idle CPU cores: about 50 s)" if args.model == "embedded" else ""
+        log(
+            args,
+            f"no --thresholds given: the model is calibrated first, on {corpus.name}{took}. To calibrate once "
+            f"and reuse: actsparse calibrate{model_flag} --out thresholds.safetensors, then "
+            f"actsparse generate{model_flag} --thresholds thresholds.safetensors --prompt ...",
+        )
     model, tokenizer = load_model_from_args(args)
     result: dict[str, Any] = {
         "model": args.model,
@@ -93,13 +112,7 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
         "thresholds": args.thresholds,
         "scap_json": args.scap_json,
     }
-    if not apply_saved_thresholds(args, model) and not args.dense:
-        corpus = load_corpus(args.data)
-        log(
-            args,
-            f"no --thresholds given: calibrating on {corpus.name} "
-            "(save thresholds with `actsparse calibrate` to skip this)",
-        )
+    if not apply_saved_thresholds(args, model) and corpus is not None:
         assert config is not None  # main() builds it for every command with the calibration flags
         result["calibration"] = cal = calibrate(args, config, model, tokenizer, corpus)[0]
         result["data"] = corpus.name
@@ -110,7 +123,12 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
             f"{cal['calibration_seconds']:.1f} s",
         )
     settings["engine"] = args.engine
-    if not args.no_kernels and not args.dense and triton_available(model_device(model)):
+    if (
+        not args.no_kernels
+        and not args.dense
+        and model_device(model).type == "cuda"
+        and triton_available(model_device(model))
+    ):
         packed = enable_kernels(model)
         result["kernel_layers"] = len(packed)
         log(

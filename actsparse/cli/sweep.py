@@ -7,15 +7,15 @@ from typing import Any
 from ..config import SparsifyConfig
 from ..data import tokenize
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
+from ..scope import IgnoredScope
 from .args import add_eval_args, add_model_args
-from .common import calibration_data, load_all, log
+from .common import calibration_data, load_all, log, precheck_scopes
 
 
 def register(sub) -> None:
     sw = sub.add_parser("sweep", help="every method at every sparsity: perplexity vs measured sparsity (CSV/JSON/PNG)")
     add_model_args(sw)
-    add_eval_args(sw)
-    sw.set_defaults(eval_tokens=8192)
+    add_eval_args(sw, eval_tokens=8192)
     sw.add_argument(
         "--methods",
         default="quantile,teal-greedy,scap-median,wina",
@@ -39,8 +39,10 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     # the labels, every spec checked (name, option keys and values) before anything loads
     methods = list(sweep_methods([m for m in args.methods.split(",") if m.strip()]))
     sparsities = parse_range(args.sparsity)
+    ignored = IgnoredScope(patterns=args.ignore) if args.ignore else None
+    precheck_scopes(args, SparsifyConfig({args.scope: 0.5}, ignored))  # the scope regex, before the model loads
     model, tokenizer, corpus = load_all(args)
-    data = calibration_data(args, tokenizer, corpus)
+    data = calibration_data(args, tokenizer, corpus, evaluates=True)
     ids = tokenize(tokenizer, corpus.evaluation)
     if args.eval_tokens is not None:
         ids = ids[: args.eval_tokens]
