@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from .calibrate import calibrate_thresholds
 from .config import SparsifyConfig
-from .data import prepare_batches
+from .data import check_token_ids, prepare_batches
+from .errors import InvalidTypeError, UsageError
 from .methods import MethodConfig
 from .moe import expert_scope_hint, fuse_experts, unfuses_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
@@ -23,6 +24,13 @@ __all__ = [
     "sparse_layers",
     "apply_thresholds",
 ]
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of input embeddings (token ids must be below it), or None when the model has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
 @unfuses_experts
@@ -40,12 +48,21 @@ def apply_thresholds(
     ``model.layers.0.mlp.experts.3.down_proj`` work on a freshly loaded model.
     """
     check_not_sparsified(model)
+    if not isinstance(thresholds, Mapping):
+        raise InvalidTypeError(f"thresholds must be a dict {{layer name: threshold}}, got {type(thresholds).__name__}")
     modules = dict(model.named_modules())
-    params = {n: p if isinstance(p, SparsityParams) else SparsityParams(float(p)) for n, p in thresholds.items()}
+    params = {}
+    for n, p in thresholds.items():
+        if isinstance(p, SparsityParams):
+            params[n] = p
+        elif isinstance(p, (int, float)) and not isinstance(p, bool):
+            params[n] = SparsityParams(float(p))
+        else:
+            raise InvalidTypeError(f"threshold for {n!r} must be a number or SparsityParams, got {p!r}")
     for name, p in params.items():  # validate everything before touching the model
         if type(modules.get(name)) is not nn.Linear:
             got = type(modules[name]).__name__ if name in modules else "no such module"
-            raise ValueError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
+            raise UsageError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
         p.validate(modules[name].in_features, name)
     for name, p in params.items():
         ts = None if target_sparsity is None else target_sparsity.get(name)
@@ -62,13 +79,14 @@ def sparsify_(model: nn.Module, config: SparsifyConfig, dataset: Any = None, *, 
     ``actsparse.moe``); those left without a sparsified layer are fused back.
     """
     if not isinstance(config, SparsifyConfig):
-        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+        raise InvalidTypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
     check_not_sparsified(model)
     # SparsifyConfig.__post_init__ normalised both: TargetScope keys, a MethodConfig
     scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
     method = cast(MethodConfig, config.method)
     targets = resolve_targets(model, scopes, config.ignored_scope, hint=expert_scope_hint(model))
     batches = prepare_batches(dataset)
+    check_token_ids(batches, vocab_size(model))
     found = calibrate_thresholds(model, batches, targets, method, progress=progress)
     return apply_thresholds(model, found.params, target_sparsity=found.targets, method=method.name)
 

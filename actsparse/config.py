@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ._version import __version__
-from .errors import ConfigFileError
+from .errors import ConfigFileError, InvalidTypeError
 from .fileio import atomic_write
 from .methods import MethodConfig, method_from_spec, method_to_dict
+from .schema import read_json_file
 from .scope import IgnoredScope, TargetScope, check_sparsity
 
 __all__ = [
@@ -60,7 +61,7 @@ class SparsifyConfig:
 
     def __post_init__(self):
         if not isinstance(self.target_sparsity_by_scope, Mapping):
-            raise TypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
+            raise InvalidTypeError("target_sparsity_by_scope must be a dict {TargetScope(...): sparsity}")
         self.target_sparsity_by_scope = {
             TargetScope(patterns=[k]) if isinstance(k, str) else k: v for k, v in self.target_sparsity_by_scope.items()
         }
@@ -91,7 +92,7 @@ class SparsifyConfig:
 def config_to_dict(config: SparsifyConfig) -> dict[str, Any]:
     """The JSON-ready dict of ``config`` (see the module docstring)."""
     if not isinstance(config, SparsifyConfig):
-        raise TypeError(f"expected a SparsifyConfig, got {type(config).__name__}")
+        raise InvalidTypeError(f"expected a SparsifyConfig, got {type(config).__name__}")
     ig = config.ignored_scope
     # __post_init__ made every key a TargetScope and the method a MethodConfig
     scopes = cast("Mapping[TargetScope, float]", config.target_sparsity_by_scope)
@@ -215,18 +216,11 @@ def save_config(config: SparsifyConfig, path: str | os.PathLike) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    atomic_write(os.fspath(path), write, suffix=".json")
+    atomic_write(os.fspath(path), write)
     return os.fspath(path)
 
 
 def load_config(path: str | os.PathLike) -> SparsifyConfig:
     """Read a config written by :func:`save_config` (or by hand), with a clear error for any bad field."""
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise ConfigFileError(f"{path}: no such config file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigFileError(f"{path}: not a JSON config file ({e})") from None
-    return config_from_dict(d, source=path)
+    d = read_json_file(path, "sparsify config", ConfigFileError)
+    return config_from_dict(d, source=os.fspath(path))

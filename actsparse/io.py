@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any, cast
 
+import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from ._version import __version__
 from .api import apply_thresholds, sparse_layers
-from .errors import ThresholdFileError
-from .fileio import atomic_write
+from .errors import ThresholdFileError, UsageError
+from .fileio import atomic_write, check_output_path, keep_file_modes
 from .methods.scap import read_scap_json
 from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
+from .schema import Fields, check_input_file, parse_json
 from .sparse_linear import BUFFERS, SparsityParams, check_not_sparsified
 
 __all__ = [
@@ -68,7 +72,7 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
 
     layers = sparse_layers(model)
     if not layers:
-        raise ValueError("the model has no SparseLinear layers; sparsify it before saving thresholds")
+        raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
     if os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     tensors = {
@@ -98,65 +102,109 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     return path
 
 
-def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:
-    """Read ``({layer: SparsityParams}, header)`` from a thresholds file, with clear errors for bad files."""
-    from safetensors import safe_open
+_HEADER_KEYS = {"format", "format_version", "library_version", "model", "layers", "extra"}
+_MODEL_KEYS = {"class", "name_or_path", "model_type", "fingerprint"}
+_LAYER_KEYS = {"in_features", "out_features", "target_sparsity", "method", "calibration"}
 
-    folder = path if os.path.isdir(path) else None
-    if folder is not None:
-        path = os.path.join(folder, THRESHOLDS_FILENAME)
-    if not os.path.isfile(path):
-        where = (
-            f"folder {folder!r} holds no {THRESHOLDS_FILENAME} (a folder from actsparse.save_pretrained has one)"
-            if folder is not None
-            else f"thresholds file {path!r} does not exist"
+
+def _check_header(raw: Any, where: str) -> dict[str, Any]:
+    """The thresholds header, checked field by field (see ``save_thresholds`` for what it holds)."""
+    f = Fields(where, ThresholdFileError)
+    header = f.obj(raw, "header", allowed=_HEADER_KEYS, required=("format", "format_version", "layers"))
+    if header["format"] != FORMAT:
+        f.fail("format", f"expected {FORMAT!r}, got {header['format']!r}: not an actsparse thresholds file")
+    version = f.integer(header["format_version"], "format_version", lo=1)
+    if version > FORMAT_VERSION:
+        f.fail(
+            "format_version",
+            f"{version} is newer than this actsparse ({__version__}) reads (up to {FORMAT_VERSION}); upgrade actsparse",
         )
-        raise ThresholdFileError(f"{where}; create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open, not a dict)
-    except Exception as e:  # safetensors raises several types for corrupt input
+    f.string(header.get("library_version"), "library_version", none=True)
+    model = f.obj(header.get("model", {}), "model", allowed=_MODEL_KEYS)
+    for key in _MODEL_KEYS:
+        f.string(model.get(key), f"model.{key}", none=True)
+    layers = f.obj(header["layers"], "layers", non_empty=True)
+    for name, info in layers.items():
+        where_layer = f"layers[{name!r}]"
+        info = f.obj(info, where_layer, allowed=_LAYER_KEYS, required=("in_features", "out_features"))
+        f.integer(info["in_features"], f"{where_layer}.in_features", lo=1)
+        f.integer(info["out_features"], f"{where_layer}.out_features", lo=1)
+        f.number(info.get("target_sparsity"), f"{where_layer}.target_sparsity", lo=0.0, hi=1.0, none=True)
+        f.string(info.get("method"), f"{where_layer}.method", none=True)
+        f.obj(info.get("calibration") or {}, f"{where_layer}.calibration")
+    f.obj(header.get("extra") or {}, "extra")
+    return header
+
+
+def _scalar(f: Fields, t: Any, field: str, *, integral: bool = False) -> float:
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        f.fail(field, f"expected one value, got a tensor of shape {tuple(getattr(t, 'shape', ()))}")
+    if integral and (t.dtype.is_floating_point or t.dtype == torch.bool):
+        f.fail(field, f"expected an integer tensor, got {t.dtype}")
+    return float(t.item()) if not integral else int(t.item())
+
+
+def _layer_params(f: Fields, name: str, info: dict[str, Any], tensors: dict[str, Any]) -> SparsityParams:
+    k = info["in_features"]
+    tau = _scalar(f, tensors.get(f"{name}.act_threshold"), f"tensor {name}.act_threshold")
+    if math.isnan(tau):
+        f.fail(f"tensor {name}.act_threshold", "is NaN")
+    shift = tensors.get(f"{name}.act_shift")
+    mu = 0.0 if shift is None else _scalar(f, shift, f"tensor {name}.act_shift")
+    if not math.isfinite(mu):
+        f.fail(f"tensor {name}.act_shift", f"expected a finite shift, got {mu}")
+    scale = tensors.get(f"{name}.act_scale")
+    if scale is not None and (scale.dim() != 1 or scale.numel() != k or not scale.is_floating_point()):
+        f.fail(f"tensor {name}.act_scale", f"expected {k} floats (in_features), got {scale.dtype} {tuple(scale.shape)}")
+    if scale is not None and not (torch.isfinite(scale).all() and (scale >= 0).all()):
+        f.fail(f"tensor {name}.act_scale", "expected finite values >= 0")
+    topk_t = tensors.get(f"{name}.act_topk")
+    topk = None if topk_t is None else int(_scalar(f, topk_t, f"tensor {name}.act_topk", integral=True))
+    if topk is not None and not 0 <= topk <= k:
+        f.fail(f"tensor {name}.act_topk", f"{topk} is outside [0, {k}] (in_features)")
+    return SparsityParams(tau, mu, None if scale is None else scale.float(), topk, dict(info.get("calibration") or {}))
+
+
+def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:
+    """Read ``({layer: SparsityParams}, header)`` from a thresholds file (a file, or a folder holding
+    ``actsparse_thresholds.safetensors``), every field checked; any problem is one ``ThresholdFileError``."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        folder = os.fspath(path)
+        path = os.path.join(folder, THRESHOLDS_FILENAME)
+        if not os.path.lexists(path):
+            raise ThresholdFileError(
+                f"folder {folder!r} holds no {THRESHOLDS_FILENAME} (a folder from actsparse.save_pretrained has one); "
+                f"create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
+            )
+    if isinstance(path, (str, os.PathLike)) and not os.path.lexists(path):
         raise ThresholdFileError(
-            f"{path!r} is not a valid safetensors file (truncated, or another format "
-            f"such as a pickle): {e}. Re-create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
+            f"thresholds file {os.fspath(path)!r} does not exist; create it with "
+            f"`actsparse calibrate --out {os.fspath(path)}` ({_SAVE_HINT})"
+        )
+    path = check_input_file(path, "thresholds file", ThresholdFileError)
+    try:
+        with safe_open(path, framework="pt") as st:
+            meta = st.metadata() or {}
+            tensors = {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118 (safe_open, not a dict)
+    except Exception as e:  # safetensors raises several types for corrupt input
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ThresholdFileError(
+            f"{path!r} is not a valid safetensors file (truncated, or another format such as a pickle: {first}); "
+            f"re-create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
         ) from None
     if "actsparse" not in meta:
         raise ThresholdFileError(
             f"{path!r} is a safetensors file but not an actsparse thresholds file "
             f"(no 'actsparse' header); re-create it with `actsparse calibrate --out {path}` ({_SAVE_HINT})"
         )
-    try:
-        header = json.loads(meta["actsparse"])
-    except json.JSONDecodeError as e:
-        raise ThresholdFileError(f"{path!r}: corrupted actsparse header ({e})") from None
-    if header.get("format") != FORMAT or not isinstance(header.get("layers"), dict):
-        raise ThresholdFileError(f"{path!r}: unknown header format {header.get('format')!r}")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise ThresholdFileError(
-            f"{path!r} uses format version {header['format_version']}, newer than this "
-            f"actsparse ({__version__}) reads; upgrade actsparse"
-        )
-    thresholds = {}
-    for name, info in header["layers"].items():
-        t = tensors.get(name + ".act_threshold")
-        if t is None or t.numel() != 1:
-            raise ThresholdFileError(f"{path!r}: missing or malformed threshold tensor for layer {name!r}")
-        shift, scale, topk = (tensors.get(f"{name}.{b}") for b in BUFFERS[1:])
-        try:
-            if (shift is not None and shift.numel() != 1) or (topk is not None and topk.numel() != 1):
-                raise ValueError("shift/topk must hold one value")
-            p = SparsityParams(
-                float(t.item()),
-                float(shift.item()) if shift is not None else 0.0,
-                scale.float() if scale is not None else None,
-                int(topk.item()) if topk is not None else None,
-                dict(info.get("calibration") or {}),
-            )
-            p.validate(int(info["in_features"]), name)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ThresholdFileError(f"{path!r}: malformed sparsity parameters for layer {name!r}: {e}") from None
-        thresholds[name] = p
+    header = _check_header(parse_json(meta["actsparse"], f"{path!r}: header", ThresholdFileError), repr(path))
+    f = Fields(repr(path), ThresholdFileError)
+    layers = header["layers"]
+    for key in tensors:
+        layer, _, buffer = key.rpartition(".")
+        if layer not in layers or buffer not in BUFFERS:
+            f.fail(f"tensor {key}", "belongs to no layer of the header")
+    thresholds = {name: _layer_params(f, name, info, tensors) for name, info in layers.items()}
     return thresholds, header
 
 
@@ -208,10 +256,12 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     The HF checkpoint holds no actsparse keys, so any transformers install can load it; use
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
+    check_output_path(folder, "checkpoint folder", folder=True)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIXES)}
-    cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)  # a HF PreTrainedModel
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    with keep_file_modes(folder):  # transformers writes its weights 0600; files keep the mode they had
+        cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)  # a HF PreTrainedModel
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
     save_thresholds(model, os.path.join(folder, THRESHOLDS_FILENAME))
 
 

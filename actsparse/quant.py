@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from .errors import MissingDependencyError, UsageError
 from .moe import fused_experts
 from .scope import IgnoredScope, TargetScope, resolve_targets
 from .sparse_linear import sparse_layers
@@ -60,7 +61,7 @@ def _torchao():
             from torchao.quantization.granularity import PerAxis
             from torchao.quantization.quant_primitives import MappingType
     except ImportError:
-        raise ImportError(f"int8 weight compression needs torchao: {TORCHAO_INSTALL}") from None
+        raise MissingDependencyError(f"int8 weight compression needs torchao: {TORCHAO_INSTALL}") from None
     return IntxWeightOnlyConfig, quantize_, PerAxis, MappingType
 
 
@@ -87,9 +88,9 @@ def compress_weights(
     before the first weight changes: on error the model is unmodified.
     """
     if mode not in WEIGHT_MODES:
-        raise ValueError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
+        raise UsageError(f"unknown weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)}")
     if sparse_layers(model):
-        raise ValueError(
+        raise UsageError(
             "compress the weights before sparsifying: calibrate thresholds on the compressed model "
             "(call actsparse.remove_sparsity(model) first, compress, then sparsify again)"
         )
@@ -98,27 +99,27 @@ def compress_weights(
         head = None if include_output_head else _output_head(model)
         linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n != head]
         if not linears:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear layer to compress")
+            raise UsageError(f"{type(model).__name__} has no nn.Linear layer to compress")
         scope = TargetScope(names=linears)
     else:
         scope = TargetScope(patterns=list(patterns))
     names = list(resolve_targets(model, {scope: 0.0}, ignored_scope))
     bad = [n for n in names if type(modules[n]) is not nn.Linear]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"int8 weight compression supports plain torch.nn.Linear layers only; {bad[0]!r} is a "
             f"{type(modules[bad[0]]).__name__} ({len(bad)} such); leave it out with ignored_scope"
         )
     done = [n for n in names if int8_codes(modules[n].weight) is not None]
     if done:
-        raise ValueError(
+        raise UsageError(
             f"{done[0]!r} (and {len(done) - 1} more) already hold int8 weights; load the model again "
             f"to compress it another way"
         )
     for n in names:
         w = modules[n].weight
         if not w.is_floating_point() or w.device.type == "meta":
-            raise ValueError(
+            raise UsageError(
                 f"cannot compress {n!r}: its weight is {w.dtype} on {w.device} (need a float weight "
                 f"with data; load the model fully before compressing)"
             )

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["SparsityParams", "drop_mask", "sparsify_tensor", "dense_equivalent_input"]
 
 
@@ -34,20 +36,20 @@ class SparsityParams:
 
     def validate(self, in_features: int, where: str) -> None:
         if math.isnan(self.threshold):
-            raise ValueError(f"threshold for {where!r} is NaN")
+            raise UsageError(f"threshold for {where!r} is NaN")
         if not math.isfinite(self.shift):
-            raise ValueError(f"shift for {where!r} must be finite, got {self.shift}")
+            raise UsageError(f"shift for {where!r} must be finite, got {self.shift}")
         if self.scale is not None:
             s = self.scale
             if s.dim() != 1 or s.numel() != in_features:
-                raise ValueError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
+                raise UsageError(f"scale for {where!r} must have shape [{in_features}], got {tuple(s.shape)}")
             if not (torch.isfinite(s).all() and (s >= 0).all()):
-                raise ValueError(
+                raise UsageError(
                     f"scale for {where!r} must be finite and >= 0 (0 drops the channel whenever "
                     f"τ >= 0: a static unit mask)"
                 )
         if self.topk is not None and not 0 <= self.topk <= in_features:
-            raise ValueError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
+            raise UsageError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
 
 
 def drop_mask(

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AlreadySparsifiedError
+from .errors import AlreadySparsifiedError, InvalidTypeError
 from .kernels.linear import disable_kernels, kernel_forward
 from .offload import execution_device, move_hook
 from .rule import SparsityParams, drop_mask, sparsify_tensor
@@ -94,7 +94,7 @@ class SparseLinear(nn.Linear):
     _wsum: tuple[tuple[int, int], torch.Tensor] | None = None  # (weight identity, ΣW) of a shifted layer
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - build with from_linear
-        raise TypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
+        raise InvalidTypeError("build a SparseLinear with SparseLinear.from_linear(linear, threshold)")
 
     @classmethod
     def from_linear(
@@ -106,7 +106,7 @@ class SparseLinear(nn.Linear):
         method: str | None = None,
     ) -> SparseLinear:
         if type(linear) is not nn.Linear:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"SparseLinear wraps plain torch.nn.Linear layers, got {type(linear).__name__}; "
                 f"exclude it with an IgnoredScope"
             )
@@ -219,5 +219,9 @@ def check_not_sparsified(model: nn.Module, doing: str = "") -> None:
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    """``{name: SparseLinear}`` for every sparsified layer of ``model``."""
+    """``{name: SparseLinear}`` for every sparsified layer of ``model`` (an ``InvalidTypeError`` for a non-model:
+    every entry point looks at this first)."""
+    if not isinstance(model, nn.Module):
+        hint = " (load it first, e.g. AutoModelForCausalLM.from_pretrained(name))" if isinstance(model, str) else ""
+        raise InvalidTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["Collector", "HistogramQuantile", "EMAQuantile", "SignedQuantile", "Reservoir", "exact_quantile"]
 
 _LOG2_MIN, _LOG2_MAX = -40, 24
@@ -47,7 +49,7 @@ def exact_quantile(values: torch.Tensor, q: float) -> float:
     v = values.reshape(-1).float()
     n = v.numel()
     if n == 0:
-        raise ValueError("quantile of an empty tensor")
+        raise UsageError("quantile of an empty tensor")
     pos = q * (n - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     a = v.kthvalue(lo + 1).values.item()
@@ -58,7 +60,7 @@ def exact_quantile(values: torch.Tensor, q: float) -> float:
 def _edge_threshold(q: float, n_seen: int) -> float | None:
     """The conventions shared by all collectors: no data is an error; q=0 → -inf, q=1 → +inf."""
     if n_seen == 0:
-        raise ValueError("no values were collected")
+        raise UsageError("no values were collected")
     return -math.inf if q == 0.0 else math.inf if q == 1.0 else None
 
 
@@ -67,7 +69,7 @@ class HistogramQuantile(Collector):
 
     def __init__(self, q: float, bins_per_octave: int = 1024):
         if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {q}")
+            raise UsageError(f"quantile must be in [0, 1], got {q}")
         self.q = q
         self.bpo = int(bins_per_octave)
         self.nbins = (_LOG2_MAX - _LOG2_MIN) * self.bpo
@@ -117,7 +119,7 @@ class EMAQuantile(Collector):
 
     def __init__(self, q: float, alpha: float = 0.2):
         if not 0.0 < alpha < 1.0:
-            raise ValueError(f"EMA alpha must be in (0, 1), got {alpha}")
+            raise UsageError(f"EMA alpha must be in (0, 1), got {alpha}")
         self.q, self.alpha = q, alpha
         self.value = 0.0
         self.n_batches = 0
@@ -141,7 +143,7 @@ class SignedQuantile(Collector):
 
     def __init__(self, q: float, bins_per_octave: int = 1024):
         if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {q}")
+            raise UsageError(f"quantile must be in [0, 1], got {q}")
         self.q = q
         self.pos = HistogramQuantile(0.5, bins_per_octave)
         self.neg = HistogramQuantile(0.5, bins_per_octave)
@@ -157,7 +159,7 @@ class SignedQuantile(Collector):
         n_neg, n_pos = self.neg.n, self.pos.n
         n = n_neg + n_pos + self.n_zero
         if n == 0:
-            raise ValueError("no values were collected")
+            raise UsageError("no values were collected")
         rank = self.q * n
         if rank < n_neg:  # among the negatives, counted from the most negative
             return -min(self.neg.quantile(1.0 - rank / n_neg), self.neg.max)
@@ -171,7 +173,7 @@ class Reservoir(Collector):
 
     def __init__(self, size: int, seed: int = 0):
         if size < 1:
-            raise ValueError(f"reservoir size must be >= 1, got {size}")
+            raise UsageError(f"reservoir size must be >= 1, got {size}")
         self.size = size
         self.values = torch.empty(0)
         self.n = 0

@@ -106,9 +106,12 @@ def test_bad_configs_name_the_field(data, message):
 def test_unreadable_files_and_unwritable_configs(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_bytes(b"\x80\x81 not json")
-    with pytest.raises(ConfigFileError, match="not a JSON config file"):
+    with pytest.raises(ConfigFileError, match="not UTF-8 text"):
         load_config(bad)
-    with pytest.raises(ConfigFileError, match="no such config file"):
+    bad.write_text('{"format": ')
+    with pytest.raises(ConfigFileError, match="not valid JSON"):
+        load_config(bad)
+    with pytest.raises(ConfigFileError, match="does not exist"):
         load_config(tmp_path / "missing.json")
     # a method option JSON cannot hold: a clear error, and no file (not even a partial one) is written
     config = A.SparsifyConfig({".*up_proj": 0.3}, None, A.SparsingLawMethod(metric="topk", p=float("nan")))

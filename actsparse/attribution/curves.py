@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..eval.mc import MCExample, mc_scores
 from ..eval.plots import plot_tradeoff
 from .scores import (
@@ -139,10 +140,10 @@ def tradeoff_curves(
     metrics = check_metrics(metrics)
     check_options(sparsities, units, modes, n_steps, rho, target)
     if "calibrated" in modes and not calibration:
-        raise ValueError("calibrated mode needs calibration batches")
+        raise UsageError("calibrated mode needs calibration batches")
     items = [_CorpusItem(b) for b in eval_batches] + [_MCItem(e) for e in mc_examples]
     if not items:
-        raise ValueError("nothing to evaluate: give evaluation batches and/or multiple-choice examples")
+        raise UsageError("nothing to evaluate: give evaluation batches and/or multiple-choice examples")
     steps = n_steps if "ig" in metrics else 0
     auto = "cor_gxo" in metrics and rho == "auto"
     levels = [s for s in sparsities if s > 0]
@@ -229,16 +230,16 @@ def _point(mode, units, metric, s, c: Counter) -> CurvePoint:
 def check_options(sparsities, units, modes, n_steps, rho, target) -> None:
     for s in sparsities:
         if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+            raise UsageError(f"sparsity must be in [0, 1), got {s}")
     bad = [u for u in units if u not in UNIT_SETS] + [m for m in modes if m not in MODES]
     if bad or not units or not modes:
-        raise ValueError(f"unknown unit set / mode {bad}; unit sets: {', '.join(UNIT_SETS)}; modes: {', '.join(MODES)}")
+        raise UsageError(f"unknown unit set / mode {bad}; unit sets: {', '.join(UNIT_SETS)}; modes: {', '.join(MODES)}")
     if n_steps <= 0:
-        raise ValueError(f"n_steps must be a positive number of IG interpolations, got {n_steps}")
+        raise UsageError(f"n_steps must be a positive number of IG interpolations, got {n_steps}")
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        raise UsageError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     if rho != "auto" and not (isinstance(rho, (int, float)) and rho >= 0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a number >= 0 or 'auto', got {rho!r}")
+        raise UsageError(f"rho must be a number >= 0 or 'auto', got {rho!r}")
 
 
 # --------------------------------------------------------------------------------------------- output

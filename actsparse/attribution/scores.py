@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..offload import model_device
 from .units import UnitLayer
 
@@ -76,7 +77,7 @@ def check_metrics(metrics) -> list[str]:
     metrics = list(metrics)
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
-        raise ValueError(f"unknown attribution metric(s) {bad or metrics}; choose from {', '.join(METRICS)}")
+        raise UsageError(f"unknown attribution metric(s) {bad or metrics}; choose from {', '.join(METRICS)}")
     return metrics
 
 
@@ -165,7 +166,7 @@ class UnitHooks:
     def _pre(self, layer: UnitLayer, module, args):
         x = args[0]
         if x.dim() != 3 or x.shape[-1] != layer.in_features:
-            raise ValueError(
+            raise UsageError(
                 f"unit layer {layer.name!r}: expected input [batch, tokens, {layer.in_features}], got {tuple(x.shape)}"
             )
         self.seen.add(layer.name)
@@ -217,7 +218,7 @@ def _backward(model: nn.Module, hooks: UnitHooks, batch: ScoreBatch) -> None:
     loss = ((nll * m).sum(1) / m.sum(1).clamp(min=1)).sum()  # Σ over rows of each row's mean NLL
     missing = [la.name for la in hooks.layers if la.name not in hooks.seen]
     if missing:
-        raise ValueError(f"unit layer(s) {missing[:3]} were not reached by the model's forward pass")
+        raise UsageError(f"unit layer(s) {missing[:3]} were not reached by the model's forward pass")
     torch.autograd.grad(loss, hooks.leaves, allow_unused=True)
     hooks.leaves = []
 
@@ -236,7 +237,7 @@ def unit_statistics(
     ``ig_chunk`` rows per example (memory grows with the chunk, not with ``n_steps``). Returns the statistics
     per layer and, with ``keep_grads``, the dense gradients per layer (for :func:`gradient_drift`)."""
     if n_steps < 0 or ig_chunk < 1:
-        raise ValueError(f"n_steps must be >= 0 and ig_chunk >= 1, got {n_steps}, {ig_chunk}")
+        raise UsageError(f"n_steps must be >= 0 and ig_chunk >= 1, got {n_steps}, {ig_chunk}")
     hooks = UnitHooks(layers)
     with frozen_parameters(model), torch.enable_grad(), hooks.installed():
         hooks.record, hooks.keep_grads = True, keep_grads
@@ -289,17 +290,17 @@ def unit_scores(stats: UnitStats, metric: str, rho: float | str = 0.5) -> torch.
         return stats.ga.abs()
     if metric == "ig":
         if stats.ig is None:
-            raise ValueError("integrated gradients were not computed (n_steps = 0)")
+            raise UsageError("integrated gradients were not computed (n_steps = 0)")
         return -stats.ig
     if metric == "cor_gxo":
         if rho == "auto":
             if stats.drift is None:
-                raise ValueError("rho='auto' needs the measured gradient drift (gradient_drift)")
+                raise UsageError("rho='auto' needs the measured gradient drift (gradient_drift)")
             weight = stats.drift[:, None]
         else:
             weight = float(rho) * stats.g2.sum(1, keepdim=True).sqrt()
         return -stats.ga + weight * stats.a2.sqrt()
-    raise ValueError(f"unknown attribution metric {metric!r}; choose from {', '.join(METRICS)}")
+    raise UsageError(f"unknown attribution metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
 def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, float]) -> dict[str, torch.Tensor]:
@@ -309,7 +310,7 @@ def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | dict[str, floa
     for name, s in scores.items():
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
         if not 0.0 <= target < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {target}")
+            raise UsageError(f"sparsity must be in [0, 1), got {target}")
         k = int(target * s.shape[-1] + 0.5)
         keep = torch.ones(s.shape, dtype=torch.bool)
         if k:
@@ -361,7 +362,7 @@ def calibrated_scores(
     names = [la.name for la in layers]
     if metric == "cor_gxo" and rho == "auto":
         if sparsity is None:
-            raise ValueError("cor_gxo with rho='auto' needs the target sparsity")
+            raise UsageError("cor_gxo with rho='auto' needs the target sparsity")
         keep = keep_masks(mean_scores({n: unit_scores(s[n], "gxo") for n in names} for s in stats), sparsity)
         _, grads = unit_statistics(model, layers, batches[0], keep_grads=True)  # the dense gradients themselves
         drift = gradient_drift(model, layers, batches[0], grads, keep)

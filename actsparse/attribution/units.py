@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ..errors import UsageError
+
 __all__ = ["UnitLayer", "find_unit_layers", "unit_layers_for", "KINDS", "NEURON_SUFFIXES", "HEAD_SUFFIXES"]
 
 KINDS = ("heads", "neurons")
@@ -78,12 +80,12 @@ def _kind_of(name: str) -> str | None:
 def _make(model: nn.Module, name: str, module: nn.Module, kind: str) -> UnitLayer:
     width = _in_features(module)
     if width is None:
-        raise ValueError(f"unit layer {name!r} is a {type(module).__name__}, not a Linear/Conv1D layer")
+        raise UsageError(f"unit layer {name!r} is a {type(module).__name__}, not a Linear/Conv1D layer")
     if kind == "neurons":
         return UnitLayer(name, kind, width, 1, module)
     heads = _num_heads(model)
     if heads is None or width % heads:
-        raise ValueError(
+        raise UsageError(
             f"cannot split {name!r} ({width} input channels) into attention heads: the model config "
             f"gives {heads} heads; score it as neurons instead"
         )
@@ -94,7 +96,7 @@ def find_unit_layers(model: nn.Module, kinds: tuple[str, ...] | list[str] = KIND
     """Every block's unit layers of the given kinds, in forward (module) order."""
     bad = sorted(set(kinds) - set(KINDS))
     if bad or not kinds:
-        raise ValueError(f"unknown unit kind(s) {bad or list(kinds)}; choose from {', '.join(KINDS)}")
+        raise UsageError(f"unknown unit kind(s) {bad or list(kinds)}; choose from {', '.join(KINDS)}")
     found = []
     for name, module in model.named_modules():
         kind = _kind_of(name)
@@ -102,7 +104,7 @@ def find_unit_layers(model: nn.Module, kinds: tuple[str, ...] | list[str] = KIND
             found.append(_make(model, name, module, kind))
     if not found:
         ends = ", ".join(HEAD_SUFFIXES * ("heads" in kinds) + NEURON_SUFFIXES * ("neurons" in kinds))
-        raise ValueError(
+        raise UsageError(
             f"no {'/'.join(kinds)} unit layers found in {type(model).__name__}: looked for module "
             f"names ending in {ends}; name the layers explicitly (unit_layers_for)"
         )
@@ -116,6 +118,6 @@ def unit_layers_for(model: nn.Module, names: list[str]) -> list[UnitLayer]:
     out = []
     for name in names:
         if name not in modules:
-            raise ValueError(f"no module named {name!r} in the model")
+            raise UsageError(f"no module named {name!r} in the model")
         out.append(_make(model, name, modules[name], _kind_of(name) or "neurons"))
     return out

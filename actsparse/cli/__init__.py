@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import NoReturn
 
 from .._version import __version__
 from ..errors import ActSparseError
 from ..quant import quiet_torchao
 from . import attribution, calibrate, demo, evaluate, generate, sweep
-from .common import precheck_scopes, sparsify_config, will_calibrate
+from .common import check_outputs, precheck_scopes, sparsify_config, will_calibrate
 
 __all__ = ["main", "build_parser", "COMMANDS"]
+
+ISSUES_URL = "https://github.com/actsparse/actsparse/issues"
 
 COMMANDS = {
     "demo": demo.run,
@@ -53,13 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # commands that may calibrate: a bad recipe fails before any loading
         config = sparsify_config(args) if hasattr(args, "default_scopes") else None
+        check_outputs(args)  # every output place writable, before any work
         with quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
             if config is not None and will_calibrate(args):
                 precheck_scopes(args, config)  # scopes that match nothing: before the model loads
             result = COMMANDS[args.command](args, config)
-    except (ActSparseError, FileNotFoundError, ValueError) as e:
+    except (ActSparseError, OSError) as e:  # the user's mistake, or the machine's (a full disk, no permission)
         print(f"actsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"actsparse {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # anything else is a bug in actsparse (or below it): show where, ask for a report
+        traceback.print_exc()
+        print(
+            f"actsparse {args.command}: internal error (a bug, not your input): please report it at "
+            f"{ISSUES_URL} with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -9,6 +9,7 @@ from ..attribution import ScoreBatch, find_unit_layers, tradeoff_curves, write_c
 from ..attribution.curves import check_options
 from ..attribution.scores import check_metrics
 from ..config import SparsifyConfig
+from ..errors import UsageError
 from ..eval.mc import load_mc, tokenize_mc
 from ..eval.sweep import parse_range
 from .args import add_model_args
@@ -65,7 +66,7 @@ def rho_arg(text: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--rho must be a number >= 0 or 'auto', got {text!r}") from None
+        raise UsageError(f"--rho must be a number >= 0 or 'auto', got {text!r}") from None
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -75,9 +76,9 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     check_options(sparsities, units, modes, args.n_steps, rho, args.target)
     for flag in ("eval_samples", "seq_len", "batch_size", "calib_samples", "calib_seq_len", "calib_batch_size"):
         if getattr(args, flag) < (2 if "seq_len" in flag else 1):
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= {2 if 'seq_len' in flag else 1}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {2 if 'seq_len' in flag else 1}")
     if args.no_corpus and not args.mc:
-        raise ValueError("--no-corpus needs --mc (there would be nothing to evaluate)")
+        raise UsageError("--no-corpus needs --mc (there would be nothing to evaluate)")
     items = load_mc(args.mc) if args.mc else []  # fail on bad data before loading the model
     if args.mc_limit is not None:
         items = items[: args.mc_limit]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..config import SparsifyConfig
+from ..errors import UsageError
 from ..eval.plots import plot_activation_ratio
 from ..eval.sparsity import SparsityMonitor
 from ..eval.sweep import weighted_sparsity
@@ -59,7 +60,7 @@ def calibration_report(args, model, batches: list[torch.Tensor]) -> dict[str, An
             args.plot, report["activation_ratio"], title=f"{args.model}: activation ratio per layer"
         )
         if report["plot"] is None:
-            raise ValueError("--plot needs matplotlib: pip install matplotlib")
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
     return report
 
 

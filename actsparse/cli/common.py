@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -16,8 +17,10 @@ import torch
 from ..api import sparsify_
 from ..config import SparsifyConfig
 from ..data import chunk_tokens, count_words, load_corpus, tokenize
+from ..errors import UsageError
 from ..eval.perplexity import perplexity
 from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
+from ..fileio import check_output_path
 from ..io import import_scap_json, load_thresholds, read_thresholds
 from ..methods import MethodConfig, method_from_spec, method_to_dict
 from ..methods.scap import parse_scap_config
@@ -34,6 +37,7 @@ __all__ = [
     "load_all",
     "precheck_scopes",
     "will_calibrate",
+    "check_outputs",
     "calibration_data",
     "token_batches",
     "sparsify_config",
@@ -84,6 +88,19 @@ def load_all(args, *, compress: bool = True):
     return (*load_model_from_args(args, compress=compress), corpus)
 
 
+def check_outputs(args) -> None:
+    """Every output flag names a place that can be written, before any work (a folder for sweep's and
+    attribution's ``--out``, a file or a folder for calibrate's, files for the others)."""
+    folder_out = args.command in ("sweep", "attribution")
+    if getattr(args, "out", None) is not None:
+        is_folder = folder_out or os.path.isdir(args.out)  # calibrate --out FOLDER writes FOLDER/<thresholds file>
+        check_output_path(args.out, "--out", folder=is_folder)
+    for flag in ("save_config", "export_scap", "plot"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            check_output_path(value, "--" + flag.replace("_", "-"))
+
+
 def will_calibrate(args) -> bool:
     """Whether the command calibrates thresholds (generate does only without saved thresholds or --dense)."""
     if args.command != "generate":
@@ -108,9 +125,9 @@ def calibration_data(args, tokenizer, corpus, *, evaluates: bool = False) -> lis
     """The calibration windows, with a line saying how many tokens of the data they use; ``evaluates``: the
     command then measures perplexity on ``corpus.evaluation`` (a note when that is the same text)."""
     if args.calib_samples < 1:
-        raise ValueError(f"--calib-samples must be >= 1, got {args.calib_samples}")
+        raise UsageError(f"--calib-samples must be >= 1, got {args.calib_samples}")
     if args.calib_batch_size < 1:
-        raise ValueError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
+        raise UsageError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
     batches = token_batches(
         tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size
     )
@@ -147,10 +164,10 @@ def method_from_args(args):
         options["statistic"] = args.statistic
     if args.scap_config:
         if args.scope:
-            raise ValueError("give either --scap-config or --scope, not both (the SCAP recipe sets the scopes)")
+            raise UsageError("give either --scap-config or --scope, not both (the SCAP recipe sets the scopes)")
         scopes, method = parse_scap_config(args.scap_config)
         if args.method not in ("quantile", "scap"):
-            raise ValueError(f"--scap-config sets the method to scap; drop --method {args.method}")
+            raise UsageError(f"--scap-config sets the method to scap; drop --method {args.method}")
         if options:
             method = dataclasses.replace(method, **options)
         return scopes, method
@@ -174,7 +191,7 @@ def sparsify_config(args) -> SparsifyConfig:
             if on
         ]
         if given:
-            raise ValueError(
+            raise UsageError(
                 f"--config holds the scopes and the method; drop {', '.join(given)} (or edit the config file)"
             )
         return SparsifyConfig.load(args.config)
@@ -253,7 +270,7 @@ def method_label(m: dict[str, Any]) -> str:
 def check_saved_thresholds(args) -> None:
     """``--thresholds`` / ``--scap-json``: at most one, and a thresholds file must read, before the model loads."""
     if args.thresholds and args.scap_json:
-        raise ValueError("give either --thresholds or --scap-json, not both")
+        raise UsageError("give either --thresholds or --scap-json, not both")
     if args.thresholds:
         read_thresholds(args.thresholds)
 

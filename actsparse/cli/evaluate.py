@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..config import SparsifyConfig
+from ..errors import UsageError
 from ..eval.lmeval import LMEVAL_INSTALL, check_options, check_tasks, format_lm_eval_table, run_lm_eval
 from ..io import read_thresholds
 from .args import add_eval_args, add_model_args, int_at_least, limit_arg
@@ -63,7 +64,7 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         if getattr(args, k) is not None
     ]
     if lm_only:
-        raise ValueError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
+        raise UsageError(f"{', '.join(lm_only)} apply only to lm-eval; add --tasks TASK,... or drop them")
     model, tokenizer, corpus = load_all(args)
     sparse = bool(args.thresholds or args.scap_json)
     if args.thresholds and corpus.calibration is corpus.evaluation:

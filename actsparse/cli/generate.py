@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import SparsifyConfig
 from ..data import load_corpus
+from ..errors import UsageError
 from ..generation import check_settings, compare_generate, generate
 from ..kernels import KERNEL_MIN_SPARSITY, enable_kernels, triton_available
 from ..offload import model_device
@@ -75,9 +76,9 @@ def register(sub) -> None:
 def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     check_saved_thresholds(args)
     if args.dense and (args.compare or args.thresholds or args.scap_json):
-        raise ValueError("--dense generates without sparsity; drop --compare, --thresholds and --scap-json")
+        raise UsageError("--dense generates without sparsity; drop --compare, --thresholds and --scap-json")
     if not args.sample and (args.temperature is not None or args.top_p is not None):
-        raise ValueError("--temperature and --top-p apply only with --sample (greedy decoding ignores them)")
+        raise UsageError("--temperature and --top-p apply only with --sample (greedy decoding ignores them)")
     prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     settings: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..errors import UsageError
+
 __all__ = ["select_next", "check_sampling"]
 
 
@@ -23,9 +25,9 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
         and math.isfinite(temperature)
         and temperature > 0
     ):
-        raise ValueError(f"temperature must be > 0, got {temperature!r} (use greedy decoding for 'temperature 0')")
+        raise UsageError(f"temperature must be > 0, got {temperature!r} (use greedy decoding for 'temperature 0')")
     if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def select_next(

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..api import sparse_layers
-from ..errors import ActSparseError
+from ..errors import ActSparseError, UsageError
 from ..offload import model_device
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
 
@@ -70,7 +70,7 @@ def _include_paths(include_path: str | os.PathLike | Sequence[str | os.PathLike]
     for p in paths:
         p = os.path.abspath(os.fspath(p))
         if not os.path.isdir(p):
-            raise ValueError(f"include path {p!r} is not a folder; pass the folder that holds the task YAML files")
+            raise UsageError(f"include path {p!r} is not a folder; pass the folder that holds the task YAML files")
         out.append(p)
     return tuple(out)
 
@@ -109,7 +109,7 @@ def _split_names(tasks: str | Sequence[str]) -> list[str]:
     parts = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = list(dict.fromkeys(str(t).strip() for t in parts if str(t).strip()))
     if not names:
-        raise ValueError("no lm-eval tasks given; name some, e.g. arc_easy,piqa (list them with `lm-eval ls tasks`)")
+        raise UsageError("no lm-eval tasks given; name some, e.g. arc_easy,piqa (list them with `lm-eval ls tasks`)")
     return names
 
 
@@ -138,7 +138,7 @@ def _resolve(tasks: str | Sequence[str], include_path) -> tuple[list[str], Any]:
             close = difflib.get_close_matches(n, tm.all_tasks, n=5, cutoff=0.6)
             hints.append(f"{n!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
         where = f" (built-in or in {', '.join(paths)})" if paths else ""
-        raise ValueError(
+        raise UsageError(
             f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}. Known are "
             f"{len(tm.all_tasks)} tasks/groups/tags{where}; list them with `lm-eval ls tasks`, and for a "
             "custom task pass the folder holding its YAML with --include-path DIR (include_path= in "
@@ -205,12 +205,12 @@ def check_options(num_fewshot: int | None = 0, limit: int | float | None = None,
     if num_fewshot is not None and (
         isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
     ):
-        raise ValueError(f"num_fewshot must be an int >= 0 (or None for each task's default), got {num_fewshot!r}")
+        raise UsageError(f"num_fewshot must be an int >= 0 (or None for each task's default), got {num_fewshot!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise ValueError(f"limit must be > 0: a number of examples per task, or a fraction below 1, got {limit!r}")
+        raise UsageError(f"limit must be > 0: a number of examples per task, or a fraction below 1, got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         # not lm-eval's "auto": its probing forward passes would count in the measured sparsity
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def run_lm_eval(
@@ -247,7 +247,7 @@ def run_lm_eval(
     check_options(num_fewshot, limit, batch_size)
     names, manager = _resolve(tasks, include_path)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
-        raise ValueError(
+        raise UsageError(
             "lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
             "set one, e.g. tokenizer.eos_token = '</s>'"
         )

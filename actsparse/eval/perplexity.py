@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..offload import model_device
 
 __all__ = ["PerplexityResult", "perplexity"]
@@ -51,13 +52,13 @@ def perplexity(
     ids = input_ids.reshape(-1)
     n = ids.numel()
     if context < 2:
-        raise ValueError(f"context must be >= 2, got {context}")
+        raise UsageError(f"context must be >= 2, got {context}")
     stride = context - 1 if stride is None else stride
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+        raise UsageError(f"stride must be in [1, context={context}], got {stride}")
     stride = min(stride, context - 1)
     if n < 2:
-        raise ValueError(f"need at least 2 tokens to compute perplexity, got {n}")
+        raise UsageError(f"need at least 2 tokens to compute perplexity, got {n}")
     device = model_device(model)
     kwargs = {"use_cache": False} if hasattr(model, "config") else {}
     spans = []  # (window begin, first scored token, end)

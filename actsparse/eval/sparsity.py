@@ -9,6 +9,7 @@ from contextlib import ExitStack
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..forward import input_hooks
 from ..sparse_linear import SparseLinear
 
@@ -26,7 +27,7 @@ class SparsityMonitor:
     def __init__(self, model: nn.Module):
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
         if not self.layers:
-            raise ValueError("the model has no SparseLinear layers to measure; sparsify it first")
+            raise UsageError("the model has no SparseLinear layers to measure; sparsify it first")
         self.zeros: dict[str, int] = defaultdict(int)
         self.total: dict[str, int] = defaultdict(int)
         self._hooks: ExitStack | None = None

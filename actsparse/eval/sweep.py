@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..api import SparsifyConfig, remove_sparsity, sparsify_
+from ..errors import InvalidTypeError, UsageError
 from ..fileio import atomic_write
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..scope import IgnoredScope, TargetScope
@@ -71,14 +72,14 @@ def parse_range(text: str) -> list[float]:
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"bad sparsity list {text!r}; use START:STOP:STEP (e.g. 0.2:0.7:0.1) or a comma list"
         ) from None
     if not values:
-        raise ValueError(f"bad sparsity list {text!r}: no values")
+        raise UsageError(f"bad sparsity list {text!r}: no values")
     bad = [v for v in values if not 0.0 <= v < 1.0]
     if bad:
-        raise ValueError(f"sparsities must be in [0, 1), got {bad}")
+        raise UsageError(f"sparsities must be in [0, 1), got {bad}")
     return values
 
 
@@ -88,16 +89,16 @@ def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
     label is the spec, spaces around ``:`` removed. Checks every spec (name, option keys and values) and refuses
     a spec given twice, so a bad list fails before any model work."""
     if isinstance(specs, str):
-        raise TypeError(
+        raise InvalidTypeError(
             f"sweep methods are a list of specs, e.g. ['quantile', 'teal-greedy:step=0.025'], got {specs!r}"
         )
     methods: dict[str, MethodConfig] = {}
     for spec in specs:
         if not isinstance(spec, str):
-            raise TypeError(f"sweep methods are spec strings NAME[:KEY=VALUE...], got {type(spec).__name__}")
+            raise InvalidTypeError(f"sweep methods are spec strings NAME[:KEY=VALUE...], got {type(spec).__name__}")
         label = ":".join(p.strip() for p in spec.split(":"))
         if label in methods:
-            raise ValueError(
+            raise UsageError(
                 f"sweep method {label!r} is given twice; drop one, or give the two different "
                 f"options (NAME:KEY=VALUE) to compare variants"
             )
@@ -105,9 +106,9 @@ def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
             name, options = parse_method_spec(label)
             methods[label] = method_from_spec(name, **options)
         except ValueError as e:
-            raise ValueError(f"sweep method {label!r}: {e}") from None
+            raise UsageError(f"sweep method {label!r}: {e}") from None
     if not methods:
-        raise ValueError("no methods to sweep")
+        raise UsageError("no methods to sweep")
     return methods
 
 
@@ -214,8 +215,8 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({**meta, "dense_token_perplexity": dense, "points": [asdict(p) for p in points]}, f, indent=2)
 
-    atomic_write(paths["csv"], write_csv, suffix=".csv")
-    atomic_write(paths["json"], write_json, suffix=".json")
+    atomic_write(paths["csv"], write_csv)
+    atomic_write(paths["json"], write_json)
     png = plot_sweep(os.path.join(folder, "sweep.png"), dense, points, title=meta.get("title"))
     if png:
         paths["png"] = png

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import Decoder, eos_token_ids, forward_kwargs, select_next
+from ..errors import UsageError
 from ..eval.sparsity import SparsityMonitor
 from ..offload import model_device
 from ..sparse_linear import plain_linear, sparse_layers
@@ -65,7 +66,7 @@ def _cache_of(out: Any) -> Any:
         value = getattr(out, key, None)
         if value is not None:
             return value
-    raise ValueError("the model returned no KV cache with use_cache=True; generation needs a causal LM with a cache")
+    raise UsageError("the model returned no KV cache with use_cache=True; generation needs a causal LM with a cache")
 
 
 def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -123,7 +124,7 @@ def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int) -> Deco
         size = -(-needed // 64) * 64
         return Decoder(model, max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size))
     if decoder.model is not model:
-        raise ValueError("the decoder was built for another model; pass Decoder(model) of this model")
+        raise UsageError("the decoder was built for another model; pass Decoder(model) of this model")
     return decoder
 
 
@@ -243,7 +244,7 @@ def compare_generate(
     graph engine through one :class:`~actsparse.engine.Decoder` (it recaptures when the layers swap).
     """
     if not sparse_layers(model):
-        raise ValueError("the model has no SparseLinear layers; sparsify it (or load thresholds) before comparing")
+        raise UsageError("the model has no SparseLinear layers; sparsify it (or load thresholds) before comparing")
     check_settings(
         prompt,
         max_new_tokens=settings.get("max_new_tokens", 64),

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import check_sampling
+from ..errors import UsageError
 from ..offload import model_device
 
 __all__ = ["ENGINES", "Stream", "check_settings", "resolve_engine", "encode_prompt", "encode_checked", "Detokenizer"]
@@ -29,19 +30,19 @@ def check_settings(
 ) -> None:
     """Raise ``ValueError`` for an empty prompt or out-of-range settings (before any model work)."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt is empty; give some text to continue")
+        raise UsageError("the prompt is empty; give some text to continue")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     check_sampling(do_sample, temperature, top_p)
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
 
 def resolve_engine(model: nn.Module, engine: str = "auto") -> str:
     """``"graph"`` (the static-cache :class:`~actsparse.engine.Decoder`) or ``"eager"`` (the dynamic-cache
     loop): ``"auto"`` picks the decoder for a model on CUDA and the loop elsewhere."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise UsageError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "auto":
         return "graph" if model_device(model).type == "cuda" else "eager"
     return engine
@@ -54,7 +55,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[to
         chat = bool(template)
     if chat:
         if not template:
-            raise ValueError(
+            raise UsageError(
                 "chat=True but the tokenizer has no chat template; generate with chat=False (plain completion)"
             )
         text = tokenizer.apply_chat_template(
@@ -64,7 +65,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = False) -> tuple[to
     else:
         ids = tokenizer(prompt)["input_ids"]
     if not ids:
-        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+        raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
     return torch.tensor([ids], dtype=torch.long), chat
 
 
@@ -75,7 +76,7 @@ def encode_checked(
     ids, chat = encode_prompt(tokenizer, prompt, chat)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0 and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(
+        raise UsageError(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's {limit} positions"
         )
     return ids, chat

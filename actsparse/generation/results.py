@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import UsageError
 from ..eval.sparsity import summarize_by_type
 
 __all__ = ["GenerationResult", "Comparison", "first_divergence"]
@@ -57,7 +58,7 @@ class GenerationResult:
 
     def _phase(self, phase: str) -> dict[str, float]:
         if phase not in ("decode", "prefill"):
-            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+            raise UsageError(f"phase must be 'decode' or 'prefill', got {phase!r}")
         return self.decode_sparsity if phase == "decode" else self.prefill_sparsity
 
     def to_dict(self) -> dict[str, Any]:

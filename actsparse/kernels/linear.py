@@ -37,6 +37,7 @@ from typing import Any, TypeGuard, cast
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..weights import int8_codes, weight_key
 from .ops import sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
@@ -198,7 +199,7 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
     the torch path); :func:`kernel_routes` reports the decision for every sparse layer.
     """
     if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
-        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+        raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     disable_kernels(model)
     modules = dict(model.named_modules())
     names: list[str] = []

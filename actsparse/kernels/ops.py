@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidTypeError, UsageError
 from .packing import PackedGemv
 from .reference import mask_input, sparse_gemv_reference
 
@@ -99,11 +100,11 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]
     exact semantics (threshold in the activation dtype, shift folded into the bias, fp32 accumulation).
     """
     if x.shape[-1] != packed.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
+        raise UsageError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"sparse_gemv supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+        raise InvalidTypeError(f"sparse_gemv supports float16, bfloat16 and float32 inputs, got {x.dtype}")
     if x.device != packed.weight_t.device:
-        raise ValueError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
+        raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
     segs = [v for seg in packed.segments for v in seg]
     y = torch.ops.actsparse.sparse_gemv(
         x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero, segs

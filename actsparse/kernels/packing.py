@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from ..weights import int8_codes
 
 __all__ = ["PackedGemv", "pack", "quantize_int8", "COLUMN_ALIGN", "MAX_SEGMENTS"]
@@ -45,7 +46,7 @@ def quantize_int8(weight: torch.Tensor, *, symmetric: bool = False) -> tuple[tor
     ``zero`` is all zeros when ``symmetric``. Rows of zeros get scale 1.
     """
     if weight.dim() != 2:
-        raise ValueError(f"quantize_int8 expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+        raise UsageError(f"quantize_int8 expects a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     w = weight.detach().float()
     if symmetric:
         scale = w.abs().amax(dim=1) / 127.0
@@ -149,18 +150,18 @@ def pack(
     """
     weights = list(weights)
     if not 1 <= len(weights) <= MAX_SEGMENTS:
-        raise ValueError(f"pack() takes 1 to {MAX_SEGMENTS} weights sharing one input, got {len(weights)}")
+        raise UsageError(f"pack() takes 1 to {MAX_SEGMENTS} weights sharing one input, got {len(weights)}")
     k = weights[0].shape[-1]
     dev, dtype = weights[0].device, weights[0].dtype
     for w in weights:
         if w.dim() != 2 or w.shape[1] != k:
-            raise ValueError(f"weights must be 2-D [out, {k}] with the same in_features, got {tuple(w.shape)}")
+            raise UsageError(f"weights must be 2-D [out, {k}] with the same in_features, got {tuple(w.shape)}")
         if w.dtype not in _FLOAT_DTYPES or w.dtype != dtype or w.device != dev:
-            raise ValueError(f"weights must share one float dtype and device, got {w.dtype} on {w.device}")
+            raise UsageError(f"weights must share one float dtype and device, got {w.dtype} on {w.device}")
     if layout_block is not None and (layout_block <= 0 or COLUMN_ALIGN % layout_block):
-        raise ValueError(f"layout_block must divide {COLUMN_ALIGN} (e.g. 128 or 256), got {layout_block}")
+        raise UsageError(f"layout_block must divide {COLUMN_ALIGN} (e.g. 128 or 256), got {layout_block}")
     if quantize not in (None, "int8", "int8-sym"):
-        raise ValueError(f"quantize must be None, 'int8' or 'int8-sym', got {quantize!r}")
+        raise UsageError(f"quantize must be None, 'int8' or 'int8-sym', got {quantize!r}")
     n_seg = len(weights)
 
     def per_segment(values, name, default):
@@ -168,13 +169,13 @@ def pack(
             return torch.full((n_seg,), default, dtype=torch.float32, device=dev)
         t = torch.as_tensor(values, dtype=torch.float32).reshape(-1).to(dev)
         if t.numel() != n_seg:
-            raise ValueError(f"{name}: need one value per weight ({n_seg}), got {t.numel()}")
+            raise UsageError(f"{name}: need one value per weight ({n_seg}), got {t.numel()}")
         return t.clone()
 
     threshold = per_segment(thresholds, "thresholds", -math.inf)
     shift = per_segment(shifts, "shifts", 0.0) if shifts is not None else None
     if shift is not None and not torch.isfinite(shift).all():
-        raise ValueError("shifts must be finite")
+        raise UsageError("shifts must be finite")
 
     segments, off = [], 0
     for w in weights:
@@ -188,7 +189,7 @@ def pack(
     for (o, n), w in zip(segments, weights):
         codes = int8_codes(w)
         if codes is not None and quantize != ("int8" if codes[2] is not None else "int8-sym"):
-            raise ValueError(
+            raise UsageError(
                 f"weight {len(segments)} already holds {'asymmetric' if codes[2] is not None else 'symmetric'} "
                 f"int8 codes; pack it with quantize={'int8' if codes[2] is not None else 'int8-sym'!r}"
             )
@@ -206,12 +207,12 @@ def pack(
     bias = None
     if biases is not None and any(b is not None for b in biases):
         if len(biases) != n_seg:
-            raise ValueError(f"biases: need one entry (tensor or None) per weight ({n_seg}), got {len(biases)}")
+            raise UsageError(f"biases: need one entry (tensor or None) per weight ({n_seg}), got {len(biases)}")
         bias = torch.zeros(n_pad, dtype=torch.float32, device=dev)
         for (o, n), b in zip(segments, biases):
             if b is not None:
                 if b.shape != (n,):
-                    raise ValueError(f"bias of shape {tuple(b.shape)} does not match out_features {n}")
+                    raise UsageError(f"bias of shape {tuple(b.shape)} does not match out_features {n}")
                 bias[o : o + n] = b.detach().float()
     if layout_block is not None:
         weight_t = weight_t.reshape(k, n_pad // layout_block, layout_block).permute(1, 0, 2).contiguous()

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import UsageError
 from .packing import PackedGemv
 
 __all__ = ["GemvConfig", "choose_config", "sparse_gemv_triton"]
@@ -318,7 +319,7 @@ def sparse_gemv_triton(
     k, n, lb = packed.in_features, packed.padded_out, packed.layout_block
     x1 = x.reshape(-1)
     if x1.numel() != k:
-        raise ValueError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
+        raise UsageError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
     x1 = x1.contiguous()
     dev = x1.device
     if config is None:
@@ -329,11 +330,11 @@ def sparse_gemv_triton(
                 k, n, packed.weight_t.element_size(), _sm_count(dev), block_n=lb
             )
     if lb % config.block_n:
-        raise ValueError(f"block_n={config.block_n} must divide the layout block {lb}")
+        raise UsageError(f"block_n={config.block_n} must divide the layout block {lb}")
     split = config.split_k
     y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
     if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
-        raise ValueError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
+        raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
     part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=dev)
     n_blocks = n // config.block_n
     cnt = _counter_buffer(dev, n_blocks) if split > 1 else part

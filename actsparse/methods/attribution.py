@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..attribution.scores import ScoreBatch, calibrated_scores, check_metrics, keep_masks
 from ..attribution.units import unit_layers_for
+from ..errors import UsageError
 from ..forward import leading_batches
 from ..rule import SparsityParams
 from .base import MethodConfig, register_method
@@ -36,15 +37,16 @@ class AttributionMethod(MethodConfig):
     tokens: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         check_metrics([self.metric])
         if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or self.n_steps <= 0:
-            raise ValueError(f"n_steps must be a positive number of IG interpolations, got {self.n_steps!r}")
+            raise UsageError(f"n_steps must be a positive number of IG interpolations, got {self.n_steps!r}")
         if not isinstance(self.ig_chunk, int) or self.ig_chunk <= 0:
-            raise ValueError(f"ig_chunk must be a positive int, got {self.ig_chunk!r}")
+            raise UsageError(f"ig_chunk must be a positive int, got {self.ig_chunk!r}")
         if self.rho != "auto" and not (isinstance(self.rho, (int, float)) and self.rho >= 0):
-            raise ValueError(f"rho must be a number >= 0 or 'auto', got {self.rho!r}")
+            raise UsageError(f"rho must be a number >= 0 or 'auto', got {self.rho!r}")
         if self.topk:
-            raise ValueError("attribution masks are static per unit; '+topk' does not apply")
+            raise UsageError("attribution masks are static per unit; '+topk' does not apply")
 
     def searches(self) -> bool:
         return True

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..data import Batch
+from ..errors import InvalidTypeError, UsageError
 from ..rule import SparsityParams
 from ..stats import Collector
 
@@ -74,6 +77,16 @@ class MethodConfig:
     name: ClassVar[str]
     topk: bool = dataclasses.field(default=False, kw_only=True)
 
+    def __post_init__(self) -> None:
+        """Every option has the type its annotation says (subclasses call this first, then check ranges)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, want = getattr(self, f.name), hints.get(f.name)
+            if want is not None and not _is_instance(value, want):
+                raise InvalidTypeError(
+                    f"{type(self).__name__}: option {f.name} must be {_type_name(want)}, got {value!r}"
+                )
+
     def searches(self) -> bool:
         """True: a whole-model search (:meth:`calibrate_model`); False (default): per-layer collectors."""
         return False
@@ -113,6 +126,45 @@ class MethodConfig:
         raise NotImplementedError(f"method {self.name!r} is not a whole-model search")
 
 
+def _is_instance(value: Any, tp: Any) -> bool:
+    """``isinstance`` against an annotation: unions, Optional, Literal, generics (their container type), and the
+    numeric tower as a user means it (an int is a float, a bool is neither)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    base = origin or tp
+    names = {
+        type(None): "None",
+        float: "a number",
+        int: "an integer",
+        str: "a string",
+        bool: "true or false",
+        dict: "a dict",
+        list: "a list",
+        tuple: "a list",
+    }
+    return names.get(base, getattr(base, "__name__", str(tp)))
+
+
 _REGISTRY: dict[str, type[MethodConfig]] = {}
 
 
@@ -122,7 +174,7 @@ M = TypeVar("M", bound="MethodConfig")
 def register_method(name: str) -> Callable[[type[M]], type[M]]:
     def deco(cls: type[M]) -> type[M]:
         if name in _REGISTRY:
-            raise ValueError(f"calibration method {name!r} is already registered")
+            raise UsageError(f"calibration method {name!r} is already registered")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -153,7 +205,7 @@ def get_method(name: str) -> type[MethodConfig]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown calibration method {name!r}; registered methods: "
             f"{', '.join(registered_methods(aliases=True))} (add '+topk' for top-k)"
         ) from None
@@ -163,15 +215,15 @@ def method_from_spec(spec: MethodConfig | str, **options: Any) -> MethodConfig:
     """A config instance from an instance (returned as is) or a registered name plus options."""
     if isinstance(spec, MethodConfig):
         if options:
-            raise ValueError("pass options either in the method config or as keywords, not both")
+            raise UsageError("pass options either in the method config or as keywords, not both")
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"method must be a registered name or a MethodConfig, got {type(spec).__name__}")
+        raise InvalidTypeError(f"method must be a registered name or a MethodConfig, got {type(spec).__name__}")
     given = options
     spec, plus, suffix = spec.partition("+")
     if plus:  # "wina+topk": any method with top-k at inference
         if suffix != "topk":
-            raise ValueError(f"unknown method suffix '+{suffix}'; the only one is '+topk'")
+            raise UsageError(f"unknown method suffix '+{suffix}'; the only one is '+topk'")
         options = {**options, "topk": True}
     if spec in ALIASES and ALIASES[spec][0] in _REGISTRY:
         base, preset = ALIASES[spec]
@@ -181,11 +233,11 @@ def method_from_spec(spec: MethodConfig | str, **options: Any) -> MethodConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"method {spec!r} has no option(s) {unknown}; its options: {sorted(fields)}")
+        raise UsageError(f"method {spec!r} has no option(s) {unknown}; its options: {sorted(fields)}")
     try:
         return cls(**options)
     except (TypeError, AttributeError) as e:  # a value of the wrong type, e.g. step="abc"
-        raise ValueError(
+        raise UsageError(
             f"method {spec!r}: bad option value in {given} ({e}); values are JSON (0.1, null, true) "
             "or bare strings (mode=kde)"
         ) from None
@@ -199,7 +251,7 @@ def parse_option(text: str) -> tuple[str, Any]:
     ``None``/``True``/``False``, else kept as a bare string (``mode=kde``). Shared by ``--option`` and sweep specs."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
+        raise UsageError(f"expected KEY=VALUE, e.g. step=0.1, got {text!r}")
     if value in _PYTHON_LITERALS:
         return key, _PYTHON_LITERALS[value]
     try:
@@ -216,7 +268,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for part in parts:
         key, value = parse_option(part)
         if key in options:
-            raise ValueError(f"option {key!r} is given twice")
+            raise UsageError(f"option {key!r} is given twice")
         options[key] = value
     return name, options
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UsageError
 from ..stats import EMAQuantile, HistogramQuantile
 from .base import MethodConfig, register_method
 
@@ -27,12 +28,13 @@ class QuantileMethod(MethodConfig):
     bins_per_octave: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         if self.statistic not in STATISTICS:
-            raise ValueError(f"unknown statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
+            raise UsageError(f"unknown statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
         if not 0.0 < self.ema_alpha < 1.0:
-            raise ValueError(f"ema_alpha must be in (0, 1), got {self.ema_alpha}")
+            raise UsageError(f"ema_alpha must be in (0, 1), got {self.ema_alpha}")
         if self.bins_per_octave < 16:
-            raise ValueError(f"bins_per_octave must be >= 16, got {self.bins_per_octave}")
+            raise UsageError(f"bins_per_octave must be >= 16, got {self.bins_per_octave}")
 
     def make_collector(self, layer_name, module, target_sparsity):
         if self.statistic == "ema":

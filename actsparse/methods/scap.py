@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from ..errors import ThresholdFileError
+from ..errors import ThresholdFileError, UsageError
 from ..fileio import atomic_write
 from ..offload import layer_weight
 from ..rule import SparsityParams
+from ..schema import Fields, read_json_file
 from ..scope import TargetScope
 from ..sparse_linear import sparse_layers
 from ..stats import Collector, HistogramQuantile, Reservoir, SignedQuantile
@@ -56,7 +57,7 @@ def kde_peaks(samples: torch.Tensor, bw_adjust: float = 0.5, gridsize: int = 200
     x = samples.double().reshape(-1)
     x = x[torch.isfinite(x)]
     if x.numel() < 2:
-        raise ValueError("the KDE needs at least 2 finite samples")
+        raise UsageError("the KDE needs at least 2 finite samples")
     peaks = []
     for part in (x.numel() // 3, 2 * x.numel() // 3, x.numel()):
         v = x[: max(part, 2)]
@@ -156,13 +157,14 @@ class ScapMethod(MethodConfig):
     bins_per_octave: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         for m in [self.mode, *self.modes.values()]:
             if m not in MODES:
-                raise ValueError(f"unknown SCAP mode {m!r}; choose one of {', '.join(MODES)}")
+                raise UsageError(f"unknown SCAP mode {m!r}; choose one of {', '.join(MODES)}")
         if self.kde_samples < 100:
-            raise ValueError(f"kde_samples must be >= 100, got {self.kde_samples}")
+            raise UsageError(f"kde_samples must be >= 100, got {self.kde_samples}")
         if not self.kde_bw_adjust > 0:
-            raise ValueError(f"kde_bw_adjust must be > 0, got {self.kde_bw_adjust}")
+            raise UsageError(f"kde_bw_adjust must be > 0, got {self.kde_bw_adjust}")
 
     def __hash__(self):
         return hash((self.mode, tuple(sorted(self.modes.items())), self.kde_samples, self.kde_bw_adjust))
@@ -185,22 +187,22 @@ def parse_scap_config(text: str) -> tuple[dict[TargetScope, float], ScapMethod]:
     """
     fields = text.replace(" ", "").split(",")
     if not text.strip() or len(fields) % 3 or any(not f for f in fields):
-        raise ValueError(f"bad SCAP config {text!r}: {_CONFIG_HELP}")
+        raise UsageError(f"bad SCAP config {text!r}: {_CONFIG_HELP}")
     scopes: dict[TargetScope, float] = {}
     modes: dict[str, str] = {}
     for kind, mode, value in zip(fields[0::3], fields[1::3], fields[2::3]):
         if not re.fullmatch(r"[A-Za-z0-9_]+", kind):
-            raise ValueError(f"bad SCAP config {text!r}: layer type {kind!r} is not a name; {_CONFIG_HELP}")
+            raise UsageError(f"bad SCAP config {text!r}: layer type {kind!r} is not a name; {_CONFIG_HELP}")
         if kind in modes:
-            raise ValueError(f"bad SCAP config {text!r}: layer type {kind!r} appears twice")
+            raise UsageError(f"bad SCAP config {text!r}: layer type {kind!r} appears twice")
         if mode not in MODES:
-            raise ValueError(f"bad SCAP config {text!r}: unknown mode {mode!r} (choose {', '.join(MODES)})")
+            raise UsageError(f"bad SCAP config {text!r}: unknown mode {mode!r} (choose {', '.join(MODES)})")
         try:
             sparsity = float(value)
         except ValueError:
-            raise ValueError(f"bad SCAP config {text!r}: sparsity {value!r} is not a number; {_CONFIG_HELP}") from None
+            raise UsageError(f"bad SCAP config {text!r}: sparsity {value!r} is not a number; {_CONFIG_HELP}") from None
         if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"bad SCAP config {text!r}: sparsity {sparsity} must be in [0, 1)")
+            raise UsageError(f"bad SCAP config {text!r}: sparsity {sparsity} must be in [0, 1)")
         modes[kind] = mode
         scopes[TargetScope(patterns=[rf".*\.{kind}(_proj)?$"])] = sparsity
     return scopes, ScapMethod(mode="zero", modes=modes)
@@ -211,12 +213,12 @@ def export_scap_json(model: torch.nn.Module, path: str) -> str:
     """Write SCAP's ``calibrated_thresholds.json`` for every sparsified layer (atomically)."""
     layers = sparse_layers(model)
     if not layers:
-        raise ValueError("the model has no SparseLinear layers; sparsify it before exporting")
+        raise UsageError("the model has no SparseLinear layers; sparsify it before exporting")
     out = {}
     for name, m in layers.items():
         p = m.params
         if p.scale is not None or p.topk is not None:
-            raise ValueError(f"layer {name!r} uses a per-channel scale or top-k, which SCAP's format cannot hold")
+            raise UsageError(f"layer {name!r} uses a per-channel scale or top-k, which SCAP's format cannot hold")
         info = getattr(m, "calibration", None) or {}
         out[name] = {
             "module_name": name,
@@ -232,34 +234,29 @@ def export_scap_json(model: torch.nn.Module, path: str) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    atomic_write(path, write, suffix=".json")
+    atomic_write(path, write)
     return path
+
+
+_SCAP_KEYS = {"module_name", "demode_method", "mode", "threshold", "target_sparsity", "hook_type"}
 
 
 def read_scap_json(path: str) -> tuple[dict[str, SparsityParams], dict[str, float | None]]:
     """``(params, target sparsities)`` per layer of a SCAP ``calibrated_thresholds.json`` (validated);
     :func:`actsparse.import_scap_json` applies them to a model."""
-    if not os.path.isfile(path):
-        raise ThresholdFileError(f"SCAP thresholds file {path!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ThresholdFileError(f"{path!r} is not a JSON file: {e}") from None
-    if not isinstance(data, dict) or not data:
-        raise ThresholdFileError(f"{path!r}: expected a JSON object {{module name: {{mode, threshold, ...}}}}")
-    params, targets, infos = {}, {}, {}
-    for name, entry in data.items():
-        try:
-            if entry.get("hook_type", "pre_hook") != "pre_hook":
-                raise ValueError(f"hook_type {entry['hook_type']!r} (only pre_hook is supported)")
-            tau, mu = float(entry["threshold"]), float(entry["mode"])
-            ts = entry.get("target_sparsity")
-            targets[name] = None if ts is None else float(ts)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ThresholdFileError(
-                f"{path!r}: bad entry for {name!r} ({e}); each entry needs 'mode' and 'threshold' numbers"
-            ) from None
-        infos[name] = {"demode_method": entry.get("demode_method", "zero"), "mode": mu}
-        params[name] = SparsityParams(tau, shift=mu, info=infos[name])
+    data = read_json_file(path, "SCAP thresholds file", ThresholdFileError)
+    f = Fields(f"SCAP thresholds file {os.fspath(path)!r}", ThresholdFileError)
+    data = f.obj(data, "the file (expected {module name: {mode, threshold, ...}})", non_empty=True)
+    params: dict[str, SparsityParams] = {}
+    targets: dict[str, float | None] = {}
+    for name, raw in data.items():
+        entry = f.obj(raw, repr(name), allowed=_SCAP_KEYS, required=("threshold", "mode"))
+        f.string(entry.get("hook_type", "pre_hook"), f"{name!r}.hook_type", choices=("pre_hook",))
+        f.string(entry.get("module_name", name), f"{name!r}.module_name")
+        tau = f.number(entry["threshold"], f"{name!r}.threshold", finite=False)
+        mu = f.number(entry["mode"], f"{name!r}.mode")
+        targets[name] = f.number(entry.get("target_sparsity"), f"{name!r}.target_sparsity", lo=0.0, hi=1.0, none=True)
+        demode = f.string(entry.get("demode_method", "zero"), f"{name!r}.demode_method")
+        assert tau is not None and mu is not None
+        params[name] = SparsityParams(tau, shift=mu, info={"demode_method": demode, "mode": mu})
     return params, targets

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, UsageError
 from ..forward import call_model, input_hooks, next_token_nll, real_tokens
 from ..offload import layer_weight
 from ..rule import SparsityParams, dense_equivalent_input, drop_mask
@@ -48,7 +48,7 @@ class _Fixed(Collector):
 
     def result(self) -> SparsityParams:
         if self.n == 0:
-            raise ValueError("no values were collected")
+            raise UsageError("no values were collected")
         return self.params
 
 
@@ -57,7 +57,7 @@ def calibration_perplexity(model: nn.Module, batches, device) -> float:
 
     nll, n = next_token_nll(model, batches, device)
     if n == 0:
-        raise ValueError("the calibration batches have no next-token pairs to score")
+        raise UsageError("the calibration batches have no next-token pairs to score")
     return math.exp(nll / n)
 
 
@@ -77,14 +77,15 @@ class SparsingLawMethod(MethodConfig):
     max_iterations: int = 30
 
     def __post_init__(self):
+        super().__post_init__()
         if self.metric not in METRICS:
-            raise ValueError(f"unknown Sparsing Law metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+            raise UsageError(f"unknown Sparsing Law metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         if self.metric == "pplp" and not self.p > 0:
-            raise ValueError(f"pplp needs p > 0 (the PPL increase, e.g. 0.01 for PPL-1%), got {self.p}")
+            raise UsageError(f"pplp needs p > 0 (the PPL increase, e.g. 0.01 for PPL-1%), got {self.p}")
         if self.metric == "fat" and not self.epsilon >= 0:
-            raise ValueError(f"fat needs epsilon >= 0, got {self.epsilon}")
+            raise UsageError(f"fat needs epsilon >= 0, got {self.epsilon}")
         if self.grid < 4 or self.cett_tokens < 1 or self.max_iterations < 1 or not self.ppl_tolerance > 0:
-            raise ValueError("grid must be >= 4, cett_tokens and max_iterations >= 1, ppl_tolerance > 0")
+            raise UsageError("grid must be >= 4, cett_tokens and max_iterations >= 1, ppl_tolerance > 0")
 
     @property
     def uses_norms(self) -> bool:

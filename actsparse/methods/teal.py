@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from ..rule import SparsityParams
 from ..stats import HistogramQuantile
 from .base import MethodConfig, register_method
@@ -57,7 +58,7 @@ def greedy_allocation(
     if goal <= 0:
         return dict.fromkeys(names, 0.0)
     if goal > max_sparsity * total + 1e-9:
-        raise ValueError(
+        raise UsageError(
             f"a block-wise target of {goal / total:.3f} exceeds max_sparsity={max_sparsity}; "
             f"raise max_sparsity or lower the target"
         )
@@ -125,20 +126,21 @@ class TealMethod(MethodConfig):
     bins_per_octave: int = 1024
 
     def __post_init__(self):
+        super().__post_init__()
         if self.block_budget not in BLOCK_BUDGETS:
-            raise ValueError(f"unknown block_budget {self.block_budget!r}; choose one of {', '.join(BLOCK_BUDGETS)}")
+            raise UsageError(f"unknown block_budget {self.block_budget!r}; choose one of {', '.join(BLOCK_BUDGETS)}")
         if not 1.0 <= self.max_raise <= 2.0:
-            raise ValueError(f"max_raise must be in [1, 2], got {self.max_raise}")
+            raise UsageError(f"max_raise must be in [1, 2], got {self.max_raise}")
         if self.probe_tokens < 1:
-            raise ValueError(f"probe_tokens must be >= 1, got {self.probe_tokens}")
+            raise UsageError(f"probe_tokens must be >= 1, got {self.probe_tokens}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+            raise UsageError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 0.0 < self.step <= 1.0:
-            raise ValueError(f"step must be in (0, 1], got {self.step}")
+            raise UsageError(f"step must be in (0, 1], got {self.step}")
         if not 0.0 < self.max_sparsity <= 1.0:
-            raise ValueError(f"max_sparsity must be in (0, 1], got {self.max_sparsity}")
+            raise UsageError(f"max_sparsity must be in (0, 1], got {self.max_sparsity}")
         if self.greedy_tokens is not None and self.greedy_tokens < 1:
-            raise ValueError(f"greedy_tokens must be >= 1 or None, got {self.greedy_tokens}")
+            raise UsageError(f"greedy_tokens must be >= 1 or None, got {self.greedy_tokens}")
 
     def make_collector(self, layer_name, module, target_sparsity):
         return HistogramQuantile(target_sparsity, self.bins_per_octave)
