@@ -269,7 +269,10 @@ def test_scap_config_string_and_json_round_trip(tiny_llama, calib_data, tmp_path
     [
         ("not json", "not valid JSON"),
         ('{"model.layers.0.mlp.up_proj": {"mode": 0.1, "threshold": "0.5"}}', "threshold: expected a number"),
-        ('{"model.layers.0.mlp.up_proj": {"mode": 0, "threshold": 1, "target_sparsity": 7}}', r"target_sparsity: 7 is outside \[0, 1\]"),
+        (
+            '{"model.layers.0.mlp.up_proj": {"mode": 0, "threshold": 1, "target_sparsity": 7}}',
+            r"target_sparsity: 7 is outside \[0, 1\]",
+        ),
         ("[]", "JSON object"),
         ('{"model.layers.0.mlp.up_proj": {"mode": 0.1}}', "threshold"),
         ('{"model.layers.9.mlp.up_proj": {"mode": 0, "threshold": 1}}', "fit"),
