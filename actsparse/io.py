@@ -73,8 +73,9 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     layers = sparse_layers(model)
     if not layers:
         raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
-    if os.path.isdir(path):
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
+    check_output_path(path, "thresholds file")
     tensors = {
         f"{n}.{b}": t.detach().cpu().clone()
         for n, m in layers.items()
@@ -141,6 +142,8 @@ def _scalar(f: Fields, t: Any, field: str, *, integral: bool = False) -> float:
         f.fail(field, f"expected one value, got a tensor of shape {tuple(getattr(t, 'shape', ()))}")
     if integral and (t.dtype.is_floating_point or t.dtype == torch.bool):
         f.fail(field, f"expected an integer tensor, got {t.dtype}")
+    if not integral and not t.dtype.is_floating_point:
+        f.fail(field, f"expected a float tensor, got {t.dtype}")
     return float(t.item()) if not integral else int(t.item())
 
 
