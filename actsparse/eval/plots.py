@@ -66,19 +66,37 @@ def plot_activation_ratio(path: str, activation_ratio: Mapping[str, float], *, t
     return _finish(plt, fig, ax, path, title)
 
 
-def plot_sweep(path: str, dense: float, points: Sequence[SweepPoint], *, title: str | None = None) -> str | None:
-    """Perplexity vs measured (weighted) sparsity, one line per method. None if matplotlib is missing."""
+def plot_sweep(
+    path: str, dense: float, points: Sequence[SweepPoint], *, title: str | None = None, dense_acc: float | None = None
+) -> str | None:
+    """Perplexity (and, when the points have it, zero-shot mean accuracy in a second panel) vs measured
+    (weighted) sparsity, one line per method. None if matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    accs = any(p.mean_acc is not None for p in points)
+    if not accs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    else:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for method in dict.fromkeys(p.method for p in points):
-        pts = sorted((p.measured, p.token_perplexity) for p in points if p.method == method)
-        ax.plot([0.0] + [x for x, _ in pts], [dense] + [y for _, y in pts], marker="o", ms=3, label=method)
+        pts = sorted((p.measured, p.token_perplexity, p.mean_acc) for p in points if p.method == method)
+        ax.plot([0.0] + [x for x, _, _ in pts], [dense] + [y for _, y, _ in pts], marker="o", ms=3, label=method)
+        if accs:
+            xs = ([0.0] if dense_acc is not None else []) + [x for x, _, a in pts if a is not None]
+            ys = ([dense_acc] if dense_acc is not None else []) + [a for _, _, a in pts if a is not None]
+            ax2.plot(xs, ys, marker="o", ms=3, label=method)
     ax.axhline(dense, color="gray", lw=0.8, ls="--", label=f"dense {dense:.2f}")
     ax.set_xlabel("measured sparsity (fraction of weight columns skipped)")
     ax.set_ylabel("token perplexity")
     ax.set_yscale("log")
+    if accs:
+        if dense_acc is not None:
+            ax2.axhline(dense_acc, color="gray", lw=0.8, ls="--", label=f"dense {dense_acc:.3f}")
+        ax2.set_xlabel("measured sparsity (fraction of weight columns skipped)")
+        ax2.set_ylabel("zero-shot mean accuracy")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
     return _finish(plt, fig, ax, path, title)
 
 

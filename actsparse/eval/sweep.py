@@ -57,6 +57,8 @@ class SweepPoint:
     calibration_seconds: float
     per_layer: dict[str, float] | None = None
     allocated: dict[str, float | None] | None = None  # per-layer targets after allocation (greedy)
+    mean_acc: float | None = None  # zero-shot mean accuracy (run_sweep's `accuracy`), and its standard error
+    mean_acc_stderr: float | None = None
 
 
 def parse_range(text: str) -> list[float]:
@@ -134,10 +136,13 @@ def run_sweep(
     progress: bool = True,
     per_layer: bool = False,
     on_point: Callable[[SweepPoint], None] | None = None,
+    accuracy: Callable[[nn.Module], tuple[float, float] | None] | None = None,
 ) -> tuple[float, list[SweepPoint]]:
     """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense.
 
-    ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec."""
+    ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec.
+    ``accuracy(model)``: a second quality axis, e.g. zero-shot mean accuracy ``(mean, stderr)`` through lm-eval
+    (the CLI's ``--tasks``), measured for every point (the dense model's is the caller's to take)."""
     specs = sweep_methods(methods).items()  # check every spec before the long work
     check_not_sparsified(model, "sweeping")
     dense = perplexity(model, eval_ids, context=context, stride=stride, progress=progress).token_perplexity
@@ -154,6 +159,7 @@ def run_sweep(
                     ppl = perplexity(model, eval_ids, context=context, stride=stride, progress=progress)
                 measured = mon.sparsity()
                 allocated = dict(mon.targets())
+                acc = accuracy(model) if accuracy is not None else None
                 point = SweepPoint(
                     name,
                     s,
@@ -164,6 +170,8 @@ def run_sweep(
                     seconds,
                     measured if per_layer else None,
                     allocated if per_layer else None,
+                    None if acc is None else acc[0],
+                    None if acc is None else acc[1],
                 )
                 points.append(point)
                 if on_point is not None:
@@ -174,16 +182,21 @@ def run_sweep(
     return dense, points
 
 
-def format_table(dense: float, points: Sequence[SweepPoint]) -> list[str]:
+def format_table(dense: float, points: Sequence[SweepPoint], dense_acc: float | None = None) -> list[str]:
     w = max([18] + [len(p.method) + 2 for p in points])
+    accs = any(p.mean_acc is not None for p in points)
+    acc_head = f"{'mean acc':>10}" if accs else ""
     lines = [
-        f"{'method':<{w}}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>11}{'calib s':>9}",
-        f"{'dense':<{w}}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>11}{'':>9}",
+        f"{'method':<{w}}{'target':>8}{'measured':>10}{'(mean)':>8}{'token ppl':>11}{'Δ ppl':>11}{acc_head}{'calib s':>9}",
+        f"{'dense':<{w}}{'':>8}{'':>10}{'':>8}{dense:>11.3f}{'':>11}"
+        + (f"{dense_acc:>10.4f}" if accs and dense_acc is not None else f"{'':>10}" if accs else "")
+        + f"{'':>9}",
     ]
     for p in points:
+        acc = (f"{p.mean_acc:>10.4f}" if p.mean_acc is not None else f"{'-':>10}") if accs else ""
         lines.append(
             f"{p.method:<{w}}{p.target:>8.2f}{p.measured:>10.3f}{p.measured_mean:>8.3f}"
-            f"{p.token_perplexity:>11.3f}{p.delta_percent:>+10.2f}%{p.calibration_seconds:>9.1f}"
+            f"{p.token_perplexity:>11.3f}{p.delta_percent:>+10.2f}%{acc}{p.calibration_seconds:>9.1f}"
         )
     return lines
 
@@ -201,13 +214,17 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
         "token_perplexity",
         "delta_percent",
         "calibration_seconds",
+        "mean_acc",
+        "mean_acc_stderr",
     ]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(fields)
-            w.writerow(["dense", 0.0, 0.0, 0.0, dense, 0.0, 0.0])
+            w.writerow(
+                ["dense", 0.0, 0.0, 0.0, dense, 0.0, 0.0, meta.get("dense_mean_acc"), meta.get("dense_mean_acc_stderr")]
+            )
             for p in points:
                 w.writerow([getattr(p, k) for k in fields])
 
@@ -217,7 +234,9 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
 
     atomic_write(paths["csv"], write_csv)
     atomic_write(paths["json"], write_json)
-    png = plot_sweep(os.path.join(folder, "sweep.png"), dense, points, title=meta.get("title"))
+    png = plot_sweep(
+        os.path.join(folder, "sweep.png"), dense, points, title=meta.get("title"), dense_acc=meta.get("dense_mean_acc")
+    )
     if png:
         paths["png"] = png
     return paths
