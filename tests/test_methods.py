@@ -556,3 +556,41 @@ def test_bad_block_budget():
         TealMethod(block_budget="random")
     with pytest.raises(ValueError, match="max_raise"):
         TealMethod(block_budget="sensitivity", max_raise=3.0)
+
+
+def test_scoring_and_allocation_compose_teal_greedy_with_wina_scores(calib_data, tmp_path):
+    from actsparse.methods.wina import column_norms
+
+    # uniform allocation with WINA scores is exactly the wina method
+    wina, teal = make_tiny_llama(), make_tiny_llama()
+    A.sparsify_activations(wina, calib_data, ALL, method="wina", progress=False)
+    A.sparsify_activations(teal, calib_data, ALL, method=TealMethod(allocation="uniform", score="wina"), progress=False)
+    for n, m in A.sparse_layers(wina).items():
+        t = A.sparse_layers(teal)[n]
+        assert m.params.threshold == t.params.threshold and torch.equal(m.params.scale, t.params.scale)
+    # greedy with WINA scores: per-layer allocations that meet each block's weighted target, scored by the norms
+    model = make_tiny_llama()
+    with torch.no_grad():  # a layer whose input barely matters: greedy gives it the most sparsity
+        model.model.layers[0].self_attn.o_proj.weight.mul_(1e-4)
+    config = A.SparsifyConfig(ALL, method="teal-greedy", method_options={"score": "wina", "max_sparsity": 0.95})
+    A.sparsify_(model, config, calib_data, progress=False)
+    layers = A.sparse_layers(model)
+    o = layers["model.layers.0.self_attn.o_proj"]
+    assert o.target_sparsity == pytest.approx(0.95)
+    assert torch.allclose(o.params.scale, column_norms(o.weight))
+    for i in range(2):
+        block = {n: m for n, m in layers.items() if n.startswith(f"model.layers.{i}.")}
+        assert weighted_sparsity(model, {n: m.target_sparsity for n, m in block.items()}) == pytest.approx(0.5)
+    with SparsityMonitor(model) as mon, torch.no_grad():  # the calibration data is sparsified as allocated
+        for x in calib_data:
+            model(x)
+    for n, m in layers.items():
+        assert mon.sparsity()[n] == pytest.approx(m.target_sparsity, abs=0.03), n
+    # recorded with the config and the thresholds
+    path = A.save_thresholds(model, str(tmp_path / "t.safetensors"))
+    assert A.SparsifyConfig.from_dict(config.to_dict()).method.score == "wina"
+    fresh = make_tiny_llama()
+    A.load_thresholds(fresh, path)
+    assert torch.equal(A.sparse_layers(fresh)["model.layers.0.self_attn.o_proj"].params.scale, o.params.scale)
+    with pytest.raises(ValueError, match="unknown score 'rotated'"):
+        TealMethod(score="rotated")

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from ..offload import layer_weight
 from ..rule import SparsityParams
-from ..stats import HistogramQuantile
 from .base import MethodConfig, register_method
 from .budget import sensitivity_block_budgets
+from .wina import ScoreQuantile, column_norms
 
 __all__ = ["TealMethod", "greedy_allocation"]
 
 ALLOCATIONS = ("uniform", "greedy")
+SCORES = ("magnitude", "wina")  # |x_j|, or WINA's |x_j|·‖W[:, j]‖₂ (the column norms become act_scale)
 BLOCK_BUDGETS = ("uniform", "sensitivity")
 
 
@@ -48,9 +50,12 @@ def greedy_allocation(
     tokens: int | None = None,
     lazy: bool = True,
     bins_per_octave: int = 1024,
+    scales: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """Per-layer sparsities for one stage (see the module docstring). ``ctx`` is a
-    :class:`actsparse.calibrate.StageContext`."""
+    :class:`actsparse.calibrate.StageContext`; ``scales``: per-layer score weights (the thresholds then apply to
+    ``|x_j|·s_j``, e.g. WINA's column norms), None for plain magnitudes."""
+    scales = scales or {}
     names = ctx.names
     size = {n: ctx.modules[n].in_features * ctx.modules[n].out_features for n in names}
     total = sum(size.values())
@@ -63,12 +68,12 @@ def greedy_allocation(
             f"raise max_sparsity or lower the target"
         )
     batches = ctx.batches_for(tokens)
-    hists = {n: HistogramQuantile(0.5, bins_per_octave) for n in names}
+    hists = {n: ScoreQuantile(0.5, scales.get(n), bins_per_octave) for n in names}
     ctx.collect(hists, batches=batches)
     dense = ctx.outputs({}, batches=batches)
 
     def error(s: dict[str, float]) -> float:
-        params = {n: SparsityParams(hists[n].quantile(v)) for n, v in s.items() if v > 0}
+        params = {n: SparsityParams(hists[n].hist.quantile(v), scale=scales.get(n)) for n, v in s.items() if v > 0}
         return _relative_error(ctx.outputs(params, batches=batches), dense)
 
     s = dict.fromkeys(names, 0.0)
@@ -105,7 +110,9 @@ def greedy_allocation(
 @dataclass(frozen=True)
 class TealMethod(MethodConfig):
     """TEAL thresholds: ``allocation="uniform"`` (every layer at its scope's target; same as ``quantile``) or
-    ``"greedy"`` (block-wise greedy per-layer allocation, see the module docstring).
+    ``"greedy"`` (block-wise greedy per-layer allocation, see the module docstring). ``score``: what the
+    thresholds test, ``"magnitude"`` ``|x_j|`` (TEAL) or ``"wina"`` ``|x_j|·‖W[:, j]‖₂`` (WINA's weight-aware
+    score with TEAL's allocation; the column norms are stored as the layers' ``act_scale``).
     ``block_budget="sensitivity"`` first moves budget between blocks by their measured loss sensitivity
     (:mod:`actsparse.methods.budget`; beyond TEAL, which keeps every block at the model-wide target).
 
@@ -124,6 +131,7 @@ class TealMethod(MethodConfig):
     probe_tokens: int = 2048
     max_raise: float = 1.15
     bins_per_octave: int = 1024
+    score: str = "magnitude"
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,6 +141,8 @@ class TealMethod(MethodConfig):
             raise UsageError(f"max_raise must be in [1, 2], got {self.max_raise}")
         if self.probe_tokens < 1:
             raise UsageError(f"probe_tokens must be >= 1, got {self.probe_tokens}")
+        if self.score not in SCORES:
+            raise UsageError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 0.0 < self.step <= 1.0:
@@ -142,8 +152,11 @@ class TealMethod(MethodConfig):
         if self.greedy_tokens is not None and self.greedy_tokens < 1:
             raise UsageError(f"greedy_tokens must be >= 1 or None, got {self.greedy_tokens}")
 
+    def _scale(self, module) -> torch.Tensor | None:
+        return column_norms(layer_weight(module)) if self.score == "wina" else None
+
     def make_collector(self, layer_name, module, target_sparsity):
-        return HistogramQuantile(target_sparsity, self.bins_per_octave)
+        return ScoreQuantile(target_sparsity, self._scale(module), self.bins_per_octave)
 
     def plan(self, model, batches, targets, device, *, progress=True) -> dict[str, float]:
         """Block budgets before the sequential pass (``block_budget="sensitivity"``, see ``methods/budget.py``)."""
@@ -170,4 +183,5 @@ class TealMethod(MethodConfig):
             tokens=self.greedy_tokens,
             lazy=self.lazy,
             bins_per_octave=self.bins_per_octave,
+            scales={n: self._scale(m) for n, m in ctx.modules.items()},
         )

@@ -18,7 +18,7 @@ from ..stats import Collector, HistogramQuantile
 from ..weights import dense_weight
 from .base import MethodConfig, register_method
 
-__all__ = ["WinaMethod", "column_norms"]
+__all__ = ["WinaMethod", "column_norms", "ScoreQuantile"]
 
 
 def column_norms(weight: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
@@ -26,16 +26,19 @@ def column_norms(weight: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
     return dense_weight(weight.detach()).float().norm(dim=0).clamp_min(floor)
 
 
-class _ScoreQuantile(Collector):
-    def __init__(self, q: float, scale: torch.Tensor, bins_per_octave: int):
+class ScoreQuantile(Collector):
+    """The quantile of ``|x_j|·s_j`` (``scale`` s, one weight per input channel; None: plain ``|x_j|``)."""
+
+    def __init__(self, q: float, scale: torch.Tensor | None, bins_per_octave: int = 1024):
         self.scale = scale
         self.hist = HistogramQuantile(q, bins_per_octave)
 
     def update(self, x: torch.Tensor) -> None:
-        self.hist.update(x.float().abs() * self.scale.to(x.device))
+        score = x.float().abs()
+        self.hist.update(score if self.scale is None else score * self.scale.to(x.device))
 
     def result(self) -> SparsityParams:
-        return SparsityParams(self.hist.result(), scale=self.scale.cpu())
+        return SparsityParams(self.hist.result(), scale=None if self.scale is None else self.scale.cpu())
 
 
 @register_method("wina")
@@ -46,4 +49,4 @@ class WinaMethod(MethodConfig):
     bins_per_octave: int = 1024
 
     def make_collector(self, layer_name, module, target_sparsity):
-        return _ScoreQuantile(target_sparsity, column_norms(layer_weight(module)), self.bins_per_octave)
+        return ScoreQuantile(target_sparsity, column_norms(layer_weight(module)), self.bins_per_octave)
