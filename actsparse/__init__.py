@@ -18,6 +18,7 @@ from .io import from_pretrained, import_scap_json, load_thresholds, save_pretrai
 from .methods import register_method, registered_methods
 from .methods.attribution import AttributionMethod
 from .methods.quantile import QuantileMethod
+from .methods.rsparse import RSparseMethod
 from .methods.scap import ScapMethod, export_scap_json, parse_scap_config
 from .methods.sparsing_law import SparsingLawMethod
 from .methods.teal import TealMethod
@@ -45,6 +46,7 @@ __all__ = [
     "WinaMethod",
     "SparsingLawMethod",
     "AttributionMethod",
+    "RSparseMethod",
     "parse_scap_config",
     "export_scap_json",
     "import_scap_json",

@@ -63,7 +63,7 @@ def apply_thresholds(
         if type(modules.get(name)) is not nn.Linear:
             got = type(modules[name]).__name__ if name in modules else "no such module"
             raise UsageError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
-        p.validate(modules[name].in_features, name)
+        p.validate(modules[name].in_features, name, modules[name].out_features)
     for name, p in params.items():
         ts = None if target_sparsity is None else target_sparsity.get(name)
         model.set_submodule(name, SparseLinear.from_linear(modules[name], p, target_sparsity=ts, method=method))

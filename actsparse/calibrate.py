@@ -323,7 +323,7 @@ def calibrate_thresholds(
             if missing:
                 raise CalibrationError(f"method {method.name!r} returned no parameters for {missing[0]!r}")
             for n in targets:
-                found[n].validate(linears[n].in_features, n)
+                found[n].validate(linears[n].in_features, n, linears[n].out_features)
             return CalibrationResult({n: found[n] for n in targets}, targets)
         with hooks.installed():
             stack = find_block_stack(model, list(targets))
@@ -390,6 +390,6 @@ def _calibrate_stage(stage: _Stage, targets, method, linears, hooks: _Hooks, n_b
             if method.topk:  # exact per-token sparsity: keep round((1 - s)·in) entries
                 k = linears[n].in_features
                 p.topk = k - round(targets[n] * k)
-            p.validate(linears[n].in_features, n)
+            p.validate(linears[n].in_features, n, linears[n].out_features)
             results[n] = p
             hooks.set_params(n, p)

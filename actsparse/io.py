@@ -40,7 +40,9 @@ __all__ = [
 
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
-FORMAT_VERSION = 2  # 2: optional act_shift / act_scale / act_topk tensors per layer (version 1 files still load)
+# 2: optional act_shift / act_scale / act_topk tensors per layer; 3: optional act_lr_u / act_lr_v (low rank);
+# older files still load
+FORMAT_VERSION = 3
 _SUFFIXES = tuple("." + b for b in BUFFERS)
 _SAVE_HINT = "in Python: actsparse.save_thresholds(model, path) after sparsifying"
 
@@ -165,7 +167,24 @@ def _layer_params(f: Fields, name: str, info: dict[str, Any], tensors: dict[str,
     topk = None if topk_t is None else int(_scalar(f, topk_t, f"tensor {name}.act_topk", integral=True))
     if topk is not None and not 0 <= topk <= k:
         f.fail(f"tensor {name}.act_topk", f"{topk} is outside [0, {k}] (in_features)")
-    return SparsityParams(tau, mu, None if scale is None else scale.float(), topk, dict(info.get("calibration") or {}))
+    u, v = tensors.get(f"{name}.act_lr_u"), tensors.get(f"{name}.act_lr_v")
+    lowrank = None
+    if (u is None) != (v is None):
+        f.fail(f"tensors {name}.act_lr_u/act_lr_v", "a low-rank term needs both factors")
+    if u is not None and v is not None:
+        n = info["out_features"]
+        ok = u.dim() == 2 and v.dim() == 2 and u.shape[0] == n and v.shape[1] == k and u.shape[1] == v.shape[0] >= 1
+        if not ok or not (u.is_floating_point() and v.is_floating_point()):
+            f.fail(
+                f"tensors {name}.act_lr_u/act_lr_v",
+                f"expected float [{n}, r] and [r, {k}], got {u.dtype} {tuple(u.shape)} and {v.dtype} {tuple(v.shape)}",
+            )
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            f.fail(f"tensors {name}.act_lr_u/act_lr_v", "expected finite values")
+        lowrank = (u.float(), v.float())
+    return SparsityParams(
+        tau, mu, None if scale is None else scale.float(), topk, dict(info.get("calibration") or {}), lowrank
+    )
 
 
 def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:

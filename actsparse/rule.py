@@ -33,8 +33,16 @@ class SparsityParams:
     scale: torch.Tensor | None = None  # [in_features], >= 0
     topk: int | None = None  # tokens keep this many entries
     info: dict[str, Any] = field(default_factory=dict)  # what the method reports (JSON-able), e.g. the mode
+    # (U [out, r], V [r, in]): the dropped entries' contribution W·x_dropped is approximated by U·V·x_dropped
+    lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def validate(self, in_features: int, where: str) -> None:
+    def lowrank_share(self, in_features: int, out_features: int) -> float:
+        """The fraction of the layer's weight bytes the low-rank term reads per token: ``r(in+out)/(in·out)``."""
+        if self.lowrank is None:
+            return 0.0
+        return self.lowrank[1].shape[0] * (in_features + out_features) / (in_features * out_features)
+
+    def validate(self, in_features: int, where: str, out_features: int | None = None) -> None:
         if math.isnan(self.threshold):
             raise UsageError(f"threshold for {where!r} is NaN")
         if not math.isfinite(self.shift):
@@ -50,6 +58,23 @@ class SparsityParams:
                 )
         if self.topk is not None and not 0 <= self.topk <= in_features:
             raise UsageError(f"topk for {where!r} must be in [0, {in_features}], got {self.topk}")
+        if self.lowrank is not None:
+            u, v = self.lowrank
+            r = v.shape[0] if v.dim() == 2 else -1
+            if (
+                u.dim() != 2
+                or v.dim() != 2
+                or v.shape[1] != in_features
+                or u.shape[1] != r
+                or r < 1
+                or (out_features is not None and u.shape[0] != out_features)
+            ):
+                raise UsageError(
+                    f"low-rank factors for {where!r} must be U [out, r] and V [r, {in_features}] with r >= 1, got "
+                    f"{tuple(u.shape)} and {tuple(v.shape)}"
+                )
+            if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+                raise UsageError(f"low-rank factors for {where!r} must be finite")
 
 
 def drop_mask(

@@ -10,7 +10,9 @@ sparsity parameters as fp32 buffers, so they live in ``state_dict()``:
   ``|x - μ| · s_j`` instead of ``|x - μ|`` (weight-aware scoring: WINA, Sparsing Law column norms);
   with τ = 0, ``s_j ∈ {0, 1}`` is a static channel mask (attribution's calibrated unit masks);
 * ``act_topk`` k (optional int): keep the ``k`` highest-scoring entries of every token instead of
-  thresholding (exact per-token sparsity; τ is then unused).
+  thresholding (exact per-token sparsity; τ is then unused);
+* ``act_lr_u`` U ``[out, r]``, ``act_lr_v`` V ``[r, in]`` (optional, R-Sparse): the dropped entries are not lost
+  but go through the rank-r approximation ``U·V`` of the weight: ``y = W x' + U V (d - x') + μ·ΣW + b``.
 
 The rule, with ``D`` the activation dtype::
 
@@ -58,7 +60,8 @@ CALL_HOOK_DICTS = (
     "_backward_pre_hooks",
 )
 _HOOK_DICTS = CALL_HOOK_DICTS + ("_state_dict_hooks", "_load_state_dict_pre_hooks")
-BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk")
+BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_topk", "act_lr_u", "act_lr_v")
+_FLOAT_BUFFERS = ("act_threshold", "act_shift", "act_scale", "act_lr_u", "act_lr_v")
 
 
 def _share_linear_state(src: nn.Linear, dst: nn.Linear) -> None:
@@ -111,7 +114,7 @@ class SparseLinear(nn.Linear):
                 f"exclude it with an IgnoredScope"
             )
         p = threshold if isinstance(threshold, SparsityParams) else SparsityParams(float(threshold))
-        p.validate(linear.in_features, "layer")
+        p.validate(linear.in_features, "layer", linear.out_features)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         _share_linear_state(linear, new)
@@ -123,6 +126,9 @@ class SparseLinear(nn.Linear):
             new.register_buffer("act_scale", p.scale.detach().to(dev, torch.float32).clone())
         if p.topk is not None:
             new.register_buffer("act_topk", torch.tensor(int(p.topk), dtype=torch.int64, device=dev))
+        if p.lowrank is not None:
+            new.register_buffer("act_lr_u", p.lowrank[0].detach().to(dev, torch.float32).clone())
+            new.register_buffer("act_lr_v", p.lowrank[1].detach().to(dev, torch.float32).clone())
         new.target_sparsity = target_sparsity
         new.method = method
         new.calibration = dict(p.info)
@@ -131,7 +137,7 @@ class SparseLinear(nn.Linear):
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() convert floating buffers too; the sparsity parameters stay fp32
         # (the rule and the kernels read them so), only their device follows
-        saved = {b: t for b in BUFFERS[:3] if (t := self._buffers.get(b)) is not None}
+        saved = {b: t for b in _FLOAT_BUFFERS if (t := self._buffers.get(b)) is not None}
         super()._apply(fn, recurse)
         for b, old in saved.items():
             new = self._buffers[b]
@@ -143,13 +149,14 @@ class SparseLinear(nn.Linear):
     def params(self) -> SparsityParams:
         """This layer's :class:`SparsityParams` (copies, on CPU)."""
         g = self._buffers.get
-        shift, scale, topk = g("act_shift"), g("act_scale"), g("act_topk")
+        shift, scale, topk, u, v = g("act_shift"), g("act_scale"), g("act_topk"), g("act_lr_u"), g("act_lr_v")
         return SparsityParams(
             float(self.act_threshold),
             float(shift) if shift is not None else 0.0,
             scale.detach().cpu().clone() if scale is not None else None,
             int(topk) if topk is not None else None,
             dict(getattr(self, "calibration", {})),
+            None if u is None or v is None else (u.detach().cpu().clone(), v.detach().cpu().clone()),
         )
 
     @property
@@ -176,11 +183,33 @@ class SparseLinear(nn.Linear):
             y = kernel_forward(self, x)
             if y is not None:
                 return y
-        y = F.linear(self.sparsify_input(x), self.weight, self.bias)
+        u = self._buffers.get("act_lr_u")
+        if u is None:
+            y = F.linear(self.sparsify_input(x), self.weight, self.bias)
+        else:  # the kept entries through W, the dropped ones through the low-rank U·V (R-Sparse)
+            g = self._buffers.get
+            topk = g("act_topk")
+            shift = g("act_shift")
+            drop = drop_mask(x, self.act_threshold, shift, g("act_scale"), None if topk is None else int(topk))
+            d = x.float() - (0.0 if shift is None else shift)
+            y = F.linear(d.masked_fill(drop, 0.0).to(x.dtype), self.weight, self.bias)
+            v = cast(torch.Tensor, self._buffers["act_lr_v"])
+            y = y + F.linear(F.linear(d.masked_fill(~drop, 0.0), v), u).to(y.dtype)
         shift = self._buffers.get("act_shift")
         if shift is not None:  # μ·ΣW: the centred-away part, exactly as the kernels fold it
             y = y + (shift * self._weight_sums()).to(y.dtype)
         return y
+
+    @property
+    def lowrank_share(self) -> float:
+        """The fraction of the weight's bytes the low-rank term reads per token (0 without one): what measured
+        sparsity subtracts, so that comparisons stay at equal bytes read."""
+        v = self._buffers.get("act_lr_v")
+        return (
+            0.0
+            if v is None
+            else v.shape[0] * (self.in_features + self.out_features) / (self.in_features * self.out_features)
+        )
 
     def _weight_sums(self) -> torch.Tensor:
         """``ΣW`` per output (fp32, dequantized), read from the weight once and again only after it changed
@@ -202,6 +231,8 @@ class SparseLinear(nn.Linear):
             extra += ", act_scale=[...]"
         if p.topk is not None:
             extra += f", act_topk={p.topk}"
+        if p.lowrank is not None:
+            extra += f", low rank {p.lowrank[1].shape[0]}"
         if self.target_sparsity is not None:
             extra += f", target_sparsity={self.target_sparsity}"
         return super().extra_repr() + extra

@@ -1,6 +1,6 @@
 """The zero-shot quality table of the embedded model (README, docs/zeroshot/): every row on the same items.
 
-    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot     # ~2-3 h on 2 CPU cores
+    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot     # ~1 h a row on 2 CPU cores (12 rows)
 
 Rows: dense; NNCF's recipe (up/gate 30%, down 50%); quantile, teal-greedy, scap-median and wina at 40% and 50%
 of all seven projections; the attribution method (cor_gxo, calibrated; heads of o_proj and neurons of down_proj)

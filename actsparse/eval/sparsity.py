@@ -49,7 +49,8 @@ class SparsityMonitor:
             self._hooks = None
 
     def sparsity(self) -> dict[str, float]:
-        return {n: self.zeros[n] / self.total[n] for n in self.layers if self.total[n]}
+        """The fraction of weight bytes each layer skipped: zero inputs, less what a low-rank term reads."""
+        return {n: self.zeros[n] / self.total[n] - self.layers[n].lowrank_share for n in self.layers if self.total[n]}
 
     def targets(self) -> dict[str, float | None]:
         return {n: m.target_sparsity for n, m in self.layers.items()}

@@ -4,7 +4,7 @@
 buffer, i.e. :class:`actsparse.SparseLinear`; this module knows them by that protocol only) a
 :class:`PackedGemv` view of their weights, by three rules:
 
-* **Eligible**: a threshold (and shift) layer without per-channel scale or top-k, with fp16/bf16 weights
+* **Eligible**: a threshold (and shift) layer without per-channel scale, top-k or low-rank term, with fp16/bf16 weights
   (or int8 codes from :func:`actsparse.quant.compress_weights`), on a device where Triton runs.
 * **Fused**: layers that read one input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj`` and
   the other sibling sets in :data:`SHARED_INPUT_GROUPS`) are packed together and run as **one** launch: the
@@ -79,6 +79,7 @@ def _eligible(m: nn.Module) -> TypeGuard[nn.Linear]:
         _is_sparse_linear(m)
         and m._buffers.get("act_scale") is None
         and m._buffers.get("act_topk") is None
+        and m._buffers.get("act_lr_u") is None
         and m.weight.dtype in _DTYPES
         and triton_available(m.weight.device)
     )

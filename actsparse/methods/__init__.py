@@ -4,7 +4,7 @@ The contract and the registry are in :mod:`.base`; each built-in method is a mod
 when this package is imported.
 """
 
-from . import attribution, quantile, scap, sparsing_law, teal, wina  # noqa: F401  (registers the built-in methods)
+from . import attribution, quantile, rsparse, scap, sparsing_law, teal, wina  # noqa: F401  (registers the built-in methods)
 from .base import (
     ALIASES,
     Collector,
