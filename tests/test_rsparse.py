@@ -96,3 +96,17 @@ def test_bad_ranks_are_refused(calib_data):
         A.SparseLinear.from_linear(
             torch.nn.Linear(8, 4), A.SparsityParams(0.1, lowrank=(torch.ones(4, 2), torch.ones(3, 8)))
         )
+
+
+def test_a_channel_never_dropped_in_calibration_cannot_blow_up_the_correction():
+    torch.manual_seed(3)
+    w = torch.randn(16, 24)
+    sigma = torch.ones(24)
+    sigma[3] = 0.0  # always kept while calibrating (e.g. a massive-activation channel)
+    rms = float(sigma.pow(2).mean().sqrt())
+    _, v = lowrank_factors(w, 4, sigma)  # default floor 0.1 × RMS(σ): |V| ≤ 1 / (0.1 · rms)
+    assert float(v.abs().max()) <= 1 / (0.1 * rms) * (1 + 1e-5)
+    _, v_raw = lowrank_factors(w, 4, sigma, floor=0.0)
+    assert float(v_raw[:, 3].abs().max()) > 1e6  # what the floor prevents
+    with pytest.raises(UsageError, match="sigma_floor"):
+        RSparseMethod(sigma_floor=2.0)

@@ -30,13 +30,19 @@ __all__ = ["RSparseMethod", "lowrank_factors"]
 
 
 def lowrank_factors(
-    weight: torch.Tensor, rank: int, sigma: torch.Tensor | None = None
+    weight: torch.Tensor, rank: int, sigma: torch.Tensor | None = None, floor: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U [out, r], V [r, in])`` with ``U V`` the best rank-``r`` approximation of ``W`` in the norm weighted by
-    ``sigma`` per input channel (``‖(W - U V)·diag(σ)‖_F``; None: plain Frobenius)."""
+    ``sigma`` per input channel (``‖(W - U V)·diag(σ)‖_F``; None: plain Frobenius).
+
+    ``σ`` is raised to at least ``floor ×`` its RMS over the channels first: a channel that was (almost) never
+    dropped during calibration (e.g. one that always carries a large activation) would otherwise get a tiny
+    weight, ``V ← V·diag(1/σ)`` huge entries there (×10⁶ measured on SmolLM2), and the one token that does drop
+    it a wild correction."""
     w = weight.detach().float()
     s = torch.ones(w.shape[1], dtype=torch.float32, device=w.device) if sigma is None else sigma.float().to(w.device)
-    s = s.clamp_min(1e-12 * float(s.max().clamp_min(1e-30)))
+    rms = float(s.pow(2).mean().sqrt())
+    s = s.clamp_min(max(floor * rms, 1e-30))
     u, sv, vh = torch.linalg.svd(w * s, full_matrices=False)
     return (u[:, :rank] * sv[:rank]).contiguous(), (vh[:rank] / s).contiguous()
 
@@ -44,7 +50,8 @@ def lowrank_factors(
 class _LowRankCollector(Collector):
     """Pass 1: |x| histogram -> τ at ``q``. Pass 2: per-channel energy of the dropped entries -> the factors."""
 
-    def __init__(self, q: float, weight: torch.Tensor, rank: int, whiten: bool, bins_per_octave: int):
+    def __init__(self, q: float, weight: torch.Tensor, rank: int, whiten: float | None, bins_per_octave: int):
+        # whiten: the σ floor (see lowrank_factors), or None for the plain SVD of W
         self.q, self.weight, self.rank, self.whiten = q, weight, rank, whiten
         self.hist = HistogramQuantile(q, bins_per_octave)
         self.tau: float | None = None
@@ -61,26 +68,29 @@ class _LowRankCollector(Collector):
         self.count += x.shape[0]
 
     def next_pass(self) -> bool:
-        if self.tau is None and self.whiten:
+        if self.tau is None and self.whiten is not None:
             self.tau = self.hist.result()
             return True
         return False
 
     def result(self) -> SparsityParams:
         tau = self.hist.result() if self.tau is None else self.tau
-        sigma = (self.energy / max(self.count, 1)).sqrt().float() if self.whiten else None
-        u, v = lowrank_factors(self.weight, self.rank, sigma)
-        return SparsityParams(tau, lowrank=(u.cpu(), v.cpu()), info={"rank": self.rank, "whiten": self.whiten})
+        sigma = (self.energy / max(self.count, 1)).sqrt().float() if self.whiten is not None else None
+        u, v = lowrank_factors(self.weight, self.rank, sigma, self.whiten or 0.0)
+        info = {"rank": self.rank, "whiten": self.whiten is not None, "sigma_floor": self.whiten}
+        return SparsityParams(tau, lowrank=(u.cpu(), v.cpu()), info=info)
 
 
 @register_method("rsparse")
 @dataclass(frozen=True)
 class RSparseMethod(MethodConfig):
     """Thresholds plus a rank-``rank`` correction for the dropped channels (see the module docstring);
-    ``whiten``: fit the factors to the dropped entries' per-channel energy (else the plain SVD of W)."""
+    ``whiten``: fit the factors to the dropped entries' per-channel energy (else the plain SVD of W), each
+    channel's weight at least ``sigma_floor`` × their RMS (see :func:`lowrank_factors`)."""
 
     rank: int = 16
     whiten: bool = True
+    sigma_floor: float = 0.1
     bins_per_octave: int = 1024
 
     def __post_init__(self):
@@ -89,6 +99,8 @@ class RSparseMethod(MethodConfig):
             raise UsageError(f"rank must be >= 1, got {self.rank}")
         if self.topk:
             raise UsageError("rsparse thresholds the inputs; '+topk' does not apply")
+        if not 0.0 <= self.sigma_floor <= 1.0:
+            raise UsageError(f"sigma_floor must be in [0, 1], got {self.sigma_floor}")
 
     def make_collector(self, layer_name, module, target_sparsity):
         k, n = module.in_features, module.out_features
@@ -106,4 +118,5 @@ class RSparseMethod(MethodConfig):
                 f"{layer_name}: rank {self.rank} reads {share:.3f} of the layer's bytes, so target {target_sparsity} "
                 f"would need {q:.3f} > 1 of the inputs dropped; lower rank or the target"
             )
-        return _LowRankCollector(q, layer_weight(module), self.rank, self.whiten, self.bins_per_octave)
+        floor = self.sigma_floor if self.whiten else None
+        return _LowRankCollector(q, layer_weight(module), self.rank, floor, self.bins_per_octave)
