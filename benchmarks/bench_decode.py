@@ -57,11 +57,12 @@ def rotary(x, cos, sin):  # x [1, heads, 1, hd]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None):
+def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, reduce="kernel"):
     """One decoder layer as a function of tensors only (so one torch.compile serves every layer).
 
     ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV;
     ``linear_fn(h, lin, group)`` (returning a tuple of outputs) replaces both (benchmarks/bounds.py).
+    ``reduce``: where the sparse GEMV's split-K partials are summed (``actsparse.kernels.sparse_gemv``).
     """
     heads, kvh, dim = cfg["heads"], cfg["kv_heads"], cfg["dim"]
     hd = dim // heads
@@ -73,7 +74,7 @@ def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None):
             return linear_fn(h, lin, group)
         if sparse:
             wt, thr, scale, zero = lin[group]
-            return K.sparse_gemv(h, K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero))
+            return K.sparse_gemv(h, K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero), reduce=reduce)
         return (F.linear(h, lin[group]),)
 
     def step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict, record=None):
@@ -135,7 +136,7 @@ class Model:
         self.pos = torch.zeros(1, dtype=torch.long, device=DEV)
         self.fns = {False: make_layer_fn(cfg, False, None)}
 
-    def pack(self, quantize=None):
+    def pack(self, quantize=None, reduce="kernel"):
         d, hd = self.cfg["dim"], self.cfg["dim"] // self.cfg["heads"]
         kv = self.cfg["kv_heads"] * hd
         i = self.cfg["inter"]
@@ -147,8 +148,13 @@ class Model:
                 "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize),
                 "down": K.pack([L.dense["down"]], quantize=quantize),
             }
+        self.set_reduce(reduce)
+
+    def set_reduce(self, reduce):
+        """The sparse layer function with the split-K partials summed where ``reduce`` says (recompiled by
+        :meth:`compile`)."""
         segments = {g: p.segments for g, p in self.layers[0].packed.items()}
-        self.fns[True] = make_layer_fn(self.cfg, True, segments)
+        self.fns[True] = make_layer_fn(self.cfg, True, segments, reduce=reduce)
 
     def compile(self):
         self.fns = {
@@ -240,6 +246,7 @@ def time_graph(model, sparse, start_pos, steps=32, reps=5):
 
 
 def bench_model(name, args):
+    torch._dynamo.reset()  # every variant compiles the same layer code: keep each model under the recompile limit
     cfg = CONFIGS[name]
     model = Model(cfg, args.max_seq)
     model.pos.fill_(args.start_pos)
@@ -255,11 +262,14 @@ def bench_model(name, args):
     )
     rows = []
     kernels = [("current", None)] + ([("before", load_kernel_module(args.baseline))] if args.baseline else [])
+    # every kernel with every split-K reduction; the first is the main result, the others extra columns
+    variants = [(k if i == 0 else f"{k}/{r}", mod, r) for k, mod in kernels for i, r in enumerate(args.reduce)]
     for quant in [None, "int8"] if args.int8 else [None]:
         model.pack(quantize=quant)
-        if args.compile:
-            model.compile()
-        for kname, mod in kernels:
+        for kname, mod, reduce in variants:
+            model.set_reduce(reduce)
+            if args.compile:
+                model.compile()
             saved = K.ops._tg
             if mod is not None:  # the custom op calls whatever kernel module ops._tg holds at capture time
                 K.ops._tg = mod
@@ -282,9 +292,10 @@ def bench_model(name, args):
                     sparse_tok_s=1000 / ms,
                     speedup=dense_ms / ms,
                 )
-                if mod is not None:
+                if kname != "current":
                     cur = next(r for r in rows if (r["model"], r["weights"], r["target"]) == (name, row["weights"], s))
-                    cur.update(before_ms=ms, before_tok_s=1000 / ms, before_speedup=dense_ms / ms)
+                    key = "before" if kname == "before" else kname.replace("/", "_")
+                    cur.update({f"{key}_ms": ms, f"{key}_tok_s": 1000 / ms, f"{key}_speedup": dense_ms / ms})
                 else:
                     rows.append(row)
                 print(
@@ -323,7 +334,13 @@ def main():
     ap.add_argument("--int8", action="store_true", help="also int8 weights + sparsity")
     ap.add_argument("--out", default=None)
     ap.add_argument("--baseline", default=None, help="also run the sparse loop with the kernel module at this path")
+    ap.add_argument(
+        "--reduce",
+        default="kernel",
+        help="split-K reductions to time, comma-separated: kernel (the default), consumer",
+    )
     args = ap.parse_args()
+    args.reduce = args.reduce.split(",")
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
@@ -332,15 +349,16 @@ def main():
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args)
+    extra = [k[: -len("_tok_s")] for k in rows[0] if k.endswith("_tok_s") and k not in ("dense_tok_s", "sparse_tok_s")]
     print(
         f"\n{'model':>10} {'weights':>7} {'target':>6} {'meas.':>6} {'dense tok/s':>11} {'sparse tok/s':>12} {'x':>5}"
-        + (f" {'before tok/s':>12} {'x':>5}" if args.baseline else "")
+        + "".join(f" {e + ' tok/s':>16} {'x':>5}" for e in extra)
     )
     for r in rows:
         print(
             f"{r['model']:>10} {r['weights']:>7} {r['target']:>6.2f} {r['measured']:>6.3f} {r['dense_tok_s']:>11.1f} "
             f"{r['sparse_tok_s']:>12.1f} {r['speedup']:>5.2f}"
-            + (f" {r['before_tok_s']:>12.1f} {r['before_speedup']:>5.2f}" if "before_tok_s" in r else "")
+            + "".join(f" {r[e + '_tok_s']:>16.1f} {r[e + '_speedup']:>5.2f}" for e in extra)
         )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -22,6 +22,7 @@ Timing: ``DecodeResult.decode_seconds`` (host clock around the replays, one sync
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -35,6 +36,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
+import actsparse.kernels.linear as KL  # noqa: E402
+import actsparse.kernels.ops as KO  # noqa: E402
 from actsparse.engine import Decoder  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
@@ -177,40 +180,47 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
     )
     stats = layer_stats(model, calib)
-    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
-    routes = None
-    for s in sparsities:
-        set_sparsity(model, stats, s)
-        plan = s >= K.KERNEL_MIN_SPARSITY
-        if plan != routes:  # re-plan only where the route changes (thresholds are read live)
-            t = time.time()
-            K.enable_kernels(model)
-            dec.run(ids, 4, eos_token_id=[])
+    for reduce in args.reduce:  # the split-K reduction of the kernels (the first is the main result)
+        # the kernels' layer path calls this name; a partial pins the reduction for this compile
+        KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
+        dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+        routes = None
+        for s in sparsities:
+            set_sparsity(model, stats, s)
+            plan = s >= K.KERNEL_MIN_SPARSITY
+            if plan != routes:  # re-plan only where the route changes (thresholds are read live)
+                t = time.time()
+                K.enable_kernels(model)
+                dec.run(ids, 4, eos_token_id=[])
+                log(
+                    f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, reduce={reduce}, "
+                    f"compile+capture {time.time() - t:.0f}s, mode {dec.mode}"
+                )
+                routes = plan
+            tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
+            meas = measured(model, held_out)
+            packed = sum(1 for r in K.kernel_routes(model).values() if r is not None and r.route == "kernel")
+            rows.append(
+                dict(
+                    model=name,
+                    path="decoder-sparse" if reduce == args.reduce[0] else f"decoder-sparse/{reduce}",
+                    weights=weights,
+                    target=s,
+                    measured=meas,
+                    tok_s=tok_s,
+                    vs_dense=tok_s / dense_tok_s,
+                    kernel_layers=packed,
+                    mode=dec.mode,
+                    reduce=reduce,
+                )
+            )
             log(
-                f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, compile+capture "
-                f"{time.time() - t:.0f}s, mode {dec.mode}"
+                f"[{name}] {weights} reduce={reduce} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
+                f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
             )
-            routes = plan
-        tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
-        meas = measured(model, held_out)
-        packed = sum(1 for r in K.kernel_routes(model).values() if r is not None and r.route == "kernel")
-        rows.append(
-            dict(
-                model=name,
-                path="decoder-sparse",
-                weights=weights,
-                target=s,
-                measured=meas,
-                tok_s=tok_s,
-                vs_dense=tok_s / dense_tok_s,
-                kernel_layers=packed,
-                mode=dec.mode,
-            )
-        )
-        log(
-            f"[{name}] {weights} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
-            f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
-        )
+        if reduce != args.reduce[-1]:
+            del dec
+    KL.sparse_gemv = KO.sparse_gemv
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
@@ -340,9 +350,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--int8", action="store_true", help="also int8 weights (torchao) dense and sparse")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reduce", default="kernel", help="split-K reductions of the kernels to time: kernel,consumer")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
+    args.reduce = args.reduce.split(",")
     global DEV
     if args.cpu_smoke:
         DEV = "cpu"
@@ -359,13 +371,13 @@ def main():
         rows += bench_model(name, args, log)
         if args.out:  # keep what is done if a later model runs out of time
             write(args, rows, {**(env_info() if DEV == "cuda" else {}), "transformers": transformers.__version__})
-    print(f"\n{'model':>10} {'path':>15} {'weights':>7} {'target':>6} {'meas.':>6} {'tok/s':>8} {'x dense':>8}")
+    print(f"\n{'model':>10} {'path':>24} {'weights':>7} {'target':>6} {'meas.':>6} {'tok/s':>8} {'x dense':>8}")
     for r in rows:
         target = "-" if r["target"] is None else f"{r['target']:.2f}"
         meas = f"{r['measured']:.3f}" if "measured" in r else "-"
         ratio = r.get("vs_dense", 1.0 if r["path"] == "decoder" and r["weights"] == "bf16" else None)
         print(
-            f"{r['model']:>10} {r['path']:>15} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
+            f"{r['model']:>10} {r['path']:>24} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
             f"{'-' if ratio is None else f'{ratio:.3f}':>8}"
         )
 

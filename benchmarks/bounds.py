@@ -238,6 +238,7 @@ def _print_profile(label, pr):
 
 
 def decode_bounds(name, read_gbs, floor_us, sparsities, args):
+    torch._dynamo.reset()  # every variant compiles the same layer code: keep each model under the recompile limit
     cfg = CONFIGS[name]
     model = BoundsModel(cfg, args.max_seq)
     model.pos.fill_(args.start_pos)
@@ -253,65 +254,72 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     dense = run_dense()
     g_null, run_null = time_graph(model, "null", args.start_pos)
     null = run_null()
-    g_sparse, run_sparse = time_graph(model, True, args.start_pos)
     print(
         f"[{name}] graphs captured in {time.time() - t0:.0f}s: dense {dense:.3f} ms, no GEMVs {null:.3f} ms", flush=True
     )
-    for L in model.layers:
-        for g in GROUPS:
-            L.packed[g].threshold.fill_(math.inf)
-    full = run_sparse()
-    profiles = {}
-    if args.profile:
-        profiles["sparse 100%"] = profile_graph(g_sparse, model, args.start_pos)
-        profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
-        profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
     res = dict(
         model=name,
         dense_ms=dense,
         no_gemv_ms=null,
-        sparse100_ms=full,
         gemv_bytes=gemv_bytes,
         n_gemv=n_gemv,
         dense_gemv_ms=dense - null,
         dense_gemv_pct_read=100 * gemv_bytes / ((dense - null) * 1e-3) / (read_gbs * 1e9),
-        fixed_us_per_gemv=(full - null) * 1e3 / n_gemv,
-        rows=[],
-        profiles=profiles,
+        by_reduce={},
     )
-    print(
-        f"[{name}] GEMVs in the dense step {dense - null:.3f} ms = {res['dense_gemv_pct_read']:.0f}% of read bw; "
-        f"ours at 100%: {full:.3f} ms -> {res['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
-        flush=True,
-    )
-    for s in sparsities:
-        model.set_sparsity(s, stats)
-        ms = run_sparse()
-        kb = kept_bytes(model, stats, wb)
-        ideal = null + kb / (read_gbs * 1e9) * 1e3
-        ideal_launch = ideal + n_gemv * floor_us * 1e-3
-        need = dense / 2 - null  # ms the GEMVs may take for 2.0x
-        row = dict(
-            target=s,
-            sparse_ms=ms,
-            speedup=dense / ms,
-            kept_bytes=kb,
-            sparse_gemv_ms=ms - null,
-            sparse_gemv_pct_read=100 * kb / ((ms - null) * 1e-3) / (read_gbs * 1e9),
-            ceiling=dense / ideal,
-            ceiling_launch=dense / ideal_launch,
-            pct_read_for_2x=100 * kb / (need * 1e-3) / (read_gbs * 1e9) if need > 0 else math.inf,
-        )
-        res["rows"].append(row)
+    profiles = {}
+    if args.profile:
+        profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
+        profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
+    for mode in args.reduce:  # the first is the main result; the others are same-run ablations
+        model.set_reduce(mode)
+        model.compile()
+        g_sparse, run_sparse = time_graph(model, True, args.start_pos)
+        for L in model.layers:
+            for g in GROUPS:
+                L.packed[g].threshold.fill_(math.inf)
+        full = run_sparse()
+        if args.profile:
+            profiles[f"sparse 100% ({mode})"] = profile_graph(g_sparse, model, args.start_pos)
+        sub = dict(sparse100_ms=full, fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[])
         print(
-            f"[{name}] {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
-            f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
-            f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
-            f"{row['pct_read_for_2x']:.0f}% of read bw",
+            f"[{name}] reduce={mode}: GEMVs in the dense step {dense - null:.3f} ms = "
+            f"{res['dense_gemv_pct_read']:.0f}% of read bw; ours at 100%: {full:.3f} ms -> "
+            f"{sub['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
             flush=True,
         )
-        if args.profile and s == 0.5:
-            profiles["sparse 50%"] = profile_graph(g_sparse, model, args.start_pos)
+        for s in sparsities:
+            model.set_sparsity(s, stats)
+            ms = run_sparse()
+            kb = kept_bytes(model, stats, wb)
+            ideal = null + kb / (read_gbs * 1e9) * 1e3
+            ideal_launch = ideal + n_gemv * floor_us * 1e-3
+            need = dense / 2 - null  # ms the GEMVs may take for 2.0x
+            row = dict(
+                target=s,
+                sparse_ms=ms,
+                speedup=dense / ms,
+                kept_bytes=kb,
+                sparse_gemv_ms=ms - null,
+                sparse_gemv_pct_read=100 * kb / ((ms - null) * 1e-3) / (read_gbs * 1e9),
+                ceiling=dense / ideal,
+                ceiling_launch=dense / ideal_launch,
+                pct_read_for_2x=100 * kb / (need * 1e-3) / (read_gbs * 1e9) if need > 0 else math.inf,
+            )
+            sub["rows"].append(row)
+            print(
+                f"[{name}] reduce={mode} {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
+                f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
+                f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
+                f"{row['pct_read_for_2x']:.0f}% of read bw",
+                flush=True,
+            )
+            if args.profile and s == 0.5:
+                profiles[f"sparse 50% ({mode})"] = profile_graph(g_sparse, model, args.start_pos)
+        res["by_reduce"][mode] = sub
+        del g_sparse, run_sparse
+    res.update(res["by_reduce"][args.reduce[0]])
+    res["profiles"] = profiles
     for label, pr in profiles.items():
         _print_profile(f"[{name}] {label}", pr)
     del model
@@ -325,7 +333,9 @@ def main():
     ap.add_argument("--skip-gemv", action="store_true", help="only the floors and the decode decomposition")
     ap.add_argument("--profile", action="store_true", help="also profile the decode graphs (kernels, gaps)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reduce", default="kernel", help="split-K reductions to time in the decode loop (bench_decode)")
     args = ap.parse_args()
+    args.reduce = args.reduce.split(",")
     if not torch.cuda.is_available():
         sys.exit("bounds needs a CUDA GPU")
     copy = copy_bandwidth()

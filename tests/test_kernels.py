@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import actsparse.kernels as K
 from actsparse.engine import forward_kwargs
+from actsparse.errors import UsageError
 from actsparse.kernels import ops
 from actsparse.kernels.reference import mask_input, sparse_gemv_reference
 
@@ -230,6 +231,57 @@ def test_custom_op_compiles_to_one_graph():
     torch.library.opcheck(
         torch.ops.actsparse.sparse_gemv.default, (x, p.weight_t, p.threshold, None, None, None, None, None, [0, 32])
     )
+    split = tg.launch_config(p, x.device).split_k
+    torch.library.opcheck(
+        torch.ops.actsparse.sparse_gemv_partials.default,
+        (x, p.weight_t, p.threshold, None, None, None, None, None, [0, 32], split),
+    )
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("split", [1, 5])
+def test_partials_sum_to_the_reference_with_terms_added_once(quantize, split):
+    x, p = make(300, [200, 56], torch.bfloat16, shifts=[0.3, -0.1], bias=True, quantize=quantize)
+    cfg = tg.GemvConfig(16, 128, split)
+    part = tg.sparse_gemv_triton(x, p, cfg, partials=True)
+    assert part.shape == (split, p.padded_out) and part.dtype == torch.float32
+    ref = sparse_gemv_reference(x, p)
+    y = part.sum(0).to(x.dtype)
+    for off, n in p.segments:
+        assert rel_err(y[off : off + n], ref[off : off + n]) <= TOL[x.dtype]
+    # the bias sits in row 0 only: without it the other rows are bit-identical, row 0 differs by it
+    _, p2 = make(300, [200, 56], torch.bfloat16, shifts=[0.3, -0.1], bias=False, quantize=quantize)
+    rows = tg.sparse_gemv_triton(x, p2, cfg, partials=True)
+    assert torch.equal(rows[1:], part[1:])
+    torch.testing.assert_close(part[0] - rows[0], p.bias, rtol=0, atol=1e-4)
+    with pytest.raises(UsageError, match="float32"):
+        tg.sparse_gemv_triton(x, p, cfg, partials=True, out=torch.empty(split, p.padded_out, dtype=x.dtype))
+
+
+def test_consumer_reduction_matches_the_kernel_reduction_and_traces_as_the_partials_op():
+    x, p = make(1000, [512, 256], torch.float16, shifts=[0.2, 0.0], bias=True)
+    by_kernel = K.sparse_gemv(x, p)
+    by_consumer = K.sparse_gemv(x, p, reduce="consumer")
+    assert tg.launch_config(p, x.device).split_k > 1  # a real split-K: the partials are summed outside
+    for a, b in zip(by_kernel, by_consumer):
+        assert rel_err(a, b) <= TOL[x.dtype]
+
+    def traced(reduce):
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        f = torch.compile(lambda v: K.sparse_gemv(v, p, reduce=reduce)[1] * 2, fullgraph=True, backend=backend)
+        torch.testing.assert_close(f(x), by_consumer[1] * 2, rtol=TOL[x.dtype], atol=TOL[x.dtype])
+        return {str(n.target).removesuffix(".default") for g in graphs for n in g.graph.nodes}
+
+    consumer, kernel = traced("consumer"), traced("kernel")
+    assert "actsparse.sparse_gemv_partials" in consumer and "actsparse.sparse_gemv" not in consumer
+    assert "actsparse.sparse_gemv" in kernel and "actsparse.sparse_gemv_partials" not in kernel
+    with pytest.raises(UsageError, match="reduce must be one of"):
+        K.sparse_gemv(x, p, reduce="atomics")
 
 
 def test_quantize_int8_error_bound_and_exact_grid():

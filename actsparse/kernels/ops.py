@@ -6,6 +6,14 @@ Triton is installed. Rows > 1 (prefill, small batches) take the dense route: mas
 
 The op is registered with ``torch.library.custom_op`` (and a fake kernel), so ``torch.compile`` treats it
 as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
+
+Split-K reduction (``reduce``): ``"kernel"`` (the default) sums the partial sums inside the launch (the
+last program of each column block adds them up: one launch); ``"consumer"`` returns them from a second op,
+``actsparse::sparse_gemv_partials``, and sums and casts in torch, for ``torch.compile`` to fuse into the
+kernel that consumes the output. Both are deterministic and agree with the reference to the dtype's
+rounding. Measured on an H200 (benchmarks/README.md), ``"consumer"`` is the slower one in a compiled
+decode step (7.08 vs 6.53 µs per GEMV at 100% sparsity): inductor does not fold the sum into the
+consumers, it adds a kernel. It stays for same-run ablations and for consumers of our own.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ try:  # Triton is optional: CPU-only installs use the reference
 except Exception:  # pragma: no cover - depends on the environment
     _tg = None
 
-__all__ = ["sparse_gemv", "triton_available", "kernel_for"]
+__all__ = ["sparse_gemv", "triton_available", "kernel_for", "REDUCTIONS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTIONS = ("kernel", "consumer")
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -87,18 +96,51 @@ def _sparse_gemv_op(
     return _run(x, PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero))
 
 
+def _padded_out(weight_t: torch.Tensor) -> int:
+    return weight_t.shape[-1] * (weight_t.shape[0] if weight_t.dim() == 3 else 1)
+
+
 @_sparse_gemv_op.register_fake
 def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments):
-    n_pad = weight_t.shape[-1] * (weight_t.shape[0] if weight_t.dim() == 3 else 1)
-    return x.new_empty(*x.shape[:-1], n_pad)
+    return x.new_empty(*x.shape[:-1], _padded_out(weight_t))
 
 
-def sparse_gemv(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]:
+@torch.library.custom_op("actsparse::sparse_gemv_partials", mutates_args=())
+def _sparse_gemv_partials_op(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    shift: torch.Tensor | None,
+    wsum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    segments: list[int],
+    split: int,
+) -> torch.Tensor:
+    assert _tg is not None  # only called where kernel_for() picked Triton
+    segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
+    packed = PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero)
+    config = _tg.launch_config(packed, x.device)
+    if config.split_k != split:
+        raise UsageError(f"sparse_gemv_partials: the launch rule splits K {config.split_k} ways, not {split}")
+    return _tg.sparse_gemv_triton(x, packed, config, partials=True)
+
+
+@_sparse_gemv_partials_op.register_fake
+def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, split):
+    return x.new_empty(split, _padded_out(weight_t), dtype=torch.float32)
+
+
+def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") -> tuple[torch.Tensor, ...]:
     """Outputs ``(y_0, ...)`` of the packed layers for inputs ``x[..., K]``, each ``[..., out_i]``.
 
     One kernel launch for all packed layers when ``x`` is one row on CUDA; see :mod:`.packing` for the
     exact semantics (threshold in the activation dtype, shift folded into the bias, fp32 accumulation).
+    ``reduce`` picks where the split-K partial sums are added (module docstring).
     """
+    if reduce not in REDUCTIONS:
+        raise UsageError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
     if x.shape[-1] != packed.in_features:
         raise UsageError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
     if x.dtype not in _KERNEL_DTYPES:
@@ -106,7 +148,12 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]
     if x.device != packed.weight_t.device:
         raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
     segs = [v for seg in packed.segments for v in seg]
-    y = torch.ops.actsparse.sparse_gemv(
-        x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero, segs
-    )
+    args = (x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
+    if reduce == "consumer" and kernel_for(x, packed) == "triton":
+        assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
+        split = _tg.launch_config(packed, x.device).split_k
+        part = torch.ops.actsparse.sparse_gemv_partials(*args, segs, split)
+        y = (part.sum(0) if split > 1 else part[0]).to(x.dtype).reshape(*x.shape[:-1], packed.padded_out)
+    else:
+        y = torch.ops.actsparse.sparse_gemv(*args, segs)
     return packed.split(y)

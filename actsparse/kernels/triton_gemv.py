@@ -12,6 +12,8 @@ partial sums to a small workspace, then bumps an int32 counter for its column bl
 arrives last (``SPLIT_K``-th) sums the ``SPLIT_K`` partials in a fixed order, adds bias and the μ term,
 casts, writes ``y`` and resets the counter to 0 for the next launch. One launch, deterministic results.
 Counters are per device: launches on one device must not run concurrently (separate streams at once).
+With ``partials=True`` there is no such tail: every program stores its fp32 partial sums and the caller
+adds the ``SPLIT_K`` rows (``sparse_gemv(..., reduce="consumer")``; no atomics, no counters, deterministic).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import triton.language as tl
 from ..errors import UsageError
 from .packing import PackedGemv
 
-__all__ = ["GemvConfig", "choose_config", "sparse_gemv_triton"]
+__all__ = ["GemvConfig", "choose_config", "launch_config", "sparse_gemv_triton"]
 
 
 @triton.jit
@@ -61,6 +63,7 @@ def _sparse_gemv_kernel(
     COMPACT: tl.constexpr,
     K_P2: tl.constexpr,
     EXACT_CAST: tl.constexpr,
+    PARTIALS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -157,7 +160,11 @@ def _sparse_gemv_kernel(
     if QUANT > 0:
         part *= tl.load(scale_ptr + offs_n)
 
-    if SPLIT_K == 1:
+    if PARTIALS:  # no reduction here: the caller sums the SPLIT_K rows (fused into its consumer by inductor)
+        if pid_k == 0:
+            part = _output_terms(part, offs_n, mu, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
+        tl.store(part_ptr + pid_k * N + offs_n, part)
+    elif SPLIT_K == 1:
         _epilogue(part, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
     else:
         tl.store(part_ptr + pid_k * N + offs_n, part)
@@ -235,11 +242,18 @@ def _to_x(t, DTYPE: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(out, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _output_terms(out, offs_n, mu, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``out + μ·ΣW + b`` (fp32): the per-output terms added once, after the K sum."""
     if HAS_MU:
         out += mu * tl.load(wsum_ptr + offs_n)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n)
+    return out
+
+
+@triton.jit
+def _epilogue(out, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    out = _output_terms(out, offs_n, mu, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
     tl.store(y_ptr + offs_n, _round_to(out, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty))
 
 
@@ -312,10 +326,30 @@ def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
 _CONFIG_CACHE: dict[tuple, GemvConfig] = {}
 
 
+def launch_config(packed: PackedGemv, device: torch.device) -> GemvConfig:
+    """The launch rule's config for ``packed`` on ``device`` (cached per shape, weight width and device)."""
+    k, n, lb = packed.in_features, packed.padded_out, packed.layout_block
+    key = (k, n, lb, packed.weight_t.element_size(), device.type, device.index)
+    config = _CONFIG_CACHE.get(key)
+    if config is None:
+        config = _CONFIG_CACHE[key] = choose_config(k, n, packed.weight_t.element_size(), _sm_count(device), block_n=lb)
+    return config
+
+
 def sparse_gemv_triton(
-    x: torch.Tensor, packed: PackedGemv, config: GemvConfig | None = None, *, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: PackedGemv,
+    config: GemvConfig | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    partials: bool = False,
 ) -> torch.Tensor:
-    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``), in ``x``'s dtype (into ``out`` if given)."""
+    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``), in ``x``'s dtype (into ``out`` if given).
+
+    With ``partials`` the kernel skips its split-K reduction and returns the fp32 partial sums
+    ``[split_k, N_pad]`` instead (bias and μ-term in row 0): ``y = partials.sum(0).to(x.dtype)``. That sum
+    and cast are left to the caller (e.g. to fuse them into the kernel that consumes ``y``).
+    """
     k, n, lb = packed.in_features, packed.padded_out, packed.layout_block
     x1 = x.reshape(-1)
     if x1.numel() != k:
@@ -323,21 +357,22 @@ def sparse_gemv_triton(
     x1 = x1.contiguous()
     dev = x1.device
     if config is None:
-        key = (k, n, lb, packed.weight_t.element_size(), dev.type, dev.index)
-        config = _CONFIG_CACHE.get(key)
-        if config is None:
-            config = _CONFIG_CACHE[key] = choose_config(
-                k, n, packed.weight_t.element_size(), _sm_count(dev), block_n=lb
-            )
+        config = launch_config(packed, dev)
     if lb % config.block_n:
         raise UsageError(f"block_n={config.block_n} must divide the layout block {lb}")
     split = config.split_k
-    y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
-    if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
-        raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
-    part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=dev)
+    if partials:
+        part = torch.empty((split, n), dtype=torch.float32, device=dev) if out is None else out
+        if part.shape != (split, n) or part.dtype != torch.float32 or not part.is_contiguous():
+            raise UsageError(f"out must be a contiguous [{split}, {n}] float32 tensor")
+        y = part
+    else:
+        y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
+        if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
+            raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
+        part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=dev)
     n_blocks = n // config.block_n
-    cnt = _counter_buffer(dev, n_blocks) if split > 1 else part
+    cnt = _counter_buffer(dev, n_blocks) if split > 1 and not partials else part
     k_per = config.k_per(k)
     k_p2 = triton.next_power_of_2(k_per)
     compact = config.compact and k_p2 <= MAX_COMPACT_ROWS  # the row list lives in registers first
@@ -375,6 +410,7 @@ def sparse_gemv_triton(
         COMPACT=compact,
         K_P2=k_p2,
         EXACT_CAST=interpreting() and x1.dtype == torch.bfloat16,
+        PARTIALS=partials,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
