@@ -8,7 +8,8 @@ bf16 weights, batch 1, a prompt of ``--prompt-len`` random tokens, then ``--toke
 * ``hf-generate``: dense ``model.generate`` (eager, dynamic cache), decode tokens/s from the difference of
   a ``--tokens`` and a 1-token generation (so the prompt's prefill cancels out);
 * ``decoder``: ``actsparse.engine.Decoder(model, max_seq_len)``, dense: the model's own forward compiled
-  (``fullgraph=True``) and replayed as one CUDA graph per token;
+  (``fullgraph=True``) and replayed as one CUDA graph per token, q/k/v and gate/up fused into one GEMM each
+  (the Decoder's default; ``decoder-unfused``: the same with HF's separate projections);
 * ``decoder-sparse``: the same Decoder after ``apply_thresholds`` on all seven projections and
   ``enable_kernels`` (q/k/v and gate/up fused; the dense route below the break-even sparsity), at each
   ``--sparsities`` target; thresholds are per-layer quantiles of |input| over a ``--calib-len``-token random
@@ -38,7 +39,7 @@ import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
-from actsparse.engine import Decoder  # noqa: E402
+from actsparse.engine import Decoder, unfuse_projections  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
 CONFIGS = {
@@ -295,6 +296,28 @@ def bench_model(name, args, log):
         f"[{name}] decoder dense: {dense_tok_s:.1f} tok/s (x{dense_tok_s / hf_tok_s:.1f} vs HF generate); "
         f"{ident}/{args.tokens} greedy tokens identical to HF generate, {ident_hf_static}/{args.tokens} to HF generate "
         f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder"
+    )
+    del dec
+    # the same without fused dense q/k/v and gate/up (HF's own three and two GEMMs): what fusing is worth
+    unfuse_projections(model)
+    t = time.time()
+    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens, fuse=False)
+    dec.run(ids, 4, eos_token_id=[])
+    unfused_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
+    rows.append(
+        dict(
+            model=name,
+            path="decoder-unfused",
+            weights="bf16",
+            target=None,
+            tok_s=unfused_tok_s,
+            vs_dense=unfused_tok_s / dense_tok_s,
+            mode=dec.mode,
+        )
+    )
+    log(
+        f"[{name}] decoder dense without fused projections: {unfused_tok_s:.1f} tok/s "
+        f"x{unfused_tok_s / dense_tok_s:.3f} vs fused [{time.time() - t:.0f}s]"
     )
     del dec
     sparse_points(model, name, "bf16", args, ids, calib, held_out, dense_tok_s, rows, log, args.sparsities)

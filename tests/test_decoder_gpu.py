@@ -10,7 +10,7 @@ from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.kernels as K
-from actsparse.engine import Decoder
+from actsparse.engine import Decoder, fused_groups
 from actsparse.generation import compare_generate, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -38,6 +38,19 @@ def test_graph_decoder_equals_hf_generate_fp32():
     ref = model.generate(ids, max_new_tokens=32, do_sample=False)
     dec = Decoder(model, 64, fallback=False)
     assert dec.mode == "graph" and torch.equal(dec.generate(ids, 32), ref)
+
+
+def test_graph_decoder_fuses_dense_projections_and_keeps_the_tokens():
+    model = _model(torch.bfloat16)
+    ids = _ids()
+    unfused = Decoder(model, 64, compile=False, cuda_graph=False).run(ids, 32, output_logits=True)
+    dec = Decoder(model, 64, fallback=False)  # graph mode: fused q/k/v and gate/up by default
+    graph = dec.run(ids, 32, output_logits=True)
+    assert dec.fuse and len(fused_groups(model)) == 4
+    fused_eager = Decoder(model, 64, compile=False, cuda_graph=False).run(ids, 32, output_logits=True)
+    torch.testing.assert_close(graph.logits[1], fused_eager.logits[1], rtol=0, atol=0)  # same GEMMs, same bits
+    torch.testing.assert_close(graph.logits[0], unfused.logits[0], rtol=2e-2, atol=2e-2)  # fused ≈ separate
+    assert torch.equal(graph.sequences, fused_eager.sequences)
 
 
 def test_graph_decoder_with_kernels_equals_the_eager_decoder():

@@ -123,6 +123,40 @@ def test_dense_route_below_break_even_is_deterministic():
         K.enable_kernels(model, min_sparsity=2)
 
 
+class CountMM(TorchDispatchMode):
+    """Counts matrix products (aten mm / addmm / matmul-as-mm) the dispatcher sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm"):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_dense_route_group_runs_one_masked_gemm_with_each_layers_own_mask():
+    model = _model({".*mlp.*": 0.1})  # gate/up (256 wide) below break-even: the dense route
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.act_threshold.fill_(0.3)  # a mask of its own, unlike gate's
+    x = torch.randn(1, 1, 64, device=DEV, dtype=DT)
+    with torch.no_grad():
+        want = (mlp.gate_proj(x), mlp.up_proj(x))  # each layer's masked F.linear
+        assert K.enable_kernels(model) == []  # nothing on the sparse GEMV ...
+        route = K.kernel_routes(model)["model.layers.0.mlp.up_proj"]
+        assert route.route == "dense" and "one masked GEMM" in route.reason and mlp.up_proj._packed is not None
+        assert mlp.gate_proj.weight.data_ptr() == mlp.gate_proj._packed.weight_t.data_ptr()  # shared, no copy
+        with CountMM() as mm, CountGemv() as gemv:
+            got = (mlp.gate_proj(x), mlp.up_proj(x))
+    assert mm.n == 1 and gemv.n == 0  # ... but one GEMM for the pair
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    unmasked = torch.nn.functional.linear(x, mlp.up_proj.weight)
+    assert (got[1] - unmasked).abs().max() > 1e-2  # up's own τ = 0.3 was applied, not gate's
+
+
 def test_expected_sparsity_from_targets_and_identity_thresholds():
     torch.manual_seed(0)
     model = make_tiny_llama(hidden=64, inter=256).to(DEV, DT)

@@ -1,6 +1,17 @@
 """Fast decode on the user's own model: a static-cache decoder captured in one CUDA graph per step."""
 
 from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
+from .fusion import fuse_projections, fused_groups, unfuse_projections
 from .sampling import check_sampling, select_next
 
-__all__ = ["Decoder", "DecodeResult", "select_next", "check_sampling", "forward_kwargs", "eos_token_ids"]
+__all__ = [
+    "Decoder",
+    "DecodeResult",
+    "select_next",
+    "check_sampling",
+    "forward_kwargs",
+    "eos_token_ids",
+    "fuse_projections",
+    "unfuse_projections",
+    "fused_groups",
+]

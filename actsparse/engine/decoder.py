@@ -36,6 +36,7 @@ import torch.nn as nn
 from ..errors import DecoderError
 from ..kernels.linear import stale_kernels
 from ..offload import model_device
+from .fusion import fuse_projections
 from .hf import (
     EAGER_NUMERICS,
     eos_token_ids,
@@ -92,6 +93,9 @@ class Decoder:
         sync_every: decode steps between host synchronisations (EOS checks, streaming callbacks).
         fallback: when the graph or the compile cannot take the model, warn once and run eagerly
             (``False``: raise :class:`~actsparse.DecoderError` instead).
+        fuse: run the dense q/k/v and gate/up projections as one GEMM per group
+            (:func:`~actsparse.engine.fuse_projections`; default: with the CUDA graph). The model stays
+            fused (its weights views of one tensor per group); ``unfuse_projections(model)`` undoes it.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class Decoder:
         backend: str = "inductor",
         sync_every: int = 16,
         fallback: bool = True,
+        fuse: bool | None = None,
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
@@ -133,6 +138,7 @@ class Decoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         self.compile = self.cuda_graph if compile is None else bool(compile)
         self.backend, self.fallback = backend, fallback
+        self.fuse = self.cuda_graph if fuse is None else bool(fuse)
         self.fallback_reason: str | None = None
         self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
@@ -187,6 +193,8 @@ class Decoder:
 
     def _prepare(self) -> None:
         """Compile and capture the decode step for the model as it is now (no-op when nothing changed)."""
+        if self.fuse:  # keeps intact groups as they are, re-plans changed ones (before the structure key)
+            fuse_projections(self.model)
         stale = stale_kernels(self.model)
         if stale:
             raise DecoderError(

@@ -225,7 +225,9 @@ def dense_view(model: nn.Module) -> Iterator[nn.Module]:
     layers = sparse_layers(model)
     try:
         for name, m in layers.items():
-            model.set_submodule(name, plain_linear(m))
+            view = plain_linear(m)
+            vars(view)["_fuse_no_copy"] = True  # its weight is the sparse layer's: engine.fusion must not move it
+            model.set_submodule(name, view)
         yield model
     finally:
         for name, m in layers.items():

@@ -11,7 +11,10 @@ buffer, i.e. :class:`actsparse.SparseLinear`; this module knows them by that pro
   first of them called with an input computes every output and leaves the others' for them, so the
   model's own forward, which calls them one by one, launches one kernel per group.
 * **Never slower than dense**: a layer (or group) whose expected sparsity is below ``min_sparsity``
-  (default :data:`KERNEL_MIN_SPARSITY`) takes the dense route, as the sparse GEMV loses to cuBLAS there.
+  (default :data:`KERNEL_MIN_SPARSITY`) takes the dense route, as the sparse GEMV loses to cuBLAS there. A
+  group on the dense route still runs as one launch where its weights can be shared (no int8, widths that
+  are multiples of ``COLUMN_ALIGN``): one cuBLAS GEMM whose row ``i`` is the input masked by layer ``i``
+  (:func:`~actsparse.kernels.ops.masked_gemm`), as fast as a dense model's fused q/k/v.
   The expected sparsity is the layer's calibration target (``target_sparsity``), 0 for ``τ = -inf`` and
   1 for ``τ = +inf``; a layer with a threshold but no target counts as sparse. A group's is the mean of its
   layers' weighted by ``out_features``. The rule is deterministic: the same model gives the same routes.
@@ -39,7 +42,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..weights import int8_codes, weight_key
-from .ops import sparse_gemv, triton_available
+from .ops import masked_gemm, sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
 __all__ = [
@@ -191,6 +194,16 @@ def _group_threshold_sync(layers: list[nn.Linear], packed: PackedGemv) -> None:
             m._buffers["act_shift"] = packed.shift[i]
 
 
+def _fusable_dense(layers: list[nn.Linear]) -> bool:
+    """A group on the dense route that can run as one masked GEMM over shared weights: several layers, no
+    int8 codes, every width a multiple of ``COLUMN_ALIGN`` (their weights become views, no copy)."""
+    return (
+        len(layers) > 1
+        and int8_codes(layers[0].weight) is None
+        and all(m.out_features % COLUMN_ALIGN == 0 for m in layers)
+    )
+
+
 def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSITY, fuse: bool = True) -> list[str]:
     """Pack ``model``'s eligible sparse layers for the sparse GEMV; returns the names of the packed layers.
 
@@ -207,7 +220,8 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
     for unit in _units(model, fuse):
         layers: list[Any] = [modules[n] for n in unit]  # sparse Linears; their packed state is plain attributes
         sparsity = _unit_sparsity(layers)
-        if sparsity is not None and sparsity < min_sparsity:
+        dense = sparsity is not None and sparsity < min_sparsity
+        if dense and not _fusable_dense(layers):
             route = KernelRoute(
                 "dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: cuBLAS is faster there"
             )
@@ -218,13 +232,18 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
         if len(layers) > 1:
             _group_threshold_sync(layers, packed)
         shared = SharedInput(unit) if len(layers) > 1 else None
-        route = KernelRoute("kernel", unit, sparsity, "fused launch" if shared else "one launch")
+        if dense:
+            reason = f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: cuBLAS is faster there; one masked GEMM"
+            route = KernelRoute("dense", unit, sparsity, reason)
+        else:
+            route = KernelRoute("kernel", unit, sparsity, "fused launch" if shared else "one launch")
         for i, m in enumerate(layers):
             m._packed = packed
             m._packed_from = weight_key(m.weight)
             m._kernel_group = None if shared is None else (shared, i)
             m._kernel_route = route
-        names += unit
+        if not dense:  # the sparse GEMV's layers; a fused dense group is packed for its GEMM only
+            names += unit
     return names
 
 
@@ -279,15 +298,16 @@ def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if not torch.compiler.is_compiling() and layer._packed_from != weight_key(layer.weight):
         return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)
+    run = masked_gemm if layer._kernel_route.route == "dense" else sparse_gemv  # dense: a fused group's GEMM
     group = layer._kernel_group
     if group is None:
-        return sparse_gemv(x, packed)[0]
+        return run(x, packed)[0]
     shared, i = group
     pending = shared.pending
     if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
         rest = tuple(j for j in pending[3] if j != i)
         shared.pending = (pending[0], pending[1], pending[2], rest) if rest else None
         return pending[2][i]
-    outs = sparse_gemv(x, packed)
+    outs = run(x, packed)
     shared.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
     return outs[i]

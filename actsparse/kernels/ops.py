@@ -33,7 +33,7 @@ try:  # Triton is optional: CPU-only installs use the reference
 except Exception:  # pragma: no cover - depends on the environment
     _tg = None
 
-__all__ = ["sparse_gemv", "triton_available", "kernel_for", "REDUCTIONS"]
+__all__ = ["sparse_gemv", "masked_gemm", "triton_available", "kernel_for", "REDUCTIONS"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("kernel", "consumer")
@@ -68,6 +68,24 @@ def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         extra = packed.output_offset(i)
         y[:, off : off + n] = F.linear(xs, w, None if extra is None else extra.to(x.dtype))
     return y.reshape(*x.shape[:-1], packed.padded_out)
+
+
+def masked_gemm(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]:
+    """The packed layers' outputs for one input row through **one** cuBLAS GEMM: row ``i`` of the ``[S, K]``
+    operand is ``x`` masked by layer ``i``'s threshold (and shift), so each layer keeps its own mask and the
+    weights are read once. The dense route of a fused group (q/k/v, gate/up) below the break-even sparsity."""
+    x2 = x.reshape(1, packed.in_features)
+    rows = []
+    for i in range(len(packed.segments)):
+        mu = packed.shift[i] if packed.shift is not None else 0.0
+        rows.append(mask_input(x2, packed.threshold[i], mu))
+    y = torch.cat(rows).to(x.dtype) @ packed.weight_t  # [S, N_pad]
+    outs = []
+    for i, (off, n) in enumerate(packed.segments):
+        yi = y[i, off : off + n]
+        extra = packed.output_offset(i)
+        outs.append((yi if extra is None else yi + extra.to(x.dtype)).reshape(*x.shape[:-1], n))
+    return tuple(outs)
 
 
 def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
