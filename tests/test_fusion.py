@@ -112,16 +112,17 @@ def test_decoder_with_fusion_gives_hf_generate_tokens(compile):
 
 
 def test_the_dense_view_of_a_packed_model_fuses_without_copying_or_staling_the_kernels():
-    model = make_tiny_llama(layers=1, hidden=64, inter=256).to(torch.bfloat16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # kernels: CUDA, or the interpreter on CPU
+    model = make_tiny_llama(layers=1, hidden=64, inter=256).to(dev, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(2)]
+    calib = [torch.randint(0, VOCAB, (2, 16), generator=g).to(dev) for _ in range(2)]
     A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), calib, progress=False)
     assert len(K.enable_kernels(model)) == 7
     with dense_view(model):  # q/k/v widths of 64 and 32: packed copies, the layers keep their own weights,
         # which fusing would move (the packed layers are checked against them); gate/up (256 wide) are views
         assert fuse_projections(model) == [("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")]
     assert K.stale_kernels(model) == []
-    model = make_tiny_llama(layers=1, hidden=512, inter=512).to(torch.bfloat16)  # all widths 256·k: shared views
+    model = make_tiny_llama(layers=1, hidden=512, inter=512).to(dev, torch.bfloat16)  # all widths 256·k: views
     A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), calib, progress=False)
     assert len(K.enable_kernels(model)) == 7
     attn = model.model.layers[0].self_attn
@@ -130,7 +131,7 @@ def test_the_dense_view_of_a_packed_model_fuses_without_copying_or_staling_the_k
         assert len(fuse_projections(model)) == 2  # the plain views: q/k/v and gate/up, in the packed memory
         q = model.model.layers[0].self_attn.q_proj
         assert q.weight.data_ptr() == ptr and not q.weight.is_contiguous()  # no copy
-        ids = _ids()
+        ids = _ids().to(dev)
         with torch.no_grad():
             got = model(ids).logits
         unfuse_projections(model)
