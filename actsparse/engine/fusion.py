@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.linear import SHARED_INPUT_GROUPS
+from ..kernels.linear import shared_input_group
 from ..weights import weight_key
 
 __all__ = ["fuse_projections", "unfuse_projections", "fused_groups"]
@@ -95,17 +95,12 @@ def _candidates(model: nn.Module) -> list[tuple[tuple[str, ...], list[nn.Linear]
     modules = dict(model.named_modules())
     out = []
     for name in modules:
-        parent, _, leaf = name.rpartition(".")
-        for names in SHARED_INPUT_GROUPS:
-            if leaf != names[0]:
-                continue
-            full = tuple(f"{parent}.{g}" if parent else g for g in names)
-            found = [modules.get(n) for n in full]
-            if not all(_eligible(m) for m in found):
-                continue
-            members = cast("list[nn.Linear]", found)
-            if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in members}) == 1:
-                out.append((full, members))
+        group = shared_input_group(modules, name)
+        if group is None or not all(_eligible(m) for m in group[1]):
+            continue
+        members = cast("list[nn.Linear]", group[1])
+        if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in members}) == 1:
+            out.append((group[0], members))
     return out
 
 

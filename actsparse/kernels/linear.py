@@ -55,6 +55,7 @@ __all__ = [
     "expected_sparsity",
     "KERNEL_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
+    "shared_input_group",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -71,6 +72,19 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
     ("w1", "w3"),  # Mixtral-style experts (gate, up)
     ("query", "key", "value"),  # BERT-style attention
 )
+
+
+def shared_input_group(
+    modules: dict[str, nn.Module], name: str
+) -> tuple[tuple[str, ...], list[nn.Module | None]] | None:
+    """The :data:`SHARED_INPUT_GROUPS` group led by the module called ``name``: its members' full names and
+    modules (None where a sibling is missing), or None when ``name`` leads no group."""
+    parent, _, leaf = name.rpartition(".")
+    for group in SHARED_INPUT_GROUPS:
+        if leaf == group[0]:
+            names = tuple(f"{parent}.{g}" if parent else g for g in group)
+            return names, [modules.get(n) for n in names]
+    return None
 
 
 def _is_sparse_linear(m: nn.Module) -> TypeGuard[nn.Linear]:
@@ -130,18 +144,13 @@ def _units(model: nn.Module, fuse: bool) -> list[tuple[str, ...]]:
     units: list[tuple[str, ...]] = []
     if fuse:
         for name in eligible:
-            parent, _, leaf = name.rpartition(".")
-            for group in SHARED_INPUT_GROUPS:
-                if leaf != group[0]:
-                    continue
-                names = tuple(f"{parent}.{g}" if parent else g for g in group)
-                members = [modules.get(n) for n in names]
-                if not all(m is not None and _eligible(m) for m in members):
-                    continue
-                linears = cast("list[nn.Linear]", members)  # all present and eligible (sparse Linears)
-                if len({m.in_features for m in linears}) == 1 and len({_weight_kind(m.weight) for m in linears}) == 1:
-                    units.append(names)
-                    taken.update(names)
+            group = shared_input_group(modules, name)
+            if group is None or not all(m is not None and _eligible(m) for m in group[1]):
+                continue
+            names, linears = group[0], cast("list[nn.Linear]", group[1])  # all present, eligible sparse Linears
+            if len({m.in_features for m in linears}) == 1 and len({_weight_kind(m.weight) for m in linears}) == 1:
+                units.append(names)
+                taken.update(names)
     units += [(n,) for n in eligible if n not in taken]
     return units
 
