@@ -58,6 +58,23 @@ def test_fused_model_computes_the_same_logits_with_one_gemm_per_group_and_no_wei
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_unfused_weights_own_their_storage_again_so_the_model_saves(tmp_path):
+    model = make_tiny_llama(layers=1, hidden=64, inter=128)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    unfuse_projections(model)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.v_proj.weight.untyped_storage().data_ptr()
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 4
+    model.save_pretrained(tmp_path)  # and it saves and reloads as the model it was
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    back = type(model).from_pretrained(tmp_path)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_fusing_again_keeps_intact_groups_and_replans_changed_ones():
     model = make_tiny_llama(layers=2, hidden=64, inter=128)
     fuse_projections(model)

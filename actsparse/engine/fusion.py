@@ -15,7 +15,7 @@ Only plain dense layers take part: ``type(m) is nn.Linear``, dense fp16/bf16/fp3
 subclass such as torchao's int8), same ``in_features``, dtype and device, all or none with a bias, no hooks
 and no accelerate dispatch. Sparse layers (``SparseLinear``) are the kernels' business. The result equals
 the layers' own ``F.linear`` up to the GEMM's summation order; with gradients enabled (training) or after a
-member's weight was replaced, the member runs alone. :func:`unfuse_projections` restores the plain forwards.
+member's weight was replaced, the member runs alone. :func:`unfuse_projections` restores the plain forwards and separate weights.
 """
 
 from __future__ import annotations
@@ -169,10 +169,19 @@ def _unfuse(m: nn.Module) -> None:
 
 
 def unfuse_projections(model: nn.Module) -> None:
-    """Undo :func:`fuse_projections`: every member runs its own ``F.linear`` again (weights stay where they are)."""
+    """Undo :func:`fuse_projections`: every member runs its own ``F.linear`` again, with a weight (and bias) of
+    its own storage (a group at a time, so memory peaks at one group's extra copy), as before fusing.
+    Weights shared with sparse layers (a dense view's) stay where they are."""
     for m in model.modules():
-        if _entry(m) is not None:
-            _unfuse(m)
+        entry = _entry(m)
+        if entry is None:
+            continue
+        _unfuse(m)
+        if not vars(m).get("_fuse_no_copy"):
+            lin = cast(nn.Linear, m)
+            for p in (lin.weight, lin.bias):
+                if p is not None and p.untyped_storage().nbytes() > p.numel() * p.element_size():
+                    p.data = p.data.clone()
 
 
 def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
