@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.linear import shared_input_group
+from ..kernels.linear import SharedInput, shared_input_group
 from ..weights import weight_key
 
 __all__ = ["fuse_projections", "unfuse_projections", "fused_groups"]
@@ -35,12 +35,12 @@ __all__ = ["fuse_projections", "unfuse_projections", "fused_groups"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class _Group:
+class _Group(SharedInput):
     """One fused group: the concatenated weight (and bias), the output sizes, the outputs not yet taken."""
 
     def __init__(self, names: tuple[str, ...], weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
-        self.names, self.weight, self.bias, self.sizes = names, weight, bias, sizes
-        self.pending: tuple | None = None
+        super().__init__(names)
+        self.weight, self.bias, self.sizes = weight, bias, sizes
 
 
 def _eligible(m: nn.Module | None) -> bool:
@@ -68,26 +68,13 @@ def _adjacent_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), stride)
 
 
-def _version(x: torch.Tensor) -> int | None:
-    if torch.compiler.is_compiling() or x.is_inference():
-        return None
-    return x._version
-
-
 def _fused_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     group, i = self._fused
     if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
         not torch.compiler.is_compiling() and self._fused_from != weight_key(self.weight)
     ):
         return F.linear(x, self.weight, self.bias)  # training, or a weight replaced since fusing: alone
-    pending = group.pending
-    if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
-        rest = tuple(j for j in pending[3] if j != i)
-        group.pending = (pending[0], pending[1], pending[2], rest) if rest else None
-        return pending[2][i]
-    outs = F.linear(x, group.weight, group.bias).split(group.sizes, dim=-1)
-    group.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
-    return outs[i]
+    return group.output(i, x, lambda: F.linear(x, group.weight, group.bias).split(group.sizes, dim=-1))
 
 
 def _candidates(model: nn.Module) -> list[tuple[tuple[str, ...], list[nn.Linear]]]:

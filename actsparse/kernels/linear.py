@@ -34,6 +34,7 @@ packing (and then stays dense). :func:`stale_kernels` is that check for a whole 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard, cast
 
@@ -56,6 +57,7 @@ __all__ = [
     "KERNEL_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
     "shared_input_group",
+    "SharedInput",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -124,6 +126,18 @@ class SharedInput:
     def __init__(self, names: tuple[str, ...]):
         self.names = names
         self.pending: tuple | None = None
+
+    def output(self, i: int, x: torch.Tensor, compute: Callable[[], tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Member ``i``'s output for ``x``: left by a sibling called with this very ``x`` (unchanged since),
+        else ``compute()`` of all outputs, whose others are left for the siblings."""
+        pending = self.pending
+        if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
+            rest = tuple(j for j in pending[3] if j != i)
+            self.pending = (pending[0], pending[1], pending[2], rest) if rest else None
+            return pending[2][i]
+        outs = compute()
+        self.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
+        return outs[i]
 
 
 @dataclass(frozen=True)
@@ -312,11 +326,4 @@ def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     if group is None:
         return run(x, packed)[0]
     shared, i = group
-    pending = shared.pending
-    if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
-        rest = tuple(j for j in pending[3] if j != i)
-        shared.pending = (pending[0], pending[1], pending[2], rest) if rest else None
-        return pending[2][i]
-    outs = run(x, packed)
-    shared.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
-    return outs[i]
+    return shared.output(i, x, lambda: run(x, packed))

@@ -110,8 +110,13 @@ def _sparse_gemv_op(
     zero: torch.Tensor | None,
     segments: list[int],
 ) -> torch.Tensor:
+    return _run(x, _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments))
+
+
+def _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments: list[int]) -> PackedGemv:
+    """The ``PackedGemv`` a custom op received as tensors and a flat ``[start, n, start, n, ...]`` list."""
     segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
-    return _run(x, PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero))
+    return PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero)
 
 
 def _padded_out(weight_t: torch.Tensor) -> int:
@@ -137,8 +142,7 @@ def _sparse_gemv_partials_op(
     split: int,
 ) -> torch.Tensor:
     assert _tg is not None  # only called where kernel_for() picked Triton
-    segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
-    packed = PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero)
+    packed = _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments)
     config = _tg.launch_config(packed, x.device)
     if config.split_k != split:
         raise UsageError(f"sparse_gemv_partials: the launch rule splits K {config.split_k} ways, not {split}")
