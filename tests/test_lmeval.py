@@ -9,8 +9,10 @@ from helpers import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main
+from actsparse.errors import UsageError
 from actsparse.eval import SparsityMonitor
 from actsparse.eval.lmeval import LMEVAL_INSTALL, check_tasks, run_lm_eval
+from actsparse.eval.loglik import continuation_logliks
 
 TASK = "actsparse_tiny_mc"
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
@@ -78,21 +80,23 @@ def _tokenizer():
     return tok
 
 
-def own_scores(model, tok, items) -> tuple[float, float, list[torch.Tensor], list[list[float]]]:
+def own_scores(model, tok, items) -> tuple[float, float, list[tuple[torch.Tensor, int]], list[list[float]]]:
     """(acc, acc_norm, forwarded inputs, per-choice log-likelihoods) from the model's own log-probabilities:
-    each choice scores the sum of log p(continuation token) after "Question: ...\\nAnswer:" and a space."""
+    each choice scores the sum of log p(continuation token) after "Question: ...\\nAnswer:" and a space.
+    The inputs come with the first position that is new for the shared-prefix scorer (0 for an item's first
+    choice, which carries the context, else the context's last token)."""
     hits = hits_norm = 0
     inputs, all_lls = [], []
     for it in items:
         ctx = tok(f"Question: {it['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
         lls = []
-        for c in it["choices"]:
+        for j, c in enumerate(it["choices"]):
             cont = tok(" " + c, add_special_tokens=False)["input_ids"]
             x = torch.tensor([ctx + cont])[:, :-1]  # lm-eval drops the last token too
             with torch.no_grad():
                 logp = model(x).logits.float().log_softmax(-1)[0, len(ctx) - 1 :]
             lls.append(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()))
-            inputs.append(x)
+            inputs.append((x, 0 if j == 0 else len(ctx) - 1))
         norm = [ll / len(c) for ll, c in zip(lls, it["choices"])]
         hits += max(range(len(lls)), key=lls.__getitem__) == it["label"]
         hits_norm += max(range(len(norm)), key=norm.__getitem__) == it["label"]
@@ -116,25 +120,74 @@ def test_accuracy_matches_own_loglikelihoods_dense_and_sparse(task_dir, calib_da
 
     A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.8}), calib_data)
     limit = 9
-    sparse = run_lm_eval(model, tok, TASK, include_path=folder, limit=limit)
     acc, acc_norm, inputs, sparse_lls = own_scores(model, tok, items[:limit])
-    m = sparse["tasks"][TASK]
-    assert sparse["samples"][TASK] == limit
-    assert m["acc"]["value"] == pytest.approx(acc, abs=1e-12)
-    assert m["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-12)
     assert sparse_lls != dense_lls[:limit]  # the thresholds change the scores
-    # the sparsity measured during lm-eval's forward passes = the same sequences through a SparsityMonitor
-    with SparsityMonitor(model) as mon, torch.no_grad():
-        for x in inputs:
-            model(x)
-    expected = mon.sparsity()
-    assert set(sparse["measured_sparsity"]) == set(expected) and len(expected) == 14
-    for name, v in expected.items():
-        assert sparse["measured_sparsity"][name] == pytest.approx(v, abs=1e-9), name
-    assert all(v > 0.5 for v in expected.values())
+    for scorer, batch in (("shared-prefix", 4), ("hflm", 1)):
+        sparse = run_lm_eval(model, tok, TASK, include_path=folder, limit=limit, scorer=scorer, batch_size=batch)
+        m = sparse["tasks"][TASK]
+        assert sparse["samples"][TASK] == limit and sparse["scorer"] == scorer
+        assert m["acc"]["value"] == pytest.approx(acc, abs=1e-12), scorer
+        assert m["acc_norm"]["value"] == pytest.approx(acc_norm, abs=1e-12), scorer
+        # the sparsity measured during lm-eval's forward passes = the tokens it ran through a SparsityMonitor:
+        # every full sequence (hflm); each context once, then each choice's tokens (shared-prefix, no padding)
+        with SparsityMonitor(model) as mon, torch.no_grad():
+            for x, first in inputs:
+                mask = torch.arange(x.shape[1])[None] >= (first if scorer == "shared-prefix" else 0)
+                with mon.counting(mask):
+                    model(x)
+        expected = mon.sparsity()
+        assert set(sparse["measured_sparsity"]) == set(expected) and len(expected) == 14
+        for name, v in expected.items():
+            assert sparse["measured_sparsity"][name] == pytest.approx(v, abs=1e-9), (scorer, name)
+        assert all(v > 0.5 for v in expected.values())
     assert set(sparse["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert sparse["by_type"]["down_proj"]["layers"] == 2 and sparse["by_type"]["down_proj"]["target"] == 0.8
     json.dumps(sparse)
+
+
+def _full_pass(model, ctx, cont) -> tuple[float, bool]:
+    x = torch.tensor([ctx + cont])[:, :-1]
+    with torch.no_grad():
+        logp = model(x).logits.float().log_softmax(-1)[0, len(ctx) - 1 :]
+    return float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), bool(
+        (logp.argmax(-1) == torch.tensor(cont)).all()
+    )
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_shared_prefix_logliks_equal_one_full_pass_per_choice(sparse, calib_data):
+    model = make_tiny_llama()
+    if sparse:
+        A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.6}), calib_data)
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(0, 200, (n,), generator=g).tolist()
+
+    # contexts of 1..19 tokens (one-token contexts run without a cache), 1..4 continuations of 1..6 tokens
+    groups = [(ids(n), [ids(1 + (n * k) % 6) for k in range(1 + n % 4)]) for n in (7, 1, 19, 3, 1, 12, 2)]
+    # a continuation the model predicts greedily: its own argmax tokens after the context
+    ctx = groups[0][0]
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+        nxt2 = int(model(torch.tensor([ctx + [nxt]])).logits[0, -1].argmax())
+    groups[0][1].append([nxt, nxt2])
+    batched = continuation_logliks(model, groups)
+    alone = [continuation_logliks(model, [gr])[0] for gr in groups]
+    for (ctx, conts), got, one in zip(groups, batched, alone):
+        for cont, (ll, greedy), (ll1, greedy1) in zip(conts, got, one, strict=True):
+            ref_ll, ref_greedy = _full_pass(model, ctx, cont)
+            assert ll == pytest.approx(ref_ll, abs=1e-4) and ll1 == pytest.approx(ref_ll, abs=1e-4)
+            assert greedy == ref_greedy == greedy1
+    assert batched[0][-1][1] is True and not all(greedy for _, greedy in batched[2])
+    with pytest.raises(UsageError, match="non-empty"):
+        continuation_logliks(model, [([1, 2], [[]])])
+
+
+def test_scorer_names_are_checked(task_dir):
+    folder, _ = task_dir
+    with pytest.raises(UsageError, match="scorer must be one of shared-prefix, hflm"):
+        run_lm_eval(make_tiny_llama(), _tokenizer(), TASK, include_path=folder, scorer="fast")
 
 
 def test_unknown_task_names_close_matches_and_the_fix(task_dir, capsys):
@@ -212,6 +265,11 @@ def test_cli_eval_tasks_json_and_table(task_dir, calib_data, tmp_path, capsys):
     assert set(res["by_type"]) == {"up_proj", "down_proj"} and res["by_type"]["down_proj"]["target"] == 0.6
     assert 0 < res["by_type"]["up_proj"]["measured"] < res["by_type"]["down_proj"]["measured"]
 
+    assert main([*common, "--limit", "6", "--lm-eval-scorer", "hflm", "--json"]) == 0
+    res_hflm = json.loads(capsys.readouterr().out)
+    assert res_hflm["scorer"] == "hflm" and res["scorer"] == "shared-prefix"
+    assert res_hflm["tasks"][TASK]["acc"]["value"] == pytest.approx(acc, abs=1e-12)
+
     assert main([*common, "--limit", "3", "--per-layer"]) == 0
     out = capsys.readouterr().out
     assert "lm-eval" in out and "3-shot" not in out and "0-shot, limit 3" in out
@@ -226,6 +284,8 @@ def test_cli_lm_eval_options_need_tasks(tmp_path, capsys):
     assert main(["eval", "--model", "no/such/model", "--limit", "5", "--num-fewshot", "1"]) == 2
     err = capsys.readouterr().err
     assert "--num-fewshot, --limit apply only to lm-eval" in err and "--tasks" in err
+    assert main(["eval", "--model", "no/such/model", "--lm-eval-scorer", "hflm"]) == 2
+    assert "--lm-eval-scorer apply only to lm-eval" in capsys.readouterr().err
     for flag, value, message in [
         ("--limit", "0", "fraction below 1"),
         ("--lm-eval-batch-size", "0", ">= 1"),

@@ -1,6 +1,6 @@
 """The zero-shot quality table of the embedded model (README, docs/zeroshot/): every row on the same items.
 
-    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot     # ~1 h a row on 2 CPU cores (12 rows)
+    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot/limit500   # ~25 min a row on 2 CPU cores (13 rows)
 
 Rows: dense; NNCF's recipe (up/gate 30%, down 50%); quantile, teal-greedy, scap-median and wina at 40% and 50%
 of all seven projections; the attribution method (cor_gxo, calibrated; heads of o_proj and neurons of down_proj)
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import actsparse as A  # noqa: E402
 from actsparse.data import chunk_tokens, count_words, load_corpus, tokenize  # noqa: E402
 from actsparse.eval import SparsityMonitor, perplexity  # noqa: E402
-from actsparse.eval.lmeval import mean_accuracy, run_lm_eval  # noqa: E402
+from actsparse.eval.lmeval import SCORERS, mean_accuracy, run_lm_eval  # noqa: E402
 from actsparse.eval.sweep import ALL_PROJECTIONS, weighted_sparsity  # noqa: E402
 from actsparse.eval.zeroshot import ZEROSHOT, split_note  # noqa: E402
 from actsparse.models import load_model  # noqa: E402
@@ -50,7 +50,10 @@ ROWS = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=500, help="items per task (the same for every row)")
-    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (accuracy is batch-independent)")
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="contexts per forward pass (accuracy is batch-independent)"
+    )
+    ap.add_argument("--scorer", default="shared-prefix", choices=SCORERS, help="run_lm_eval's scorer")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--rows", default=None, help="comma list of row names to run (default: all)")
     ap.add_argument("--out", default="docs/zeroshot")
@@ -82,7 +85,15 @@ def main() -> None:
             ppl = perplexity(model, ids, context=1024, n_words=words, progress=False)
         measured = weighted_sparsity(model, mon.sparsity()) if mon is not None else 0.0
         t = time.time()
-        r = run_lm_eval(model, tok, "zeroshot", limit=args.limit, batch_size=args.batch_size, task_data="offline")
+        r = run_lm_eval(
+            model,
+            tok,
+            "zeroshot",
+            limit=args.limit,
+            batch_size=args.batch_size,
+            task_data="offline",
+            scorer=args.scorer,
+        )
         mean, se = mean_accuracy(r)
         row = {
             "row": name,
@@ -108,6 +119,7 @@ def main() -> None:
             eval_tokens=int(ids.numel()),
             calibration="32 x 256 tokens of the embedded calibration split",
             lm_eval_version=r["lm_eval_version"],
+            scorer=args.scorer,
             torch=torch.__version__,
             command=" ".join(["python", "tools/zeroshot_table.py", *sys.argv[1:]]),
         )

@@ -9,6 +9,7 @@ from ..config import SparsifyConfig
 from ..errors import UsageError
 from ..eval.lmeval import (
     LMEVAL_INSTALL,
+    SCORERS,
     TASK_DATA,
     check_options,
     check_tasks,
@@ -50,7 +51,14 @@ def register(sub) -> None:
         "--lm-eval-batch-size",
         type=int_at_least(1),
         default=None,
-        help="lm-eval batch size (default 1; larger batches are padded, and padding counts in the measured sparsity)",
+        help="contexts per forward pass with the shared-prefix scorer, requests per pass with hflm (default 1)",
+    )
+    ev.add_argument(
+        "--lm-eval-scorer",
+        default=None,
+        choices=SCORERS,
+        help="shared-prefix (default): each distinct context runs once, its choices in one batch on its KV cache "
+        "(same prompts and metrics as lm-eval; padding never counts in the measured sparsity); hflm: lm-eval's own loop",
     )
     ev.add_argument("--include-path", default=None, metavar="DIR", help="folder of custom lm-eval task YAMLs")
     ev.add_argument(
@@ -76,7 +84,7 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         return eval_tasks(args)
     lm_only = [
         f"--{k.replace('_', '-')}"
-        for k in ("num_fewshot", "limit", "lm_eval_batch_size", "include_path")
+        for k in ("num_fewshot", "limit", "lm_eval_batch_size", "lm_eval_scorer", "include_path")
         if getattr(args, k) is not None
     ]
     if lm_only:
@@ -120,7 +128,8 @@ def eval_tasks(args) -> dict[str, Any]:
     """``eval --tasks``: lm-eval accuracy of the (sparsified) model object, then the sparsity it measured."""
     shots = 0 if args.num_fewshot is None else args.num_fewshot
     batch_size = 1 if args.lm_eval_batch_size is None else args.lm_eval_batch_size
-    check_options(shots, args.limit, batch_size)
+    scorer = args.lm_eval_scorer or "shared-prefix"
+    check_options(shots, args.limit, batch_size, scorer)
     # bad names (and a missing offline data wheel) fail before the model loads
     tasks = check_tasks(args.tasks, include_path=args.include_path, task_data=args.task_data)
     model, tokenizer = load_model_from_args(args)
@@ -135,6 +144,7 @@ def eval_tasks(args) -> dict[str, Any]:
         batch_size=batch_size,
         include_path=args.include_path,
         task_data=args.task_data,
+        scorer=scorer,
     )
     mean = mean_accuracy(r)
     if mean is not None:

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..api import sparse_layers
 from ..errors import ActSparseError, UsageError
 from ..offload import model_device
+from .loglik import continuation_logliks
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
 from .zeroshot import OFFLINE_TASKS, expand_task_names, offline_available, offline_task_dir, split_note
 
@@ -40,6 +42,7 @@ __all__ = [
     "LMEvalNotInstalledError",
     "LMEVAL_INSTALL",
     "TASK_DATA",
+    "SCORERS",
     "mean_accuracy",
 ]
 
@@ -181,6 +184,56 @@ def check_tasks(tasks: str | Sequence[str], *, include_path=None, task_data: str
     return _resolve(tasks, include_path, task_data)[0]
 
 
+# --------------------------------------------------------------------------------------- scorers
+SCORERS = ("shared-prefix", "hflm")
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_prefix_lm(hflm: type) -> type:
+    """lm-eval's ``HFLM`` whose log-likelihoods run each distinct context once (:mod:`actsparse.eval.loglik`).
+
+    lm-eval tokenizes the requests as always (``HFLM.loglikelihood``); only the model calls differ: requests
+    are grouped by context, ``batch_size`` contexts (longest first) go through one pass into a KV cache and
+    their continuations through one more. Requests longer than the model's window (lm-eval truncates those
+    from the left) go to HFLM's own loop. ``monitor`` (set after construction) counts only real tokens.
+    """
+
+    class SharedPrefixHFLM(hflm):
+        monitor: SparsityMonitor | None = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            groups: dict[tuple[int, ...], list[int]] = {}
+            too_long = []
+            for i, (_, ctx, cont) in enumerate(requests):
+                if len(ctx) + len(cont) > self.max_length + 1:
+                    too_long.append(i)
+                else:
+                    groups.setdefault(tuple(ctx), []).append(i)
+            order = sorted(groups, key=lambda c: -(len(c) + max(len(requests[i][2]) for i in groups[c])))
+            res: list[tuple[float, bool] | None] = [None] * len(requests)
+            step = int(self.batch_size)
+            bar = tqdm(total=len(requests), disable=disable_tqdm, desc="log-likelihoods (shared prefix)")
+            for b in range(0, len(order), step):
+                batch = order[b : b + step]
+                scored = continuation_logliks(
+                    self.model, [(c, [requests[i][2] for i in groups[c]]) for c in batch], monitor=self.monitor
+                )
+                for c, answers in zip(batch, scored, strict=True):
+                    for i, answer in zip(groups[c], answers, strict=True):
+                        res[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(len(groups[c]))
+            bar.close()
+            if too_long:
+                rest = super()._loglikelihood_tokens([requests[i] for i in too_long], disable_tqdm, override_bs)
+                for i, answer in zip(too_long, rest, strict=True):
+                    res[i] = answer
+            return res
+
+    return SharedPrefixHFLM
+
+
 # ------------------------------------------------------------------------------------------- run
 def _number(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
@@ -225,8 +278,12 @@ def _restored(model: nn.Module, device: str | torch.device | None) -> Iterator[N
         model.train(training)
 
 
-def check_options(num_fewshot: int | None = 0, limit: int | float | None = None, batch_size: int = 1) -> None:
-    """Validate ``run_lm_eval``'s options (``ValueError`` naming the bad one)."""
+def check_options(
+    num_fewshot: int | None = 0, limit: int | float | None = None, batch_size: int = 1, scorer: str = "shared-prefix"
+) -> None:
+    """Validate ``run_lm_eval``'s options (``UsageError`` naming the bad one)."""
+    if scorer not in SCORERS:
+        raise UsageError(f"scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     if num_fewshot is not None and (
         isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0
     ):
@@ -249,6 +306,7 @@ def run_lm_eval(
     include_path=None,
     device: str | torch.device | None = None,
     task_data: str = "auto",
+    scorer: str = "shared-prefix",
 ) -> dict[str, Any]:
     """Evaluate ``model`` (dense or sparsified, in memory) on lm-eval tasks; return JSON-able results.
 
@@ -258,8 +316,12 @@ def run_lm_eval(
         tasks: lm-eval task/group names, a list or a comma string; validated before anything runs.
         num_fewshot: few-shot examples per prompt (0: zero-shot; ``None``: each task's default).
         limit: examples per task (a fraction if < 1; for quick checks, not reportable numbers).
-        batch_size: lm-eval batch size. With batches > 1 lm-eval right-pads the inputs and the padding is
-            counted in the measured sparsity too; 1 measures exactly the scored sequences.
+        batch_size: contexts per forward pass (``"shared-prefix"``), requests per pass (``"hflm"``). With
+            ``"hflm"`` and batches > 1 the right-padding is counted in the measured sparsity too.
+        scorer: ``"shared-prefix"`` (default) runs each distinct context once and its continuations in one
+            batch on its KV cache (2-3x fewer tokens on ARC, HellaSwag, SciQ) and measures the sparsity of real
+            tokens only (each context once); ``"hflm"`` is lm-eval's own loop. Prompts, tokenization and
+            metrics are lm-eval's in both; the log-likelihoods agree up to float rounding.
         include_path: a folder (or folders) of custom task YAMLs.
         task_data: where the seven standard tasks' data comes from (see :func:`check_tasks`).
         device: run there (the model is moved for the run and back after); ``None``: where the model is.
@@ -271,7 +333,7 @@ def run_lm_eval(
         "target", "measured"}}``).
     """
     lm_eval, HFLM, _ = _import_lm_eval()
-    check_options(num_fewshot, limit, batch_size)
+    check_options(num_fewshot, limit, batch_size, scorer)
     names, manager = _resolve(tasks, include_path, task_data)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         raise UsageError(
@@ -282,7 +344,10 @@ def run_lm_eval(
     monitor = SparsityMonitor(model) if layers else None
     t = time.perf_counter()
     with _restored(model, device), monitor or contextlib.nullcontext():
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
+        lm_class = HFLM if scorer == "hflm" else _shared_prefix_lm(HFLM)
+        lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
+        if scorer == "shared-prefix":
+            lm.monitor = monitor
         raw = lm_eval.simple_evaluate(
             model=lm,
             tasks=names,
@@ -301,6 +366,7 @@ def run_lm_eval(
         "num_fewshot": dict(raw.get("n-shot", {})),
         "limit": limit,
         "batch_size": batch_size,
+        "scorer": scorer,
         "seconds": seconds,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
         "offline_tasks": [n for n in names if n in OFFLINE_TASKS and _offline_used(manager, n)],

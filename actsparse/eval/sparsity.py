@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import ExitStack
 
 import torch
@@ -22,6 +24,9 @@ class SparsityMonitor:
     >>> with SparsityMonitor(model) as mon:
     ...     model(ids)
     >>> mon.sparsity()   # {layer name: fraction of zero input entries}
+
+    ``with mon.counting(mask):`` counts only the token positions where ``mask`` (``[batch, seq]``, bool) is
+    true during the forward passes inside it: padding is then not measured.
     """
 
     def __init__(self, model: nn.Module):
@@ -31,10 +36,27 @@ class SparsityMonitor:
         self.zeros: dict[str, int] = defaultdict(int)
         self.total: dict[str, int] = defaultdict(int)
         self._hooks: ExitStack | None = None
+        self._mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def counting(self, mask: torch.Tensor) -> Iterator[None]:
+        """Count only the positions where ``mask`` is true (inputs shaped ``[*mask.shape, features]``)."""
+        previous, self._mask = self._mask, mask.to(torch.bool)
+        try:
+            yield
+        finally:
+            self._mask = previous
 
     def _hook(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         assert isinstance(module, SparseLinear)
         xs = module.sparsify_input(x)
+        if self._mask is not None:
+            if tuple(xs.shape[:-1]) != tuple(self._mask.shape):
+                raise UsageError(
+                    f"SparsityMonitor.counting: mask of shape {tuple(self._mask.shape)} does not match the input "
+                    f"{tuple(xs.shape)} of {name}"
+                )
+            xs = xs[self._mask.to(xs.device)]
         self.zeros[name] += int((xs == 0).sum().item())
         self.total[name] += xs.numel()
 
