@@ -25,6 +25,7 @@ from .methods.teal import TealMethod
 from .methods.wina import WinaMethod
 from .moe import UnsupportedExpertsError, fuse_experts, unfuse_experts
 from .quant import compress_weights
+from .rotation import RotationResult, rotate_residual
 from .scope import IgnoredScope, TargetScope
 from .sparse_linear import SparseLinear, SparsityParams
 
@@ -53,6 +54,8 @@ __all__ = [
     "register_method",
     "registered_methods",
     "compress_weights",
+    "rotate_residual",
+    "RotationResult",
     "unfuse_experts",
     "fuse_experts",
     "UnsupportedExpertsError",

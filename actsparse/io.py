@@ -24,6 +24,7 @@ from .fileio import atomic_write, check_output_path, keep_file_modes
 from .methods.scap import read_scap_json
 from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
+from .rotation import adapter_weights, rotation_of
 from .schema import Fields, check_input_file, parse_json
 from .sparse_linear import BUFFERS, SparsityParams, check_not_sparsified
 
@@ -41,8 +42,8 @@ __all__ = [
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
 # 2: optional act_shift / act_scale / act_topk tensors per layer; 3: optional act_lr_u / act_lr_v (low rank);
-# older files still load
-FORMAT_VERSION = 3
+# 4: model.rotation, the fingerprint of a folded residual rotation (written only then); older files still load
+FORMAT_VERSION = 4
 _SUFFIXES = tuple("." + b for b in BUFFERS)
 _SAVE_HINT = "in Python: actsparse.save_thresholds(model, path) after sparsifying"
 
@@ -75,6 +76,11 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     layers = sparse_layers(model)
     if not layers:
         raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
+    if adapter_weights(model):
+        raise UsageError(
+            "saving thresholds of a model rotated per layer (rotate_residual with residual adapters) is not "
+            "supported yet: the thresholds only hold with its rotated weights and adapters, which no file keeps"
+        )
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     check_output_path(path, "thresholds file")
@@ -84,11 +90,14 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
         for b in BUFFERS
         if (t := m._buffers.get(b)) is not None
     }
+    identity = _model_identity(model)
+    if rotation_of(model) is not None:
+        identity["rotation"] = rotation_of(model)
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if "rotation" in identity else 3,
         "library_version": __version__,
-        "model": _model_identity(model),
+        "model": identity,
         "layers": {
             n: {
                 "in_features": m.in_features,
@@ -106,7 +115,7 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
 
 
 _HEADER_KEYS = {"format", "format_version", "library_version", "model", "layers", "extra"}
-_MODEL_KEYS = {"class", "name_or_path", "model_type", "fingerprint"}
+_MODEL_KEYS = {"class", "name_or_path", "model_type", "fingerprint", "rotation"}
 _LAYER_KEYS = {"in_features", "out_features", "target_sparsity", "method", "calibration"}
 
 
@@ -265,6 +274,15 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
             f"thresholds in {path!r} were made for another architecture, {desc} (fingerprint "
             f"{made_for.get('fingerprint')} != {model_fingerprint(model)}); calibrate for this "
             f"model, or pass strict=False if you know the layers correspond"
+        )
+    made_on, this = made_for.get("rotation"), rotation_of(model)
+    if made_on != this:
+        raise ThresholdFileError(
+            f"thresholds in {path!r} were calibrated on "
+            + (f"a model whose residual stream is rotated (basis {made_on})" if made_on else "the unrotated model")
+            + ", this model "
+            + (f"is rotated with basis {this}" if this else "is not rotated")
+            + ": load them on the checkpoint they were calibrated on, or calibrate for this model"
         )
     targets = {n: info.get("target_sparsity") for n, info in header["layers"].items()}
     methods = {info.get("method") for info in header["layers"].values()}

@@ -61,6 +61,12 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "zeroshot.json")
     done = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    for key, want in (("limit", args.limit), ("scorer", args.scorer)):
+        if done["rows"] and done.get(key, want) != want:
+            sys.exit(
+                f"{path} holds rows made with {key}={done.get(key)!r}, not {want!r}: every row must use the same "
+                "items and scorer; pass another --out or the same settings"
+            )
     have = {r["row"] for r in done["rows"]}
     wanted = set(args.rows.split(",")) if args.rows else None
 

@@ -9,6 +9,7 @@ from ..data import tokenize
 from ..errors import UsageError
 from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
+from ..rotation import rotate_residual
 from ..scope import IgnoredScope
 from .args import add_eval_args, add_model_args, limit_arg
 from .common import calibration_data, load_all, log, precheck_scopes
@@ -49,6 +50,17 @@ def register(sub) -> None:
         help="with --tasks: examples per task (the same items at every point)",
     )
     sw.add_argument("--task-data", default="auto", choices=TASK_DATA, help="with --tasks: as eval's --task-data")
+    sw.add_argument(
+        "--rotate",
+        nargs="?",
+        const="per-layer",
+        default=None,
+        choices=("per-layer", "global"),
+        help="first rotate the residual stream into the PCA basis of the calibration activations, folded into "
+        "the weights (rotate_residual: the same dense function); every method then sparsifies the rotated "
+        "q/k/v and gate/up inputs. per-layer (the default of --rotate): one basis per layer, a residual "
+        "adapter between layers, whose weights count against the skipped ones; global: one basis, free",
+    )
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -72,6 +84,22 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     ids = tokenize(tokenizer, corpus.evaluation)
     if args.eval_tokens is not None:
         ids = ids[: args.eval_tokens]
+    rotation = None
+    if args.rotate:
+        log(args, "rotating the residual stream into the PCA basis of the calibration activations")
+        rot = rotate_residual(model, data, per_layer=args.rotate == "per-layer", progress=not args.no_progress)
+        rotation = {
+            "mode": args.rotate,
+            "tokens": rot.tokens,
+            "energy_in_top_half": rot.energy_in_top(0.5),
+            "untied_head": rot.untied_head,
+            "adapter_weights": rot.adapter_weights,
+        }
+        log(
+            args,
+            f"  {100 * rotation['energy_in_top_half']:.1f}% of the energy in the top half of the coordinates; "
+            f"{rot.adapter_weights} adapter weights read per token (subtracted from the measured skipped weights)",
+        )
     log(args, f"sweep: {len(methods)} methods x {len(sparsities)} sparsities on {args.scope}")
 
     def show(p):
@@ -105,7 +133,9 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "context": args.context,
         "calibration_tokens": sum(d.numel() for d in data),
         "methods": method_meta(methods),
-        "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens",
+        "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"
+        + (f", residual stream rotated ({args.rotate})" if rotation else ""),
+        "rotation": rotation,
     }
     if accuracy is not None:
         log(args, f"zero-shot accuracy of the dense model on {', '.join(tasks or [])}")

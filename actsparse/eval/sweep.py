@@ -25,6 +25,7 @@ from ..api import SparsifyConfig, remove_sparsity, sparsify_
 from ..errors import InvalidTypeError, UsageError
 from ..fileio import atomic_write
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
+from ..rotation import adapter_weights
 from ..scope import IgnoredScope, TargetScope
 from ..sparse_linear import check_not_sparsified
 from .perplexity import perplexity
@@ -115,11 +116,13 @@ def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
 
 
 def weighted_sparsity(model: nn.Module, measured: Mapping[str, float]) -> float:
-    """Measured sparsity weighted by each layer's weight count (fraction of weight columns skipped)."""
+    """Measured sparsity weighted by each layer's weight count: the fraction of the sparse layers' weights
+    skipped, less the weights a rotated model's residual adapters read per token (``actsparse.rotation``)."""
     layers = dict(model.named_modules())
     sizes = {n: layers[n].in_features * layers[n].out_features for n in measured}
     total = sum(sizes.values())
-    return sum(measured[n] * sizes[n] for n in measured) / total if total else 0.0
+    skipped = sum(measured[n] * sizes[n] for n in measured) - adapter_weights(model)
+    return skipped / total if total else 0.0
 
 
 def run_sweep(

@@ -1,0 +1,221 @@
+"""rotate_residual: the PCA basis folded into the weights leaves the dense model's function unchanged."""
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import VOCAB, make_tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import actsparse as A
+from actsparse.errors import AlreadySparsifiedError, UsageError
+
+
+def _gains(model, seed=5):
+    """Random positive norm gains (a fresh model has ones, which would hide a missing fold)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g) * 1.5)
+    return model
+
+
+def _tied(bias: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attention_bias=bias,
+    )
+    return _gains(LlamaForCausalLM(cfg).eval())
+
+
+def _data(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(n)]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _norm_inputs(model, data):
+    """Per layer: the inputs of q_proj and gate_proj (after the fold: the normalized rotated residual)."""
+    seen = {i: [] for i in range(len(model.model.layers))}
+    hooks = [
+        lin.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        for i, layer in enumerate(model.model.layers)
+        for lin in (layer.self_attn.q_proj, layer.mlp.gate_proj)
+    ]
+    with torch.no_grad():
+        for b in data:
+            model(b)
+    for h in hooks:
+        h.remove()
+    return {i: torch.cat(x) for i, x in seen.items()}
+
+
+def _off_diagonal(x):
+    m2 = x.T @ x
+    return float((m2 - torch.diag(m2.diagonal())).abs().max() / m2.diagonal().max())
+
+
+@pytest.mark.parametrize("build", ["untied", "tied_with_biases"])
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_dense_function_unchanged_and_inputs_decorrelated(build, per_layer):
+    model = _gains(make_tiny_llama(layers=3)) if build == "untied" else _tied(bias=True)
+    n_layers = len(model.model.layers)
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(9))
+    before = _logits(model, ids)
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    res = A.rotate_residual(model, _data(), per_layer=per_layer, progress=False)
+    after = _logits(model, ids)
+    assert (after - before).abs().max() / before.abs().max() < 1e-5
+    q = res.basis.double()
+    assert q.shape == (n_layers, 64, 64)
+    eye = torch.eye(64, dtype=q.dtype)
+    assert all(torch.allclose(b.T @ b, eye, atol=1e-6) for b in q)
+    assert torch.all(res.variances[:, :-1] >= res.variances[:, 1:]) and res.tokens == 4 * 2 * 24
+    assert 0.1 < res.energy_in_top(0.5) <= 1.0
+    assert res.untied_head == (build != "untied") and A.rotation.rotation_of(model) == res.fingerprint
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is not emb.weight
+    assert torch.allclose(emb.weight.double(), emb_before.double() @ q[0], atol=1e-5)
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            assert torch.all(m.weight == 1)
+    # one residual adapter between consecutive layers with their own bases, none with one basis
+    adapters = [m for m in model.modules() if isinstance(m, A.rotation.ResidualAdapter)]
+    assert len(adapters) == (n_layers - 1 if per_layer else 0)
+    assert res.adapter_weights == A.rotation.adapter_weights(model) == len(adapters) * 64 * 64
+    # q/k/v and gate/up now read principal coordinates: on the calibration data, the second moment of a
+    # layer's inputs is diagonal (per layer), or of all layers' inputs pooled (one basis); a layer's own is
+    # not diagonal in the shared basis
+    seen = _norm_inputs(model, _data())
+    if per_layer:
+        assert max(_off_diagonal(x) for x in seen.values()) < 1e-4
+    else:
+        assert _off_diagonal(torch.cat(list(seen.values()))) < 1e-4
+        assert _off_diagonal(seen[0]) > 1e-2
+    # and the rotated model sparsifies and runs with any method
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), _data(2), progress=False)
+    assert torch.isfinite(_logits(model, ids)).all()
+
+
+def test_a_saved_basis_reproduces_the_rotation():
+    model = _gains(make_tiny_llama(layers=3))
+    res = A.rotate_residual(model, _data(), progress=False)
+    fresh = _gains(make_tiny_llama(layers=3))
+    again = A.rotate_residual(fresh, basis=res.basis, progress=False)
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(4))
+    assert again.fingerprint == res.fingerprint and again.variances is None
+    assert torch.allclose(_logits(fresh, ids), _logits(model, ids), atol=1e-5)
+    for p_fresh, p_model in zip(fresh.parameters(), model.parameters()):
+        assert torch.allclose(p_fresh, p_model, atol=1e-6)
+    with pytest.raises(UsageError, match="already rotated"):
+        A.rotate_residual(fresh, basis=res.basis, progress=False)
+    for bad, match in [
+        (res.basis[:2], "holds 2 bases for 3 layers"),
+        (res.basis * 2, "not orthogonal"),
+        (torch.eye(32), "32 wide"),
+        (torch.full((64, 64), float("nan")), "finite"),
+    ]:
+        with pytest.raises(UsageError, match=match):
+            A.rotate_residual(_gains(make_tiny_llama(layers=3)), basis=bad, progress=False)
+    with pytest.raises(UsageError, match="one of them"):
+        A.rotate_residual(fresh, _data(), basis=res.basis)
+
+
+def test_thresholds_only_load_on_the_same_rotation(tmp_path, calib_data):
+    glob = _tied()
+    A.rotate_residual(glob, _data(2), per_layer=False, progress=False)
+    A.sparsify_(glob, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    path = A.save_thresholds(glob, str(tmp_path / "rot.safetensors"))
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    # the rotated checkpoint (weights + config fingerprint) loads its thresholds; an unrotated model refuses
+    A.save_pretrained(glob, str(tmp_path / "ckpt"))
+    back = A.from_pretrained(str(tmp_path / "ckpt")).eval()
+    assert back.get_output_embeddings().weight is not back.get_input_embeddings().weight
+    assert torch.allclose(_logits(back, ids), _logits(glob, ids), atol=1e-5)
+    plain = _tied()
+    with pytest.raises(A.ThresholdFileError, match="rotated .*this model is not rotated"):
+        A.load_thresholds(plain, path)
+    assert not A.sparse_layers(plain)
+    A.sparsify_(plain, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    plain_path = A.save_thresholds(plain, str(tmp_path / "plain.safetensors"))
+    other = _tied()
+    A.rotate_residual(other, _data(2), per_layer=False, progress=False)
+    with pytest.raises(A.ThresholdFileError, match="unrotated model, this model is rotated"):
+        A.load_thresholds(other, plain_path)
+    # per-layer rotations have adapters no file keeps yet: saving says so
+    per = make_tiny_llama(layers=3)
+    A.rotate_residual(per, _data(2), progress=False)
+    A.sparsify_(per, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    with pytest.raises(UsageError, match="not supported yet"):
+        A.save_thresholds(per, str(tmp_path / "per.safetensors"))
+    assert not (tmp_path / "per.safetensors").exists()
+
+
+class _GemmaNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight) -- its gain cannot be folded into W·diag(g) as such."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+def _plain(t):
+    return t.dequantize() if type(t) is not torch.Tensor and hasattr(t, "dequantize") else t
+
+
+def _state(model):
+    return {k: _plain(v).clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "break_it, match",
+    [
+        (lambda m: setattr(m.model.layers[1], "post_attention_layernorm", _GemmaNorm(64)), "1 \\+ weight"),
+        (lambda m: setattr(m.model.layers[0], "input_layernorm", nn.LayerNorm(64)), "not an RMSNorm"),
+        (lambda m: setattr(m.model.layers[0], "post_feedforward_layernorm", nn.LayerNorm(64)), "more norms"),
+        (lambda m: setattr(m.model.layers[0].mlp, "up_proj", nn.Identity()), "nn.Linear"),
+        (lambda m: A.compress_weights(m, "int8_sym"), "compressed"),
+    ],
+)
+def test_unsupported_models_fail_before_any_change(break_it, match):
+    pytest.importorskip("torchao") if "compress" in match else None
+    model = _gains(make_tiny_llama())
+    break_it(model)
+    state = _state(model)
+    with pytest.raises(UsageError, match=match):
+        A.rotate_residual(model, _data(1), progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(_plain(after[k]), v) for k, v in state.items())
+
+
+def test_a_sparsified_model_is_refused(calib_data):
+    model = make_tiny_llama()
+    A.sparsify_(model, A.SparsifyConfig({r".*up_proj": 0.5}), calib_data, progress=False)
+    with pytest.raises(AlreadySparsifiedError, match="remove_sparsity"):
+        A.rotate_residual(model, _data(1), progress=False)
+
+
+def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate(calib_data):
+    model = _gains(make_tiny_llama(layers=3))
+    A.rotate_residual(model, _data(), progress=False)  # per layer: adapters as forward hooks
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out = A.Decoder(model, max_seq_len=32).run(ids, 12)
+    assert torch.equal(out.sequences, ref)
