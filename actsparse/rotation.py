@@ -16,9 +16,10 @@ calibration data, and folds it into the weights, so that the dense model compute
 * a tied output head gets its own weight (it now differs from the embeddings by the final norm's gain).
 
 ``Q_l``'s columns are the eigenvectors of the second moment ``Σ n(r) n(r)ᵀ`` of the normalized residual
-``n(r) = r / rms(r)`` at layer ``l``'s attention and MLP norm inputs (``per_layer=True``, the default), or of
-all layers' pooled (one basis, no adapters, nothing extra per token: measured no better than no rotation on
-the embedded model, because the principal directions move from layer to layer). Afterwards q/k/v and
+``n(r) = r / rms(r)`` at layer ``l``'s attention and MLP norm inputs (``layers_per_basis=1``, the default);
+``layers_per_basis=k`` pools ``k`` consecutive layers into one basis (an adapter every ``k`` layers: ``1/k``
+of the cost), ``None`` all of them (one basis, no adapters, nothing extra per token: measured no better than
+no rotation on the embedded model, because the principal directions move from layer to layer). Afterwards q/k/v and
 gate/up read the rotated coordinates and any sparsity method calibrates on them as usual; o_proj and
 down_proj inputs (after attention, after SiLU·up) are unchanged. In float32 the dense logits change by float
 rounding only; in fp16/bf16 the folded weights are rounded once more. Rotate before compressing weights or
@@ -330,7 +331,7 @@ def rotate_residual(
     model: nn.Module,
     data: Iterable[Any] | None = None,
     *,
-    per_layer: bool = True,
+    layers_per_basis: int | None = 1,
     basis: torch.Tensor | None = None,
     progress: bool = True,
 ) -> RotationResult:
@@ -338,9 +339,9 @@ def rotate_residual(
 
     ``data``: calibration batches as for :func:`~actsparse.sparsify_` (token-id tensors, dicts with
     ``input_ids``/``attention_mask``); or ``basis``: saved bases ``[L, D, D]`` (or one ``[D, D]`` for every
-    layer) to fold as they are. ``per_layer`` (default): one basis per decoder layer, from that layer's own
-    inputs, with a residual adapter between layers; ``False``: one basis for all layers, no adapter (free,
-    but measured no better than no rotation, see the README). The dense model computes the same function
+    layer) to fold as they are. ``layers_per_basis``: 1 (default) = one basis per decoder layer, from that
+    layer's own inputs, with a residual adapter between layers; ``k``: one per ``k`` consecutive layers;
+    ``None``: one for all layers, no adapter (free, but measured no better than no rotation, see the README). The dense model computes the same function
     afterwards; sparsify it next with any method. Everything is checked before the first weight changes: an
     unsupported, sparsified or already rotated model, or compressed weights, raise and leave it unmodified.
     """
@@ -351,6 +352,10 @@ def rotate_residual(
         raise UsageError(
             f"the residual stream is already rotated (basis {rotation_of(model)}): rotate a fresh copy of the model"
         )
+    if layers_per_basis is not None and (
+        isinstance(layers_per_basis, bool) or not isinstance(layers_per_basis, int) or layers_per_basis < 1
+    ):
+        raise UsageError(f"layers_per_basis must be an int >= 1 or None (one basis), got {layers_per_basis!r}")
     base, layers, emb, head = _check(model)
     d, n_layers = emb.weight.shape[1], len(layers)
     variances, tokens = None, 0
@@ -369,12 +374,14 @@ def rotate_residual(
         H, tokens = _second_moments(model, layers, batches, progress)
         if tokens == 0:
             raise UsageError("rotate_residual got no calibration tokens")
-        H = H / (2 * tokens) if per_layer else H.sum(0, keepdim=True) / (2 * tokens * n_layers)
+        k = n_layers if layers_per_basis is None else layers_per_basis
+        groups = torch.arange(n_layers) // k  # layer -> its basis
+        H = torch.stack([H[groups == g].sum(0) for g in range(int(groups.max()) + 1)]) / (2 * tokens)
         if not torch.isfinite(H).all():
             raise UsageError("the calibration activations are not finite: cannot compute a rotation")
         eig, vectors = torch.linalg.eigh(H)
         eig, vectors = eig.flip(-1), vectors.flip(-1)  # decreasing variance
-        qs = vectors if per_layer else vectors.expand(n_layers, d, d).clone()
+        qs = vectors[groups]
         variances = eig.float().clamp_min(0)
     untied = _fold(model, base, layers, emb, head, qs)
     saved = qs.float().contiguous()

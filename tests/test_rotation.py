@@ -1,5 +1,7 @@
 """rotate_residual: the PCA basis folded into the weights leaves the dense model's function unchanged."""
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +9,7 @@ from helpers import VOCAB, make_tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import actsparse as A
+from actsparse.cli import main
 from actsparse.errors import AlreadySparsifiedError, UsageError
 
 
@@ -67,14 +70,14 @@ def _off_diagonal(x):
 
 
 @pytest.mark.parametrize("build", ["untied", "tied_with_biases"])
-@pytest.mark.parametrize("per_layer", [True, False])
-def test_dense_function_unchanged_and_inputs_decorrelated(build, per_layer):
+@pytest.mark.parametrize("k", [1, 2, None])
+def test_dense_function_unchanged_and_inputs_decorrelated(build, k):
     model = _gains(make_tiny_llama(layers=3)) if build == "untied" else _tied(bias=True)
     n_layers = len(model.model.layers)
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(9))
     before = _logits(model, ids)
     emb_before = model.get_input_embeddings().weight.detach().clone()
-    res = A.rotate_residual(model, _data(), per_layer=per_layer, progress=False)
+    res = A.rotate_residual(model, _data(), layers_per_basis=k, progress=False)
     after = _logits(model, ids)
     assert (after - before).abs().max() / before.abs().max() < 1e-5
     q = res.basis.double()
@@ -90,18 +93,21 @@ def test_dense_function_unchanged_and_inputs_decorrelated(build, per_layer):
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm"):
             assert torch.all(m.weight == 1)
-    # one residual adapter between consecutive layers with their own bases, none with one basis
+    # one residual adapter between consecutive layers of different bases, none with one basis
     adapters = [m for m in model.modules() if isinstance(m, A.rotation.ResidualAdapter)]
-    assert len(adapters) == (n_layers - 1 if per_layer else 0)
+    step = n_layers if k is None else k
+    assert len(adapters) == (n_layers - 1) // step
+    if k == 2:
+        assert torch.equal(q[0], q[1]) and (n_layers < 3 or not torch.equal(q[1], q[2]))
     assert res.adapter_weights == A.rotation.adapter_weights(model) == len(adapters) * 64 * 64
     # q/k/v and gate/up now read principal coordinates: on the calibration data, the second moment of a
     # layer's inputs is diagonal (per layer), or of all layers' inputs pooled (one basis); a layer's own is
     # not diagonal in the shared basis
     seen = _norm_inputs(model, _data())
-    if per_layer:
-        assert max(_off_diagonal(x) for x in seen.values()) < 1e-4
-    else:
-        assert _off_diagonal(torch.cat(list(seen.values()))) < 1e-4
+    pools = [list(range(i, min(i + step, n_layers))) for i in range(0, n_layers, step)]
+    for pool in pools:
+        assert _off_diagonal(torch.cat([seen[i] for i in pool])) < 1e-4
+    if k is None:
         assert _off_diagonal(seen[0]) > 1e-2
     # and the rotated model sparsifies and runs with any method
     A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), _data(2), progress=False)
@@ -130,11 +136,14 @@ def test_a_saved_basis_reproduces_the_rotation():
             A.rotate_residual(_gains(make_tiny_llama(layers=3)), basis=bad, progress=False)
     with pytest.raises(UsageError, match="one of them"):
         A.rotate_residual(fresh, _data(), basis=res.basis)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match="layers_per_basis"):
+            A.rotate_residual(_gains(make_tiny_llama(layers=3)), _data(), layers_per_basis=bad)
 
 
 def test_thresholds_only_load_on_the_same_rotation(tmp_path, calib_data):
     glob = _tied()
-    A.rotate_residual(glob, _data(2), per_layer=False, progress=False)
+    A.rotate_residual(glob, _data(2), layers_per_basis=None, progress=False)
     A.sparsify_(glob, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
     path = A.save_thresholds(glob, str(tmp_path / "rot.safetensors"))
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
@@ -150,7 +159,7 @@ def test_thresholds_only_load_on_the_same_rotation(tmp_path, calib_data):
     A.sparsify_(plain, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
     plain_path = A.save_thresholds(plain, str(tmp_path / "plain.safetensors"))
     other = _tied()
-    A.rotate_residual(other, _data(2), per_layer=False, progress=False)
+    A.rotate_residual(other, _data(2), layers_per_basis=None, progress=False)
     with pytest.raises(A.ThresholdFileError, match="unrotated model, this model is rotated"):
         A.load_thresholds(other, plain_path)
     # per-layer rotations have adapters no file keeps yet: saving says so
@@ -219,3 +228,32 @@ def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate(calib_data):
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
     out = A.Decoder(model, max_seq_len=32).run(ids, 12)
     assert torch.equal(out.sequences, ref)
+
+
+def test_cli_sweep_rotates_first_and_counts_the_adapters(tiny_model_dir, text_file, tmp_path, capsys):
+    common = ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress", "--methods", "quantile"]
+    common += ["--sparsity", "0.5", "--calib-samples", "4", "--calib-seq-len", "32", "--context", "64"]
+    common += ["--eval-tokens", "300"]
+    points = {}
+    for flag in ([], ["--rotate"], ["--rotate", "global"]):
+        out = tmp_path / f"sw{len(points)}"
+        assert main([*common, *flag, "--out", str(out)]) == 0
+        capsys.readouterr()
+        data = json.loads((out / "sweep.json").read_text())
+        points[" ".join(flag)] = (data["points"][0], data.get("rotation"))
+    (plain, none), (rot, meta), (glob, gmeta) = points.values()
+    assert none is None and meta["mode"] == 1 and gmeta["mode"] == "global" and gmeta["adapter_weights"] == 0
+    # the tiny model: 2 layers of 64 wide -> one 64x64 adapter, subtracted from the skipped weights
+    sizes = {"q_proj": 64 * 64, "k_proj": 64 * 32, "v_proj": 64 * 32, "o_proj": 64 * 64}
+    sizes.update(gate_proj=64 * 128, up_proj=64 * 128, down_proj=64 * 128)
+
+    def skipped(point):
+        per = point["per_layer"]
+        return sum(v * sizes[n.rsplit(".", 1)[-1]] for n, v in per.items()) / (2 * sum(sizes.values()))
+
+    assert meta["adapter_weights"] == 64 * 64
+    assert rot["measured"] == pytest.approx(skipped(rot) - 64 * 64 / (2 * sum(sizes.values())), abs=1e-9)
+    assert glob["measured"] == pytest.approx(skipped(glob), abs=1e-9)
+    assert plain["measured"] == pytest.approx(skipped(plain), abs=1e-9)
+    assert main([*common, "--rotate", "0"]) == 2
+    assert "number of layers >= 1 or 'global'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from ..config import SparsifyConfig
@@ -53,14 +54,27 @@ def register(sub) -> None:
     sw.add_argument(
         "--rotate",
         nargs="?",
-        const="per-layer",
+        const="1",
         default=None,
-        choices=("per-layer", "global"),
+        type=_layers_per_basis,
+        metavar="K|global",
         help="first rotate the residual stream into the PCA basis of the calibration activations, folded into "
         "the weights (rotate_residual: the same dense function); every method then sparsifies the rotated "
-        "q/k/v and gate/up inputs. per-layer (the default of --rotate): one basis per layer, a residual "
-        "adapter between layers, whose weights count against the skipped ones; global: one basis, free",
+        "q/k/v and gate/up inputs. K (default 1): one basis per K consecutive layers, a residual adapter "
+        "between bases, whose weights count against the skipped ones; global: one basis, no adapter",
     )
+
+
+def _layers_per_basis(text: str) -> int | str:
+    if text == "global":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of layers >= 1 or 'global', got {text!r}")
+    return k
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -87,7 +101,8 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     rotation = None
     if args.rotate:
         log(args, "rotating the residual stream into the PCA basis of the calibration activations")
-        rot = rotate_residual(model, data, per_layer=args.rotate == "per-layer", progress=not args.no_progress)
+        k = None if args.rotate == "global" else args.rotate
+        rot = rotate_residual(model, data, layers_per_basis=k, progress=not args.no_progress)
         rotation = {
             "mode": args.rotate,
             "tokens": rot.tokens,
@@ -134,7 +149,11 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "calibration_tokens": sum(d.numel() for d in data),
         "methods": method_meta(methods),
         "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"
-        + (f", residual stream rotated ({args.rotate})" if rotation else ""),
+        + (
+            ""
+            if rotation is None
+            else f", residual stream rotated ({'one basis' if args.rotate == 'global' else f'{args.rotate} layer(s) per basis'})"
+        ),
         "rotation": rotation,
     }
     if accuracy is not None:
