@@ -34,7 +34,7 @@ from bench_gemv import Case, env_info, graph_time_us  # noqa: E402
 
 from actsparse.kernels import sparse_gemv_reference  # noqa: E402
 from actsparse.kernels import triton_gemv as tg  # noqa: E402
-from actsparse.kernels.triton_gemv import _accumulate, _round_to  # noqa: E402
+from actsparse.kernels.triton_gemv import _accumulate, _round_to, split_k_tail  # noqa: E402
 
 SHAPES = [(4096, 12288), (4096, 22016), (4096, 4096), (11008, 4096), (14336, 4096)]
 BLOCK_K, BLOCK_N, STAGES, PER_SM = 64, 256, 3, 2
@@ -94,18 +94,9 @@ def _precompacted_kernel(
     if ATOMIC:
         tl.atomic_add(part_ptr + offs_n, part, sem="relaxed")
     else:
-        tl.store(part_ptr + pid_k * N + offs_n, part)
-        arrived = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            offs_s = tl.arange(0, SPLIT_P2)
-            parts = tl.load(
-                part_ptr + offs_s[:, None] * N + offs_n[None, :],
-                mask=(offs_s < SPLIT_K)[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            tl.store(y_ptr + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty))
-            tl.store(sem_ptr + pid_n, 0)
+        total, last = split_k_tail(part, pid_k, pid_n, offs_n, N, part_ptr, sem_ptr, SPLIT_K, SPLIT_P2)
+        if last:
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty))
 
 
 class Compacted:

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us  # noqa: E402
 
 from actsparse.kernels import triton_gemv as tg  # noqa: E402
-from actsparse.kernels.triton_gemv import _round_to  # noqa: E402
+from actsparse.kernels.triton_gemv import _round_to, split_k_tail  # noqa: E402
 
 
 @triton.jit
@@ -222,20 +222,12 @@ def _exp_kernel(
         if FOLD == 1:
             part -= 1152.0 * xsum
         part = (part - tl.load(zero_ptr + offs_n) * xsum) * tl.load(scale_ptr + offs_n)
-    tl.store(part_ptr + pid_k * N + offs_n, part)
-    if ABL == 1:
+    if ABL == 1:  # partials only, no reduction
+        tl.store(part_ptr + pid_k * N + offs_n, part)
         return
-    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == SPLIT_K - 1:
-        offs_s = tl.arange(0, SPLIT_P2)
-        parts = tl.load(
-            part_ptr + offs_s[:, None] * N + offs_n[None, :],
-            mask=(offs_s < SPLIT_K)[:, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        tl.store(y_ptr + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty))
-        tl.store(cnt_ptr + pid_n, 0)
+    total, last = split_k_tail(part, pid_k, pid_n, offs_n, N, part_ptr, cnt_ptr, SPLIT_K, SPLIT_P2)
+    if last:
+        tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty))
 
 
 class Variant:

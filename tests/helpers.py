@@ -8,17 +8,21 @@ __all__ = ["VOCAB", "make_tiny_llama", "byte_tokenizer"]
 VOCAB = 256
 
 
-def make_tiny_llama(layers: int = 2, seed: int = 0, hidden: int = 64, inter: int = 128) -> LlamaForCausalLM:
+def make_tiny_llama(layers: int = 2, seed: int = 0, hidden: int = 64, inter: int = 128, **config) -> LlamaForCausalLM:
+    """A random tiny Llama (4 heads, 2 KV heads, untied head); ``config`` overrides LlamaConfig fields."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+            **config,
+        }
     )
     return LlamaForCausalLM(cfg).eval()
 

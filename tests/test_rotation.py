@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import VOCAB, make_tiny_llama
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import actsparse as A
 from actsparse.cli import main
@@ -23,19 +22,8 @@ def _gains(model, seed=5):
     return model
 
 
-def _tied(bias: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(2)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        attention_bias=bias,
-    )
-    return _gains(LlamaForCausalLM(cfg).eval())
+def _tied(bias: bool = False):
+    return _gains(make_tiny_llama(seed=2, tie_word_embeddings=True, attention_bias=bias))
 
 
 def _data(n=4, seed=1):

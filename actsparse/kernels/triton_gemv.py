@@ -167,19 +167,32 @@ def _sparse_gemv_kernel(
     elif SPLIT_K == 1:
         _epilogue(part, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
     else:
-        tl.store(part_ptr + pid_k * N + offs_n, part)
-        # acq_rel: our partials are visible before the count; the last arriver sees everyone's
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            offs_s = tl.arange(0, SPLIT_P2)
-            parts = tl.load(
-                part_ptr + offs_s[:, None] * N + offs_n[None, :],
-                mask=(offs_s < SPLIT_K)[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            _epilogue(tl.sum(parts, axis=0), offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
-            tl.store(cnt_ptr + pid_n, 0)
+        total, last = split_k_tail(part, pid_k, pid_n, offs_n, N, part_ptr, cnt_ptr, SPLIT_K, SPLIT_P2)
+        if last:
+            _epilogue(total, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
+
+
+@triton.jit
+def split_k_tail(part, pid_k, pid_n, offs_n, N, part_ptr, cnt_ptr, SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """Store this program's fp32 partial sums and count it in; ``(sum of the SPLIT_K partials, True)`` for
+    the program of column block ``pid_n`` that arrives last (summed in a fixed order; it also resets the
+    counter for the next launch), ``(zeros, False)`` for the others."""
+    tl.store(part_ptr + pid_k * N + offs_n, part)
+    # acq_rel: our partials are visible before the count; the last arriver sees everyone's
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros_like(part)
+    if last:
+        offs_s = tl.arange(0, SPLIT_P2)
+        parts = tl.load(
+            part_ptr + offs_s[:, None] * N + offs_n[None, :],
+            mask=(offs_s < SPLIT_K)[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        total = tl.sum(parts, axis=0)
+        tl.store(cnt_ptr + pid_n, 0)
+    return total, last
 
 
 @triton.jit
