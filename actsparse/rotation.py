@@ -362,7 +362,7 @@ def rotate_residual(
     if basis is not None:
         if not isinstance(basis, torch.Tensor) or basis.dim() not in (2, 3):
             raise UsageError(f"basis: expected [L, D, D] or [D, D], got {tuple(getattr(basis, 'shape', ()))}")
-        given = basis.detach().double().cpu()
+        given = basis.detach().double()  # where it is: folding on the weights' GPU stays there
         if given.dim() == 3 and given.shape[0] != n_layers:
             raise UsageError(f"basis holds {given.shape[0]} bases for {n_layers} layers")
         problem = next((p for q in (given if given.dim() == 3 else [given]) if (p := check_basis(q, d))), None)
@@ -384,7 +384,7 @@ def rotate_residual(
         qs = vectors[groups]
         variances = eig.float().clamp_min(0)
     untied = _fold(model, base, layers, emb, head, qs)
-    saved = qs.float().contiguous()
+    saved = qs.float().cpu().contiguous()
     fingerprint = basis_fingerprint(saved)
     for cfg in {id(c): c for c in _configs(model)}.values():
         setattr(cfg, CONFIG_KEY, fingerprint)
