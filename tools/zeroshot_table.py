@@ -8,8 +8,9 @@ at 30% and 50% of units; int8 (asym) + NNCF's recipe. Each row: lm-eval's seven 
 (actsparse.eval.zeroshot; the first --limit items of each, all of a task with fewer), acc per task, the mean and
 its standard error; the weighted measured sparsity and the perplexity of the same thresholds on the embedded
 evaluation split. Calibration: 32 x 256 tokens of the calibration split (the README's setting). Results are
-written after every row (zeroshot.json, zeroshot.csv), so an interrupted run keeps what it finished; rows that
-are already in --out are skipped on a rerun.
+written after every task of every row (zeroshot.json; zeroshot.csv holds the finished rows), so an interrupted
+run keeps what it finished and a rerun with the same --out resumes where it stopped (calibration is
+deterministic: a row's thresholds are recomputed, its finished tasks skipped).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "zeroshot.json")
     done = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    partial = done.setdefault("partial", {})  # row -> the tasks finished so far (a row resumes task by task)
     for key, want in (("limit", args.limit), ("scorer", args.scorer)):
-        if done["rows"] and done.get(key, want) != want:
+        if (done["rows"] or partial) and done.get(key, want) != want:
             sys.exit(
                 f"{path} holds rows made with {key}={done.get(key)!r}, not {want!r}: every row must use the same "
                 "items and scorer; pass another --out or the same settings"
@@ -87,52 +89,65 @@ def main() -> None:
         if scopes is not None:
             A.sparsify_(model, A.SparsifyConfig(scopes, method=method), calib, progress=False)
         calib_s = time.time() - t
-        with SparsityMonitor(model) if A.sparse_layers(model) else _null() as mon:
-            ppl = perplexity(model, ids, context=1024, n_words=words, progress=False)
-        measured = weighted_sparsity(model, mon.sparsity()) if mon is not None else 0.0
-        t = time.time()
-        r = run_lm_eval(
-            model,
-            tok,
-            "zeroshot",
-            limit=args.limit,
-            batch_size=args.batch_size,
-            task_data="offline",
-            scorer=args.scorer,
-        )
-        mean, se = mean_accuracy(r)
-        row = {
-            "row": name,
-            "method": None if method is None else (method if isinstance(method, str) else method.name),
-            "scopes": scopes,
-            "weights": weights,
-            "acc": {t_: r["tasks"][t_]["acc"]["value"] for t_ in ZEROSHOT},
-            "acc_stderr": {t_: r["tasks"][t_]["acc"]["stderr"] for t_ in ZEROSHOT},
-            "acc_norm": {t_: r["tasks"][t_].get("acc_norm", {}).get("value") for t_ in ZEROSHOT},
-            "samples": r["samples"],
-            "mean_acc": mean,
-            "mean_acc_stderr": se,
-            "measured_sparsity": measured,
-            "token_perplexity": ppl.token_perplexity,
-            "word_perplexity": ppl.word_perplexity,
-            "calibration_seconds": calib_s,
-            "lm_eval_seconds": time.time() - t,
-        }
-        done["rows"].append(row)
+        part = partial.setdefault(name, {"tasks": {}, "samples": {}, "lm_eval_seconds": 0.0})
+        if "token_perplexity" not in part:
+            with SparsityMonitor(model) if A.sparse_layers(model) else _null() as mon:
+                ppl = perplexity(model, ids, context=1024, n_words=words, progress=False)
+            part.update(
+                measured_sparsity=weighted_sparsity(model, mon.sparsity()) if mon is not None else 0.0,
+                token_perplexity=ppl.token_perplexity,
+                word_perplexity=ppl.word_perplexity,
+                calibration_seconds=calib_s,
+            )
         done.update(
             limit=args.limit,
             split_note=split_note(list(ZEROSHOT)),
             eval_tokens=int(ids.numel()),
             calibration="32 x 256 tokens of the embedded calibration split",
-            lm_eval_version=r["lm_eval_version"],
             scorer=args.scorer,
             torch=torch.__version__,
             command=" ".join(["python", "tools/zeroshot_table.py", *sys.argv[1:]]),
         )
         _write(args.out, done)
+        for task in ZEROSHOT:
+            if task in part["tasks"]:
+                continue
+            t = time.time()
+            r = run_lm_eval(
+                model, tok, task, limit=args.limit, batch_size=args.batch_size, task_data="offline", scorer=args.scorer
+            )
+            part["tasks"][task] = r["tasks"][task]
+            part["samples"].update(r["samples"])
+            part["lm_eval_seconds"] += time.time() - t
+            done["lm_eval_version"] = r["lm_eval_version"]
+            _write(args.out, done)
+            print(
+                f"{name:<18} {task:<14} acc {r['tasks'][task]['acc']['value']:.4f}  ({time.time() - t:.0f} s)",
+                flush=True,
+            )
+        mean, se = mean_accuracy({"tasks": part["tasks"]}, list(ZEROSHOT))
+        tasks = part["tasks"]
+        row = {
+            "row": name,
+            "method": None if method is None else (method if isinstance(method, str) else method.name),
+            "scopes": scopes,
+            "weights": weights,
+            "acc": {t_: tasks[t_]["acc"]["value"] for t_ in ZEROSHOT},
+            "acc_stderr": {t_: tasks[t_]["acc"]["stderr"] for t_ in ZEROSHOT},
+            "acc_norm": {t_: tasks[t_].get("acc_norm", {}).get("value") for t_ in ZEROSHOT},
+            "samples": part["samples"],
+            "mean_acc": mean,
+            "mean_acc_stderr": se,
+            **{k: part[k] for k in ("measured_sparsity", "token_perplexity", "word_perplexity")},
+            "calibration_seconds": part["calibration_seconds"],
+            "lm_eval_seconds": part["lm_eval_seconds"],
+        }
+        done["rows"].append(row)
+        del partial[name]
+        _write(args.out, done)
         print(
-            f"{name:<18} mean acc {mean:.4f} ± {se:.4f}  measured {measured:.3f}  ppl {ppl.token_perplexity:.3f}  "
-            f"({row['lm_eval_seconds']:.0f} s lm-eval)",
+            f"{name:<18} mean acc {mean:.4f} ± {se:.4f}  measured {row['measured_sparsity']:.3f}  "
+            f"ppl {row['token_perplexity']:.3f}  ({row['lm_eval_seconds']:.0f} s lm-eval)",
             flush=True,
         )
         A.remove_sparsity(model)
