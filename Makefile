@@ -23,13 +23,16 @@ DEMO_ARGS ?=
 demo: install
 	$(VENV)/bin/actsparse demo $(DEMO_ARGS)
 
-# pytest exit code 5 means "no tests collected": not a failure of this project
+# pytest exit code 5 means "no tests collected": not a failure of this project.
+# Two pytest-xdist workers (one intra-op thread each, see tests/conftest.py): the 2-core machine the
+# README measures on; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 # the suite without the end-to-end tests on the embedded model
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e"; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not e2e"; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 # ruff (lint + format check) and the import-layer check: no cycles, no imports inside functions
 lint: install
