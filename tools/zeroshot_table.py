@@ -1,6 +1,6 @@
 """The zero-shot quality table of the embedded model (README, docs/zeroshot/): every row on the same items.
 
-    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot/limit500   # ~25 min a row on 2 CPU cores (13 rows)
+    python tools/zeroshot_table.py --limit 500 --out docs/zeroshot/limit500   # ~12 min of lm-eval a row, 2 CPU cores (13 rows)
 
 Rows: dense; NNCF's recipe (up/gate 30%, down 50%); quantile, teal-greedy, scap-median and wina at 40% and 50%
 of all seven projections; the attribution method (cor_gxo, calibrated; heads of o_proj and neurons of down_proj)
