@@ -18,13 +18,13 @@ so a sparsified model gives every real position the activations of the full pass
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.hf import forward_kwargs
 from ..errors import UsageError
 from ..offload import model_device
 from ..sparse_linear import SparseLinear
@@ -35,36 +35,14 @@ __all__ = ["continuation_logliks", "Group"]
 Group = tuple[Sequence[int], Sequence[Sequence[int]]]  # (context ids, [continuation ids, ...])
 
 
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def _forward_takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes the keyword ``name`` (looked up once per model class)."""
-    params = _FORWARD_PARAMS.get(type(model))
-    if params is None:
-        try:
-            params = frozenset(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            params = frozenset()
-        _FORWARD_PARAMS[type(model)] = params
-    return name in params
-
-
-def _cache_kwarg(model: nn.Module, cache) -> dict:
-    """The KV cache argument: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
-    return {"cache" if _forward_takes(model, "cache") else "past_key_values": cache}
-
-
-def _last_logits_only(model: nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model takes it (and its output layer is not sparsified: then every
-    position's input is measured, as in a full pass)."""
+def _sparse_head(model: nn.Module) -> bool:
+    """Whether the output layer is sparsified (then every position's input is measured, as in a full pass:
+    no ``logits_to_keep``)."""
     try:
         head = model.get_output_embeddings()  # type: ignore[operator]
     except (AttributeError, NotImplementedError, TypeError):
         head = None
-    if isinstance(head, SparseLinear) or not _forward_takes(model, "logits_to_keep"):
-        return {}
-    return {"logits_to_keep": 1}
+    return isinstance(head, SparseLinear)
 
 
 def _counting(monitor: SparsityMonitor | None, mask: torch.Tensor):
@@ -107,9 +85,8 @@ def continuation_logliks(
             ids[g, : plen[g]] = torch.tensor(list(ctx[:-1]))
             prefix_mask[g, : plen[g]] = 1
         with _counting(monitor, prefix_mask):
-            cache = model(
-                input_ids=ids.to(dev), attention_mask=prefix_mask.to(dev), use_cache=True, **_last_logits_only(model)
-            ).past_key_values
+            kw = forward_kwargs(model, None, last_only=not _sparse_head(model))
+            cache = model(input_ids=ids.to(dev), attention_mask=prefix_mask.to(dev), **kw).past_key_values
         if owner != list(range(len(groups))):
             cache.batch_select_indices(torch.tensor(owner, device=dev))
     rows = torch.zeros(len(conts), width, dtype=torch.long)
@@ -124,8 +101,7 @@ def continuation_logliks(
             input_ids=rows.to(dev),
             attention_mask=mask.to(dev),
             position_ids=positions.to(dev),
-            use_cache=False,
-            **_cache_kwarg(model, cache),
+            **{**forward_kwargs(model, cache, last_only=False), "use_cache": False},
         ).logits
     logp = F.log_softmax(logits.float(), dim=-1)
     answers: list[list[tuple[float, bool]]] = [[] for _ in groups]
