@@ -43,7 +43,8 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ..weights import int8_codes, weight_key
-from .ops import masked_gemm, sparse_gemv, triton_available
+from . import cuda_gemv
+from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
 __all__ = [
@@ -227,16 +228,26 @@ def _fusable_dense(layers: list[nn.Linear]) -> bool:
     )
 
 
-def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSITY, fuse: bool = True) -> list[str]:
+def enable_kernels(
+    model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSITY, fuse: bool = True, backend: str = "auto"
+) -> list[str]:
     """Pack ``model``'s eligible sparse layers for the sparse GEMV; returns the names of the packed layers.
 
     See the module docstring for the rules: eligible layers, shared-input groups packed into one launch
     (``fuse=False`` packs every layer alone), and the dense route below ``min_sparsity``. Calling it again
     re-plans every layer (after thresholds or targets changed). Other layers are left as they are (they run
     the torch path); :func:`kernel_routes` reports the decision for every sparse layer.
+
+    ``backend``: ``"auto"`` runs the CUDA C++ kernel where it can (:mod:`.cuda_gemv`: compute capability
+    ≥ 9.0, nvcc to build it once, fp16/bf16 weights) and the Triton kernel elsewhere; ``"triton"`` always the
+    Triton kernel; ``"cuda"`` the CUDA kernel, refusing (before any change) a device or a layer it cannot take.
     """
     if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "triton":
+        _check_cuda_backend(model, backend)
     disable_kernels(model)
     modules = dict(model.named_modules())
     names: list[str] = []
@@ -252,6 +263,7 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
                 m._kernel_route = route
             continue
         packed = _pack_unit(layers)
+        packed.backend = backend
         if len(layers) > 1:
             _group_threshold_sync(layers, packed)
         shared = SharedInput(unit) if len(layers) > 1 else None
@@ -268,6 +280,25 @@ def enable_kernels(model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSIT
         if not dense:  # the sparse GEMV's layers; a fused dense group is packed for its GEMM only
             names += unit
     return names
+
+
+def _check_cuda_backend(model: nn.Module, backend: str) -> None:
+    """Build (or find cached) the CUDA kernel for the devices of ``model``'s eligible layers, now rather than in
+    the first decode step; with ``backend="cuda"`` refuse a device or a layer it cannot take."""
+    layers = {n: m for n, m in model.named_modules() if _is_sparse_linear(m)}
+    for dev in sorted({m.weight.device for m in layers.values()}, key=str):
+        if backend == "cuda" and not cuda_kernel_available(dev):
+            raise UsageError(f"backend='cuda': {cuda_gemv.unavailable_reason(dev)} (backend='auto' uses Triton there)")
+        if backend == "auto":
+            cuda_kernel_available(dev, warn=True)
+    if backend == "cuda":
+        for n, m in layers.items():
+            if int8_codes(m.weight) is not None or m.in_features > cuda_gemv.MAX_K:
+                raise UsageError(
+                    f"backend='cuda' takes fp16/bf16 weights with at most {cuda_gemv.MAX_K} inputs; {n} has "
+                    f"{'int8 codes' if int8_codes(m.weight) is not None else f'{m.in_features} inputs'}: "
+                    "use backend='auto' (Triton for such layers)"
+                )
 
 
 def disable_kernels(model: nn.Module) -> None:

@@ -1,13 +1,15 @@
 """Dispatch and the ``actsparse::sparse_gemv`` custom op.
 
-``sparse_gemv(x, packed)`` picks the Triton kernel for one input row on CUDA (or on CPU under
-``TRITON_INTERPRET=1``) and the torch reference everywhere else, so results never depend on whether
-Triton is installed. Rows > 1 (prefill, small batches) take the dense route: mask, then cuBLAS.
+``sparse_gemv(x, packed)`` picks, for one input row, the CUDA C++ kernel (:mod:`.cuda_gemv`: Hopper or
+later, fp16/bf16 plain-layout weights, nvcc at hand) or the Triton kernel (any CUDA GPU, or the CPU under
+``TRITON_INTERPRET=1``) by ``packed.backend`` (:data:`BACKENDS`; ``"auto"`` prefers CUDA C++ where it runs),
+and the torch reference everywhere else, so results never depend on what is installed. Rows > 1
+(prefill, small batches) take the dense route: mask, then cuBLAS.
 
 The op is registered with ``torch.library.custom_op`` (and a fake kernel), so ``torch.compile`` treats it
 as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
 
-Split-K reduction (``reduce``): ``"kernel"`` (the default) sums the partial sums inside the launch (the
+Split-K reduction of the Triton kernel (``reduce``; the CUDA kernel always reduces in its cluster): ``"kernel"`` (the default) sums the partial sums inside the launch (the
 last program of each column block adds them up: one launch); ``"consumer"`` returns them from a second op,
 ``actsparse::sparse_gemv_partials``, and sums and casts in torch, for ``torch.compile`` to fuse into the
 kernel that consumes the output. Both are deterministic and agree with the reference to the dtype's
@@ -18,12 +20,14 @@ consumers, it adds a kernel. It stays for same-run ablations and for consumers o
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidTypeError, UsageError
+from . import cuda_gemv
 from .packing import PackedGemv
 from .reference import mask_input, sparse_gemv_reference
 
@@ -33,10 +37,35 @@ try:  # Triton is optional: CPU-only installs use the reference
 except Exception:  # pragma: no cover - depends on the environment
     _tg = None
 
-__all__ = ["sparse_gemv", "masked_gemm", "triton_available", "kernel_for", "REDUCTIONS"]
+__all__ = [
+    "sparse_gemv",
+    "masked_gemm",
+    "triton_available",
+    "cuda_kernel_available",
+    "kernel_for",
+    "REDUCTIONS",
+    "BACKENDS",
+]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("kernel", "consumer")
+BACKENDS = ("auto", "cuda", "triton")
+_CUDA_STATE: dict[tuple[str, int | None], str | None] = {}  # device -> why the CUDA kernel cannot run (None: it can)
+
+
+def cuda_kernel_available(device: torch.device | str, *, warn: bool = False) -> bool:
+    """Whether the CUDA C++ kernel runs on ``device`` (it is built on the first call that needs it). With
+    ``warn``, a GPU that could run it but cannot build it (no nvcc, a failed build) says why, once."""
+    dev = torch.device(device)
+    key = (
+        dev.type,
+        dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None),
+    )
+    if key not in _CUDA_STATE:
+        reason = _CUDA_STATE[key] = cuda_gemv.unavailable_reason(dev)
+        if warn and reason is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9:
+            warnings.warn(f"actsparse: {reason}; the Triton sparse GEMV runs instead", stacklevel=3)
+    return _CUDA_STATE[key] is None
 
 
 def triton_available(device: torch.device | str | None = None) -> bool:
@@ -50,11 +79,18 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 
 
 def kernel_for(x: torch.Tensor, packed: PackedGemv) -> str:
-    """``"triton"`` or ``"torch"``: what :func:`sparse_gemv` will run for this input."""
+    """``"cuda"``, ``"triton"`` or ``"torch"``: what :func:`sparse_gemv` will run for this input."""
     rows = x.numel() // max(packed.in_features, 1)
-    if rows == 1 and x.dtype in _KERNEL_DTYPES and triton_available(x.device):
-        return "triton"
-    return "torch"
+    if rows != 1 or x.dtype not in _KERNEL_DTYPES:
+        return "torch"
+    if (
+        packed.backend != "triton"
+        and x.is_cuda
+        and cuda_gemv.supports(x, packed)
+        and cuda_kernel_available(x.device, warn=True)
+    ):
+        return "cuda"
+    return "triton" if triton_available(x.device) else "torch"
 
 
 def _dense_route(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
@@ -90,6 +126,8 @@ def masked_gemm(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]
 
 def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
     kind = kernel_for(x, packed)
+    if kind == "cuda":
+        return cuda_gemv.sparse_gemv_cuda(x, packed).reshape(*x.shape[:-1], packed.padded_out)
     if kind == "triton":
         assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
         return _tg.sparse_gemv_triton(x, packed).reshape(*x.shape[:-1], packed.padded_out)
@@ -109,14 +147,17 @@ def _sparse_gemv_op(
     scale: torch.Tensor | None,
     zero: torch.Tensor | None,
     segments: list[int],
+    backend: str = "auto",
 ) -> torch.Tensor:
-    return _run(x, _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments))
+    return _run(x, _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend))
 
 
-def _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments: list[int]) -> PackedGemv:
+def _unflatten(
+    weight_t, threshold, shift, wsum, bias, scale, zero, segments: list[int], backend: str = "auto"
+) -> PackedGemv:
     """The ``PackedGemv`` a custom op received as tensors and a flat ``[start, n, start, n, ...]`` list."""
     segs = tuple((segments[i], segments[i + 1]) for i in range(0, len(segments), 2))
-    return PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero)
+    return PackedGemv(weight_t, segs, threshold, shift, wsum, bias, scale, zero, backend)
 
 
 def _padded_out(weight_t: torch.Tensor) -> int:
@@ -124,7 +165,7 @@ def _padded_out(weight_t: torch.Tensor) -> int:
 
 
 @_sparse_gemv_op.register_fake
-def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments):
+def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto"):
     return x.new_empty(*x.shape[:-1], _padded_out(weight_t))
 
 
@@ -163,6 +204,8 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") 
     """
     if reduce not in REDUCTIONS:
         raise UsageError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
+    if packed.backend not in BACKENDS:
+        raise UsageError(f"packed.backend must be one of {', '.join(BACKENDS)}, got {packed.backend!r}")
     if x.shape[-1] != packed.in_features:
         raise UsageError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
     if x.dtype not in _KERNEL_DTYPES:
@@ -171,11 +214,11 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") 
         raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
     segs = [v for seg in packed.segments for v in seg]
     args = (x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
-    if reduce == "consumer" and kernel_for(x, packed) == "triton":
+    if reduce == "consumer" and kernel_for(x, packed) == "triton":  # (the CUDA kernel reduces in its cluster)
         assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
         split = _tg.launch_config(packed, x.device).split_k
         part = torch.ops.actsparse.sparse_gemv_partials(*args, segs, split)
         y = (part.sum(0) if split > 1 else part[0]).to(x.dtype).reshape(*x.shape[:-1], packed.padded_out)
     else:
-        y = torch.ops.actsparse.sparse_gemv(*args, segs)
+        y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend)
     return packed.split(y)

@@ -75,6 +75,7 @@ class PackedGemv:
     bias: torch.Tensor | None = None  # fp32 [N_pad]
     scale: torch.Tensor | None = None  # fp32 [N_pad], int8 only
     zero: torch.Tensor | None = None  # fp32 [N_pad], int8 asymmetric only
+    backend: str = "auto"  # which GEMV runs it: "auto" (CUDA C++ where it can, else Triton), "cuda", "triton"
 
     @property
     def in_features(self) -> int:

@@ -1,0 +1,247 @@
+// actsparse: the CUDA C++ sparse GEMV for batch-1 decode (Hopper and later: thread-block clusters).
+//
+// Semantics: those of actsparse/kernels/packing.py (the torch reference defines them), for the plain layout
+// W[K, N_pad] with x and W of one dtype T (fp16 or bf16). Per column tile (one packed layer, segment s):
+//     d  = float(x[k]) - mu[s];  kept where not (|d| <= float(T(tau[s])))  (NaN is kept)
+//     y[n] = T( sum over kept k of W[k, n] * float(T(d))  +  mu[s] * wsum[n]  +  bias[n] )   (fp32 sums)
+//
+// One thread block owns BN output columns and a k_per slice of the inputs; the cl blocks sharing a column
+// tile form a thread-block cluster, so the split-K reduction runs through distributed shared memory:
+//   1. every thread loads its x values at once (one memory latency) and tests them; the block lists its kept
+//      rows' indices and values in shared memory in increasing k (warp ballots, a prefix over warps);
+//   2. the kept rows are streamed: a row's BN columns are BN/8 lanes x 16 bytes (L1 bypassed), a warp covers
+//      32/(BN/8) rows per step, U steps are issued before their FMAs, fp32 accumulators;
+//   3. lanes reduce over the rows of a warp (shuffles), warps through shared memory, then every block pushes
+//      its partial sum of column c into the shared memory of the block that owns c (BN/cl columns each), one
+//      cluster barrier, and the owner adds the cl partials in rank order and writes y: deterministic, one
+//      launch, no workspace, no counters.
+// Programmatic dependent launch: the kernel waits for its predecessor before touching memory and lets its
+// successor launch early (a no-op unless the launch asks for it).
+// Built at first use by actsparse/kernels/cuda_gemv.py (nvcc -> shared library, called through ctypes).
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace cg = cooperative_groups;
+
+constexpr int WARPS = 8;
+constexpr int NT = WARPS * 32;
+constexpr int JMAX = 8;  // x values per thread: k_per <= JMAX * NT
+constexpr int U = 8;     // 16-byte loads in flight per thread
+// Build-time variants for benchmarks/exp_cuda.py (the library builds the defaults): ACTSPARSE_PIPELINE 1 issues
+// the next U/2 rows' loads before the current U/2 rows' FMAs (double buffering); ACTSPARSE_MIN_BLOCKS caps
+// registers so that many blocks fit an SM.
+#ifndef ACTSPARSE_PIPELINE
+#define ACTSPARSE_PIPELINE 0
+#endif
+#ifndef ACTSPARSE_MIN_BLOCKS
+#define ACTSPARSE_MIN_BLOCKS 1
+#endif
+
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <typename T> __device__ __forceinline__ float round_f(float v) { return to_f(from_f<T>(v)); }
+
+// 16 bytes read once: L1 bypassed; predicated (no branch; zeros when !pred) so the U loads issue back to back
+__device__ __forceinline__ uint4 ld_stream(const void* p, bool pred) {
+  uint4 r;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"
+      " mov.b32 %3, 0;\n @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p), "r"((int)pred));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void fma8(float (&acc)[8], const uint4& w, float x) {
+  const T* p = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = fmaf(to_f(p[i]), x, acc[i]);
+}
+
+// rows base + u * RPS + r0 (u < UB) of the kept list: their values and 16 bytes of weights each (0 past total)
+template <typename T, int UB, int RPS>
+__device__ __forceinline__ void load_rows(uint4 (&wv)[UB], float (&xk)[UB], int base, int r0, int total,
+                                          const int* list, const float* vals, const T* wcol, int N) {
+#pragma unroll
+  for (int u = 0; u < UB; ++u) {
+    const int i = base + u * RPS + r0;
+    const bool ok = i < total;
+    const int ic = ok ? i : 0;
+    xk[u] = ok ? vals[ic] : 0.f;
+    wv[u] = ld_stream(wcol + (size_t)list[ic] * N, ok);
+  }
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
+    sgemv_cluster(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, const float* __restrict__ tau_p,
+                  const float* __restrict__ mu_p, const float* __restrict__ wsum, const void* __restrict__ bias,
+                  int bias_fp32, int K, int N, int k_per, int c1, int c2) {
+  constexpr int LPR = BN / 8;       // lanes per weight row
+  constexpr int RPW = 32 / LPR;     // rows per warp per step
+  constexpr int RPS = RPW * WARPS;  // rows per block per step
+  __shared__ int list[JMAX * NT];
+  __shared__ float vals[JMAX * NT];
+  __shared__ int cnt[JMAX][WARPS];
+  __shared__ float red[WARPS][BN];
+  __shared__ float slots[BN];  // the cl partial sums of the BN / cl columns this block owns
+
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+  cg::cluster_group cluster = cg::this_cluster();
+  const int cl = (int)cluster.num_blocks();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n0 = blockIdx.x * BN;
+  const int k_lo = blockIdx.y * k_per;
+  const int k_hi = min(k_lo + k_per, K);
+  const int seg = (n0 >= c1) + (n0 >= c2);  // which packed layer this tile belongs to
+  const float tau = round_f<T>(tau_p[seg]);  // compared in the activation dtype, as SparseLinear does
+  const float mu = mu_p != nullptr ? mu_p[seg] : 0.f;
+
+  float xv[JMAX];
+#pragma unroll
+  for (int j = 0; j < JMAX; ++j) {
+    const int k = k_lo + j * NT + threadIdx.x;
+    xv[j] = (k < k_hi) ? to_f(x[k]) - mu : 0.f;
+  }
+  unsigned keepm[JMAX];
+#pragma unroll
+  for (int j = 0; j < JMAX; ++j) {
+    const int k = k_lo + j * NT + threadIdx.x;
+    keepm[j] = __ballot_sync(0xffffffffu, (k < k_hi) && !(fabsf(xv[j]) <= tau));
+    if (lane == 0) cnt[j][warp] = __popc(keepm[j]);
+  }
+  __syncthreads();
+  const unsigned below = (1u << lane) - 1u;
+  int total = 0;  // kept rows in increasing k: j-major, then warp, then lane
+#pragma unroll
+  for (int j = 0; j < JMAX; ++j) {
+    int before = 0, all = 0;
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) {
+      const int c = cnt[j][q];
+      before += (q < warp) ? c : 0;
+      all += c;
+    }
+    if (keepm[j] & (1u << lane)) {
+      const int pos = total + before + __popc(keepm[j] & below);
+      list[pos] = k_lo + j * NT + threadIdx.x;
+      vals[pos] = round_f<T>(xv[j]);  // x' in the activation dtype (exact when mu = 0)
+    }
+    total += all;
+  }
+  __syncthreads();
+
+  const int lr = lane % LPR, rs = lane / LPR;
+  const T* wcol = w + n0 + lr * 8;
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  const int r0 = warp * RPW + rs;
+#if ACTSPARSE_PIPELINE
+  constexpr int UB = U / 2;
+  uint4 wa[UB];
+  float xa[UB];
+  load_rows<T, UB, RPS>(wa, xa, 0, r0, total, list, vals, wcol, N);
+  for (int base = 0; base < total; base += RPS * UB) {
+    uint4 wb[UB];
+    float xb[UB];
+    load_rows<T, UB, RPS>(wb, xb, base + RPS * UB, r0, total, list, vals, wcol, N);
+#pragma unroll
+    for (int u = 0; u < UB; ++u) fma8<T>(acc, wa[u], xa[u]);
+#pragma unroll
+    for (int u = 0; u < UB; ++u) {
+      wa[u] = wb[u];
+      xa[u] = xb[u];
+    }
+  }
+#else
+  for (int base = 0; base < total; base += RPS * U) {
+    uint4 wv[U];
+    float xk[U];
+    load_rows<T, U, RPS>(wv, xk, base, r0, total, list, vals, wcol, N);
+#pragma unroll
+    for (int u = 0; u < U; ++u) fma8<T>(acc, wv[u], xk[u]);
+  }
+#endif
+#pragma unroll
+  for (int s = LPR; s < 32; s *= 2) {  // lanes lr, lr + LPR, ... hold the same columns
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], s);
+  }
+  if (rs == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) red[warp][lr * 8 + i] = acc[i];
+  }
+  __syncthreads();
+  const int rank = (int)cluster.block_rank();
+  const int per = BN / cl;
+  for (int c = threadIdx.x; c < BN; c += NT) {
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) s += red[q][c];
+    cluster.map_shared_rank(slots, c / per)[rank * per + c % per] = s;
+  }
+  cluster.sync();  // release/acquire: every pushed partial is visible to its owner
+  for (int c = threadIdx.x; c < per; c += NT) {
+    const int col = n0 + rank * per + c;
+    float s = 0.f;
+    for (int q = 0; q < cl; ++q) s += slots[q * per + c];
+    if (mu_p != nullptr) s += mu * wsum[col];
+    if (bias != nullptr) s += bias_fp32 ? ((const float*)bias)[col] : to_f(((const T*)bias)[col]);
+    y[col] = from_f<T>(s);
+  }
+}
+
+template <typename T, int BN>
+static int launch(const void* x, const void* w, void* y, const float* tau, const float* mu, const float* wsum,
+                  const void* bias, int bias_fp32, int K, int N, int cl, int c1, int c2, int pdl, cudaStream_t st) {
+  const int k_per = (K + cl - 1) / cl;
+  if (k_per > JMAX * NT || N % BN != 0 || BN % cl != 0 || cl < 1 || cl > 16) return -1;
+  static bool big_clusters = false;  // more than 8 blocks per cluster is a non-portable opt-in (once)
+  if (cl > 8 && !big_clusters) {
+    cudaError_t e = cudaFuncSetAttribute(sgemv_cluster<T, BN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (e != cudaSuccess) return (int)e;
+    big_clusters = true;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(N / BN, cl, 1);
+  cfg.blockDim = dim3(NT, 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = cl;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 2 : 1;
+  return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN>, (const T*)x, (const T*)w, (T*)y, tau, mu, wsum, bias,
+                                 bias_fp32, K, N, k_per, c1, c2);
+}
+
+// dtype: 0 bf16, 1 fp16. Returns 0 or a cudaError_t code (-1: a shape/config the kernel does not take).
+extern "C" int actsparse_sgemv(int dtype, int bn, int cl, int pdl, const void* x, const void* w, void* y,
+                               const float* tau, const float* mu, const float* wsum, const void* bias, int bias_fp32,
+                               int K, int N, int c1, int c2, void* stream) {
+  cudaStream_t st = (cudaStream_t)stream;
+#define ACTSPARSE_CASE(T, BN)                                                                             \
+  if (bn == BN) return launch<T, BN>(x, w, y, tau, mu, wsum, bias, bias_fp32, K, N, cl, c1, c2, pdl, st);
+  if (dtype == 0) {
+    ACTSPARSE_CASE(__nv_bfloat16, 64) ACTSPARSE_CASE(__nv_bfloat16, 128) ACTSPARSE_CASE(__nv_bfloat16, 256)
+  } else if (dtype == 1) {
+    ACTSPARSE_CASE(__half, 64) ACTSPARSE_CASE(__half, 128) ACTSPARSE_CASE(__half, 256)
+  }
+#undef ACTSPARSE_CASE
+  return -1;
+}

@@ -1,0 +1,261 @@
+"""The CUDA C++ sparse GEMV (``csrc/sgemv.cu``): built with nvcc at first use, cached, called through ctypes.
+
+Same semantics as the Triton kernel and the torch reference (:mod:`.packing`), for what the decoder runs:
+one input row, the plain ``[K, N_pad]`` layout, fp16/bf16 weights of the activations' dtype, ``K`` up to
+:data:`MAX_K`, a GPU of compute capability 9.0 or later (it reduces split-K partial sums through
+thread-block clusters' distributed shared memory: one launch, deterministic, no workspace). Everything else
+(int8 weights, blocked layouts, fp32, older GPUs, no nvcc) runs the Triton kernel; :func:`unavailable_reason`
+says why a device cannot take this one.
+
+Measured on an H200 against the Triton kernel and graph-timed cuBLAS (``benchmarks/exp_cuda.py``,
+benchmarks/README.md): 2.9-3.7 µs per call at 100% sparsity (Triton 4.6-6.1), ×1.48-1.78 over cuBLAS at 50%,
+and no slower than cuBLAS at 0%.
+
+The build: ``nvcc -O3 -arch=sm_XY -shared`` of the one source file into
+``$ACTSPARSE_CACHE/cuda/sgemv-sm_XY-<hash>.so`` (default cache ``~/.cache/actsparse``; the hash covers the
+source, the flags and nvcc's version), written atomically, reused by later processes. nvcc is found
+through ``$CUDA_HOME``/``$CUDA_PATH``, then ``PATH``, then ``/usr/local/cuda``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from .packing import PackedGemv
+
+__all__ = [
+    "CudaConfig",
+    "choose_cuda_config",
+    "cuda_config",
+    "sparse_gemv_cuda",
+    "supports",
+    "unavailable_reason",
+    "build_library",
+    "MAX_K",
+]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "sgemv.cu"
+ROWS_PER_BLOCK = 2048  # JMAX * NT in the source: the input slice one block lists in shared memory
+MAX_CLUSTER = 16
+MAX_K = ROWS_PER_BLOCK * MAX_CLUSTER
+BLOCK_NS = (256, 128, 64)
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
+# Programmatic dependent launch for every call (True: the next kernel launches while this one drains). Off: in
+# a chain of GEMVs on an H200 it takes 0.3-0.4 µs off the fixed cost but slows the weight stream up to 15%
+# (14336x4096 at 0%: 36.5 vs 31.7 µs; benchmarks/exp_cuda.py --variants), and in the decoder the kernels
+# around ours (inductor's) do not use it. A same-run switch: bench_generate.py --backends cuda,cuda-pdl.
+PDL = False
+
+
+@dataclass(frozen=True)
+class CudaConfig:
+    block_n: int  # output columns per block (64, 128 or 256)
+    cluster: int  # blocks per cluster = the split of K (1..16, a power of two)
+    pdl: bool = False  # programmatic dependent launch (see PDL)
+
+
+def choose_cuda_config(k: int, n: int, sm_count: int) -> CudaConfig:
+    """The launch rule: the smallest cluster whose input slices fit a block (``ROWS_PER_BLOCK``), then the
+    widest tile that still gives about two blocks per SM (≥ 1.9 × SMs: 4096x4096 takes 256 blocks on 132
+    SMs), else the configuration with the most blocks. Measured on an H200 (``benchmarks/exp_cuda.py``): within
+    2% of the best of 20-40 configurations at 0% and 50% on the five Llama shapes, except 4096x4096 (≤ 0.5%)."""
+    best: tuple[int, CudaConfig] | None = None
+    for cl in (1, 2, 4, 8, 16):
+        if math.ceil(k / cl) > ROWS_PER_BLOCK:
+            continue
+        for bn in BLOCK_NS:
+            if n % bn or bn % cl:
+                continue
+            blocks = n // bn * cl
+            if blocks >= 1.9 * sm_count:
+                return CudaConfig(bn, cl)
+            if best is None or blocks > best[0]:
+                best = (blocks, CudaConfig(bn, cl))
+    if best is None:
+        raise UsageError(f"the CUDA sparse GEMV takes K <= {MAX_K} and N_pad a multiple of 64, got {k}x{n}")
+    return best[1]
+
+
+_CONFIGS: dict[tuple, CudaConfig] = {}
+
+
+def cuda_config(packed: PackedGemv, device: torch.device) -> CudaConfig:
+    """The launch rule's config for ``packed`` on ``device`` (cached per shape and device)."""
+    key = (packed.in_features, packed.padded_out, device.index)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        cfg = _CONFIGS[key] = choose_cuda_config(packed.in_features, packed.padded_out, sms)
+    return cfg
+
+
+def supports(x: torch.Tensor, packed: PackedGemv) -> bool:
+    """Whether this kernel computes ``packed`` for ``x`` (shapes and dtypes only; see
+    :func:`unavailable_reason` for the device and the toolchain)."""
+    w = packed.weight_t
+    return (
+        w.dim() == 2
+        and w.dtype in _DTYPE_CODES
+        and x.dtype == w.dtype
+        and packed.in_features <= MAX_K
+        and packed.padded_out % BLOCK_NS[-1] == 0
+        and w.is_contiguous()
+        and w.data_ptr() % 16 == 0
+        and (packed.bias is None or packed.bias.dtype in (torch.float32, w.dtype))
+        and packed.threshold.dtype == torch.float32
+        and (packed.shift is None or packed.shift.dtype == torch.float32 and packed.wsum is not None)
+    )
+
+
+def _nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = "/usr/local/cuda/bin/nvcc"
+    return default if os.path.isfile(default) else None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ACTSPARSE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "actsparse"
+    )
+    return Path(root) / "cuda"
+
+
+def build_library(arch: str) -> Path:
+    """Compile the kernel for ``arch`` (e.g. ``"sm_90"``) unless a build of this source is cached; its path.
+
+    Raises :class:`UsageError` naming the fix when nvcc is missing or the build fails."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise UsageError(
+            "the CUDA sparse GEMV needs nvcc (the CUDA toolkit): install it or set CUDA_HOME, or use backend='triton'"
+        )
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    flags = (*_FLAGS, f"-arch={arch}")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"sgemv-{arch}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"actsparse: building the CUDA sparse GEMV for {arch} (once; cached in {out.parent})", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([nvcc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UsageError(f"building the CUDA sparse GEMV failed ({nvcc}):\n{r.stderr.strip()}")
+        os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+# actsparse_sgemv(dtype, bn, cl, pdl, x, w, y, tau, mu, wsum, bias, bias_fp32, K, N, c1, c2, stream)
+_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+_LIBS: dict[str, ctypes.CDLL] = {}
+_FAILED: dict[str, str] = {}
+_LOCK = threading.Lock()
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _library(device: torch.device) -> ctypes.CDLL:
+    arch = _arch(device)
+    with _LOCK:
+        lib = _LIBS.get(arch)
+        if lib is None:
+            if arch in _FAILED:
+                raise UsageError(_FAILED[arch])
+            try:
+                lib = ctypes.CDLL(str(build_library(arch)))
+            except (UsageError, OSError) as e:
+                _FAILED[arch] = str(e)
+                raise UsageError(str(e)) from e
+            fn = lib.actsparse_sgemv
+            fn.restype = ctypes.c_int
+            fn.argtypes = _ARGTYPES
+            _LIBS[arch] = lib
+    return lib
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None when the CUDA kernel runs on ``device`` (building it on first use), else why not."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return f"the CUDA sparse GEMV runs on CUDA devices, not {dev}"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 9:
+        return f"the CUDA sparse GEMV needs compute capability 9.0 (thread-block clusters), {dev} has {major}.{minor}"
+    try:
+        _library(dev)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def sparse_gemv_cuda(
+    x: torch.Tensor, packed: PackedGemv, config: CudaConfig | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``) in ``x``'s dtype, into ``out`` if given."""
+    k, n = packed.in_features, packed.padded_out
+    x1 = x.reshape(-1)
+    if x1.numel() != k:
+        raise UsageError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
+    if not supports(x1, packed):
+        raise UsageError(
+            "the CUDA sparse GEMV takes the plain layout, fp16/bf16 weights of the input's dtype, "
+            f"K <= {MAX_K}: use the Triton kernel for this layer"
+        )
+    x1 = x1.contiguous()
+    dev = x1.device
+    config = config or cuda_config(packed, dev)
+    y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
+    if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
+        raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
+    c1, c2 = packed.segment_starts
+    bias = packed.bias
+    err = _library(dev).actsparse_sgemv(
+        _DTYPE_CODES[x1.dtype],
+        config.block_n,
+        config.cluster,
+        int(config.pdl or PDL),
+        x1.data_ptr(),
+        packed.weight_t.data_ptr(),
+        y.data_ptr(),
+        packed.threshold.data_ptr(),
+        packed.shift.data_ptr() if packed.shift is not None else None,
+        packed.wsum.data_ptr() if packed.wsum is not None else None,
+        bias.data_ptr() if bias is not None else None,
+        int(bias is not None and bias.dtype == torch.float32),
+        k,
+        n,
+        c1,
+        c2,
+        torch.cuda.current_stream(dev).cuda_stream,
+    )
+    if err != 0:
+        raise UsageError(f"the CUDA sparse GEMV did not launch (code {err}) for {k}x{n} with {config}")
+    return y

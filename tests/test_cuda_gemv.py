@@ -1,0 +1,250 @@
+"""The CUDA C++ sparse GEMV (actsparse/kernels/cuda_gemv.py + csrc/sgemv.cu).
+
+CPU part (the CI): the launch rule, the backend switch and its errors, and — where nvcc is installed — the
+build itself (compiled for sm_90 without a GPU, cached, a failing build reported). GPU part (compute capability
+≥ 9.0; the GPU machine: ``python -m pytest -q tests/test_cuda_gemv.py``): the kernel against the torch
+reference over shapes, segments, shifts, biases, dtypes, every cluster size and tile, and through the
+custom op compiled with ``fullgraph=True``.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import VOCAB, make_tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import actsparse as A
+import actsparse.kernels as K
+from actsparse.errors import UsageError
+from actsparse.kernels import cuda_gemv as CG
+from actsparse.kernels import ops
+from actsparse.kernels.reference import sparse_gemv_reference
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+gpu = pytest.mark.skipif(not HOPPER, reason="the CUDA kernel needs a GPU of compute capability >= 9.0")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+# ---- the launch rule -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    k=st.integers(1, CG.MAX_K),
+    n=st.integers(1, 400).map(lambda v: 64 * v),
+    sms=st.sampled_from([16, 78, 114, 132, 148]),
+)
+def test_rule_fits_the_kernel_and_fills_the_gpu(k, n, sms):
+    cfg = CG.choose_cuda_config(k, n, sms)
+    assert cfg.block_n in CG.BLOCK_NS and n % cfg.block_n == 0 and cfg.block_n % cfg.cluster == 0
+    assert cfg.cluster in (1, 2, 4, 8, 16) and math.ceil(k / cfg.cluster) <= CG.ROWS_PER_BLOCK
+    smallest = min(c for c in (1, 2, 4, 8, 16) if math.ceil(k / c) <= CG.ROWS_PER_BLOCK)
+    blocks = n // cfg.block_n * cfg.cluster
+    if blocks < 1.9 * sms:  # too few blocks only where no configuration has more
+        most = max(
+            n // bn * c
+            for c in (1, 2, 4, 8, 16)
+            for bn in CG.BLOCK_NS
+            if math.ceil(k / c) <= CG.ROWS_PER_BLOCK and n % bn == 0 and bn % c == 0
+        )
+        assert blocks == most
+    else:  # enough blocks: the smallest cluster that gets there, and no wider tile would
+        assert cfg.cluster >= smallest
+        wider = [bn for bn in CG.BLOCK_NS if bn > cfg.block_n and n % bn == 0 and bn % cfg.cluster == 0]
+        assert all(n // bn * cfg.cluster < 1.9 * sms for bn in wider)
+
+
+def test_rule_refuses_what_the_kernel_cannot_take():
+    with pytest.raises(UsageError, match="K <= 32768"):
+        CG.choose_cuda_config(CG.MAX_K + 1, 4096, 132)
+    with pytest.raises(UsageError, match="multiple of 64"):
+        CG.choose_cuda_config(4096, 96, 132)
+
+
+# ---- the backend switch ----------------------------------------------------------------------------------
+
+
+def _packed(k=96, ns=(64, 32), dtype=torch.bfloat16, device="cpu", shifts=None, bias=False, seed=0):
+    """An input and its packed layers in the decoder's plain layout, thresholds at the median |x - μ|."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, k, generator=g).to(dtype).to(device) for n in ns]
+    x = (torch.randn(k, generator=g) * 2).to(dtype)
+    taus = [torch.quantile((x.float() - (shifts[i] if shifts else 0.0)).abs(), 0.5).item() for i in range(len(ns))]
+    biases = [torch.randn(n, generator=g).to(device) for n in ns] if bias else None
+    return x.to(device), K.pack(ws, taus, shifts=shifts, biases=biases, layout_block=None)
+
+
+def test_cpu_inputs_never_pick_the_cuda_kernel():
+    x, p = _packed()
+    assert not ops.cuda_kernel_available("cpu")
+    assert "CUDA devices" in CG.unavailable_reason("cpu")
+    for backend in ops.BACKENDS:
+        p.backend = backend
+        assert ops.kernel_for(x, p) in ("triton", "torch")
+        torch.testing.assert_close(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
+
+
+def test_a_bad_backend_is_refused():
+    x, p = _packed()
+    p.backend = "cutlass"
+    with pytest.raises(UsageError, match="auto, cuda, triton"):
+        K.sparse_gemv(x, p)
+    model = make_tiny_llama()
+    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": 0.1})
+    with pytest.raises(UsageError, match="backend must be one of"):
+        K.enable_kernels(model, backend="cuBLAS")
+
+
+@pytest.mark.skipif(HOPPER, reason="checks the refusal on a CPU model")
+def test_backend_cuda_is_refused_where_it_cannot_run_and_the_model_is_left_alone():
+    model = make_tiny_llama().to(torch.bfloat16)
+    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": 0.1})
+    K.enable_kernels(model, backend="triton")  # a plan exists: a refused call must not undo it
+    before = K.kernel_routes(model)
+    with pytest.raises(UsageError, match="backend='cuda'.*CUDA devices"):
+        K.enable_kernels(model, backend="cuda")
+    assert K.kernel_routes(model) == before
+
+
+def test_supports_takes_only_what_the_kernel_computes():
+    x, p = _packed()
+    assert CG.supports(x, p)
+    _, blocked = _packed()
+    blocked.weight_t = blocked.weight_t.reshape(96, 2, 256).permute(1, 0, 2).contiguous()  # a blocked layout
+    assert not CG.supports(x, blocked)
+    assert not CG.supports(x.float(), p)  # activations of another dtype
+    xq, q = _packed(dtype=torch.float32)
+    assert not CG.supports(xq, q)  # fp32 weights
+    xs, s = _packed(shifts=[0.3, 0.0])
+    assert CG.supports(xs, s)
+    s.wsum = None
+    assert not CG.supports(xs, s)  # a shift needs Σ W
+
+
+# ---- the build (nvcc, no GPU needed) ---------------------------------------------------------------------
+
+NVCC = CG._nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
+
+
+@needs_nvcc
+def test_build_compiles_caches_and_exports_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    so = CG.build_library("sm_90")
+    assert so.parent == tmp_path / "cuda" and so.name.startswith("sgemv-sm_90-") and so.stat().st_size > 0
+    assert [f.name for f in so.parent.iterdir()] == [so.name]  # no temp file left behind
+    mtime = so.stat().st_mtime_ns
+    assert CG.build_library("sm_90") == so and so.stat().st_mtime_ns == mtime  # cached: not rebuilt
+    with open(so, "rb") as f:
+        assert b"actsparse_sgemv" in f.read()
+
+
+def test_a_failing_build_names_the_error_and_leaves_no_file(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "cuda" / "bin"
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "nvcc"
+    fake.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'fake nvcc' && exit 0\necho 'fatal: no such arch' >&2\nexit 2\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UsageError, match="(?s)building the CUDA sparse GEMV failed.*no such arch"):
+        CG.build_library("sm_90")
+    assert list((tmp_path / "cache" / "cuda").iterdir()) == []
+
+
+# ---- the kernel on a GPU ---------------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check(x, p, config=None):
+    ref = sparse_gemv_reference(x, p)
+    out = torch.full((p.padded_out,), float("nan"), dtype=x.dtype, device=x.device)
+    y = CG.sparse_gemv_cuda(x, p, config, out=out)
+    for off, n in p.segments:
+        assert not torch.isnan(y[off : off + n]).any(), "kernel left outputs unwritten"
+        assert _rel(y[off : off + n], ref[off : off + n]) <= TOL[x.dtype], (off, n, config)
+    return y
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "k,ns", [(96, (64, 32)), (4096, (4096, 1024, 1024)), (11008, (4096,)), (1000, (300,)), (4100, (640, 512))]
+)
+def test_kernel_matches_the_reference(dtype, k, ns):
+    for shifts, bias in ((None, False), ([0.3, -0.2, 0.0][: len(ns)], True)):
+        x, p = _packed(k, ns, dtype, "cuda", shifts=shifts, bias=bias)
+        _check(x, p)
+
+
+@gpu
+def test_every_tile_and_cluster_size_agrees():
+    x, p = _packed(3000, (512, 256), torch.bfloat16, "cuda", shifts=[0.1, 0.0], bias=True)
+    for bn in CG.BLOCK_NS:
+        for cl in (2, 4, 8, 16):
+            if bn % cl == 0:
+                for pdl in (True, False):
+                    _check(x, p, CG.CudaConfig(bn, cl, pdl))
+
+
+@gpu
+def test_sparsity_extremes_nan_and_a_bf16_bias():
+    x, p = _packed(2048, (256,), torch.bfloat16, "cuda")
+    p.threshold.fill_(math.inf)  # nothing kept: y = 0
+    assert torch.equal(CG.sparse_gemv_cuda(x, p)[:256], torch.zeros(256, dtype=x.dtype, device="cuda"))
+    p.threshold.fill_(-math.inf)  # everything kept: the dense product
+    _check(x, p)
+    x[7] = float("nan")  # NaN is kept, as in the reference
+    p.threshold.fill_(0.5)
+    assert torch.isnan(CG.sparse_gemv_cuda(x, p)[:256]).all()
+    x2, p2 = _packed(512, (256,), torch.bfloat16, "cuda")
+    p2.bias = torch.randn(256, device="cuda").to(torch.bfloat16)  # a single layer keeps its own bias dtype
+    _check(x2, p2)
+
+
+@gpu
+def test_the_op_dispatches_to_cuda_and_compiles_to_one_graph():
+    x, p = _packed(512, (256, 256), torch.bfloat16, "cuda", bias=True)
+    assert ops.kernel_for(x, p) == "cuda"
+    p.backend = "triton"
+    assert ops.kernel_for(x, p) == "triton"
+    ref = K.sparse_gemv(x, p)
+    p.backend = "auto"
+    f = torch.compile(lambda v: K.sparse_gemv(v, p), fullgraph=True)
+    for a, b in zip(f(x), ref):
+        assert _rel(a, b) <= TOL[x.dtype]
+
+
+@gpu
+def test_decoder_with_the_cuda_kernel_equals_triton():
+    from actsparse.engine import Decoder
+
+    model = make_tiny_llama(hidden=256, inter=512, layers=2).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, VOCAB, (2, 32), generator=g).cuda() for _ in range(4)]
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), data, progress=False)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=g).cuda()
+    runs = {}
+    for backend in ("triton", "cuda"):
+        K.enable_kernels(model, backend=backend)
+        runs[backend] = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)
+    torch.testing.assert_close(runs["cuda"].logits[0], runs["triton"].logits[0], rtol=3e-2, atol=3e-2)
+    assert torch.equal(runs["cuda"].sequences[:, :12], runs["triton"].sequences[:, :12])
+
+
+@gpu
+def test_backend_cuda_refuses_int8_layers():
+    pytest.importorskip("torchao")
+    model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
+    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": 0.1})
+    A.compress_weights(model, "int8_asym")
+    with pytest.raises(UsageError, match="int8 codes"):
+        K.enable_kernels(model, backend="cuda")
