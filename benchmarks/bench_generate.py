@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
+import actsparse.kernels.cuda_gemv as CG  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
 from actsparse.engine import Decoder, unfuse_projections  # noqa: E402
@@ -181,9 +182,12 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
     )
     stats = layer_stats(model, calib)
-    for reduce in args.reduce:  # the split-K reduction of the kernels (the first is the main result)
+    variants = [(r, b) for r in args.reduce for b in args.backends]  # the first is the main result
+    for reduce, backend in variants:
         # the kernels' layer path calls this name; a partial pins the reduction for this compile
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
+        CG.PDL = backend == "cuda-pdl"
+        label = f"reduce={reduce}, backend={backend}"
         dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
         routes = None
         for s in sparsities:
@@ -191,10 +195,10 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             plan = s >= K.KERNEL_MIN_SPARSITY
             if plan != routes:  # re-plan only where the route changes (thresholds are read live)
                 t = time.time()
-                K.enable_kernels(model)
+                K.enable_kernels(model, backend=backend.removesuffix("-pdl"))
                 dec.run(ids, 4, eos_token_id=[])
                 log(
-                    f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, reduce={reduce}, "
+                    f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, {label}, "
                     f"compile+capture {time.time() - t:.0f}s, mode {dec.mode}"
                 )
                 routes = plan
@@ -204,7 +208,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             rows.append(
                 dict(
                     model=name,
-                    path="decoder-sparse" if reduce == args.reduce[0] else f"decoder-sparse/{reduce}",
+                    path="decoder-sparse" if (reduce, backend) == variants[0] else f"decoder-sparse/{reduce}/{backend}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -213,15 +217,17 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     kernel_layers=packed,
                     mode=dec.mode,
                     reduce=reduce,
+                    backend=backend,
                 )
             )
             log(
-                f"[{name}] {weights} reduce={reduce} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
+                f"[{name}] {weights} {label} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
                 f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
             )
-        if reduce != args.reduce[-1]:
+        if (reduce, backend) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
+    CG.PDL = False
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
@@ -374,10 +380,19 @@ def main():
     ap.add_argument("--int8", action="store_true", help="also int8 weights (torchao) dense and sparse")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reduce", default="kernel", help="split-K reductions of the kernels to time: kernel,consumer")
+    ap.add_argument(
+        "--backends",
+        default="auto",
+        help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL)",
+    )
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     args.reduce = args.reduce.split(",")
+    args.backends = args.backends.split(",")
+    bad = [b for b in args.backends if b.removesuffix("-pdl") not in KO.BACKENDS]
+    if bad:
+        sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, triton)")
     global DEV
     if args.cpu_smoke:
         DEV = "cpu"
