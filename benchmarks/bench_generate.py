@@ -183,6 +183,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     )
     stats = layer_stats(model, calib)
     variants = [(r, b) for r in args.reduce for b in args.backends]  # the first is the main result
+    floor = K.KERNEL_MIN_SPARSITY
     for reduce, backend in variants:
         # the kernels' layer path calls this name; a partial pins the reduction for this compile
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
@@ -192,7 +193,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         routes = None
         for s in sparsities:
             set_sparsity(model, stats, s)
-            plan = s >= K.KERNEL_MIN_SPARSITY
+            plan = s >= (K.CUDA_MIN_SPARSITY if KO.cuda_kernel_available(DEV) and backend != "triton" else floor)
             if plan != routes:  # re-plan only where the route changes (thresholds are read live)
                 t = time.time()
                 K.enable_kernels(model, backend=backend.removesuffix("-pdl"))

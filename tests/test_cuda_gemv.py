@@ -241,6 +241,17 @@ def test_decoder_with_the_cuda_kernel_equals_triton():
 
 
 @gpu
+def test_the_cuda_kernel_has_no_break_even_floor():
+    model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, VOCAB, (2, 16), generator=g).cuda() for _ in range(2)]
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.1}), data, progress=False)
+    assert len(K.enable_kernels(model)) == 14  # 10% < KERNEL_MIN_SPARSITY, yet every layer runs the kernel
+    assert K.enable_kernels(model, backend="triton") == []  # Triton's floor still applies to Triton
+    assert len(K.enable_kernels(model, min_sparsity=0.05, backend="triton")) == 14
+
+
+@gpu
 def test_backend_cuda_refuses_int8_layers():
     pytest.importorskip("torchao")
     model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)

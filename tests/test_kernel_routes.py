@@ -106,7 +106,7 @@ def test_group_thresholds_stay_live_per_layer():
 
 def test_dense_route_below_break_even_is_deterministic():
     model = _model({".*self_attn.*": 0.1, ".*mlp.*": 0.5})
-    names = K.enable_kernels(model)
+    names = K.enable_kernels(model, backend="triton")  # the Triton kernel's break-even (CUDA C++: none)
     routes = K.kernel_routes(model)
     assert all(".mlp." in n for n in names) and len(names) == 6
     for name, r in routes.items():
@@ -116,7 +116,7 @@ def test_dense_route_below_break_even_is_deterministic():
             assert "< 0.2" in r.reason
         else:
             assert r.route == "kernel" and layer._packed is not None
-    assert K.enable_kernels(model) == names  # same model, same plan
+    assert K.enable_kernels(model, backend="triton") == names  # same model, same plan
     assert len(K.enable_kernels(model, min_sparsity=0.05)) == 14
     assert K.enable_kernels(model, min_sparsity=0.6) == []
     with pytest.raises(ValueError, match="min_sparsity"):
@@ -144,7 +144,7 @@ def test_a_dense_route_group_runs_one_masked_gemm_with_each_layers_own_mask():
     x = torch.randn(1, 1, 64, device=DEV, dtype=DT)
     with torch.no_grad():
         want = (mlp.gate_proj(x), mlp.up_proj(x))  # each layer's masked F.linear
-        assert K.enable_kernels(model) == []  # nothing on the sparse GEMV ...
+        assert K.enable_kernels(model, backend="triton") == []  # nothing on the sparse GEMV ...
         route = K.kernel_routes(model)["model.layers.0.mlp.up_proj"]
         assert route.route == "dense" and "one masked GEMM" in route.reason and mlp.up_proj._packed is not None
         assert mlp.gate_proj.weight.data_ptr() == mlp.gate_proj._packed.weight_t.data_ptr()  # shared, no copy
@@ -173,8 +173,9 @@ def test_expected_sparsity_from_targets_and_identity_thresholds():
     assert K.expected_sparsity(layers["model.layers.0.mlp.up_proj"]) == 0.0
     assert K.expected_sparsity(layers["model.layers.0.mlp.down_proj"]) is None  # a threshold, no target
     assert K.expected_sparsity(layers["model.layers.1.mlp.down_proj"]) == 1.0
-    # identity thresholds (0%) stay dense; an unknown sparsity is taken as sparse
-    assert sorted(K.enable_kernels(model)) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # identity thresholds (0%) stay dense under the Triton kernel; an unknown sparsity is taken as sparse
+    routed = K.enable_kernels(model, backend="triton")
+    assert sorted(routed) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 def test_model_to_dtype_keeps_thresholds_fp32():

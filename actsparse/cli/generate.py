@@ -9,7 +9,7 @@ from ..config import SparsifyConfig
 from ..data import load_corpus
 from ..errors import UsageError
 from ..generation import check_settings, compare_generate, generate
-from ..kernels import KERNEL_MIN_SPARSITY, enable_kernels, triton_available
+from ..kernels import enable_kernels, triton_available
 from ..offload import model_device
 from ..sparse_linear import sparse_layers
 from .args import NNCF_RECIPE, add_calib_args, add_model_args
@@ -135,7 +135,8 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
         log(
             args,
             f"sparse GEMV kernels on {len(packed)} of {len(sparse_layers(model))} sparse layers "
-            f"(the others take the dense route: below {KERNEL_MIN_SPARSITY:g} expected sparsity or not eligible)",
+            "(the others take the dense route: below the break-even sparsity or not eligible; "
+            "actsparse.kernels.kernel_routes(model) says which and why)",
         )
     if args.compare:
         log(args, "generating with the dense model, then with the sparse one")

@@ -1,6 +1,7 @@
 """Sparse GEMV back end: packed weights, the torch reference, the Triton kernel and its custom op."""
 
 from .linear import (
+    CUDA_MIN_SPARSITY,
     KERNEL_MIN_SPARSITY,
     SHARED_INPUT_GROUPS,
     KernelRoute,
@@ -30,6 +31,7 @@ __all__ = [
     "expected_sparsity",
     "KernelRoute",
     "KERNEL_MIN_SPARSITY",
+    "CUDA_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
     "COLUMN_ALIGN",
     "MAX_SEGMENTS",

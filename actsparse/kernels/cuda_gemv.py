@@ -7,9 +7,9 @@ thread-block clusters' distributed shared memory: one launch, deterministic, no 
 (int8 weights, blocked layouts, fp32, older GPUs, no nvcc) runs the Triton kernel; :func:`unavailable_reason`
 says why a device cannot take this one.
 
-Measured on an H200 against the Triton kernel and graph-timed cuBLAS (``benchmarks/exp_cuda.py``,
-benchmarks/README.md): 2.9-3.7 µs per call at 100% sparsity (Triton 4.6-6.1), ×1.48-1.78 over cuBLAS at 50%,
-and no slower than cuBLAS at 0%.
+Measured on an H200 against the Triton kernel and graph-timed cuBLAS (``benchmarks/exp_cuda.py --variants``,
+benchmarks/README.md), bf16, the five Llama-2/3 GEMV shapes: 3.8-4.4 µs per call at 100% sparsity (Triton
+4.8-5.9), ×1.50-1.80 over cuBLAS at 50%, 1-13% faster than cuBLAS at 0%; Llama-2-7B decode ×1.56-1.58 at 50%.
 
 The build: ``nvcc -O3 -arch=sm_XY -shared`` of the one source file into
 ``$ACTSPARSE_CACHE/cuda/sgemv-sm_XY-<hash>.so`` (default cache ``~/.cache/actsparse``; the hash covers the

@@ -56,6 +56,7 @@ __all__ = [
     "KernelRoute",
     "expected_sparsity",
     "KERNEL_MIN_SPARSITY",
+    "CUDA_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
     "shared_input_group",
     "SharedInput",
@@ -63,10 +64,14 @@ __all__ = [
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
-# Below this expected sparsity the sparse GEMV is slower than cuBLAS. Measured on an H200 (issue 16/17,
+# Below this expected sparsity the Triton sparse GEMV is slower than cuBLAS. Measured on an H200 (issue 16/17,
 # benchmarks/README.md): 4096x14336 bf16 costs 36.0 µs at 0% and 23.4 µs at 50% against cuBLAS's 30.2 µs
 # (graph-timed), i.e. break-even at ≈ 23%; on the whole Llama-2-7B decode step ×0.95 at 0% and ×1.20 at 40%.
 KERNEL_MIN_SPARSITY = 0.2
+# The CUDA C++ kernel (cuda_gemv) is no slower than cuBLAS even at 0% (H200, graph-timed, bf16, its launch
+# rule: 4096x12288 27.1 vs 28.5 µs, 4096x22016 45.3 vs 47.2, 4096x4096 11.7 vs 13.3, 11008x4096 25.7 vs 28.0,
+# 14336x4096 31.7 vs 32.1; benchmarks/results/exp_cuda_variants_h200.json), so its layers never take the dense route.
+CUDA_MIN_SPARSITY = 0.0
 
 # Sibling Linear layers (same parent module) that HF architectures feed the same input, in call order.
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -229,7 +234,7 @@ def _fusable_dense(layers: list[nn.Linear]) -> bool:
 
 
 def enable_kernels(
-    model: nn.Module, *, min_sparsity: float = KERNEL_MIN_SPARSITY, fuse: bool = True, backend: str = "auto"
+    model: nn.Module, *, min_sparsity: float | None = None, fuse: bool = True, backend: str = "auto"
 ) -> list[str]:
     """Pack ``model``'s eligible sparse layers for the sparse GEMV; returns the names of the packed layers.
 
@@ -238,11 +243,13 @@ def enable_kernels(
     re-plans every layer (after thresholds or targets changed). Other layers are left as they are (they run
     the torch path); :func:`kernel_routes` reports the decision for every sparse layer.
 
+    ``min_sparsity`` (default: :data:`CUDA_MIN_SPARSITY` for layers the CUDA C++ kernel runs, else
+    :data:`KERNEL_MIN_SPARSITY`) is the expected sparsity below which a layer takes the dense route.
     ``backend``: ``"auto"`` runs the CUDA C++ kernel where it can (:mod:`.cuda_gemv`: compute capability
     ≥ 9.0, nvcc to build it once, fp16/bf16 weights) and the Triton kernel elsewhere; ``"triton"`` always the
     Triton kernel; ``"cuda"`` the CUDA kernel, refusing (before any change) a device or a layer it cannot take.
     """
-    if not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
+    if min_sparsity is not None and not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if backend not in BACKENDS:
         raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -254,10 +261,13 @@ def enable_kernels(
     for unit in _units(model, fuse):
         layers: list[Any] = [modules[n] for n in unit]  # sparse Linears; their packed state is plain attributes
         sparsity = _unit_sparsity(layers)
-        dense = sparsity is not None and sparsity < min_sparsity
+        floor = min_sparsity
+        if floor is None:
+            floor = CUDA_MIN_SPARSITY if _runs_cuda(layers[0], backend) else KERNEL_MIN_SPARSITY
+        dense = sparsity is not None and sparsity < floor
         if dense and not _fusable_dense(layers):
             route = KernelRoute(
-                "dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: cuBLAS is faster there"
+                "dense", unit, sparsity, f"expected sparsity {sparsity:.3f} < {floor:g}: cuBLAS is faster there"
             )
             for m in layers:
                 m._kernel_route = route
@@ -268,7 +278,7 @@ def enable_kernels(
             _group_threshold_sync(layers, packed)
         shared = SharedInput(unit) if len(layers) > 1 else None
         if dense:
-            reason = f"expected sparsity {sparsity:.3f} < {min_sparsity:g}: cuBLAS is faster there; one masked GEMM"
+            reason = f"expected sparsity {sparsity:.3f} < {floor:g}: cuBLAS is faster there; one masked GEMM"
             route = KernelRoute("dense", unit, sparsity, reason)
         else:
             route = KernelRoute("kernel", unit, sparsity, "fused launch" if shared else "one launch")
@@ -280,6 +290,16 @@ def enable_kernels(
         if not dense:  # the sparse GEMV's layers; a fused dense group is packed for its GEMM only
             names += unit
     return names
+
+
+def _runs_cuda(layer: nn.Linear, backend: str) -> bool:
+    """Whether ``layer``'s unit will run the CUDA C++ kernel (same conditions as ops.kernel_for at decode)."""
+    return (
+        backend != "triton"
+        and int8_codes(layer.weight) is None
+        and layer.in_features <= cuda_gemv.MAX_K
+        and cuda_kernel_available(layer.weight.device)
+    )
 
 
 def _check_cuda_backend(model: nn.Module, backend: str) -> None:
