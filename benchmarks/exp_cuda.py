@@ -2,6 +2,7 @@
 
     python benchmarks/exp_cuda.py               # ≈2 min on an H200 (nvcc build included); $OUT/exp_cuda.json
     python benchmarks/exp_cuda.py --variants    # the library kernel's build variants; $OUT/exp_cuda_variants.json
+    python benchmarks/exp_cuda.py --sweep 4096x6144,4096x28672   # the library kernel's tiles x clusters
 
 The kernel (see the .cu file's header): in-block compaction from one round of x loads, 16-byte streaming loads
 of the kept rows with U loads in flight per thread, and the split-K reduction through a thread-block
@@ -178,6 +179,44 @@ def library_variants() -> list[dict]:
     return rows
 
 
+def library_sweep(shapes: list[tuple[int, int]]) -> list[dict]:
+    """The library kernel (its own build) at every (block_n, cluster) it takes on ``shapes``, PDL off, against
+    its launch rule's choice and dense: graph-timed µs at 100%, 50% and 0%."""
+    rows = []
+    for k, n in shapes:
+        case = Case(k, n, torch.bfloat16, layout=None)
+        m = case.copies
+        ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
+        rule = CG.cuda_config(case.packed[0], torch.device("cuda"))
+        row = {"k": k, "n": n, "rule": f"{rule.block_n}/{rule.cluster}", "dense": case.time_dense()}
+        cfgs = [
+            CG.CudaConfig(bn, cl)
+            for bn in CG.BLOCK_NS
+            for cl in (1, 2, 4, 8, 16)
+            if math.ceil(k / cl) <= CG.ROWS_PER_BLOCK and n % bn == 0 and bn % cl == 0 and 64 <= n // bn * cl <= 1100
+        ]
+        for s in (1.0, 0.5, 0.0):
+            case.set_sparsity(s)
+            _check_library(case)
+            for c in cfgs:
+                row[f"{c.block_n}/{c.cluster}@{s}"] = graph_time_us(
+                    lambda i, c=c, xs=case.x, ps=case.packed, ys=ys, m=m: CG.sparse_gemv_cuda(
+                        xs[i % m], ps[i % m], c, out=ys[i % m]
+                    ),
+                    4 * m,
+                )
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    for r in rows:
+        for s in (1.0, 0.5, 0.0):
+            c = sorted((v, key.split("@")[0]) for key, v in r.items() if key.endswith(f"@{s}"))
+            print(
+                f"{r['k']}x{r['n']} s={s} dense {r['dense']:.2f} rule {r['rule']} {r[r['rule'] + f'@{s}']:.2f} | "
+                + " ".join(f"{name}={v:.2f}" for v, name in c)
+            )
+    return rows
+
+
 class _Lib:
     """Stands in for the library's loaded CDLL: the same entry point from another build."""
 
@@ -188,6 +227,12 @@ class _Lib:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("exp_cuda needs a CUDA GPU")
+    if "--sweep" in sys.argv:  # --sweep 4096x6144,4096x28672
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--sweep") + 1].split(",")]
+        rows = library_sweep(shapes)  # type: ignore[arg-type]
+        with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_sweep.json"), "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
     if "--variants" in sys.argv:
         rows = library_variants()
         names = [key.split("@")[0] for key in rows[0] if key.endswith("@1.0")]

@@ -8,6 +8,7 @@ custom op compiled with ``fullgraph=True``.
 """
 
 import math
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -54,6 +55,14 @@ def test_rule_fits_the_kernel_and_fills_the_gpu(k, n, sms):
         assert cfg.cluster >= smallest
         wider = [bn for bn in CG.BLOCK_NS if bn > cfg.block_n and n % bn == 0 and bn % cfg.cluster == 0]
         assert all(n // bn * cfg.cluster < 1.9 * sms for bn in wider)
+
+
+def test_tuned_exceptions_are_configurations_the_kernel_takes():
+    assert CG._TUNED  # measured exceptions exist (H100/H200) and each is a valid launch for its shape
+    for (_, _, sms), shapes in CG._TUNED.items():
+        for (k, n), (bn, cl) in shapes.items():
+            assert bn in CG.BLOCK_NS and n % bn == 0 and bn % cl == 0 and math.ceil(k / cl) <= CG.ROWS_PER_BLOCK
+            assert (bn, cl) != astuple(CG.choose_cuda_config(k, n, sms))[:2]  # an exception, not the rule again
 
 
 def test_rule_refuses_what_the_kernel_cannot_take():

@@ -90,16 +90,30 @@ def choose_cuda_config(k: int, n: int, sm_count: int) -> CudaConfig:
     return best[1]
 
 
+# Measured exceptions to the rule, per GPU (compute capability, SMs) and (K, N_pad): block_n, cluster. H100/H200
+# (9.0, 132 SMs), bf16, benchmarks/exp_cuda.py --sweep (results/exp_cuda_sweep_llama3_h200.json): the rule's
+# 384 and 448 blocks lose 27-36% at 50% on Llama-3-8B's q/k/v and gate/up; on the five shapes of
+# exp_cuda_variants_h200.json the rule is within 2% of the best.
+_TUNED: dict[tuple[int, int, int], dict[tuple[int, int], tuple[int, int]]] = {
+    (9, 0, 132): {
+        (4096, 6144): (256, 8),  # 10.51 µs at 50%, 15.49 at 0% (rule 64/4: 14.32, 19.24; cuBLAS 16.73)
+        (4096, 28672): (256, 2),  # 31.29 at 50%, 56.93 at 0% (rule 128/2: 40.17, 70.38; cuBLAS 56.11)
+    }
+}
 _CONFIGS: dict[tuple, CudaConfig] = {}
 
 
 def cuda_config(packed: PackedGemv, device: torch.device) -> CudaConfig:
-    """The launch rule's config for ``packed`` on ``device`` (cached per shape and device)."""
-    key = (packed.in_features, packed.padded_out, device.index)
+    """The config for ``packed`` on ``device``: a measured one from ``_TUNED`` for this GPU and shape, else
+    the launch rule's (cached per shape and device)."""
+    k, n = packed.in_features, packed.padded_out
+    key = (k, n, device.index)
     cfg = _CONFIGS.get(key)
     if cfg is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        cfg = _CONFIGS[key] = choose_cuda_config(packed.in_features, packed.padded_out, sms)
+        props = torch.cuda.get_device_properties(device)
+        tuned = _TUNED.get((props.major, props.minor, props.multi_processor_count), {}).get((k, n))
+        cfg = CudaConfig(*tuned) if tuned else choose_cuda_config(k, n, props.multi_processor_count)
+        _CONFIGS[key] = cfg
     return cfg
 
 
