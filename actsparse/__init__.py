@@ -14,7 +14,14 @@ from .errors import (
     ThresholdFileError,
 )
 from .generation import compare_generate, generate
-from .io import from_pretrained, import_scap_json, load_thresholds, save_pretrained, save_thresholds
+from .io import (
+    from_pretrained,
+    import_scap_json,
+    load_thresholds,
+    read_rotation,
+    save_pretrained,
+    save_thresholds,
+)
 from .methods import register_method, registered_methods
 from .methods.attribution import AttributionMethod
 from .methods.quantile import QuantileMethod
@@ -63,6 +70,7 @@ __all__ = [
     "compare_generate",
     "save_thresholds",
     "load_thresholds",
+    "read_rotation",
     "save_pretrained",
     "from_pretrained",
     "ActSparseError",

@@ -24,7 +24,7 @@ from .fileio import atomic_write, check_output_path, keep_file_modes
 from .methods.scap import read_scap_json
 from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
-from .rotation import adapter_weights, rotation_of
+from .rotation import adapter_weights, basis_fingerprint, check_basis, rotate_residual, rotation_basis, rotation_of
 from .schema import Fields, check_input_file, parse_json
 from .sparse_linear import BUFFERS, SparsityParams, check_not_sparsified
 
@@ -35,6 +35,7 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "import_scap_json",
+    "read_rotation",
     "model_fingerprint",
     "THRESHOLDS_FILENAME",
 ]
@@ -42,8 +43,11 @@ __all__ = [
 THRESHOLDS_FILENAME = "actsparse_thresholds.safetensors"
 FORMAT = "actsparse.thresholds"
 # 2: optional act_shift / act_scale / act_topk tensors per layer; 3: optional act_lr_u / act_lr_v (low rank);
-# 4: model.rotation, the fingerprint of a folded residual rotation (written only then); older files still load
-FORMAT_VERSION = 4
+# 4: model.rotation, the fingerprint of a folded residual rotation (written only then); 5: the rotation's bases
+# as tensors rotation.bases [U, D, D] + rotation.index [L] (layer -> basis), so that load_thresholds(...,
+# rotate=True) rotates the original checkpoint; older files still load
+FORMAT_VERSION = 5
+ROTATION_TENSORS = ("rotation.bases", "rotation.index")
 _SUFFIXES = tuple("." + b for b in BUFFERS)
 _SAVE_HINT = "in Python: actsparse.save_thresholds(model, path) after sparsifying"
 
@@ -76,10 +80,10 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     layers = sparse_layers(model)
     if not layers:
         raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
-    if adapter_weights(model):
+    if adapter_weights(model) and rotation_basis(model) is None:
         raise UsageError(
-            "saving thresholds of a model rotated per layer (rotate_residual with residual adapters) is not "
-            "supported yet: the thresholds only hold with its rotated weights and adapters, which no file keeps"
+            "this model has residual adapters but no rotation basis of this process (rotate_residual keeps it on "
+            "the model object): save thresholds from the model object rotate_residual returned"
         )
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
@@ -93,9 +97,12 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     identity = _model_identity(model)
     if rotation_of(model) is not None:
         identity["rotation"] = rotation_of(model)
+        basis = rotation_basis(model)
+        if basis is not None:  # (a reloaded rotated checkpoint has only its fingerprint)
+            tensors.update(zip(ROTATION_TENSORS, _unique_bases(basis)))
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if "rotation" in identity else 3,
+        "format_version": (FORMAT_VERSION if "rotation.bases" in tensors else 4) if "rotation" in identity else 3,
         "library_version": __version__,
         "model": identity,
         "layers": {
@@ -112,6 +119,42 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
     return path
+
+
+def _unique_bases(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, D, D]`` bases as ``(distinct bases [U, D, D], index [L])``: layers sharing a basis store it once."""
+    uniques: list[torch.Tensor] = []
+    index = []
+    for q in basis:
+        hit = next((i for i, u in enumerate(uniques) if torch.equal(u, q)), None)
+        if hit is None:
+            uniques.append(q)
+            hit = len(uniques) - 1
+        index.append(hit)
+    return torch.stack(uniques).float().contiguous(), torch.tensor(index, dtype=torch.int64)
+
+
+def _rotation_tensors(f: Fields, tensors: dict[str, Any], header: dict[str, Any]) -> torch.Tensor | None:
+    """The saved bases ``[L, D, D]`` of a rotated model's thresholds file (checked), or None."""
+    bases, index = (tensors.pop(k, None) for k in ROTATION_TENSORS)
+    if bases is None and index is None:
+        return None
+    if bases is None or index is None:
+        f.fail("tensors rotation.bases/rotation.index", "a rotation needs both tensors")
+    fingerprint = header.get("model", {}).get("rotation")
+    if fingerprint is None:
+        f.fail("tensors rotation.bases", "the header names no rotation (model.rotation) for these bases")
+    if not isinstance(bases, torch.Tensor) or bases.dim() != 3 or not bases.is_floating_point():
+        f.fail("tensor rotation.bases", f"expected float [U, D, D], got {tuple(getattr(bases, 'shape', ()))}")
+    if index.dim() != 1 or index.dtype != torch.int64 or not ((index >= 0) & (index < bases.shape[0])).all():
+        f.fail("tensor rotation.index", f"expected int64 [layers] indices into {bases.shape[0]} bases")
+    for i, q in enumerate(bases):
+        if (problem := check_basis(q.double())) is not None:
+            f.fail(f"tensor rotation.bases[{i}]", problem)
+    full = bases.float()[index].contiguous()
+    if basis_fingerprint(full) != fingerprint:
+        f.fail("tensor rotation.bases", f"does not match the header's rotation {fingerprint} (edited or corrupt)")
+    return full
 
 
 _HEADER_KEYS = {"format", "format_version", "library_version", "model", "layers", "extra"}
@@ -199,6 +242,17 @@ def _layer_params(f: Fields, name: str, info: dict[str, Any], tensors: dict[str,
 def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:
     """Read ``({layer: SparsityParams}, header)`` from a thresholds file (a file, or a folder holding
     ``actsparse_thresholds.safetensors``), every field checked; any problem is one ``ThresholdFileError``."""
+    thresholds, header, _ = _read(path)
+    return thresholds, header
+
+
+def read_rotation(path: str) -> torch.Tensor | None:
+    """The residual rotation's bases ``[L, D, D]`` saved with the thresholds at ``path``
+    (``rotate_residual(model, basis=...)`` folds them), or None when the file holds none."""
+    return _read(path)[2]
+
+
+def _read(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.Tensor | None]:
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         folder = os.fspath(path)
         path = os.path.join(folder, THRESHOLDS_FILENAME)
@@ -230,24 +284,29 @@ def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any
         )
     header = _check_header(parse_json(meta["actsparse"], f"{path!r}: header", ThresholdFileError), repr(path))
     f = Fields(repr(path), ThresholdFileError)
+    basis = _rotation_tensors(f, tensors, header)
     layers = header["layers"]
     for key in tensors:
         layer, _, buffer = key.rpartition(".")
         if layer not in layers or buffer not in BUFFERS:
             f.fail(f"tensor {key}", "belongs to no layer of the header")
     thresholds = {name: _layer_params(f, name, info, tensors) for name, info in layers.items()}
-    return thresholds, header
+    return thresholds, header, basis
 
 
 @unfuses_experts
-def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.Module:
+def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate: bool = False) -> nn.Module:
     """Sparsify ``model`` in place with the thresholds saved at ``path`` (a file or a folder).
 
     The file must match the model: every layer must exist as an ``nn.Linear`` of the same shape, and
     with ``strict=True`` the architecture fingerprint must match too. Nothing changes on error.
     Fused MoE experts are split into their per-expert Linears first (``actsparse.moe``).
+
+    Thresholds calibrated on a rotated model (:func:`~actsparse.rotate_residual`) hold only on that rotation:
+    ``rotate=True`` first folds the bases the file keeps into ``model`` (the original, unrotated checkpoint),
+    then loads the thresholds; without it such a file loads only on the rotated model object or checkpoint.
     """
-    thresholds, header = read_thresholds(path)
+    thresholds, header, basis = _read(path)
     check_not_sparsified(model, "loading thresholds")
     made_for = header.get("model", {})
     desc = f"{describe_model(made_for.get('name_or_path')) if made_for.get('name_or_path') else made_for.get('class')} "
@@ -276,13 +335,29 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True) -> nn.M
             f"model, or pass strict=False if you know the layers correspond"
         )
     made_on, this = made_for.get("rotation"), rotation_of(model)
+    if rotate:
+        if made_on is None:
+            raise UsageError(f"rotate=True: the thresholds in {path!r} were calibrated on the unrotated model")
+        if this is not None:
+            raise UsageError(
+                f"rotate=True rotates an unrotated model; this one is rotated already (basis {this})"
+                + (": load without rotate=True" if this == made_on else "")
+            )
+        if basis is None:
+            raise ThresholdFileError(
+                f"{path!r} names its rotation ({made_on}) but holds no bases (an older actsparse, or saved from a "
+                "reloaded checkpoint): load it on the rotated checkpoint, without rotate=True"
+            )
+        rotate_residual(model, basis=basis, progress=False)  # checks everything before the first change
+        this = rotation_of(model)
     if made_on != this:
+        hint = " (pass rotate=True to rotate it with the file's bases first)" if basis is not None and not this else ""
         raise ThresholdFileError(
             f"thresholds in {path!r} were calibrated on "
             + (f"a model whose residual stream is rotated (basis {made_on})" if made_on else "the unrotated model")
             + ", this model "
             + (f"is rotated with basis {this}" if this else "is not rotated")
-            + ": load them on the checkpoint they were calibrated on, or calibrate for this model"
+            + f": load them on the checkpoint they were calibrated on{hint}, or calibrate for this model"
         )
     targets = {n: info.get("target_sparsity") for n, info in header["layers"].items()}
     methods = {info.get("method") for info in header["layers"].values()}
@@ -297,6 +372,14 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
     check_output_path(folder, "checkpoint folder", folder=True)
+    if adapter_weights(model):
+        raise UsageError(
+            "save_pretrained cannot keep the residual adapters of a per-layer rotation (they are no Hugging Face "
+            "modules): save the thresholds, which keep the bases (actsparse.save_thresholds), and load them on the "
+            "original checkpoint with actsparse.load_thresholds(model, path, rotate=True)"
+        )
+    if not sparse_layers(model):
+        raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIXES)}
     with keep_file_modes(folder):  # transformers writes its weights 0600; files keep the mode they had
         cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)  # a HF PreTrainedModel

@@ -23,8 +23,9 @@ no rotation on the embedded model, because the principal directions move from la
 gate/up read the rotated coordinates and any sparsity method calibrates on them as usual; o_proj and
 down_proj inputs (after attention, after SiLU·up) are unchanged. In float32 the dense logits change by float
 rounding only; in fp16/bf16 the folded weights are rounded once more. Rotate before compressing weights or
-sparsifying. The model's config records the bases' fingerprint (``config.actsparse_rotation``); saving
-thresholds or checkpoints of a model with adapters is not supported yet (they are no Hugging Face modules).
+sparsifying. The model's config records the bases' fingerprint (``config.actsparse_rotation``);
+``save_thresholds`` keeps the bases themselves, and ``load_thresholds(model, path, rotate=True)`` folds them
+into the original checkpoint (``save_pretrained`` cannot keep the adapters: they are no Hugging Face modules).
 """
 
 from __future__ import annotations

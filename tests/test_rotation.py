@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import VOCAB, make_tiny_llama
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import actsparse as A
 from actsparse.cli import main
 from actsparse.errors import AlreadySparsifiedError, UsageError
+from actsparse.io import read_thresholds
+from actsparse.models import load_model
+from actsparse.rotation import adapter_weights, rotation_of
 
 
 def _gains(model, seed=5):
@@ -150,13 +155,81 @@ def test_thresholds_only_load_on_the_same_rotation(tmp_path, calib_data):
     A.rotate_residual(other, _data(2), layers_per_basis=None, progress=False)
     with pytest.raises(A.ThresholdFileError, match="unrotated model, this model is rotated"):
         A.load_thresholds(other, plain_path)
-    # per-layer rotations have adapters no file keeps yet: saving says so
-    per = make_tiny_llama(layers=3)
-    A.rotate_residual(per, _data(2), progress=False)
+    # a checkpoint reloaded from disk has the fingerprint but not the bases: its file says so on rotate=True
+    A.remove_sparsity(back)
+    A.sparsify_(back, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    again = A.save_thresholds(back, str(tmp_path / "again.safetensors"))
+    assert A.read_rotation(again) is None and A.read_rotation(path).shape == (2, 64, 64)
+    with pytest.raises(A.ThresholdFileError, match="holds no bases"):
+        A.load_thresholds(_tied(), again, rotate=True)
+
+
+def test_thresholds_keep_per_layer_bases_and_rotate_the_original_checkpoint(tmp_path, calib_data):
+    per = _gains(make_tiny_llama(layers=4))
+    res = A.rotate_residual(per, _data(2), layers_per_basis=2, progress=False)  # 2 bases, one adapter
     A.sparsify_(per, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
-    with pytest.raises(UsageError, match="not supported yet"):
-        A.save_thresholds(per, str(tmp_path / "per.safetensors"))
-    assert not (tmp_path / "per.safetensors").exists()
+    path = A.save_thresholds(per, str(tmp_path / "per.safetensors"))
+    with safe_open(path, framework="pt") as st:
+        assert st.get_tensor("rotation.bases").shape == (2, 64, 64)  # each distinct basis once
+        assert st.get_tensor("rotation.index").tolist() == [0, 0, 1, 1]
+        assert json.loads(st.metadata()["actsparse"])["format_version"] == 5
+    assert torch.equal(A.read_rotation(path), res.basis)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    plain = _gains(make_tiny_llama(layers=4))  # the original checkpoint
+    before = _logits(plain, ids)
+    with pytest.raises(A.ThresholdFileError, match="pass rotate=True"):
+        A.load_thresholds(plain, path)
+    assert torch.equal(_logits(plain, ids), before) and not A.sparse_layers(plain)
+    A.load_thresholds(plain, path, rotate=True)
+    assert rotation_of(plain) == res.fingerprint and adapter_weights(plain) == 64 * 64
+    assert torch.allclose(_logits(plain, ids), _logits(per, ids), atol=1e-5)  # the same sparse model
+    A.remove_sparsity(plain)  # the rotated model object itself loads the file as it is
+    with pytest.raises(UsageError, match="rotated already.*without rotate=True"):
+        A.load_thresholds(plain, path, rotate=True)
+    A.load_thresholds(plain, path)
+    assert torch.allclose(_logits(plain, ids), _logits(per, ids), atol=1e-5)
+    # a file of the unrotated model has nothing to rotate with
+    flat = make_tiny_llama(layers=4)
+    A.sparsify_(flat, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    flat_path = A.save_thresholds(flat, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(UsageError, match="calibrated on the unrotated model"):
+        A.load_thresholds(make_tiny_llama(layers=4), flat_path, rotate=True)
+    # the adapters are no HF modules: save_pretrained refuses before writing anything, naming the way that works
+    with pytest.raises(UsageError, match="rotate=True"):
+        A.save_pretrained(per, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_edited_bases_in_a_thresholds_file_are_refused(tmp_path, calib_data):
+    model = make_tiny_llama(layers=2)
+    A.rotate_residual(model, _data(2), progress=False)
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
+    path = A.save_thresholds(model, str(tmp_path / "rot.safetensors"))
+    with safe_open(path, framework="pt") as st:
+        meta, tensors = st.metadata(), {k: st.get_tensor(k) for k in st.keys()}  # noqa: SIM118
+    for edit, match in [
+        (lambda t: t.__setitem__("rotation.bases", t["rotation.bases"].flip(-1).contiguous()), "does not match"),
+        (lambda t: t.__setitem__("rotation.bases", t["rotation.bases"] * 2), "not orthogonal"),
+        (lambda t: t.__setitem__("rotation.index", torch.tensor([0, 5])), "indices into 2 bases"),
+        (lambda t: t.pop("rotation.index"), "needs both"),
+    ]:
+        bad = dict(tensors)
+        edit(bad)
+        out = str(tmp_path / "bad.safetensors")
+        save_file(bad, out, metadata=meta)
+        with pytest.raises(A.ThresholdFileError, match=match):
+            read_thresholds(out)
+
+
+def test_cli_eval_rotates_the_original_checkpoint_for_rotated_thresholds(tiny_model_dir, text_file, tmp_path, capsys):
+    model, _ = load_model(tiny_model_dir)
+    A.rotate_residual(model, _data(2), progress=False)
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), _data(2, seed=7), progress=False)
+    path = A.save_thresholds(model, str(tmp_path / "rot.safetensors"))
+    args = ["eval", "--model", tiny_model_dir, "--data", text_file, "--thresholds", path, "--no-progress"]
+    assert main([*args, "--context", "64", "--json"]) == 0  # (an unrotated model would refuse the file)
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["by_type"]["up_proj"]["measured"] - 0.5) < 0.15
 
 
 class _GemmaNorm(nn.Module):
