@@ -113,9 +113,7 @@ def shape_row(call, k: int, n: int) -> dict:
         case.set_sparsity(s)
         row[f"rule@{s}"] = case.time_sparse()
         _check_library(case)
-        row[f"library@{s}"] = graph_time_us(
-            lambda i: CG.sparse_gemv_cuda(case.x[i % m], case.packed[i % m], out=ys[i % m]), 4 * m
-        )
+        row[f"library@{s}"] = _time_library(case, ys, None)
         for c in cfgs:
             row[f"{label(c)}@{s}"] = graph_time_us(
                 lambda i, c=c: call(case.x[i % m], case.packed[i % m], ys[i % m], *c), 4 * m
@@ -152,9 +150,7 @@ def library_variants() -> list[dict]:
         fns[name] = lib.actsparse_sgemv
     rows = []
     for k, n in SHAPES:
-        case = Case(k, n, torch.bfloat16, layout=None)
-        m = case.copies
-        ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
+        case, ys = _bf16_case(k, n)
         cfg = CG.cuda_config(case.packed[0], torch.device("cuda"))
         row = {"k": k, "n": n, "config": str(cfg), "dense": case.time_dense()}
         for s in (1.0, 0.5, 0.0):
@@ -167,16 +163,22 @@ def library_variants() -> list[dict]:
                     got = CG.sparse_gemv_cuda(case.x[0], case.packed[0], c).double()
                     err = ((got - ref).norm() / ref.norm()).item() if s < 1 else got.abs().max().item()
                     assert err < 1e-2, (k, n, s, name, err)
-                    row[f"{name}{'' if pdl else '/nopdl'}@{s}"] = graph_time_us(
-                        lambda i, c=c, xs=case.x, ps=case.packed, ys=ys, m=m: CG.sparse_gemv_cuda(
-                            xs[i % m], ps[i % m], c, out=ys[i % m]
-                        ),
-                        4 * m,
-                    )
+                    row[f"{name}{'' if pdl else '/nopdl'}@{s}"] = _time_library(case, ys, c)
         CG._LIBS.clear()
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def _time_library(case, ys, config) -> float:
+    """Graph-timed µs per call of the library's CUDA kernel over ``case``'s weight copies (outputs into ``ys``)."""
+    m = case.copies
+    return graph_time_us(lambda i: CG.sparse_gemv_cuda(case.x[i % m], case.packed[i % m], config, out=ys[i % m]), 4 * m)
+
+
+def _bf16_case(k: int, n: int):
+    case = Case(k, n, torch.bfloat16, layout=None)
+    return case, [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
 
 
 def library_sweep(shapes: list[tuple[int, int]]) -> list[dict]:
@@ -184,9 +186,7 @@ def library_sweep(shapes: list[tuple[int, int]]) -> list[dict]:
     its launch rule's choice and dense: graph-timed µs at 100%, 50% and 0%."""
     rows = []
     for k, n in shapes:
-        case = Case(k, n, torch.bfloat16, layout=None)
-        m = case.copies
-        ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
+        case, ys = _bf16_case(k, n)
         rule = CG.cuda_config(case.packed[0], torch.device("cuda"))
         row = {"k": k, "n": n, "rule": f"{rule.block_n}/{rule.cluster}", "dense": case.time_dense()}
         cfgs = [
@@ -199,12 +199,7 @@ def library_sweep(shapes: list[tuple[int, int]]) -> list[dict]:
             case.set_sparsity(s)
             _check_library(case)
             for c in cfgs:
-                row[f"{c.block_n}/{c.cluster}@{s}"] = graph_time_us(
-                    lambda i, c=c, xs=case.x, ps=case.packed, ys=ys, m=m: CG.sparse_gemv_cuda(
-                        xs[i % m], ps[i % m], c, out=ys[i % m]
-                    ),
-                    4 * m,
-                )
+                row[f"{c.block_n}/{c.cluster}@{s}"] = _time_library(case, ys, c)
         print(json.dumps(row), flush=True)
         rows.append(row)
     for r in rows:
