@@ -57,12 +57,13 @@ def rotary(x, cos, sin):  # x [1, heads, 1, hd]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, reduce="kernel"):
+def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, reduce="kernel", backend="triton"):
     """One decoder layer as a function of tensors only (so one torch.compile serves every layer).
 
     ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV;
     ``linear_fn(h, lin, group)`` (returning a tuple of outputs) replaces both (benchmarks/bounds.py).
-    ``reduce``: where the sparse GEMV's split-K partials are summed (``actsparse.kernels.sparse_gemv``).
+    ``reduce``: where the sparse GEMV's split-K partials are summed (``actsparse.kernels.sparse_gemv``);
+    ``backend``: which sparse GEMV runs (``PackedGemv.backend``).
     """
     heads, kvh, dim = cfg["heads"], cfg["kv_heads"], cfg["dim"]
     hd = dim // heads
@@ -74,7 +75,8 @@ def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, redu
             return linear_fn(h, lin, group)
         if sparse:
             wt, thr, scale, zero = lin[group]
-            return K.sparse_gemv(h, K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero), reduce=reduce)
+            packed = K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero, backend=backend)
+            return K.sparse_gemv(h, packed, reduce=reduce)
         return (F.linear(h, lin[group]),)
 
     def step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict, record=None):
@@ -136,17 +138,20 @@ class Model:
         self.pos = torch.zeros(1, dtype=torch.long, device=DEV)
         self.fns = {False: make_layer_fn(cfg, False, None)}
 
-    def pack(self, quantize=None, reduce="kernel"):
+    def pack(self, quantize=None, reduce="kernel", backend="triton"):
+        """Pack the weights for ``backend``: Triton's blocked layout, or the plain one the CUDA kernel reads."""
+        layout = None if backend == "cuda" else K.COLUMN_ALIGN
+        self.backend, self.packed_as = backend, (quantize, backend)
         d, hd = self.cfg["dim"], self.cfg["dim"] // self.cfg["heads"]
         kv = self.cfg["kv_heads"] * hd
         i = self.cfg["inter"]
         for L in self.layers:
             qkv, gu = L.dense["qkv"], L.dense["gate_up"]
             L.packed = {
-                "qkv": K.pack([qkv[:d], qkv[d : d + kv], qkv[d + kv :]], quantize=quantize),
-                "o": K.pack([L.dense["o"]], quantize=quantize),
-                "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize),
-                "down": K.pack([L.dense["down"]], quantize=quantize),
+                "qkv": K.pack([qkv[:d], qkv[d : d + kv], qkv[d + kv :]], quantize=quantize, layout_block=layout),
+                "o": K.pack([L.dense["o"]], quantize=quantize, layout_block=layout),
+                "gate_up": K.pack([gu[:i], gu[i:]], quantize=quantize, layout_block=layout),
+                "down": K.pack([L.dense["down"]], quantize=quantize, layout_block=layout),
             }
         self.set_reduce(reduce)
 
@@ -154,7 +159,7 @@ class Model:
         """The sparse layer function with the split-K partials summed where ``reduce`` says (recompiled by
         :meth:`compile`)."""
         segments = {g: p.segments for g, p in self.layers[0].packed.items()}
-        self.fns[True] = make_layer_fn(self.cfg, True, segments, reduce=reduce)
+        self.fns[True] = make_layer_fn(self.cfg, True, segments, reduce=reduce, backend=self.backend)
 
     def compile(self):
         self.fns = {
@@ -262,11 +267,17 @@ def bench_model(name, args):
     )
     rows = []
     kernels = [("current", None)] + ([("before", load_kernel_module(args.baseline))] if args.baseline else [])
-    # every kernel with every split-K reduction; the first is the main result, the others extra columns
-    variants = [(k if i == 0 else f"{k}/{r}", mod, r) for k, mod in kernels for i, r in enumerate(args.reduce)]
+    # every kernel with every split-K reduction and backend; the first is the main result, the others extra columns
+    variants = [
+        (k if (i, j) == (0, 0) else f"{k}/{r}" + (f"/{b}" if j else ""), mod, r, b)
+        for k, mod in kernels
+        for i, r in enumerate(args.reduce)
+        for j, b in enumerate(args.backends)
+    ]
     for quant in [None, "int8"] if args.int8 else [None]:
-        model.pack(quantize=quant)
-        for kname, mod, reduce in variants:
+        for kname, mod, reduce, backend in variants:
+            if getattr(model, "packed_as", None) != (quant, backend):
+                model.pack(quantize=quant, backend=backend)
             model.set_reduce(reduce)
             if args.compile:
                 model.compile()
@@ -339,8 +350,14 @@ def main():
         default="kernel",
         help="split-K reductions to time, comma-separated: kernel (the default), consumer",
     )
+    ap.add_argument(
+        "--backends",
+        default="triton",
+        help="sparse GEMVs to time, comma-separated: triton (the default; blocked layout), cuda (the CUDA C++ kernel)",
+    )
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
+    args.backends = args.backends.split(",")
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
