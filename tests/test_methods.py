@@ -1,5 +1,6 @@
 """Calibration methods (SCAP, WINA, TEAL greedy, top-k) and the general sparsity rule they rely on."""
 
+import copy
 import json
 import math
 
@@ -551,11 +552,36 @@ def test_sensitivity_budgets_spare_the_sensitive_block():
     assert weighted_sparsity(model, measured) == pytest.approx(0.5, abs=5e-3)
 
 
+def test_searched_budgets_move_sparsity_to_the_free_block_and_keep_the_mean():
+    model, calib_data = _trained_llama()
+    with torch.no_grad():  # block 1 barely writes to the residual stream: sparsifying it costs nothing
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
+        model.model.layers[1].self_attn.o_proj.weight.mul_(1e-4)
+    method = TealMethod(allocation="uniform", block_budget="search", search_steps=12, search_delta=0.1)
+    before = copy.deepcopy(model)
+    A.sparsify_activations(model, calib_data, ALL, method=method, progress=False)
+    layers = A.sparse_layers(model)
+    t0 = layers["model.layers.0.mlp.up_proj"].target_sparsity
+    t1 = layers["model.layers.1.mlp.up_proj"].target_sparsity
+    assert t1 > 0.6 and t0 < 0.4  # accepted moves all went one way: into the block that costs nothing
+    targets = {n: m.target_sparsity for n, m in layers.items()}
+    assert weighted_sparsity(model, targets) == pytest.approx(0.5, abs=1e-6)  # the model-wide budget is kept
+    # the search is seeded: the same model and data give the same budgets
+    A.sparsify_activations(before, calib_data, ALL, method=method, progress=False)
+    assert {n: m.target_sparsity for n, m in A.sparse_layers(before).items()} == targets
+
+
 def test_bad_block_budget():
     with pytest.raises(ValueError, match="block_budget"):
         TealMethod(block_budget="random")
     with pytest.raises(ValueError, match="max_raise"):
         TealMethod(block_budget="sensitivity", max_raise=3.0)
+    for bad in (0, 1.5, True):
+        with pytest.raises((ValueError, TypeError), match="search_steps"):
+            TealMethod(block_budget="search", search_steps=bad)
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="search_delta"):
+            TealMethod(block_budget="search", search_delta=bad)
 
 
 def test_scoring_and_allocation_compose_teal_greedy_with_wina_scores(calib_data, tmp_path):

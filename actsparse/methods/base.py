@@ -188,6 +188,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "teal-uniform": ("teal", {"allocation": "uniform"}),
     "teal-greedy-sens": ("teal", {"allocation": "greedy", "block_budget": "sensitivity"}),
     "teal-uniform-sens": ("teal", {"allocation": "uniform", "block_budget": "sensitivity"}),
+    "teal-greedy-search": ("teal", {"allocation": "greedy", "block_budget": "search"}),
+    "teal-uniform-search": ("teal", {"allocation": "uniform", "block_budget": "search"}),
     "scap-median": ("scap", {"mode": "median"}),
     "scap-kde": ("scap", {"mode": "kde"}),
     "topk": ("sparsing-law", {"metric": "topk"}),

@@ -20,11 +20,19 @@ sensitive blocks there are the first and the last (5× and 4× the median single
 
 Per-layer targets inside a block keep their ratios (a block-wise greedy allocation then re-distributes
 them between the block's layers). Cost: ``3 × blocks`` forward passes over ``probe_tokens`` tokens.
+
+``block_budget="search"`` (after WiSparse's and WAS's searched block allocations) does not add single-block
+costs up: starting from equal budgets, it proposes moving ``delta`` of sparsity from one random block to
+another (the weighted mean kept), sparsifies **all** blocks at once with the proposal, and keeps it when the
+next-token loss on the probe tokens goes down; ``delta`` halves after a run of rejected proposals. Same dense
+histograms; cost ``search_steps`` forward passes over ``probe_tokens`` tokens; deterministic (seeded).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,7 +43,7 @@ from ..forward import call_model, find_block_stack, input_hooks, leading_batches
 from ..rule import dense_equivalent_input
 from ..stats import HistogramQuantile
 
-__all__ = ["sensitivity_block_budgets", "allocate_segments"]
+__all__ = ["sensitivity_block_budgets", "search_block_budgets", "allocate_segments"]
 
 
 def _block_of(names, model) -> dict[str, list[str]]:
@@ -80,6 +88,60 @@ def allocate_segments(
     return p
 
 
+@contextmanager
+def _probe(
+    model: nn.Module, batches, targets: dict[str, float], device, probe_tokens: int, progress: bool
+) -> Iterator[Callable[[dict[str, float]], float]]:
+    """One dense pass for every target layer's |x| histogram, then ``loss(sparsities)``: the mean next-token
+    loss on ``probe_tokens`` calibration tokens with those layers' inputs thresholded at their dense quantiles
+    (a layer left out stays dense)."""
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n in targets}
+    hists = {n: HistogramQuantile(0.5) for n in targets}
+    state: dict[str, Any] = {"mask": None, "apply": None}
+
+    def hook(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        if state["apply"] is None:
+            hists[name].update(real_tokens(x, state["mask"]))
+            return None
+        tau = state["apply"].get(name)
+        return None if tau is None else dense_equivalent_input(x, tau)
+
+    probe = batches[: leading_batches(batches, probe_tokens)]
+
+    def loss(sparsities: dict[str, float]) -> float:
+        state["apply"] = {n: hists[n].quantile(min(1.0, s)) for n, s in sparsities.items()}
+        total, count = next_token_nll(model, probe, device)
+        return total / max(count, 1)
+
+    with input_hooks(layers, hook):
+        for b in tqdm(batches, desc="block budgets: statistics", disable=not progress):
+            state["mask"] = b.token_mask
+            call_model(model, b, device)
+        yield loss
+
+
+def _blocks(model: nn.Module, targets: dict[str, float]) -> tuple[dict[str, list[str]], list[float], list[float]]:
+    """The target layers by block, each block's number of target weights and weighted mean target."""
+    blocks = _block_of(targets, model)
+    modules = dict(model.named_modules())
+    weights = {n: modules[n].in_features * modules[n].out_features for n in targets}
+    size = [float(sum(weights[n] for n in blocks[k])) for k in blocks]
+    mean_t = [sum(weights[n] * targets[n] for n in blocks[k]) / s for k, s in zip(blocks, size)]
+    return blocks, size, mean_t
+
+
+def _per_layer(
+    blocks: dict[str, list[str]], targets: dict[str, float], mean_t: list[float], budgets: list[float], cap: float
+) -> dict[str, float]:
+    """Per-layer targets for block budgets, each block's layers keeping their ratios."""
+    new = dict(targets)
+    for k, t, p in zip(blocks, mean_t, budgets):
+        for n in blocks[k]:
+            new[n] = min(cap, targets[n] * p / t) if t > 0 else 0.0
+    return new
+
+
 @torch.no_grad()
 def sensitivity_block_budgets(
     model: nn.Module,
@@ -93,54 +155,60 @@ def sensitivity_block_budgets(
     progress: bool = True,
 ) -> dict[str, float]:
     """New per-layer targets (see the module docstring); ``targets`` unchanged if there is no block stack."""
-
-    blocks = _block_of(targets, model)
+    blocks, size, mean_t = _blocks(model, targets)
     if len(blocks) < 2:
         return dict(targets)
-    modules = dict(model.named_modules())
-    layers = {n: modules[n] for n in targets}
-    hists = {n: HistogramQuantile(0.5) for n in targets}
-    state: dict[str, Any] = {"mask": None, "apply": {}}
-
-    def hook(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        if state["apply"] is None:
-            hists[name].update(real_tokens(x, state["mask"]))
-            return None
-        tau = state["apply"].get(name)
-        return None if tau is None else dense_equivalent_input(x, tau)
-
-    probe = batches[: leading_batches(batches, probe_tokens)]
-
-    def loss() -> float:
-        total, count = next_token_nll(model, probe, device)
-        return total / max(count, 1)
-
-    with input_hooks(layers, hook):
-        state["apply"] = None
-        for b in tqdm(batches, desc="block budgets: statistics", disable=not progress):
-            state["mask"] = b.token_mask
-            call_model(model, b, device)
-        state["apply"] = {}
-        base = loss()
-        names = list(blocks)
-        size = [sum(layers[n].in_features * layers[n].out_features for n in blocks[k]) for k in names]
-        mean_t = [
-            sum(layers[n].in_features * layers[n].out_features * targets[n] for n in blocks[k]) / s
-            for k, s in zip(names, size)
-        ]
+    with _probe(model, batches, targets, device, probe_tokens, progress) as loss:
+        base = loss({})
         levels, costs = [], []
-        for k, t in tqdm(list(zip(names, mean_t)), desc="block budgets: probes", disable=not progress):
+        for k, t in tqdm(list(zip(blocks, mean_t)), desc="block budgets: probes", disable=not progress):
             lv = sorted({min(max_sparsity, f * t) for f in (0.5, 1.0, max_raise)}) if t > 0 else [0.0]
-            c = []
-            for p in lv:
-                state["apply"] = {n: hists[n].quantile(min(1.0, targets[n] * p / t)) for n in blocks[k]}
-                c.append(loss() - base)
             levels.append(lv)
-            costs.append(c)
+            costs.append([loss({n: targets[n] * p / t for n in blocks[k]}) - base for p in lv])
     mean = sum(s * t for s, t in zip(size, mean_t)) / sum(size)
-    budgets = allocate_segments(levels, costs, size, mean)
-    new = dict(targets)
-    for k, t, p in zip(names, mean_t, budgets):
-        for n in blocks[k]:
-            new[n] = min(max_sparsity, targets[n] * p / t) if t > 0 else 0.0
-    return new
+    return _per_layer(blocks, targets, mean_t, allocate_segments(levels, costs, size, mean), max_sparsity)
+
+
+@torch.no_grad()
+def search_block_budgets(
+    model: nn.Module,
+    batches,
+    targets: dict[str, float],
+    device,
+    *,
+    probe_tokens: int = 2048,
+    max_sparsity: float = 0.95,
+    steps: int = 200,
+    delta: float = 0.05,
+    patience: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """New per-layer targets by the searched block budgets of the module docstring (``targets`` unchanged if
+    there is no block stack): ``steps`` proposals of ``delta`` sparsity moved between two blocks, ``delta``
+    halved after ``patience`` rejections in a row."""
+    blocks, size, mean_t = _blocks(model, targets)
+    movable = [b for b, t in enumerate(mean_t) if t > 0]
+    if len(blocks) < 2 or len(movable) < 2:
+        return dict(targets)
+    top = [max(targets[n] for n in blocks[k]) / t if t > 0 else 1.0 for k, t in zip(blocks, mean_t)]
+    g = torch.Generator().manual_seed(seed)
+    budgets = list(mean_t)
+    with _probe(model, batches, targets, device, probe_tokens, progress) as loss:
+        best = loss(_per_layer(blocks, targets, mean_t, budgets, max_sparsity))
+        rejected = 0
+        for _ in tqdm(range(steps), desc="block budgets: search", disable=not progress):
+            i, j = (movable[int(v)] for v in torch.randperm(len(movable), generator=g)[:2])
+            cand = list(budgets)
+            cand[i] += delta
+            cand[j] -= delta * size[i] / size[j]
+            if cand[j] < 0 or cand[i] * top[i] > max_sparsity:  # no layer may leave [0, max_sparsity]
+                continue
+            value = loss(_per_layer(blocks, targets, mean_t, cand, max_sparsity))
+            if value < best:
+                budgets, best, rejected = cand, value, 0
+            else:
+                rejected += 1
+                if rejected >= patience:
+                    delta, rejected = delta / 2, 0
+    return _per_layer(blocks, targets, mean_t, budgets, max_sparsity)

@@ -26,14 +26,14 @@ from ..errors import UsageError
 from ..offload import layer_weight
 from ..rule import SparsityParams
 from .base import MethodConfig, register_method
-from .budget import sensitivity_block_budgets
+from .budget import search_block_budgets, sensitivity_block_budgets
 from .wina import ScoreQuantile, column_norms
 
 __all__ = ["TealMethod", "greedy_allocation"]
 
 ALLOCATIONS = ("uniform", "greedy")
 SCORES = ("magnitude", "wina")  # |x_j|, or WINA's |x_j|·‖W[:, j]‖₂ (the column norms become act_scale)
-BLOCK_BUDGETS = ("uniform", "sensitivity")
+BLOCK_BUDGETS = ("uniform", "sensitivity", "search")
 
 
 def _relative_error(outs: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
@@ -113,8 +113,9 @@ class TealMethod(MethodConfig):
     ``"greedy"`` (block-wise greedy per-layer allocation, see the module docstring). ``score``: what the
     thresholds test, ``"magnitude"`` ``|x_j|`` (TEAL) or ``"wina"`` ``|x_j|·‖W[:, j]‖₂`` (WINA's weight-aware
     score with TEAL's allocation; the column norms are stored as the layers' ``act_scale``).
-    ``block_budget="sensitivity"`` first moves budget between blocks by their measured loss sensitivity
-    (:mod:`actsparse.methods.budget`; beyond TEAL, which keeps every block at the model-wide target).
+    ``block_budget="sensitivity"`` first moves budget between blocks by their measured loss sensitivity,
+    ``"search"`` by a seeded search on the whole model's loss (``search_steps`` proposals of ``search_delta``;
+    :mod:`actsparse.methods.budget`; beyond TEAL, which keeps every block at the model-wide target).
 
     ``step``: sparsity added to one layer per greedy step; ``greedy_tokens``: calibration tokens (whole
     leading batches) on which block-output error is measured (None: all); ``max_sparsity``: cap per layer.
@@ -132,6 +133,8 @@ class TealMethod(MethodConfig):
     max_raise: float = 1.15
     bins_per_octave: int = 1024
     score: str = "magnitude"
+    search_steps: int = 200
+    search_delta: float = 0.05
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,6 +144,10 @@ class TealMethod(MethodConfig):
             raise UsageError(f"max_raise must be in [1, 2], got {self.max_raise}")
         if self.probe_tokens < 1:
             raise UsageError(f"probe_tokens must be >= 1, got {self.probe_tokens}")
+        if isinstance(self.search_steps, bool) or not isinstance(self.search_steps, int) or self.search_steps < 1:
+            raise UsageError(f"search_steps must be an int >= 1, got {self.search_steps!r}")
+        if not 0.0 < self.search_delta <= 0.5:
+            raise UsageError(f"search_delta must be in (0, 0.5], got {self.search_delta}")
         if self.score not in SCORES:
             raise UsageError(f"unknown score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.allocation not in ALLOCATIONS:
@@ -159,9 +166,21 @@ class TealMethod(MethodConfig):
         return ScoreQuantile(target_sparsity, self._scale(module), self.bins_per_octave)
 
     def plan(self, model, batches, targets, device, *, progress=True) -> dict[str, float]:
-        """Block budgets before the sequential pass (``block_budget="sensitivity"``, see ``methods/budget.py``)."""
+        """Block budgets before the sequential pass (``block_budget``: ``methods/budget.py``)."""
         if self.block_budget == "uniform":
             return dict(targets)
+        if self.block_budget == "search":
+            return search_block_budgets(
+                model,
+                batches,
+                targets,
+                device,
+                probe_tokens=self.probe_tokens,
+                max_sparsity=self.max_sparsity,
+                steps=self.search_steps,
+                delta=self.search_delta,
+                progress=progress,
+            )
         return sensitivity_block_budgets(
             model,
             batches,
