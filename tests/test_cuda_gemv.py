@@ -92,7 +92,11 @@ def test_cpu_inputs_never_pick_the_cuda_kernel():
     for backend in ops.BACKENDS:
         p.backend = backend
         assert ops.kernel_for(x, p) in ("triton", "torch")
-        torch.testing.assert_close(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
+        if backend == "cuda":  # asked for explicitly: refused, not silently replaced
+            with pytest.raises(UsageError, match="backend='cuda'.*input is on cpu"):
+                K.sparse_gemv(x, p)
+        else:
+            torch.testing.assert_close(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
 
 
 def test_a_bad_backend_is_refused():

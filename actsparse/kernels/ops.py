@@ -9,8 +9,9 @@ and the torch reference everywhere else, so results never depend on what is inst
 The op is registered with ``torch.library.custom_op`` (and a fake kernel), so ``torch.compile`` treats it
 as one opaque node and ``mode="reduce-overhead"`` captures it in a CUDA graph.
 
-Split-K reduction of the Triton kernel (``reduce``; the CUDA kernel always reduces in its cluster): ``"kernel"`` (the default) sums the partial sums inside the launch (the
-last program of each column block adds them up: one launch); ``"consumer"`` returns them from a second op,
+Split-K reduction of the Triton kernel (``reduce``; the CUDA kernel always reduces in its cluster):
+``"kernel"`` (the default) sums the partial sums inside the launch (the last program of each column block
+adds them up: one launch); ``"consumer"`` returns them from a second op,
 ``actsparse::sparse_gemv_partials``, and sums and casts in torch, for ``torch.compile`` to fuse into the
 kernel that consumes the output. Both are deterministic and agree with the reference to the dtype's
 rounding. Measured on an H200 (benchmarks/README.md), ``"consumer"`` is the slower one in a compiled
@@ -126,6 +127,12 @@ def masked_gemm(x: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]
 
 def _run(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
     kind = kernel_for(x, packed)
+    if packed.backend == "cuda" and kind != "cuda" and x.numel() == packed.in_features:
+        why = cuda_gemv.unavailable_reason(x.device) if x.is_cuda else f"the input is on {x.device}"
+        raise UsageError(
+            f"backend='cuda': the CUDA sparse GEMV cannot run this call ({why or 'a layout, dtype or shape it does not take'}); "
+            "use backend='auto'"
+        )
     if kind == "cuda":
         return cuda_gemv.sparse_gemv_cuda(x, packed).reshape(*x.shape[:-1], packed.padded_out)
     if kind == "triton":
