@@ -72,7 +72,8 @@ def choose_cuda_config(k: int, n: int, sm_count: int) -> CudaConfig:
     """The launch rule: the smallest cluster whose input slices fit a block (``ROWS_PER_BLOCK``), then the
     widest tile that still gives about two blocks per SM (≥ 1.9 × SMs: 4096x4096 takes 256 blocks on 132
     SMs), else the configuration with the most blocks. Measured on an H200 (``benchmarks/exp_cuda.py``): within
-    2% of the best of 20-40 configurations at 0% and 50% on the five Llama shapes, except 4096x4096 (≤ 0.5%)."""
+    2% of the best of 20-40 configurations at 0% and 50% on the five Llama-2/Llama-3 shapes of its tables, but
+    27-36% off on Llama-3-8B's q/k/v and gate/up (``_TUNED`` holds the measured choice there)."""
     best: tuple[int, CudaConfig] | None = None
     for cl in (1, 2, 4, 8, 16):
         if math.ceil(k / cl) > ROWS_PER_BLOCK:
