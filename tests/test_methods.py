@@ -567,8 +567,16 @@ def test_searched_budgets_move_sparsity_to_the_free_block_and_keep_the_mean():
     targets = {n: m.target_sparsity for n, m in layers.items()}
     assert weighted_sparsity(model, targets) == pytest.approx(0.5, abs=1e-6)  # the model-wide budget is kept
     # the search is seeded: the same model and data give the same budgets
-    A.sparsify_activations(before, calib_data, ALL, method=method, progress=False)
-    assert {n: m.target_sparsity for n, m in A.sparse_layers(before).items()} == targets
+    again = copy.deepcopy(before)
+    A.sparsify_activations(again, calib_data, ALL, method=method, progress=False)
+    assert {n: m.target_sparsity for n, m in A.sparse_layers(again).items()} == targets
+    # started from the sensitivity budgets (block 1 at 0.575, the top of their range), it goes further
+    both = TealMethod(allocation="uniform", block_budget="sensitivity+search", search_steps=12, search_delta=0.1)
+    A.sparsify_activations(before, calib_data, ALL, method=both, progress=False)
+    layers = A.sparse_layers(before)
+    assert layers["model.layers.1.mlp.up_proj"].target_sparsity > 0.575 + 0.05
+    targets = {n: m.target_sparsity for n, m in layers.items()}
+    assert weighted_sparsity(before, targets) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_bad_block_budget():

@@ -33,7 +33,7 @@ __all__ = ["TealMethod", "greedy_allocation"]
 
 ALLOCATIONS = ("uniform", "greedy")
 SCORES = ("magnitude", "wina")  # |x_j|, or WINA's |x_j|·‖W[:, j]‖₂ (the column norms become act_scale)
-BLOCK_BUDGETS = ("uniform", "sensitivity", "search")
+BLOCK_BUDGETS = ("uniform", "sensitivity", "search", "sensitivity+search")
 
 
 def _relative_error(outs: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
@@ -114,8 +114,9 @@ class TealMethod(MethodConfig):
     thresholds test, ``"magnitude"`` ``|x_j|`` (TEAL) or ``"wina"`` ``|x_j|·‖W[:, j]‖₂`` (WINA's weight-aware
     score with TEAL's allocation; the column norms are stored as the layers' ``act_scale``).
     ``block_budget="sensitivity"`` first moves budget between blocks by their measured loss sensitivity,
-    ``"search"`` by a seeded search on the whole model's loss (``search_steps`` proposals of ``search_delta``;
-    :mod:`actsparse.methods.budget`; beyond TEAL, which keeps every block at the model-wide target).
+    ``"search"`` by a seeded search on the whole model's loss (``search_steps`` proposals of ``search_delta``),
+    ``"sensitivity+search"`` that search started from the sensitivity budgets (:mod:`actsparse.methods.budget`;
+    beyond TEAL, which keeps every block at the model-wide target).
 
     ``step``: sparsity added to one layer per greedy step; ``greedy_tokens``: calibration tokens (whole
     leading batches) on which block-output error is measured (None: all); ``max_sparsity``: cap per layer.
@@ -169,11 +170,14 @@ class TealMethod(MethodConfig):
         """Block budgets before the sequential pass (``block_budget``: ``methods/budget.py``)."""
         if self.block_budget == "uniform":
             return dict(targets)
-        if self.block_budget == "search":
+        if "search" in self.block_budget:
+            start = targets
+            if self.block_budget.startswith("sensitivity"):
+                start = self._sensitivity(model, batches, targets, device, progress)
             return search_block_budgets(
                 model,
                 batches,
-                targets,
+                start,
                 device,
                 probe_tokens=self.probe_tokens,
                 max_sparsity=self.max_sparsity,
@@ -181,6 +185,9 @@ class TealMethod(MethodConfig):
                 delta=self.search_delta,
                 progress=progress,
             )
+        return self._sensitivity(model, batches, targets, device, progress)
+
+    def _sensitivity(self, model, batches, targets, device, progress) -> dict[str, float]:
         return sensitivity_block_budgets(
             model,
             batches,
