@@ -315,6 +315,10 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
     problems = []
     for name, info in header["layers"].items():
         m = modules.get(name)
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear:  # as apply_thresholds refuses it, but now:
+            raise UsageError(  # before a rotation would fold (rotate=True)
+                f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {type(m).__name__}"
+            )
         if not isinstance(m, nn.Linear):
             problems.append(f"{name}: missing" if m is None else f"{name}: is {type(m).__name__}, not Linear")
         elif (m.in_features, m.out_features) != (info.get("in_features"), info.get("out_features")):

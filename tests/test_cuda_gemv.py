@@ -65,6 +65,12 @@ def test_tuned_exceptions_are_configurations_the_kernel_takes():
             assert (bn, cl) != astuple(CG.choose_cuda_config(k, n, sms))[:2]  # an exception, not the rule again
 
 
+def test_a_config_the_kernel_cannot_launch_is_refused():
+    for bad in ((96, 2), (64, 3), (64, 0), (256, 32)):
+        with pytest.raises(UsageError, match="block_n in"):
+            CG.CudaConfig(*bad)
+
+
 def test_rule_refuses_what_the_kernel_cannot_take():
     with pytest.raises(UsageError, match="K <= 32768"):
         CG.choose_cuda_config(CG.MAX_K + 1, 4096, 132)
@@ -97,6 +103,21 @@ def test_cpu_inputs_never_pick_the_cuda_kernel():
                 K.sparse_gemv(x, p)
         else:
             torch.testing.assert_close(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
+
+
+def test_without_cuda_nothing_asks_the_toolchain():
+    if not torch.cuda.is_available():  # CPU-only torch: False, not an error from torch.cuda
+        assert not ops.cuda_kernel_available("cuda")
+    x, p = _packed()
+    p.threshold = p.threshold.to("meta")  # a tensor on another device than the weights: not this kernel's
+    assert not CG.supports(x, p)
+
+
+def test_consumer_reduction_of_a_plain_layout_compiles_to_one_graph():
+    x, p = _packed(ns=(256, 256), dtype=torch.float16)  # the layout enable_kernels packs (supports() is traced)
+    f = torch.compile(lambda v: K.sparse_gemv(v, p, reduce="consumer"), fullgraph=True, backend="aot_eager")
+    for a, b in zip(f(x), K.sparse_gemv(x, p)):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
 def test_a_bad_backend_is_refused():

@@ -188,6 +188,13 @@ def test_thresholds_keep_per_layer_bases_and_rotate_the_original_checkpoint(tmp_
         A.load_thresholds(plain, path, rotate=True)
     A.load_thresholds(plain, path)
     assert torch.allclose(_logits(plain, ids), _logits(per, ids), atol=1e-5)
+    # a layer the thresholds cannot swap is refused before the rotation folds: the model stays as it was
+    odd = _gains(make_tiny_llama(layers=4))
+    odd.model.layers[2].mlp.up_proj.__class__ = type("MyLinear", (nn.Linear,), {})
+    with pytest.raises(UsageError, match="expected a torch.nn.Linear, got MyLinear"):
+        A.load_thresholds(odd, path, rotate=True)
+    assert rotation_of(odd) is None and adapter_weights(odd) == 0
+    assert torch.equal(_logits(odd, ids), before)
     # a file of the unrotated model has nothing to rotate with
     flat = make_tiny_llama(layers=4)
     A.sparsify_(flat, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)

@@ -67,6 +67,10 @@ class CudaConfig:
     cluster: int  # blocks per cluster = the split of K (1..16, a power of two)
     pdl: bool = False  # programmatic dependent launch (see PDL)
 
+    def __post_init__(self):
+        if self.block_n not in BLOCK_NS or self.cluster not in (1, 2, 4, 8, 16):
+            raise UsageError(f"CudaConfig: block_n in {BLOCK_NS}, cluster in 1, 2, 4, 8, 16; got {self}")
+
 
 def choose_cuda_config(k: int, n: int, sm_count: int) -> CudaConfig:
     """The launch rule: the smallest cluster whose input slices fit a block (``ROWS_PER_BLOCK``), then the
@@ -122,6 +126,7 @@ def supports(x: torch.Tensor, packed: PackedGemv) -> bool:
     """Whether this kernel computes ``packed`` for ``x`` (shapes and dtypes only; see
     :func:`unavailable_reason` for the device and the toolchain)."""
     w = packed.weight_t
+    extras = [t for t in (packed.threshold, packed.shift, packed.wsum, packed.bias) if t is not None]
     return (
         w.dim() == 2
         and w.dtype in _DTYPE_CODES
@@ -129,11 +134,11 @@ def supports(x: torch.Tensor, packed: PackedGemv) -> bool:
         and packed.in_features <= MAX_K
         and packed.padded_out % BLOCK_NS[-1] == 0
         and w.is_contiguous()
-        and w.data_ptr() % 16 == 0
+        and all(t.device == w.device and t.is_contiguous() for t in extras)
         and (packed.bias is None or packed.bias.dtype in (torch.float32, w.dtype))
         and packed.threshold.dtype == torch.float32
         and (packed.shift is None or packed.shift.dtype == torch.float32 and packed.wsum is not None)
-    )
+    )  # (no data_ptr() here: torch.compile traces this; sparse_gemv_cuda checks the alignment)
 
 
 def _nvcc() -> str | None:
@@ -244,15 +249,27 @@ def sparse_gemv_cuda(
             "the CUDA sparse GEMV takes the plain layout, fp16/bf16 weights of the input's dtype, "
             f"K <= {MAX_K}: use the Triton kernel for this layer"
         )
+    if packed.weight_t.data_ptr() % 16:
+        raise UsageError("the CUDA sparse GEMV reads weights in 16-byte rows: weight_t must be 16-byte aligned")
     x1 = x1.contiguous()
     dev = x1.device
     config = config or cuda_config(packed, dev)
     y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
     if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
         raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
+    if y.device != dev:
+        raise UsageError(f"out is on {y.device}, the input on {dev}")
+    with torch.cuda.device(dev):  # the launch goes to the current device: make it the tensors' one
+        err = _launch(dev, x1, y, packed, config)
+    if err != 0:
+        raise UsageError(f"the CUDA sparse GEMV did not launch (code {err}) for {k}x{n} with {config}")
+    return y
+
+
+def _launch(dev: torch.device, x1: torch.Tensor, y: torch.Tensor, packed: PackedGemv, config: CudaConfig) -> int:
     c1, c2 = packed.segment_starts
     bias = packed.bias
-    err = _library(dev).actsparse_sgemv(
+    return _library(dev).actsparse_sgemv(
         _DTYPE_CODES[x1.dtype],
         config.block_n,
         config.cluster,
@@ -265,12 +282,9 @@ def sparse_gemv_cuda(
         packed.wsum.data_ptr() if packed.wsum is not None else None,
         bias.data_ptr() if bias is not None else None,
         int(bias is not None and bias.dtype == torch.float32),
-        k,
-        n,
+        packed.in_features,
+        packed.padded_out,
         c1,
         c2,
         torch.cuda.current_stream(dev).cuda_stream,
     )
-    if err != 0:
-        raise UsageError(f"the CUDA sparse GEMV did not launch (code {err}) for {k}x{n} with {config}")
-    return y

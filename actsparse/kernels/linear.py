@@ -305,7 +305,12 @@ def _runs_cuda(layer: nn.Linear, backend: str) -> bool:
 def _check_cuda_backend(model: nn.Module, backend: str) -> None:
     """Build (or find cached) the CUDA kernel for the devices of ``model``'s eligible layers, now rather than in
     the first decode step; with ``backend="cuda"`` refuse a device or a layer it cannot take."""
-    layers = {n: m for n, m in model.named_modules() if _is_sparse_linear(m)}
+    layers = {  # the layers a kernel could take (per-channel scale, top-k and low-rank ones never are)
+        n: m
+        for n, m in model.named_modules()
+        if _is_sparse_linear(m)
+        and not any(m._buffers.get(b) is not None for b in ("act_scale", "act_topk", "act_lr_u"))
+    }
     for dev in sorted({m.weight.device for m in layers.values()}, key=str):
         if backend == "cuda" and not cuda_kernel_available(dev):
             raise UsageError(f"backend='cuda': {cuda_gemv.unavailable_reason(dev)} (backend='auto' uses Triton there)")

@@ -51,20 +51,19 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("kernel", "consumer")
 BACKENDS = ("auto", "cuda", "triton")
-_CUDA_STATE: dict[tuple[str, int | None], str | None] = {}  # device -> why the CUDA kernel cannot run (None: it can)
+_CUDA_STATE: dict[tuple[str, int], str | None] = {}  # device -> why the CUDA kernel cannot run (None: it can)
 
 
 def cuda_kernel_available(device: torch.device | str, *, warn: bool = False) -> bool:
     """Whether the CUDA C++ kernel runs on ``device`` (it is built on the first call that needs it). With
     ``warn``, a GPU that could run it but cannot build it (no nvcc, a failed build) says why, once."""
     dev = torch.device(device)
-    key = (
-        dev.type,
-        dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else None),
-    )
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
     if key not in _CUDA_STATE:
         reason = _CUDA_STATE[key] = cuda_gemv.unavailable_reason(dev)
-        if warn and reason is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9:
+        if warn and reason is not None and torch.cuda.get_device_capability(dev)[0] >= 9:
             warnings.warn(f"actsparse: {reason}; the Triton sparse GEMV runs instead", stacklevel=3)
     return _CUDA_STATE[key] is None
 

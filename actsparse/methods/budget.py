@@ -30,6 +30,7 @@ histograms; cost ``search_steps`` forward passes over ``probe_tokens`` tokens; d
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -202,9 +203,8 @@ def search_block_budgets(
             cand = list(budgets)
             cand[i] += delta
             cand[j] -= delta * size[i] / size[j]
-            if cand[j] < 0 or cand[i] * top[i] > max_sparsity:  # no layer may leave [0, max_sparsity]
-                continue
-            value = loss(_per_layer(blocks, targets, mean_t, cand, max_sparsity))
+            feasible = cand[j] >= 0 and cand[i] * top[i] <= max_sparsity  # no layer may leave [0, max_sparsity]
+            value = loss(_per_layer(blocks, targets, mean_t, cand, max_sparsity)) if feasible else math.inf
             if value < best:
                 budgets, best, rejected = cand, value, 0
             else:
