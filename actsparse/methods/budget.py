@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..forward import call_model, find_block_stack, input_hooks, leading_batches, next_token_nll, real_tokens
 from ..rule import dense_equivalent_input
 from ..stats import HistogramQuantile
 
-__all__ = ["sensitivity_block_budgets", "search_block_budgets", "allocate_segments"]
+__all__ = ["block_budgets", "allocate_segments", "MODES"]
 
 
 def _block_of(names, model) -> dict[str, list[str]]:
@@ -143,72 +144,81 @@ def _per_layer(
     return new
 
 
+MODES = ("sensitivity", "search", "sensitivity+search")
+
+
 @torch.no_grad()
-def sensitivity_block_budgets(
+def block_budgets(
     model: nn.Module,
     batches,
     targets: dict[str, float],
     device,
     *,
+    mode: str,
     probe_tokens: int = 2048,
     max_sparsity: float = 0.95,
     max_raise: float = 1.15,
-    progress: bool = True,
-) -> dict[str, float]:
-    """New per-layer targets (see the module docstring); ``targets`` unchanged if there is no block stack."""
-    blocks, size, mean_t = _blocks(model, targets)
-    if len(blocks) < 2:
-        return dict(targets)
-    with _probe(model, batches, targets, device, probe_tokens, progress) as loss:
-        base = loss({})
-        levels, costs = [], []
-        for k, t in tqdm(list(zip(blocks, mean_t)), desc="block budgets: probes", disable=not progress):
-            lv = sorted({min(max_sparsity, f * t) for f in (0.5, 1.0, max_raise)}) if t > 0 else [0.0]
-            levels.append(lv)
-            costs.append([loss({n: targets[n] * p / t for n in blocks[k]}) - base for p in lv])
-    mean = sum(s * t for s, t in zip(size, mean_t)) / sum(size)
-    return _per_layer(blocks, targets, mean_t, allocate_segments(levels, costs, size, mean), max_sparsity)
-
-
-@torch.no_grad()
-def search_block_budgets(
-    model: nn.Module,
-    batches,
-    targets: dict[str, float],
-    device,
-    *,
-    probe_tokens: int = 2048,
-    max_sparsity: float = 0.95,
     steps: int = 200,
     delta: float = 0.05,
     patience: int = 20,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
-    """New per-layer targets by the searched block budgets of the module docstring (``targets`` unchanged if
-    there is no block stack): ``steps`` proposals of ``delta`` sparsity moved between two blocks, ``delta``
-    halved after ``patience`` rejections in a row."""
+    """New per-layer targets by the block budgets of the module docstring: ``mode="sensitivity"``,
+    ``"search"`` (``steps`` proposals of ``delta`` sparsity moved between two blocks, ``delta`` halved after
+    ``patience`` rejections in a row) or ``"sensitivity+search"`` (the search started from the sensitivity
+    budgets, on the same dense statistics pass). ``targets`` unchanged if there is no block stack."""
+    if mode not in MODES:
+        raise UsageError(f"block budget mode must be one of {', '.join(MODES)}, got {mode!r}")
+    blocks, _, mean_t = _blocks(model, targets)
+    if len(blocks) < 2 or mode == "search" and sum(t > 0 for t in mean_t) < 2:
+        return dict(targets)
+    new = dict(targets)
+    with _probe(model, batches, targets, device, probe_tokens, progress) as loss:
+        if mode.startswith("sensitivity"):
+            new = _sensitivity(loss, model, new, max_sparsity, max_raise, progress)
+        if mode.endswith("search"):
+            new = _search(loss, model, new, max_sparsity, steps, delta, patience, seed, progress)
+    return new
+
+
+def _sensitivity(loss, model, targets, max_sparsity: float, max_raise: float, progress: bool) -> dict[str, float]:
+    """Block budgets bought along each block's measured single-block loss curve (``allocate_segments``)."""
+    blocks, size, mean_t = _blocks(model, targets)
+    base = loss({})
+    levels, costs = [], []
+    for k, t in tqdm(list(zip(blocks, mean_t)), desc="block budgets: probes", disable=not progress):
+        lv = sorted({min(max_sparsity, f * t) for f in (0.5, 1.0, max_raise)}) if t > 0 else [0.0]
+        levels.append(lv)
+        costs.append([loss({n: targets[n] * p / t for n in blocks[k]}) - base for p in lv])
+    mean = sum(s * t for s, t in zip(size, mean_t)) / sum(size)
+    return _per_layer(blocks, targets, mean_t, allocate_segments(levels, costs, size, mean), max_sparsity)
+
+
+def _search(
+    loss, model, targets, max_sparsity: float, steps: int, delta: float, patience: int, seed: int, progress: bool
+) -> dict[str, float]:
+    """Block budgets from those of ``targets`` by a seeded search on the joint loss (the module docstring)."""
     blocks, size, mean_t = _blocks(model, targets)
     movable = [b for b, t in enumerate(mean_t) if t > 0]
-    if len(blocks) < 2 or len(movable) < 2:
+    if len(movable) < 2:
         return dict(targets)
     top = [max(targets[n] for n in blocks[k]) / t if t > 0 else 1.0 for k, t in zip(blocks, mean_t)]
     g = torch.Generator().manual_seed(seed)
     budgets = list(mean_t)
-    with _probe(model, batches, targets, device, probe_tokens, progress) as loss:
-        best = loss(_per_layer(blocks, targets, mean_t, budgets, max_sparsity))
-        rejected = 0
-        for _ in tqdm(range(steps), desc="block budgets: search", disable=not progress):
-            i, j = (movable[int(v)] for v in torch.randperm(len(movable), generator=g)[:2])
-            cand = list(budgets)
-            cand[i] += delta
-            cand[j] -= delta * size[i] / size[j]
-            feasible = cand[j] >= 0 and cand[i] * top[i] <= max_sparsity  # no layer may leave [0, max_sparsity]
-            value = loss(_per_layer(blocks, targets, mean_t, cand, max_sparsity)) if feasible else math.inf
-            if value < best:
-                budgets, best, rejected = cand, value, 0
-            else:
-                rejected += 1
-                if rejected >= patience:
-                    delta, rejected = delta / 2, 0
+    best = loss(_per_layer(blocks, targets, mean_t, budgets, max_sparsity))
+    rejected = 0
+    for _ in tqdm(range(steps), desc="block budgets: search", disable=not progress):
+        i, j = (movable[int(v)] for v in torch.randperm(len(movable), generator=g)[:2])
+        cand = list(budgets)
+        cand[i] += delta
+        cand[j] -= delta * size[i] / size[j]
+        feasible = cand[j] >= 0 and cand[i] * top[i] <= max_sparsity  # no layer may leave [0, max_sparsity]
+        value = loss(_per_layer(blocks, targets, mean_t, cand, max_sparsity)) if feasible else math.inf
+        if value < best:
+            budgets, best, rejected = cand, value, 0
+        else:
+            rejected += 1
+            if rejected >= patience:
+                delta, rejected = delta / 2, 0
     return _per_layer(blocks, targets, mean_t, budgets, max_sparsity)

@@ -26,14 +26,15 @@ from ..errors import UsageError
 from ..offload import layer_weight
 from ..rule import SparsityParams
 from .base import MethodConfig, register_method
-from .budget import search_block_budgets, sensitivity_block_budgets
+from .budget import MODES as BUDGET_MODES
+from .budget import block_budgets
 from .wina import ScoreQuantile, column_norms
 
 __all__ = ["TealMethod", "greedy_allocation"]
 
 ALLOCATIONS = ("uniform", "greedy")
 SCORES = ("magnitude", "wina")  # |x_j|, or WINA's |x_j|·‖W[:, j]‖₂ (the column norms become act_scale)
-BLOCK_BUDGETS = ("uniform", "sensitivity", "search", "sensitivity+search")
+BLOCK_BUDGETS = ("uniform", *BUDGET_MODES)
 
 
 def _relative_error(outs: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
@@ -170,32 +171,17 @@ class TealMethod(MethodConfig):
         """Block budgets before the sequential pass (``block_budget``: ``methods/budget.py``)."""
         if self.block_budget == "uniform":
             return dict(targets)
-        if "search" in self.block_budget:
-            start = targets
-            if self.block_budget.startswith("sensitivity"):
-                start = self._sensitivity(model, batches, targets, device, progress)
-            return search_block_budgets(
-                model,
-                batches,
-                start,
-                device,
-                probe_tokens=self.probe_tokens,
-                max_sparsity=self.max_sparsity,
-                steps=self.search_steps,
-                delta=self.search_delta,
-                progress=progress,
-            )
-        return self._sensitivity(model, batches, targets, device, progress)
-
-    def _sensitivity(self, model, batches, targets, device, progress) -> dict[str, float]:
-        return sensitivity_block_budgets(
+        return block_budgets(
             model,
             batches,
             targets,
             device,
+            mode=self.block_budget,
             probe_tokens=self.probe_tokens,
             max_sparsity=self.max_sparsity,
             max_raise=self.max_raise,
+            steps=self.search_steps,
+            delta=self.search_delta,
             progress=progress,
         )
 
