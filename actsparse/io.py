@@ -295,7 +295,7 @@ def _read(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.T
 
 
 @unfuses_experts
-def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate: bool = False) -> nn.Module:
+def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate: bool | str = False) -> nn.Module:
     """Sparsify ``model`` in place with the thresholds saved at ``path`` (a file or a folder).
 
     The file must match the model: every layer must exist as an ``nn.Linear`` of the same shape, and
@@ -305,7 +305,10 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
     Thresholds calibrated on a rotated model (:func:`~actsparse.rotate_residual`) hold only on that rotation:
     ``rotate=True`` first folds the bases the file keeps into ``model`` (the original, unrotated checkpoint),
     then loads the thresholds; without it such a file loads only on the rotated model object or checkpoint.
+    ``rotate="auto"`` (the CLI's): rotate exactly when the file keeps bases and ``model`` is not rotated.
     """
+    if rotate not in (True, False, "auto"):
+        raise UsageError(f"rotate must be True, False or 'auto', got {rotate!r}")
     thresholds, header, basis = _read(path)
     check_not_sparsified(model, "loading thresholds")
     made_for = header.get("model", {})
@@ -339,6 +342,8 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
             f"model, or pass strict=False if you know the layers correspond"
         )
     made_on, this = made_for.get("rotation"), rotation_of(model)
+    if rotate == "auto":
+        rotate = basis is not None and this is None
     if rotate:
         if made_on is None:
             raise UsageError(f"rotate=True: the thresholds in {path!r} were calibrated on the unrotated model")

@@ -183,6 +183,11 @@ def test_thresholds_keep_per_layer_bases_and_rotate_the_original_checkpoint(tmp_
     A.load_thresholds(plain, path, rotate=True)
     assert rotation_of(plain) == res.fingerprint and adapter_weights(plain) == 64 * 64
     assert torch.allclose(_logits(plain, ids), _logits(per, ids), atol=1e-5)  # the same sparse model
+    auto = _gains(make_tiny_llama(layers=4))  # "auto" (the CLI's): rotates the original, as rotate=True does
+    A.load_thresholds(auto, path, rotate="auto")
+    assert rotation_of(auto) == res.fingerprint and torch.allclose(_logits(auto, ids), _logits(per, ids), atol=1e-5)
+    with pytest.raises(UsageError, match="rotate must be True, False or 'auto'"):
+        A.load_thresholds(_gains(make_tiny_llama(layers=4)), path, rotate="yes")
     A.remove_sparsity(plain)  # the rotated model object itself loads the file as it is
     with pytest.raises(UsageError, match="rotated already.*without rotate=True"):
         A.load_thresholds(plain, path, rotate=True)
@@ -201,6 +206,9 @@ def test_thresholds_keep_per_layer_bases_and_rotate_the_original_checkpoint(tmp_
     flat_path = A.save_thresholds(flat, str(tmp_path / "flat.safetensors"))
     with pytest.raises(UsageError, match="calibrated on the unrotated model"):
         A.load_thresholds(make_tiny_llama(layers=4), flat_path, rotate=True)
+    unrotated = make_tiny_llama(layers=4)
+    A.load_thresholds(unrotated, flat_path, rotate="auto")  # nothing to rotate: loads as it is
+    assert rotation_of(unrotated) is None and len(A.sparse_layers(unrotated)) == len(A.sparse_layers(flat))
     # the adapters are no HF modules: save_pretrained refuses before writing anything, naming the way that works
     with pytest.raises(UsageError, match="rotate=True"):
         A.save_pretrained(per, str(tmp_path / "ckpt"))

@@ -21,13 +21,12 @@ from ..errors import UsageError
 from ..eval.perplexity import perplexity
 from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from ..fileio import check_output_path
-from ..io import import_scap_json, load_thresholds, read_rotation, read_thresholds
+from ..io import import_scap_json, load_thresholds, read_thresholds
 from ..methods import MethodConfig, method_from_spec, method_to_dict
 from ..methods.scap import parse_scap_config
 from ..models import empty_model, load_model
 from ..moe import expert_scope_hint, experts_unfused
 from ..quant import compress_weights
-from ..rotation import rotation_of
 from ..scope import IgnoredScope, TargetScope, resolve_targets
 from ..sparse_linear import sparse_layers
 from .args import scope_arg
@@ -279,8 +278,7 @@ def check_saved_thresholds(args) -> None:
 def apply_saved_thresholds(args, model) -> bool:
     """Sparsify ``model`` with ``--thresholds`` or ``--scap-json``; False when neither was given."""
     if args.thresholds:  # thresholds of a rotated model that keep their bases rotate the checkpoint first
-        rotate = read_rotation(args.thresholds) is not None and rotation_of(model) is None
-        load_thresholds(model, args.thresholds, rotate=rotate)
+        load_thresholds(model, args.thresholds, rotate="auto")
     elif args.scap_json:
         import_scap_json(model, args.scap_json)
     return bool(args.thresholds or args.scap_json)
