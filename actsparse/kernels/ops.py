@@ -51,7 +51,7 @@ __all__ = [
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("kernel", "consumer")
 BACKENDS = ("auto", "cuda", "triton")
-_CUDA_STATE: dict[tuple[str, int], str | None] = {}  # device -> why the CUDA kernel cannot run (None: it can)
+_CUDA_STATE: dict[int, str | None] = {}  # CUDA device index -> why the CUDA kernel cannot run (None: it can)
 
 
 def cuda_kernel_available(device: torch.device | str, *, warn: bool = False) -> bool:
@@ -60,7 +60,7 @@ def cuda_kernel_available(device: torch.device | str, *, warn: bool = False) -> 
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         return False
-    key = (dev.type, dev.index if dev.index is not None else torch.cuda.current_device())
+    key = dev.index if dev.index is not None else torch.cuda.current_device()
     if key not in _CUDA_STATE:
         reason = _CUDA_STATE[key] = cuda_gemv.unavailable_reason(dev)
         if warn and reason is not None and torch.cuda.get_device_capability(dev)[0] >= 9:
