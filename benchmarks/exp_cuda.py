@@ -222,6 +222,28 @@ class _Lib:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("exp_cuda needs a CUDA GPU")
+    if "--int8" in sys.argv:  # int8 weights (asymmetric): the CUDA kernel vs the Triton one vs bf16 cuBLAS
+        rows = []
+        for k, n in ((4096, 12288), (4096, 22016), (11008, 4096)):
+            case = Case(k, n, torch.bfloat16, quantize="int8", layout=None)
+            m = case.copies
+            ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
+            row = {"k": k, "n": n, "dense_bf16": Case(k, n, torch.bfloat16, layout=None).time_dense()}
+            for s in (1.0, 0.5, 0.0):
+                case.set_sparsity(s)
+                _check_library(case)
+                row[f"triton@{s}"] = case.time_sparse()
+                row[f"cuda@{s}"] = graph_time_us(
+                    lambda i, xs=case.x, ps=case.packed, ys=ys, m=m: CG.sparse_gemv_cuda(
+                        xs[i % m], ps[i % m], out=ys[i % m]
+                    ),
+                    4 * m,
+                )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_int8.json"), "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
     if "--sweep" in sys.argv:  # --sweep 4096x6144,4096x28672
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--sweep") + 1].split(",")]
         rows = library_sweep(shapes)  # type: ignore[arg-type]

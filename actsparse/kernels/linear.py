@@ -262,8 +262,9 @@ def enable_kernels(
         layers: list[Any] = [modules[n] for n in unit]  # sparse Linears; their packed state is plain attributes
         sparsity = _unit_sparsity(layers)
         floor = min_sparsity
-        if floor is None:
-            floor = CUDA_MIN_SPARSITY if _runs_cuda(layers[0], backend) else KERNEL_MIN_SPARSITY
+        if floor is None:  # (int8 on the CUDA kernel: its break-even is not measured yet, Triton's holds)
+            cuda_fp = _runs_cuda(layers[0], backend) and int8_codes(layers[0].weight) is None
+            floor = CUDA_MIN_SPARSITY if cuda_fp else KERNEL_MIN_SPARSITY
         dense = sparsity is not None and sparsity < floor
         if dense and not _fusable_dense(layers):
             route = KernelRoute(
@@ -294,12 +295,7 @@ def enable_kernels(
 
 def _runs_cuda(layer: nn.Linear, backend: str) -> bool:
     """Whether ``layer``'s unit will run the CUDA C++ kernel (same conditions as ops.kernel_for at decode)."""
-    return (
-        backend != "triton"
-        and int8_codes(layer.weight) is None
-        and layer.in_features <= cuda_gemv.MAX_K
-        and cuda_kernel_available(layer.weight.device)
-    )
+    return backend != "triton" and layer.in_features <= cuda_gemv.MAX_K and cuda_kernel_available(layer.weight.device)
 
 
 def _check_cuda_backend(model: nn.Module, backend: str) -> None:
@@ -318,10 +314,9 @@ def _check_cuda_backend(model: nn.Module, backend: str) -> None:
             cuda_kernel_available(dev, warn=True)
     if backend == "cuda":
         for n, m in layers.items():
-            if int8_codes(m.weight) is not None or m.in_features > cuda_gemv.MAX_K:
+            if m.in_features > cuda_gemv.MAX_K:
                 raise UsageError(
-                    f"backend='cuda' takes fp16/bf16 weights with at most {cuda_gemv.MAX_K} inputs; {n} has "
-                    f"{'int8 codes' if int8_codes(m.weight) is not None else f'{m.in_features} inputs'}: "
+                    f"backend='cuda' takes layers of at most {cuda_gemv.MAX_K} inputs; {n} has {m.in_features}: "
                     "use backend='auto' (Triton for such layers)"
                 )
 
