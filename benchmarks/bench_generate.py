@@ -183,8 +183,13 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     )
     stats = layer_stats(model, calib)
     variants = [(r, b) for r in args.reduce for b in args.backends]  # the first is the main result
-    floor = K.KERNEL_MIN_SPARSITY
     for reduce, backend in variants:
+        if weights == "int8":
+            floor = K.INT8_MIN_SPARSITY
+        elif KO.cuda_kernel_available(DEV) and backend != "triton":
+            floor = K.CUDA_MIN_SPARSITY
+        else:
+            floor = K.KERNEL_MIN_SPARSITY
         # the kernels' layer path calls this name; a partial pins the reduction for this compile
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
         CG.PDL = backend == "cuda-pdl"
@@ -193,7 +198,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         routes = None
         for s in sparsities:
             set_sparsity(model, stats, s)
-            plan = s >= (K.CUDA_MIN_SPARSITY if KO.cuda_kernel_available(DEV) and backend != "triton" else floor)
+            plan = s >= floor  # enable_kernels' own rule for these layers
             if plan != routes:  # re-plan only where the route changes (thresholds are read live)
                 t = time.time()
                 K.enable_kernels(model, backend=backend.removesuffix("-pdl"))
@@ -361,8 +366,8 @@ def bench_model(name, args, log):
             dense_tok_s,
             rows,
             log,
-            [s for s in args.sparsities if s >= K.KERNEL_MIN_SPARSITY],
-        )  # below: the int8 dense row
+            args.sparsities,
+        )  # int8 codes never take the dense route (K.INT8_MIN_SPARSITY)
     del model
     if DEV == "cuda":
         torch.cuda.empty_cache()

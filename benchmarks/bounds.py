@@ -1,6 +1,7 @@
 """What any batch-1 GEMV could reach on this GPU: bandwidth ceilings next to issue 7's targets, one run.
 
     python benchmarks/bounds.py --out $OUT/bounds_h100.json     # ≈4 min on an H100
+    python benchmarks/bounds.py --models llama2-7b --backends cuda,triton   # the CUDA kernel, then Triton
 
 Three measurements, all in one process on one GPU:
 
@@ -243,7 +244,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     model = BoundsModel(cfg, args.max_seq)
     model.pos.fill_(args.start_pos)
     stats = calibrate(model)
-    model.pack()
+    model.pack(backend=args.backends[0])
     model.add_null()
     model.compile()
     wb = weight_bytes(cfg)
@@ -271,7 +272,11 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     if args.profile:
         profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
         profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
-    for mode in args.reduce:  # the first is the main result; the others are same-run ablations
+    # every split-K reduction with every backend; the first is the main result, the others same-run ablations
+    variants = [(m, b) for b in args.backends for m in args.reduce]
+    for mode, backend in variants:
+        if model.packed_as != (None, backend):
+            model.pack(backend=backend)
         model.set_reduce(mode)
         model.compile()
         g_sparse, run_sparse = time_graph(model, True, args.start_pos)
@@ -280,10 +285,10 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
                 L.packed[g].threshold.fill_(math.inf)
         full = run_sparse()
         if args.profile:
-            profiles[f"sparse 100% ({mode})"] = profile_graph(g_sparse, model, args.start_pos)
+            profiles[f"sparse 100% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
         sub = dict(sparse100_ms=full, fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[])
         print(
-            f"[{name}] reduce={mode}: GEMVs in the dense step {dense - null:.3f} ms = "
+            f"[{name}] reduce={mode} backend={backend}: GEMVs in the dense step {dense - null:.3f} ms = "
             f"{res['dense_gemv_pct_read']:.0f}% of read bw; ours at 100%: {full:.3f} ms -> "
             f"{sub['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
             flush=True,
@@ -308,15 +313,15 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
             )
             sub["rows"].append(row)
             print(
-                f"[{name}] reduce={mode} {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
+                f"[{name}] reduce={mode} backend={backend} {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
                 f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
                 f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
                 f"{row['pct_read_for_2x']:.0f}% of read bw",
                 flush=True,
             )
             if args.profile and s == 0.5:
-                profiles[f"sparse 50% ({mode})"] = profile_graph(g_sparse, model, args.start_pos)
-        res["by_reduce"][mode] = sub
+                profiles[f"sparse 50% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
+        res["by_reduce"][mode if backend == args.backends[0] else f"{mode}/{backend}"] = sub
         del g_sparse, run_sparse
     res.update(res["by_reduce"][args.reduce[0]])
     res["profiles"] = profiles
@@ -334,8 +339,14 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also profile the decode graphs (kernels, gaps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reduce", default="kernel", help="split-K reductions to time in the decode loop (bench_decode)")
+    ap.add_argument(
+        "--backends", default="triton", help="sparse GEMVs in the decode loop, comma-separated: triton,cuda"
+    )
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
+    args.backends = args.backends.split(",")
+    if set(args.backends) - {"triton", "cuda"}:
+        sys.exit(f"--backends: triton and/or cuda, got {args.backends}")
     if not torch.cuda.is_available():
         sys.exit("bounds needs a CUDA GPU")
     copy = copy_bandwidth()

@@ -2,6 +2,7 @@
 
     python benchmarks/exp_cuda.py               # ≈2 min on an H200 (nvcc build included); $OUT/exp_cuda.json
     python benchmarks/exp_cuda.py --variants    # the library kernel's build variants; $OUT/exp_cuda_variants.json
+    python benchmarks/exp_cuda.py --variants default,minblocks5    # only these of them
     python benchmarks/exp_cuda.py --sweep 4096x6144,4096x28672   # the library kernel's tiles x clusters
 
 The kernel (see the .cu file's header): in-block compaction from one round of x loads, 16-byte streaming loads
@@ -130,13 +131,14 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
 }
 
 
-def library_variants() -> list[dict]:
-    """The library kernel at its launch rule's config, built with each of VARIANTS (PDL on, and off for the
-    default build), graph-timed at 100%, 50% and 0%; checked against the reference first."""
+def library_variants(names: list[str]) -> list[dict]:
+    """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL on,
+    and off for the default build), graph-timed at 100%, 50% and 0%; checked against the reference first."""
     nvcc = os.path.join(CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
     major, minor = torch.cuda.get_device_capability()
     fns = {}
-    for name, flags in VARIANTS.items():
+    for name in names:
+        flags = VARIANTS[name]
         so = os.path.join(tempfile.mkdtemp(), "lib.so")
         cmd = [nvcc, *CG._FLAGS, f"-arch=sm_{major}{minor}", "-Xptxas", "-v", *flags, "-o", so, str(CG.SOURCE)]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -222,14 +224,41 @@ class _Lib:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("exp_cuda needs a CUDA GPU")
+    if "--int8" in sys.argv:  # int8 weights (asymmetric): the CUDA kernel vs the Triton one vs bf16 cuBLAS
+        rows = []
+        for k, n in ((4096, 12288), (4096, 22016), (11008, 4096)):
+            case = Case(k, n, torch.bfloat16, quantize="int8", layout=None)
+            m = case.copies
+            ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
+            row = {"k": k, "n": n, "dense_bf16": Case(k, n, torch.bfloat16, layout=None).time_dense()}
+            for s in (1.0, 0.5, 0.0):
+                case.set_sparsity(s)
+                _check_library(case)
+                row[f"triton@{s}"] = case.time_sparse()
+                row[f"cuda@{s}"] = graph_time_us(
+                    lambda i, xs=case.x, ps=case.packed, ys=ys, m=m: CG.sparse_gemv_cuda(
+                        xs[i % m], ps[i % m], out=ys[i % m]
+                    ),
+                    4 * m,
+                )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_int8.json"), "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
     if "--sweep" in sys.argv:  # --sweep 4096x6144,4096x28672
         shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--sweep") + 1].split(",")]
         rows = library_sweep(shapes)  # type: ignore[arg-type]
         with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_sweep.json"), "w") as f:
             json.dump({"env": env_info(), "rows": rows}, f, indent=1)
         return
-    if "--variants" in sys.argv:
-        rows = library_variants()
+    if "--variants" in sys.argv:  # --variants [default,early,...] (all of VARIANTS without a list)
+        i = sys.argv.index("--variants") + 1
+        names = sys.argv[i].split(",") if i < len(sys.argv) and not sys.argv[i].startswith("-") else list(VARIANTS)
+        bad = [v for v in names if v not in VARIANTS]
+        if bad or "default" not in names:
+            sys.exit(f"--variants: unknown {bad} or no 'default' (choose from {', '.join(VARIANTS)})")
+        rows = library_variants(names)
         names = [key.split("@")[0] for key in rows[0] if key.endswith("@1.0")]
         print(f"{'K x N':>13} {'s':>4} {'dense':>7} " + " ".join(f"{v:>15}" for v in names))
         for r in rows:

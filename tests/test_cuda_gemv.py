@@ -81,14 +81,14 @@ def test_rule_refuses_what_the_kernel_cannot_take():
 # ---- the backend switch ----------------------------------------------------------------------------------
 
 
-def _packed(k=96, ns=(64, 32), dtype=torch.bfloat16, device="cpu", shifts=None, bias=False, seed=0):
+def _packed(k=96, ns=(64, 32), dtype=torch.bfloat16, device="cpu", shifts=None, bias=False, seed=0, quantize=None):
     """An input and its packed layers in the decoder's plain layout, thresholds at the median |x - μ|."""
     g = torch.Generator().manual_seed(seed)
     ws = [torch.randn(n, k, generator=g).to(dtype).to(device) for n in ns]
     x = (torch.randn(k, generator=g) * 2).to(dtype)
     taus = [torch.quantile((x.float() - (shifts[i] if shifts else 0.0)).abs(), 0.5).item() for i in range(len(ns))]
     biases = [torch.randn(n, generator=g).to(device) for n in ns] if bias else None
-    return x.to(device), K.pack(ws, taus, shifts=shifts, biases=biases, layout_block=None)
+    return x.to(device), K.pack(ws, taus, shifts=shifts, biases=biases, layout_block=None, quantize=quantize)
 
 
 def test_cpu_inputs_never_pick_the_cuda_kernel():
@@ -155,6 +155,11 @@ def test_supports_takes_only_what_the_kernel_computes():
     assert CG.supports(xs, s)
     s.wsum = None
     assert not CG.supports(xs, s)  # a shift needs Σ W
+    for quantize in ("int8", "int8-sym"):
+        xi, i8 = _packed(quantize=quantize)
+        assert CG.supports(xi, i8)  # int8 codes with fp32 scales (and zero points)
+        i8.scale = None
+        assert not CG.supports(xi, i8)
 
 
 # ---- the build (nvcc, no GPU needed) ---------------------------------------------------------------------
@@ -209,19 +214,22 @@ def _check(x, p, config=None):
 
 
 @gpu
+@pytest.mark.parametrize("quantize", [None, "int8", "int8-sym"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "k,ns", [(96, (64, 32)), (4096, (4096, 1024, 1024)), (11008, (4096,)), (1000, (300,)), (4100, (640, 512))]
 )
-def test_kernel_matches_the_reference(dtype, k, ns):
+def test_kernel_matches_the_reference(dtype, k, ns, quantize):
     for shifts, bias in ((None, False), ([0.3, -0.2, 0.0][: len(ns)], True)):
-        x, p = _packed(k, ns, dtype, "cuda", shifts=shifts, bias=bias)
+        x, p = _packed(k, ns, dtype, "cuda", shifts=shifts, bias=bias, quantize=quantize)
+        assert ops.kernel_for(x, p) == "cuda"
         _check(x, p)
 
 
 @gpu
-def test_every_tile_and_cluster_size_agrees():
-    x, p = _packed(3000, (512, 256), torch.bfloat16, "cuda", shifts=[0.1, 0.0], bias=True)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_every_tile_and_cluster_size_agrees(quantize):
+    x, p = _packed(3000, (512, 256), torch.bfloat16, "cuda", shifts=[0.1, 0.0], bias=True, quantize=quantize)
     for bn in CG.BLOCK_NS:
         for cl in (2, 4, 8, 16):
             if bn % cl == 0:
@@ -286,10 +294,12 @@ def test_the_cuda_kernel_has_no_break_even_floor():
 
 
 @gpu
-def test_backend_cuda_refuses_int8_layers():
+def test_int8_layers_run_the_cuda_kernel_at_any_sparsity():
     pytest.importorskip("torchao")
     model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
-    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": 0.1})
     A.compress_weights(model, "int8_asym")
-    with pytest.raises(UsageError, match="int8 codes"):
-        K.enable_kernels(model, backend="cuda")
+    data = [torch.randint(0, VOCAB, (2, 16), device="cuda") for _ in range(2)]
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.1}), data, progress=False)
+    assert len(K.enable_kernels(model, backend="cuda")) == 14  # 10%: int8 codes never take the dense route
+    up = model.model.layers[0].mlp.up_proj
+    assert ops.kernel_for(torch.zeros(1, 1, 256, device="cuda", dtype=torch.bfloat16), up._packed) == "cuda"

@@ -123,6 +123,22 @@ def test_dense_route_below_break_even_is_deterministic():
         K.enable_kernels(model, min_sparsity=2)
 
 
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_int8_codes_never_take_the_dense_route(backend):
+    pytest.importorskip("torchao", reason="torchao is not installed")
+    torch.manual_seed(0)
+    model = make_tiny_llama(hidden=64, inter=256).to(DEV, DT)
+    A.compress_weights(model, "int8_sym")
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 256, (2, 16), generator=g).to(DEV) for _ in range(2)]
+    A.sparsify_(model, A.SparsifyConfig({".*self_attn.*": 0.1, ".*mlp.*": 0.0}), data, progress=False)
+    assert len(K.enable_kernels(model, backend=backend)) == 14  # below Triton's bf16 break-even, still the kernel
+    assert {r.route for r in K.kernel_routes(model).values()} == {"kernel"}
+    assert K.INT8_MIN_SPARSITY == 0.0
+    names = K.enable_kernels(model, min_sparsity=0.05, backend=backend)  # an explicit floor still applies
+    assert len(names) == 8 and all(".self_attn." in n for n in names)
+
+
 class CountMM(TorchDispatchMode):
     """Counts matrix products (aten mm / addmm / matmul-as-mm) the dispatcher sees."""
 

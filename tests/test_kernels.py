@@ -469,8 +469,11 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
         got = _step(model, ids[:, 11:], out)
     for h in hooks:
         h.remove()
-    assert set(calls) == {"triton"} and len(calls) == 6
-    assert rel_err(got, ref) < 2e-2
+    assert set(calls) == {HALF_GEMV} and len(calls) == 6  # int8 codes run the CUDA kernel where it runs
+    # end to end, the thresholds make the output jump where a layer's rounding moves an entry across one
+    # (here the eager reference also rounds torchao's dequantized weights to bf16): a loose bound; the
+    # per-layer check below is the exact one
+    assert rel_err(got, ref) < 5e-2
     x = torch.randn(1, 1, 64, device=DEV, dtype=torch.bfloat16)
     with torch.no_grad():
         want = torch.nn.functional.linear(up.sparsify_input(x).float(), dense_weight(up.weight).float())

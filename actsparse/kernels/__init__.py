@@ -2,6 +2,7 @@
 
 from .linear import (
     CUDA_MIN_SPARSITY,
+    INT8_MIN_SPARSITY,
     KERNEL_MIN_SPARSITY,
     SHARED_INPUT_GROUPS,
     KernelRoute,
@@ -32,6 +33,7 @@ __all__ = [
     "KernelRoute",
     "KERNEL_MIN_SPARSITY",
     "CUDA_MIN_SPARSITY",
+    "INT8_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
     "COLUMN_ALIGN",
     "MAX_SEGMENTS",

@@ -1,11 +1,11 @@
 """The CUDA C++ sparse GEMV (``csrc/sgemv.cu``): built with nvcc at first use, cached, called through ctypes.
 
 Same semantics as the Triton kernel and the torch reference (:mod:`.packing`), for what the decoder runs:
-one input row, the plain ``[K, N_pad]`` layout, fp16/bf16 weights of the activations' dtype, ``K`` up to
-:data:`MAX_K`, a GPU of compute capability 9.0 or later (it reduces split-K partial sums through
-thread-block clusters' distributed shared memory: one launch, deterministic, no workspace). Everything else
-(int8 weights, blocked layouts, fp32, older GPUs, no nvcc) runs the Triton kernel; :func:`unavailable_reason`
-says why a device cannot take this one.
+one input row, the plain ``[K, N_pad]`` layout, fp16/bf16 activations with weights of their dtype or int8
+codes (per-column scale, optional zero point), ``K`` up to :data:`MAX_K`, a GPU of compute capability 9.0 or
+later (it reduces split-K partial sums through thread-block clusters' distributed shared memory: one launch,
+deterministic, no workspace). Everything else (blocked layouts, fp32, older GPUs, no nvcc) runs the Triton
+kernel; :func:`unavailable_reason` says why a device cannot take this one.
 
 Measured on an H200 against the Triton kernel and graph-timed cuBLAS (``benchmarks/exp_cuda.py --variants``,
 benchmarks/README.md), bf16, the five Llama-2/3 GEMV shapes: 3.8-4.4 µs per call at 100% sparsity (Triton
@@ -112,11 +112,13 @@ def cuda_config(packed: PackedGemv, device: torch.device) -> CudaConfig:
     """The config for ``packed`` on ``device``: a measured one from ``_TUNED`` for this GPU and shape, else
     the launch rule's (cached per shape and device)."""
     k, n = packed.in_features, packed.padded_out
-    key = (k, n, device.index)
+    key = (k, n, packed.weight_t.element_size(), device.index)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         props = torch.cuda.get_device_properties(device)
-        tuned = _TUNED.get((props.major, props.minor, props.multi_processor_count), {}).get((k, n))
+        tuned = None
+        if packed.weight_t.element_size() == 2:  # measured on bf16 weights
+            tuned = _TUNED.get((props.major, props.minor, props.multi_processor_count), {}).get((k, n))
         cfg = CudaConfig(*tuned) if tuned else choose_cuda_config(k, n, props.multi_processor_count)
         _CONFIGS[key] = cfg
     return cfg
@@ -126,16 +128,22 @@ def supports(x: torch.Tensor, packed: PackedGemv) -> bool:
     """Whether this kernel computes ``packed`` for ``x`` (shapes and dtypes only; see
     :func:`unavailable_reason` for the device and the toolchain)."""
     w = packed.weight_t
-    extras = [t for t in (packed.threshold, packed.shift, packed.wsum, packed.bias) if t is not None]
+    extras = [
+        t
+        for t in (packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
+        if t is not None
+    ]
+    int8 = w.dtype == torch.int8
     return (
         w.dim() == 2
-        and w.dtype in _DTYPE_CODES
-        and x.dtype == w.dtype
+        and x.dtype in _DTYPE_CODES
+        and (x.dtype == w.dtype or int8 and packed.scale is not None and packed.scale.dtype == torch.float32)
+        and (packed.zero is None or packed.zero.dtype == torch.float32)
         and packed.in_features <= MAX_K
         and packed.padded_out % BLOCK_NS[-1] == 0
         and w.is_contiguous()
         and all(t.device == w.device and t.is_contiguous() for t in extras)
-        and (packed.bias is None or packed.bias.dtype in (torch.float32, w.dtype))
+        and (packed.bias is None or packed.bias.dtype in (torch.float32, x.dtype))
         and packed.threshold.dtype == torch.float32
         and (packed.shift is None or packed.shift.dtype == torch.float32 and packed.wsum is not None)
     )  # (no data_ptr() here: torch.compile traces this; sparse_gemv_cuda checks the alignment)
@@ -190,8 +198,9 @@ def build_library(arch: str) -> Path:
     return out
 
 
-# actsparse_sgemv(dtype, bn, cl, pdl, x, w, y, tau, mu, wsum, bias, bias_fp32, K, N, c1, c2, stream)
-_ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+# actsparse_sgemv(dtype, quant, bn, cl, pdl, x, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, c1, c2,
+#                 stream)
+_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
 _LIBS: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}
 _LOCK = threading.Lock()
@@ -246,8 +255,8 @@ def sparse_gemv_cuda(
         raise UsageError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
     if not supports(x1, packed):
         raise UsageError(
-            "the CUDA sparse GEMV takes the plain layout, fp16/bf16 weights of the input's dtype, "
-            f"K <= {MAX_K}: use the Triton kernel for this layer"
+            "the CUDA sparse GEMV takes the plain layout, fp16/bf16 inputs with weights of their dtype or int8 "
+            f"codes with fp32 scales, K <= {MAX_K}: use the Triton kernel for this layer"
         )
     if packed.weight_t.data_ptr() % 16:
         raise UsageError("the CUDA sparse GEMV reads weights in 16-byte rows: weight_t must be 16-byte aligned")
@@ -269,8 +278,10 @@ def sparse_gemv_cuda(
 def _launch(dev: torch.device, x1: torch.Tensor, y: torch.Tensor, packed: PackedGemv, config: CudaConfig) -> int:
     c1, c2 = packed.segment_starts
     bias = packed.bias
+    quant = 0 if not packed.quantized else (2 if packed.zero is not None else 1)
     return _library(dev).actsparse_sgemv(
         _DTYPE_CODES[x1.dtype],
+        quant,
         config.block_n,
         config.cluster,
         int(config.pdl or PDL),
@@ -281,6 +292,8 @@ def _launch(dev: torch.device, x1: torch.Tensor, y: torch.Tensor, packed: Packed
         packed.shift.data_ptr() if packed.shift is not None else None,
         packed.wsum.data_ptr() if packed.wsum is not None else None,
         bias.data_ptr() if bias is not None else None,
+        packed.scale.data_ptr() if packed.scale is not None else None,
+        packed.zero.data_ptr() if packed.zero is not None else None,
         int(bias is not None and bias.dtype == torch.float32),
         packed.in_features,
         packed.padded_out,

@@ -11,7 +11,8 @@ buffer, i.e. :class:`actsparse.SparseLinear`; this module knows them by that pro
   first of them called with an input computes every output and leaves the others' for them, so the
   model's own forward, which calls them one by one, launches one kernel per group.
 * **Never slower than dense**: a layer (or group) whose expected sparsity is below ``min_sparsity``
-  (default :data:`KERNEL_MIN_SPARSITY`) takes the dense route, as the sparse GEMV loses to cuBLAS there. A
+  (default :data:`KERNEL_MIN_SPARSITY` for the Triton kernel; 0 for the CUDA C++ kernel and int8 codes,
+  which no dense route beats) takes the dense route, as the sparse GEMV loses to cuBLAS there. A
   group on the dense route still runs as one launch where its weights can be shared (no int8, widths that
   are multiples of ``COLUMN_ALIGN``): one cuBLAS GEMM whose row ``i`` is the input masked by layer ``i``
   (:func:`~actsparse.kernels.ops.masked_gemm`), as fast as a dense model's fused q/k/v.
@@ -57,6 +58,7 @@ __all__ = [
     "expected_sparsity",
     "KERNEL_MIN_SPARSITY",
     "CUDA_MIN_SPARSITY",
+    "INT8_MIN_SPARSITY",
     "SHARED_INPUT_GROUPS",
     "shared_input_group",
     "SharedInput",
@@ -72,6 +74,10 @@ KERNEL_MIN_SPARSITY = 0.2
 # rule: 4096x12288 27.1 vs 28.5 µs, 4096x22016 45.3 vs 47.2, 4096x4096 11.7 vs 13.3, 11008x4096 25.7 vs 28.0,
 # 14336x4096 31.7 vs 32.1; benchmarks/results/exp_cuda_variants_h200.json), so its layers never take the dense route.
 CUDA_MIN_SPARSITY = 0.0
+# Int8 codes: the dense route would be the int8 weight's own matmul (torchao's: the whole Llama-2-7B decode at
+# 0.45x the bf16 Decoder), while either kernel at 0% is about as fast as bf16 cuBLAS (H200, 4096x12288: Triton
+# 28.1 µs, CUDA 18.2, bf16 cuBLAS 28.5; benchmarks/results/exp_cuda_int8_h200.json), so they never take it.
+INT8_MIN_SPARSITY = 0.0
 
 # Sibling Linear layers (same parent module) that HF architectures feed the same input, in call order.
 SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -243,10 +249,11 @@ def enable_kernels(
     re-plans every layer (after thresholds or targets changed). Other layers are left as they are (they run
     the torch path); :func:`kernel_routes` reports the decision for every sparse layer.
 
-    ``min_sparsity`` (default: :data:`CUDA_MIN_SPARSITY` for layers the CUDA C++ kernel runs, else
-    :data:`KERNEL_MIN_SPARSITY`) is the expected sparsity below which a layer takes the dense route.
+    ``min_sparsity`` (default: :data:`INT8_MIN_SPARSITY` for int8 codes, :data:`CUDA_MIN_SPARSITY` for
+    layers the CUDA C++ kernel runs, else :data:`KERNEL_MIN_SPARSITY`) is the expected sparsity below which a
+    layer takes the dense route.
     ``backend``: ``"auto"`` runs the CUDA C++ kernel where it can (:mod:`.cuda_gemv`: compute capability
-    ≥ 9.0, nvcc to build it once, fp16/bf16 weights) and the Triton kernel elsewhere; ``"triton"`` always the
+    ≥ 9.0, nvcc to build it once, fp16/bf16 weights or int8 codes) and the Triton kernel elsewhere; ``"triton"`` always the
     Triton kernel; ``"cuda"`` the CUDA kernel, refusing (before any change) a device or a layer it cannot take.
     """
     if min_sparsity is not None and not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
@@ -263,7 +270,14 @@ def enable_kernels(
         sparsity = _unit_sparsity(layers)
         floor = min_sparsity
         if floor is None:
-            floor = CUDA_MIN_SPARSITY if _runs_cuda(layers[0], backend) else KERNEL_MIN_SPARSITY
+            int8 = int8_codes(layers[0].weight) is not None  # never dense: see INT8_MIN_SPARSITY
+            floor = (
+                INT8_MIN_SPARSITY
+                if int8
+                else CUDA_MIN_SPARSITY
+                if _runs_cuda(layers[0], backend)
+                else KERNEL_MIN_SPARSITY
+            )
         dense = sparsity is not None and sparsity < floor
         if dense and not _fusable_dense(layers):
             route = KernelRoute(
@@ -294,12 +308,7 @@ def enable_kernels(
 
 def _runs_cuda(layer: nn.Linear, backend: str) -> bool:
     """Whether ``layer``'s unit will run the CUDA C++ kernel (same conditions as ops.kernel_for at decode)."""
-    return (
-        backend != "triton"
-        and int8_codes(layer.weight) is None
-        and layer.in_features <= cuda_gemv.MAX_K
-        and cuda_kernel_available(layer.weight.device)
-    )
+    return backend != "triton" and layer.in_features <= cuda_gemv.MAX_K and cuda_kernel_available(layer.weight.device)
 
 
 def _check_cuda_backend(model: nn.Module, backend: str) -> None:
@@ -318,10 +327,9 @@ def _check_cuda_backend(model: nn.Module, backend: str) -> None:
             cuda_kernel_available(dev, warn=True)
     if backend == "cuda":
         for n, m in layers.items():
-            if int8_codes(m.weight) is not None or m.in_features > cuda_gemv.MAX_K:
+            if m.in_features > cuda_gemv.MAX_K:
                 raise UsageError(
-                    f"backend='cuda' takes fp16/bf16 weights with at most {cuda_gemv.MAX_K} inputs; {n} has "
-                    f"{'int8 codes' if int8_codes(m.weight) is not None else f'{m.in_features} inputs'}: "
+                    f"backend='cuda' takes layers of at most {cuda_gemv.MAX_K} inputs; {n} has {m.in_features}: "
                     "use backend='auto' (Triton for such layers)"
                 )
 

@@ -1,16 +1,18 @@
 // actsparse: the CUDA C++ sparse GEMV for batch-1 decode (Hopper and later: thread-block clusters).
 //
 // Semantics: those of actsparse/kernels/packing.py (the torch reference defines them), for the plain layout
-// W[K, N_pad] with x and W of one dtype T (fp16 or bf16). Per column tile (one packed layer, segment s):
-//     d  = float(x[k]) - mu[s];  kept where not (|d| <= float(T(tau[s])))  (NaN is kept)
-//     y[n] = T( sum over kept k of W[k, n] * float(T(d))  +  mu[s] * wsum[n]  +  bias[n] )   (fp32 sums)
+// W[K, N_pad] of the activations' dtype T (fp16 or bf16), or int8 codes q with W = (q - zero[n]) * scale[n].
+// Per column tile (one packed layer, segment s):
+//     d  = float(x[k]) - mu[s];  kept where not (|d| <= float(T(tau[s])))  (NaN is kept);  x' = float(T(d))
+//     y[n] = T( sum over kept k of W[k, n] * x'  +  mu[s] * wsum[n]  +  bias[n] )   (fp32 sums)
+// int8: sum_k q[k, n] x'_k is accumulated, then scale[n] * (that - zero[n] * sum_k x'_k) once per column.
 //
 // One thread block owns BN output columns and a k_per slice of the inputs; the cl blocks sharing a column
 // tile form a thread-block cluster, so the split-K reduction runs through distributed shared memory:
 //   1. every thread loads its x values at once (one memory latency) and tests them; the block lists its kept
 //      rows' indices and values in shared memory in increasing k (warp ballots, a prefix over warps);
-//   2. the kept rows are streamed: a row's BN columns are BN/8 lanes x 16 bytes (L1 bypassed), a warp covers
-//      32/(BN/8) rows per step, U steps are issued before their FMAs, fp32 accumulators;
+//   2. the kept rows are streamed: a row's BN columns are BN/E lanes x 16 bytes (E = 8 fp16/bf16 or 16 int8
+//      values; L1 bypassed), a warp covers 32/(BN/E) rows per step, U loads in flight per thread, fp32 sums;
 //   3. lanes reduce over the rows of a warp (shuffles), warps through shared memory, then every block pushes
 //      its partial sum of column c into the shared memory of the block that owns c (BN/cl columns each), one
 //      cluster barrier, and the owner adds the cl partials in rank order and writes y: deterministic, one
@@ -59,33 +61,50 @@ __device__ __forceinline__ uint4 ld_stream(const void* p, bool pred) {
   return r;
 }
 
-template <typename T>
-__device__ __forceinline__ void fma8(float (&acc)[8], const uint4& w, float x) {
-  const T* p = reinterpret_cast<const T*>(&w);
+// 16 bytes of weights times x into E accumulators: 8 fp16/bf16 values, or 16 int8 codes (Q > 0)
+template <typename T, int Q>
+__device__ __forceinline__ void fma16b(float (&acc)[Q ? 16 : 8], const uint4& w, float x) {
+  if constexpr (Q == 0) {
+    const T* p = reinterpret_cast<const T*>(&w);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = fmaf(to_f(p[i]), x, acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = fmaf(to_f(p[i]), x, acc[i]);
+  } else {  // q + 128 as the low byte of 2^23's mantissa: float(q) = that float - (2^23 + 128), exact
+    const unsigned words[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const float q = __uint_as_float(__byte_perm(words[i], 0x4B000000u, 0x7540u + b)) - 8388736.f;
+        acc[4 * i + b] = fmaf(q, x, acc[4 * i + b]);
+      }
+    }
+  }
 }
 
 // rows base + u * RPS + r0 (u < UB) of the kept list: their values and 16 bytes of weights each (0 past total)
-template <typename T, int UB, int RPS>
+template <int UB, int RPS>
 __device__ __forceinline__ void load_rows(uint4 (&wv)[UB], float (&xk)[UB], int base, int r0, int total,
-                                          const int* list, const float* vals, const T* wcol, int N) {
+                                          const int* list, const float* vals, const char* wcol, size_t row_bytes) {
 #pragma unroll
   for (int u = 0; u < UB; ++u) {
     const int i = base + u * RPS + r0;
     const bool ok = i < total;
     const int ic = ok ? i : 0;
     xk[u] = ok ? vals[ic] : 0.f;
-    wv[u] = ld_stream(wcol + (size_t)list[ic] * N, ok);
+    wv[u] = ld_stream(wcol + (size_t)list[ic] * row_bytes, ok);
   }
 }
 
-template <typename T, int BN>
+// Q: 0 = weights of dtype T, 1 = int8 codes with a scale per column, 2 = int8 codes with a scale and a zero point
+template <typename T, int BN, int Q>
 __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
-    sgemv_cluster(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, const float* __restrict__ tau_p,
+    sgemv_cluster(const T* __restrict__ x, const void* __restrict__ w, T* __restrict__ y, const float* __restrict__ tau_p,
                   const float* __restrict__ mu_p, const float* __restrict__ wsum, const void* __restrict__ bias,
-                  int bias_fp32, int K, int N, int k_per, int c1, int c2) {
-  constexpr int LPR = BN / 8;       // lanes per weight row
+                  const float* __restrict__ scale, const float* __restrict__ zero, int bias_fp32, int K, int N,
+                  int k_per, int c1, int c2) {
+  constexpr int E = Q ? 16 : 8;     // weights per 16-byte load
+  constexpr int WB = Q ? 1 : 2;     // bytes per weight
+  constexpr int LPR = BN / E;       // lanes per weight row
   constexpr int RPW = 32 / LPR;     // rows per warp per step
   constexpr int RPS = RPW * WARPS;  // rows per block per step
   __shared__ int list[JMAX * NT];
@@ -93,9 +112,13 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   __shared__ int cnt[JMAX][WARPS];
   __shared__ float red[WARPS][BN];
   __shared__ float slots[BN];  // the cl partial sums of the BN / cl columns this block owns
+  __shared__ float xsums[WARPS];  // int8 with zero points: the kept x' summed per warp
 
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
+  // distributed shared memory may be written only once every block of the cluster runs: arrive now, wait
+  // just before the push (the weight stream in between hides the wait)
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   cg::cluster_group cluster = cg::this_cluster();
   const int cl = (int)cluster.num_blocks();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -121,6 +144,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   }
   __syncthreads();
   const unsigned below = (1u << lane) - 1u;
+  float mine = 0.f;  // this thread's kept x' (their sum is needed with zero points)
   int total = 0;  // kept rows in increasing k: j-major, then warp, then lane
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
@@ -135,28 +159,40 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
       const int pos = total + before + __popc(keepm[j] & below);
       list[pos] = k_lo + j * NT + threadIdx.x;
       vals[pos] = round_f<T>(xv[j]);  // x' in the activation dtype (exact when mu = 0)
+      mine += vals[pos];
     }
     total += all;
   }
+  if (Q == 2) {
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, o);
+    if (lane == 0) xsums[warp] = mine;
+  }
   __syncthreads();
+  float xsum = 0.f;
+  if (Q == 2) {
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) xsum += xsums[q];
+  }
 
   const int lr = lane % LPR, rs = lane / LPR;
-  const T* wcol = w + n0 + lr * 8;
-  float acc[8];
+  const char* wcol = (const char*)w + (size_t)(n0 + lr * E) * WB;
+  const size_t row_bytes = (size_t)N * WB;
+  float acc[E];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+  for (int i = 0; i < E; ++i) acc[i] = 0.f;
   const int r0 = warp * RPW + rs;
 #if ACTSPARSE_PIPELINE
   constexpr int UB = U / 2;
   uint4 wa[UB];
   float xa[UB];
-  load_rows<T, UB, RPS>(wa, xa, 0, r0, total, list, vals, wcol, N);
+  load_rows<UB, RPS>(wa, xa, 0, r0, total, list, vals, wcol, row_bytes);
   for (int base = 0; base < total; base += RPS * UB) {
     uint4 wb[UB];
     float xb[UB];
-    load_rows<T, UB, RPS>(wb, xb, base + RPS * UB, r0, total, list, vals, wcol, N);
+    load_rows<UB, RPS>(wb, xb, base + RPS * UB, r0, total, list, vals, wcol, row_bytes);
 #pragma unroll
-    for (int u = 0; u < UB; ++u) fma8<T>(acc, wa[u], xa[u]);
+    for (int u = 0; u < UB; ++u) fma16b<T, Q>(acc, wa[u], xa[u]);
 #pragma unroll
     for (int u = 0; u < UB; ++u) {
       wa[u] = wb[u];
@@ -167,27 +203,29 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   for (int base = 0; base < total; base += RPS * U) {
     uint4 wv[U];
     float xk[U];
-    load_rows<T, U, RPS>(wv, xk, base, r0, total, list, vals, wcol, N);
+    load_rows<U, RPS>(wv, xk, base, r0, total, list, vals, wcol, row_bytes);
 #pragma unroll
-    for (int u = 0; u < U; ++u) fma8<T>(acc, wv[u], xk[u]);
+    for (int u = 0; u < U; ++u) fma16b<T, Q>(acc, wv[u], xk[u]);
   }
 #endif
 #pragma unroll
   for (int s = LPR; s < 32; s *= 2) {  // lanes lr, lr + LPR, ... hold the same columns
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], s);
+    for (int i = 0; i < E; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], s);
   }
   if (rs == 0) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) red[warp][lr * 8 + i] = acc[i];
+    for (int i = 0; i < E; ++i) red[warp][lr * E + i] = acc[i];
   }
   __syncthreads();
   const int rank = (int)cluster.block_rank();
   const int per = BN / cl;
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   for (int c = threadIdx.x; c < BN; c += NT) {
     float s = 0.f;
 #pragma unroll
     for (int q = 0; q < WARPS; ++q) s += red[q][c];
+    if (Q == 2) s -= zero[n0 + c] * xsum;  // this block's share of zero * sum x'
     cluster.map_shared_rank(slots, c / per)[rank * per + c % per] = s;
   }
   cluster.sync();  // release/acquire: every pushed partial is visible to its owner
@@ -195,22 +233,24 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     const int col = n0 + rank * per + c;
     float s = 0.f;
     for (int q = 0; q < cl; ++q) s += slots[q * per + c];
+    if (Q > 0) s *= scale[col];
     if (mu_p != nullptr) s += mu * wsum[col];
     if (bias != nullptr) s += bias_fp32 ? ((const float*)bias)[col] : to_f(((const T*)bias)[col]);
     y[col] = from_f<T>(s);
   }
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int Q>
 static int launch(const void* x, const void* w, void* y, const float* tau, const float* mu, const float* wsum,
-                  const void* bias, int bias_fp32, int K, int N, int cl, int c1, int c2, int pdl, cudaStream_t st) {
+                  const void* bias, const float* scale, const float* zero, int bias_fp32, int K, int N, int cl,
+                  int c1, int c2, int pdl, cudaStream_t st) {
+  if (cl < 1 || cl > 16 || BN % cl != 0) return -1;
   const int k_per = (K + cl - 1) / cl;
-  if (k_per > JMAX * NT || N % BN != 0 || BN % cl != 0 || cl < 1 || cl > 16) return -1;
-  static bool big_clusters = false;  // more than 8 blocks per cluster is a non-portable opt-in (once)
-  if (cl > 8 && !big_clusters) {
-    cudaError_t e = cudaFuncSetAttribute(sgemv_cluster<T, BN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (k_per > JMAX * NT || N % BN != 0) return -1;
+  if (cl > 8) {  // more than 8 blocks per cluster is a non-portable opt-in, per device: set it on every call
+    cudaError_t e =
+        cudaFuncSetAttribute(sgemv_cluster<T, BN, Q>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (e != cudaSuccess) return (int)e;
-    big_clusters = true;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(N / BN, cl, 1);
@@ -226,22 +266,27 @@ static int launch(const void* x, const void* w, void* y, const float* tau, const
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN>, (const T*)x, (const T*)w, (T*)y, tau, mu, wsum, bias,
-                                 bias_fp32, K, N, k_per, c1, c2);
+  return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN, Q>, (const T*)x, w, (T*)y, tau, mu, wsum, bias, scale,
+                                 zero, bias_fp32, K, N, k_per, c1, c2);
 }
 
-// dtype: 0 bf16, 1 fp16. Returns 0 or a cudaError_t code (-1: a shape/config the kernel does not take).
-extern "C" int actsparse_sgemv(int dtype, int bn, int cl, int pdl, const void* x, const void* w, void* y,
-                               const float* tau, const float* mu, const float* wsum, const void* bias, int bias_fp32,
-                               int K, int N, int c1, int c2, void* stream) {
+// dtype: 0 bf16, 1 fp16 (the activations'); quant: 0 weights of that dtype, 1 int8 + scale, 2 int8 + scale + zero.
+// Returns 0 or a cudaError_t code (-1: a shape/config the kernel does not take).
+extern "C" int actsparse_sgemv(int dtype, int quant, int bn, int cl, int pdl, const void* x, const void* w, void* y,
+                               const float* tau, const float* mu, const float* wsum, const void* bias,
+                               const float* scale, const float* zero, int bias_fp32, int K, int N, int c1, int c2,
+                               void* stream) {
   cudaStream_t st = (cudaStream_t)stream;
-#define ACTSPARSE_CASE(T, BN)                                                                             \
-  if (bn == BN) return launch<T, BN>(x, w, y, tau, mu, wsum, bias, bias_fp32, K, N, cl, c1, c2, pdl, st);
+#define ACTSPARSE_CASE(T, BN, Q)                                                                            \
+  if (bn == BN && quant == Q)                                                                               \
+    return launch<T, BN, Q>(x, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, cl, c1, c2, pdl, st);
+#define ACTSPARSE_TILES(T, Q) ACTSPARSE_CASE(T, 64, Q) ACTSPARSE_CASE(T, 128, Q) ACTSPARSE_CASE(T, 256, Q)
   if (dtype == 0) {
-    ACTSPARSE_CASE(__nv_bfloat16, 64) ACTSPARSE_CASE(__nv_bfloat16, 128) ACTSPARSE_CASE(__nv_bfloat16, 256)
+    ACTSPARSE_TILES(__nv_bfloat16, 0) ACTSPARSE_TILES(__nv_bfloat16, 1) ACTSPARSE_TILES(__nv_bfloat16, 2)
   } else if (dtype == 1) {
-    ACTSPARSE_CASE(__half, 64) ACTSPARSE_CASE(__half, 128) ACTSPARSE_CASE(__half, 256)
+    ACTSPARSE_TILES(__half, 0) ACTSPARSE_TILES(__half, 1) ACTSPARSE_TILES(__half, 2)
   }
+#undef ACTSPARSE_TILES
 #undef ACTSPARSE_CASE
   return -1;
 }
