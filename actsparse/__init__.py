@@ -14,6 +14,7 @@ from .errors import (
     ThresholdFileError,
 )
 from .generation import compare_generate, generate
+from .input_rotation import InputRotationResult, rotate_inputs
 from .io import (
     from_pretrained,
     import_scap_json,
@@ -62,6 +63,8 @@ __all__ = [
     "registered_methods",
     "compress_weights",
     "rotate_residual",
+    "rotate_inputs",
+    "InputRotationResult",
     "RotationResult",
     "unfuse_experts",
     "fuse_experts",

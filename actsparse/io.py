@@ -21,6 +21,7 @@ from ._version import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import ThresholdFileError, UsageError
 from .fileio import atomic_write, check_output_path, keep_file_modes
+from .input_rotation import input_rotation_of
 from .methods.scap import read_scap_json
 from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
@@ -85,6 +86,7 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
             "this model has residual adapters but no rotation basis of this process (rotate_residual keeps it on "
             "the model object): save thresholds from the model object rotate_residual returned"
         )
+    _refuse_input_rotations(model, "save_thresholds")
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     check_output_path(path, "thresholds file")
@@ -294,6 +296,15 @@ def _read(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.T
     return thresholds, header, basis
 
 
+def _refuse_input_rotations(model: nn.Module, doing: str) -> None:
+    if input_rotation_of(model) is not None:
+        raise UsageError(
+            f"{doing}: the thresholds file format does not hold rotate_inputs' rotations yet, and thresholds "
+            "calibrated on rotated inputs mean nothing without them; evaluate the rotated model in this process "
+            "(actsparse sweep --rotate-inputs R), or use rotate_residual, whose bases the file keeps"
+        )
+
+
 @unfuses_experts
 def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate: bool | str = False) -> nn.Module:
     """Sparsify ``model`` in place with the thresholds saved at ``path`` (a file or a folder).
@@ -311,6 +322,7 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
         raise UsageError(f"rotate must be True, False or 'auto', got {rotate!r}")
     thresholds, header, basis = _read(path)
     check_not_sparsified(model, "loading thresholds")
+    _refuse_input_rotations(model, "load_thresholds")
     made_for = header.get("model", {})
     desc = f"{describe_model(made_for.get('name_or_path')) if made_for.get('name_or_path') else made_for.get('class')} "
     desc += f"({made_for.get('model_type')})"
@@ -381,6 +393,7 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
     check_output_path(folder, "checkpoint folder", folder=True)
+    _refuse_input_rotations(model, "save_pretrained")
     if adapter_weights(model):
         raise UsageError(
             "save_pretrained cannot keep the residual adapters of a per-layer rotation (they are no Hugging Face "

@@ -51,15 +51,21 @@ __all__ = [
     "READS",
     "WRITES",
     "CONFIG_KEY",
+    "INPUT_CONFIG_KEY",
     "basis_fingerprint",
     "rotation_of",
     "rotation_basis",
     "check_basis",
     "ResidualAdapter",
     "adapter_weights",
+    "linear_of",
+    "structure_of",
+    "token_rows",
+    "hooked_pass",
 ]
 
 CONFIG_KEY = "actsparse_rotation"  # model.config attribute: the fingerprint of the folded basis
+INPUT_CONFIG_KEY = "actsparse_input_rotation"  # the same for actsparse.input_rotation's rank-r input rotations
 
 READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
@@ -144,25 +150,28 @@ def _rms_eps(norm: nn.Module, where: str) -> float:
     return eps
 
 
-def _linear(root: nn.Module, path: str, where: str) -> nn.Linear:
+def linear_of(root: nn.Module, path: str, where: str) -> nn.Linear:
+    """The plain ``nn.Linear`` at ``root.<path>`` with floating-point weights in memory (what a rotation can
+    fold into), else a UsageError naming ``where``."""
     m: Any = root
     for part in path.split("."):
         m = getattr(m, part, None)
     if not isinstance(m, nn.Linear):
         raise UsageError(
-            f"{where}.{path} is {'missing' if m is None else type(m).__name__}: rotate_residual needs plain "
+            f"{where}.{path} is {'missing' if m is None else type(m).__name__}: rotations need plain "
             "nn.Linear q/k/v/o and gate/up/down projections (dense MLPs, no fused or MoE layers)"
         )
     w = m.weight
     if type(w.data) is not torch.Tensor or not w.is_floating_point() or w.device.type == "meta":
         raise UsageError(
-            f"{where}.{path} has {'offloaded' if w.device.type == 'meta' else 'compressed'} weights: rotate the "
-            "residual stream of a model with plain floating-point weights in memory, before compress_weights"
+            f"{where}.{path} has {'offloaded' if w.device.type == 'meta' else 'compressed'} weights: rotate "
+            "a model with plain floating-point weights in memory, before compress_weights"
         )
     return m
 
 
-def _structure(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, nn.Linear]:
+def structure_of(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, nn.Linear]:
+    """``(base, decoder layers, input embeddings, output head)`` of a Hugging Face causal LM, else a UsageError."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     layers = getattr(base, "layers", None)
     hf = cast(Any, model)  # a Hugging Face PreTrainedModel, checked below
@@ -170,7 +179,7 @@ def _structure(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embeddi
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if not isinstance(layers, nn.ModuleList) or not isinstance(emb, nn.Embedding) or not isinstance(head, nn.Linear):
         raise UsageError(
-            f"{type(model).__name__} is not a decoder rotate_residual knows: it needs <base>.layers (a ModuleList "
+            f"{type(model).__name__} is not a decoder the rotations know: it needs <base>.layers (a ModuleList "
             "of decoder layers), input embeddings and a linear output head (a Hugging Face causal LM)"
         )
     final = getattr(base, "norm", None)
@@ -180,7 +189,7 @@ def _structure(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embeddi
 
 
 def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, nn.Linear]:
-    base, layers, emb, head = _structure(model)
+    base, layers, emb, head = structure_of(model)
     _rms_eps(cast(nn.Module, base.norm), "the final norm")
     for i, layer in enumerate(layers):
         where = f"layer {i}"
@@ -190,16 +199,16 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, 
                 raise UsageError(f"{where} has no {norm_name}: rotate_residual needs pre-norm decoder layers")
             _rms_eps(norm, f"{where}.{norm_name}")
             for r in readers:
-                _linear(layer, r, where)
+                linear_of(layer, r, where)
         for w in WRITES:
-            _linear(layer, w, where)
+            linear_of(layer, w, where)
         extra = [n for n, c in layer.named_children() if "norm" in n.lower() and n not in READS]
         if extra:  # e.g. Gemma2's post-feedforward norms: they act on what the layer writes to the residual
             raise UsageError(
                 f"{where} has more norms than input_layernorm and post_attention_layernorm ({', '.join(extra)}): "
                 "norms on the residual branches do not commute with a rotation"
             )
-    _linear(model, _head_path(model, head), "the model")
+    linear_of(model, _head_path(model, head), "the model")
     return base, layers, emb, head
 
 
@@ -214,33 +223,43 @@ def _second_moments(model: nn.Module, layers: list[nn.Module], batches, progress
     inputs; and the token count."""
     d = cast(Any, layers[0]).input_layernorm.weight.numel()
     H = torch.zeros(len(layers), d, d, dtype=torch.float64)
-    state: dict[str, Any] = {"tokens": 0, "mask": None}
+    state: dict[str, Any] = {"mask": None}
 
     def hook(i: int, eps: float):
         def h(module: nn.Module, args: tuple) -> None:
-            r = args[0].float()
-            mask = state["mask"]
-            r = r[mask.to(r.device)] if mask is not None and mask.shape == r.shape[:-1] else r.reshape(-1, r.shape[-1])
+            r = token_rows(args[0].float(), state["mask"])
             n = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
             H[i] += (n.T @ n).double().cpu()
 
         return h
 
     handles = []
+    for i, layer in enumerate(layers):
+        for norm_name in READS:
+            norm = getattr(layer, norm_name)
+            handles.append(norm.register_forward_pre_hook(hook(i, _rms_eps(norm, norm_name))))
+    return H, hooked_pass(model, batches, state, handles, "rotation statistics", progress)
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[..., D]`` as rows ``[n, D]``: only the real tokens where ``mask`` (the batch's token mask) fits."""
+    return x[mask.to(x.device)] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+
+
+def hooked_pass(model: nn.Module, batches, state: dict[str, Any], handles: list, desc: str, progress: bool) -> int:
+    """Run ``model`` over ``batches`` (``state["mask"]``: the current batch's token mask, for the hooks), then
+    remove ``handles`` (also on error); returns the real tokens seen."""
+    tokens = 0
     try:
-        for i, layer in enumerate(layers):
-            for norm_name in READS:
-                norm = getattr(layer, norm_name)
-                handles.append(norm.register_forward_pre_hook(hook(i, _rms_eps(norm, norm_name))))
         device = model_device(model)
-        for b in tqdm(batches, desc="rotation statistics", disable=not progress):
+        for b in tqdm(batches, desc=desc, disable=not progress):
             state["mask"] = b.token_mask
             call_model(model, b, device)
-            state["tokens"] += b.n_tokens
+            tokens += b.n_tokens
     finally:
         for h in handles:
             h.remove()
-    return H, state["tokens"]
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------------- fold
@@ -349,9 +368,9 @@ def rotate_residual(
     if (data is None) == (basis is None):
         raise UsageError("rotate_residual takes calibration data or saved bases (basis=...), one of them")
     check_not_sparsified(model, "rotating the residual stream")
-    if rotation_of(model) is not None:
+    if rotation_of(model) is not None or getattr(getattr(model, "config", None), INPUT_CONFIG_KEY, None):
         raise UsageError(
-            f"the residual stream is already rotated (basis {rotation_of(model)}): rotate a fresh copy of the model"
+            "the model is already rotated (rotate_residual or rotate_inputs): rotate a fresh copy of the model"
         )
     if layers_per_basis is not None and (
         isinstance(layers_per_basis, bool) or not isinstance(layers_per_basis, int) or layers_per_basis < 1

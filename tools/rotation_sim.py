@@ -13,6 +13,10 @@ per layer): this is the upper bound of what a basis buys. Modes:
   (``x / g``, the gain folded out: what ``rotate_residual(layers_per_basis=None)`` folds for free);
 * ``layer``: one basis per layer shared by its attention and MLP inputs (``rotate_residual``'s default);
 * ``layer2``: one basis per layer and input; ``layer2g``: the same on ``x`` with the gain (LaRoSA's code).
+
+``MODE:R`` (e.g. ``layer2g:64``): the basis whose first R vectors are MODE's top R eigenvectors, completed by
+the complete QR of those (LAPACK: a product of R Householder reflections, ``Q = I - V T Vᵀ`` with ``V`` D×R),
+so applying it online reads about 2·D·R values instead of D².
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     modes = args.modes.split(",")
-    if bad := [m for m in modes if m not in MODES]:
+    if bad := [m for m in modes if m.split(":")[0] not in MODES or (":" in m and m.split(":")[0] == "plain")]:
         sys.exit(f"unknown modes {bad}; choose from {', '.join(MODES)}")
     torch.manual_seed(0)
     model, tok = load_model(None)
@@ -94,7 +98,10 @@ def main() -> None:
     print(f"dense {dense:.3f}", flush=True)
 
     def hook_for(mode: str, k: str, s: float):
+        mode, _, rank = mode.partition(":")
         q = bases[mode].get(k) if mode != "plain" else None
+        if q is not None and rank:  # the top-R eigenvectors (eigh: ascending) completed by R reflections
+            q = torch.linalg.qr(q[:, -int(rank) :].double(), mode="complete")[0].float()
         with_gain = q is None or mode == "layer2g"  # plain thresholds and LaRoSA's basis see x itself
         g = gains.get(k)
         xs = acts[k]["xs"] if not with_gain or g is None else acts[k]["xs"] * g  # xs were stored without g

@@ -10,6 +10,7 @@ from ..data import tokenize
 from ..errors import UsageError
 from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
+from ..input_rotation import DEFAULT_RANK, rotate_inputs
 from ..rotation import rotate_residual
 from ..scope import IgnoredScope
 from .args import add_eval_args, add_model_args, limit_arg
@@ -63,18 +64,33 @@ def register(sub) -> None:
         "q/k/v and gate/up inputs. K (default 1): one basis per K consecutive layers, a residual adapter "
         "between bases, whose weights count against the skipped ones; global: one basis, no adapter",
     )
+    sw.add_argument(
+        "--rotate-inputs",
+        default=None,
+        type=_rank,
+        metavar="R",
+        help="first rotate each layer's q/k/v and gate/up inputs online by a rank-R Householder basis whose first R "
+        "directions are the inputs' principal ones (rotate_inputs; the same dense function, 2·D·R + R² weights "
+        f"read per input and token, subtracted from the skipped ones; e.g. {DEFAULT_RANK})",
+    )
 
 
-def _layers_per_basis(text: str) -> int | str:
-    if text == "global":
-        return text
+def _positive_int(text: str, what: str) -> int:
     try:
         k = int(text)
     except ValueError:
         k = 0
     if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of layers >= 1 or 'global', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return k
+
+
+def _rank(text: str) -> int:
+    return _positive_int(text, "a rank >= 1")
+
+
+def _layers_per_basis(text: str) -> int | str:
+    return text if text == "global" else _positive_int(text, "a number of layers >= 1 or 'global'")
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
@@ -83,6 +99,8 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     sparsities = parse_range(args.sparsity)
     ignored = IgnoredScope(patterns=args.ignore) if args.ignore else None
     precheck_scopes(args, SparsifyConfig({args.scope: 0.5}, ignored))  # the scope regex, before the model loads
+    if args.rotate and args.rotate_inputs:
+        raise UsageError("--rotate and --rotate-inputs: choose one rotation, not both")
     if args.limit is not None and args.tasks is None:
         raise UsageError("--limit applies to --tasks (zero-shot accuracy); add --tasks TASK,... or drop it")
     tasks = check_tasks(args.tasks, task_data=args.task_data) if args.tasks else None  # before the load
@@ -114,6 +132,21 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
             args,
             f"  {100 * rotation['energy_in_top_half']:.1f}% of the energy in the top half of the coordinates; "
             f"{rot.adapter_weights} adapter weights read per token (subtracted from the measured skipped weights)",
+        )
+    input_rotation = None
+    if args.rotate_inputs:
+        log(args, f"rotating the q/k/v and gate/up inputs (rank {args.rotate_inputs} Householder bases)")
+        irot = rotate_inputs(model, data, rank=args.rotate_inputs, progress=not args.no_progress)
+        input_rotation = {
+            "rank": irot.rank,
+            "tokens": irot.tokens,
+            "energy_in_rank": irot.energy_in_rank,
+            "weights_read": irot.weights_read,
+        }
+        log(
+            args,
+            f"  {100 * irot.energy_in_rank:.1f}% of the energy in the top {irot.rank} directions; "
+            f"{irot.weights_read} rotation weights read per token (subtracted from the measured skipped weights)",
         )
     log(args, f"sweep: {len(methods)} methods x {len(sparsities)} sparsities on {args.scope}")
 
@@ -153,8 +186,10 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
             ""
             if rotation is None
             else f", residual stream rotated ({'one basis' if args.rotate == 'global' else f'{args.rotate} layer(s) per basis'})"
-        ),
+        )
+        + ("" if input_rotation is None else f", inputs rotated (rank {args.rotate_inputs})"),
         "rotation": rotation,
+        "input_rotation": input_rotation,
     }
     if accuracy is not None:
         log(args, f"zero-shot accuracy of the dense model on {', '.join(tasks or [])}")

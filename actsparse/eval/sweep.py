@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..api import SparsifyConfig, remove_sparsity, sparsify_
 from ..errors import InvalidTypeError, UsageError
 from ..fileio import atomic_write
+from ..input_rotation import input_rotation_weights
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..rotation import adapter_weights
 from ..scope import IgnoredScope, TargetScope
@@ -117,11 +118,12 @@ def sweep_methods(specs: Sequence[str]) -> dict[str, MethodConfig]:
 
 def weighted_sparsity(model: nn.Module, measured: Mapping[str, float]) -> float:
     """Measured sparsity weighted by each layer's weight count: the fraction of the sparse layers' weights
-    skipped, less the weights a rotated model's residual adapters read per token (``actsparse.rotation``)."""
+    skipped, less the weights a rotated model's residual adapters (``actsparse.rotation``) and input rotations
+    (``actsparse.input_rotation``) read per token."""
     layers = dict(model.named_modules())
     sizes = {n: layers[n].in_features * layers[n].out_features for n in measured}
     total = sum(sizes.values())
-    skipped = sum(measured[n] * sizes[n] for n in measured) - adapter_weights(model)
+    skipped = sum(measured[n] * sizes[n] for n in measured) - adapter_weights(model) - input_rotation_weights(model)
     return skipped / total if total else 0.0
 
 

@@ -1,0 +1,182 @@
+"""rotate_inputs: rank-r Householder rotations of the q/k/v and gate/up inputs, folded into their readers."""
+
+import json
+
+import pytest
+import torch
+from helpers import VOCAB, make_tiny_llama
+
+import actsparse as A
+from actsparse.cli import main
+from actsparse.errors import AlreadySparsifiedError, DatasetError, UsageError
+from actsparse.eval.sweep import weighted_sparsity
+from actsparse.input_rotation import InputRotation, compact_wy, input_rotation_of, input_rotation_weights
+
+
+def _model(seed=3, **config):
+    model = make_tiny_llama(seed=seed, **config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # gains other than one: the rotation acts on the norm's output, gain included
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g) * 1.5)
+    return model
+
+
+def _data(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(n)]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _inputs(model, data, which="q_proj"):
+    seen = []
+    lin = [m for n, m in model.named_modules() if n.endswith(which)][0]
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for b in data:
+            model(b)
+    h.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("r", [1, 5, 32])
+def test_compact_wy_is_orthogonal_and_starts_with_the_given_vectors(r):
+    g = torch.Generator().manual_seed(r)
+    v = torch.linalg.qr(torch.randn(48, r, generator=g, dtype=torch.float64))[0]
+    y, t = compact_wy(v)
+    q = torch.eye(48, dtype=torch.float64) - y @ t @ y.T
+    torch.testing.assert_close(q.T @ q, torch.eye(48, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(q[:, :r].abs(), v.abs(), atol=1e-10, rtol=0)  # the same columns up to sign
+    assert torch.allclose((q[:, :r] * v).sum(0).abs(), torch.ones(r, dtype=torch.float64))
+    assert torch.equal(t, torch.triu(t)) and y.shape == (48, r)
+
+
+def test_the_dense_function_is_unchanged_and_inputs_decorrelate_in_the_top_directions():
+    model, data = _model(), _data()
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
+    before, x_before = _logits(model, ids), _inputs(model, data)
+    res = A.rotate_inputs(model, data, rank=8, progress=False)
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-5, rtol=1e-5)
+    assert res.rank == 8 and res.tokens == 4 * 2 * 24 and 0 < res.energy_in_rank <= 1
+    assert input_rotation_of(model) == res.fingerprint
+    # q_proj now reads z = Qᵀx: the same norm as x, and the top-8 coordinates are the principal components
+    z = _inputs(model, data)
+    torch.testing.assert_close(z.norm(dim=1), x_before.norm(dim=1), atol=1e-4, rtol=1e-4)
+    m = (z.T @ z)[:8, :8]
+    off = (m - torch.diag(m.diagonal())).abs().max() / m.diagonal().abs().max()
+    assert off < 1e-4, off
+    top = torch.linalg.eigvalsh(x_before.T @ x_before).flip(0)[:8]
+    torch.testing.assert_close(m.diagonal().sort(descending=True).values, top, rtol=1e-4, atol=1e-6)
+    # what decode reads per token: per norm, Y twice and T
+    layers, d = len(model.model.layers), model.config.hidden_size
+    assert res.weights_read == input_rotation_weights(model) == layers * 2 * (2 * d * 8 + 8 * 8)
+    assert sum(isinstance(m, InputRotation) for m in model.modules()) == 2 * layers
+
+
+def test_the_rotations_stay_float32_and_the_model_runs_in_bfloat16():
+    model, data = _model(), _data()
+    A.rotate_inputs(model, data, rank=4, progress=False)
+    model.to(torch.bfloat16)
+    rots = [m for m in model.modules() if isinstance(m, InputRotation)]
+    assert all(r.reflectors.dtype == torch.float32 and r.factor.dtype == torch.float32 for r in rots)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    assert torch.isfinite(_logits(model, ids).float()).all()
+
+
+def test_sparsifying_the_rotated_model_counts_the_rotations_against_the_skipped_weights():
+    model, data = _model(), _data()
+    A.rotate_inputs(model, data, rank=4, progress=False)
+    A.sparsify_(model, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, A.SparseLinear)]
+    measured = dict.fromkeys(names, 0.5)
+    total = sum(model.get_submodule(n).weight.numel() for n in names)
+    assert weighted_sparsity(model, measured) == pytest.approx(0.5 - input_rotation_weights(model) / total)
+
+
+def test_bad_input_is_refused_before_any_change():
+    model, data = _model(), _data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for rank in (0, 64, 100, 2.0, True):
+        with pytest.raises(UsageError, match="rank must be an int in"):
+            A.rotate_inputs(model, data, rank=rank, progress=False)
+    with pytest.raises(DatasetError, match="empty"):
+        A.rotate_inputs(model, [], rank=4, progress=False)
+    assert input_rotation_of(model) is None and not any(isinstance(m, InputRotation) for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    A.rotate_inputs(model, data, rank=4, progress=False)
+    with pytest.raises(UsageError, match="already rotated"):
+        A.rotate_inputs(model, data, rank=4, progress=False)
+    with pytest.raises(UsageError, match="already rotated"):
+        A.rotate_residual(model, data, progress=False)
+    other = _model()
+    A.rotate_residual(other, data, progress=False)
+    with pytest.raises(UsageError, match="already rotated"):
+        A.rotate_inputs(other, data, rank=4, progress=False)
+    sparse = _model()
+    A.sparsify_(sparse, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    with pytest.raises(AlreadySparsifiedError):
+        A.rotate_inputs(sparse, data, rank=4, progress=False)
+
+
+def test_compressed_weights_are_refused():
+    pytest.importorskip("torchao")
+    model, data = _model(), _data()
+    A.compress_weights(model, "int8_sym")
+    with pytest.raises(UsageError, match="compressed weights"):
+        A.rotate_inputs(model, data, rank=4, progress=False)
+    assert input_rotation_of(model) is None
+
+
+def test_thresholds_of_a_rotated_model_cannot_be_saved_or_loaded_on_it(tmp_path):
+    model, data = _model(), _data()
+    plain = _model()
+    A.sparsify_(plain, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    path = str(tmp_path / "t.safetensors")
+    A.save_thresholds(plain, path)
+    A.rotate_inputs(model, data, rank=4, progress=False)
+    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
+        A.load_thresholds(model, path)  # thresholds of x do not apply to z = Qᵀx
+    assert not any(isinstance(m, A.SparseLinear) for m in model.modules())
+    A.sparsify_(model, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
+        A.save_thresholds(model, str(tmp_path / "r.safetensors"))
+    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
+        A.save_pretrained(model, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_cli_sweep_rotates_the_inputs_first_and_counts_their_weights(tiny_model_dir, text_file, tmp_path, capsys):
+    common = ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress", "--methods", "quantile"]
+    common += ["--sparsity", "0.5", "--calib-samples", "4", "--calib-seq-len", "32", "--context", "64"]
+    common += ["--eval-tokens", "300"]
+    assert main([*common, "--rotate-inputs", "4", "--out", str(tmp_path / "sw")]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    point, rot = data["points"][0], data["input_rotation"]
+    # the tiny model: 2 layers of 64 wide, 2 norms each: Y [64, 4] read twice and T [4, 4] per norm and token
+    assert rot["rank"] == 4 and rot["weights_read"] == 2 * 2 * (2 * 64 * 4 + 16)
+    sizes = {"q_proj": 64 * 64, "k_proj": 64 * 32, "v_proj": 64 * 32, "o_proj": 64 * 64}
+    sizes.update(gate_proj=64 * 128, up_proj=64 * 128, down_proj=64 * 128)
+    total = 2 * sum(sizes.values())
+    skipped = sum(v * sizes[n.rsplit(".", 1)[-1]] for n, v in point["per_layer"].items())
+    assert point["measured"] == pytest.approx((skipped - rot["weights_read"]) / total, abs=1e-9)
+    assert main([*common, "--rotate-inputs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "expected a rank >= 1" in capsys.readouterr().err
+    assert main([*common, "--rotate", "--rotate-inputs", "4", "--out", str(tmp_path / "y")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate():
+    model, data = _model(seed=4, layers=3), _data()
+    A.rotate_inputs(model, data, rank=8, progress=False)  # forward hooks on the norms
+    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), data, progress=False)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out = A.Decoder(model, max_seq_len=32).run(ids, 12)
+    assert torch.equal(out.sequences, ref)
