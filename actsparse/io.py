@@ -21,7 +21,13 @@ from ._version import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import ThresholdFileError, UsageError
 from .fileio import atomic_write, check_output_path, keep_file_modes
-from .input_rotation import input_rotation_of
+from .input_rotation import (
+    check_factors,
+    factors_fingerprint,
+    input_rotation_factors,
+    input_rotation_of,
+    rotate_inputs,
+)
 from .methods.scap import read_scap_json
 from .models import describe_model
 from .moe import linear_shapes, unfuses_experts
@@ -37,6 +43,7 @@ __all__ = [
     "from_pretrained",
     "import_scap_json",
     "read_rotation",
+    "read_input_rotation",
     "model_fingerprint",
     "THRESHOLDS_FILENAME",
 ]
@@ -47,8 +54,11 @@ FORMAT = "actsparse.thresholds"
 # 4: model.rotation, the fingerprint of a folded residual rotation (written only then); 5: the rotation's bases
 # as tensors rotation.bases [U, D, D] + rotation.index [L] (layer -> basis), so that load_thresholds(...,
 # rotate=True) rotates the original checkpoint; older files still load
-FORMAT_VERSION = 5
+# 6: model.input_rotation + tensors input_rotation.reflectors [N, D, r] / input_rotation.factors [N, r, r]
+# (actsparse.rotate_inputs' compact-WY factors, written only then)
+FORMAT_VERSION = 6
 ROTATION_TENSORS = ("rotation.bases", "rotation.index")
+INPUT_ROTATION_TENSORS = ("input_rotation.reflectors", "input_rotation.factors")
 _SUFFIXES = tuple("." + b for b in BUFFERS)
 _SAVE_HINT = "in Python: actsparse.save_thresholds(model, path) after sparsifying"
 
@@ -86,7 +96,6 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
             "this model has residual adapters but no rotation basis of this process (rotate_residual keeps it on "
             "the model object): save thresholds from the model object rotate_residual returned"
         )
-    _refuse_input_rotations(model, "save_thresholds")
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     check_output_path(path, "thresholds file")
@@ -102,9 +111,23 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
         basis = rotation_basis(model)
         if basis is not None:  # (a reloaded rotated checkpoint has only its fingerprint)
             tensors.update(zip(ROTATION_TENSORS, _unique_bases(basis)))
+    factors = input_rotation_factors(model)
+    if input_rotation_of(model) is not None:
+        if factors is None:
+            raise UsageError(
+                "this model's config names input rotations but its norms hold none: save from the rotated model"
+            )
+        identity["input_rotation"] = input_rotation_of(model)
+        tensors.update(zip(INPUT_ROTATION_TENSORS, factors))
+    if "input_rotation" in identity:
+        version = FORMAT_VERSION
+    elif "rotation" in identity:
+        version = 5 if "rotation.bases" in tensors else 4
+    else:
+        version = 3
     header = {
         "format": FORMAT,
-        "format_version": (FORMAT_VERSION if "rotation.bases" in tensors else 4) if "rotation" in identity else 3,
+        "format_version": version,
         "library_version": __version__,
         "model": identity,
         "layers": {
@@ -136,6 +159,31 @@ def _unique_bases(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(uniques).float().contiguous(), torch.tensor(index, dtype=torch.int64)
 
 
+def _input_rotation_tensors(
+    f: Fields, tensors: dict[str, Any], header: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The saved ``(Y, T)`` of an input-rotated model's thresholds file (checked), or None."""
+    y, t = (tensors.pop(k, None) for k in INPUT_ROTATION_TENSORS)
+    fingerprint = header.get("model", {}).get("input_rotation")
+    if y is None and t is None:
+        if fingerprint is not None:
+            f.fail("tensors input_rotation.reflectors/factors", "the header names input rotations but they are missing")
+        return None
+    if y is None or t is None:
+        f.fail("tensors input_rotation.reflectors/factors", "input rotations need both tensors")
+    if fingerprint is None:
+        f.fail("tensors input_rotation.reflectors", "the header names no input rotation (model.input_rotation)")
+    if header.get("model", {}).get("rotation") is not None:
+        f.fail("model.input_rotation", "a file holds one rotation: rotate_residual's or rotate_inputs'")
+    if (problem := check_factors(y, t)) is not None:
+        f.fail("tensors input_rotation.reflectors/factors", problem)
+    if factors_fingerprint(y, t) != fingerprint:
+        f.fail(
+            "tensors input_rotation.*", f"do not match the header's input rotation {fingerprint} (edited or corrupt)"
+        )
+    return y.float(), t.float()
+
+
 def _rotation_tensors(f: Fields, tensors: dict[str, Any], header: dict[str, Any]) -> torch.Tensor | None:
     """The saved bases ``[L, D, D]`` of a rotated model's thresholds file (checked), or None."""
     bases, index = (tensors.pop(k, None) for k in ROTATION_TENSORS)
@@ -160,7 +208,7 @@ def _rotation_tensors(f: Fields, tensors: dict[str, Any], header: dict[str, Any]
 
 
 _HEADER_KEYS = {"format", "format_version", "library_version", "model", "layers", "extra"}
-_MODEL_KEYS = {"class", "name_or_path", "model_type", "fingerprint", "rotation"}
+_MODEL_KEYS = {"class", "name_or_path", "model_type", "fingerprint", "rotation", "input_rotation"}
 _LAYER_KEYS = {"in_features", "out_features", "target_sparsity", "method", "calibration"}
 
 
@@ -244,7 +292,7 @@ def _layer_params(f: Fields, name: str, info: dict[str, Any], tensors: dict[str,
 def read_thresholds(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any]]:
     """Read ``({layer: SparsityParams}, header)`` from a thresholds file (a file, or a folder holding
     ``actsparse_thresholds.safetensors``), every field checked; any problem is one ``ThresholdFileError``."""
-    thresholds, header, _ = _read(path)
+    thresholds, header, _, _ = _read(path)
     return thresholds, header
 
 
@@ -254,7 +302,15 @@ def read_rotation(path: str) -> torch.Tensor | None:
     return _read(path)[2]
 
 
-def _read(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.Tensor | None]:
+def read_input_rotation(path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The input rotations' factors ``(Y [N, D, r], T [N, r, r])`` saved with the thresholds at ``path``
+    (``rotate_inputs(model, factors=...)`` folds them), or None when the file holds none."""
+    return _read(path)[3]
+
+
+def _read(
+    path: str,
+) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
         folder = os.fspath(path)
         path = os.path.join(folder, THRESHOLDS_FILENAME)
@@ -287,22 +343,14 @@ def _read(path: str) -> tuple[dict[str, SparsityParams], dict[str, Any], torch.T
     header = _check_header(parse_json(meta["actsparse"], f"{path!r}: header", ThresholdFileError), repr(path))
     f = Fields(repr(path), ThresholdFileError)
     basis = _rotation_tensors(f, tensors, header)
+    factors = _input_rotation_tensors(f, tensors, header)
     layers = header["layers"]
     for key in tensors:
         layer, _, buffer = key.rpartition(".")
         if layer not in layers or buffer not in BUFFERS:
             f.fail(f"tensor {key}", "belongs to no layer of the header")
     thresholds = {name: _layer_params(f, name, info, tensors) for name, info in layers.items()}
-    return thresholds, header, basis
-
-
-def _refuse_input_rotations(model: nn.Module, doing: str) -> None:
-    if input_rotation_of(model) is not None:
-        raise UsageError(
-            f"{doing}: the thresholds file format does not hold rotate_inputs' rotations yet, and thresholds "
-            "calibrated on rotated inputs mean nothing without them; evaluate the rotated model in this process "
-            "(actsparse sweep --rotate-inputs R), or use rotate_residual, whose bases the file keeps"
-        )
+    return thresholds, header, basis, factors
 
 
 @unfuses_experts
@@ -317,12 +365,13 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
     ``rotate=True`` first folds the bases the file keeps into ``model`` (the original, unrotated checkpoint),
     then loads the thresholds; without it such a file loads only on the rotated model object or checkpoint.
     ``rotate="auto"`` (the CLI's): rotate exactly when the file keeps bases and ``model`` is not rotated.
+    The same holds for thresholds calibrated on :func:`~actsparse.rotate_inputs`' rotated inputs: the file
+    keeps their factors, and ``rotate=True``/``"auto"`` folds them into an unrotated model first.
     """
     if rotate not in (True, False, "auto"):
         raise UsageError(f"rotate must be True, False or 'auto', got {rotate!r}")
-    thresholds, header, basis = _read(path)
+    thresholds, header, basis, factors = _read(path)
     check_not_sparsified(model, "loading thresholds")
-    _refuse_input_rotations(model, "load_thresholds")
     made_for = header.get("model", {})
     desc = f"{describe_model(made_for.get('name_or_path')) if made_for.get('name_or_path') else made_for.get('class')} "
     desc += f"({made_for.get('model_type')})"
@@ -352,6 +401,24 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
             f"thresholds in {path!r} were made for another architecture, {desc} (fingerprint "
             f"{made_for.get('fingerprint')} != {model_fingerprint(model)}); calibrate for this "
             f"model, or pass strict=False if you know the layers correspond"
+        )
+    made_in, this_in = made_for.get("input_rotation"), input_rotation_of(model)
+    if made_in is not None and this_in is not None and rotate is True:
+        raise UsageError(
+            f"rotate=True rotates an unrotated model; this one's inputs are rotated already ({this_in})"
+            + (": load without rotate=True" if this_in == made_in else "")
+        )
+    if made_in is not None and this_in is None and rotate and factors is not None and rotation_of(model) is None:
+        rotate_inputs(model, factors=factors, progress=False)  # checks everything before the first change
+        this_in, rotate = input_rotation_of(model), False
+    if made_in != this_in:
+        hint = " (pass rotate=True to rotate it with the file's factors first)" if made_in and not this_in else ""
+        raise ThresholdFileError(
+            f"thresholds in {path!r} were calibrated on "
+            + (f"rotated inputs (input rotation {made_in})" if made_in else "unrotated inputs")
+            + ", this model's inputs "
+            + (f"are rotated ({this_in})" if this_in else "are not rotated")
+            + f": load them on the model they were calibrated on{hint}, or calibrate for this model"
         )
     made_on, this = made_for.get("rotation"), rotation_of(model)
     if rotate == "auto":
@@ -393,7 +460,12 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
     """
     check_output_path(folder, "checkpoint folder", folder=True)
-    _refuse_input_rotations(model, "save_pretrained")
+    if input_rotation_of(model) is not None:
+        raise UsageError(
+            "save_pretrained cannot keep rotate_inputs' rotations (forward hooks, no Hugging Face modules): save the "
+            "thresholds, which keep them (actsparse.save_thresholds), and load them on the original checkpoint with "
+            "actsparse.load_thresholds(model, path, rotate=True)"
+        )
     if adapter_weights(model):
         raise UsageError(
             "save_pretrained cannot keep the residual adapters of a per-layer rotation (they are no Hugging Face "

@@ -5,16 +5,18 @@ import json
 import pytest
 import torch
 from helpers import VOCAB, make_tiny_llama
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import actsparse as A
 from actsparse.cli import main
-from actsparse.errors import AlreadySparsifiedError, DatasetError, UsageError
+from actsparse.errors import AlreadySparsifiedError, DatasetError, ThresholdFileError, UsageError
 from actsparse.eval.sweep import weighted_sparsity
 from actsparse.input_rotation import InputRotation, compact_wy, input_rotation_of, input_rotation_weights
 
 
 def _model(seed=3, **config):
-    model = make_tiny_llama(seed=seed, **config)
+    model = make_tiny_llama(seed=seed, **config)  # (the same seed: the same checkpoint)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # gains other than one: the rotation acts on the norm's output, gain included
         for m in model.modules():
@@ -132,22 +134,103 @@ def test_compressed_weights_are_refused():
     assert input_rotation_of(model) is None
 
 
-def test_thresholds_of_a_rotated_model_cannot_be_saved_or_loaded_on_it(tmp_path):
-    model, data = _model(), _data()
+def test_thresholds_keep_the_rotations_and_rotate_the_original_checkpoint(tmp_path):
+    data = _data()
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
+    model = _model()
+    A.rotate_inputs(model, data, rank=4, progress=False)
+    A.sparsify_(model, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    want = _logits(model, ids)
+    path = str(tmp_path / "r.safetensors")
+    A.save_thresholds(model, path)
+    y, t = A.read_input_rotation(path)
+    assert y.shape == (4, 64, 4) and t.shape == (4, 4, 4)  # 2 layers x 2 norms
+    fresh = _model()  # the original checkpoint
+    with pytest.raises(ThresholdFileError, match="rotate=True"):
+        A.load_thresholds(fresh, path)  # thresholds of z = Qᵀx do not apply to x
+    assert input_rotation_of(fresh) is None and not any(isinstance(m, A.SparseLinear) for m in fresh.modules())
+    A.load_thresholds(fresh, path, rotate=True)
+    torch.testing.assert_close(_logits(fresh, ids), want, atol=1e-5, rtol=1e-5)
+    assert input_rotation_of(fresh) == input_rotation_of(model)
+    auto = _model()
+    A.load_thresholds(auto, path, rotate="auto")  # the CLI's --thresholds
+    torch.testing.assert_close(_logits(auto, ids), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UsageError, match="save_pretrained cannot keep rotate_inputs"):
+        A.save_pretrained(model, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_thresholds_of_unrotated_inputs_are_refused_on_a_rotated_model(tmp_path):
+    data = _data()
     plain = _model()
     A.sparsify_(plain, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
     path = str(tmp_path / "t.safetensors")
     A.save_thresholds(plain, path)
+    model = _model()
     A.rotate_inputs(model, data, rank=4, progress=False)
-    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
-        A.load_thresholds(model, path)  # thresholds of x do not apply to z = Qᵀx
+    for rotate in (False, "auto", True):
+        with pytest.raises(ThresholdFileError, match="calibrated on unrotated inputs"):
+            A.load_thresholds(model, path, rotate=rotate)
     assert not any(isinstance(m, A.SparseLinear) for m in model.modules())
+
+
+def _resave(path, out, edit):
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors, meta)
+    save_file(tensors, out, metadata=meta)
+
+
+def test_bad_saved_rotations_are_one_clear_error_each(tmp_path):
+    data = _data()
+    model = _model()
+    A.rotate_inputs(model, data, rank=4, progress=False)
     A.sparsify_(model, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
-    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
-        A.save_thresholds(model, str(tmp_path / "r.safetensors"))
-    with pytest.raises(UsageError, match="does not hold rotate_inputs"):
-        A.save_pretrained(model, str(tmp_path / "ckpt"))
-    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "ckpt").exists()
+    good = str(tmp_path / "good.safetensors")
+    A.save_thresholds(model, good)
+    Y, T = "input_rotation.reflectors", "input_rotation.factors"
+
+    def drop_t(ts, meta):
+        del ts[T]
+
+    def scale_y(ts, meta):
+        ts[Y] = ts[Y] * 1.5  # no longer orthogonal
+
+    def nudge_y(ts, meta):
+        ts[Y] = ts[Y].clone()
+        ts[Y][0, 5, 0] += 1e-3  # orthogonal enough? the fingerprint says edited
+
+    def lower_t(ts, meta):
+        ts[T] = ts[T].clone()
+        ts[T][0, 2, 0] = 0.5
+
+    def no_header(ts, meta):
+        h = json.loads(meta["actsparse"])
+        del h["model"]["input_rotation"]
+        meta["actsparse"] = json.dumps(h)
+
+    def no_tensors(ts, meta):
+        del ts[Y], ts[T]
+
+    cases = {
+        drop_t: "need both tensors",
+        scale_y: "orthogonal",
+        nudge_y: "edited or corrupt",
+        lower_t: "upper triangular",
+        no_header: "names no input rotation",
+        no_tensors: "they are missing",
+    }
+    for edit, message in cases.items():
+        bad = str(tmp_path / f"{edit.__name__}.safetensors")
+        _resave(good, bad, edit)
+        with pytest.raises(ThresholdFileError, match=message):
+            A.read_input_rotation(bad)
+    fresh = _model()
+    with pytest.raises(UsageError, match="factors hold 4 rotations, the model has 6"):
+        A.rotate_inputs(_model(layers=3), factors=A.read_input_rotation(good), progress=False)
+    with pytest.raises(UsageError, match="calibration data or saved factors"):
+        A.rotate_inputs(fresh, data, factors=A.read_input_rotation(good), progress=False)
+    assert input_rotation_of(fresh) is None
 
 
 def test_cli_sweep_rotates_the_inputs_first_and_counts_their_weights(tiny_model_dir, text_file, tmp_path, capsys):
