@@ -13,8 +13,8 @@ triangular). The rest of the basis spans the remaining directions.
   norm, applied by a forward hook): two skinny products per token, ``2·D·r + r²`` weights read;
 * its readers take ``W ← W·Q``, so ``W·Q·Qᵀx = W·x``: the dense model computes the same function (float
   rounding only), and any sparsity method then calibrates on ``z``;
-* :func:`input_rotation_weights` counts what the rotations read per token; the sweep subtracts it from the
-  skipped weights, so comparisons stay at equal bytes read.
+* :func:`input_rotation_weights` counts what the rotations read per token (float32, in weights of the
+  readers' size); the sweep subtracts it from the skipped weights, so comparisons stay at equal bytes read.
 
 Measured on the embedded model (``tools/rotation_sim.py --sparsity 0.5 --modes plain,layer2g,layer2g:16,
 layer2g:64,layer2g:128``, dense-calibrated uniform thresholds, nothing charged): no rotation +71.9%, full
@@ -71,16 +71,17 @@ class InputRotation(nn.Module):
         return (xf - ((xf @ y) @ self.factor) @ y.T).to(x.dtype)  # rows: xᵀQ = xᵀ - ((xᵀY)T)Yᵀ
 
     @property
-    def weights_read(self) -> int:
-        """Weights read per token: ``Y`` twice (``x·Y`` and ``·Yᵀ``) and ``T`` once."""
+    def values_read(self) -> int:
+        """Float32 values read per token: ``Y`` twice (``x·Y`` and ``·Yᵀ``) and ``T`` once."""
         return 2 * self.reflectors.numel() + self.factor.numel()
 
-    def _apply(self, fn, recurse=True):  # model.half() must not round Y and T: they stay float32
+    def _apply(self, fn, recurse=True):  # model.half() must not round Y and T: only their device follows
+        saved = {name: self._buffers[name] for name in ("reflectors", "factor")}
         super()._apply(fn, recurse)
-        for name in ("reflectors", "factor"):
-            b = self._buffers[name]
-            if b is not None and b.dtype != torch.float32:
-                self._buffers[name] = b.float()
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
         return self
 
 
@@ -103,14 +104,32 @@ def compact_wy(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def input_rotation_weights(model: nn.Module) -> int:
-    """The weights the input rotations of ``model`` read per token (0 without any)."""
-    return sum(m.weights_read for m in model.modules() if isinstance(m, InputRotation))
+    """What the input rotations of ``model`` read per token, in weights of its readers' size (float32 ``Y`` and
+    ``T`` count twice against bf16 weights): what comparisons at equal bytes subtract; 0 without any."""
+    total = 0
+    for layer, norm, readers in _norm_pairs(model):
+        rot = getattr(norm, CHILD, None)
+        if isinstance(rot, InputRotation):
+            w = getattr(layer.get_submodule(readers[0]), "weight", None)
+            size = w.element_size() if isinstance(w, torch.Tensor) and type(w.data) is torch.Tensor else 1
+            total += rot.values_read * rot.reflectors.element_size() // max(size, 1)
+    return total
 
 
 def input_rotation_of(model: nn.Module) -> str | None:
-    """The fingerprint of the input rotations folded into ``model`` (from its config), or None."""
+    """The fingerprint of the input rotations folded into ``model`` (from its config), or None. A config that
+    names them on a model without them (a plain ``save_pretrained`` checkpoint: folded weights, no hooks) is
+    an error: that model computes another function."""
     fp = getattr(getattr(model, "config", None), INPUT_CONFIG_KEY, None)
-    return fp if isinstance(fp, str) else None
+    if not isinstance(fp, str):
+        return None
+    if not any(isinstance(m, InputRotation) for m in model.modules()):
+        raise UsageError(
+            f"the model's config names input rotations ({INPUT_CONFIG_KEY} = {fp}) but it holds none: a checkpoint "
+            "saved without them (their hooks are no Hugging Face modules) computes another function; load the "
+            "original checkpoint and the thresholds file with actsparse.load_thresholds(model, path, rotate=True)"
+        )
+    return fp
 
 
 @dataclass
@@ -143,13 +162,15 @@ def _norm_outputs(model: nn.Module, norms: list[nn.Module], batches, progress: b
         return H, hooked_pass(model, batches, state, handles, "input rotation statistics", progress)
 
 
-def _norm_pairs(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
-    """Every (norm, names of its readers) of the decoder layers, in layer order (no checks)."""
+def _norm_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module, tuple[str, ...]]]:
+    """Every (decoder layer, norm, names of its readers), in layer order (no checks)."""
     try:
         _, layers, _, _ = structure_of(model)
     except UsageError:
         return []
-    return [(n, readers) for layer in layers for name, readers in READS.items() if (n := getattr(layer, name, None))]
+    return [
+        (layer, n, readers) for layer in layers for name, readers in READS.items() if (n := getattr(layer, name, None))
+    ]
 
 
 def _readers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
@@ -163,6 +184,12 @@ def _readers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
                 raise UsageError(f"layer {i} has no {norm_name} with a weight: rotate_inputs needs pre-norm layers")
             assert norm is not None  # (checked above)
             pairs.append((norm, [linear_of(layer, r, f"layer {i}") for r in readers]))
+        extra = [n for n, c in layer.named_children() if "norm" in n.lower() and n not in READS]
+        if extra:  # e.g. Gemma2: post_attention_layernorm normalizes the attention output, not gate/up's input
+            raise UsageError(
+                f"layer {i} has more norms than input_layernorm and post_attention_layernorm ({', '.join(extra)}): "
+                "rotate_inputs needs Llama-style layers where those two feed q/k/v and gate/up"
+            )
     return pairs
 
 
@@ -236,20 +263,36 @@ def rotate_inputs(
             raise UsageError("rotate_inputs got no calibration tokens")
         if not torch.isfinite(H).all():
             raise UsageError("the calibration activations are not finite: cannot compute a rotation")
-        eig, vectors = torch.linalg.eigh(H / tokens)
-        eig, vectors = eig.flip(-1).clamp_min(0), vectors.flip(-1)  # decreasing variance
-        energy = float((eig[:, :rank].sum(-1) / eig.sum(-1).clamp_min(1e-30)).mean())
-        # rounded to float32 as saved, so that a reloaded model folds exactly what this one does
-        wys = [(y.float().double(), t.float().double()) for y, t in (compact_wy(v[:, :rank]) for v in vectors)]
-    with torch.no_grad():
-        for (norm, readers), (y, t) in zip(pairs, wys):
-            for lin in readers:  # W <- W·Q = W - ((W·Y)·T)·Yᵀ
-                w = lin.weight.double()
-                yd, td = y.to(w.device), t.to(w.device)
-                lin.weight.data = (w - ((w @ yd) @ td) @ yd.T).to(lin.weight.dtype).contiguous()
-            rot = InputRotation(y, t).to(cast(Any, norm).weight.device)
-            norm.add_module(CHILD, rot)
-            norm.register_forward_hook(_apply_rotation)
+        wys, shares = [], []
+        for h in H:  # one norm at a time (memory), keeping its top `rank` directions
+            eig, vectors = torch.linalg.eigh(h / tokens)
+            eig, top = eig.flip(-1).clamp_min(0), vectors.flip(-1)[:, :rank]  # decreasing variance
+            shares.append(float(eig[:rank].sum() / eig.sum().clamp_min(1e-30)))
+            y, t = compact_wy(top)
+            wys.append((y.float().double(), t.float().double()))  # as saved: a reload folds the same values
+        del H
+        energy = sum(shares) / len(shares)
+    originals: list[tuple[nn.Linear, torch.Tensor]] = []  # kept until the fold is complete: undo on error
+    hooks = []
+    try:
+        with torch.no_grad():
+            for (norm, readers), (y, t) in zip(pairs, wys):
+                for lin in readers:  # W <- W·Q = W - ((W·Y)·T)·Yᵀ
+                    w = lin.weight.double()
+                    yd, td = y.to(w.device), t.to(w.device)
+                    originals.append((lin, lin.weight.data))
+                    lin.weight.data = (w - ((w @ yd) @ td) @ yd.T).to(lin.weight.dtype).contiguous()
+                norm.add_module(CHILD, InputRotation(y, t).to(cast(Any, norm).weight.device))
+                hooks.append(norm.register_forward_hook(_apply_rotation))
+    except BaseException:
+        for lin, data in originals:
+            lin.weight.data = data
+        for h in hooks:
+            h.remove()
+        for norm, _ in pairs:
+            norm._modules.pop(CHILD, None)
+        raise
+    del originals
     saved = input_rotation_factors(model)
     assert saved is not None  # every norm got its rotation above
     fingerprint = factors_fingerprint(*saved)
@@ -262,7 +305,7 @@ def rotate_inputs(
 def input_rotation_factors(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(Y [N, D, r], T [N, r, r])`` float32 on CPU of an input-rotated model (layer order, q/k/v input then
     gate/up input), what ``save_thresholds`` keeps; None without input rotations."""
-    rots = [getattr(norm, CHILD, None) for norm, _ in _norm_pairs(model)]
+    rots = [getattr(norm, CHILD, None) for _, norm, _ in _norm_pairs(model)]
     if not rots or any(not isinstance(r, InputRotation) for r in rots):
         return None
     rs = cast(list[InputRotation], rots)

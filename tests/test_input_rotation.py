@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import actsparse as A
+import actsparse.input_rotation as IR
 from actsparse.cli import main
 from actsparse.errors import AlreadySparsifiedError, DatasetError, ThresholdFileError, UsageError
 from actsparse.eval.sweep import weighted_sparsity
@@ -80,14 +81,60 @@ def test_the_dense_function_is_unchanged_and_inputs_decorrelate_in_the_top_direc
     assert sum(isinstance(m, InputRotation) for m in model.modules()) == 2 * layers
 
 
-def test_the_rotations_stay_float32_and_the_model_runs_in_bfloat16():
+def test_the_rotations_stay_float32_and_count_twice_against_bfloat16_weights():
     model, data = _model(), _data()
     A.rotate_inputs(model, data, rank=4, progress=False)
+    fp32_count = input_rotation_weights(model)
+    before = [(r.reflectors.clone(), r.factor.clone()) for r in model.modules() if isinstance(r, InputRotation)]
     model.to(torch.bfloat16)
     rots = [m for m in model.modules() if isinstance(m, InputRotation)]
+    assert all(torch.equal(r.reflectors, y) and torch.equal(r.factor, t) for r, (y, t) in zip(rots, before))
     assert all(r.reflectors.dtype == torch.float32 and r.factor.dtype == torch.float32 for r in rots)
+    assert input_rotation_weights(model) == 2 * fp32_count  # 4-byte values against 2-byte weights
     ids = torch.randint(0, VOCAB, (1, 12))
     assert torch.isfinite(_logits(model, ids).float()).all()
+
+
+def test_a_failure_during_the_fold_leaves_the_model_as_it_was(monkeypatch):
+    model, data = _model(), _data()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    made = []
+
+    class Failing(IR.InputRotation):
+        def __init__(self, y, t):
+            made.append(1)
+            if len(made) == 3:
+                raise RuntimeError("out of memory (injected)")
+            super().__init__(y, t)
+
+    monkeypatch.setattr(IR, "InputRotation", Failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        A.rotate_inputs(model, data, rank=4, progress=False)
+    assert len(made) == 3  # two norms were folded and hooked before the failure
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert input_rotation_of(model) is None
+    assert all(not n._forward_hooks for n in model.modules() if type(n).__name__.endswith("RMSNorm"))
+
+
+def test_layers_with_more_norms_and_checkpoints_without_the_rotations_are_refused(tmp_path):
+    model, data = _model(), _data()
+    model.model.layers[1].pre_feedforward_layernorm = torch.nn.LayerNorm(64)  # as Gemma2's layers have
+    with pytest.raises(UsageError, match="more norms than"):
+        A.rotate_inputs(model, data, rank=4, progress=False)
+    assert input_rotation_of(model) is None
+    saved = _model()
+    A.rotate_inputs(saved, data, rank=4, progress=False)
+    reloaded = _model()  # as a plain save_pretrained + from_pretrained gives it: the config key, no hooks
+    reloaded.config.actsparse_input_rotation = saved.config.actsparse_input_rotation
+    plain = _model()
+    A.sparsify_(plain, A.SparsifyConfig({".*_proj": 0.5}), data, progress=False)
+    path = str(tmp_path / "t.safetensors")
+    A.save_thresholds(plain, path)
+    with pytest.raises(UsageError, match="holds none"):
+        A.load_thresholds(reloaded, path)
+    with pytest.raises(UsageError, match="holds none"):
+        A.rotate_inputs(reloaded, data, rank=4, progress=False)
 
 
 def test_sparsifying_the_rotated_model_counts_the_rotations_against_the_skipped_weights():
