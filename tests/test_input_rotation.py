@@ -310,3 +310,22 @@ def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
     out = A.Decoder(model, max_seq_len=32).run(ids, 12)
     assert torch.equal(out.sequences, ref)
+
+
+def test_cli_calibrate_keeps_the_rotations_and_eval_folds_them(tiny_model_dir, text_file, tmp_path, capsys):
+    out = str(tmp_path / "r.safetensors")
+    common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress"]
+    calib = ["--calib-samples", "4", "--calib-seq-len", "32", "--scope", r".*_proj$=0.5"]
+    assert main(["calibrate", *common, *calib, "--rotate-inputs", "4", "--out", out, "--json"]) == 0
+    cal = json.loads(capsys.readouterr().out)
+    assert cal["input_rotation"]["rank"] == 4 and A.read_input_rotation(out)[0].shape[-1] == 4
+    assert main(["eval", *common, "--thresholds", out, "--context", "64", "--eval-tokens", "200", "--json"]) == 0
+    rotated = json.loads(capsys.readouterr().out)
+    # the same thresholds without their rotations would be refused; and the in-process model gives the same
+    model, tok = A.models.load_model(tiny_model_dir)
+    A.load_thresholds(model, out, rotate=True)
+    ids = A.data.tokenize(tok, open(text_file).read())[:200]
+    ppl = A.eval.perplexity(model, ids, context=64, progress=False).token_perplexity
+    assert rotated["token_perplexity"] == pytest.approx(ppl, rel=1e-5)
+    assert main(["calibrate", *common, *calib, "--rotate-inputs", "x", "--out", out]) == 2
+    assert "expected a rank >= 1" in capsys.readouterr().err

@@ -71,6 +71,34 @@ def limit_arg(text: str) -> int | float:
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def positive_int(text: str, what: str) -> int:
+    """``text`` as an int >= 1, else an argparse error saying ``expected <what>``."""
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return k
+
+
+def rank_arg(text: str) -> int:
+    return positive_int(text, "a rank >= 1")
+
+
+def add_rotate_inputs_arg(parser) -> None:
+    """``--rotate-inputs R`` (sweep, calibrate): rank-R input rotations before calibrating."""
+    parser.add_argument(
+        "--rotate-inputs",
+        default=None,
+        type=rank_arg,
+        metavar="R",
+        help="first rotate each layer's q/k/v and gate/up inputs online by a rank-R Householder basis whose first "
+        "R directions are the inputs' principal ones (rotate_inputs; the same dense function, 2·D·R + R² float32 "
+        "values read per input and token, subtracted from the skipped weights; e.g. 64)",
+    )
+
+
 def device_map_arg(text: str) -> str | dict[str, Any]:
     if text in DEVICE_MAPS:
         return text

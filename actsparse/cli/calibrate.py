@@ -15,7 +15,7 @@ from ..io import save_thresholds
 from ..methods.scap import export_scap_json
 from ..offload import model_device
 from ..sparse_linear import sparse_layers
-from .args import NNCF_RECIPE, add_calib_args, add_model_args
+from .args import NNCF_RECIPE, add_calib_args, add_model_args, add_rotate_inputs_arg
 from .common import calibrate, load_all
 
 
@@ -24,6 +24,7 @@ def register(sub) -> None:
     add_model_args(cal)
     add_calib_args(cal, NNCF_RECIPE)
     cal.add_argument("--out", default="thresholds.safetensors", help="output file (default thresholds.safetensors)")
+    add_rotate_inputs_arg(cal)  # the file keeps the rotations; --thresholds folds them into the checkpoint
     cal.add_argument(
         "--plot",
         default=None,

@@ -21,6 +21,7 @@ from ..errors import UsageError
 from ..eval.perplexity import perplexity
 from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
 from ..fileio import check_output_path
+from ..input_rotation import rotate_inputs
 from ..io import import_scap_json, load_thresholds, read_thresholds
 from ..methods import MethodConfig, method_from_spec, method_to_dict
 from ..methods.scap import parse_scap_config
@@ -204,6 +205,11 @@ def calibrate(
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Sparsify ``model`` with ``config`` (built and checked before the model loaded); ``(report, batches)``."""
     data = calibration_data(args, tokenizer, corpus, evaluates=evaluates)
+    rotation = None
+    if getattr(args, "rotate_inputs", None):  # (calibrate --rotate-inputs R) before the thresholds
+        log(args, f"rotating the q/k/v and gate/up inputs (rank {args.rotate_inputs} Householder bases)")
+        rot = rotate_inputs(model, data, rank=args.rotate_inputs, progress=not args.no_progress)
+        rotation = {"rank": rot.rank, "energy_in_rank": rot.energy_in_rank, "weights_read": rot.weights_read}
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t
@@ -216,6 +222,8 @@ def calibrate(
         "calibration_tokens": sum(d.numel() for d in data),
         "calibration_seconds": seconds,
     }
+    if rotation is not None:
+        result["input_rotation"] = rotation
     if args.save_config:
         result["config_file"] = config.save(args.save_config)
     return result, data

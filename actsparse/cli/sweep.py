@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from ..config import SparsifyConfig
@@ -10,10 +9,10 @@ from ..data import tokenize
 from ..errors import UsageError
 from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
-from ..input_rotation import DEFAULT_RANK, rotate_inputs
+from ..input_rotation import rotate_inputs
 from ..rotation import rotate_residual
 from ..scope import IgnoredScope
-from .args import add_eval_args, add_model_args, limit_arg
+from .args import add_eval_args, add_model_args, add_rotate_inputs_arg, limit_arg, positive_int
 from .common import calibration_data, load_all, log, precheck_scopes
 
 
@@ -64,33 +63,11 @@ def register(sub) -> None:
         "q/k/v and gate/up inputs. K (default 1): one basis per K consecutive layers, a residual adapter "
         "between bases, whose weights count against the skipped ones; global: one basis, no adapter",
     )
-    sw.add_argument(
-        "--rotate-inputs",
-        default=None,
-        type=_rank,
-        metavar="R",
-        help="first rotate each layer's q/k/v and gate/up inputs online by a rank-R Householder basis whose first R "
-        "directions are the inputs' principal ones (rotate_inputs; the same dense function, 2·D·R + R² weights "
-        f"read per input and token, subtracted from the skipped ones; e.g. {DEFAULT_RANK})",
-    )
-
-
-def _positive_int(text: str, what: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return k
-
-
-def _rank(text: str) -> int:
-    return _positive_int(text, "a rank >= 1")
+    add_rotate_inputs_arg(sw)
 
 
 def _layers_per_basis(text: str) -> int | str:
-    return text if text == "global" else _positive_int(text, "a number of layers >= 1 or 'global'")
+    return text if text == "global" else positive_int(text, "a number of layers >= 1 or 'global'")
 
 
 def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
