@@ -412,13 +412,11 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
         rotate_inputs(model, factors=factors, progress=False)  # checks everything before the first change
         this_in, rotate = input_rotation_of(model), False
     if made_in != this_in:
-        hint = " (pass rotate=True to rotate it with the file's factors first)" if made_in and not this_in else ""
-        raise ThresholdFileError(
-            f"thresholds in {path!r} were calibrated on "
-            + (f"rotated inputs (input rotation {made_in})" if made_in else "unrotated inputs")
-            + ", this model's inputs "
-            + (f"are rotated ({this_in})" if this_in else "are not rotated")
-            + f": load them on the model they were calibrated on{hint}, or calibrate for this model"
+        raise _mismatch(
+            path,
+            f"rotated inputs (input rotation {made_in})" if made_in else "unrotated inputs",
+            f"this model's inputs are rotated ({this_in})" if this_in else "this model's inputs are not rotated",
+            " (pass rotate=True to rotate it with the file's factors first)" if made_in and not this_in else "",
         )
     made_on, this = made_for.get("rotation"), rotation_of(model)
     if rotate == "auto":
@@ -439,18 +437,23 @@ def load_thresholds(model: nn.Module, path: str, *, strict: bool = True, rotate:
         rotate_residual(model, basis=basis, progress=False)  # checks everything before the first change
         this = rotation_of(model)
     if made_on != this:
-        hint = " (pass rotate=True to rotate it with the file's bases first)" if basis is not None and not this else ""
-        raise ThresholdFileError(
-            f"thresholds in {path!r} were calibrated on "
-            + (f"a model whose residual stream is rotated (basis {made_on})" if made_on else "the unrotated model")
-            + ", this model "
-            + (f"is rotated with basis {this}" if this else "is not rotated")
-            + f": load them on the checkpoint they were calibrated on{hint}, or calibrate for this model"
+        raise _mismatch(
+            path,
+            f"a model whose residual stream is rotated (basis {made_on})" if made_on else "the unrotated model",
+            f"this model is rotated with basis {this}" if this else "this model is not rotated",
+            " (pass rotate=True to rotate it with the file's bases first)" if basis is not None and not this else "",
         )
     targets = {n: info.get("target_sparsity") for n, info in header["layers"].items()}
     methods = {info.get("method") for info in header["layers"].values()}
     method = methods.pop() if len(methods) == 1 else None
     return apply_thresholds(model, thresholds, target_sparsity=targets, method=method)
+
+
+def _mismatch(path: str, made_on: str, this: str, hint: str) -> ThresholdFileError:
+    return ThresholdFileError(
+        f"thresholds in {path!r} were calibrated on {made_on}, {this}: load them on the checkpoint they were "
+        f"calibrated on{hint}, or calibrate for this model"
+    )
 
 
 def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> None:

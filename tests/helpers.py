@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["VOCAB", "make_tiny_llama", "byte_tokenizer"]
+__all__ = ["VOCAB", "make_tiny_llama", "byte_tokenizer", "random_norm_gains", "token_batches", "logits_of"]
 
 VOCAB = 256
 
@@ -36,3 +36,24 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def random_norm_gains(model, seed: int = 5):
+    """Random positive RMSNorm gains in place (a fresh model has ones, which would hide a missing fold)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g) * 1.5)
+    return model
+
+
+def token_batches(n: int = 4, seed: int = 1) -> list:
+    """``n`` seeded [2, 24] batches of random token ids."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(n)]
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import VOCAB, make_tiny_llama
+from helpers import VOCAB, logits_of, make_tiny_llama, random_norm_gains, token_batches
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -17,23 +17,11 @@ from actsparse.input_rotation import InputRotation, compact_wy, input_rotation_o
 
 
 def _model(seed=3, **config):
-    model = make_tiny_llama(seed=seed, **config)  # (the same seed: the same checkpoint)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # gains other than one: the rotation acts on the norm's output, gain included
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g) * 1.5)
-    return model
+    # (the same seed: the same checkpoint); gains other than one: the rotation acts on the norm's output
+    return random_norm_gains(make_tiny_llama(seed=seed, **config), seed)
 
 
-def _data(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(n)]
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+_data, _logits = token_batches, logits_of
 
 
 def _inputs(model, data, which="q_proj"):
@@ -299,17 +287,6 @@ def test_cli_sweep_rotates_the_inputs_first_and_counts_their_weights(tiny_model_
     assert "expected a rank >= 1" in capsys.readouterr().err
     assert main([*common, "--rotate", "--rotate-inputs", "4", "--out", str(tmp_path / "y")]) == 2
     assert "not both" in capsys.readouterr().err
-
-
-def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate():
-    model, data = _model(seed=4, layers=3), _data()
-    A.rotate_inputs(model, data, rank=8, progress=False)  # forward hooks on the norms
-    A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), data, progress=False)
-    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
-    out = A.Decoder(model, max_seq_len=32).run(ids, 12)
-    assert torch.equal(out.sequences, ref)
 
 
 def test_cli_calibrate_keeps_the_rotations_and_eval_folds_them(tiny_model_dir, text_file, tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from helpers import VOCAB, make_tiny_llama
+from helpers import VOCAB, logits_of, make_tiny_llama, random_norm_gains, token_batches
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -16,29 +16,11 @@ from actsparse.io import read_thresholds
 from actsparse.models import load_model
 from actsparse.rotation import adapter_weights, rotation_of
 
-
-def _gains(model, seed=5):
-    """Random positive norm gains (a fresh model has ones, which would hide a missing fold)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__.endswith("RMSNorm"):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g) * 1.5)
-    return model
+_gains, _data, _logits = random_norm_gains, token_batches, logits_of
 
 
 def _tied(bias: bool = False):
     return _gains(make_tiny_llama(seed=2, tie_word_embeddings=True, attention_bias=bias))
-
-
-def _data(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (2, 24), generator=g) for _ in range(n)]
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def _norm_inputs(model, data):
@@ -295,9 +277,17 @@ def test_a_sparsified_model_is_refused(calib_data):
         A.rotate_residual(model, _data(1), progress=False)
 
 
-def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate(calib_data):
+@pytest.mark.parametrize(
+    "rotate",
+    [
+        lambda m, d: A.rotate_residual(m, d, progress=False),  # per layer: adapters as forward hooks
+        lambda m, d: A.rotate_inputs(m, d, rank=8, progress=False),  # forward hooks on the norms
+    ],
+    ids=["residual", "inputs"],
+)
+def test_the_decoder_runs_a_rotated_sparse_model_like_hf_generate(calib_data, rotate):
     model = _gains(make_tiny_llama(layers=3))
-    A.rotate_residual(model, _data(), progress=False)  # per layer: adapters as forward hooks
+    rotate(model, _data())
     A.sparsify_(model, A.SparsifyConfig({r".*_proj": 0.5}), calib_data, progress=False)
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
