@@ -34,7 +34,16 @@ import torch.nn as nn
 
 from .data import prepare_batches
 from .errors import UsageError
-from .rotation import INPUT_CONFIG_KEY, READS, hooked_pass, linear_of, rotation_of, structure_of, token_rows
+from .rotation import (
+    INPUT_CONFIG_KEY,
+    READS,
+    extra_norms,
+    hooked_pass,
+    linear_of,
+    rotation_of,
+    structure_of,
+    token_rows,
+)
 from .sparse_linear import check_not_sparsified
 
 __all__ = [
@@ -184,7 +193,7 @@ def _readers(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
                 raise UsageError(f"layer {i} has no {norm_name} with a weight: rotate_inputs needs pre-norm layers")
             assert norm is not None  # (checked above)
             pairs.append((norm, [linear_of(layer, r, f"layer {i}") for r in readers]))
-        extra = [n for n, c in layer.named_children() if "norm" in n.lower() and n not in READS]
+        extra = extra_norms(layer)
         if extra:  # e.g. Gemma2: post_attention_layernorm normalizes the attention output, not gate/up's input
             raise UsageError(
                 f"layer {i} has more norms than input_layernorm and post_attention_layernorm ({', '.join(extra)}): "

@@ -62,6 +62,7 @@ __all__ = [
     "structure_of",
     "token_rows",
     "hooked_pass",
+    "extra_norms",
 ]
 
 CONFIG_KEY = "actsparse_rotation"  # model.config attribute: the fingerprint of the folded basis
@@ -202,7 +203,7 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, 
                 linear_of(layer, r, where)
         for w in WRITES:
             linear_of(layer, w, where)
-        extra = [n for n, c in layer.named_children() if "norm" in n.lower() and n not in READS]
+        extra = extra_norms(layer)
         if extra:  # e.g. Gemma2's post-feedforward norms: they act on what the layer writes to the residual
             raise UsageError(
                 f"{where} has more norms than input_layernorm and post_attention_layernorm ({', '.join(extra)}): "
@@ -210,6 +211,12 @@ def _check(model: nn.Module) -> tuple[nn.Module, list[nn.Module], nn.Embedding, 
             )
     linear_of(model, _head_path(model, head), "the model")
     return base, layers, emb, head
+
+
+def extra_norms(layer: nn.Module) -> list[str]:
+    """The decoder layer's norm children other than the two of :data:`READS` (Gemma2's pre/post-feedforward
+    norms, say): where they exist, the two norms do not simply feed q/k/v and gate/up."""
+    return [n for n, _ in layer.named_children() if "norm" in n.lower() and n not in READS]
 
 
 def _head_path(model: nn.Module, head: nn.Module) -> str:
@@ -233,11 +240,12 @@ def _second_moments(model: nn.Module, layers: list[nn.Module], batches, progress
 
         return h
 
-    handles = []
-    for i, layer in enumerate(layers):
-        for norm_name in READS:
-            norm = getattr(layer, norm_name)
-            handles.append(norm.register_forward_pre_hook(hook(i, _rms_eps(norm, norm_name))))
+    eps = [[_rms_eps(getattr(layer, n), n) for n in READS] for layer in layers]  # (raises before any hook)
+    handles = [
+        getattr(layer, norm_name).register_forward_pre_hook(hook(i, eps[i][j]))
+        for i, layer in enumerate(layers)
+        for j, norm_name in enumerate(READS)
+    ]
     return H, hooked_pass(model, batches, state, handles, "rotation statistics", progress)
 
 

@@ -200,16 +200,32 @@ def sparsify_config(args) -> SparsifyConfig:
     return SparsifyConfig(scopes, IgnoredScope(patterns=args.ignore) if args.ignore else None, method)
 
 
+def rotate_inputs_from_args(args, model, data) -> dict[str, Any] | None:
+    """``--rotate-inputs R`` (calibrate, sweep): rotate ``model``'s inputs on ``data``, log it and return the
+    record for the outputs; None without the flag."""
+    if not getattr(args, "rotate_inputs", None):
+        return None
+    log(args, f"rotating the q/k/v and gate/up inputs (rank {args.rotate_inputs} Householder bases)")
+    rot = rotate_inputs(model, data, rank=args.rotate_inputs, progress=not args.no_progress)
+    log(
+        args,
+        f"  {100 * rot.energy_in_rank:.1f}% of the energy in the top {rot.rank} directions; "
+        f"{rot.weights_read} rotation weights read per token (subtracted from the measured skipped weights)",
+    )
+    return {
+        "rank": rot.rank,
+        "tokens": rot.tokens,
+        "energy_in_rank": rot.energy_in_rank,
+        "weights_read": rot.weights_read,
+    }
+
+
 def calibrate(
     args, config: SparsifyConfig, model, tokenizer, corpus, *, evaluates: bool = False
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Sparsify ``model`` with ``config`` (built and checked before the model loaded); ``(report, batches)``."""
     data = calibration_data(args, tokenizer, corpus, evaluates=evaluates)
-    rotation = None
-    if getattr(args, "rotate_inputs", None):  # (calibrate --rotate-inputs R) before the thresholds
-        log(args, f"rotating the q/k/v and gate/up inputs (rank {args.rotate_inputs} Householder bases)")
-        rot = rotate_inputs(model, data, rank=args.rotate_inputs, progress=not args.no_progress)
-        rotation = {"rank": rot.rank, "energy_in_rank": rot.energy_in_rank, "weights_read": rot.weights_read}
+    rotation = rotate_inputs_from_args(args, model, data)  # (calibrate --rotate-inputs R) before the thresholds
     t = time.perf_counter()
     sparsify_(model, config, data, progress=not args.no_progress)
     seconds = time.perf_counter() - t

@@ -9,11 +9,10 @@ from ..data import tokenize
 from ..errors import UsageError
 from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
-from ..input_rotation import rotate_inputs
 from ..rotation import rotate_residual
 from ..scope import IgnoredScope
 from .args import add_eval_args, add_model_args, add_rotate_inputs_arg, limit_arg, positive_int
-from .common import calibration_data, load_all, log, precheck_scopes
+from .common import calibration_data, load_all, log, precheck_scopes, rotate_inputs_from_args
 
 
 def register(sub) -> None:
@@ -110,21 +109,7 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
             f"  {100 * rotation['energy_in_top_half']:.1f}% of the energy in the top half of the coordinates; "
             f"{rot.adapter_weights} adapter weights read per token (subtracted from the measured skipped weights)",
         )
-    input_rotation = None
-    if args.rotate_inputs:
-        log(args, f"rotating the q/k/v and gate/up inputs (rank {args.rotate_inputs} Householder bases)")
-        irot = rotate_inputs(model, data, rank=args.rotate_inputs, progress=not args.no_progress)
-        input_rotation = {
-            "rank": irot.rank,
-            "tokens": irot.tokens,
-            "energy_in_rank": irot.energy_in_rank,
-            "weights_read": irot.weights_read,
-        }
-        log(
-            args,
-            f"  {100 * irot.energy_in_rank:.1f}% of the energy in the top {irot.rank} directions; "
-            f"{irot.weights_read} rotation weights read per token (subtracted from the measured skipped weights)",
-        )
+    input_rotation = rotate_inputs_from_args(args, model, data)
     log(args, f"sweep: {len(methods)} methods x {len(sparsities)} sparsities on {args.scope}")
 
     def show(p):
