@@ -105,15 +105,16 @@ def _is_sparse_linear(m: nn.Module) -> TypeGuard[nn.Linear]:
     return isinstance(m, nn.Linear) and "act_threshold" in m._buffers
 
 
-def _eligible(m: nn.Module) -> TypeGuard[nn.Linear]:
-    return (
-        _is_sparse_linear(m)
-        and m._buffers.get("act_scale") is None
-        and m._buffers.get("act_topk") is None
-        and m._buffers.get("act_lr_u") is None
-        and m.weight.dtype in _DTYPES
-        and triton_available(m.weight.device)
+def _kernel_rule(m: nn.Module) -> TypeGuard[nn.Linear]:
+    """A sparse layer whose rule the kernels run: a threshold and maybe a shift (per-channel scale, top-k and
+    low-rank layers stay on the torch path)."""
+    return _is_sparse_linear(m) and not any(
+        m._buffers.get(b) is not None for b in ("act_scale", "act_topk", "act_lr_u")
     )
+
+
+def _eligible(m: nn.Module) -> TypeGuard[nn.Linear]:
+    return _kernel_rule(m) and m.weight.dtype in _DTYPES and triton_available(m.weight.device)
 
 
 def _weight_kind(w: torch.Tensor) -> tuple:
@@ -314,12 +315,7 @@ def _runs_cuda(layer: nn.Linear, backend: str) -> bool:
 def _check_cuda_backend(model: nn.Module, backend: str) -> None:
     """Build (or find cached) the CUDA kernel for the devices of ``model``'s eligible layers, now rather than in
     the first decode step; with ``backend="cuda"`` refuse a device or a layer it cannot take."""
-    layers = {  # the layers a kernel could take (per-channel scale, top-k and low-rank ones never are)
-        n: m
-        for n, m in model.named_modules()
-        if _is_sparse_linear(m)
-        and not any(m._buffers.get(b) is not None for b in ("act_scale", "act_topk", "act_lr_u"))
-    }
+    layers = {n: m for n, m in model.named_modules() if _kernel_rule(m)}  # the layers a kernel could take
     for dev in sorted({m.weight.device for m in layers.values()}, key=str):
         if backend == "cuda" and not cuda_kernel_available(dev):
             raise UsageError(f"backend='cuda': {cuda_gemv.unavailable_reason(dev)} (backend='auto' uses Triton there)")
