@@ -177,6 +177,11 @@ def measured(model, ids):
     return sum(sp[n] * sizes[n] for n in sp) / sum(sizes[n] for n in sp)  # weighted by bytes read
 
 
+def _base(backend: str) -> str:
+    """The enable_kernels backend of a --backends entry (cuda-pdl, cuda-tune: cuda)."""
+    return backend.removesuffix("-pdl").removesuffix("-tune")
+
+
 def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
     A.apply_thresholds(
         model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
@@ -193,15 +198,17 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         # the kernels' layer path calls this name; a partial pins the reduction for this compile
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
         CG.PDL = backend == "cuda-pdl"
+        CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
         label = f"reduce={reduce}, backend={backend}"
         dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
         routes = None
         for s in sparsities:
             set_sparsity(model, stats, s)
             plan = s >= floor  # enable_kernels' own rule for these layers
-            if plan != routes:  # re-plan only where the route changes (thresholds are read live)
+            # re-plan only where the route changes (thresholds are read live), or to re-time the tiles at this point
+            if plan != routes or backend.endswith("-tune"):
                 t = time.time()
-                K.enable_kernels(model, backend=backend.removesuffix("-pdl"))
+                K.enable_kernels(model, backend=_base(backend), tune=backend.endswith("-tune"))
                 dec.run(ids, 4, eos_token_id=[])
                 log(
                     f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, {label}, "
@@ -389,16 +396,17 @@ def main():
     ap.add_argument(
         "--backends",
         default="auto",
-        help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL)",
+        help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL; cuda-tune: "
+        "enable_kernels(tune=True), its tiles timed per shape at every sparsity point)",
     )
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
-    bad = [b for b in args.backends if b.removesuffix("-pdl") not in KO.BACKENDS]
+    bad = [b for b in args.backends if _base(b) not in KO.BACKENDS]
     if bad:
-        sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, triton)")
+        sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton)")
     global DEV
     if args.cpu_smoke:
         DEV = "cpu"

@@ -65,6 +65,36 @@ def test_tuned_exceptions_are_configurations_the_kernel_takes():
             assert (bn, cl) != astuple(CG.choose_cuda_config(k, n, sms))[:2]  # an exception, not the rule again
 
 
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(k=st.integers(1, CG.MAX_K), n=st.integers(1, 400).map(lambda v: 64 * v), sms=st.sampled_from([78, 132]))
+def test_tuning_candidates_are_launchable_and_include_the_rule(k, n, sms):
+    cands = CG.candidate_configs(k, n, sms)
+    assert CG.choose_cuda_config(k, n, sms) in cands and len(set(cands)) == len(cands)
+    for c in cands:
+        assert n % c.block_n == 0 and c.block_n % c.cluster == 0 and math.ceil(k / c.cluster) <= CG.ROWS_PER_BLOCK
+    valid = [
+        (bn, cl)
+        for bn in CG.BLOCK_NS
+        for cl in (1, 2, 4, 8, 16)
+        if n % bn == 0 and bn % cl == 0 and math.ceil(k / cl) <= CG.ROWS_PER_BLOCK
+    ]
+    sized = [c for c in cands if 64 <= n // c.block_n * c.cluster <= 1100]
+    if any(64 <= n // bn * cl <= 1100 for bn, cl in valid):  # every candidate but maybe the rule's is sized
+        assert len(sized) >= len(cands) - 1
+    else:  # none is: all of them
+        assert {(c.block_n, c.cluster) for c in cands} == set(valid)
+
+
+def test_tune_is_checked_and_a_no_op_without_the_cuda_kernel():
+    model = make_tiny_llama()
+    A.apply_thresholds(model, {"model.layers.0.mlp.up_proj": 0.1})
+    with pytest.raises(UsageError, match="tune must be True or False"):
+        K.enable_kernels(model, tune="yes")
+    before = dict(CG._CONFIGS)
+    K.enable_kernels(model, tune=True)  # a CPU model: nothing to time
+    assert before == CG._CONFIGS
+
+
 def test_a_config_the_kernel_cannot_launch_is_refused():
     for bad in ((96, 2), (64, 3), (64, 0), (256, 32)):
         with pytest.raises(UsageError, match="block_n in"):
@@ -303,3 +333,42 @@ def test_int8_layers_run_the_cuda_kernel_at_any_sparsity():
     assert len(K.enable_kernels(model, backend="cuda")) == 14  # 10%: int8 codes never take the dense route
     up = model.model.layers[0].mlp.up_proj
     assert ops.kernel_for(torch.zeros(1, 1, 256, device="cuda", dtype=torch.bfloat16), up._packed) == "cuda"
+
+
+@gpu
+def test_tuning_times_every_candidate_and_the_choice_runs_correctly():
+    x, p = _packed(4096, (4096, 1024, 1024), torch.bfloat16, "cuda", shifts=[0.2, 0.0, -0.1], bias=True)
+    key = CG._config_key(p, x.device)
+    saved = CG._CONFIGS.pop(key, None)
+    try:
+        best, times = CG.tune_config(p, x.device, 0.5)
+        assert set(times) == set(
+            CG.candidate_configs(4096, p.padded_out, torch.cuda.get_device_properties(0).multi_processor_count)
+        )
+        assert all(math.isfinite(t) and t > 0 for t in times.values()) and times[best] == min(times.values())
+        assert CG.cuda_config(p, x.device) == best  # the process's choice for this shape now
+        _check(x, p)  # with it, the layer's own thresholds and shifts (the probe did not touch them)
+        with pytest.raises(UsageError, match="sparsity must be in"):
+            CG.tune_config(p, x.device, 1.5)
+    finally:
+        CG._CONFIGS.pop(key, None)
+        if saved is not None:
+            CG._CONFIGS[key] = saved
+
+
+@gpu
+def test_enable_kernels_tune_sets_each_shapes_config_and_decodes_the_same():
+    model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randint(0, VOCAB, (2, 16), generator=g).cuda() for _ in range(2)]
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), data, progress=False)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=g).cuda()
+    K.enable_kernels(model)
+    ref = A.Decoder(model, 64, fallback=False).run(ids, 8, output_logits=True)
+    CG._CONFIGS.clear()
+    K.enable_kernels(model, tune=True)
+    shapes = {(u._packed.in_features, u._packed.padded_out) for u in model.modules() if getattr(u, "_packed", None)}
+    assert {key[:2] for key in CG._CONFIGS} >= shapes  # every packed shape was timed
+    got = A.Decoder(model, 64, fallback=False).run(ids, 8, output_logits=True)
+    torch.testing.assert_close(got.logits[0], ref.logits[0], rtol=3e-2, atol=3e-2)
+    CG._CONFIGS.clear()

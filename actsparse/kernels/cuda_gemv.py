@@ -40,6 +40,8 @@ __all__ = [
     "CudaConfig",
     "choose_cuda_config",
     "cuda_config",
+    "candidate_configs",
+    "tune_config",
     "sparse_gemv_cuda",
     "supports",
     "unavailable_reason",
@@ -108,11 +110,94 @@ _TUNED: dict[tuple[int, int, int], dict[tuple[int, int], tuple[int, int]]] = {
 _CONFIGS: dict[tuple, CudaConfig] = {}
 
 
+def candidate_configs(k: int, n: int, sm_count: int = 132) -> list[CudaConfig]:
+    """What :func:`tune_config` times for ``K x N_pad``: every ``(block_n, cluster)`` the kernel takes with
+    64-1100 blocks (all it takes where none has), always including the launch rule's choice."""
+    valid = [
+        CudaConfig(bn, cl)
+        for bn in BLOCK_NS
+        for cl in (1, 2, 4, 8, 16)
+        if math.ceil(k / cl) <= ROWS_PER_BLOCK and n % bn == 0 and bn % cl == 0
+    ]
+    if not valid:
+        raise UsageError(f"the CUDA sparse GEMV takes K <= {MAX_K} and N_pad a multiple of 64, got {k}x{n}")
+    sized = [c for c in valid if 64 <= n // c.block_n * c.cluster <= 1100] or valid
+    rule = choose_cuda_config(k, n, sm_count)
+    return sized if rule in sized else [rule, *sized]
+
+
+def _config_key(packed: PackedGemv, device: torch.device) -> tuple:
+    return (packed.in_features, packed.padded_out, packed.weight_t.element_size(), device.index)
+
+
+@torch.no_grad()
+def tune_config(
+    packed: PackedGemv,
+    device: torch.device,
+    sparsity: float,
+    dtype: torch.dtype | None = None,
+    *,
+    calls: int = 16,
+    reps: int = 5,
+) -> tuple[CudaConfig, dict[CudaConfig, float]]:
+    """Time every :func:`candidate_configs` choice on ``packed``'s own weights at ``sparsity`` (a synthetic
+    input of which a fraction ``sparsity`` falls below the threshold, in ``dtype``: the activations', default
+    the weights' for fp16/bf16), each as a CUDA graph of ``calls`` launches, best of ``reps`` replays; returns
+    ``(best config, {config: µs per call})`` and makes the best the config of this shape on ``device``
+    (:func:`cuda_config`) for the rest of the process. (The same weights are read by every call: a matrix
+    that fits the L2 cache is timed partly from it.)"""
+    if not 0.0 <= sparsity <= 1.0:
+        raise UsageError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    k = packed.in_features
+    dtype = dtype or packed.weight_t.dtype
+    if dtype not in _DTYPE_CODES:
+        raise UsageError(f"tune_config: the activations are fp16 or bf16, got {dtype} (pass dtype= for int8 codes)")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kept = torch.rand(k, generator=g) >= sparsity
+    mag = torch.where(kept, 1.0 + torch.rand(k, generator=g), 0.5 * torch.rand(k, generator=g))
+    x = (mag * torch.sign(torch.randn(k, generator=g))).to(device, dtype)
+    probe = PackedGemv(
+        packed.weight_t,
+        packed.segments,
+        torch.full_like(packed.threshold, 0.75),  # (the layer's own thresholds and shifts are left alone)
+        None if packed.shift is None else torch.zeros_like(packed.shift),
+        packed.wsum,
+        packed.bias,
+        packed.scale,
+        packed.zero,
+        packed.backend,
+    )
+    y = torch.empty(packed.padded_out, dtype=dtype, device=device)
+    times: dict[CudaConfig, float] = {}
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for cfg in candidate_configs(k, packed.padded_out, sms):
+            sparse_gemv_cuda(x, probe, cfg, out=y)  # warm up (and fail here, not inside a capture)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(calls):
+                    sparse_gemv_cuda(x, probe, cfg, out=y)
+            best = math.inf
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                graph.replay()
+                end.record(stream)
+                end.synchronize()
+                best = min(best, start.elapsed_time(end) * 1e3 / calls)
+            times[cfg] = best
+    choice = min(times, key=lambda c: times[c])
+    _CONFIGS[_config_key(packed, device)] = choice
+    return choice, times
+
+
 def cuda_config(packed: PackedGemv, device: torch.device) -> CudaConfig:
-    """The config for ``packed`` on ``device``: a measured one from ``_TUNED`` for this GPU and shape, else
-    the launch rule's (cached per shape and device)."""
+    """The config for ``packed`` on ``device``: the one :func:`tune_config` chose for this shape in this
+    process, else a measured one from ``_TUNED`` for this GPU and shape, else the launch rule's (cached per
+    shape and device)."""
     k, n = packed.in_features, packed.padded_out
-    key = (k, n, packed.weight_t.element_size(), device.index)
+    key = _config_key(packed, device)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         props = torch.cuda.get_device_properties(device)

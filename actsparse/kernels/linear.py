@@ -241,7 +241,12 @@ def _fusable_dense(layers: list[nn.Linear]) -> bool:
 
 
 def enable_kernels(
-    model: nn.Module, *, min_sparsity: float | None = None, fuse: bool = True, backend: str = "auto"
+    model: nn.Module,
+    *,
+    min_sparsity: float | None = None,
+    fuse: bool = True,
+    backend: str = "auto",
+    tune: bool = False,
 ) -> list[str]:
     """Pack ``model``'s eligible sparse layers for the sparse GEMV; returns the names of the packed layers.
 
@@ -256,7 +261,13 @@ def enable_kernels(
     ``backend``: ``"auto"`` runs the CUDA C++ kernel where it can (:mod:`.cuda_gemv`: compute capability
     ≥ 9.0, nvcc to build it once, fp16/bf16 weights or int8 codes) and the Triton kernel elsewhere; ``"triton"`` always the
     Triton kernel; ``"cuda"`` the CUDA kernel, refusing (before any change) a device or a layer it cannot take.
+    ``tune=True``: time the CUDA kernel's tile and cluster choices on each distinct weight shape of this model,
+    at its layers' mean expected sparsity (0.5 where unknown), and keep the fastest for that shape on that
+    device for the rest of the process (:func:`~actsparse.kernels.cuda_gemv.tune_config`: up to 15 graph-timed
+    configurations per shape); without it a measured table and a launch rule choose.
     """
+    if not isinstance(tune, bool):
+        raise UsageError(f"tune must be True or False, got {tune!r}")
     if min_sparsity is not None and not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
         raise UsageError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if backend not in BACKENDS:
@@ -266,6 +277,7 @@ def enable_kernels(
     disable_kernels(model)
     modules = dict(model.named_modules())
     names: list[str] = []
+    to_tune: dict[tuple, list[Any]] = {}  # (K, N_pad, weight bytes, device) -> [a packed unit, dtype, (s, width)s]
     for unit in _units(model, fuse):
         layers: list[Any] = [modules[n] for n in unit]  # sparse Linears; their packed state is plain attributes
         sparsity = _unit_sparsity(layers)
@@ -304,6 +316,14 @@ def enable_kernels(
             m._kernel_route = route
         if not dense:  # the sparse GEMV's layers; a fused dense group is packed for its GEMM only
             names += unit
+            dtype = layers[0].weight.dtype  # (a torchao int8 weight reports its activations' dtype)
+            if tune and dtype in _DTYPES and _runs_cuda(layers[0], backend):
+                key = (packed.in_features, packed.padded_out, packed.weight_t.element_size(), packed.weight_t.device)
+                entry = to_tune.setdefault(key, [packed, dtype, []])
+                entry[2].append((0.5 if sparsity is None else sparsity, sum(m.out_features for m in layers)))
+    for packed, dtype, points in to_tune.values():  # one timing per shape, at its layers' mean sparsity
+        mean = sum(s * w for s, w in points) / sum(w for _, w in points)
+        cuda_gemv.tune_config(packed, packed.weight_t.device, mean, dtype)
     return names
 
 
