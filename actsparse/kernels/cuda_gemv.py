@@ -144,8 +144,8 @@ def tune_config(
     input of which a fraction ``sparsity`` falls below the threshold, in ``dtype``: the activations', default
     the weights' for fp16/bf16), each as a CUDA graph of ``calls`` launches, best of ``reps`` replays; returns
     ``(best config, {config: µs per call})`` and makes the best the config of this shape on ``device``
-    (:func:`cuda_config`) for the rest of the process. (The same weights are read by every call: a matrix
-    that fits the L2 cache is timed partly from it.)"""
+    (:func:`cuda_config`) for the rest of the process. A matrix that fits the L2 cache twice is timed over up
+    to 8 copies of it, so that calls stream from memory as in a model."""
     if not 0.0 <= sparsity <= 1.0:
         raise UsageError(f"sparsity must be in [0, 1], got {sparsity!r}")
     k = packed.in_features
@@ -156,28 +156,39 @@ def tune_config(
     kept = torch.rand(k, generator=g) >= sparsity
     mag = torch.where(kept, 1.0 + torch.rand(k, generator=g), 0.5 * torch.rand(k, generator=g))
     x = (mag * torch.sign(torch.randn(k, generator=g))).to(device, dtype)
-    probe = PackedGemv(
-        packed.weight_t,
-        packed.segments,
-        torch.full_like(packed.threshold, 0.75),  # (the layer's own thresholds and shifts are left alone)
-        None if packed.shift is None else torch.zeros_like(packed.shift),
-        packed.wsum,
-        packed.bias,
-        packed.scale,
-        packed.zero,
-        packed.backend,
-    )
+    device = torch.device(device)
+    if packed.weight_t.device != device:
+        raise UsageError(f"tune_config: the weights are on {packed.weight_t.device}, not {device}")
+    props = torch.cuda.get_device_properties(device)
+    w_bytes = packed.weight_t.numel() * packed.weight_t.element_size()
+    # weights that fit in L2 twice over are cycled through copies, so that every call streams from memory
+    copies = min(8, max(1, math.ceil(2 * getattr(props, "L2_cache_size", 0) / max(w_bytes, 1))))
+    weights = [packed.weight_t] + [packed.weight_t.clone() for _ in range(copies - 1)]
+    probes = [
+        PackedGemv(
+            w,
+            packed.segments,
+            torch.full_like(packed.threshold, 0.75),  # (the layer's own thresholds and shifts are left alone)
+            None if packed.shift is None else torch.zeros_like(packed.shift),
+            packed.wsum,
+            packed.bias,
+            packed.scale,
+            packed.zero,
+            packed.backend,
+        )
+        for w in weights
+    ]
     y = torch.empty(packed.padded_out, dtype=dtype, device=device)
     times: dict[CudaConfig, float] = {}
     stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # x, y and the probes were made on that one
     with torch.cuda.device(device), torch.cuda.stream(stream):
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        for cfg in candidate_configs(k, packed.padded_out, sms):
-            sparse_gemv_cuda(x, probe, cfg, out=y)  # warm up (and fail here, not inside a capture)
+        for cfg in candidate_configs(k, packed.padded_out, props.multi_processor_count):
+            sparse_gemv_cuda(x, probes[0], cfg, out=y)  # warm up (and fail here, not inside a capture)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                for _ in range(calls):
-                    sparse_gemv_cuda(x, probe, cfg, out=y)
+                for i in range(calls):
+                    sparse_gemv_cuda(x, probes[i % copies], cfg, out=y)
             best = math.inf
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -321,9 +321,13 @@ def enable_kernels(
                 key = (packed.in_features, packed.padded_out, packed.weight_t.element_size(), packed.weight_t.device)
                 entry = to_tune.setdefault(key, [packed, dtype, []])
                 entry[2].append((0.5 if sparsity is None else sparsity, sum(m.out_features for m in layers)))
-    for packed, dtype, points in to_tune.values():  # one timing per shape, at its layers' mean sparsity
-        mean = sum(s * w for s, w in points) / sum(w for _, w in points)
-        cuda_gemv.tune_config(packed, packed.weight_t.device, mean, dtype)
+    try:
+        for packed, dtype, points in to_tune.values():  # one timing per shape, at its layers' mean sparsity
+            mean = sum(s * w for s, w in points) / sum(w for _, w in points)
+            cuda_gemv.tune_config(packed, packed.weight_t.device, mean, dtype)
+    except BaseException:
+        disable_kernels(model)  # nothing half-enabled
+        raise
     return names
 
 
