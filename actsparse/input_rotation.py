@@ -10,7 +10,7 @@ product of ``rank`` Householder reflections in compact-WY form (``Y`` ``[D, r]``
 triangular). The rest of the basis spans the remaining directions.
 
 * the norm's output ``x`` becomes ``z = Qᵀx`` (per token row ``x - ((x·Y)·T)·Yᵀ``; an :class:`InputRotation` child of the
-  norm, applied by a forward hook): two skinny products per token, ``2·D·r + r²`` weights read;
+  norm, applied by a forward hook): two skinny products per token, ``2·D·r`` weights read;
 * its readers take ``W ← W·Q``, so ``W·Q·Qᵀx = W·x``: the dense model computes the same function (float
   rounding only), and any sparsity method then calibrates on ``z``;
 * :func:`input_rotation_weights` counts what the rotations read per token (float32, in weights of the
@@ -65,27 +65,39 @@ DEFAULT_RANK = 64
 
 
 class InputRotation(nn.Module):
-    """``z = Qᵀx`` for ``Q = I - Y·T·Yᵀ`` (compact-WY Householder), in float32, returned in ``x``'s dtype."""
+    """``z = Qᵀx`` for ``Q = I - Y·T·Yᵀ`` (compact-WY Householder), in float32, returned in ``x``'s dtype.
+
+    Computed as ``x - M·(Yᵀx)`` with ``M = Y·Tᵀ`` (formed once, float64 then float32): two ``[D, r]`` matrices
+    read per token. For one token (decode) as two reductions that a compiler fuses into a few kernels, instead of
+    matrix products launched one by one (what made the rotations launch-bound on the GPU)."""
 
     reflectors: torch.Tensor  # Y [D, r]
     factor: torch.Tensor  # T [r, r]
+    back: torch.Tensor  # M = Y·Tᵀ [D, r] (derived, not saved)
 
     def __init__(self, y: torch.Tensor, t: torch.Tensor):
         super().__init__()
         self.register_buffer("reflectors", y.float().contiguous())
         self.register_buffer("factor", t.float().contiguous())
+        back = self.reflectors.double() @ self.factor.double().T
+        self.register_buffer("back", back.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf, y = x.float(), self.reflectors
-        return (xf - ((xf @ y) @ self.factor) @ y.T).to(x.dtype)  # rows: xᵀQ = xᵀ - ((xᵀY)T)Yᵀ
+        xf = x.float()
+        if xf.numel() == xf.shape[-1]:  # one token: u = Yᵀx and x - M·u as reductions
+            u = (xf.unsqueeze(-1) * self.reflectors).sum(-2)
+            z = xf - (u.unsqueeze(-2) * self.back).sum(-1)
+        else:  # rows: xᵀQ = xᵀ - (xᵀY)·(T·Yᵀ) = xᵀ - (xᵀY)·Mᵀ
+            z = xf - (xf @ self.reflectors) @ self.back.T
+        return z.to(x.dtype)
 
     @property
     def values_read(self) -> int:
-        """Float32 values read per token: ``Y`` twice (``x·Y`` and ``·Yᵀ``) and ``T`` once."""
-        return 2 * self.reflectors.numel() + self.factor.numel()
+        """Float32 values read per token: ``Y`` and ``M``, ``2·D·r``."""
+        return self.reflectors.numel() + self.back.numel()
 
-    def _apply(self, fn, recurse=True):  # model.half() must not round Y and T: only their device follows
-        saved = {name: self._buffers[name] for name in ("reflectors", "factor")}
+    def _apply(self, fn, recurse=True):  # model.half() must not round Y, T and M: only their device follows
+        saved = {name: self._buffers[name] for name in ("reflectors", "factor", "back")}
         super()._apply(fn, recurse)
         for name, old in saved.items():
             new = self._buffers[name]
@@ -241,7 +253,7 @@ def rotate_inputs(
     ``data``: calibration batches as for :func:`~actsparse.sparsify_`; or ``factors``: saved ``(Y [N, D, r],
     T [N, r, r])`` (:func:`actsparse.io.read_input_rotation`; N = two per layer, q/k/v input then gate/up)
     to fold as they are. ``rank``: the principal directions each basis puts first (``1 <= rank < D``; the decode
-    cost per norm is ``2·D·rank + rank²`` weights). The dense model computes the same function afterwards;
+    cost per norm is ``2·D·rank`` weights). The dense model computes the same function afterwards;
     sparsify it next with any method. Everything is checked before the first weight changes: an unsupported,
     sparsified or already rotated model, compressed weights, a bad rank or bad factors raise and leave it
     unmodified.

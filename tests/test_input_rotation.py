@@ -47,6 +47,21 @@ def test_compact_wy_is_orthogonal_and_starts_with_the_given_vectors(r):
     assert torch.equal(t, torch.triu(t)) and y.shape == (48, r)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 48), (48,), (2, 3, 48)])
+def test_input_rotation_computes_q_transpose_x_for_one_token_and_for_many(shape):
+    # one token takes the reductions' path, several the products': both are Qᵀx, in x's dtype
+    g = torch.Generator().manual_seed(len(shape))
+    y, t = compact_wy(torch.linalg.qr(torch.randn(48, 6, generator=g, dtype=torch.float64))[0])
+    q = torch.eye(48, dtype=torch.float64) - y @ t @ y.T
+    x = torch.randn(shape, generator=g)
+    rot = InputRotation(y, t)
+    z = rot(x)
+    assert z.shape == x.shape and z.dtype == x.dtype
+    torch.testing.assert_close(z.double(), x.double() @ q, atol=1e-5, rtol=1e-5)  # rows: zᵀ = xᵀQ
+    assert rot(x.bfloat16()).dtype == torch.bfloat16 and rot.values_read == 2 * 48 * 6
+    assert "back" not in rot.state_dict()  # derived from Y and T, not saved
+
+
 def test_the_dense_function_is_unchanged_and_inputs_decorrelate_in_the_top_directions():
     model, data = _model(), _data()
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
@@ -65,7 +80,7 @@ def test_the_dense_function_is_unchanged_and_inputs_decorrelate_in_the_top_direc
     torch.testing.assert_close(m.diagonal().sort(descending=True).values, top, rtol=1e-4, atol=1e-6)
     # what decode reads per token: per norm, Y twice and T
     layers, d = len(model.model.layers), model.config.hidden_size
-    assert res.weights_read == input_rotation_weights(model) == layers * 2 * (2 * d * 8 + 8 * 8)
+    assert res.weights_read == input_rotation_weights(model) == layers * 2 * (2 * d * 8)
     assert sum(isinstance(m, InputRotation) for m in model.modules()) == 2 * layers
 
 
@@ -277,7 +292,7 @@ def test_cli_sweep_rotates_the_inputs_first_and_counts_their_weights(tiny_model_
     data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     point, rot = data["points"][0], data["input_rotation"]
     # the tiny model: 2 layers of 64 wide, 2 norms each: Y [64, 4] read twice and T [4, 4] per norm and token
-    assert rot["rank"] == 4 and rot["weights_read"] == 2 * 2 * (2 * 64 * 4 + 16)
+    assert rot["rank"] == 4 and rot["weights_read"] == 2 * 2 * (2 * 64 * 4)
     sizes = {"q_proj": 64 * 64, "k_proj": 64 * 32, "v_proj": 64 * 32, "o_proj": 64 * 64}
     sizes.update(gate_proj=64 * 128, up_proj=64 * 128, down_proj=64 * 128)
     total = 2 * sum(sizes.values())
