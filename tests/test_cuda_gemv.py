@@ -312,12 +312,20 @@ def test_decoder_with_the_cuda_kernel_equals_triton():
     assert torch.equal(runs["cuda"].sequences[:, :12], runs["triton"].sequences[:, :12])
 
 
-@gpu
-def test_the_cuda_kernel_has_no_break_even_floor():
+def _sparse_cuda_llama(sparsity: float, int8: bool = False):
+    """A tiny bf16 Llama on CUDA (int8 codes if asked), every layer sparsified at ``sparsity``."""
     model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
+    if int8:
+        A.compress_weights(model, "int8_asym")
     g = torch.Generator().manual_seed(2)
     data = [torch.randint(0, VOCAB, (2, 16), generator=g).cuda() for _ in range(2)]
-    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.1}), data, progress=False)
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": sparsity}), data, progress=False)
+    return model
+
+
+@gpu
+def test_the_cuda_kernel_has_no_break_even_floor():
+    model = _sparse_cuda_llama(0.1)
     assert len(K.enable_kernels(model)) == 14  # 10% < KERNEL_MIN_SPARSITY, yet every layer runs the kernel
     assert K.enable_kernels(model, backend="triton") == []  # Triton's floor still applies to Triton
     assert len(K.enable_kernels(model, min_sparsity=0.05, backend="triton")) == 14
@@ -326,10 +334,7 @@ def test_the_cuda_kernel_has_no_break_even_floor():
 @gpu
 def test_int8_layers_run_the_cuda_kernel_at_any_sparsity():
     pytest.importorskip("torchao")
-    model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
-    A.compress_weights(model, "int8_asym")
-    data = [torch.randint(0, VOCAB, (2, 16), device="cuda") for _ in range(2)]
-    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.1}), data, progress=False)
+    model = _sparse_cuda_llama(0.1, int8=True)
     assert len(K.enable_kernels(model, backend="cuda")) == 14  # 10%: int8 codes never take the dense route
     up = model.model.layers[0].mlp.up_proj
     assert ops.kernel_for(torch.zeros(1, 1, 256, device="cuda", dtype=torch.bfloat16), up._packed) == "cuda"
@@ -358,11 +363,8 @@ def test_tuning_times_every_candidate_and_the_choice_runs_correctly():
 
 @gpu
 def test_enable_kernels_tune_sets_each_shapes_config_and_decodes_the_same():
-    model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)
-    g = torch.Generator().manual_seed(2)
-    data = [torch.randint(0, VOCAB, (2, 16), generator=g).cuda() for _ in range(2)]
-    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), data, progress=False)
-    ids = torch.randint(0, VOCAB, (1, 8), generator=g).cuda()
+    model = _sparse_cuda_llama(0.5)
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3)).cuda()
     K.enable_kernels(model)
     ref = A.Decoder(model, 64, fallback=False).run(ids, 8, output_logits=True)
     CG._CONFIGS.clear()
