@@ -214,6 +214,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     f"[{name}] {weights}: kernels {'on' if plan else 'off (dense route)'}, {label}, "
                     f"compile+capture {time.time() - t:.0f}s, mode {dec.mode}"
                 )
+                if backend.endswith("-tune"):  # what tuning chose, per K x N_pad (bytes per weight)
+                    chosen = {f"{k}x{n}/{b}B": f"{c.block_n}/{c.cluster}" for (k, n, b, _), c in CG._CONFIGS.items()}
+                    log(f"[{name}] {weights}: tuned tiles at {s:.2f}: {chosen}")
                 routes = plan
             tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
             meas = measured(model, held_out)
