@@ -94,7 +94,7 @@ def add_rotate_inputs_arg(parser) -> None:
         type=rank_arg,
         metavar="R",
         help="first rotate each layer's q/k/v and gate/up inputs online by a rank-R Householder basis whose first "
-        "R directions are the inputs' principal ones (rotate_inputs; the same dense function, 2·D·R + R² float32 "
+        "R directions are the inputs' principal ones (rotate_inputs; the same dense function, 2·D·R float32 "
         "values read per input and token, subtracted from the skipped weights; e.g. 64)",
     )
 
