@@ -95,6 +95,59 @@ def test_tune_is_checked_and_a_no_op_without_the_cuda_kernel():
     assert before == CG._CONFIGS
 
 
+# ---- the tuning cache (CPU: the file; GPU: that tune_config takes a cached choice) ---------------------------
+
+
+def _props(name="NVIDIA H200", sms=132):
+    """What ``torch.cuda.get_device_properties`` reports, for the fields the cache key reads."""
+    return type("Props", (), {"name": name, "major": 9, "minor": 0, "multi_processor_count": sms})()
+
+
+def test_tune_cache_keys_tell_gpus_shapes_dtypes_and_sparsity_apart():
+    _, p = _packed(4096, (1024, 1024))
+    key = CG._tune_cache_key(_props(), p, torch.bfloat16, 0.5)
+    assert CG._tune_cache_key(_props(), p, torch.bfloat16, 0.53) == key  # rounded to 0.1
+    others = {
+        CG._tune_cache_key(_props(), p, torch.bfloat16, 0.57),
+        CG._tune_cache_key(_props(), p, torch.float16, 0.5),
+        CG._tune_cache_key(_props("NVIDIA H100 80GB HBM3"), p, torch.bfloat16, 0.5),
+        CG._tune_cache_key(_props(sms=114), p, torch.bfloat16, 0.5),
+        CG._tune_cache_key(_props(), _packed(2048, (1024, 1024))[1], torch.bfloat16, 0.5),
+        CG._tune_cache_key(_props(), _packed(4096, (1024, 1024), quantize="int8")[1], torch.bfloat16, 0.5),
+    }
+    assert key not in others and len(others) == 6
+    assert CG._source_hash() in key  # a changed kernel source times again
+
+
+def test_tune_cache_round_trip_merges_and_ignores_what_it_cannot_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    path = CG.tune_cache_path()
+    assert path.parent == tmp_path / "cuda" and CG.read_tune_cache() == {}  # none yet: empty, silently
+    a, b = CG.CudaConfig(128, 2), CG.CudaConfig(256, 4)
+    CG._store_tuned("k1", a, {a: 10.5, b: 12.0})
+    CG._store_tuned("k2", b, {b: 7.25})  # a second shape (another process, say): both kept
+    entries = CG.read_tune_cache()
+    assert set(entries) == {"k1", "k2"} and entries["k1"]["config"] == [128, 2]
+    assert CG._cached_choice(entries["k1"], [a, b]) == (a, {a: 10.5, b: 12.0})
+    assert CG._cached_choice(entries["k1"], [b]) is None  # not a launch this shape takes: timed again
+    for bad in ({"config": [96, 2], "us": {}}, {"config": "128/2"}, {"config": [128, 2, 1], "us": {}}, None):
+        assert CG._cached_choice(bad, [a, b]) is None
+    assert [f.name for f in path.parent.iterdir()] == ["tuned.json"]  # atomic: no temp file left
+    for text in ("{not json", '{"format": 99, "entries": {}}', "[1, 2]"):
+        path.write_text(text)
+        with pytest.warns(UserWarning, match="ignoring the tuning cache"):
+            assert CG.read_tune_cache() == {}
+        CG._store_tuned("k3", a, {a: 1.0})  # rewritten whole, quietly (the read above warned)
+        assert set(CG.read_tune_cache()) == {"k3"}
+
+
+def test_a_tune_cache_that_cannot_be_written_only_warns(tmp_path, monkeypatch):
+    (tmp_path / "cuda").write_text("a file where the cache folder goes")
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="was not cached"):
+        CG._store_tuned("k", CG.CudaConfig(64, 1), {CG.CudaConfig(64, 1): 3.0})
+
+
 def test_a_config_the_kernel_cannot_launch_is_refused():
     for bad in ((96, 2), (64, 3), (64, 0), (256, 32)):
         with pytest.raises(UsageError, match="block_n in"):
@@ -355,6 +408,30 @@ def test_tuning_times_every_candidate_and_the_choice_runs_correctly():
         _check(x, p)  # with it, the layer's own thresholds and shifts (the probe did not touch them)
         with pytest.raises(UsageError, match="sparsity must be in"):
             CG.tune_config(p, x.device, 1.5)
+    finally:
+        CG._CONFIGS.pop(key, None)
+        if saved is not None:
+            CG._CONFIGS[key] = saved
+
+
+@gpu
+def test_tuning_takes_a_cached_choice_instead_of_timing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    x, p = _packed(4096, (4096, 1024, 1024), torch.bfloat16, "cuda", bias=True)
+    key = CG._config_key(p, x.device)
+    saved = CG._CONFIGS.pop(key, None)
+    try:
+        best, times = CG.tune_config(p, x.device, 0.5)  # timed, then written to the cache
+        assert set(CG.read_tune_cache()) == {CG._tune_cache_key(torch.cuda.get_device_properties(0), p, x.dtype, 0.5)}
+        other = next(c for c in times if c != best)  # a valid choice the timing did not pick, written over it
+        cache_key = next(iter(CG.read_tune_cache()))
+        CG._store_tuned(cache_key, other, {other: 1.0})
+        CG._CONFIGS.pop(key)
+        assert CG.tune_config(p, x.device, 0.52) == (other, {other: 1.0})  # read, not re-timed
+        assert CG.cuda_config(p, x.device) == other
+        _check(x, p)  # and it computes the same function
+        again, _ = CG.tune_config(p, x.device, 0.5, cache=False)  # timed again, the file left alone
+        assert again in times and CG.read_tune_cache()[cache_key]["config"] == [other.block_n, other.cluster]
     finally:
         CG._CONFIGS.pop(key, None)
         if saved is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -28,12 +29,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
+from ..fileio import atomic_write
 from .packing import PackedGemv
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "cuda_config",
     "candidate_configs",
     "tune_config",
+    "tune_cache_path",
+    "read_tune_cache",
     "sparse_gemv_cuda",
     "supports",
     "unavailable_reason",
@@ -139,19 +144,28 @@ def tune_config(
     *,
     calls: int = 16,
     reps: int = 5,
+    cache: bool = True,
 ) -> tuple[CudaConfig, dict[CudaConfig, float]]:
     """Time every :func:`candidate_configs` choice on ``packed``'s own weights at ``sparsity`` (a synthetic
     input of which a fraction ``sparsity`` falls below the threshold, in ``dtype``: the activations', default
     the weights' for fp16/bf16), each as a CUDA graph of ``calls`` launches, best of ``reps`` replays; returns
     ``(best config, {config: µs per call})`` and makes the best the config of this shape on ``device``
     (:func:`cuda_config`) for the rest of the process. A matrix that fits the L2 cache twice is timed over up
-    to 8 copies of it, so that calls stream from memory as in a model."""
+    to 8 copies of it, so that calls stream from memory as in a model.
+
+    ``cache=True``: a choice timed before for the same GPU model, kernel source, shape, weight and activation
+    dtypes and sparsity (to 0.1) is read from :func:`tune_cache_path` instead of timed again (the times
+    returned are those measured then), and a new timing is added to that file (JSON, written atomically,
+    merged with what other processes wrote; an unreadable file is ignored with a warning and rewritten, a
+    failed write only warns). ``cache=False`` always times and leaves the file alone."""
     if not 0.0 <= sparsity <= 1.0:
         raise UsageError(f"sparsity must be in [0, 1], got {sparsity!r}")
     k = packed.in_features
     dtype = dtype or packed.weight_t.dtype
     if dtype not in _DTYPE_CODES:
         raise UsageError(f"tune_config: the activations are fp16 or bf16, got {dtype} (pass dtype= for int8 codes)")
+    if not isinstance(cache, bool):
+        raise UsageError(f"cache must be True or False, got {cache!r}")
     g = torch.Generator(device="cpu").manual_seed(0)
     kept = torch.rand(k, generator=g) >= sparsity
     mag = torch.where(kept, 1.0 + torch.rand(k, generator=g), 0.5 * torch.rand(k, generator=g))
@@ -160,6 +174,13 @@ def tune_config(
     if packed.weight_t.device != device:
         raise UsageError(f"tune_config: the weights are on {packed.weight_t.device}, not {device}")
     props = torch.cuda.get_device_properties(device)
+    candidates = candidate_configs(k, packed.padded_out, props.multi_processor_count)
+    key = _tune_cache_key(props, packed, dtype, sparsity)
+    if cache:
+        hit = _cached_choice(read_tune_cache().get(key), candidates)
+        if hit is not None:
+            _CONFIGS[_config_key(packed, device)] = hit[0]
+            return hit
     w_bytes = packed.weight_t.numel() * packed.weight_t.element_size()
     # weights that fit in L2 twice over are cycled through copies, so that every call streams from memory
     copies = min(8, max(1, math.ceil(2 * getattr(props, "L2_cache_size", 0) / max(w_bytes, 1))))
@@ -183,7 +204,7 @@ def tune_config(
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))  # x, y and the probes were made on that one
     with torch.cuda.device(device), torch.cuda.stream(stream):
-        for cfg in candidate_configs(k, packed.padded_out, props.multi_processor_count):
+        for cfg in candidates:
             sparse_gemv_cuda(x, probes[0], cfg, out=y)  # warm up (and fail here, not inside a capture)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
@@ -200,7 +221,103 @@ def tune_config(
             times[cfg] = best
     choice = min(times, key=lambda c: times[c])
     _CONFIGS[_config_key(packed, device)] = choice
+    if cache:
+        _store_tuned(key, choice, times)
     return choice, times
+
+
+# ---- the tuning cache: $ACTSPARSE_CACHE/cuda/tuned.json ---------------------------------------------------
+_TUNE_CACHE_FORMAT = 1
+
+
+def tune_cache_path() -> Path:
+    """Where :func:`tune_config` keeps its choices: ``tuned.json`` beside the kernel builds."""
+    return _cache_dir() / "tuned.json"
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def _tune_cache_key(props, packed: PackedGemv, dtype: torch.dtype, sparsity: float) -> str:
+    """One entry per GPU model (name, compute capability, SMs), kernel source, ``K x N_pad``, weight and
+    activation dtypes, and sparsity rounded to 0.1 (the choice changes slowly with it)."""
+    return "|".join(
+        (
+            f"{props.name}",
+            f"sm_{props.major}{props.minor}",
+            f"{props.multi_processor_count}sm",
+            _source_hash(),
+            f"{packed.in_features}x{packed.padded_out}",
+            str(packed.weight_t.dtype).removeprefix("torch."),
+            str(dtype).removeprefix("torch."),
+            f"s{round(sparsity, 1):.1f}",
+        )
+    )
+
+
+def read_tune_cache(path: str | os.PathLike | None = None) -> dict[str, dict]:
+    """The cached tuning entries (``{key: {"config": [block_n, cluster], "us": {"BN/CL": µs}}}``); an absent
+    file is empty, and an unreadable one is empty with a warning (the next tuning rewrites it)."""
+    p = Path(path) if path is not None else tune_cache_path()
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(
+            f"actsparse: ignoring the tuning cache {p} ({e}); it is rewritten by the next tuning", stacklevel=2
+        )
+        return {}
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != _TUNE_CACHE_FORMAT
+        or not isinstance(data.get("entries"), dict)
+    ):
+        warnings.warn(
+            f"actsparse: ignoring the tuning cache {p} (not a format-{_TUNE_CACHE_FORMAT} tuning cache); it is "
+            "rewritten by the next tuning",
+            stacklevel=2,
+        )
+        return {}
+    return data["entries"]
+
+
+def _cached_choice(entry, candidates: list[CudaConfig]) -> tuple[CudaConfig, dict[CudaConfig, float]] | None:
+    """A cache entry as ``(choice, times)`` if it names a configuration the kernel takes for this shape."""
+
+    def config(pair) -> CudaConfig:
+        block_n, cluster = (int(v) for v in pair)  # exactly two numbers
+        return CudaConfig(block_n, cluster)
+
+    try:
+        choice = config(entry["config"])
+        times = {config(c.split("/")): float(t) for c, t in entry["us"].items()}
+    except (TypeError, KeyError, ValueError, AttributeError, UsageError):
+        return None
+    return (choice, times) if choice in candidates else None
+
+
+def _store_tuned(key: str, choice: CudaConfig, times: dict[CudaConfig, float]) -> None:
+    path = tune_cache_path()
+    entry = {
+        "config": [choice.block_n, choice.cluster],
+        "us": {f"{c.block_n}/{c.cluster}": t for c, t in times.items()},
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unreadable file is replaced: say so once, below, not twice
+            entries = read_tune_cache(path)  # merged with what other processes wrote since
+        entries[key] = entry
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": _TUNE_CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+
+        atomic_write(str(path), write)
+    except (OSError, UsageError) as e:
+        warnings.warn(f"actsparse: the tuning choice was not cached ({path}: {e})", stacklevel=3)
 
 
 def cuda_config(packed: PackedGemv, device: torch.device) -> CudaConfig:

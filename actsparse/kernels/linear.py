@@ -264,7 +264,8 @@ def enable_kernels(
     ``tune=True``: time the CUDA kernel's tile and cluster choices on each distinct weight shape of this model,
     at its layers' mean expected sparsity (0.5 where unknown), and keep the fastest for that shape on that
     device for the rest of the process (:func:`~actsparse.kernels.cuda_gemv.tune_config`: up to 15 graph-timed
-    configurations per shape); without it a measured table and a launch rule choose.
+    configurations per shape, cached across processes in :func:`~actsparse.kernels.cuda_gemv.tune_cache_path`);
+    without it a measured table and a launch rule choose.
     """
     if not isinstance(tune, bool):
         raise UsageError(f"tune must be True or False, got {tune!r}")
