@@ -200,7 +200,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         CG.PDL = backend == "cuda-pdl"
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
         label = f"reduce={reduce}, backend={backend}"
-        dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+        dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens)
         routes = None
         for s in sparsities:
             set_sparsity(model, stats, s)
@@ -248,9 +248,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     graph = dec.generate(ids, 32, eos_token_id=[])
-    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(
-        ids, 32, eos_token_id=[]
-    )
+    static = Decoder(
+        model, max_seq_len=args.max_seq, attention=args.attention, compile=False, cuda_graph=False
+    ).generate(ids, 32, eos_token_id=[])
     p = ids.shape[1]
     rows[-1]["same_tokens_as_hf_generate"] = same_prefix(graph[:, p:], eager[:, p:])
     rows[-1]["same_tokens_as_eager_decoder"] = same_prefix(graph[:, p:], static[:, p:])
@@ -281,14 +281,14 @@ def bench_model(name, args, log):
     rows.append(dict(model=name, path="hf-generate", weights="bf16", target=None, tok_s=hf_tok_s))
     log(f"[{name}] HF generate (eager, dynamic cache): {hf_tok_s:.1f} tok/s")
     t = time.time()
-    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens)
     dec.run(ids, 4, eos_token_id=[])
     log(f"[{name}] decoder dense compile+capture {time.time() - t:.0f}s, mode {dec.mode}")
     dense_tok_s, run = decoder_tok_s(dec, ids, args.tokens, args.reps)
     ident = same_prefix(run.sequences[:, args.prompt_len :], hf_out[:, args.prompt_len :])
-    static = Decoder(model, max_seq_len=args.max_seq, compile=False, cuda_graph=False).generate(
-        ids, args.tokens, eos_token_id=[]
-    )
+    static = Decoder(
+        model, max_seq_len=args.max_seq, attention=args.attention, compile=False, cuda_graph=False
+    ).generate(ids, args.tokens, eos_token_id=[])
     ident_static = same_prefix(run.sequences[:, args.prompt_len :], static[:, args.prompt_len :])
     with torch.no_grad():  # HF's own static-cache path, eagerly: the same attention over a masked static cache
         hf_static = model.generate(
@@ -323,7 +323,7 @@ def bench_model(name, args, log):
     # the same without fused dense q/k/v and gate/up (HF's own three and two GEMMs): what fusing is worth
     unfuse_projections(model)
     t = time.time()
-    dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens, fuse=False)
+    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, fuse=False)
     dec.run(ids, 4, eos_token_id=[])
     unfused_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
     rows.append(
@@ -346,7 +346,7 @@ def bench_model(name, args, log):
     if args.int8:
         t = time.time()
         A.compress_weights(model, "int8_asym")
-        dec = Decoder(model, max_seq_len=args.max_seq, sync_every=args.tokens)
+        dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens)
         dec.run(ids, 4, eos_token_id=[])
         int8_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
         rows.append(
@@ -401,6 +401,12 @@ def main():
         default="auto",
         help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL; cuda-tune: "
         "enable_kernels(tune=True), its tiles timed per shape at every sparsity point)",
+    )
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "kernel", "model"),
+        help="the Decoder's attention (auto: actsparse's decode attention on CUDA; model: the model's SDPA)",
     )
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()

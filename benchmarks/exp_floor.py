@@ -13,6 +13,9 @@ of the kernel's prologue/epilogue, graph-timed in µs per call:
 * ``x-test``: no cluster; each block loads its K-slice of x (8 values per thread, as the kernel), tests them
   against a threshold, counts kept rows by warp ballots, two block barriers (the kernel's compaction);
 * ``x-test+push``: ``x-test`` in a cluster, + the DSMEM push of one value per thread and a cluster barrier;
+* ``x-load``: no cluster; each block loads its K-slice of x and one thread writes their sum (the load latency
+  without the compaction's ballots and barriers);
+* ``cluster+x-test``: ``x-test`` launched as clusters (no push, no cluster barrier);
 * ``library``: the library kernel at 100% sparsity.
 
 Each twice: back to back (``…``), and after a small pointwise torch kernel as in a decode step
@@ -38,7 +41,7 @@ from bench_gemv import Case, env_info, graph_time_us  # noqa: E402
 from actsparse.kernels import cuda_gemv as CG  # noqa: E402
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 6144), (4096, 28672), (14336, 4096)]
-PROBES = ("empty", "cluster", "cluster-sync", "x-test", "x-test+push")
+PROBES = ("empty", "cluster", "cluster-sync", "x-test", "x-test+push", "x-load", "cluster+x-test")
 
 SOURCE = r"""
 #include <cooperative_groups.h>
@@ -49,7 +52,18 @@ constexpr int NT = 256, JMAX = 8;
 template <int KIND>
 __global__ void __launch_bounds__(NT) probe(const __nv_bfloat16* x, float* y, int K, int k_per, float tau) {
   if constexpr (KIND == 2) cg::this_cluster().sync();
-  if constexpr (KIND >= 3) {
+  if constexpr (KIND == 5) {
+    const int k_lo = blockIdx.y * k_per, k_hi = min(k_lo + k_per, K);
+    float v = 0.f;
+#pragma unroll
+    for (int j = 0; j < JMAX; ++j) {
+      const int k = k_lo + j * NT + threadIdx.x;
+      v += k < k_hi ? __bfloat162float(x[k]) : 0.f;
+    }
+    if (v == 12345.f) y[threadIdx.x] = v;  // keeps the loads alive; never true on the probe's x
+    if (threadIdx.x == 0) y[blockIdx.x % 4096] = 1.f;
+  }
+  if constexpr (KIND == 3 || KIND == 4) {
     __shared__ int cnt[JMAX][NT / 32];
     __shared__ float slots[NT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -109,6 +123,8 @@ extern "C" int probe_launch(int kind, int gx, int gy, int cl, const void* x, flo
     case 2: return run<2>(gx, gy, cl, x, y, K, k_per, st);
     case 3: return run<3>(gx, gy, 0, x, y, K, k_per, st);
     case 4: return run<4>(gx, gy, cl, x, y, K, k_per, st);
+    case 5: return run<5>(gx, gy, 0, x, y, K, k_per, st);
+    case 6: return run<3>(gx, gy, cl, x, y, K, k_per, st);
   }
   return -1;
 }

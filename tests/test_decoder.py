@@ -281,3 +281,47 @@ def test_offloaded_model_decodes_eagerly():
         dec = Decoder(model, 64, compile=True, backend="aot_eager")
     assert any("offloaded" in str(w.message) for w in rec) and dec.mode == "eager"
     assert torch.equal(dec.generate(ids, 6), ref)
+
+
+# ------------------------------------------------------------------------------------- decode attention
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that run (by name) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decode_attention_kernel_gives_sdpas_tokens_and_runs_every_decode_step(arch):
+    model = _tiny(arch).to(torch.bfloat16)  # the kernel takes fp16/bf16 (here in Triton's interpreter)
+    ids = _ids()
+    ref = Decoder(model, 64, attention="model").run(ids, 10, output_logits=True)
+    assert A.engine.attention_of(model) == "sdpa"
+    with _CountOps() as ops:
+        out = Decoder(model, 64, attention="kernel").run(ids, 10, output_logits=True)
+    assert A.engine.attention_of(model) == A.engine.ATTENTION
+    # one call per layer and decode step (the prompt's prefill runs SDPA): 2 layers x 9 one-token steps
+    assert ops.counts.get("actsparse.decode_attention") == 2 * 9
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, want in zip(out.logits, ref.logits):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16 rounding of the probabilities
+    A.engine.restore_attention(model, "sdpa")
+    assert A.engine.attention_of(model) == "sdpa"
+
+
+def test_decode_attention_choices_and_refusals():
+    model = _tiny("llama")
+    with pytest.raises(DecoderError, match="attention must be one of auto, kernel, model"):
+        Decoder(model, 64, attention="flash")
+    Decoder(model, 64)  # auto, on the CPU: the model keeps SDPA
+    assert A.engine.attention_of(model) == "sdpa"
+    model.set_attn_implementation("eager")
+    with pytest.raises(DecoderError, match="runs 'eager' attention.*attn_implementation='sdpa'.*attention='model'"):
+        Decoder(model, 64, attention="kernel")
+    assert A.engine.attention_of(model) == "eager"  # refused before any change

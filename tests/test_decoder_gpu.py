@@ -93,3 +93,17 @@ def test_compare_runs_both_through_one_graph_decoder():
     after = dec.generate(ids, 8)
     assert not torch.equal(after, before)
     assert torch.equal(after, Decoder(model, 64, compile=False, cuda_graph=False).generate(ids, 8))
+
+
+def test_graph_decoder_with_decode_attention_keeps_sdpas_tokens():
+    model = _model(torch.bfloat16, 0.5, kernels=True)
+    ids = _ids()
+    ref = Decoder(model, 512, attention="model", fallback=False).run(ids, 32, output_logits=True)
+    assert A.engine.attention_of(model) == "sdpa"
+    dec = Decoder(model, 512, fallback=False)  # attention="auto": the kernel on CUDA
+    assert A.engine.attention_of(model) == A.engine.ATTENTION and dec.mode == "graph"
+    got = dec.run(ids, 32, output_logits=True)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    A.engine.restore_attention(model, "sdpa")

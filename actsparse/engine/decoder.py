@@ -34,8 +34,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import DecoderError
+from ..kernels.decode_attention import decode_attention_available
 from ..kernels.linear import stale_kernels
 from ..offload import model_device
+from .attention import attention_of, use_decode_attention
 from .fusion import fuse_projections
 from .hf import (
     EAGER_NUMERICS,
@@ -52,6 +54,7 @@ from .sampling import check_sampling, select_next
 __all__ = ["Decoder", "DecodeResult", "forward_kwargs", "eos_token_ids"]
 
 TokenCallback = Callable[[list[int]], None]
+ATTENTION_CHOICES = ("auto", "kernel", "model")
 
 
 @dataclass
@@ -96,6 +99,10 @@ class Decoder:
         fuse: run the dense q/k/v and gate/up projections as one GEMM per group
             (:func:`~actsparse.engine.fuse_projections`; default: with the CUDA graph). The model stays
             fused (its weights views of one tensor per group); ``unfuse_projections(model)`` undoes it.
+        attention: ``"auto"`` (default) switches an SDPA model on CUDA to actsparse's decode attention
+            (:mod:`actsparse.engine.attention`: one-token steps read only the cache positions written so
+            far, everything else runs SDPA as before); ``"kernel"`` requires that switch; ``"model"`` keeps
+            the model's own attention. The switch stays on the model (``restore_attention`` undoes it).
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class Decoder:
         sync_every: int = 16,
         fallback: bool = True,
         fuse: bool | None = None,
+        attention: str = "auto",
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
@@ -128,9 +136,24 @@ class Decoder:
                 f"max_seq_len={max_seq_len} exceeds the model's {limit} positions "
                 f"(config.max_position_embeddings); use max_seq_len <= {limit}"
             )
+        if attention not in ATTENTION_CHOICES:
+            raise DecoderError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         self.model = model
         self.max_seq_len, self.batch_size, self.sync_every = max_seq_len, batch_size, sync_every
         self.device = model_device(model)
+        if attention == "kernel" and not decode_attention_available(self.device):
+            raise DecoderError(
+                f"attention='kernel' needs a CUDA model and Triton; this one runs on {self.device} "
+                "(use attention='auto' or 'model')"
+            )
+        if attention == "kernel" or (
+            attention == "auto"
+            and self.device.type == "cuda"
+            and attention_of(model) == "sdpa"
+            and decode_attention_available(self.device)
+        ):
+            use_decode_attention(model)
+        self.attention = attention_of(model)  # what the decode steps run
         if cuda_graph and self.device.type != "cuda":
             raise DecoderError(
                 f"cuda_graph=True needs a model on a CUDA device; this one runs on {self.device} (use cuda_graph=False)"
@@ -201,7 +224,7 @@ class Decoder:
                 f"the weights of {len(stale)} packed layer(s) (e.g. {stale[0]}) changed after "
                 f"enable_kernels; call actsparse.kernels.enable_kernels(model) again"
             )
-        key = (structure_key(self.model), self.mode)
+        key = (structure_key(self.model), self.mode, attention_of(self.model))
         if self._ready == key:
             return
         self._graph = self._graph_logits = None
@@ -216,7 +239,7 @@ class Decoder:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self._give_up(f"{type(e).__name__}: {first[:300]}")
         self.cache.reset()
-        self._ready = (structure_key(self.model), self.mode)
+        self._ready = (structure_key(self.model), self.mode, attention_of(self.model))
 
     def _capture(self) -> None:
         self.cache.reset()

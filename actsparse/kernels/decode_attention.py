@@ -1,0 +1,269 @@
+"""Attention for one query token over a static KV cache, reading only the cache blocks the mask lets through.
+
+A static cache holds ``max_seq_len`` positions, and at decode time the attention mask lets through only the
+ones written so far. ``F.scaled_dot_product_attention`` with that mask reads the whole cache every step, and
+for one query token it runs one program per head (32 on Llama-2-7B), so it is neither bandwidth- nor
+occupancy-efficient: the longer the cache, the more of the step goes to attention, whatever the prompt.
+
+:func:`decode_attention` splits every key/value head's positions into ``splits`` ranges (enough programs to
+fill the GPU), and each program walks its range in blocks of ``BLOCK_N`` positions: it reads the mask for the
+block first and **skips the block** (no key or value read) when the mask drops all of it; otherwise the
+scores of the head's query group (GQA: the query heads that share this key/value head, one tensor-core
+product), an online softmax in fp32, and the weighted values. A second launch combines the ranges by their
+log-sum-exp. Any mask works (padding, sliding windows, a prefix): skipping is per block and exact.
+
+Semantics: those of ``scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=True)`` for a
+``[B, Hq, 1, D]`` query, ``[B, Hkv, L, D]`` keys and values (``Hq`` a multiple of ``Hkv``) and a boolean
+(True = attend) or additive float mask broadcastable to ``[B, Hq, 1, L]``: scores ``q·k`` with fp32
+accumulation times ``scale``, plus the mask, softmax in fp32, fp32 accumulation of the weighted values, output
+in the query dtype; a query whose mask drops every position gets zeros. :func:`decode_attention_reference` is
+that definition in torch. The kernel rounds the probabilities to the value dtype for the tensor-core product
+(as flash attention does), a difference within the dtype's rounding; the tests compare it with the reference
+on the CPU under ``TRITON_INTERPRET=1`` and on the GPU.
+
+The op ``actsparse::decode_attention`` is registered with ``torch.library.custom_op`` (and a fake kernel),
+so ``torch.compile`` keeps it as one node and CUDA graphs capture it. It runs on CUDA fp16/bf16 tensors (or
+anywhere under the interpreter); :func:`decode_attention_supported` says whether a call qualifies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..errors import UsageError
+
+try:  # Triton is optional: CPU-only installs never call the kernel (decode_attention_supported says no)
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_attention_supported",
+    "decode_attention_available",
+    "split_count",
+]
+
+BLOCK_N = 64  # cache positions per block: the unit the mask test skips
+_DTYPES = (torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The definition: ``[B, Hq, 1, D]`` out for one query token (fp32 arithmetic, output in ``q``'s dtype)."""
+    b, hq, _, d = q.shape
+    g = hq // k.shape[1]
+    kf = k.float().repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, 1, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.float()
+    dropped = torch.isneginf(s).all(-1, keepdim=True)  # a query with every position dropped: zeros
+    p = torch.softmax(s.masked_fill(dropped, 0.0), dim=-1).masked_fill(dropped, 0.0)
+    return (p @ vf).to(q.dtype)
+
+
+def decode_attention_available(device: torch.device | str) -> bool:
+    """Whether the kernel can run on ``device`` at all (CUDA with Triton, or any device in the interpreter)."""
+    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
+
+
+def decode_attention_supported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> str | None:
+    """None when :func:`decode_attention` takes these tensors, else why not (the caller falls back)."""
+    if triton is None:
+        return "Triton is not installed"
+    if not (q.is_cuda or _interpreting()):  # (decode_attention_available, without a device object to trace)
+        return f"the kernel runs on CUDA devices, not {q.device}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
+        return f"one query token [B, H, 1, D] with [B, H_kv, L, D] keys and values, got {tuple(q.shape)}"
+    b, hq, _, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        return f"keys {tuple(k.shape)} and values {tuple(v.shape)} do not match the query {tuple(q.shape)}"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"fp16/bf16 query, keys and values of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if d > _MAX_HEAD_DIM or hq // k.shape[1] > 64:
+        return f"head dim <= {_MAX_HEAD_DIM} and at most 64 query heads per key/value head"
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
+        return "the head dim must be contiguous"
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[-1] != k.shape[2] or mask.shape[2] != 1:
+            return f"a [B, 1|H, 1, L] mask, got {tuple(mask.shape)} for L = {k.shape[2]}"
+        if mask.shape[0] not in (1, b) or mask.shape[1] not in (1, hq) or mask.device != q.device:
+            return f"a mask broadcastable to [{b}, {hq}, 1, L] on {q.device}, got {tuple(mask.shape)}"
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            return f"a boolean or floating-point mask, got {mask.dtype}"
+    return None
+
+
+def split_count(batch_kv_heads: int, length: int, sm_count: int) -> tuple[int, int]:
+    """``(splits, blocks per split)``: enough programs for about two per SM, each at least one block."""
+    blocks = max(1, -(-length // BLOCK_N))
+    want = max(1, min(blocks, -(-2 * sm_count // max(batch_kv_heads, 1))))
+    per = -(-blocks // want)
+    return -(-blocks // per), per
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``[B, Hq, 1, D]`` attention of one query token (module docstring); raises where not supported."""
+    why = decode_attention_supported(q, k, v, mask)
+    if why is not None:
+        raise UsageError(f"decode_attention: {why}")
+    return torch.ops.actsparse.decode_attention(q, k, v, mask, float(scale))
+
+
+@torch.library.custom_op("actsparse::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    return _launch(q, k, v, mask, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape)
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    b, hq, _, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    g = hq // hkv
+    g_pad = max(16, triton.next_power_of_2(g))
+    d_pad = max(16, triton.next_power_of_2(d))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    splits, per = split_count(b * hkv, length, sms)
+    part = torch.empty(b * hkv, splits, g_pad, d_pad, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b * hkv, splits, g_pad, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
+    if mask is None:
+        m, mode, sm = q, 0, (0, 0, 0)  # (an unused pointer)
+    else:
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mode = 1 if mask.dtype == torch.bool else 2
+        sm = (0 if mask.shape[0] == 1 else mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1), mask.stride(3))
+    _split_kernel[(b * hkv, splits)](
+        q, k, v, m, part, lse,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        sm[0], sm[1], sm[2],
+        length, hkv, scale,
+        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
+        DOT_UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+    )  # fmt: skip
+    _combine_kernel[(b * hq,)](
+        part, lse, out, hq, hkv, splits,
+        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, lse_ptr,
+        sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l,
+        L, H_KV, scale,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bh // H_KV
+        h = bh % H_KV
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        gq = g < G
+        dm = d < D
+        qh = h * G + g  # the query heads that read this key/value head
+        q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + d[None, :], mask=gq[:, None] & dm[None, :], other=0.0)
+        if DOT_UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw bits: give it fp32
+            q = q.to(tl.float32)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        for j in range(PER_SPLIT):
+            n = (split * PER_SPLIT + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            inb = n < L
+            if MASK == 0:
+                keep = gq[:, None] & inb[None, :]
+                bias = tl.zeros([G_PAD, BLOCK_N], tl.float32)
+            else:
+                mp = m_ptr + b * sm_b + qh[:, None] * sm_h + n[None, :] * sm_l
+                mv = tl.load(mp, mask=gq[:, None] & inb[None, :], other=0)
+                if MASK == 1:
+                    keep = (mv != 0) & gq[:, None] & inb[None, :]
+                    bias = tl.zeros([G_PAD, BLOCK_N], tl.float32)
+                else:
+                    bias = mv.to(tl.float32)
+                    keep = (bias != float("-inf")) & gq[:, None] & inb[None, :]
+            if tl.max(keep.to(tl.int32)) > 0:  # a block the mask drops whole is never read
+                kt = tl.load(
+                    k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_l + d[None, :],
+                    mask=inb[:, None] & dm[None, :],
+                    other=0.0,
+                )
+                if DOT_UPCAST:
+                    kt = kt.to(tl.float32)
+                s = tl.dot(q, tl.trans(kt)) * scale + bias
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(s - m_safe[:, None])
+                alpha = tl.exp(m_i - m_safe)
+                vt = tl.load(
+                    v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :],
+                    mask=inb[:, None] & dm[None, :],
+                    other=0.0,
+                )
+                l_i = l_i * alpha + tl.sum(p, 1)
+                pv = p.to(vt.dtype)
+                if DOT_UPCAST:
+                    pv = pv.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(pv, vt)
+                m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        base = bh * n_splits + split
+        tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o)
+        tl.store(lse_ptr + base * G_PAD + g, lse)
+
+    @triton.jit
+    def _combine_kernel(
+        part_ptr, lse_ptr, out_ptr, HQ, H_KV, SPLITS,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)  # b * HQ + query head
+        b = row // HQ
+        qh = row % HQ
+        h = qh // G
+        gi = qh % G
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        sm = s < SPLITS
+        base = (b * H_KV + h) * SPLITS + s
+        lse = tl.load(lse_ptr + base * G_PAD + gi, mask=sm, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        o = tl.load(part_ptr + (base[:, None] * G_PAD + gi) * D_PAD + d[None, :], mask=sm[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        y = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)

@@ -1,0 +1,99 @@
+"""Decode attention per layer: transformers' SDPA path vs actsparse's split-KV kernel, graph-timed.
+
+    python benchmarks/bench_attention.py --out $OUT/attention_h200.json
+
+One query token against a static cache of ``L`` positions of which ``written`` are let through by the mask
+(a Decoder with ``max_seq_len = L`` after ``written`` tokens), Llama-2-7B (32 heads, MHA) and Llama-3-8B
+(32 query heads, 8 key/value heads) shapes, bf16, head dim 128. Both run as the compiled decoder runs them:
+``torch.compile(fullgraph=True)`` of transformers' attention function (``sdpa_attention_forward``: under
+compile it repeats the key/value heads for GQA, then ``scaled_dot_product_attention`` with the boolean mask)
+and of ``actsparse.engine.attention.decode_attention_forward``, each called on 8 layers' caches in turn
+(so that the caches stream from memory), captured in a CUDA graph: µs per layer, the ratio, and the bytes
+the kernel must read (the written positions' keys and values) at the measured time as GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_gemv import env_info, graph_time_us  # noqa: E402
+
+from actsparse.engine.attention import decode_attention_forward  # noqa: E402
+
+SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
+LAYERS = 8
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def compiled(attention, module: torch.nn.Module):
+    """``attention`` (transformers' attention-function interface) compiled as the decoder compiles it."""
+    return torch.compile(lambda q, k, v, m: attention(module, q, k, v, m, scaling=128**-0.5)[0], fullgraph=True)
+
+
+def per_layer_us(fn, q, kv, mask) -> float:
+    """Graph-timed µs per call of ``fn`` over the layers' caches in turn."""
+    return graph_time_us(lambda i: fn(q, *kv[i % LAYERS], mask), LAYERS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="512,2048,4096", help="static cache sizes L")
+    ap.add_argument("--written", default="256,0.5,1.0", help="positions let through: counts, or fractions of L")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA GPU")
+    rows = []
+    for name, (hq, hkv) in SHAPES.items():
+        module = _Attn(hq // hkv)
+        sdpa, ours = compiled(sdpa_attention_forward, module), compiled(decode_attention_forward, module)
+        for length in (int(v) for v in args.lengths.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, hq, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            kv = [
+                (
+                    torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g),
+                    torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g),
+                )
+                for _ in range(LAYERS)
+            ]
+            for w in args.written.split(","):
+                written = min(length, int(float(w) * length) if "." in w else int(w))
+                mask = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
+                mask[..., :written] = True
+                ref = sdpa(q, *kv[0], mask)
+                got = ours(q, *kv[0], mask)
+                err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                t_sdpa, t_ours = per_layer_us(sdpa, q, kv, mask), per_layer_us(ours, q, kv, mask)
+                read = 2 * hkv * written * 128 * 2  # the written keys and values, bf16
+                row = dict(
+                    model=name, length=length, written=written, sdpa_us=t_sdpa, kernel_us=t_ours,
+                    speedup=t_sdpa / t_ours, kernel_gbs=read / t_ours / 1e3, rel_err=err,
+                )  # fmt: skip
+                rows.append(row)
+                print(
+                    f"{name:10} L={length:5} written={written:5}  sdpa {t_sdpa:7.2f} us  kernel {t_ours:6.2f} us  "
+                    f"x{t_sdpa / t_ours:5.2f}  ({row['kernel_gbs']:.0f} GB/s of written K/V, rel err {err:.1e})",
+                    flush=True,
+                )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

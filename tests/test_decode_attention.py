@@ -1,0 +1,152 @@
+"""The decode attention kernel (actsparse/kernels/decode_attention.py) against its torch reference and SDPA.
+
+CPU (the CI): the Triton kernel in Triton's interpreter on small shapes. GPU (``python -m pytest -q
+tests/test_decode_attention.py`` on the GPU machine): the same cases compiled, plus real shapes and a
+compiled, graph-captured call.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actsparse.errors import UsageError
+from actsparse.kernels import decode_attention as DA
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _qkv(b, hq, hkv, length, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, 1), (hkv, length), (hkv, length)))
+    return q.to(DEV, dtype), k.to(DEV, dtype), v.to(DEV, dtype)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """torch's own attention in fp32, the keys and values repeated per query group."""
+    g = q.shape[1] // k.shape[1]
+    kf, vf = (t.float().repeat_interleave(g, dim=1) for t in (k, v))
+    m = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    return F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=m, scale=scale)
+
+
+def _masks(b, hq, length, dtype):
+    prefix = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    prefix[..., : length // 2 + 3] = True  # a static cache written up to here
+    window = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    window[..., length // 3 : length - 5] = True  # a sliding window: blocks dropped at both ends
+    additive = torch.full((b, 1, 1, length), -math.inf)
+    additive[..., 3 : length - 9] = torch.linspace(-2.0, 1.0, length - 12)
+    per_head = torch.rand(b, hq, 1, length, generator=torch.Generator().manual_seed(5)) > 0.3
+    per_head[..., 0] = True
+    return {
+        "none": None,
+        "prefix": prefix.to(DEV),
+        "window": window.to(DEV),
+        "additive": additive.to(DEV, dtype),
+        "per-head": per_head.to(DEV),
+        "expanded": prefix.expand(b, hq, 1, length).to(DEV),  # stride 0 over heads
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,hq,hkv,length,d",
+    [(1, 4, 4, 200, 64), (1, 8, 2, 130, 128), (2, 6, 3, 70, 32), (1, 4, 1, 64, 16)],
+    ids=["mha", "gqa4", "batch2-gqa2", "mqa-one-block"],
+)
+def test_kernel_matches_the_reference_and_sdpa(b, hq, hkv, length, d, dtype):
+    q, k, v = _qkv(b, hq, hkv, length, d, dtype)
+    scale = d**-0.5
+    for name, mask in _masks(b, hq, length, dtype).items():
+        assert DA.decode_attention_supported(q, k, v, mask) is None, name
+        out = DA.decode_attention(q, k, v, mask, scale)
+        ref = DA.decode_attention_reference(q, k, v, mask, scale)
+        assert out.shape == q.shape and out.dtype == dtype
+        torch.testing.assert_close(ref.float(), _sdpa(q, k, v, mask, scale), rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=name)
+
+
+def test_blocks_the_mask_drops_whole_are_never_read():
+    b, hq, hkv, length, d = 1, 4, 2, 5 * DA.BLOCK_N, 32
+    q, k, v = _qkv(b, hq, hkv, length, d, torch.float16, seed=1)
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool, device=DEV)
+    mask[..., DA.BLOCK_N + 7 : 3 * DA.BLOCK_N] = True  # blocks 0, 3 and 4 dropped whole, block 1 in part
+    ref = DA.decode_attention_reference(q, k, v, mask, 0.2)
+    kp, vp = k.clone(), v.clone()
+    for blk in (0, 3, 4):
+        kp[:, :, blk * DA.BLOCK_N : (blk + 1) * DA.BLOCK_N] = math.nan
+        vp[:, :, blk * DA.BLOCK_N : (blk + 1) * DA.BLOCK_N] = math.nan
+    torch.testing.assert_close(DA.decode_attention(q, kp, vp, mask, 0.2), ref, rtol=2e-3, atol=2e-3)
+    vp[:, :, DA.BLOCK_N] = math.nan  # a dropped position inside a block that is read: 0 x NaN shows it
+    assert DA.decode_attention(q, kp, vp, mask, 0.2).isnan().any()
+
+
+def test_a_query_with_every_position_dropped_gets_zeros():
+    q, k, v = _qkv(1, 2, 2, 100, 16, torch.float16)
+    mask = torch.zeros(1, 2, 1, 100, dtype=torch.bool, device=DEV)
+    mask[:, 1, :, 10:20] = True  # head 0 sees nothing
+    out = DA.decode_attention(q, k, v, mask, 0.25)
+    assert out[:, 0].abs().max() == 0
+    torch.testing.assert_close(out, DA.decode_attention_reference(q, k, v, mask, 0.25), rtol=2e-3, atol=2e-3)
+
+
+def test_splits_cover_the_cache_and_fill_the_gpu():
+    for heads in (1, 8, 32, 64, 256):
+        for length in (1, 63, 64, 65, 512, 2048, 4096, 32768):
+            splits, per = DA.split_count(heads, length, 132)
+            blocks = -(-length // DA.BLOCK_N)
+            assert splits * per >= blocks and (splits - 1) * per < blocks  # every block once, no empty split
+            if heads * blocks >= 264:
+                assert heads * splits >= 132  # at least one program per SM (about two)
+
+
+def test_what_the_kernel_does_not_take_is_named():
+    q, k, v = _qkv(1, 4, 2, 40, 16, torch.float16)
+    cases = {
+        "one query token": (q.expand(1, 4, 2, 16), k, v, None),
+        "do not match": (q, k[:, :, :, :8], v[:, :, :, :8], None),
+        "fp16/bf16": (q.float(), k.float(), v.float(), None),
+        "mask": (q, k, v, torch.ones(1, 1, 1, 39, dtype=torch.bool, device=DEV)),
+        "boolean or floating-point": (q, k, v, torch.ones(1, 1, 1, 40, dtype=torch.int64, device=DEV)),
+        "broadcastable": (q, k, v, torch.ones(1, 3, 1, 40, dtype=torch.bool, device=DEV)),
+    }
+    for words, args in cases.items():
+        why = DA.decode_attention_supported(*args)
+        assert why is not None and words in why, (words, why)
+        with pytest.raises(UsageError, match="decode_attention"):
+            DA.decode_attention(*args, 0.25)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+@pytest.mark.parametrize("hkv", [32, 8], ids=["llama2-7b", "llama3-8b"])
+def test_real_shapes_on_the_gpu(hkv):
+    q, k, v = _qkv(1, 32, hkv, 4096, 128, torch.bfloat16)
+    for written in (1, 300, 4096):
+        mask = torch.zeros(1, 1, 1, 4096, dtype=torch.bool, device="cuda")
+        mask[..., :written] = True
+        out = DA.decode_attention(q, k, v, mask, 128**-0.5)
+        ref = DA.decode_attention_reference(q, k, v, mask, 128**-0.5)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
+@gpu
+def test_compiled_and_graph_captured_call_reads_the_mask_live():
+    q, k, v = _qkv(1, 8, 2, 1024, 128, torch.bfloat16)
+    mask = torch.zeros(1, 1, 1, 1024, dtype=torch.bool, device="cuda")
+    mask[..., :100] = True
+    fn = torch.compile(lambda q, k, v, m: DA.decode_attention(q, k, v, m, 0.1), fullgraph=True)
+    out = fn(q, k, v, mask)  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(q, k, v, mask)
+    for written in (100, 700, 1):
+        mask.zero_()
+        mask[..., :written] = True
+        graph.replay()
+        torch.testing.assert_close(out, DA.decode_attention_reference(q, k, v, mask, 0.1), rtol=1.6e-2, atol=1.6e-2)
