@@ -17,6 +17,7 @@ from transformers import (
 
 import actsparse as A
 import actsparse.kernels as K
+import actsparse.kernels.decode_attention as DA
 from actsparse.engine import Decoder, select_next
 from actsparse.errors import DecoderError
 from actsparse.generation import dense_view, generate
@@ -325,3 +326,17 @@ def test_decode_attention_choices_and_refusals():
     with pytest.raises(DecoderError, match="runs 'eager' attention.*attn_implementation='sdpa'.*attention='model'"):
         Decoder(model, 64, attention="kernel")
     assert A.engine.attention_of(model) == "eager"  # refused before any change
+
+
+def test_decode_steps_give_the_kernel_a_mask_of_the_written_positions(monkeypatch):
+    """Skipping needs transformers to pass the static cache's mask (not None, which would read every block)."""
+    seen = []
+    launch = DA._launch
+
+    def spy(q, k, v, mask, scale):
+        seen.append(None if mask is None else (tuple(mask.shape), mask.dtype, int(mask.sum())))
+        return launch(q, k, v, mask, scale)
+
+    monkeypatch.setattr(DA, "_launch", spy)
+    Decoder(_tiny("llama").to(torch.bfloat16), 64, attention="kernel").run(_ids(7), 4)
+    assert seen == [((1, 1, 1, 64), torch.bool, n) for n in (8, 8, 9, 9, 10, 10)]  # 2 layers x 3 steps
