@@ -242,8 +242,8 @@ if triton is not None:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         base = bh * n_splits + split
-        tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o)
-        tl.store(lse_ptr + base * G_PAD + g, lse)
+        tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o, mask=gq[:, None])  # (real rows)
+        tl.store(lse_ptr + base * G_PAD + g, lse, mask=gq)
 
     @triton.jit
     def _combine_kernel(
