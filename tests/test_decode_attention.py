@@ -129,16 +129,40 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     def jit(kernel):  # under TRITON_INTERPRET=1 the decorator made an interpreted function: compile its source
         return JITFunction(kernel.fn) if hasattr(kernel, "fn") and not isinstance(kernel, JITFunction) else kernel
 
-    ints = "q_ptr k_ptr v_ptr m_ptr part_ptr lse_ptr sq_b sq_h sk_b sk_h sk_l sv_b sv_h sv_l sm_b sm_h sm_l L H_KV".split()
+    ints = [
+        "q_ptr",
+        "k_ptr",
+        "v_ptr",
+        "m_ptr",
+        "part_ptr",
+        "lse_ptr",
+        "sq_b",
+        "sq_h",
+        "sk_b",
+        "sk_h",
+        "sk_l",
+        "sv_b",
+        "sv_h",
+        "sv_l",
+        "sm_b",
+        "sm_h",
+        "sm_l",
+        "L",
+        "H_KV",
+    ]
     types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32"] + ["i32"] * 13
     sig = {**dict(zip(ints, types)), "scale": "fp32"}
     for mask in (0, 1, 2):
         consts = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
-        src = ASTSource(fn=jit(DA._split_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+        src = ASTSource(
+            fn=jit(DA._split_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts
+        )
         assert compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared > 0
     sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
     consts = dict(G=4, G_PAD=16, D=128, D_PAD=128, S_PAD=16)
-    src = ASTSource(fn=jit(DA._combine_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+    src = ASTSource(
+        fn=jit(DA._combine_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts
+    )
     assert compile(src, target=GPUTarget("cuda", 90, 32)) is not None
 
 
