@@ -266,6 +266,31 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         torch.cuda.empty_cache()
 
 
+def unfused_row(model, name, args, ids, dense_tok_s, rows, log):
+    """The dense Decoder without fused q/k/v and gate/up (HF's own three and two GEMMs): what fusing is worth."""
+    unfuse_projections(model)
+    t = time.time()
+    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, fuse=False)
+    dec.run(ids, 4, eos_token_id=[])
+    unfused_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
+    rows.append(
+        dict(
+            model=name,
+            path="decoder-unfused",
+            weights="bf16",
+            target=None,
+            tok_s=unfused_tok_s,
+            vs_dense=unfused_tok_s / dense_tok_s,
+            mode=dec.mode,
+        )
+    )
+    log(
+        f"[{name}] decoder dense without fused projections: {unfused_tok_s:.1f} tok/s "
+        f"x{unfused_tok_s / dense_tok_s:.3f} vs fused [{time.time() - t:.0f}s]"
+    )
+    del dec
+
+
 def bench_model(name, args, log):
     rows = []
     t = time.time()
@@ -320,28 +345,8 @@ def bench_model(name, args, log):
         f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder"
     )
     del dec
-    # the same without fused dense q/k/v and gate/up (HF's own three and two GEMMs): what fusing is worth
-    unfuse_projections(model)
-    t = time.time()
-    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, fuse=False)
-    dec.run(ids, 4, eos_token_id=[])
-    unfused_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
-    rows.append(
-        dict(
-            model=name,
-            path="decoder-unfused",
-            weights="bf16",
-            target=None,
-            tok_s=unfused_tok_s,
-            vs_dense=unfused_tok_s / dense_tok_s,
-            mode=dec.mode,
-        )
-    )
-    log(
-        f"[{name}] decoder dense without fused projections: {unfused_tok_s:.1f} tok/s "
-        f"x{unfused_tok_s / dense_tok_s:.3f} vs fused [{time.time() - t:.0f}s]"
-    )
-    del dec
+    if not args.no_unfused:
+        unfused_row(model, name, args, ids, dense_tok_s, rows, log)
     sparse_points(model, name, "bf16", args, ids, calib, held_out, dense_tok_s, rows, log, args.sparsities)
     if args.int8:
         t = time.time()
@@ -408,6 +413,7 @@ def main():
         choices=("auto", "kernel", "model"),
         help="the Decoder's attention (auto: actsparse's decode attention on CUDA; model: the model's SDPA)",
     )
+    ap.add_argument("--no-unfused", action="store_true", help="skip the dense Decoder without fused projections")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
