@@ -100,7 +100,7 @@ def test_graph_decoder_with_decode_attention_keeps_sdpas_tokens():
     ids = _ids()
     ref = Decoder(model, 512, attention="model", fallback=False).run(ids, 32, output_logits=True)
     assert A.engine.attention_of(model) == "sdpa"
-    dec = Decoder(model, 512, fallback=False)  # attention="auto": the kernel on CUDA
+    dec = Decoder(model, 512, attention="auto", fallback=False)  # the kernel on CUDA
     assert A.engine.attention_of(model) == A.engine.ATTENTION and dec.mode == "graph"
     got = dec.run(ids, 32, output_logits=True)
     assert torch.equal(got.sequences, ref.sequences)
