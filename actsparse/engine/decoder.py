@@ -99,10 +99,11 @@ class Decoder:
         fuse: run the dense q/k/v and gate/up projections as one GEMM per group
             (:func:`~actsparse.engine.fuse_projections`; default: with the CUDA graph). The model stays
             fused (its weights views of one tensor per group); ``unfuse_projections(model)`` undoes it.
-        attention: ``"auto"`` (default) switches an SDPA model on CUDA to actsparse's decode attention
-            (:mod:`actsparse.engine.attention`: one-token steps read only the cache positions written so
-            far, everything else runs SDPA as before); ``"kernel"`` requires that switch; ``"model"`` keeps
-            the model's own attention. The switch stays on the model (``restore_attention`` undoes it).
+        attention: ``"model"`` (default) keeps the model's own attention; ``"auto"`` switches an SDPA model on
+            CUDA to actsparse's decode attention (:mod:`actsparse.engine.attention`: one-token steps read only
+            the cache positions written so far, everything else runs SDPA as before; not yet measured on a
+            GPU, hence not the default); ``"kernel"`` requires that switch. The switch stays on the model
+            (``restore_attention`` undoes it).
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class Decoder:
         sync_every: int = 16,
         fallback: bool = True,
         fuse: bool | None = None,
-        attention: str = "auto",
+        attention: str = "model",
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
