@@ -6,6 +6,9 @@ compiled, graph-captured call.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,50 +123,34 @@ def test_what_the_kernel_does_not_take_is_named():
             DA.decode_attention(*args, 0.25)
 
 
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter runs Python, not the compiler: compile both kernels for sm_90 (Triton's own ptxas)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
-    from triton.runtime.jit import JITFunction
+_COMPILE = """
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from actsparse.kernels import decode_attention as DA
+names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "lse_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l",
+         "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
+sig = {**dict(zip(names, ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32"] + ["i32"] * 13)), "scale": "fp32"}
+for mask in (0, 1, 2):
+    c = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
+    src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
+    print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
+c = dict(G=4, G_PAD=16, D=128, D_PAD=128, S_PAD=16)
+src = ASTSource(fn=DA._combine_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
+print("combine", compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+"""
 
-    def jit(kernel):  # under TRITON_INTERPRET=1 the decorator made an interpreted function: compile its source
-        return JITFunction(kernel.fn) if hasattr(kernel, "fn") and not isinstance(kernel, JITFunction) else kernel
 
-    ints = [
-        "q_ptr",
-        "k_ptr",
-        "v_ptr",
-        "m_ptr",
-        "part_ptr",
-        "lse_ptr",
-        "sq_b",
-        "sq_h",
-        "sk_b",
-        "sk_h",
-        "sk_l",
-        "sv_b",
-        "sv_h",
-        "sv_l",
-        "sm_b",
-        "sm_h",
-        "sm_l",
-        "L",
-        "H_KV",
-    ]
-    types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32"] + ["i32"] * 13
-    sig = {**dict(zip(ints, types)), "scale": "fp32"}
-    for mask in (0, 1, 2):
-        consts = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
-        src = ASTSource(
-            fn=jit(DA._split_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts
-        )
-        assert compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared > 0
-    sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
-    consts = dict(G=4, G_PAD=16, D=128, D_PAD=128, S_PAD=16)
-    src = ASTSource(
-        fn=jit(DA._combine_kernel), signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts
-    )
-    assert compile(src, target=GPUTarget("cuda", 90, 32)) is not None
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    """The interpreter runs Python, not the compiler: compile both kernels for sm_90 with Triton's own ptxas, in
+    a process without TRITON_INTERPRET (which patches the language in-process) and with an empty kernel cache."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split("\n")
+    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 3 + ["combine"]
+    assert all(int(ln.split()[-1]) > 0 for ln in lines if ln.startswith("split"))  # shared memory for the dots
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

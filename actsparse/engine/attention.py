@@ -4,8 +4,7 @@ through), everything else runs transformers' own SDPA path, unchanged.
 
 It is registered with transformers as the attention implementation :data:`ATTENTION` (its masks are SDPA's),
 so the model's forward stays the model's own; :func:`use_decode_attention` switches a model to it and
-:func:`restore_attention` back. The :class:`~actsparse.engine.Decoder` switches SDPA models on CUDA by
-default (``attention="auto"``).
+:func:`restore_attention` back; ``Decoder(model, ..., attention="auto")`` switches an SDPA model on CUDA.
 """
 
 from __future__ import annotations

@@ -154,7 +154,6 @@ class Decoder:
             and decode_attention_available(self.device)
         ):
             use_decode_attention(model)
-        self.attention = attention_of(model)  # what the decode steps run
         if cuda_graph and self.device.type != "cuda":
             raise DecoderError(
                 f"cuda_graph=True needs a model on a CUDA device; this one runs on {self.device} (use cuda_graph=False)"

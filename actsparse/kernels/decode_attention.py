@@ -54,7 +54,9 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``; as ``triton_gemv``'s,
+    which this module does not import: that import changes what Triton's compiler sees in the interpreter)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -76,7 +78,7 @@ def decode_attention_reference(
 
 def decode_attention_available(device: torch.device | str) -> bool:
     """Whether the kernel can run on ``device`` at all (CUDA with Triton, or any device in the interpreter)."""
-    return triton is not None and (torch.device(device).type == "cuda" or _interpreting())
+    return triton is not None and (torch.device(device).type == "cuda" or interpreting())
 
 
 def decode_attention_supported(
@@ -85,7 +87,7 @@ def decode_attention_supported(
     """None when :func:`decode_attention` takes these tensors, else why not (the caller falls back)."""
     if triton is None:
         return "Triton is not installed"
-    if not (q.is_cuda or _interpreting()):  # (decode_attention_available, without a device object to trace)
+    if not (q.is_cuda or interpreting()):  # (decode_attention_available, without a device object to trace)
         return f"the kernel runs on CUDA devices, not {q.device}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1:
         return f"one query token [B, H, 1, D] with [B, H_kv, L, D] keys and values, got {tuple(q.shape)}"
@@ -163,7 +165,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         sm[0], sm[1], sm[2],
         length, hkv, scale,
         G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
-        DOT_UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )  # fmt: skip
     _combine_kernel[(b * hq,)](
         part, lse, out, hq, hkv, splits,
