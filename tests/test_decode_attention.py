@@ -87,6 +87,20 @@ def test_blocks_the_mask_drops_whole_are_never_read():
     assert DA.decode_attention(q, kp, vp, mask, 0.2).isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_float_mask_at_the_dtypes_minimum_weighs_splits_as_sdpa_does(dtype):
+    """Rows whose additive mask is a large finite negative everywhere: softmax is a plain mean, across splits."""
+    b, hq, hkv, length, d = 1, 4, 2, 200, 32  # 4 blocks, so several splits are combined
+    q, k, v = _qkv(b, hq, hkv, length, d, dtype, seed=3)
+    mask = torch.zeros(b, hq, 1, length, dtype=dtype)
+    mask[:, 0] = torch.finfo(dtype).min  # head 0: every position at the minimum
+    mask[:, 1, :, 50:] = torch.finfo(dtype).min  # head 1: the first 50 positions only
+    mask = mask.to(DEV)
+    assert DA.split_count(b * hkv, length, 132)[0] > 1
+    out = DA.decode_attention(q, k, v, mask, d**-0.5)
+    torch.testing.assert_close(out.float(), _sdpa(q, k, v, mask, d**-0.5), rtol=TOL[dtype], atol=TOL[dtype])
+
+
 def test_a_query_with_every_position_dropped_gets_zeros():
     q, k, v = _qkv(1, 2, 2, 100, 16, torch.float16)
     mask = torch.zeros(1, 2, 1, 100, dtype=torch.bool, device=DEV)
@@ -102,7 +116,8 @@ def test_splits_cover_the_cache_and_fill_the_gpu():
             splits, per = DA.split_count(heads, length, 132)
             blocks = -(-length // DA.BLOCK_N)
             assert splits * per >= blocks and (splits - 1) * per < blocks  # every block once, no empty split
-            if heads * blocks >= 264:
+            assert splits <= DA.MAX_SPLITS  # the combine holds them all in registers
+            if heads * blocks >= 264 and heads * DA.MAX_SPLITS >= 264:
                 assert heads * splits >= 132  # at least one program per SM (about two)
 
 
@@ -127,17 +142,18 @@ _COMPILE = """
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from actsparse.kernels import decode_attention as DA
-names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "lse_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l",
+names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l",
          "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
 sig = {**dict(zip(names, ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32"] + ["i32"] * 13)), "scale": "fp32"}
-for mask in (0, 1, 2):
-    c = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
+for mask, g, d in ((0, 4, 128), (1, 4, 128), (2, 4, 128), (1, 64, 256)):
+    c = dict(G=g, G_PAD=max(16, g), D=d, D_PAD=d, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
     src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
     print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
-sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
-c = dict(G=4, G_PAD=16, D=128, D_PAD=128, S_PAD=16)
-src = ASTSource(fn=DA._combine_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
-print("combine", compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+sig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
+for d in (128, 256):
+    c = dict(G=4, G_PAD=16, D=d, D_PAD=d, S_PAD=DA.MAX_SPLITS)
+    src = ASTSource(fn=DA._combine_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
+    print("combine", compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
 """
 
 
@@ -149,7 +165,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 3 + ["combine"]
+    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 4 + ["combine"] * 2
     assert all(int(ln.split()[-1]) > 0 for ln in lines if ln.startswith("split"))  # shared memory for the dots
 
 

@@ -28,6 +28,7 @@ anywhere under the interpreter); :func:`decode_attention_supported` says whether
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 BLOCK_N = 64  # cache positions per block: the unit the mask test skips
+MAX_SPLITS = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
@@ -111,9 +113,10 @@ def decode_attention_supported(
 
 
 def split_count(batch_kv_heads: int, length: int, sm_count: int) -> tuple[int, int]:
-    """``(splits, blocks per split)``: enough programs for about two per SM, each at least one block."""
+    """``(splits, blocks per split)``: enough programs for about two per SM, each at least one block, at most
+    :data:`MAX_SPLITS` (the combine holds every split's partial output in registers)."""
     blocks = max(1, -(-length // BLOCK_N))
-    want = max(1, min(blocks, -(-2 * sm_count // max(batch_kv_heads, 1))))
+    want = max(1, min(blocks, MAX_SPLITS, -(-2 * sm_count // max(batch_kv_heads, 1))))
     per = -(-blocks // want)
     return -(-blocks // per), per
 
@@ -149,7 +152,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
     splits, per = split_count(b * hkv, length, sms)
     part = torch.empty(b * hkv, splits, g_pad, d_pad, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b * hkv, splits, g_pad, dtype=torch.float32, device=q.device)
+    ml = torch.empty(b * hkv, splits, 2, g_pad, dtype=torch.float32, device=q.device)  # each split's max and sum
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
     if mask is None:
         m, mode, sm = q, 0, (0, 0, 0)  # (an unused pointer)
@@ -157,20 +160,21 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mode = 1 if mask.dtype == torch.bool else 2
         sm = (0 if mask.shape[0] == 1 else mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1), mask.stride(3))
-    _split_kernel[(b * hkv, splits)](
-        q, k, v, m, part, lse,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        sm[0], sm[1], sm[2],
-        length, hkv, scale,
-        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
-        DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16,
-    )  # fmt: skip
-    _combine_kernel[(b * hq,)](
-        part, lse, out, hq, hkv, splits,
-        G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
-    )  # fmt: skip
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
+        _split_kernel[(b * hkv, splits)](
+            q, k, v, m, part, ml,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            sm[0], sm[1], sm[2],
+            length, hkv, scale,
+            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
+            DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        )  # fmt: skip
+        _combine_kernel[(b * hq,)](
+            part, ml, out, hq, hkv, splits,
+            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
+        )  # fmt: skip
     return out
 
 
@@ -178,13 +182,13 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, lse_ptr,
+        q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, ml_ptr,
         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l,
         L, H_KV, scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_UPCAST: tl.constexpr,
     ):  # fmt: skip
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache of >= 2**31 elements must not wrap
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
         b = bh // H_KV
@@ -242,14 +246,15 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(pv, vt)
                 m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         base = bh * n_splits + split
         tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o, mask=gq[:, None])  # (real rows)
-        tl.store(lse_ptr + base * G_PAD + g, lse, mask=gq)
+        # the max and the sum, not m + log(l): a finite mask value near fp32's minimum would absorb log(l)
+        tl.store(ml_ptr + base * 2 * G_PAD + g, m_i, mask=gq)
+        tl.store(ml_ptr + (base * 2 + 1) * G_PAD + g, l_i, mask=gq)
 
     @triton.jit
     def _combine_kernel(
-        part_ptr, lse_ptr, out_ptr, HQ, H_KV, SPLITS,
+        part_ptr, ml_ptr, out_ptr, HQ, H_KV, SPLITS,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)  # b * HQ + query head
@@ -261,10 +266,11 @@ if triton is not None:
         d = tl.arange(0, D_PAD)
         sm = s < SPLITS
         base = (b * H_KV + h) * SPLITS + s
-        lse = tl.load(lse_ptr + base * G_PAD + gi, mask=sm, other=float("-inf"))
-        top = tl.max(lse, 0)
+        m = tl.load(ml_ptr + base * 2 * G_PAD + gi, mask=sm, other=float("-inf"))
+        ls = tl.load(ml_ptr + (base * 2 + 1) * G_PAD + gi, mask=sm, other=0.0)
+        top = tl.max(m, 0)
         top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse - top)
+        w = ls * tl.exp(m - top)  # each split's softmax mass relative to the largest max (0 for empty splits)
         o = tl.load(part_ptr + (base[:, None] * G_PAD + gi) * D_PAD + d[None, :], mask=sm[:, None], other=0.0)
         total = tl.sum(w, 0)
         y = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
