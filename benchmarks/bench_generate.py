@@ -266,28 +266,24 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         torch.cuda.empty_cache()
 
 
-def unfused_row(model, name, args, ids, dense_tok_s, rows, log):
-    """The dense Decoder without fused q/k/v and gate/up (HF's own three and two GEMMs): what fusing is worth."""
-    unfuse_projections(model)
+def dense_variant_row(model, name, args, ids, dense_tok_s, rows, log, path, weights, what, **decoder_kw):
+    """One more dense Decoder (unfused projections, int8 weights): tokens/s against the bf16 fused dense."""
     t = time.time()
-    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, fuse=False)
+    dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, **decoder_kw)
     dec.run(ids, 4, eos_token_id=[])
-    unfused_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
+    tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
     rows.append(
         dict(
             model=name,
-            path="decoder-unfused",
-            weights="bf16",
+            path=path,
+            weights=weights,
             target=None,
-            tok_s=unfused_tok_s,
-            vs_dense=unfused_tok_s / dense_tok_s,
+            tok_s=tok_s,
+            vs_dense=tok_s / dense_tok_s,
             mode=dec.mode,
         )
     )
-    log(
-        f"[{name}] decoder dense without fused projections: {unfused_tok_s:.1f} tok/s "
-        f"x{unfused_tok_s / dense_tok_s:.3f} vs fused [{time.time() - t:.0f}s]"
-    )
+    log(f"[{name}] {what}: {tok_s:.1f} tok/s x{tok_s / dense_tok_s:.3f} vs bf16 fused dense [{time.time() - t:.0f}s]")
     del dec
 
 
@@ -345,31 +341,18 @@ def bench_model(name, args, log):
         f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder"
     )
     del dec
-    if not args.no_unfused:
-        unfused_row(model, name, args, ids, dense_tok_s, rows, log)
+    unfuse_projections(model)  # (the sparse points start from HF's own projections, as a user's model does)
+    if not args.no_unfused:  # HF's own three and two GEMMs: what fusing q/k/v and gate/up is worth
+        dense_variant_row(
+            model, name, args, ids, dense_tok_s, rows, log, "decoder-unfused", "bf16",
+            "decoder dense without fused projections", fuse=False,
+        )  # fmt: skip
     sparse_points(model, name, "bf16", args, ids, calib, held_out, dense_tok_s, rows, log, args.sparsities)
     if args.int8:
-        t = time.time()
         A.compress_weights(model, "int8_asym")
-        dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens)
-        dec.run(ids, 4, eos_token_id=[])
-        int8_tok_s, _ = decoder_tok_s(dec, ids, args.tokens, args.reps)
-        rows.append(
-            dict(
-                model=name,
-                path="decoder",
-                weights="int8",
-                target=None,
-                tok_s=int8_tok_s,
-                vs_dense=int8_tok_s / dense_tok_s,
-                mode=dec.mode,
-            )
+        dense_variant_row(
+            model, name, args, ids, dense_tok_s, rows, log, "decoder", "int8", "decoder int8 dense (torchao)"
         )
-        log(
-            f"[{name}] decoder int8 dense (torchao): {int8_tok_s:.1f} tok/s x{int8_tok_s / dense_tok_s:.2f} vs bf16 "
-            f"[{time.time() - t:.0f}s]"
-        )
-        del dec
         sparse_points(
             model,
             name,
