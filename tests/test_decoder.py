@@ -304,14 +304,31 @@ def test_decode_attention_kernel_gives_sdpas_tokens_and_runs_every_decode_step(a
     ids = _ids()
     ref = Decoder(model, 64, attention="model").run(ids, 10, output_logits=True)
     assert A.engine.attention_of(model) == "sdpa"
-    with _CountOps() as ops:
-        out = Decoder(model, 64, attention="kernel").run(ids, 10, output_logits=True)
+    dec = Decoder(model, 64, attention="kernel")
+    for _ in range(2):  # the second run re-switches for its length, as the first did
+        with _CountOps() as ops:
+            out = dec.run(ids, 10, output_logits=True)
+        assert A.engine.attention_of(model) == "sdpa"  # switched for the run only
+        # one call per layer and decode step (the prompt's prefill runs SDPA): 2 layers x 9 one-token steps
+        assert ops.counts.get("actsparse.decode_attention") == 2 * 9
+        assert torch.equal(out.sequences, ref.sequences)
+        for got, want in zip(out.logits, ref.logits):
+            torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16 rounding of the probabilities
+
+
+def test_decode_attention_scope_restores_the_model_after_an_error():
+    model = _tiny("llama")
+    with pytest.raises(RuntimeError, match="boom"):
+        with A.engine.decode_attention_scope(model):
+            assert A.engine.attention_of(model) == A.engine.ATTENTION
+            raise RuntimeError("boom")
+    assert A.engine.attention_of(model) == "sdpa"
+    with A.engine.decode_attention_scope(model, enabled=False):
+        assert A.engine.attention_of(model) == "sdpa"
+    A.engine.use_decode_attention(model)  # switched by the user: a scope leaves it switched
+    with A.engine.decode_attention_scope(model):
+        pass
     assert A.engine.attention_of(model) == A.engine.ATTENTION
-    # one call per layer and decode step (the prompt's prefill runs SDPA): 2 layers x 9 one-token steps
-    assert ops.counts.get("actsparse.decode_attention") == 2 * 9
-    assert torch.equal(out.sequences, ref.sequences)
-    for got, want in zip(out.logits, ref.logits):
-        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16 rounding of the probabilities
     A.engine.restore_attention(model, "sdpa")
     assert A.engine.attention_of(model) == "sdpa"
 

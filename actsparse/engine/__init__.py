@@ -1,6 +1,6 @@
 """Fast decode on the user's own model: a static-cache decoder captured in one CUDA graph per step."""
 
-from .attention import ATTENTION, attention_of, restore_attention, use_decode_attention
+from .attention import ATTENTION, attention_of, decode_attention_scope, restore_attention, use_decode_attention
 from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
 from .fusion import fuse_projections, fused_groups, unfuse_projections
 from .sampling import check_sampling, select_next
@@ -11,6 +11,7 @@ __all__ = [
     "attention_of",
     "use_decode_attention",
     "restore_attention",
+    "decode_attention_scope",
     "DecodeResult",
     "select_next",
     "check_sampling",

@@ -4,11 +4,14 @@ through), everything else runs transformers' own SDPA path, unchanged.
 
 It is registered with transformers as the attention implementation :data:`ATTENTION` (its masks are SDPA's),
 so the model's forward stays the model's own; :func:`use_decode_attention` switches a model to it and
-:func:`restore_attention` back; ``Decoder(model, ..., attention="auto")`` switches an SDPA model on CUDA.
+:func:`restore_attention` back, :func:`decode_attention_scope` for the length of a ``with`` block (what
+``Decoder(model, ..., attention="auto")`` does around each of its runs on CUDA: the model is left as it was).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +23,15 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..errors import DecoderError
 from ..kernels.decode_attention import decode_attention, decode_attention_supported
 
-__all__ = ["ATTENTION", "decode_attention_forward", "use_decode_attention", "restore_attention", "attention_of"]
+__all__ = [
+    "ATTENTION",
+    "decode_attention_forward",
+    "use_decode_attention",
+    "restore_attention",
+    "decode_attention_scope",
+    "attention_of",
+    "check_decode_attention",
+]
 
 ATTENTION = "actsparse_decode"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -67,15 +78,21 @@ def use_decode_attention(model: nn.Module) -> str | None:
     """Switch an SDPA ``model`` to :data:`ATTENTION`; returns the implementation it had (for
     :func:`restore_attention`). Other implementations (eager, flash, flex) are refused: their numerics or
     features differ from SDPA's, which is what the fallback runs."""
+    before = check_decode_attention(model)
+    if before != ATTENTION:
+        _set(model, ATTENTION)
+    return before
+
+
+def check_decode_attention(model: nn.Module) -> str | None:
+    """The attention ``model`` runs, when :func:`use_decode_attention` can switch it (SDPA, or switched
+    already); else a :class:`~actsparse.DecoderError` naming the fix. Changes nothing."""
     before = attention_of(model)
-    if before == ATTENTION:
-        return before
-    if before != "sdpa":
+    if before not in ("sdpa", ATTENTION):
         raise DecoderError(
             f"actsparse's decode attention replaces SDPA; {type(model).__name__} runs {before!r} attention "
             "(load it with attn_implementation='sdpa', or pass attention='model')"
         )
-    _set(model, ATTENTION)
     return before
 
 
@@ -83,6 +100,17 @@ def restore_attention(model: nn.Module, implementation: str | None) -> None:
     """Undo :func:`use_decode_attention` (``implementation`` is what it returned)."""
     if implementation is not None and attention_of(model) != implementation:
         _set(model, implementation)
+
+
+@contextmanager
+def decode_attention_scope(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """``model`` runs :data:`ATTENTION` inside the block (when ``enabled``) and what it ran before after it,
+    also when the block raises."""
+    before = use_decode_attention(model) if enabled else None
+    try:
+        yield
+    finally:
+        restore_attention(model, before)
 
 
 def _set(model: nn.Module, implementation: str) -> None:

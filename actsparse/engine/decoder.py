@@ -37,7 +37,7 @@ from ..errors import DecoderError
 from ..kernels.decode_attention import decode_attention_available
 from ..kernels.linear import stale_kernels
 from ..offload import model_device
-from .attention import attention_of, use_decode_attention
+from .attention import attention_of, check_decode_attention, decode_attention_scope
 from .fusion import fuse_projections
 from .hf import (
     EAGER_NUMERICS,
@@ -102,8 +102,8 @@ class Decoder:
         attention: ``"model"`` (default) keeps the model's own attention; ``"auto"`` switches an SDPA model on
             CUDA to actsparse's decode attention (:mod:`actsparse.engine.attention`: one-token steps read only
             the cache positions written so far, everything else runs SDPA as before; not yet measured on a
-            GPU, hence not the default); ``"kernel"`` requires that switch. The switch stays on the model
-            (``restore_attention`` undoes it).
+            GPU, hence not the default); ``"kernel"`` requires that switch. The switch lasts each :meth:`run`
+            (:func:`~actsparse.engine.decode_attention_scope`): between runs the model is as it was.
     """
 
     def __init__(
@@ -147,13 +147,15 @@ class Decoder:
                 f"attention='kernel' needs a CUDA model and Triton; this one runs on {self.device} "
                 "(use attention='auto' or 'model')"
             )
-        if attention == "kernel" or (
+        if attention == "kernel":
+            check_decode_attention(model)  # refused now, not at the first run
+        # switched around each run (decode_attention_scope), the model left as it was between runs
+        self.decode_attention = attention == "kernel" or (
             attention == "auto"
             and self.device.type == "cuda"
             and attention_of(model) == "sdpa"
             and decode_attention_available(self.device)
-        ):
-            use_decode_attention(model)
+        )
         if cuda_graph and self.device.type != "cuda":
             raise DecoderError(
                 f"cuda_graph=True needs a model on a CUDA device; this one runs on {self.device} (use cuda_graph=False)"
@@ -347,66 +349,67 @@ class Decoder:
             generator.manual_seed(seed) if seed is not None else generator.seed()
         sync_every = 1 if on_tokens is not None else self.sync_every
 
-        self._prepare()
-        self.cache.reset()
-        self._step_idx.zero_()
-        self._sync()
-        t0 = time.perf_counter()
-        logits = self._logits(ids)
-        kept = [logits.clone()] if output_logits else None
-        self._tok.copy_(
-            select_next(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator).view(
-                -1, 1
+        with decode_attention_scope(self.model, self.decode_attention):
+            self._prepare()
+            self.cache.reset()
+            self._step_idx.zero_()
+            self._sync()
+            t0 = time.perf_counter()
+            logits = self._logits(ids)
+            kept = [logits.clone()] if output_logits else None
+            self._tok.copy_(
+                select_next(
+                    logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+                ).view(-1, 1)
             )
-        )
-        first = self._tok[:, 0].tolist()  # waits for the device: the time to the first token
-        prefill_seconds = time.perf_counter() - t0
+            first = self._tok[:, 0].tolist()  # waits for the device: the time to the first token
+            prefill_seconds = time.perf_counter() - t0
 
-        rows: list[list[int]] = [[t] for t in first]
-        done = [t in eos for t in first]
-        emitted = 0
-        if on_tokens is not None:
-            on_tokens(rows[0][:1])
-            emitted = 1
-        t1 = time.perf_counter()
-        steps = 0
-        while steps < max_new_tokens - 1 and not all(done):
-            todo = min(sync_every, max_new_tokens - 1 - steps)
-            for _ in range(todo):
-                logits = self._replay()
-                if kept is not None:
-                    kept.append(logits.clone())
-                if do_sample:
-                    self._tok.copy_(
-                        select_next(
-                            logits, do_sample=True, temperature=temperature, top_p=top_p, generator=generator
-                        ).view(-1, 1)
-                    )
-            # each step recorded the token it was fed (new tokens steps+1 .. steps+todo-1); the newest is in _tok
-            block = torch.cat([self._out[:, steps + 1 : steps + todo], self._tok], dim=1).tolist()
-            steps += todo
-            for r, new in enumerate(block):
-                for t in new:
-                    if done[r]:
-                        break
-                    rows[r].append(t)
-                    done[r] = t in eos
-            if on_tokens is not None and len(rows[0]) > emitted:
-                on_tokens(rows[0][emitted:])
-                emitted = len(rows[0])
-        decode_seconds = time.perf_counter() - t1
+            rows: list[list[int]] = [[t] for t in first]
+            done = [t in eos for t in first]
+            emitted = 0
+            if on_tokens is not None:
+                on_tokens(rows[0][:1])
+                emitted = 1
+            t1 = time.perf_counter()
+            steps = 0
+            while steps < max_new_tokens - 1 and not all(done):
+                todo = min(sync_every, max_new_tokens - 1 - steps)
+                for _ in range(todo):
+                    logits = self._replay()
+                    if kept is not None:
+                        kept.append(logits.clone())
+                    if do_sample:
+                        self._tok.copy_(
+                            select_next(
+                                logits, do_sample=True, temperature=temperature, top_p=top_p, generator=generator
+                            ).view(-1, 1)
+                        )
+                # each step recorded the token it was fed (new tokens steps+1 .. steps+todo-1); the newest is in _tok
+                block = torch.cat([self._out[:, steps + 1 : steps + todo], self._tok], dim=1).tolist()
+                steps += todo
+                for r, new in enumerate(block):
+                    for t in new:
+                        if done[r]:
+                            break
+                        rows[r].append(t)
+                        done[r] = t in eos
+                if on_tokens is not None and len(rows[0]) > emitted:
+                    on_tokens(rows[0][emitted:])
+                    emitted = len(rows[0])
+            decode_seconds = time.perf_counter() - t1
 
-        longest = max(len(r) for r in rows)
-        new = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long, device=self.device)
-        return DecodeResult(
-            torch.cat([ids, new], dim=1),
-            longest,
-            prefill_seconds,
-            decode_seconds,
-            "eos" if all(done) else "length",
-            self.mode,
-            None if kept is None else tuple(kept[:longest]),
-        )
+            longest = max(len(r) for r in rows)
+            new = torch.tensor([r + [pad] * (longest - len(r)) for r in rows], dtype=torch.long, device=self.device)
+            return DecodeResult(
+                torch.cat([ids, new], dim=1),
+                longest,
+                prefill_seconds,
+                decode_seconds,
+                "eos" if all(done) else "length",
+                self.mode,
+                None if kept is None else tuple(kept[:longest]),
+            )
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs: Any) -> torch.Tensor:
         """``[B, T + new]`` token ids: the prompt followed by greedy (default) or sampled new tokens, as
