@@ -200,7 +200,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         CG.PDL = backend == "cuda-pdl"
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
         label = f"reduce={reduce}, backend={backend}"
-        dec = Decoder(model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens)
+        dec = Decoder(
+            model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, glu=not args.no_glu
+        )
         routes = None
         for s in sparsities:
             set_sparsity(model, stats, s)
@@ -397,6 +399,11 @@ def main():
         help="the Decoder's attention (auto: actsparse's decode attention on CUDA; model: the model's SDPA)",
     )
     ap.add_argument("--no-unfused", action="store_true", help="skip the dense Decoder without fused projections")
+    ap.add_argument(
+        "--no-glu",
+        action="store_true",
+        help="sparse Decoder without fuse_glu (SiLU(gate)*up as its own kernel, not in the down GEMV's load)",
+    )
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]

@@ -365,6 +365,42 @@ def test_decoder_with_the_cuda_kernel_equals_triton():
     assert torch.equal(runs["cuda"].sequences[:, :12], runs["triton"].sequences[:, :12])
 
 
+@gpu
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [11008, 1000])
+def test_gated_input_is_silu_gate_times_up_rounded_as_torch_rounds_it(dtype, k, quantize):
+    """The in-load product gives the very input torch's ``act_fn(gate) * up`` gives: the same kept rows and
+    values, hence the same outputs bit for bit as the kernel run on torch's product."""
+    up, p = _packed(k, (4096,) if k > 2048 else (320,), dtype, "cuda", shifts=[0.05], bias=True, quantize=quantize)
+    gate = (torch.randn(k, generator=torch.Generator().manual_seed(5)) * 3).to(dtype).cuda()
+    x = torch.nn.functional.silu(gate) * up
+    p.threshold.fill_(torch.quantile((x.float() - 0.05).abs(), 0.5).item())
+    want = CG.sparse_gemv_cuda(x, p)
+    got = CG.sparse_gemv_cuda(up, p, gate=gate)
+    assert torch.equal(got, want)
+    for a, b in zip(ops.sparse_gemv_glu(gate, up, p), K.sparse_gemv(x, p)):
+        assert torch.equal(a, b)
+    with pytest.raises(UsageError, match="gate must match the input"):
+        CG.sparse_gemv_cuda(up, p, gate=gate[:-1])
+
+
+@gpu
+def test_decoder_with_fused_glu_gives_the_unfused_tokens_and_logits():
+    from actsparse.engine import Decoder, glu_fused
+
+    model = _sparse_cuda_llama(0.5)
+    K.enable_kernels(model)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4)).cuda()
+    plain = Decoder(model, 64, glu=False, fallback=False).run(ids, 16, output_logits=True)
+    assert glu_fused(model) == []
+    fused = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # glu: on with the CUDA graph
+    assert glu_fused(model) == [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits):
+        assert torch.equal(a, b)
+
+
 def _sparse_cuda_llama(sparsity: float, int8: bool = False):
     """A tiny bf16 Llama on CUDA (int8 codes if asked), every layer sparsified at ``sparsity``."""
     model = make_tiny_llama(hidden=256, inter=512).to("cuda", torch.bfloat16)

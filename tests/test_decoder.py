@@ -318,10 +318,9 @@ def test_decode_attention_kernel_gives_sdpas_tokens_and_runs_every_decode_step(a
 
 def test_decode_attention_scope_restores_the_model_after_an_error():
     model = _tiny("llama")
-    with pytest.raises(RuntimeError, match="boom"):
-        with A.engine.decode_attention_scope(model):
-            assert A.engine.attention_of(model) == A.engine.ATTENTION
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), A.engine.decode_attention_scope(model):
+        assert A.engine.attention_of(model) == A.engine.ATTENTION
+        raise RuntimeError("boom")
     assert A.engine.attention_of(model) == "sdpa"
     with A.engine.decode_attention_scope(model, enabled=False):
         assert A.engine.attention_of(model) == "sdpa"

@@ -3,6 +3,7 @@
 from .attention import ATTENTION, attention_of, decode_attention_scope, restore_attention, use_decode_attention
 from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
 from .fusion import fuse_projections, fused_groups, unfuse_projections
+from .glu import fuse_glu, glu_fused, unfuse_glu
 from .sampling import check_sampling, select_next
 
 __all__ = [
@@ -20,4 +21,7 @@ __all__ = [
     "fuse_projections",
     "unfuse_projections",
     "fused_groups",
+    "fuse_glu",
+    "unfuse_glu",
+    "glu_fused",
 ]

@@ -39,6 +39,7 @@ from ..kernels.linear import stale_kernels
 from ..offload import model_device
 from .attention import attention_of, check_decode_attention, decode_attention_scope
 from .fusion import fuse_projections
+from .glu import fuse_glu, unfuse_glu
 from .hf import (
     EAGER_NUMERICS,
     eos_token_ids,
@@ -99,6 +100,9 @@ class Decoder:
         fuse: run the dense q/k/v and gate/up projections as one GEMM per group
             (:func:`~actsparse.engine.fuse_projections`; default: with the CUDA graph). The model stays
             fused (its weights views of one tensor per group); ``unfuse_projections(model)`` undoes it.
+        glu: give gated MLPs whose down projection runs the CUDA sparse GEMV a forward that hands it ``gate`` and
+            ``up``, the kernel forming ``silu(gate) * up`` as it loads them (:func:`~actsparse.engine.fuse_glu`:
+            one elementwise launch fewer per layer; default: as ``fuse``). ``False`` restores the MLPs' own forward.
         attention: ``"model"`` (default) keeps the model's own attention; ``"auto"`` switches an SDPA model on
             CUDA to actsparse's decode attention (:mod:`actsparse.engine.attention`: one-token steps read only
             the cache positions written so far, everything else runs SDPA as before; not yet measured on a
@@ -119,6 +123,7 @@ class Decoder:
         fallback: bool = True,
         fuse: bool | None = None,
         attention: str = "model",
+        glu: bool | None = None,
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
@@ -164,6 +169,7 @@ class Decoder:
         self.compile = self.cuda_graph if compile is None else bool(compile)
         self.backend, self.fallback = backend, fallback
         self.fuse = self.cuda_graph if fuse is None else bool(fuse)
+        self.glu = self.fuse if glu is None else bool(glu)
         self.fallback_reason: str | None = None
         self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
@@ -220,6 +226,10 @@ class Decoder:
         """Compile and capture the decode step for the model as it is now (no-op when nothing changed)."""
         if self.fuse:  # keeps intact groups as they are, re-plans changed ones (before the structure key)
             fuse_projections(self.model)
+        if self.glu:  # (after enable_kernels: the MLPs whose down projection runs the CUDA kernel)
+            fuse_glu(self.model)
+        else:
+            unfuse_glu(self.model)
         stale = stale_kernels(self.model)
         if stale:
             raise DecoderError(

@@ -411,9 +411,9 @@ def build_library(arch: str) -> Path:
     return out
 
 
-# actsparse_sgemv(dtype, quant, bn, cl, pdl, x, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, c1, c2,
+# actsparse_sgemv(dtype, quant, bn, cl, pdl, x, gate, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, c1, c2,
 #                 stream)
-_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 9 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
 _LIBS: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}
 _LOCK = threading.Lock()
@@ -459,13 +459,30 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def sparse_gemv_cuda(
-    x: torch.Tensor, packed: PackedGemv, config: CudaConfig | None = None, *, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: PackedGemv,
+    config: CudaConfig | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``) in ``x``'s dtype, into ``out`` if given."""
+    """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``) in ``x``'s dtype, into ``out`` if given.
+
+    With ``gate`` (a gated MLP's down projection, ``x`` its up projection) the input is
+    ``silu(gate) * x``, rounded to the dtype after each of the two steps as torch rounds ``act_fn(gate) * up``,
+    computed as the kernel loads it."""
     k, n = packed.in_features, packed.padded_out
     x1 = x.reshape(-1)
     if x1.numel() != k:
         raise UsageError(f"sparse GEMV takes one input row of {k} features, got shape {tuple(x.shape)}")
+    g1 = None
+    if gate is not None:
+        g1 = gate.reshape(-1).contiguous()
+        if g1.shape != x1.shape or g1.dtype != x1.dtype or g1.device != x1.device:
+            raise UsageError(
+                f"gate must match the input: [{k}] {x1.dtype} on {x1.device}, got {tuple(gate.shape)} "
+                f"{gate.dtype} on {gate.device}"
+            )
     if not supports(x1, packed):
         raise UsageError(
             "the CUDA sparse GEMV takes the plain layout, fp16/bf16 inputs with weights of their dtype or int8 "
@@ -482,13 +499,20 @@ def sparse_gemv_cuda(
     if y.device != dev:
         raise UsageError(f"out is on {y.device}, the input on {dev}")
     with torch.cuda.device(dev):  # the launch goes to the current device: make it the tensors' one
-        err = _launch(dev, x1, y, packed, config)
+        err = _launch(dev, x1, y, packed, config, g1)
     if err != 0:
         raise UsageError(f"the CUDA sparse GEMV did not launch (code {err}) for {k}x{n} with {config}")
     return y
 
 
-def _launch(dev: torch.device, x1: torch.Tensor, y: torch.Tensor, packed: PackedGemv, config: CudaConfig) -> int:
+def _launch(
+    dev: torch.device,
+    x1: torch.Tensor,
+    y: torch.Tensor,
+    packed: PackedGemv,
+    config: CudaConfig,
+    gate: torch.Tensor | None = None,
+) -> int:
     c1, c2 = packed.segment_starts
     bias = packed.bias
     quant = 0 if not packed.quantized else (2 if packed.zero is not None else 1)
@@ -499,6 +523,7 @@ def _launch(dev: torch.device, x1: torch.Tensor, y: torch.Tensor, packed: Packed
         config.cluster,
         int(config.pdl or PDL),
         x1.data_ptr(),
+        gate.data_ptr() if gate is not None else None,
         packed.weight_t.data_ptr(),
         y.data_ptr(),
         packed.threshold.data_ptr(),

@@ -45,13 +45,14 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..weights import int8_codes, weight_key
 from . import cuda_gemv
-from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, triton_available
+from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, sparse_gemv_glu, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
 __all__ = [
     "enable_kernels",
     "disable_kernels",
     "kernel_forward",
+    "glu_kernel_forward",
     "kernel_routes",
     "stale_kernels",
     "KernelRoute",
@@ -393,22 +394,46 @@ def _version(x: torch.Tensor) -> int | None:
     return x._version
 
 
-def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
-    packed = layer._packed
+def _takes(layer: Any, x: torch.Tensor) -> bool:
+    """Whether this call of a packed ``layer`` with input ``x`` may run the sparse GEMV (else: stay dense)."""
     if (
-        packed is None
+        layer._packed is None
         or x.numel() != layer.in_features
         or x.dtype != layer.weight.dtype
         or torch.is_grad_enabled()
         and (x.requires_grad or layer.weight.requires_grad)
     ):
+        return False
+    # eagerly: the weight was not replaced or edited since packing (else stay correct: re-run enable_kernels)
+    return torch.compiler.is_compiling() or layer._packed_from == weight_key(layer.weight)
+
+
+def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
+    if not _takes(layer, x):
         return None
-    if not torch.compiler.is_compiling() and layer._packed_from != weight_key(layer.weight):
-        return None  # the weight was replaced or edited since packing: stay correct (re-run enable_kernels)
+    packed = layer._packed
     run = masked_gemm if layer._kernel_route.route == "dense" else sparse_gemv  # dense: a fused group's GEMM
     group = layer._kernel_group
     if group is None:
         return run(x, packed)[0]
     shared, i = group
     return shared.output(i, x, lambda: run(x, packed))
+
+
+def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``layer(silu(gate) * up)`` through :func:`~actsparse.kernels.ops.sparse_gemv_glu` (the product formed as
+    the CUDA kernel loads its input), or ``None`` when this call should take the layer's own forward: not a
+    lone layer on the kernel route, hooks on it (they must see the product), or a call :func:`kernel_forward`
+    would keep dense."""
+    if (
+        not _takes(layer, up)
+        or layer._kernel_group is not None
+        or layer._kernel_route.route != "kernel"
+        or layer._forward_hooks
+        or layer._forward_pre_hooks
+        or gate.shape != up.shape
+        or gate.dtype != up.dtype
+    ):
+        return None
+    return sparse_gemv_glu(gate, up, layer._packed)[0]

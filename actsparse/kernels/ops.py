@@ -40,6 +40,7 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "sparse_gemv",
+    "sparse_gemv_glu",
     "masked_gemm",
     "triton_available",
     "cuda_kernel_available",
@@ -175,6 +176,31 @@ def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend=
     return x.new_empty(*x.shape[:-1], _padded_out(weight_t))
 
 
+@torch.library.custom_op("actsparse::sparse_gemv_glu", mutates_args=())
+def _sparse_gemv_glu_op(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    shift: torch.Tensor | None,
+    wsum: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    segments: list[int],
+    backend: str = "auto",
+) -> torch.Tensor:
+    packed = _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend)
+    if kernel_for(up, packed) == "cuda":  # silu(gate) * up computed as the kernel loads its input
+        return cuda_gemv.sparse_gemv_cuda(up, packed, gate=gate).reshape(*up.shape[:-1], packed.padded_out)
+    return _run(F.silu(gate) * up, packed)  # the other kernels take the product as their input
+
+
+@_sparse_gemv_glu_op.register_fake
+def _(gate, up, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto"):
+    return up.new_empty(*up.shape[:-1], _padded_out(weight_t))
+
+
 @torch.library.custom_op("actsparse::sparse_gemv_partials", mutates_args=())
 def _sparse_gemv_partials_op(
     x: torch.Tensor,
@@ -201,6 +227,17 @@ def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, split):
     return x.new_empty(split, _padded_out(weight_t), dtype=torch.float32)
 
 
+def _check_input(x: torch.Tensor, packed: PackedGemv) -> None:
+    if packed.backend not in BACKENDS:
+        raise UsageError(f"packed.backend must be one of {', '.join(BACKENDS)}, got {packed.backend!r}")
+    if x.shape[-1] != packed.in_features:
+        raise UsageError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise InvalidTypeError(f"sparse_gemv supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+    if x.device != packed.weight_t.device:
+        raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
+
+
 def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") -> tuple[torch.Tensor, ...]:
     """Outputs ``(y_0, ...)`` of the packed layers for inputs ``x[..., K]``, each ``[..., out_i]``.
 
@@ -210,14 +247,7 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") 
     """
     if reduce not in REDUCTIONS:
         raise UsageError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
-    if packed.backend not in BACKENDS:
-        raise UsageError(f"packed.backend must be one of {', '.join(BACKENDS)}, got {packed.backend!r}")
-    if x.shape[-1] != packed.in_features:
-        raise UsageError(f"input has {x.shape[-1]} features, the packed weights expect {packed.in_features}")
-    if x.dtype not in _KERNEL_DTYPES:
-        raise InvalidTypeError(f"sparse_gemv supports float16, bfloat16 and float32 inputs, got {x.dtype}")
-    if x.device != packed.weight_t.device:
-        raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
+    _check_input(x, packed)
     segs = [v for seg in packed.segments for v in seg]
     args = (x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
     if reduce == "consumer" and kernel_for(x, packed) == "triton":  # (the CUDA kernel reduces in its cluster)
@@ -228,3 +258,18 @@ def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") 
     else:
         y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend)
     return packed.split(y)
+
+
+def sparse_gemv_glu(gate: torch.Tensor, up: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]:
+    """:func:`sparse_gemv` of ``silu(gate) * up`` (a gated MLP's down projection), each product rounded to the
+    dtype as torch rounds ``act_fn(gate) * up``. The CUDA C++ kernel computes the product as it loads its
+    input (no elementwise kernel before it); elsewhere the product is formed first."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise UsageError(
+            f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
+            f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}"
+        )
+    _check_input(up, packed)
+    segs = [v for seg in packed.segments for v in seg]
+    rest = (packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
+    return packed.split(torch.ops.actsparse.sparse_gemv_glu(gate, up, *rest, segs, packed.backend))

@@ -6,6 +6,9 @@
 //     d  = float(x[k]) - mu[s];  kept where not (|d| <= float(T(tau[s])))  (NaN is kept);  x' = float(T(d))
 //     y[n] = T( sum over kept k of W[k, n] * x'  +  mu[s] * wsum[n]  +  bias[n] )   (fp32 sums)
 // int8: sum_k q[k, n] x'_k is accumulated, then scale[n] * (that - zero[n] * sum_k x'_k) once per column.
+// Gated input (gate != nullptr: a gated MLP's down projection): x[k] = T(T(silu(gate[k])) * up[k]) with up
+// passed as x and silu(g) = g / (1 + exp(-g)) in fp32, as torch rounds act_fn(gate) * up; the elementwise
+// kernel that would write it is gone.
 //
 // One thread block owns BN output columns and a k_per slice of the inputs; the cl blocks sharing a column
 // tile form a thread-block cluster, so the split-K reduction runs through distributed shared memory:
@@ -98,7 +101,8 @@ __device__ __forceinline__ void load_rows(uint4 (&wv)[UB], float (&xk)[UB], int 
 // Q: 0 = weights of dtype T, 1 = int8 codes with a scale per column, 2 = int8 codes with a scale and a zero point
 template <typename T, int BN, int Q>
 __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
-    sgemv_cluster(const T* __restrict__ x, const void* __restrict__ w, T* __restrict__ y, const float* __restrict__ tau_p,
+    sgemv_cluster(const T* __restrict__ x, const T* __restrict__ gate, const void* __restrict__ w, T* __restrict__ y,
+                  const float* __restrict__ tau_p,
                   const float* __restrict__ mu_p, const float* __restrict__ wsum, const void* __restrict__ bias,
                   const float* __restrict__ scale, const float* __restrict__ zero, int bias_fp32, int K, int N,
                   int k_per, int c1, int c2) {
@@ -133,7 +137,15 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
     const int k = k_lo + j * NT + threadIdx.x;
-    xv[j] = (k < k_hi) ? to_f(x[k]) - mu : 0.f;
+    float v = 0.f;
+    if (k < k_hi) {
+      v = to_f(x[k]);
+      if (gate != nullptr) {  // uniform over the launch: no divergence
+        const float g = to_f(gate[k]);
+        v = round_f<T>(round_f<T>(g / (1.f + expf(-g))) * v);
+      }
+    }
+    xv[j] = (k < k_hi) ? v - mu : 0.f;
   }
   unsigned keepm[JMAX];
 #pragma unroll
@@ -241,7 +253,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 }
 
 template <typename T, int BN, int Q>
-static int launch(const void* x, const void* w, void* y, const float* tau, const float* mu, const float* wsum,
+static int launch(const void* x, const void* gate, const void* w, void* y, const float* tau, const float* mu, const float* wsum,
                   const void* bias, const float* scale, const float* zero, int bias_fp32, int K, int N, int cl,
                   int c1, int c2, int pdl, cudaStream_t st) {
   if (cl < 1 || cl > 16 || BN % cl != 0) return -1;
@@ -266,20 +278,22 @@ static int launch(const void* x, const void* w, void* y, const float* tau, const
   attr[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
-  return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN, Q>, (const T*)x, w, (T*)y, tau, mu, wsum, bias, scale,
-                                 zero, bias_fp32, K, N, k_per, c1, c2);
+  return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN, Q>, (const T*)x, (const T*)gate, w, (T*)y, tau, mu, wsum,
+                                 bias, scale, zero, bias_fp32, K, N, k_per, c1, c2);
 }
 
 // dtype: 0 bf16, 1 fp16 (the activations'); quant: 0 weights of that dtype, 1 int8 + scale, 2 int8 + scale + zero.
-// Returns 0 or a cudaError_t code (-1: a shape/config the kernel does not take).
-extern "C" int actsparse_sgemv(int dtype, int quant, int bn, int cl, int pdl, const void* x, const void* w, void* y,
+// gate: nullptr, or the gate of a gated MLP (x is then its up projection). Returns 0 or a cudaError_t code (-1: a
+// shape/config the kernel does not take).
+extern "C" int actsparse_sgemv(int dtype, int quant, int bn, int cl, int pdl, const void* x, const void* gate,
+                               const void* w, void* y,
                                const float* tau, const float* mu, const float* wsum, const void* bias,
                                const float* scale, const float* zero, int bias_fp32, int K, int N, int c1, int c2,
                                void* stream) {
   cudaStream_t st = (cudaStream_t)stream;
 #define ACTSPARSE_CASE(T, BN, Q)                                                                            \
   if (bn == BN && quant == Q)                                                                               \
-    return launch<T, BN, Q>(x, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, cl, c1, c2, pdl, st);
+    return launch<T, BN, Q>(x, gate, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, cl, c1, c2, pdl, st);
 #define ACTSPARSE_TILES(T, Q) ACTSPARSE_CASE(T, 64, Q) ACTSPARSE_CASE(T, 128, Q) ACTSPARSE_CASE(T, 256, Q)
   if (dtype == 0) {
     ACTSPARSE_TILES(__nv_bfloat16, 0) ACTSPARSE_TILES(__nv_bfloat16, 1) ACTSPARSE_TILES(__nv_bfloat16, 2)
