@@ -1,9 +1,10 @@
 """Helpers shared by the tests: tiny random models and a byte-level tokenizer (fixtures are in conftest.py)."""
 
 import torch
+import torch.utils._python_dispatch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["VOCAB", "make_tiny_llama", "byte_tokenizer", "random_norm_gains", "token_batches", "logits_of"]
+__all__ = ["VOCAB", "CountOps", "make_tiny_llama", "byte_tokenizer", "random_norm_gains", "token_batches", "logits_of"]
 
 VOCAB = 256
 
@@ -57,3 +58,17 @@ def token_batches(n: int = 4, seed: int = 1) -> list:
 def logits_of(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that run (by name, e.g. ``"actsparse.sparse_gemv"``) while active: what the dispatcher
+    sees, not our Python."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))

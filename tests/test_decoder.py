@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import VOCAB, byte_tokenizer, make_tiny_llama
+from helpers import VOCAB, CountOps, byte_tokenizer, make_tiny_llama
 from transformers import (
     MistralConfig,
     MistralForCausalLM,
@@ -285,19 +285,6 @@ def test_offloaded_model_decodes_eagerly():
 
 
 # ------------------------------------------------------------------------------------- decode attention
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the ops that run (by name) while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_decode_attention_kernel_gives_sdpas_tokens_and_runs_every_decode_step(arch):
     model = _tiny(arch).to(torch.bfloat16)  # the kernel takes fp16/bf16 (here in Triton's interpreter)
@@ -306,7 +293,7 @@ def test_decode_attention_kernel_gives_sdpas_tokens_and_runs_every_decode_step(a
     assert A.engine.attention_of(model) == "sdpa"
     dec = Decoder(model, 64, attention="kernel")
     for _ in range(2):  # the second run re-switches for its length, as the first did
-        with _CountOps() as ops:
+        with CountOps() as ops:
             out = dec.run(ids, 10, output_logits=True)
         assert A.engine.attention_of(model) == "sdpa"  # switched for the run only
         # one call per layer and decode step (the prompt's prefill runs SDPA): 2 layers x 9 one-token steps

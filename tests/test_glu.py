@@ -7,8 +7,7 @@ bit-identical; the CUDA kernel's in-load product is tested on the GPU (tests/tes
 import pytest
 import torch
 import torch.nn as nn
-from helpers import VOCAB, make_tiny_llama
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import VOCAB, CountOps, make_tiny_llama
 
 import actsparse as A
 import actsparse.kernels as K
@@ -19,17 +18,6 @@ from actsparse.kernels.ops import sparse_gemv_glu
 pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
 
 DT = torch.bfloat16
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def _model(layers=2, kernels=True):
@@ -57,13 +45,13 @@ def test_fused_mlps_give_the_same_outputs_through_one_glu_gemv_each():
         names = fuse_glu(model, require_cuda=False)
         assert names == glu_fused(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
         assert fuse_glu(model, require_cuda=False) == names  # idempotent: the same forwards kept
-        with _Count() as ops:
+        with CountOps() as ops:
             got = [m(x) for m in mlps]
         assert ops.counts.get("actsparse.sparse_gemv_glu") == 2
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         prefill = torch.randn(1, 5, model.config.hidden_size).to(DT)  # several rows: the MLP's own arithmetic
-        with _Count() as ops:
+        with CountOps() as ops:
             fused = mlps[0](prefill)
         assert "actsparse.sparse_gemv_glu" not in ops.counts
         unfuse_glu(model)
@@ -81,7 +69,7 @@ def test_a_hook_on_down_proj_sees_the_product_and_the_mlp_is_not_fused_while_hoo
     assert fuse_glu(model, require_cuda=False) == ["model.layers.0.mlp"]
     handle = mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))  # hooked after fusing
     x = _row(model)
-    with torch.no_grad(), _Count() as ops:
+    with torch.no_grad(), CountOps() as ops:
         y = mlp(x)
     assert "actsparse.sparse_gemv_glu" not in ops.counts and len(seen) == 1
     with torch.no_grad():
