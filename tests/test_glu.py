@@ -95,11 +95,20 @@ class _ScaledMLP(nn.Module):
         return 0.5 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _RoutedMLP(_ScaledMLP):
+    """A forward that needs more than the hidden states (a router's weights, say)."""
+
+    def forward(self, x, weights):
+        return weights * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 def test_only_mlps_that_compute_down_of_silu_gate_times_up_are_fused():
     model = _model()
     layers = model.model.layers
     layers[0].mlp = _ScaledMLP(layers[0].mlp)
     layers[1].mlp.act_fn = nn.GELU()
+    assert fuse_glu(model, require_cuda=False) == []
+    layers[0].mlp = _RoutedMLP(layers[0].mlp)
     assert fuse_glu(model, require_cuda=False) == []
     layers[1].mlp.act_fn = nn.SiLU()
     assert fuse_glu(model, require_cuda=False) == ["model.layers.1.mlp"]
