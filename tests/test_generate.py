@@ -232,6 +232,8 @@ def test_side_by_side_fits_the_width():
         (PROMPT, {"do_sample": True, "temperature": 0.0}, "temperature"),
         (PROMPT, {"do_sample": True, "top_p": 1.5}, "top_p"),
         (PROMPT, {"max_new_tokens": 600}, "exceeds the model's 512 positions"),
+        (PROMPT, {"engine": "eager", "attention": "kernel"}, "attention='kernel' runs in the graph engine"),
+        (PROMPT, {"engine": "graph", "attention": "flash"}, "attention must be one of auto, kernel, model"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_model_alone(tok, prompt, kwargs, message):
@@ -243,6 +245,18 @@ def test_bad_input_raises_and_leaves_the_model_alone(tok, prompt, kwargs, messag
         compare_generate(model, tok, prompt, **kwargs)
     after = model.state_dict()
     assert A.sparse_layers(model) == layers and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_graph_engine_with_the_decode_attention_kernel_gives_the_same_tokens(tok):
+    # the kernel takes fp16/bf16 (here in Triton's interpreter); fp16, as bf16 rounding flips this random
+    # model's near-tied logits at step 5 (0.461 vs 0.459: 0.006 apart in bf16, 0.0004 in fp16)
+    model = _sparsified(0.3).to(torch.float16)
+    want = generate(model, tok, PROMPT, max_new_tokens=8, engine="graph", attention="model")
+    got = generate(model, tok, PROMPT, max_new_tokens=8, engine="graph", attention="kernel")
+    assert got.token_ids == want.token_ids
+    assert A.engine.attention_of(model) == "sdpa"  # switched for the generation only
+    with pytest.raises(ValueError, match="pass attention= to the Decoder you give as decoder="):
+        generate(model, tok, PROMPT, decoder=A.engine.Decoder(model, 64), attention="auto")
 
 
 def test_compare_needs_a_sparse_model(tok):
@@ -472,6 +486,7 @@ def test_cli_generate_calibrates_without_thresholds(tiny_model_dir, text_file, c
         (["--prompt", PROMPT, "--thresholds", "missing.safetensors"], "does not exist"),
         (["--prompt", PROMPT, "--dense", "--compare"], "--dense generates without sparsity"),
         (["--prompt", PROMPT, "--dense", "--chat"], "no chat template"),
+        (["--prompt", PROMPT, "--dense", "--engine", "eager", "--attention", "kernel"], "runs in the graph engine"),
     ],
 )
 def test_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):

@@ -66,6 +66,14 @@ def register(sub) -> None:
         "eager: the dynamic-cache loop; auto (default): graph on CUDA, eager elsewhere",
     )
     gen.add_argument(
+        "--attention",
+        default=None,
+        choices=["model", "auto", "kernel"],
+        help="the graph engine's attention: model (the model's own SDPA), auto (actsparse's decode attention on "
+        "CUDA: one-token steps read only the written cache positions), kernel (auto, refused where it cannot "
+        "run); default: the Decoder's (model)",
+    )
+    gen.add_argument(
         "--no-kernels",
         action="store_true",
         help="on CUDA, decode sparse layers with masked dense matmuls instead of the sparse GEMV kernels "
@@ -124,6 +132,8 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
             f"{cal['calibration_seconds']:.1f} s",
         )
     settings["engine"] = args.engine
+    if args.attention is not None:
+        settings["attention"] = args.attention
     if (
         not args.no_kernels
         and not args.dense

@@ -118,13 +118,16 @@ def _loop(
     return new, prefill_seconds, decode_seconds
 
 
-def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int) -> Decoder:
+def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int, attention: str | None = None) -> Decoder:
     if decoder is None:  # a cache as long as this generation needs: decode attends over all of it
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         size = -(-needed // 64) * 64
-        return Decoder(model, max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size))
+        extra = {} if attention is None else {"attention": attention}  # None: the Decoder's default
+        return Decoder(model, max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size), **extra)
     if decoder.model is not model:
         raise UsageError("the decoder was built for another model; pass Decoder(model) of this model")
+    if attention is not None:
+        raise UsageError("pass attention= to the Decoder you give as decoder=, not to generate")
     return decoder
 
 
@@ -145,6 +148,7 @@ def generate(
     measure_sparsity: bool = True,
     engine: str = "auto",
     decoder: Decoder | None = None,
+    attention: str | None = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` after ``prompt`` (batch 1, KV cache) and time it.
 
@@ -153,7 +157,9 @@ def generate(
     ``engine``: ``"graph"`` decodes with the static-cache :class:`~actsparse.engine.Decoder` (one CUDA-graph
     replay per token on CUDA; the same computation eagerly elsewhere), ``"eager"`` with the dynamic-cache
     loop, ``"auto"`` (default) the decoder on CUDA and the loop elsewhere. Pass ``decoder=Decoder(model, ...)``
-    to reuse one compiled graph across calls (otherwise each call compiles its own).
+    to reuse one compiled graph across calls (otherwise each call compiles its own). ``attention``: the
+    graph engine's attention (``Decoder(..., attention=)``: ``"model"``, ``"auto"``, ``"kernel"``; default the
+    Decoder's); ``"kernel"`` with the eager loop is refused.
     The model is not modified; on bad input a ``ValueError`` is raised before it runs.
     """
     check_settings(
@@ -161,13 +167,18 @@ def generate(
     )
     ids, chat = encode_checked(model, tokenizer, prompt, chat, max_new_tokens)
     chosen = "graph" if decoder is not None else resolve_engine(model, engine)
+    if attention == "kernel" and chosen != "graph":
+        raise UsageError(
+            "attention='kernel' runs in the graph engine's decode steps (CUDA); this generation runs the eager "
+            "loop: pass engine='graph' on a CUDA model, or attention='auto'"
+        )
     device = model_device(model)
     ids = ids.to(device)
     eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
     sampling: dict[str, Any] = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
     detok = Detokenizer(tokenizer, stream)
     if chosen == "graph":
-        dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens)
+        dec = _decoder_for(model, decoder, ids.shape[1] + max_new_tokens, attention)
 
         def on_tokens(toks: list[int]) -> None:
             for t in toks:
@@ -257,7 +268,8 @@ def compare_generate(
     )
     ids, _ = encode_checked(model, tokenizer, prompt, settings.get("chat"), settings.get("max_new_tokens", 64))
     if settings.get("decoder") is None and resolve_engine(model, settings.get("engine", "auto")) == "graph":
-        settings["decoder"] = _decoder_for(model, None, ids.shape[1] + settings.get("max_new_tokens", 64))
+        needed = ids.shape[1] + settings.get("max_new_tokens", 64)
+        settings["decoder"] = _decoder_for(model, None, needed, settings.pop("attention", None))
     if warmup:
         short = {**settings, "max_new_tokens": min(2, settings.get("max_new_tokens", 64)), "measure_sparsity": False}
         with dense_view(model):
