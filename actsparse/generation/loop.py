@@ -122,8 +122,8 @@ def _decoder_for(model: nn.Module, decoder: Decoder | None, needed: int, attenti
     if decoder is None:  # a cache as long as this generation needs: decode attends over all of it
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         size = -(-needed // 64) * 64
-        extra = {} if attention is None else {"attention": attention}  # None: the Decoder's default
-        return Decoder(model, max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size), **extra)
+        length = max(2, min(size, limit) if isinstance(limit, int) and limit > 0 else size)
+        return Decoder(model, length) if attention is None else Decoder(model, length, attention=attention)
     if decoder.model is not model:
         raise UsageError("the decoder was built for another model; pass Decoder(model) of this model")
     if attention is not None:
