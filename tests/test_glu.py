@@ -13,6 +13,7 @@ import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import Decoder, fuse_glu, glu_fused, unfuse_glu
 from actsparse.errors import UsageError
+from actsparse.generation import dense_view
 from actsparse.kernels.ops import sparse_gemv_glu
 
 pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
@@ -100,6 +101,19 @@ class _RoutedMLP(_ScaledMLP):
 
     def forward(self, x, weights):
         return weights * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_a_fused_mlp_runs_with_plain_linears_swapped_in():
+    """compare_generate's dense view puts plain nn.Linear layers (no packed state) where the sparse ones were."""
+    model = _model(layers=1)
+    mlp = model.model.layers[0].mlp
+    assert fuse_glu(model, require_cuda=False) == ["model.layers.0.mlp"]
+    x = _row(model)
+    with torch.no_grad(), dense_view(model):
+        assert type(mlp.down_proj) is nn.Linear
+        got = mlp(x)
+        want = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.equal(got, want)
 
 
 def test_only_mlps_that_compute_down_of_silu_gate_times_up_are_fused():

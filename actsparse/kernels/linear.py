@@ -427,7 +427,8 @@ def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torc
     lone layer on the kernel route, hooks on it (they must see the product), or a call :func:`kernel_forward`
     would keep dense."""
     if (
-        not _takes(layer, up)
+        getattr(layer, "_packed", None) is None  # a plain Linear in its place (generation's dense view)
+        or not _takes(layer, up)
         or layer._kernel_group is not None
         or layer._kernel_route.route != "kernel"
         or layer._forward_hooks
