@@ -187,8 +187,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
     )
     stats = layer_stats(model, calib)
-    variants = [(r, b) for r in args.reduce for b in args.backends]  # the first is the main result
-    for reduce, backend in variants:
+    # the first is the main result
+    variants = [(r, b, g) for r in args.reduce for b in args.backends for g in args.glu]
+    for reduce, backend, glu in variants:
         if weights == "int8":
             floor = K.INT8_MIN_SPARSITY
         elif KO.cuda_kernel_available(DEV) and backend != "triton":
@@ -199,9 +200,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
         CG.PDL = backend == "cuda-pdl"
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
-        label = f"reduce={reduce}, backend={backend}"
+        label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}"
         dec = Decoder(
-            model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, glu=not args.no_glu
+            model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, glu=glu == "on"
         )
         routes = None
         for s in sparsities:
@@ -226,7 +227,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             rows.append(
                 dict(
                     model=name,
-                    path="decoder-sparse" if (reduce, backend) == variants[0] else f"decoder-sparse/{reduce}/{backend}",
+                    path="decoder-sparse"
+                    if (reduce, backend, glu) == variants[0]
+                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -236,13 +239,15 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     mode=dec.mode,
                     reduce=reduce,
                     backend=backend,
+                    glu=glu,
+                    attention=args.attention,
                 )
             )
             log(
                 f"[{name}] {weights} {label} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
                 f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
             )
-        if (reduce, backend) != variants[-1]:
+        if (reduce, backend, glu) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
     CG.PDL = False
@@ -395,20 +400,24 @@ def main():
     ap.add_argument(
         "--attention",
         default="auto",
-        choices=("auto", "kernel", "model"),
-        help="the Decoder's attention (auto: actsparse's decode attention on CUDA; model: the model's SDPA)",
+        help="the Decoders' attention, or several (model,auto: each model benchmarked once per value, in one "
+        "process; auto: actsparse's decode attention on CUDA; model: the model's SDPA; kernel)",
     )
     ap.add_argument("--no-unfused", action="store_true", help="skip the dense Decoder without fused projections")
     ap.add_argument(
-        "--no-glu",
-        action="store_true",
-        help="sparse Decoder without fuse_glu (SiLU(gate)*up as its own kernel, not in the down GEMV's load)",
+        "--glu",
+        default="on",
+        help="the sparse Decoder's fuse_glu: on (SiLU(gate)*up in the down GEMV's load), off, or on,off (both)",
     )
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
+    args.glu = args.glu.split(",")
+    attentions = args.attention.split(",")
+    if set(args.glu) - {"on", "off"} or set(attentions) - {"auto", "kernel", "model"}:
+        sys.exit("--glu takes on, off or on,off; --attention auto, kernel and model, comma-separated")
     bad = [b for b in args.backends if _base(b) not in KO.BACKENDS]
     if bad:
         sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton)")
@@ -425,16 +434,22 @@ def main():
 
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, args, log)
+        for attention in attentions:  # one process: the variants share the GPU's state
+            model_rows = bench_model(name, argparse.Namespace(**{**vars(args), "attention": attention}), log)
+            rows += [{**r, "attention": attention} for r in model_rows]
         if args.out:  # keep what is done if a later model runs out of time
             write(args, rows, {**(env_info() if DEV == "cuda" else {}), "transformers": transformers.__version__})
-    print(f"\n{'model':>10} {'path':>24} {'weights':>7} {'target':>6} {'meas.':>6} {'tok/s':>8} {'x dense':>8}")
+    print(
+        f"\n{'model':>10} {'attention':>9} {'path':>32} {'weights':>7} {'target':>6} {'meas.':>6} {'tok/s':>8} "
+        f"{'x dense':>8}"
+    )
     for r in rows:
         target = "-" if r["target"] is None else f"{r['target']:.2f}"
         meas = f"{r['measured']:.3f}" if "measured" in r else "-"
         ratio = r.get("vs_dense", 1.0 if r["path"] == "decoder" and r["weights"] == "bf16" else None)
         print(
-            f"{r['model']:>10} {r['path']:>24} {r['weights']:>7} {target:>6} {meas:>6} {r['tok_s']:>8.1f} "
+            f"{r['model']:>10} {r['attention']:>9} {r['path']:>32} {r['weights']:>7} {target:>6} {meas:>6} "
+            f"{r['tok_s']:>8.1f} "
             f"{'-' if ratio is None else f'{ratio:.3f}':>8}"
         )
 
