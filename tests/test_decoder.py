@@ -323,8 +323,8 @@ def test_decode_attention_choices_and_refusals():
     model = _tiny("llama")
     with pytest.raises(DecoderError, match="attention must be one of auto, kernel, model"):
         Decoder(model, 64, attention="flash")
-    Decoder(model, 64)  # the default keeps the model's attention
-    Decoder(model, 64, attention="auto")  # auto on the CPU: no kernel to switch to, the model keeps SDPA
+    assert not Decoder(model, 64).decode_attention  # the default, auto, on the CPU: no kernel to switch to
+    assert not Decoder(model, 64, attention="model").decode_attention
     assert A.engine.attention_of(model) == "sdpa"
     model.set_attn_implementation("eager")
     with pytest.raises(DecoderError, match="runs 'eager' attention.*attn_implementation='sdpa'.*attention='model'"):

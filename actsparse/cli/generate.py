@@ -71,7 +71,7 @@ def register(sub) -> None:
         choices=["model", "auto", "kernel"],
         help="the graph engine's attention: model (the model's own SDPA), auto (actsparse's decode attention on "
         "CUDA: one-token steps read only the written cache positions), kernel (auto, refused where it cannot "
-        "run); default: the Decoder's (model)",
+        "run); default: the Decoder's (auto)",
     )
     gen.add_argument(
         "--no-kernels",
