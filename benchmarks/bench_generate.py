@@ -40,7 +40,7 @@ import actsparse.kernels as K  # noqa: E402
 import actsparse.kernels.cuda_gemv as CG  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
-from actsparse.engine import Decoder, unfuse_projections  # noqa: E402
+from actsparse.engine import Decoder, glu_fused, unfuse_projections  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
 CONFIGS = {
@@ -240,6 +240,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     reduce=reduce,
                     backend=backend,
                     glu=glu,
+                    glu_mlps=len(glu_fused(model)),  # the MLPs that ran fused (glu on and down on the CUDA kernel)
                     attention=args.attention,
                 )
             )

@@ -486,7 +486,7 @@ def test_cli_generate_calibrates_without_thresholds(tiny_model_dir, text_file, c
         (["--prompt", PROMPT, "--thresholds", "missing.safetensors"], "does not exist"),
         (["--prompt", PROMPT, "--dense", "--compare"], "--dense generates without sparsity"),
         (["--prompt", PROMPT, "--dense", "--chat"], "no chat template"),
-        (["--prompt", PROMPT, "--dense", "--engine", "eager", "--attention", "kernel"], "runs in the graph engine"),
+        (["--prompt", PROMPT, "--engine", "eager", "--attention", "kernel"], "--attention kernel runs in the graph"),
     ],
 )
 def test_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):

@@ -96,6 +96,13 @@ class _ScaledMLP(nn.Module):
         return 0.5 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _ClampedMLP(_ScaledMLP):
+    """Llama's MLP with large values clamped (as some MoE experts do): a random probe never reaches the clamp."""
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x).clamp(max=7.0)) * self.up_proj(x).clamp(-7.0, 7.0))
+
+
 class _RoutedMLP(_ScaledMLP):
     """A forward that needs more than the hidden states (a router's weights, say)."""
 
@@ -124,6 +131,8 @@ def test_only_mlps_that_compute_down_of_silu_gate_times_up_are_fused():
     assert fuse_glu(model, require_cuda=False) == []
     layers[0].mlp = _RoutedMLP(layers[0].mlp)
     assert fuse_glu(model, require_cuda=False) == []
+    layers[0].mlp = _ClampedMLP(layers[0].mlp)
+    assert fuse_glu(model, require_cuda=False) == []
     layers[1].mlp.act_fn = nn.SiLU()
     assert fuse_glu(model, require_cuda=False) == ["model.layers.1.mlp"]
     assert "forward" not in vars(layers[0].mlp)
@@ -136,16 +145,46 @@ def test_without_kernels_or_on_the_dense_route_nothing_is_fused():
     assert fuse_glu(model, require_cuda=False) == []
 
 
-def test_decoder_glu_false_restores_the_mlps_own_forward():
+def test_decoder_glu_false_restores_the_mlps_own_forward_and_glu_true_unfuses_what_no_longer_qualifies():
     model = _model()
-    fuse_glu(model, require_cuda=False)
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    fuse_glu(model, require_cuda=False)
     a = Decoder(model, 32).run(ids, 4)  # CPU: fuse off, hence glu off: the MLPs' own forwards
     assert glu_fused(model) == []
     fuse_glu(model, require_cuda=False)
-    b = Decoder(model, 32, glu=True).run(ids, 4)  # the CPU op forms the product itself: same tokens
-    assert glu_fused(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    b = Decoder(model, 32, glu=True).run(ids, 4)  # its fuse_glu requires the CUDA kernel: none runs on the CPU
+    assert glu_fused(model) == []
     assert torch.equal(a.sequences, b.sequences)
+    fuse_glu(model, require_cuda=False)
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: None)
+    assert fuse_glu(model, require_cuda=False) == ["model.layers.1.mlp"]  # the hooked one is unfused
+
+
+def test_an_act_fn_hooked_or_replaced_after_fusing_is_honoured():
+    model = _model(layers=1)
+    mlp = model.model.layers[0].mlp
+    fuse_glu(model, require_cuda=False)
+    x = _row(model)
+    calls = []
+    handle = mlp.act_fn.register_forward_hook(lambda m, i, o: calls.append(1))
+    with torch.no_grad(), CountOps() as ops:
+        mlp(x)
+    assert calls == [1] and "actsparse.sparse_gemv_glu" not in ops.counts
+    handle.remove()
+    mlp.act_fn = nn.GELU()
+    with torch.no_grad():
+        want = mlp.down_proj(nn.functional.gelu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        assert torch.equal(mlp(x), want)
+
+
+def test_a_gate_that_needs_gradients_takes_the_mlps_arithmetic():
+    model = _model(layers=1)
+    mlp = model.model.layers[0].mlp
+    fuse_glu(model, require_cuda=False)
+    model.requires_grad_(False)
+    mlp.gate_proj.weight.requires_grad_(True)
+    mlp(_row(model)).float().sum().backward()  # the op has no backward: it must not have run
+    assert mlp.gate_proj.weight.grad is not None
 
 
 def test_the_glu_op_refuses_mismatched_inputs():

@@ -85,6 +85,8 @@ def run(args, config: SparsifyConfig | None) -> dict[str, Any]:
     check_saved_thresholds(args)
     if args.dense and (args.compare or args.thresholds or args.scap_json):
         raise UsageError("--dense generates without sparsity; drop --compare, --thresholds and --scap-json")
+    if args.attention == "kernel" and args.engine == "eager":
+        raise UsageError("--attention kernel runs in the graph engine's decode steps; drop --engine eager")
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise UsageError("--temperature and --top-p apply only with --sample (greedy decoding ignores them)")
     prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt

@@ -9,9 +9,12 @@ layer on the dense route, kernels disabled since) computes the product and calls
 
 An MLP takes part when its ``act_fn`` is SiLU, its ``gate_proj``/``up_proj``/``down_proj`` are children, its
 ``down_proj`` is a lone packed sparse layer that the CUDA kernel runs (``require_cuda=False``: any packed lone
-layer, for tests on the CPU), it has no hooks, and its own forward gives exactly
-``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` on a probe input (two rows: the dense route), so a class that
-adds anything (a scale, a clamp, dropout in training) keeps its forward. :func:`unfuse_glu` undoes it.
+layer, for tests on the CPU), it has no hooks, its class's forward is, instruction for instruction, Llama's
+``return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`` (so a class that adds anything, a
+scale, a clamp of large values, dropout in training, keeps its forward), and that forward gives exactly the
+fused arithmetic on a probe input (two rows: the dense route). :func:`unfuse_glu` undoes it; :func:`fuse_glu`
+called again unfuses the MLPs that no longer qualify (a hook added, kernels disabled). A call whose ``act_fn`` was
+replaced or hooked since runs the class forward.
 """
 
 from __future__ import annotations
@@ -31,10 +34,38 @@ __all__ = ["fuse_glu", "unfuse_glu", "glu_fused"]
 _SILU_TYPES = ("SiLU", "SiLUActivation")
 
 
+def _llama_forward(self, x):  # the forms the fused forward replaces (compared as bytecode, see _llama_style)
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _llama_forward_direct(self, x):
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _code_key(f: Any) -> tuple | None:
+    code = getattr(f, "__code__", None)
+    return None if code is None else (code.co_code, code.co_names, code.co_consts, code.co_argcount)
+
+
+_LLAMA_CODES = {_code_key(_llama_forward), _code_key(_llama_forward_direct)}
+
+
+def _llama_style(mlp: nn.Module) -> bool:
+    """Whether the class's own forward is one of the Llama forms above (the same instructions and names)."""
+    return _code_key(type(mlp).forward) in _LLAMA_CODES
+
+
+def _silu_unhooked(act: Any) -> bool:
+    return type(act).__name__ in _SILU_TYPES and not (act._forward_hooks or act._forward_pre_hooks)
+
+
 def _glu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    if not _silu_unhooked(self.act_fn):  # replaced or hooked since fusing: the class's own arithmetic
+        return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     y = glu_kernel_forward(self.down_proj, gate, up)
-    return self.down_proj(self.act_fn(gate) * up) if y is None else y
+    return self.down_proj(self.act_fn(gate) * up) if y is None else y  # (the class forward's expression)
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -49,7 +80,8 @@ def _candidate(mlp: nn.Module, require_cuda: bool) -> bool:
     down = getattr(mlp, "down_proj", None)
     parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")] + [down]
     if (
-        type(getattr(mlp, "act_fn", None)).__name__ not in _SILU_TYPES
+        not _llama_style(mlp)
+        or type(getattr(mlp, "act_fn", None)).__name__ not in _SILU_TYPES
         or not all(isinstance(p, nn.Linear) for p in parts)
         or getattr(down, "_packed", None) is None
         or getattr(down, "_kernel_group", None) is not None
@@ -79,11 +111,15 @@ def _same_function(mlp: Any) -> bool:
 def fuse_glu(model: nn.Module, *, require_cuda: bool = True) -> list[str]:
     """Give ``model``'s eligible gated MLPs the fused forward (module docstring); returns their names.
 
-    Idempotent: MLPs fused already stay as they are (a compiled step that traced them stays valid)."""
+    Idempotent: MLPs fused already and still eligible stay as they are (a compiled step that traced them stays
+    valid); those no longer eligible are unfused."""
     names = []
     for name, m in model.named_modules():
-        if "forward" in vars(m) and vars(m).get("_glu"):
-            names.append(name)
+        if vars(m).get("_glu"):
+            if _candidate(m, require_cuda):
+                names.append(name)
+            else:
+                _unfuse(m)
         elif _candidate(m, require_cuda) and _same_function(m):
             vars(m).update(_glu=True, forward=types.MethodType(_glu_forward, m))
             names.append(name)
@@ -93,8 +129,12 @@ def fuse_glu(model: nn.Module, *, require_cuda: bool = True) -> list[str]:
 def unfuse_glu(model: nn.Module) -> None:
     """Undo :func:`fuse_glu`: every MLP runs its class forward again."""
     for m in model.modules():
-        if vars(m).pop("_glu", None):
-            vars(m).pop("forward", None)
+        _unfuse(m)
+
+
+def _unfuse(m: nn.Module) -> None:
+    if vars(m).pop("_glu", None):
+        vars(m).pop("forward", None)
 
 
 def glu_fused(model: nn.Module) -> list[str]:

@@ -435,6 +435,8 @@ def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torc
         or layer._forward_pre_hooks
         or gate.shape != up.shape
         or gate.dtype != up.dtype
+        or torch.is_grad_enabled()
+        and gate.requires_grad  # (the op has no backward; _takes checked up)
     ):
         return None
     return sparse_gemv_glu(gate, up, layer._packed)[0]
