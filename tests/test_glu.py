@@ -7,18 +7,33 @@ bit-identical; the CUDA kernel's in-load product is tested on the GPU (tests/tes
 import pytest
 import torch
 import torch.nn as nn
-from helpers import VOCAB, CountOps, make_tiny_llama
+from helpers import VOCAB, make_tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import Decoder, fuse_glu, glu_fused, unfuse_glu
 from actsparse.errors import UsageError
 from actsparse.generation import dense_view
-from actsparse.kernels.ops import sparse_gemv_glu
 
 pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
 
 DT = torch.bfloat16
+
+
+class GatedCalls(TorchDispatchMode):
+    """Counts ``actsparse::sparse_gemv`` launches given a gate (``counts["gated"]``, what the dispatcher sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "actsparse.sparse_gemv":
+            named = {a.name: v for a, v in zip(func._schema.arguments, args)} | (kwargs or {})
+            if named.get("gate") is not None:
+                self.counts["gated"] = self.counts.get("gated", 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def _model(layers=2, kernels=True):
@@ -46,15 +61,15 @@ def test_fused_mlps_give_the_same_outputs_through_one_glu_gemv_each():
         names = fuse_glu(model, require_cuda=False)
         assert names == glu_fused(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
         assert fuse_glu(model, require_cuda=False) == names  # idempotent: the same forwards kept
-        with CountOps() as ops:
+        with GatedCalls() as ops:
             got = [m(x) for m in mlps]
-        assert ops.counts.get("actsparse.sparse_gemv_glu") == 2
+        assert ops.counts.get("gated") == 2
         for a, b in zip(got, want):
             assert torch.equal(a, b)
         prefill = torch.randn(1, 5, model.config.hidden_size).to(DT)  # several rows: the MLP's own arithmetic
-        with CountOps() as ops:
+        with GatedCalls() as ops:
             fused = mlps[0](prefill)
-        assert "actsparse.sparse_gemv_glu" not in ops.counts
+        assert "gated" not in ops.counts
         unfuse_glu(model)
         assert glu_fused(model) == [] and "forward" not in vars(mlps[0])
         assert torch.equal(fused, mlps[0](prefill))
@@ -70,9 +85,9 @@ def test_a_hook_on_down_proj_sees_the_product_and_the_mlp_is_not_fused_while_hoo
     assert fuse_glu(model, require_cuda=False) == ["model.layers.0.mlp"]
     handle = mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))  # hooked after fusing
     x = _row(model)
-    with torch.no_grad(), CountOps() as ops:
+    with torch.no_grad(), GatedCalls() as ops:
         y = mlp(x)
-    assert "actsparse.sparse_gemv_glu" not in ops.counts and len(seen) == 1
+    assert "gated" not in ops.counts and len(seen) == 1
     with torch.no_grad():
         assert torch.equal(seen[0], mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
     handle.remove()
@@ -167,9 +182,9 @@ def test_an_act_fn_hooked_or_replaced_after_fusing_is_honoured():
     x = _row(model)
     calls = []
     handle = mlp.act_fn.register_forward_hook(lambda m, i, o: calls.append(1))
-    with torch.no_grad(), CountOps() as ops:
+    with torch.no_grad(), GatedCalls() as ops:
         mlp(x)
-    assert calls == [1] and "actsparse.sparse_gemv_glu" not in ops.counts
+    assert calls == [1] and "gated" not in ops.counts
     handle.remove()
     mlp.act_fn = nn.GELU()
     with torch.no_grad():
@@ -192,8 +207,18 @@ def test_the_glu_op_refuses_mismatched_inputs():
     packed = model.model.layers[0].mlp.down_proj._packed
     up = torch.randn(256).to(DT)
     with pytest.raises(UsageError, match="gate and up must have one shape, dtype and device"):
-        sparse_gemv_glu(torch.randn(128).to(DT), up, packed)
+        K.sparse_gemv(up, packed, gate=torch.randn(128).to(DT))
     with pytest.raises(UsageError, match="gate and up must have one shape, dtype and device"):
-        sparse_gemv_glu(up.float(), up, packed)
+        K.sparse_gemv(up, packed, gate=up.float())
     with pytest.raises(UsageError, match="input has 128 features, the packed weights expect 256"):
-        sparse_gemv_glu(torch.randn(128).to(DT), torch.randn(128).to(DT), packed)
+        K.sparse_gemv(torch.randn(128).to(DT), packed, gate=torch.randn(128).to(DT))
+
+
+def test_a_gate_with_the_consumer_reduction_forms_the_product_first():
+    model = _model(layers=1)
+    packed = model.model.layers[0].mlp.down_proj._packed
+    g = torch.Generator().manual_seed(7)
+    gate, up = (torch.randn(256, generator=g).to(DT) for _ in range(2))
+    want = K.sparse_gemv(nn.functional.silu(gate) * up, packed, reduce="consumer")
+    for a, b in zip(K.sparse_gemv(up, packed, reduce="consumer", gate=gate), want):
+        assert torch.equal(a, b)

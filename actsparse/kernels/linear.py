@@ -45,7 +45,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..weights import int8_codes, weight_key
 from . import cuda_gemv
-from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, sparse_gemv_glu, triton_available
+from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
 
 __all__ = [
@@ -422,8 +422,8 @@ def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
-    """``layer(silu(gate) * up)`` through :func:`~actsparse.kernels.ops.sparse_gemv_glu` (the product formed as
-    the CUDA kernel loads its input), or ``None`` when this call should take the layer's own forward: not a
+    """``layer(silu(gate) * up)`` through :func:`~actsparse.kernels.ops.sparse_gemv` with ``gate`` (the product
+    formed as the CUDA kernel loads its input), or ``None`` when this call should take the layer's own forward: not a
     lone layer on the kernel route, hooks on it (they must see the product), or a call :func:`kernel_forward`
     would keep dense."""
     if (
@@ -439,4 +439,4 @@ def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torc
         and gate.requires_grad  # (the op has no backward; _takes checked up)
     ):
         return None
-    return sparse_gemv_glu(gate, up, layer._packed)[0]
+    return sparse_gemv(up, layer._packed, gate=gate)[0]

@@ -40,7 +40,6 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "sparse_gemv",
-    "sparse_gemv_glu",
     "masked_gemm",
     "triton_available",
     "cuda_kernel_available",
@@ -155,8 +154,14 @@ def _sparse_gemv_op(
     zero: torch.Tensor | None,
     segments: list[int],
     backend: str = "auto",
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _run(x, _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend))
+    packed = _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend)
+    if gate is None:
+        return _run(x, packed)
+    if kernel_for(x, packed) == "cuda":  # silu(gate) * x computed as the kernel loads its input
+        return cuda_gemv.sparse_gemv_cuda(x, packed, gate=gate).reshape(*x.shape[:-1], packed.padded_out)
+    return _run(F.silu(gate) * x, packed)  # the other kernels take the product as their input
 
 
 def _unflatten(
@@ -172,33 +177,8 @@ def _padded_out(weight_t: torch.Tensor) -> int:
 
 
 @_sparse_gemv_op.register_fake
-def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto"):
+def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto", gate=None):
     return x.new_empty(*x.shape[:-1], _padded_out(weight_t))
-
-
-@torch.library.custom_op("actsparse::sparse_gemv_glu", mutates_args=())
-def _sparse_gemv_glu_op(
-    gate: torch.Tensor,
-    up: torch.Tensor,
-    weight_t: torch.Tensor,
-    threshold: torch.Tensor,
-    shift: torch.Tensor | None,
-    wsum: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor | None,
-    zero: torch.Tensor | None,
-    segments: list[int],
-    backend: str = "auto",
-) -> torch.Tensor:
-    packed = _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend)
-    if kernel_for(up, packed) == "cuda":  # silu(gate) * up computed as the kernel loads its input
-        return cuda_gemv.sparse_gemv_cuda(up, packed, gate=gate).reshape(*up.shape[:-1], packed.padded_out)
-    return _run(F.silu(gate) * up, packed)  # the other kernels take the product as their input
-
-
-@_sparse_gemv_glu_op.register_fake
-def _(gate, up, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto"):
-    return up.new_empty(*up.shape[:-1], _padded_out(weight_t))
 
 
 @torch.library.custom_op("actsparse::sparse_gemv_partials", mutates_args=())
@@ -227,7 +207,12 @@ def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, split):
     return x.new_empty(split, _padded_out(weight_t), dtype=torch.float32)
 
 
-def _check_input(x: torch.Tensor, packed: PackedGemv) -> None:
+def _check_input(x: torch.Tensor, packed: PackedGemv, gate: torch.Tensor | None) -> None:
+    if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype or gate.device != x.device):
+        raise UsageError(
+            f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
+            f"{gate.device} and {tuple(x.shape)} {x.dtype} {x.device}"
+        )
     if packed.backend not in BACKENDS:
         raise UsageError(f"packed.backend must be one of {', '.join(BACKENDS)}, got {packed.backend!r}")
     if x.shape[-1] != packed.in_features:
@@ -238,38 +223,31 @@ def _check_input(x: torch.Tensor, packed: PackedGemv) -> None:
         raise UsageError(f"input on {x.device}, packed weights on {packed.weight_t.device}: move one of them")
 
 
-def sparse_gemv(x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel") -> tuple[torch.Tensor, ...]:
+def sparse_gemv(
+    x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel", gate: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Outputs ``(y_0, ...)`` of the packed layers for inputs ``x[..., K]``, each ``[..., out_i]``.
 
     One kernel launch for all packed layers when ``x`` is one row on CUDA; see :mod:`.packing` for the
     exact semantics (threshold in the activation dtype, shift folded into the bias, fp32 accumulation).
     ``reduce`` picks where the split-K partial sums are added (module docstring).
+    ``gate`` (a gated MLP's down projection, ``x`` its up projection): the input is ``silu(gate) * x``, each
+    product rounded to the dtype as torch rounds ``act_fn(gate) * up``; the CUDA C++ kernel forms it as it
+    loads its input (no elementwise kernel before it), elsewhere it is formed first.
     """
     if reduce not in REDUCTIONS:
         raise UsageError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
-    _check_input(x, packed)
+    _check_input(x, packed, gate)
     segs = [v for seg in packed.segments for v in seg]
     args = (x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
     if reduce == "consumer" and kernel_for(x, packed) == "triton":  # (the CUDA kernel reduces in its cluster)
+        if gate is not None:
+            x = F.silu(gate) * x
+            args = (x, *args[1:])
         assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
         split = _tg.launch_config(packed, x.device).split_k
         part = torch.ops.actsparse.sparse_gemv_partials(*args, segs, split)
         y = (part.sum(0) if split > 1 else part[0]).to(x.dtype).reshape(*x.shape[:-1], packed.padded_out)
     else:
-        y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend)
+        y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend, gate)
     return packed.split(y)
-
-
-def sparse_gemv_glu(gate: torch.Tensor, up: torch.Tensor, packed: PackedGemv) -> tuple[torch.Tensor, ...]:
-    """:func:`sparse_gemv` of ``silu(gate) * up`` (a gated MLP's down projection), each product rounded to the
-    dtype as torch rounds ``act_fn(gate) * up``. The CUDA C++ kernel computes the product as it loads its
-    input (no elementwise kernel before it); elsewhere the product is formed first."""
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise UsageError(
-            f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
-            f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}"
-        )
-    _check_input(up, packed)
-    segs = [v for seg in packed.segments for v in seg]
-    rest = (packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
-    return packed.split(torch.ops.actsparse.sparse_gemv_glu(gate, up, *rest, segs, packed.backend))
