@@ -241,7 +241,6 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     backend=backend,
                     glu=glu,
                     glu_mlps=len(glu_fused(model)),  # the MLPs that ran fused (glu on and down on the CUDA kernel)
-                    attention=args.attention,
                 )
             )
             log(
