@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import actsparse.kernels as K  # noqa: E402
@@ -58,6 +59,61 @@ def graph_time_us(fn, n_calls: int, replays: int = 15) -> float:
         times.append(a.elapsed_time(b) * 1000 / n_calls)
     del g
     return statistics.median(times)
+
+
+def profile_replays(replay, steps: int = 4, top: int = 10) -> dict:
+    """Kernels of ``steps`` calls of ``replay`` (a CUDA graph replay: CUPTI sees the kernels inside graphs):
+    count, busy time and the gaps between kernels per step, and the ``top`` kernel names by time."""
+    replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    ev = sorted(
+        (
+            e
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and e.device_time_total > 0
+            and "Memcpy" not in e.name
+            and "Memset" not in e.name
+        ),
+        key=lambda e: e.time_range.start,
+    )
+    if not ev:
+        return {}
+    span = ev[-1].time_range.end - ev[0].time_range.start
+    busy = sum(e.time_range.end - e.time_range.start for e in ev)
+    by_name: dict[str, list] = {}
+    for e in ev:
+        v = by_name.setdefault(e.name[:80], [0, 0.0])
+        v[0] += 1
+        v[1] += e.time_range.end - e.time_range.start
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(
+        kernels_per_step=len(ev) / steps,
+        busy_us_per_step=busy / steps,
+        span_us_per_step=span / steps,
+        gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
+        top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in ranked],
+    )
+
+
+def print_profile(label: str, pr: dict, lines: int = 6) -> None:
+    if not pr:
+        print(f"  {label}: profiler saw no kernels", flush=True)
+        return
+    print(
+        f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
+        f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel",
+        flush=True,
+    )
+    for t in pr["top"][:lines]:
+        print(
+            f"      {t['us_per_step']:8.0f} us/step {t['per_step']:5.0f}x {t['us_each']:6.2f} us  {t['name']}",
+            flush=True,
+        )
 
 
 def copy_bandwidth() -> float:

@@ -35,6 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_gemv import print_profile, profile_replays  # noqa: E402
+
 import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
 import actsparse.kernels.cuda_gemv as CG  # noqa: E402
@@ -137,6 +139,13 @@ def decoder_tok_s(dec, ids, tokens, reps):
     dec.run(ids, 4, eos_token_id=[])  # compile/capture (first time) outside the timing
     runs = [dec.run(ids, tokens, eos_token_id=[]) for _ in range(reps)]
     return statistics.median(r.decode_tokens_per_s for r in runs), runs[0]
+
+
+def profile_row(dec, row, args, label):
+    """With ``--profile``: the kernels of the decoder's graph replays (count, busy, gaps, the busiest) in ``row``."""
+    if args.profile and dec._graph is not None:
+        row["profile"] = profile_replays(dec._graph.replay, top=25)
+        print_profile(label, row["profile"], lines=25)
 
 
 def same_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -247,6 +256,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 f"[{name}] {weights} {label} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
                 f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
             )
+            profile_row(dec, rows[-1], args, f"[{name}] {weights} sparse {s:.2f}")
         if (reduce, backend, glu) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
@@ -347,6 +357,7 @@ def bench_model(name, args, log):
         f"{ident}/{args.tokens} greedy tokens identical to HF generate, {ident_hf_static}/{args.tokens} to HF generate "
         f"with its static cache (eager), {ident_static}/{args.tokens} to the eager Decoder"
     )
+    profile_row(dec, rows[-1], args, f"[{name}] dense decoder")
     del dec
     unfuse_projections(model)  # (the sparse points start from HF's own projections, as a user's model does)
     if not args.no_unfused:  # HF's own three and two GEMMs: what fusing q/k/v and gate/up is worth
@@ -409,6 +420,7 @@ def main():
         default="on",
         help="the sparse Decoder's fuse_glu: on (SiLU(gate)*up in the down GEMV's load), off, or on,off (both)",
     )
+    ap.add_argument("--profile", action="store_true", help="the kernels of each decoder graph (torch.profiler)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
     args.sparsities = [float(v) for v in args.sparsities.split(",")]

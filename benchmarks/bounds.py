@@ -39,7 +39,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_decode import CONFIGS, GROUPS, Model, add_loop_args, calibrate, make_layer_fn, time_graph  # noqa: E402
-from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us  # noqa: E402
+from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us, print_profile, profile_replays  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 
@@ -181,61 +181,13 @@ def kept_bytes(model, stats, wb):
 
 
 def profile_graph(g, model, start_pos, steps=4) -> dict:
-    """Kernels of ``steps`` graph replays (CUPTI sees the kernels inside graphs): count, busy time and the
-    gaps between them per step, and the busiest kernel names."""
-    from torch.profiler import ProfilerActivity, profile
+    """Kernels of ``steps`` replays of the loop's graph ``g`` from ``start_pos`` (see ``profile_replays``)."""
 
-    model.pos.fill_(start_pos)
-    g.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            g.replay()
-        torch.cuda.synchronize()
-    ev = sorted(
-        (
-            e
-            for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
-            and e.device_time_total > 0
-            and "Memcpy" not in e.name
-            and "Memset" not in e.name
-        ),
-        key=lambda e: e.time_range.start,
-    )
-    if not ev:
-        return {}
-    span = ev[-1].time_range.end - ev[0].time_range.start
-    busy = sum(e.time_range.end - e.time_range.start for e in ev)
-    by_name: dict[str, list] = {}
-    for e in ev:
-        v = by_name.setdefault(e.name[:80], [0, 0.0])
-        v[0] += 1
-        v[1] += e.time_range.end - e.time_range.start
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:10]
-    return dict(
-        kernels_per_step=len(ev) / steps,
-        busy_us_per_step=busy / steps,
-        span_us_per_step=span / steps,
-        gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
-        top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in top],
-    )
+    def replay():
+        model.pos.fill_(start_pos)
+        g.replay()
 
-
-def _print_profile(label, pr):
-    if not pr:
-        print(f"  {label}: profiler saw no kernels", flush=True)
-        return
-    print(
-        f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
-        f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel",
-        flush=True,
-    )
-    for t in pr["top"][:6]:
-        print(
-            f"      {t['us_per_step']:8.0f} us/step {t['per_step']:5.0f}x {t['us_each']:6.2f} us  {t['name']}",
-            flush=True,
-        )
+    return profile_replays(replay, steps)
 
 
 def decode_bounds(name, read_gbs, floor_us, sparsities, args):
@@ -326,7 +278,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     res.update(res["by_reduce"][args.reduce[0]])
     res["profiles"] = profiles
     for label, pr in profiles.items():
-        _print_profile(f"[{name}] {label}", pr)
+        print_profile(f"[{name}] {label}", pr)
     del model
     torch.cuda.empty_cache()
     return res
