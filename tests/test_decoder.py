@@ -13,12 +13,14 @@ from transformers import (
     MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    StaticCache,
 )
 
 import actsparse as A
 import actsparse.kernels as K
 import actsparse.kernels.decode_attention as DA
-from actsparse.engine import Decoder, select_next
+from actsparse.engine import Decoder, forward_kwargs, select_next
+from actsparse.engine.hf import OneCounterLayer, make_static_cache
 from actsparse.errors import DecoderError
 from actsparse.generation import dense_view, generate
 
@@ -159,6 +161,32 @@ def _count_gemv_backend(counts):
         return gm.forward
 
     return backend
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_the_cache_layers_share_one_position_counter_and_hold_what_transformers_holds(arch):
+    """make_static_cache's layers share one counter (advanced once per forward, by the first layer): the same
+    keys, values, logits and lengths as transformers' StaticCache, prefill and steps; and a decode step mutates
+    one counter, not one per layer."""
+    model = _tiny(arch)
+    ours, theirs = make_static_cache(model.config, 32), StaticCache(config=model.config, max_cache_len=32)
+    assert all(type(layer) is OneCounterLayer for layer in ours.layers)
+    ids = _ids(5)
+    with torch.no_grad():
+        for step in range(4):
+            feed = ids if step == 0 else ids[:, step : step + 1]
+            a = model(feed, **forward_kwargs(model, ours)).logits
+            b = model(feed, **forward_kwargs(model, theirs)).logits
+            assert torch.equal(a, b)
+            assert int(ours.get_seq_length()) == int(theirs.get_seq_length()) == 5 + step
+            for la, lb in zip(ours.layers, theirs.layers, strict=True):
+                assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+    assert len({id(layer.cumulative_length) for layer in ours.layers}) == 1
+    with CountOps() as ops, torch.no_grad():
+        model(ids[:, :1], **forward_kwargs(model, ours))
+    assert ops.counts.get("aten.add_", 0) == 1  # transformers' layers: one per layer
+    ours.reset()
+    assert int(ours.get_seq_length()) == 0
 
 
 def test_compiled_step_traces_fullgraph_dense_and_sparse():

@@ -19,6 +19,7 @@ __all__ = [
     "forward_kwargs",
     "eos_token_ids",
     "make_static_cache",
+    "OneCounterLayer",
     "not_capturable",
     "structure_key",
     "hooks_key",
@@ -87,9 +88,59 @@ def _sliding_window(cache: StaticCache) -> int | None:
     return min(sizes) if sizes else None
 
 
+class OneCounterLayer(StaticLayer):
+    """A full static cache layer whose write position is the cache's one position counter.
+
+    transformers' ``StaticLayer`` keeps a position counter per layer and advances each in its ``update``: in a
+    compiled decode step that is a one-element kernel per layer (32 launches a token on a 32-layer model). Here
+    the layers share one counter tensor: the first layer's ``update`` advances it, the others write at
+    ``counter - tokens`` (fused into their cache-write kernel). Same positions, same keys and values, as long as
+    the layers update in order within a forward, which every decoder stack does (layer 0 first).
+    """
+
+    def __init__(self, max_cache_len: int, counter: list[torch.Tensor], first: bool):
+        super().__init__(max_cache_len=max_cache_len)
+        self._counter, self._first = counter, first  # counter: a one-element list, shared by the cache's layers
+        self.cumulative_length = counter[0]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self._counter[0].device != key_states.device:  # moved once, by whichever layer initializes first
+            self._counter[0] = self._counter[0].to(key_states.device)
+        self.cumulative_length = self._counter[0]  # (StaticLayer's .to(device) keeps it: the same device)
+        super().lazy_initialization(key_states, value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        positions = torch.arange(n, device=self.device)
+        if self._first:
+            positions = positions + self.cumulative_length
+            self.cumulative_length.add_(n)
+        else:  # the first layer advanced the counter in this forward already
+            positions = positions + (self.cumulative_length - n)
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # (allocated above)
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        return keys, values
+
+
+def _one_counter(cache: StaticCache, max_seq_len: int) -> None:
+    """Full static layers become :class:`OneCounterLayer` sharing one counter (where this transformers' static
+    layer keeps its position in a ``cumulative_length`` tensor, as 5.x does)."""
+    layers = cache.layers
+    if not layers or any(type(layer) is not StaticLayer for layer in layers):
+        return  # sliding or other layers keep positions of their own: leave the cache as transformers made it
+    if not isinstance(getattr(layers[0], "cumulative_length", None), torch.Tensor):
+        return
+    counter = [torch.tensor(0, dtype=torch.long)]
+    cache.layers = [OneCounterLayer(max_seq_len, counter, first=i == 0) for i in range(len(layers))]
+
+
 def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
     """A transformers ``StaticCache`` of ``max_seq_len`` positions; sliding-window layers that the positions never
-    leave become full static layers (same keys, same attention, no Python-side position counter)."""
+    leave become full static layers (same keys, same attention, no Python-side position counter), and full
+    static layers share one position counter (:class:`OneCounterLayer`)."""
     cache = StaticCache(config=config, max_cache_len=max_seq_len)
     window = _sliding_window(cache)
     if window is not None and max_seq_len <= window:
@@ -99,6 +150,7 @@ def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
             StaticLayer(max_cache_len=max_seq_len) if getattr(layer, "is_sliding", False) else layer
             for layer in cache.layers
         ]
+    _one_counter(cache, max_seq_len)
     return cache
 
 
