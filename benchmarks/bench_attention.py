@@ -10,6 +10,8 @@ compile it repeats the key/value heads for GQA, then ``scaled_dot_product_attent
 and of ``actsparse.engine.attention.decode_attention_forward``, each called on 8 layers' caches in turn
 (so that the caches stream from memory), captured in a CUDA graph: µs per layer, the ratio, and the bytes
 the kernel must read (the written positions' keys and values) at the measured time as GB/s.
+``kernel`` is the library's choice (``ONE_LAUNCH = None``); "one / two launches": the kernel with its ranges
+combined by the last program of each key/value head, and by a second kernel (as before 2026-12-07).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_gemv import env_info, graph_time_us  # noqa: E402
 
 from actsparse.engine.attention import decode_attention_forward  # noqa: E402
+from actsparse.kernels import decode_attention as DA  # noqa: E402
 
 SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
 LAYERS = 8
@@ -79,15 +82,22 @@ def main() -> None:
                 got = ours(q, *kv[0], mask)
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
                 t_sdpa, t_ours = per_layer_us(sdpa, q, kv, mask), per_layer_us(ours, q, kv, mask)
+                DA.ONE_LAUNCH = False  # the same kernel with its ranges combined by a second launch
+                t_two = per_layer_us(ours, q, kv, mask)
+                err_two = ((ours(q, *kv[0], mask).float() - got.float()).abs().max()).item()
+                DA.ONE_LAUNCH = True  # ... and by the last program of each key/value head
+                t_one = per_layer_us(ours, q, kv, mask)
+                DA.ONE_LAUNCH = None
                 read = 2 * hkv * written * 128 * 2  # the written keys and values, bf16
                 row = dict(
                     model=name, length=length, written=written, sdpa_us=t_sdpa, kernel_us=t_ours,
+                    two_launch_us=t_two, one_launch_us=t_one, two_launch_max_diff=err_two,
                     speedup=t_sdpa / t_ours, kernel_gbs=read / t_ours / 1e3, rel_err=err,
                 )  # fmt: skip
                 rows.append(row)
                 print(
                     f"{name:10} L={length:5} written={written:5}  sdpa {t_sdpa:7.2f} us  kernel {t_ours:6.2f} us  "
-                    f"x{t_sdpa / t_ours:5.2f}  ({row['kernel_gbs']:.0f} GB/s of written K/V, rel err {err:.1e})",
+                    f"x{t_sdpa / t_ours:5.2f}  one / two launches {t_one:6.2f} / {t_two:6.2f} us  ({row['kernel_gbs']:.0f} GB/s of written K/V, rel err {err:.1e})",
                     flush=True,
                 )
     if args.out:

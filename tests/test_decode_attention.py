@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from actsparse.errors import UsageError
 from actsparse.kernels import decode_attention as DA
+from actsparse.kernels.workspace import counter_buffer
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -64,7 +65,9 @@ def _masks(b, hq, length, dtype):
     [(1, 4, 4, 200, 64), (1, 8, 2, 130, 128), (2, 6, 3, 70, 32), (1, 4, 1, 64, 16)],
     ids=["mha", "gqa4", "batch2-gqa2", "mqa-one-block"],
 )
-def test_kernel_matches_the_reference_and_sdpa(b, hq, hkv, length, d, dtype):
+@pytest.mark.parametrize("one_launch", [None, True, False], ids=["rule", "one-launch", "combine-kernel"])
+def test_kernel_matches_the_reference_and_sdpa(b, hq, hkv, length, d, dtype, one_launch, monkeypatch):
+    monkeypatch.setattr(DA, "ONE_LAUNCH", one_launch)
     q, k, v = _qkv(b, hq, hkv, length, d, dtype)
     scale = d**-0.5
     for name, mask in _masks(b, hq, length, dtype).items():
@@ -74,6 +77,20 @@ def test_kernel_matches_the_reference_and_sdpa(b, hq, hkv, length, d, dtype):
         assert out.shape == q.shape and out.dtype == dtype
         torch.testing.assert_close(ref.float(), _sdpa(q, k, v, mask, scale), rtol=TOL[dtype], atol=TOL[dtype])
         torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=name)
+
+
+def test_the_last_program_combines_in_range_order_and_resets_its_counters(monkeypatch):
+    """One launch gives the two-launch result bit for bit, call after call, and leaves its counters at zero."""
+    b, hq, hkv, length, d = 2, 8, 2, 260, 32  # 5 blocks: several splits per key/value head
+    q, k, v = _qkv(b, hq, hkv, length, d, torch.bfloat16, seed=7)
+    mask = _masks(b, hq, length, torch.bfloat16)["window"]
+    assert DA.split_count(b * hkv, length, 132)[0] > 1
+    monkeypatch.setattr(DA, "ONE_LAUNCH", False)
+    two = DA.decode_attention(q, k, v, mask, 0.3)
+    monkeypatch.setattr(DA, "ONE_LAUNCH", True)
+    for _ in range(3):
+        assert torch.equal(DA.decode_attention(q, k, v, mask, 0.3), two)
+        assert int(counter_buffer(q.device, b * hkv, "attention").abs().sum()) == 0
 
 
 def test_blocks_the_mask_drops_whole_are_never_read():
@@ -149,11 +166,14 @@ _COMPILE = """
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from actsparse.kernels import decode_attention as DA
-names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l",
-         "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
-sig = {**dict(zip(names, ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32"] + ["i32"] * 13)), "scale": "fp32"}
-for mask, g, d in ((0, 4, 128), (1, 4, 128), (2, 4, 128), (1, 64, 256)):
-    c = dict(G=g, G_PAD=max(16, g), D=d, D_PAD=d, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False)
+from actsparse.kernels.workspace import counter_buffer
+names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "out_ptr", "cnt_ptr", "sq_b", "sq_h", "sk_b",
+         "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
+types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32", "*bf16", "*i32"] + ["i32"] * 13
+sig = {**dict(zip(names, types)), "scale": "fp32"}
+for mask, g, d, one in ((0, 4, 128, True), (1, 4, 128, True), (2, 4, 128, False), (1, 64, 256, True)):
+    c = dict(G=g, G_PAD=max(16, g), D=d, D_PAD=d, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False,
+             COMBINE=one, S_PAD=DA.MAX_SPLITS)
     src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
     print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
 sig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}

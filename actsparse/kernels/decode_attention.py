@@ -9,8 +9,13 @@ occupancy-efficient: the longer the cache, the more of the step goes to attentio
 fill the GPU), and each program walks its range in blocks of ``BLOCK_N`` positions: it reads the mask for the
 block first and **skips the block** (no key or value read) when the mask drops all of it; otherwise the
 scores of the head's query group (GQA: the query heads that share this key/value head, one tensor-core
-product), an online softmax in fp32, and the weighted values. A second launch combines the ranges by their
-log-sum-exp. Any mask works (padding, sliding windows, a prefix): skipping is per block and exact.
+product), an online softmax in fp32, and the weighted values (keys and values of a block are read together:
+one memory latency per block). The ranges are combined by their log-sum-exp: for one query head per key/value head
+(MHA) **in the same launch** (every program stores its partial output and bumps a counter per head, and the
+program that arrives last combines that head's ranges in range order: deterministic; it resets the counter
+for the next call); for grouped heads by a second kernel, one program per query head (a last arriver would
+combine its group's heads one after another: slower, see :data:`ONE_LAUNCH`). Any mask works (padding,
+sliding windows, a prefix): skipping is per block and exact.
 
 Semantics: those of ``scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=True)`` for a
 ``[B, Hq, 1, D]`` query, ``[B, Hkv, L, D]`` keys and values (``Hq`` a multiple of ``Hkv``) and a boolean
@@ -35,6 +40,7 @@ import os
 import torch
 
 from ..errors import UsageError
+from .workspace import counter_buffer
 
 try:  # Triton is optional: CPU-only installs never call the kernel (decode_attention_supported says no)
     import triton
@@ -52,6 +58,10 @@ __all__ = [
 
 BLOCK_N = 64  # cache positions per block: the unit the mask test skips
 MAX_SPLITS = 64
+# The last program of each key/value head combines its ranges (True), a combine kernel does (False), or the first
+# for MHA and the second for grouped heads (None). H100, bench_attention.py: MHA 6.34 vs 6.64 us (512 positions,
+# 256 written), a tie at 2048; Llama-3's 4 query heads per KV head 7.61 vs 5.91 and 15.44 vs 6.81 us.
+ONE_LAUNCH: bool | None = None
 _DTYPES = (torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
@@ -154,27 +164,29 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     part = torch.empty(b * hkv, splits, g_pad, d_pad, dtype=torch.float32, device=q.device)
     ml = torch.empty(b * hkv, splits, 2, g_pad, dtype=torch.float32, device=q.device)  # each split's max and sum
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=q.device)
+    one = splits == 1 or (g == 1 if ONE_LAUNCH is None else ONE_LAUNCH)
+    # (with one split the program writes the output itself: ml stands in as an unused pointer)
+    cnt = counter_buffer(q.device, b * hkv, "attention") if one and splits > 1 else ml
     if mask is None:
         m, mode, sm = q, 0, (0, 0, 0)  # (an unused pointer)
     else:
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mode = 1 if mask.dtype == torch.bool else 2
         sm = (0 if mask.shape[0] == 1 else mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1), mask.stride(3))
+    s_pad = max(2, triton.next_power_of_2(splits))
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         _split_kernel[(b * hkv, splits)](
-            q, k, v, m, part, ml,
+            q, k, v, m, part, ml, out, cnt,
             q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             sm[0], sm[1], sm[2],
             length, hkv, scale,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
-            DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16,
+            DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
         )  # fmt: skip
-        _combine_kernel[(b * hq,)](
-            part, ml, out, hq, hkv, splits,
-            G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)),
-        )  # fmt: skip
+        if not one:
+            _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)
     return out
 
 
@@ -182,11 +194,12 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, ml_ptr,
+        q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, ml_ptr, out_ptr, cnt_ptr,
         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l,
         L, H_KV, scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        COMBINE: tl.constexpr, S_PAD: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache of >= 2**31 elements must not wrap
         split = tl.program_id(1)
@@ -220,11 +233,10 @@ if triton is not None:
                     bias = mv.to(tl.float32)
                     keep = (bias != float("-inf")) & gq[:, None] & inb[None, :]
             if tl.max(keep.to(tl.int32)) > 0:  # a block the mask drops whole is never read
-                kt = tl.load(
-                    k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_l + d[None, :],
-                    mask=inb[:, None] & dm[None, :],
-                    other=0.0,
-                )
+                kv_mask = inb[:, None] & dm[None, :]
+                kt = tl.load(k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
+                # issued with the keys' load: both in flight at once
+                vt = tl.load(v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
                 if DOT_UPCAST:
                     kt = kt.to(tl.float32)
                 s = tl.dot(q, tl.trans(kt)) * scale + bias
@@ -233,11 +245,6 @@ if triton is not None:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(s - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
-                vt = tl.load(
-                    v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :],
-                    mask=inb[:, None] & dm[None, :],
-                    other=0.0,
-                )
                 l_i = l_i * alpha + tl.sum(p, 1)
                 pv = p.to(vt.dtype)
                 if DOT_UPCAST:
@@ -246,11 +253,53 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(pv, vt)
                 m_i = m_new
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        base = bh * n_splits + split
-        tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o, mask=gq[:, None])  # (real rows)
-        # the max and the sum, not m + log(l): a finite mask value near fp32's minimum would absorb log(l)
-        tl.store(ml_ptr + base * 2 * G_PAD + g, m_i, mask=gq)
-        tl.store(ml_ptr + (base * 2 + 1) * G_PAD + g, l_i, mask=gq)
+        if COMBINE and n_splits == 1:  # the whole range in this program: the output directly
+            out_rows = b * H_KV * G + qh
+            tl.store(
+                out_ptr + out_rows[:, None] * D + d[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=gq[:, None] & dm[None, :],
+            )
+        else:
+            base = bh * n_splits + split
+            tl.store(part_ptr + (base * G_PAD + g[:, None]) * D_PAD + d[None, :], o, mask=gq[:, None])  # (real rows)
+            # the max and the sum, not m + log(l): a finite mask value near fp32's minimum would absorb log(l)
+            tl.store(ml_ptr + base * 2 * G_PAD + g, m_i, mask=gq)
+            tl.store(ml_ptr + (base * 2 + 1) * G_PAD + g, l_i, mask=gq)
+            if COMBINE:
+                # acq_rel: this program's partials are visible before its count; the last arriver sees everyone's
+                arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+                if arrived == n_splits - 1:
+                    for gi in range(G):
+                        _combine_row(part_ptr, ml_ptr, out_ptr, bh * n_splits, b * H_KV * G + h * G + gi, gi,
+                                     n_splits, G_PAD, D, D_PAD, S_PAD)  # fmt: skip
+                    tl.store(cnt_ptr + bh, 0)  # for the next call
+
+    @triton.jit
+    def _combine_row(part_ptr, ml_ptr, out_ptr, first, row, gi, SPLITS, G_PAD: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr, S_PAD: tl.constexpr):  # fmt: skip
+        """Output row ``row`` (``b * HQ + query head``) from the ``SPLITS`` partials of its key/value head
+        (starting at ``first``), its query head the ``gi``-th of the group: each weighed by its softmax mass
+        relative to the largest max, summed in range order."""
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, D_PAD)
+        sm = s < SPLITS
+        base = first + s
+        # .cg: straight from L2, where the other programs' stores are
+        m = tl.load(ml_ptr + base * 2 * G_PAD + gi, mask=sm, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(ml_ptr + (base * 2 + 1) * G_PAD + gi, mask=sm, other=0.0, cache_modifier=".cg")
+        o = tl.load(
+            part_ptr + (base[:, None] * G_PAD + gi) * D_PAD + d[None, :],
+            mask=sm[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        top = tl.max(m, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = ls * tl.exp(m - top)  # (0 for empty splits)
+        total = tl.sum(w, 0)
+        y = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
 
     @triton.jit
     def _combine_kernel(
@@ -260,18 +309,6 @@ if triton is not None:
         row = tl.program_id(0)  # b * HQ + query head
         b = row // HQ
         qh = row % HQ
-        h = qh // G
-        gi = qh % G
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, D_PAD)
-        sm = s < SPLITS
-        base = (b * H_KV + h) * SPLITS + s
-        m = tl.load(ml_ptr + base * 2 * G_PAD + gi, mask=sm, other=float("-inf"))
-        ls = tl.load(ml_ptr + (base * 2 + 1) * G_PAD + gi, mask=sm, other=0.0)
-        top = tl.max(m, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = ls * tl.exp(m - top)  # each split's softmax mass relative to the largest max (0 for empty splits)
-        o = tl.load(part_ptr + (base[:, None] * G_PAD + gi) * D_PAD + d[None, :], mask=sm[:, None], other=0.0)
-        total = tl.sum(w, 0)
-        y = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + row * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
+        _combine_row(
+            part_ptr, ml_ptr, out_ptr, (b * H_KV + qh // G) * SPLITS, row, qh % G, SPLITS, G_PAD, D, D_PAD, S_PAD
+        )

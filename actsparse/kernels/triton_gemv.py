@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..errors import UsageError
 from .packing import PackedGemv
+from .workspace import counter_buffer
 
 __all__ = ["GemvConfig", "choose_config", "launch_config", "sparse_gemv_triton"]
 
@@ -324,18 +325,6 @@ def choose_config(
 
 
 MAX_COMPACT_ROWS = 4096
-_counters: dict[tuple, torch.Tensor] = {}
-
-
-def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
-    key = (device.type, device.index)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
-
-
 _CONFIG_CACHE: dict[tuple, GemvConfig] = {}
 
 
@@ -385,7 +374,7 @@ def sparse_gemv_triton(
             raise UsageError(f"out must be a contiguous [{n}] {x1.dtype} tensor")
         part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=dev)
     n_blocks = n // config.block_n
-    cnt = _counter_buffer(dev, n_blocks) if split > 1 and not partials else part
+    cnt = counter_buffer(dev, n_blocks, "gemv") if split > 1 and not partials else part
     k_per = config.k_per(k)
     k_p2 = triton.next_power_of_2(k_per)
     compact = config.compact and k_p2 <= MAX_COMPACT_ROWS  # the row list lives in registers first

@@ -1,0 +1,25 @@
+"""Zeroed int32 counters for the kernels' last-arriver reductions, one buffer per (user, device).
+
+A kernel whose programs each count themselves in (``atomic_add``) and whose last arriver finishes the work
+resets its counter to 0 before it exits, so a buffer allocated zeroed once stays zeroed between launches and
+CUDA graph replays. Launches that share a buffer must not overlap (one stream), which the decode step's
+sequential kernels satisfy; each user (``"gemv"``, ``"attention"``) gets its own buffer all the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["counter_buffer"]
+
+_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def counter_buffer(device: torch.device, n: int, user: str) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters on ``device`` for ``user`` (grown, never shrunk; reused)."""
+    key = (user, device.type, device.index)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _BUFFERS[key] = buf
+    return buf
