@@ -14,6 +14,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     StaticCache,
+    StaticLayer,
 )
 
 import actsparse as A
@@ -182,11 +183,32 @@ def test_the_cache_layers_share_one_position_counter_and_hold_what_transformers_
             for la, lb in zip(ours.layers, theirs.layers, strict=True):
                 assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
     assert len({id(layer.cumulative_length) for layer in ours.layers}) == 1
+    if StaticLayer.__dict__.get("crop") is not None:  # (transformers >= 5.2x: static layers crop their counter)
+        ours.crop(-2), theirs.crop(-2)
+        assert int(ours.get_seq_length()) == int(theirs.get_seq_length()) == 6  # moved back once, not per layer
     with CountOps() as ops, torch.no_grad():
         model(ids[:, :1], **forward_kwargs(model, ours))
     assert ops.counts.get("aten.add_", 0) == 1  # transformers' layers: one per layer
     ours.reset()
     assert int(ours.get_seq_length()) == 0
+
+
+def test_layers_on_another_device_share_a_counter_of_their_own():
+    """A model split over devices: the first layer on each device advances that device's counter."""
+    layers = make_static_cache(_tiny("llama").config, 16).layers + [OneCounterLayer(16, {})]
+    layers[1]._counters = layers[0]._counters
+    kv = torch.zeros(1, 2, 3, 4)
+    layers[0].update(kv, kv)
+    layers[1].update(kv.to("meta"), kv.to("meta"))
+    assert layers[0]._advances and layers[1]._advances  # each the first on its device
+    assert layers[0].cumulative_length.device.type == "cpu" and layers[1].cumulative_length.device.type == "meta"
+    assert int(layers[0].get_seq_length()) == 3
+
+
+def test_stacks_outside_the_list_keep_transformers_counters():
+    config = _tiny("llama").config
+    config.model_type = "llama4_text"  # reads each layer's length before its update (attention temperature)
+    assert not any(isinstance(layer, OneCounterLayer) for layer in make_static_cache(config, 16).layers)
 
 
 def test_compiled_step_traces_fullgraph_dense_and_sparse():

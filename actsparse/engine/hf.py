@@ -20,6 +20,7 @@ __all__ = [
     "eos_token_ids",
     "make_static_cache",
     "OneCounterLayer",
+    "ONE_COUNTER_MODELS",
     "not_capturable",
     "structure_key",
     "hooks_key",
@@ -88,25 +89,40 @@ def _sliding_window(cache: StaticCache) -> int | None:
     return min(sizes) if sizes else None
 
 
+# Decoder stacks whose every layer updates the cache once per forward, in layer order, and that read only the first
+# layer's length (transformers' Llama4 reads each layer's before its update; Mllama's cross-attention layers
+# write image tokens at positions of their own): the one-counter cache is exact for these
+ONE_COUNTER_MODELS = frozenset(
+    {
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "gemma2",
+        "granite", "olmo2", "starcoder2", "smollm3",
+    }
+)  # fmt: skip
+
+
 class OneCounterLayer(StaticLayer):
-    """A full static cache layer whose write position is the cache's one position counter.
+    """A full static cache layer whose write position is its device's one position counter.
 
     transformers' ``StaticLayer`` keeps a position counter per layer and advances each in its ``update``: in a
     compiled decode step that is a one-element kernel per layer (32 launches a token on a 32-layer model). Here
-    the layers share one counter tensor: the first layer's ``update`` advances it, the others write at
-    ``counter - tokens`` (fused into their cache-write kernel). Same positions, same keys and values, as long as
-    the layers update in order within a forward, which every decoder stack does (layer 0 first).
+    the layers on one device share one counter tensor: the first of them (the first to initialize) advances it
+    in its ``update``, the others write at ``counter - tokens`` (fused into their cache-write kernel). Same
+    positions, keys and values as transformers' layers for the stacks in :data:`ONE_COUNTER_MODELS`, whose
+    layers update in order, once per forward, and whose forward reads only the first layer's length.
     """
 
-    def __init__(self, max_cache_len: int, counter: list[torch.Tensor], first: bool):
+    def __init__(self, max_cache_len: int, counters: dict[torch.device, torch.Tensor]):
         super().__init__(max_cache_len=max_cache_len)
-        self._counter, self._first = counter, first  # counter: a one-element list, shared by the cache's layers
-        self.cumulative_length = counter[0]
+        self._counters = counters  # device -> its counter, shared by the cache's layers
+        self._advances = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self._counter[0].device != key_states.device:  # moved once, by whichever layer initializes first
-            self._counter[0] = self._counter[0].to(key_states.device)
-        self.cumulative_length = self._counter[0]  # (StaticLayer's .to(device) keeps it: the same device)
+        device = key_states.device
+        counter = self._counters.get(device)
+        if counter is None:  # the first layer on this device (layers initialize in forward order) advances it
+            counter = self._counters[device] = torch.zeros((), dtype=torch.long, device=device)
+            self._advances = True
+        self.cumulative_length = counter  # (StaticLayer's .to(device) keeps it: the same device)
         super().lazy_initialization(key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -114,27 +130,38 @@ class OneCounterLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         positions = torch.arange(n, device=self.device)
-        if self._first:
+        if self._advances:
             positions = positions + self.cumulative_length
             self.cumulative_length.add_(n)
-        else:  # the first layer advanced the counter in this forward already
+        else:  # the device's first layer advanced the counter in this forward already
             positions = positions + (self.cumulative_length - n)
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # (allocated above)
-        keys.index_copy_(2, positions, key_states)
-        values.index_copy_(2, positions, value_states)
+        try:
+            keys.index_copy_(2, positions, key_states)
+            values.index_copy_(2, positions, value_states)
+        except NotImplementedError:  # devices without index_copy_ (MPS), as transformers' layer does
+            keys[:, :, positions] = key_states
+            values[:, :, positions] = value_states
         return keys, values
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Moves the shared counter back once (by the layer that advances it; the others share it)."""
+        if self._advances or not self.is_initialized or tokens_to_remove > 0:  # (> 0: transformers' error)
+            super().crop(tokens_to_remove)
 
-def _one_counter(cache: StaticCache, max_seq_len: int) -> None:
-    """Full static layers become :class:`OneCounterLayer` sharing one counter (where this transformers' static
-    layer keeps its position in a ``cumulative_length`` tensor, as 5.x does)."""
+
+def _one_counter(cache: StaticCache, config: Any, max_seq_len: int) -> None:
+    """Full static layers become :class:`OneCounterLayer` (for the stacks of :data:`ONE_COUNTER_MODELS`, where
+    this transformers' static layer keeps its position in a ``cumulative_length`` tensor, as 5.x does)."""
     layers = cache.layers
+    if getattr(config, "model_type", None) not in ONE_COUNTER_MODELS:
+        return
     if not layers or any(type(layer) is not StaticLayer for layer in layers):
         return  # sliding or other layers keep positions of their own: leave the cache as transformers made it
     if not isinstance(getattr(layers[0], "cumulative_length", None), torch.Tensor):
         return
-    counter = [torch.tensor(0, dtype=torch.long)]
-    cache.layers = [OneCounterLayer(max_seq_len, counter, first=i == 0) for i in range(len(layers))]
+    counters: dict[torch.device, torch.Tensor] = {}
+    cache.layers = [OneCounterLayer(max_seq_len, counters) for _ in layers]
 
 
 def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
@@ -150,7 +177,7 @@ def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
             StaticLayer(max_cache_len=max_seq_len) if getattr(layer, "is_sliding", False) else layer
             for layer in cache.layers
         ]
-    _one_counter(cache, max_seq_len)
+    _one_counter(cache, config, max_seq_len)
     return cache
 
 
