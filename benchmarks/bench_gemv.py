@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -61,9 +62,23 @@ def graph_time_us(fn, n_calls: int, replays: int = 15) -> float:
     return statistics.median(times)
 
 
+# what a decode step's kernels are, by name (the first pattern that matches; the rest is "other")
+KERNEL_KINDS = (
+    ("sparse GEMV", re.compile(r"sgemv_cluster|^_sparse_gemv_kernel")),
+    ("RMSNorm", re.compile(r"^triton_\w*rsqrt")),  # (inductor's, with the residual add fused)
+    ("attention", re.compile(r"^_split_kernel|^_combine_kernel|sdpa|flash_fprop|fmha")),
+    ("dense GEMM", re.compile(r"nvjet|gemm|cutlass|splitKreduce|gemv2|gemvx")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
 def profile_replays(replay, steps: int = 4, top: int = 10) -> dict:
     """Kernels of ``steps`` calls of ``replay`` (a CUDA graph replay: CUPTI sees the kernels inside graphs):
-    count, busy time and the gaps between kernels per step, and the ``top`` kernel names by time."""
+    count, busy time and the gaps between kernels per step, the ``top`` kernel names by time, and count and
+    µs per step by kind (:data:`KERNEL_KINDS`)."""
     replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -91,12 +106,18 @@ def profile_replays(replay, steps: int = 4, top: int = 10) -> dict:
         v[0] += 1
         v[1] += e.time_range.end - e.time_range.start
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    kinds: dict[str, list] = {}
+    for name, (count, t) in by_name.items():
+        v = kinds.setdefault(kernel_kind(name), [0, 0.0])
+        v[0] += count
+        v[1] += t
     return dict(
         kernels_per_step=len(ev) / steps,
         busy_us_per_step=busy / steps,
         span_us_per_step=span / steps,
         gap_us_per_kernel=(span - busy) / max(len(ev) - 1, 1),
         top=[dict(name=k, per_step=c / steps, us_per_step=t / steps, us_each=t / c) for k, (c, t) in ranked],
+        kinds={k: dict(per_step=c / steps, us_per_step=t / steps) for k, (c, t) in kinds.items()},
     )
 
 
@@ -107,6 +128,11 @@ def print_profile(label: str, pr: dict, lines: int = 6) -> None:
     print(
         f"  {label}: {pr['kernels_per_step']:.0f} kernels/step, busy {pr['busy_us_per_step']:.0f} us of "
         f"{pr['span_us_per_step']:.0f} us, {pr['gap_us_per_kernel']:.2f} us gap per kernel",
+        flush=True,
+    )
+    print(
+        "      by kind: "
+        + ", ".join(f"{k} {v['per_step']:.0f}x {v['us_per_step']:.0f} us" for k, v in pr.get("kinds", {}).items()),
         flush=True,
     )
     for t in pr["top"][:lines]:

@@ -58,6 +58,8 @@ __all__ = [
 
 BLOCK_N = 64  # cache positions per block: the unit the mask test skips
 MAX_SPLITS = 64
+PROGRAMS_PER_SM = 2  # the split count's aim (split_count)
+NUM_WARPS = 4  # of the split kernel (benchmarks/exp_attention.py times these three)
 # The last program of each key/value head combines its ranges (True), a combine kernel does (False), or the first
 # for MHA and the second for grouped heads (None). H100, bench_attention.py: MHA 6.34 vs 6.64 us (512 positions,
 # 256 written), a tie at 2048; Llama-3's 4 query heads per KV head 7.61 vs 5.91 and 15.44 vs 6.81 us.
@@ -123,10 +125,10 @@ def decode_attention_supported(
 
 
 def split_count(batch_kv_heads: int, length: int, sm_count: int) -> tuple[int, int]:
-    """``(splits, blocks per split)``: enough programs for about two per SM, each at least one block, at most
-    :data:`MAX_SPLITS` (the combine holds every split's partial output in registers)."""
+    """``(splits, blocks per split)``: enough programs for about :data:`PROGRAMS_PER_SM` per SM, each at least
+    one block, at most :data:`MAX_SPLITS` (the combine holds every split's partial output in registers)."""
     blocks = max(1, -(-length // BLOCK_N))
-    want = max(1, min(blocks, MAX_SPLITS, -(-2 * sm_count // max(batch_kv_heads, 1))))
+    want = max(1, min(blocks, MAX_SPLITS, -(-PROGRAMS_PER_SM * sm_count // max(batch_kv_heads, 1))))
     per = -(-blocks // want)
     return -(-blocks // per), per
 
@@ -184,6 +186,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             length, hkv, scale,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
             DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         if not one:
             _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)

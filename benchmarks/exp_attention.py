@@ -1,0 +1,99 @@
+"""Issue 17: the decode attention's launch shape, swept (block size, programs per SM, warps, where ranges combine).
+
+    python benchmarks/exp_attention.py --out $OUT/exp_attention.json     # a few minutes on an H100/H200
+
+The decode attention (actsparse/kernels/decode_attention.py) takes 6-9 µs per layer on an H100 where its bytes
+need about 1 µs (bench_attention.py): a chain of memory latencies (mask, then keys and values, then the partials
+and their combine) over a grid sized by ``split_count``. This times the kernel, as the decoder calls it (one
+query token, a boolean prefix mask, 8 layers' caches in turn, graph-timed), for every combination of
+``BLOCK_N`` (positions per block) × ``PROGRAMS_PER_SM`` (the split count's aim) × ``NUM_WARPS`` × ``ONE_LAUNCH``
+(None: the library's rule; True: the last program of each key/value head combines; False: a combine kernel),
+on Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes, each output checked against the torch reference. Prints the
+library's current setting and the fastest per case, and writes every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_gemv import env_info, graph_time_us  # noqa: E402
+
+from actsparse.kernels import decode_attention as DA  # noqa: E402
+
+SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
+CASES = [(512, 256), (512, 512), (2048, 256), (2048, 2048)]
+LAYERS = 8
+KNOBS = ("BLOCK_N", "PROGRAMS_PER_SM", "NUM_WARPS", "ONE_LAUNCH")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block-n", default="32,64,128")
+    ap.add_argument("--per-sm", default="1,2,4")
+    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("exp_attention needs a CUDA GPU")
+    default = {k: getattr(DA, k) for k in KNOBS}
+    grid = list(
+        itertools.product(
+            [int(v) for v in args.block_n.split(",")],
+            [int(v) for v in args.per_sm.split(",")],
+            [int(v) for v in args.warps.split(",")],
+            [None, True, False],
+        )
+    )
+    rows = []
+    for name, (hq, hkv) in SHAPES.items():
+        for length, written in CASES:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(1, hq, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            kv = [
+                tuple(torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+                for _ in range(LAYERS)
+            ]
+            mask = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
+            mask[..., :written] = True
+            ref = DA.decode_attention_reference(q, *kv[0], mask, 128**-0.5).float()
+            case = []
+            for values in grid:
+                point = dict(zip(KNOBS, values))
+                if point["ONE_LAUNCH"] is (hq == hkv):
+                    continue  # the rule's choice for this layout (one launch for MHA), timed as None already
+                for k, v in point.items():
+                    setattr(DA, k, v)
+                try:
+                    err = (DA.decode_attention(q, *kv[0], mask, 128**-0.5).float() - ref).abs().max().item()
+                    us = graph_time_us(
+                        lambda i, q=q, kv=kv, mask=mask: DA.decode_attention(q, *kv[i % LAYERS], mask, 128**-0.5),
+                        LAYERS,
+                    )
+                finally:
+                    for k, v in default.items():
+                        setattr(DA, k, v)
+                row = dict(model=name, length=length, written=written, us=us, max_err=err, **point)
+                case.append(row)
+                rows.append(row)
+            lib = next(r for r in case if all(r[k] == default[k] for k in KNOBS))
+            best = min(case, key=lambda r: r["us"])
+            print(
+                f"{name:10} L={length:5} written={written:5}  library {lib['us']:6.2f} us  best {best['us']:6.2f} us "
+                f"({', '.join(f'{k}={best[k]}' for k in KNOBS)}; max err {best['max_err']:.1e})",
+                flush=True,
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env_info(), "default": default, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
