@@ -481,3 +481,11 @@ def test_enable_kernels_runs_torchao_int8_weights_from_their_own_codes(mode):
         assert rel_err(up(x), want) < TOL[torch.bfloat16]
     K.disable_kernels(model)
     assert up._packed is None and int8_codes(up.weight) is not None
+
+
+def test_counters_are_not_first_allocated_inside_a_graph_capture(monkeypatch):
+    """The zeroing of a buffer allocated during a capture would be recorded, not run: refused, naming the fix."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(UsageError, match="before capturing"):
+        counter_buffer(torch.device("cuda", 0), 1 << 20, "test-capture")
+    assert counter_buffer(torch.device("cpu"), 4, "test-capture").shape[0] >= 4  # (CPU: nothing is captured)
