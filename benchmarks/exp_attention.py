@@ -7,7 +7,8 @@ need about 1 µs (bench_attention.py): a chain of memory latencies (mask, then k
 and their combine) over a grid sized by ``split_count``. This times the kernel, as the decoder calls it (one
 query token, a boolean prefix mask, 8 layers' caches in turn, graph-timed), for every combination of
 ``BLOCK_N`` (positions per block) × ``PROGRAMS_PER_SM`` (the split count's aim) × ``NUM_WARPS`` × ``ONE_LAUNCH``
-(None: the library's rule; True: the last program of each key/value head combines; False: a combine kernel),
+(None: the library's rule; True: the last program of each key/value head combines; False: a combine kernel) ×
+``SKIP_DROPPED_BLOCKS`` (False: every block read without waiting for its mask; the caches here are finite),
 on Llama-2-7B (MHA) and Llama-3-8B (GQA) shapes, each output checked against the torch reference. Prints the
 library's current setting and the fastest per case, and writes every point.
 """
@@ -31,14 +32,15 @@ from actsparse.kernels import decode_attention as DA  # noqa: E402
 SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
 CASES = [(512, 256), (512, 512), (2048, 256), (2048, 2048)]
 LAYERS = 8
-KNOBS = ("BLOCK_N", "PROGRAMS_PER_SM", "NUM_WARPS", "ONE_LAUNCH")
+KNOBS = ("BLOCK_N", "PROGRAMS_PER_SM", "NUM_WARPS", "ONE_LAUNCH", "SKIP_DROPPED_BLOCKS")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--block-n", default="32,64,128")
     ap.add_argument("--per-sm", default="1,2,4")
-    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--skip", default="1,0", help="SKIP_DROPPED_BLOCKS values (1: the mask gates each block's read)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -50,6 +52,7 @@ def main() -> None:
             [int(v) for v in args.per_sm.split(",")],
             [int(v) for v in args.warps.split(",")],
             [None, True, False],
+            [v == "1" for v in args.skip.split(",")],
         )
     )
     rows = []

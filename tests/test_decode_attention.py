@@ -93,6 +93,17 @@ def test_the_last_program_combines_in_range_order_and_resets_its_counters(monkey
         assert int(counter_buffer(q.device, b * hkv, "attention").abs().sum()) == 0
 
 
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+def test_reading_every_block_gives_the_same_attention_on_a_finite_cache(hkv, monkeypatch):
+    """SKIP_DROPPED_BLOCKS off (the experiment's knob): dropped blocks are read and weigh nothing."""
+    q, k, v = _qkv(1, 4, hkv, 260, 32, torch.float16, seed=4)
+    for name, mask in _masks(1, 4, 260, torch.float16).items():
+        want = DA.decode_attention(q, k, v, mask, 0.2)
+        monkeypatch.setattr(DA, "SKIP_DROPPED_BLOCKS", False)
+        torch.testing.assert_close(DA.decode_attention(q, k, v, mask, 0.2), want, rtol=2e-3, atol=2e-3, msg=name)
+        monkeypatch.setattr(DA, "SKIP_DROPPED_BLOCKS", True)
+
+
 def test_blocks_the_mask_drops_whole_are_never_read():
     b, hq, hkv, length, d = 1, 4, 2, 5 * DA.BLOCK_N, 32
     q, k, v = _qkv(b, hq, hkv, length, d, torch.float16, seed=1)
@@ -171,9 +182,10 @@ names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "out_ptr", "c
          "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
 types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32", "*bf16", "*i32"] + ["i32"] * 13
 sig = {**dict(zip(names, types)), "scale": "fp32"}
-for mask, g, d, one in ((0, 4, 128, True), (1, 4, 128, True), (2, 4, 128, False), (1, 64, 256, True)):
+for mask, g, d, one, skip in ((0, 4, 128, True, True), (1, 4, 128, True, False), (2, 4, 128, False, True),
+                              (1, 64, 256, True, True)):
     c = dict(G=g, G_PAD=max(16, g), D=d, D_PAD=d, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False,
-             COMBINE=one, S_PAD=DA.MAX_SPLITS)
+             COMBINE=one, S_PAD=DA.MAX_SPLITS, SKIP=skip)
     src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
     print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
 sig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}

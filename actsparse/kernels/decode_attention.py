@@ -59,7 +59,10 @@ __all__ = [
 BLOCK_N = 64  # cache positions per block: the unit the mask test skips
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 2  # the split count's aim (split_count)
-NUM_WARPS = 4  # of the split kernel (benchmarks/exp_attention.py times these three)
+NUM_WARPS = 4  # of the split kernel (benchmarks/exp_attention.py times these settings)
+# False: every block is read, its loads not waiting for its mask (one memory latency less per block, the unwritten
+# positions' bytes more); only for caches whose dropped positions hold finite values (a static cache: zeros)
+SKIP_DROPPED_BLOCKS = True
 # The last program of each key/value head combines its ranges (True), a combine kernel does (False), or the first
 # for MHA and the second for grouped heads (None). H100, bench_attention.py: MHA 6.34 vs 6.64 us (512 positions,
 # 256 written), a tie at 2048; Llama-3's 4 query heads per KV head 7.61 vs 5.91 and 15.44 vs 6.81 us.
@@ -186,7 +189,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
             length, hkv, scale,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
             DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
-            num_warps=NUM_WARPS,
+            SKIP=SKIP_DROPPED_BLOCKS, num_warps=NUM_WARPS,
         )  # fmt: skip
         if not one:
             _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)
@@ -202,7 +205,7 @@ if triton is not None:
         L, H_KV, scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_UPCAST: tl.constexpr,
-        COMBINE: tl.constexpr, S_PAD: tl.constexpr,
+        COMBINE: tl.constexpr, S_PAD: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache of >= 2**31 elements must not wrap
         split = tl.program_id(1)
@@ -235,26 +238,13 @@ if triton is not None:
                 else:
                     bias = mv.to(tl.float32)
                     keep = (bias != float("-inf")) & gq[:, None] & inb[None, :]
-            if tl.max(keep.to(tl.int32)) > 0:  # a block the mask drops whole is never read
-                kv_mask = inb[:, None] & dm[None, :]
-                kt = tl.load(k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_l + d[None, :], mask=kv_mask, other=0.0)
-                # issued with the keys' load: both in flight at once
-                vt = tl.load(v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :], mask=kv_mask, other=0.0)
-                if DOT_UPCAST:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, tl.trans(kt)) * scale + bias
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                pv = p.to(vt.dtype)
-                if DOT_UPCAST:
-                    pv = pv.to(tl.float32)
-                    vt = vt.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(pv, vt)
-                m_i = m_new
+            kp = k_ptr + b * sk_b + h * sk_h + n[:, None] * sk_l + d[None, :]
+            vp = v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :]
+            if SKIP:
+                if tl.max(keep.to(tl.int32)) > 0:  # a block the mask drops whole is never read
+                    m_i, l_i, acc = _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST)
+            else:  # every block read, with no wait for its mask (the keys' and values' loads need not follow it)
+                m_i, l_i, acc = _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         if COMBINE and n_splits == 1:  # the whole range in this program: the output directly
             out_rows = b * H_KV * G + qh
@@ -277,6 +267,29 @@ if triton is not None:
                         _combine_row(part_ptr, ml_ptr, out_ptr, bh * n_splits, b * H_KV * G + h * G + gi, gi,
                                      n_splits, G_PAD, D, D_PAD, S_PAD)  # fmt: skip
                     tl.store(cnt_ptr + bh, 0)  # for the next call
+
+    @triton.jit
+    def _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST: tl.constexpr):
+        """One block of positions into the online softmax: its keys and values loaded together (both in flight
+        at once), scores, the running max and sum, the weighted values."""
+        kv_mask = inb[:, None] & dm[None, :]
+        kt = tl.load(kp, mask=kv_mask, other=0.0)
+        vt = tl.load(vp, mask=kv_mask, other=0.0)
+        if DOT_UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw bits: give it fp32
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, tl.trans(kt)) * scale + bias
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pv = p.to(vt.dtype)
+        if DOT_UPCAST:
+            pv = pv.to(tl.float32)
+            vt = vt.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, vt)
+        return m_new, l_i, acc
 
     @triton.jit
     def _combine_row(part_ptr, ml_ptr, out_ptr, first, row, gi, SPLITS, G_PAD: tl.constexpr, D: tl.constexpr,
