@@ -131,25 +131,27 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
 }
 
 
+def build_library(name: str, flags: tuple[str, ...]):
+    """The library source (csrc/sgemv.cu) built with ``flags``: its ``actsparse_sgemv`` entry point."""
+    nvcc = os.path.join(CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
+    major, minor = torch.cuda.get_device_capability()
+    so = os.path.join(tempfile.mkdtemp(), "lib.so")
+    cmd = [nvcc, *CG._FLAGS, f"-arch=sm_{major}{minor}", "-Xptxas", "-v", *flags, "-o", so, str(CG.SOURCE)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(r.stderr)
+    regs = sorted({ln.split("Used ")[1].split(" registers")[0] for ln in r.stderr.splitlines() if "Used " in ln})
+    print(f"variant {name}: registers {','.join(regs)}", flush=True)
+    lib = ctypes.CDLL(so)
+    lib.actsparse_sgemv.restype = ctypes.c_int
+    lib.actsparse_sgemv.argtypes = CG._ARGTYPES
+    return lib.actsparse_sgemv
+
+
 def library_variants(names: list[str]) -> list[dict]:
     """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL on,
     and off for the default build), graph-timed at 100%, 50% and 0%; checked against the reference first."""
-    nvcc = os.path.join(CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
-    major, minor = torch.cuda.get_device_capability()
-    fns = {}
-    for name in names:
-        flags = VARIANTS[name]
-        so = os.path.join(tempfile.mkdtemp(), "lib.so")
-        cmd = [nvcc, *CG._FLAGS, f"-arch=sm_{major}{minor}", "-Xptxas", "-v", *flags, "-o", so, str(CG.SOURCE)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(r.stderr)
-        regs = sorted({ln.split("Used ")[1].split(" registers")[0] for ln in r.stderr.splitlines() if "Used " in ln})
-        print(f"variant {name}: registers {','.join(regs)}", flush=True)
-        lib = ctypes.CDLL(so)
-        lib.actsparse_sgemv.restype = ctypes.c_int
-        lib.actsparse_sgemv.argtypes = CG._ARGTYPES
-        fns[name] = lib.actsparse_sgemv
+    fns = {name: build_library(name, VARIANTS[name]) for name in names}
     rows = []
     for k, n in SHAPES:
         case, ys = _bf16_case(k, n)

@@ -45,6 +45,13 @@ constexpr int U = 8;     // 16-byte loads in flight per thread
 #ifndef ACTSPARSE_MIN_BLOCKS
 #define ACTSPARSE_MIN_BLOCKS 1
 #endif
+// ACTSPARSE_NORM_PROBE 1 (benchmarks/exp_norm.py): x is the residual stream and every block first forms its RMS
+// norm (weight 1, eps 1e-5) over all K <= NORM_MAX inputs, x[k] * rstd rounded to T: what fusing the RMSNorm
+// before q/k/v and gate/up into this kernel would cost it.
+#ifndef ACTSPARSE_NORM_PROBE
+#define ACTSPARSE_NORM_PROBE 0
+#endif
+constexpr int NORM_MAX = 16 * NT;
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -133,6 +140,26 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   const float tau = round_f<T>(tau_p[seg]);  // compared in the activation dtype, as SparseLinear does
   const float mu = mu_p != nullptr ? mu_p[seg] : 0.f;
 
+#if ACTSPARSE_NORM_PROBE
+  __shared__ float norm_part[WARPS];
+  float all[NORM_MAX / NT];
+#pragma unroll
+  for (int j = 0; j < NORM_MAX / NT; ++j) {  // issued together: one memory latency
+    const int k = j * NT + threadIdx.x;
+    all[j] = k < K ? to_f(x[k]) : 0.f;
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < NORM_MAX / NT; ++j) ss = fmaf(all[j], all[j], ss);
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) norm_part[warp] = ss;
+  __syncthreads();
+  ss = 0.f;
+#pragma unroll
+  for (int q = 0; q < WARPS; ++q) ss += norm_part[q];
+  const float rstd = rsqrtf(ss / (float)K + 1e-5f);
+#endif
   float xv[JMAX];
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
@@ -140,6 +167,9 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     float v = 0.f;
     if (k < k_hi) {
       v = to_f(x[k]);
+#if ACTSPARSE_NORM_PROBE
+      v = round_f<T>(v * rstd);
+#endif
       if (gate != nullptr) {  // uniform over the launch: no divergence
         const float g = to_f(gate[k]);
         v = round_f<T>(round_f<T>(g / (1.f + expf(-g))) * v);
@@ -258,7 +288,7 @@ static int launch(const void* x, const void* gate, const void* w, void* y, const
                   int c1, int c2, int pdl, cudaStream_t st) {
   if (cl < 1 || cl > 16 || BN % cl != 0) return -1;
   const int k_per = (K + cl - 1) / cl;
-  if (k_per > JMAX * NT || N % BN != 0) return -1;
+  if (k_per > JMAX * NT || N % BN != 0 || (ACTSPARSE_NORM_PROBE && K > NORM_MAX)) return -1;
   if (cl > 8) {  // more than 8 blocks per cluster is a non-portable opt-in, per device: set it on every call
     cudaError_t e =
         cudaFuncSetAttribute(sgemv_cluster<T, BN, Q>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
