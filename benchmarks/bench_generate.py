@@ -43,6 +43,7 @@ import actsparse.kernels.cuda_gemv as CG  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
 from actsparse.engine import Decoder, glu_fused, unfuse_projections  # noqa: E402
+from actsparse.engine import hf as HF  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
 CONFIGS = {
@@ -197,8 +198,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     )
     stats = layer_stats(model, calib)
     # the first is the main result
-    variants = [(r, b, g) for r in args.reduce for b in args.backends for g in args.glu]
-    for reduce, backend, glu in variants:
+    variants = [(r, b, g, kv) for r in args.reduce for b in args.backends for g in args.glu for kv in args.kv]
+    for reduce, backend, glu, kv in variants:
         if weights == "int8":
             floor = K.INT8_MIN_SPARSITY
         elif KO.cuda_kernel_available(DEV) and backend != "triton":
@@ -209,7 +210,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
         CG.PDL = backend == "cuda-pdl"
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
-        label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}"
+        label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}"
+        HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
         dec = Decoder(
             model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, glu=glu == "on"
         )
@@ -237,8 +239,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 dict(
                     model=name,
                     path="decoder-sparse"
-                    if (reduce, backend, glu) == variants[0]
-                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}",
+                    if (reduce, backend, glu, kv) == variants[0]
+                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -249,6 +251,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     reduce=reduce,
                     backend=backend,
                     glu=glu,
+                    kv=kv,
                     glu_mlps=len(glu_fused(model)),  # the MLPs that ran fused (glu on and down on the CUDA kernel)
                 )
             )
@@ -257,10 +260,11 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
             )
             profile_row(dec, rows[-1], args, f"[{name}] {weights} sparse {s:.2f}")
-        if (reduce, backend, glu) != variants[-1]:
+        if (reduce, backend, glu, kv) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
     CG.PDL = False
+    HF.STACKED_KV = False
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
@@ -420,6 +424,12 @@ def main():
         default="on",
         help="the sparse Decoder's fuse_glu: on (SiLU(gate)*up in the down GEMV's load), off, or on,off (both)",
     )
+    ap.add_argument(
+        "--kv",
+        default="separate",
+        help="the sparse Decoder's cache: separate (keys and values in two buffers), stacked (one buffer, one write "
+        "of both: actsparse.engine.hf.STACKED_KV), or separate,stacked (both, one process)",
+    )
     ap.add_argument("--profile", action="store_true", help="the kernels of each decoder graph (torch.profiler)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
@@ -427,9 +437,16 @@ def main():
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
     args.glu = args.glu.split(",")
+    args.kv = args.kv.split(",")
     attentions = args.attention.split(",")
-    if set(args.glu) - {"on", "off"} or set(attentions) - {"auto", "kernel", "model"}:
-        sys.exit("--glu takes on, off or on,off; --attention auto, kernel and model, comma-separated")
+    if (
+        set(args.glu) - {"on", "off"}
+        or set(attentions) - {"auto", "kernel", "model"}
+        or set(args.kv) - {"separate", "stacked"}
+    ):
+        sys.exit(
+            "--glu takes on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; comma-separated"
+        )
     bad = [b for b in args.backends if _base(b) not in KO.BACKENDS]
     if bad:
         sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton)")

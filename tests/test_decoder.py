@@ -20,7 +20,7 @@ from transformers import (
 import actsparse as A
 import actsparse.kernels as K
 import actsparse.kernels.decode_attention as DA
-from actsparse.engine import Decoder, forward_kwargs, select_next
+from actsparse.engine import Decoder, forward_kwargs, hf, select_next
 from actsparse.engine.hf import OneCounterLayer, make_static_cache
 from actsparse.errors import DecoderError
 from actsparse.generation import dense_view, generate
@@ -164,11 +164,13 @@ def _count_gemv_backend(counts):
     return backend
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked-kv"])
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_the_cache_layers_share_one_position_counter_and_hold_what_transformers_holds(arch):
+def test_the_cache_layers_share_one_position_counter_and_hold_what_transformers_holds(arch, stacked, monkeypatch):
     """make_static_cache's layers share one counter (advanced once per forward, by the first layer): the same
     keys, values, logits and lengths as transformers' StaticCache, prefill and steps; and a decode step mutates
     one counter, not one per layer."""
+    monkeypatch.setattr(hf, "STACKED_KV", stacked)
     model = _tiny(arch)
     ours, theirs = make_static_cache(model.config, 32), StaticCache(config=model.config, max_cache_len=32)
     assert all(type(layer) is OneCounterLayer for layer in ours.layers)
@@ -183,6 +185,8 @@ def test_the_cache_layers_share_one_position_counter_and_hold_what_transformers_
             for la, lb in zip(ours.layers, theirs.layers, strict=True):
                 assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
     assert len({id(layer.cumulative_length) for layer in ours.layers}) == 1
+    for layer in ours.layers:  # STACKED_KV: keys and values are the halves of one buffer
+        assert (layer.keys.untyped_storage().data_ptr() == layer.values.untyped_storage().data_ptr()) == stacked
     if StaticLayer.__dict__.get("crop") is not None:  # (transformers >= 5.2x: static layers crop their counter)
         ours.crop(-2), theirs.crop(-2)
         assert int(ours.get_seq_length()) == int(theirs.get_seq_length()) == 6  # moved back once, not per layer
@@ -209,6 +213,15 @@ def test_stacks_outside_the_list_keep_transformers_counters():
     config = _tiny("llama").config
     config.model_type = "llama4_text"  # reads each layer's length before its update (attention temperature)
     assert not any(isinstance(layer, OneCounterLayer) for layer in make_static_cache(config, 16).layers)
+
+
+def test_compiled_step_with_a_stacked_kv_cache_gives_the_eager_tokens(monkeypatch):
+    monkeypatch.setattr(hf, "STACKED_KV", True)
+    model = _tiny("llama")
+    ids = _ids()
+    dec = Decoder(model, 64, compile=True, backend="aot_eager", fallback=False)
+    assert torch.equal(dec.generate(ids, 12), _hf(model, ids, 12).sequences)
+    assert all(layer._kv is not None for layer in dec.cache.layers)  # (the compiled step wrote the stacked buffer)
 
 
 def test_compiled_step_traces_fullgraph_dense_and_sparse():

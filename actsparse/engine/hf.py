@@ -100,6 +100,11 @@ ONE_COUNTER_MODELS = frozenset(
 )  # fmt: skip
 
 
+# Experiment (benchmarks/bench_generate.py --kv): each layer's keys and values as the two halves of one buffer,
+# written by one index_copy_ of both, so that the compiled step may write them in one kernel instead of two
+STACKED_KV = False
+
+
 class OneCounterLayer(StaticLayer):
     """A full static cache layer whose write position is its device's one position counter.
 
@@ -111,10 +116,12 @@ class OneCounterLayer(StaticLayer):
     layers update in order, once per forward, and whose forward reads only the first layer's length.
     """
 
-    def __init__(self, max_cache_len: int, counters: dict[torch.device, torch.Tensor]):
+    def __init__(self, max_cache_len: int, counters: dict[torch.device, torch.Tensor], stacked: bool = False):
         super().__init__(max_cache_len=max_cache_len)
         self._counters = counters  # device -> its counter, shared by the cache's layers
         self._advances = False
+        self._stacked = stacked  # keys and values as halves of one buffer (STACKED_KV), where their shapes match
+        self._kv: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         device = key_states.device
@@ -124,6 +131,13 @@ class OneCounterLayer(StaticLayer):
             self._advances = True
         self.cumulative_length = counter  # (StaticLayer's .to(device) keeps it: the same device)
         super().lazy_initialization(key_states, value_states)
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
+        if self._stacked and keys.shape == values.shape and keys.dtype == values.dtype:
+            self._kv = torch.zeros((2, *keys.shape), dtype=keys.dtype, device=keys.device)
+            self.keys, self.values = self._kv[0], self._kv[1]
+            if not torch.compiler.is_compiling():  # static addresses for the CUDA graph, as transformers marks its own
+                for t in (self.keys, self.values, self._kv):
+                    torch._dynamo.mark_static_address(t)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -136,6 +150,9 @@ class OneCounterLayer(StaticLayer):
         else:  # the device's first layer advanced the counter in this forward already
             positions = positions + (self.cumulative_length - n)
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # (allocated above)
+        if self._kv is not None:
+            self._kv.index_copy_(3, positions, torch.stack((key_states, value_states)))
+            return keys, values
         try:
             keys.index_copy_(2, positions, key_states)
             values.index_copy_(2, positions, value_states)
@@ -161,7 +178,7 @@ def _one_counter(cache: StaticCache, config: Any, max_seq_len: int) -> None:
     if not isinstance(getattr(layers[0], "cumulative_length", None), torch.Tensor):
         return
     counters: dict[torch.device, torch.Tensor] = {}
-    cache.layers = [OneCounterLayer(max_seq_len, counters) for _ in layers]
+    cache.layers = [OneCounterLayer(max_seq_len, counters, stacked=STACKED_KV) for _ in layers]
 
 
 def make_static_cache(config: Any, max_seq_len: int) -> StaticCache:
