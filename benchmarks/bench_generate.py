@@ -23,6 +23,7 @@ Timing: ``DecodeResult.decode_seconds`` (host clock around the replays, one sync
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import math
@@ -430,9 +431,22 @@ def main():
         help="the sparse Decoder's cache: separate (keys and values in two buffers), stacked (one buffer, one write "
         "of both: actsparse.engine.hf.STACKED_KV), or separate,stacked (both, one process)",
     )
+    ap.add_argument(
+        "--inductor",
+        default="",
+        help="torch._inductor.config settings for every compile of the run, e.g. triton.multi_kernel=1 (comma-"
+        "separated key=value, values as Python literals): compare the --profile of two runs",
+    )
     ap.add_argument("--profile", action="store_true", help="the kernels of each decoder graph (torch.profiler)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run on the CPU (eager, no kernels): checks the script")
     args = ap.parse_args()
+    for item in filter(None, args.inductor.split(",")):
+        key, _, value = item.partition("=")
+        *path, name = key.strip().split(".")
+        owner = functools.reduce(getattr, path, torch._inductor.config)
+        if not hasattr(owner, name):
+            sys.exit(f"--inductor: torch._inductor.config has no {key.strip()}")
+        setattr(owner, name, ast.literal_eval(value.strip()))  # for every compile of the run
     args.sparsities = [float(v) for v in args.sparsities.split(",")]
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
