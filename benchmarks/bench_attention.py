@@ -47,6 +47,24 @@ def compiled(attention, module: torch.nn.Module):
     return torch.compile(lambda q, k, v, m: attention(module, q, k, v, m, scaling=128**-0.5)[0], fullgraph=True)
 
 
+def layer_inputs(hq: int, hkv: int, length: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A bf16 query ``[1, hq, 1, 128]`` and ``LAYERS`` layers' keys and values ``[1, hkv, length, 128]`` (seeded)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, hq, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def cache() -> torch.Tensor:
+        return torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    return q, [(cache(), cache()) for _ in range(LAYERS)]
+
+
+def prefix_mask(length: int, written: int) -> torch.Tensor:
+    """The static cache's boolean mask after ``written`` positions: ``[1, 1, 1, length]``."""
+    mask = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
+    mask[..., :written] = True
+    return mask
+
+
 def per_layer_us(fn, q, kv, mask) -> float:
     """Graph-timed µs per call of ``fn`` over the layers' caches in turn."""
     return graph_time_us(lambda i: fn(q, *kv[i % LAYERS], mask), LAYERS)
@@ -65,19 +83,10 @@ def main() -> None:
         module = _Attn(hq // hkv)
         sdpa, ours = compiled(sdpa_attention_forward, module), compiled(decode_attention_forward, module)
         for length in (int(v) for v in args.lengths.split(",")):
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(1, hq, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-            kv = [
-                (
-                    torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g),
-                    torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g),
-                )
-                for _ in range(LAYERS)
-            ]
+            q, kv = layer_inputs(hq, hkv, length)
             for w in args.written.split(","):
                 written = min(length, int(float(w) * length) if "." in w else int(w))
-                mask = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
-                mask[..., :written] = True
+                mask = prefix_mask(length, written)
                 ref = sdpa(q, *kv[0], mask)
                 got = ours(q, *kv[0], mask)
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()

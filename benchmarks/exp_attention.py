@@ -26,13 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_attention import LAYERS, SHAPES, layer_inputs, prefix_mask  # noqa: E402
 from bench_gemv import env_info, graph_time_us  # noqa: E402
 
 from actsparse.kernels import decode_attention as DA  # noqa: E402
 
-SHAPES = {"llama2-7b": (32, 32), "llama3-8b": (32, 8)}
 CASES = [(512, 256), (512, 512), (2048, 256), (2048, 2048)]
-LAYERS = 8
 KNOBS = ("BLOCK_N", "PROGRAMS_PER_SM", "NUM_WARPS", "ONE_LAUNCH", "SKIP_DROPPED_BLOCKS")
 
 
@@ -59,14 +58,8 @@ def main() -> None:
     rows = []
     for name, (hq, hkv) in SHAPES.items():
         for length, written in CASES:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            q = torch.randn(1, hq, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-            kv = [
-                tuple(torch.randn(1, hkv, length, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
-                for _ in range(LAYERS)
-            ]
-            mask = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
-            mask[..., :written] = True
+            q, kv = layer_inputs(hq, hkv, length)
+            mask = prefix_mask(length, written)
             ref = DA.decode_attention_reference(q, *kv[0], mask, 128**-0.5).float()
             case = []
             for values in grid:
