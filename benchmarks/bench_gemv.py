@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import actsparse.kernels as K  # noqa: E402
+from actsparse.kernels import cuda_gemv as cg  # noqa: E402
 from actsparse.kernels import triton_gemv as tg  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (in K, out N)
@@ -162,12 +163,22 @@ def copy_bandwidth() -> float:
     return 2 * n / statistics.median(times) / 1e9
 
 
-class Case:
-    """Weight copies + inputs for one (K, N, dtype, quantize) so that calls stream from HBM."""
+BACKENDS = ("triton", "cuda")
 
-    def __init__(self, k, n, dtype, quantize=None, l2_bytes=50e6, seed=0, layout=256):
+
+class Case:
+    """Weight copies + inputs for one (K, N, dtype, quantize) so that calls stream from HBM.
+
+    ``backend`` is the kernel ``time_sparse``/``check`` run by default: ``"triton"`` (the Triton kernel, packed
+    in its blocked layout) or ``"cuda"`` (the CUDA C++ kernel at its launch rule, plain layout)."""
+
+    def __init__(self, k, n, dtype, quantize=None, l2_bytes=50e6, seed=0, layout=256, backend="triton"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: one of {BACKENDS}, got {backend!r}")
+        if backend == "cuda":
+            layout = None
         torch.manual_seed(seed)
-        self.k, self.n, self.dtype, self.quantize = k, n, dtype, quantize
+        self.k, self.n, self.dtype, self.quantize, self.backend = k, n, dtype, quantize, backend
         wbytes = k * n * (1 if quantize else torch.finfo(dtype).bits // 8)
         self.copies = max(2, math.ceil(3 * l2_bytes / wbytes))
         self.dense = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(self.copies)]
@@ -186,7 +197,7 @@ class Case:
 
     def time_sparse(self, cfg=None, calls=None, kernel=None):
         calls = calls or 4 * self.copies
-        fn = (kernel or tg).sparse_gemv_triton
+        fn = cg.sparse_gemv_cuda if self.backend == "cuda" and kernel is None else (kernel or tg).sparse_gemv_triton
         y = [torch.empty(p.padded_out, dtype=self.dtype, device="cuda") for p in self.packed]
         return graph_time_us(
             lambda i: fn(self.x[i % self.copies], self.packed[i % self.copies], cfg, out=y[i % self.copies]), calls
@@ -200,7 +211,7 @@ class Case:
     def check(self):
         x, p = self.x[0], self.packed[0]
         p.threshold.fill_(torch.quantile(x.float().abs(), 0.5).item())
-        y = tg.sparse_gemv_triton(x, p)
+        y = (cg.sparse_gemv_cuda if self.backend == "cuda" else tg.sparse_gemv_triton)(x, p)
         ref = K.sparse_gemv_reference(x, p)
         err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < 1e-2, f"kernel mismatch {err}"
@@ -304,6 +315,55 @@ def load_kernel_module(path):
     return mod
 
 
+def launch_config(case) -> dict:
+    """The launch configuration the case's backend picks for its first weight copy."""
+    p = case.packed[0]
+    if case.backend == "cuda":
+        return cg.cuda_config(p, torch.device("cuda")).__dict__
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return tg.choose_config(case.k, p.padded_out, p.weight_t.element_size(), sms).__dict__
+
+
+def sweep_case(case, backend, name, td, td_bench, err, bw, baseline) -> list[dict]:
+    """``case``'s kernel at each of SPARSITIES against dense ``td`` µs: one printed line and one row each."""
+    k, n = case.k, case.n
+    dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
+    rows = []
+    for s in SPARSITIES:
+        kept = case.set_sparsity(s)
+        t = case.time_sparse()
+        sbytes = kept * case.wbytes_row + 2 * (k + n)
+        row = dict(
+            k=k,
+            n=n,
+            weights=name,
+            backend=backend,
+            sparsity=s,
+            kept_rows=kept,
+            dense_us=td,
+            sparse_us=t,
+            ratio=td / t,
+            sparse_gbs=sbytes / (t * 1e-6) / 1e9,
+            dense_gbs=dense_bytes / (td * 1e-6) / 1e9,
+            rel_err=err,
+            config=launch_config(case),
+        )
+        row["pct_copy"] = 100 * row["sparse_gbs"] / bw
+        row["dense_dobench_us"] = td_bench
+        extra = ""
+        if baseline is not None and backend == "triton":
+            tb = case.time_sparse(kernel=baseline)
+            row.update(before_us=tb, before_ratio=td / tb, before_pct_copy=100 * sbytes / (tb * 1e-6) / 1e9 / bw)
+            extra = f" {tb:>9.1f} {td / tb:>6.2f}"
+        rows.append(row)
+        print(
+            f"{k:>5}x{n:<6} {name:>5} {backend:>6} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
+            f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%{extra}",
+            flush=True,
+        )
+    return rows
+
+
 def bench(args):
     import triton
 
@@ -313,7 +373,7 @@ def bench(args):
     results = {"env": env_info(), "copy_gbs": bw, "rows": [], "baseline": args.baseline}
     variants = [("fp16", torch.float16, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
     print(
-        f"{'shape KxN':>12} {'w':>5} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}"
+        f"{'shape KxN':>12} {'w':>5} {'kernel':>6} {'sp':>4} {'dense us':>9} {'sparse us':>9} {'ratio':>6} {'GB/s':>6} {'%copy':>6}"
         + (f" {'before us':>9} {'ratio':>6}" if baseline is not None else "")
     )
     shapes = [tuple(map(int, sh.split("x"))) for sh in args.shapes.split(",")] if args.shapes else SHAPES
@@ -321,54 +381,19 @@ def bench(args):
         for name, dtype, q in variants:
             if name not in args.variants:
                 continue
-            case = Case(k, n, dtype, q)
-            err = case.check()
-            td = case.time_dense()
-            x2, w2 = case.x[0].view(1, -1), case.dense[0]  # one eager launch per measurement (L2-warm weights)
-            td_bench = 1e3 * triton.testing.do_bench(
-                lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
-            )
-            dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
-            for s in SPARSITIES:
-                kept = case.set_sparsity(s)
-                t = case.time_sparse()
-                sbytes = kept * case.wbytes_row + 2 * (k + n)
-                row = dict(
-                    k=k,
-                    n=n,
-                    weights=name,
-                    sparsity=s,
-                    kept_rows=kept,
-                    dense_us=td,
-                    sparse_us=t,
-                    ratio=td / t,
-                    sparse_gbs=sbytes / (t * 1e-6) / 1e9,
-                    dense_gbs=dense_bytes / (td * 1e-6) / 1e9,
-                    rel_err=err,
-                    config=tg.choose_config(
-                        k,
-                        case.packed[0].padded_out,
-                        case.packed[0].weight_t.element_size(),
-                        torch.cuda.get_device_properties(0).multi_processor_count,
-                    ).__dict__,
-                )
-                row["pct_copy"] = 100 * row["sparse_gbs"] / bw
-                row["dense_dobench_us"] = td_bench
-                extra = ""
-                if baseline is not None:
-                    tb = case.time_sparse(kernel=baseline)
-                    row.update(
-                        before_us=tb, before_ratio=td / tb, before_pct_copy=100 * sbytes / (tb * 1e-6) / 1e9 / bw
+            td = td_bench = None
+            for backend in args.backends:
+                case = Case(k, n, dtype, q, backend=backend)
+                err = case.check()
+                if td is None:  # dense once per shape and weights: every backend's ratio against the same number
+                    td = case.time_dense()
+                    x2, w2 = case.x[0].view(1, -1), case.dense[0]  # one eager launch each (L2-warm weights)
+                    td_bench = 1e3 * triton.testing.do_bench(
+                        lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
                     )
-                    extra = f" {tb:>9.1f} {td / tb:>6.2f}"
-                results["rows"].append(row)
-                print(
-                    f"{k:>5}x{n:<6} {name:>5} {s:>4.1f} {td:>9.1f} {t:>9.1f} {td / t:>6.2f} "
-                    f"{row['sparse_gbs']:>6.0f} {row['pct_copy']:>5.1f}%{extra}",
-                    flush=True,
-                )
-            del case
-            torch.cuda.empty_cache()
+                results["rows"].extend(sweep_case(case, backend, name, td, td_bench, err, bw, baseline))
+                del case
+                torch.cuda.empty_cache()
     return results
 
 
@@ -378,8 +403,12 @@ def main():
     ap.add_argument("--variants", default="fp16,bf16,int8")
     ap.add_argument("--shapes", default=None, help="comma list of KxN (default: the five of the tables)")
     ap.add_argument("--out", default=None, help="JSON results file")
-    ap.add_argument("--baseline", default=None, help="also time the kernel module at this path (before/after)")
+    ap.add_argument("--baseline", default=None, help="also time the Triton kernel module at this path (before/after)")
+    ap.add_argument("--backends", default="triton,cuda", help="sparse kernels to time, comma-separated: triton,cuda")
     args = ap.parse_args()
+    args.backends = args.backends.split(",")
+    if set(args.backends) - set(BACKENDS) or not args.backends:
+        sys.exit(f"--backends: comma-separated {', '.join(BACKENDS)}; got {','.join(args.backends)}")
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA GPU")
     res = tune(args) if args.tune else bench(args)

@@ -92,7 +92,8 @@ def launch_floor_us(grid=(56, 4), calls=200) -> float:
     return graph_time_us(lambda i: _touch_kernel[grid](y), calls)
 
 
-def gemv_ceilings(read_gbs: float, floor_us: float) -> list[dict]:
+def gemv_ceilings(read_gbs: float, floor_us: float, backends=("triton",)) -> list[dict]:
+    """Each shape x weights: dense graph-timed and do_bench-timed, then each backend's kernel at 0/50/70%."""
     rows = []
     for k, n in SHAPES:
         for name, dtype, q in (
@@ -100,44 +101,55 @@ def gemv_ceilings(read_gbs: float, floor_us: float) -> list[dict]:
             ("bf16", torch.bfloat16, None),
             ("int8", torch.bfloat16, "int8"),
         ):
-            case = Case(k, n, dtype, q)
-            case.check()
-            dense = case.time_dense()
-            x2, w2 = case.x[0].view(1, -1), case.dense[0]
-            dense_db = 1e3 * triton.testing.do_bench(
-                lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
-            )
-            for s in (0.0, 0.5, 0.7):
-                kept = case.set_sparsity(s)
-                ours = case.time_sparse()
-                read_bytes = kept * case.wbytes_row + 2 * (k + n) + (8 * n if q else 0)
-                ideal = read_bytes / (read_gbs * 1e3)  # µs at read bandwidth
-                row = dict(
-                    k=k,
-                    n=n,
-                    weights=name,
-                    sparsity=s,
-                    dense_us=dense,
-                    dense_dobench_us=dense_db,
-                    ours_us=ours,
-                    ideal_us=ideal,
-                    ideal_plus_launch_us=ideal + floor_us,
-                    ours_ratio=dense / ours,
-                    ceiling_ratio=dense / ideal,
-                    ceiling_ratio_launch=dense / (ideal + floor_us),
-                    ceiling_ratio_dobench=dense_db / ideal,
-                    dense_pct_read=100 * (k * n * case.x[0].element_size()) / (dense * 1e3) / read_gbs,
-                )
-                rows.append(row)
-                print(
-                    f"{k:>5}x{n:<6} {name:>5} {s:>4.0%}: dense {dense:5.1f} us (do_bench {dense_db:5.1f}, "
-                    f"{row['dense_pct_read']:4.0f}% of read bw)  ours {ours:5.1f} (x{row['ours_ratio']:.2f})  "
-                    f"ideal {ideal:5.1f} (x{row['ceiling_ratio']:.2f}; +launch x{row['ceiling_ratio_launch']:.2f})",
-                    flush=True,
-                )
-            del case
-            torch.cuda.empty_cache()
+            dense = dense_db = None
+            for backend in backends:
+                case = Case(k, n, dtype, q, backend=backend)
+                case.check()
+                if dense is None:  # one dense measurement per shape and weights, shared by the backends
+                    dense = case.time_dense()
+                    x2, w2 = case.x[0].view(1, -1), case.dense[0]
+                    dense_db = 1e3 * triton.testing.do_bench(
+                        lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
+                    )
+                for s in (0.0, 0.5, 0.7):
+                    rows.append(ceiling_row(case, backend, name, s, dense, dense_db, read_gbs, floor_us))
+                del case
+                torch.cuda.empty_cache()
     return rows
+
+
+def ceiling_row(case, backend, name, s, dense, dense_db, read_gbs, floor_us) -> dict:
+    k, n, q = case.k, case.n, case.quantize
+    kept = case.set_sparsity(s)
+    ours = case.time_sparse()
+    read_bytes = kept * case.wbytes_row + 2 * (k + n) + (8 * n if q else 0)
+    ideal = read_bytes / (read_gbs * 1e3)  # µs at read bandwidth
+    row = dict(
+        k=k,
+        n=n,
+        weights=name,
+        backend=backend,
+        sparsity=s,
+        dense_us=dense,
+        dense_dobench_us=dense_db,
+        ours_us=ours,
+        ideal_us=ideal,
+        ideal_plus_launch_us=ideal + floor_us,
+        ours_ratio=dense / ours,
+        ceiling_ratio=dense / ideal,
+        ceiling_ratio_launch=dense / (ideal + floor_us),
+        ceiling_ratio_dobench=dense_db / ideal,
+        dense_pct_read=100 * (k * n * case.x[0].element_size()) / (dense * 1e3) / read_gbs,
+    )
+    row["pct_of_launch_ceiling"] = 100 * row["ours_ratio"] / row["ceiling_ratio_launch"]
+    print(
+        f"{k:>5}x{n:<6} {name:>5} {s:>4.0%}: dense {dense:5.1f} us (do_bench {dense_db:5.1f}, "
+        f"{row['dense_pct_read']:4.0f}% of read bw)  {backend:>6} {ours:5.1f} (x{row['ours_ratio']:.2f})  "
+        f"ideal {ideal:5.1f} (x{row['ceiling_ratio']:.2f}; +launch x{row['ceiling_ratio_launch']:.2f}, "
+        f"ours at {row['pct_of_launch_ceiling']:.0f}% of it)",
+        flush=True,
+    )
+    return row
 
 
 class BoundsModel(Model):
@@ -292,7 +304,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--reduce", default="kernel", help="split-K reductions to time in the decode loop (bench_decode)")
     ap.add_argument(
-        "--backends", default="triton", help="sparse GEMVs in the decode loop, comma-separated: triton,cuda"
+        "--backends",
+        default="triton",
+        help="sparse GEMV kernels (the GEMV table and the decode loop), comma-separated: triton,cuda",
     )
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
@@ -319,7 +333,7 @@ def main():
         "decode": [],
     }
     if not args.skip_gemv:
-        out["gemv"] = gemv_ceilings(read, floor)
+        out["gemv"] = gemv_ceilings(read, floor, args.backends)
     sparsities = [float(v) for v in args.sparsities.split(",")]
     for name in args.models.split(","):
         if name:
