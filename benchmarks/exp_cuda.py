@@ -128,6 +128,11 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
     "minblocks5": ("-DACTSPARSE_MIN_BLOCKS=5",),
     "pipe": ("-DACTSPARSE_PIPELINE=1",),
     "pipe+minblocks4": ("-DACTSPARSE_PIPELINE=1", "-DACTSPARSE_MIN_BLOCKS=4"),
+    # the default is 8 adjacent inputs per thread with a scan-built kept list (VEC_X) and partials by st.async
+    # onto the owner's mbarrier (MBAR_REDUCE); these builds take either or both back to what came before
+    "ballots": ("-DACTSPARSE_VEC_X=0",),  # thread t holds inputs t, t + 256, ...; warp ballots, a table of counts
+    "cluster-sync": ("-DACTSPARSE_MBAR_REDUCE=0",),  # DSMEM stores, then a cluster barrier
+    "legacy": ("-DACTSPARSE_VEC_X=0", "-DACTSPARSE_MBAR_REDUCE=0"),  # both (the kernel before 2026-12-07, third)
 }
 
 
@@ -149,8 +154,9 @@ def build_library(name: str, flags: tuple[str, ...]):
 
 
 def library_variants(names: list[str]) -> list[dict]:
-    """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL on,
-    and off for the default build), graph-timed at 100%, 50% and 0%; checked against the reference first."""
+    """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL as the
+    library launches it, ``cuda_gemv.PDL``, and also on for the default build), graph-timed at 100%, 50% and 0%;
+    checked against the reference first: a variant that misses it is reported (``error@s``) and not timed."""
     fns = {name: build_library(name, VARIANTS[name]) for name in names}
     rows = []
     for k, n in SHAPES:
@@ -161,12 +167,15 @@ def library_variants(names: list[str]) -> list[dict]:
             case.set_sparsity(s)
             ref = sparse_gemv_reference(case.x[0], case.packed[0]).double()
             for name, fn in fns.items():
-                for pdl in (True, False) if name == "default" else (True,):
+                for pdl in (True, False) if name == "default" else (CG.PDL,):
                     c = CG.CudaConfig(cfg.block_n, cfg.cluster, pdl)
                     CG._LIBS[CG._arch(torch.device("cuda"))] = _Lib(fn)
                     got = CG.sparse_gemv_cuda(case.x[0], case.packed[0], c).double()
                     err = ((got - ref).norm() / ref.norm()).item() if s < 1 else got.abs().max().item()
-                    assert err < 1e-2, (k, n, s, name, err)
+                    if not err < 1e-2:
+                        row[f"error@{s}"] = f"{name}: relative error {err:.3g}"
+                        print(f"{k}x{n} s={s} {name}: relative error {err:.3g}, not timed", flush=True)
+                        continue
                     row[f"{name}{'' if pdl else '/nopdl'}@{s}"] = _time_library(case, ys, c)
         CG._LIBS.clear()
         print(json.dumps(row), flush=True)

@@ -8,8 +8,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
 from helpers import VOCAB, byte_tokenizer, make_tiny_llama  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # One intra-op thread: the tiny models gain nothing from two, and on a busy machine OpenMP's spin-waiting
 # threads make every op wait for a core (measured on 2 cores with two other busy processes:

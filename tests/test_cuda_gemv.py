@@ -320,6 +320,31 @@ def test_every_tile_and_cluster_size_agrees(quantize):
                     _check(x, p, CG.CudaConfig(bn, cl, pdl))
 
 
+def _shifted(t, offset):
+    """``t``'s values in a view starting ``offset`` elements into a larger buffer (not 16-byte aligned unless 0)."""
+    buf = torch.zeros(t.numel() + 16, dtype=t.dtype, device=t.device)
+    v = buf[offset : offset + t.numel()]
+    v.copy_(t)
+    return v
+
+
+@gpu
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_inputs_at_any_alignment_and_single_block_tiles(offset):
+    """Each thread reads its 8 inputs in one 16-byte load only where the slice is aligned: a shifted input (and
+    gate) takes the element-wise path, K = 1000 leaves partial vectors at the slices' ends, cluster 1 no DSMEM."""
+    x, p = _packed(1000, (256, 128), torch.bfloat16, "cuda", shifts=[0.1, 0.0], bias=True)
+    xs = _shifted(x, offset)
+    assert (xs.data_ptr() % 16 == 0) == (offset == 0)
+    for bn in CG.BLOCK_NS:
+        for cl in (1, 2, 8):
+            if bn % cl == 0:
+                assert torch.equal(_check(xs, p, CG.CudaConfig(bn, cl)), _check(x, p, CG.CudaConfig(bn, cl)))
+    gate = torch.randn(1000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).cuda()
+    want = CG.sparse_gemv_cuda(torch.nn.functional.silu(gate) * x, p)
+    assert torch.equal(CG.sparse_gemv_cuda(xs, p, gate=_shifted(gate, offset)), want)
+
+
 @gpu
 def test_sparsity_extremes_nan_and_a_bf16_bias():
     x, p = _packed(2048, (256,), torch.bfloat16, "cuda")

@@ -12,14 +12,16 @@
 //
 // One thread block owns BN output columns and a k_per slice of the inputs; the cl blocks sharing a column
 // tile form a thread-block cluster, so the split-K reduction runs through distributed shared memory:
-//   1. every thread loads its x values at once (one memory latency) and tests them; the block lists its kept
-//      rows' indices and values in shared memory in increasing k (warp ballots, a prefix over warps);
+//   1. every thread loads its 8 adjacent x values at once (one 16-byte load where the slice is aligned: one
+//      memory latency) and tests them; the block lists its kept rows' indices and values in shared memory in
+//      increasing k (a shuffle scan of the kept counts per warp, a prefix over the warps' totals);
 //   2. the kept rows are streamed: a row's BN columns are BN/E lanes x 16 bytes (E = 8 fp16/bf16 or 16 int8
 //      values; L1 bypassed), a warp covers 32/(BN/E) rows per step, U loads in flight per thread, fp32 sums;
 //   3. lanes reduce over the rows of a warp (shuffles), warps through shared memory, then every block pushes
-//      its partial sum of column c into the shared memory of the block that owns c (BN/cl columns each), one
-//      cluster barrier, and the owner adds the cl partials in rank order and writes y: deterministic, one
-//      launch, no workspace, no counters.
+//      its partial sum of column c into the shared memory of the block that owns c (BN/cl columns each) by
+//      st.async, which counts the bytes on an mbarrier there; an owner waits for its BN * 4 bytes (no cluster
+//      barrier at the end), adds the cl partials in rank order and writes y: deterministic, one launch, no
+//      workspace, no counters.
 // Programmatic dependent launch: the kernel waits for its predecessor before touching memory and lets its
 // successor launch early (a no-op unless the launch asks for it).
 // Built at first use by actsparse/kernels/cuda_gemv.py (nvcc -> shared library, called through ctypes).
@@ -50,6 +52,20 @@ constexpr int U = 8;     // 16-byte loads in flight per thread
 // before q/k/v and gate/up into this kernel would cost it.
 #ifndef ACTSPARSE_NORM_PROBE
 #define ACTSPARSE_NORM_PROBE 0
+#endif
+// ACTSPARSE_VEC_X 1 (the default; 0 for benchmarks/exp_cuda.py --variants legacy, ballots): every thread holds
+// 8 adjacent inputs, read by one 16-byte load where the slice allows it, and the kept list is built by a scan
+// over threads (one shuffle scan per warp, one barrier); 0: thread t holds inputs t, t + NT, ..., eight warp
+// ballots and an 8 x WARPS table of counts.
+#ifndef ACTSPARSE_VEC_X
+#define ACTSPARSE_VEC_X 1
+#endif
+// ACTSPARSE_MBAR_REDUCE 1 (the default; 0 for --variants legacy, cluster-sync): the partials travel by st.async,
+// each completing bytes on an mbarrier in the owner's shared memory, and an owner waits for its BN * 4 bytes;
+// 0: plain DSMEM stores and a cluster barrier after the push (every block waiting for every other).
+// Together they took the 100%-sparse cost from 4.4-5.0 to 3.3-3.8 us per call on an H100 (benchmarks/README.md).
+#ifndef ACTSPARSE_MBAR_REDUCE
+#define ACTSPARSE_MBAR_REDUCE 1
 #endif
 constexpr int NORM_MAX = 16 * NT;
 
@@ -91,6 +107,18 @@ __device__ __forceinline__ void fma16b(float (&acc)[Q ? 16 : 8], const uint4& w,
   }
 }
 
+// one input as the kernel sees it: x (times the probe's rstd, NORM), or silu(gate) * x rounded as torch does
+template <typename T, int NORM>
+__device__ __forceinline__ float input_at(T xk, T gk, bool gated, float rstd) {
+  float v = to_f(xk);
+  if (NORM) v = round_f<T>(v * rstd);
+  if (gated) {  // uniform over the launch: no divergence
+    const float g = to_f(gk);
+    v = round_f<T>(round_f<T>(g / (1.f + expf(-g))) * v);
+  }
+  return v;
+}
+
 // rows base + u * RPS + r0 (u < UB) of the kept list: their values and 16 bytes of weights each (0 past total)
 template <int UB, int RPS>
 __device__ __forceinline__ void load_rows(uint4 (&wv)[UB], float (&xk)[UB], int base, int r0, int total,
@@ -120,13 +148,21 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   constexpr int RPS = RPW * WARPS;  // rows per block per step
   __shared__ int list[JMAX * NT];
   __shared__ float vals[JMAX * NT];
-  __shared__ int cnt[JMAX][WARPS];
   __shared__ float red[WARPS][BN];
   __shared__ float slots[BN];  // the cl partial sums of the BN / cl columns this block owns
   __shared__ float xsums[WARPS];  // int8 with zero points: the kept x' summed per warp
 
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
+#if ACTSPARSE_MBAR_REDUCE
+  __shared__ __align__(8) unsigned long long mbar;
+  const unsigned mbar_a = (unsigned)__cvta_generic_to_shared(&mbar);
+  if (threadIdx.x == 0) {  // one arrival (this one, expecting the BN partials) + their bytes; visible cluster-wide
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(mbar_a) : "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mbar_a), "r"(BN * 4) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#endif
   // distributed shared memory may be written only once every block of the cluster runs: arrive now, wait
   // just before the push (the weight stream in between hides the wait)
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -159,23 +195,68 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #pragma unroll
   for (int q = 0; q < WARPS; ++q) ss += norm_part[q];
   const float rstd = rsqrtf(ss / (float)K + 1e-5f);
+#else
+  const float rstd = 1.f;
 #endif
+  float mine = 0.f;  // this thread's kept x' (their sum is needed with zero points)
+  int total = 0;     // kept rows of the block
+#if ACTSPARSE_VEC_X
+  __shared__ int wtot[WARPS];
+  float xv[JMAX];  // inputs kb .. kb + 7
+  const int kb = k_lo + JMAX * threadIdx.x;
+  const bool vec = ((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(gate)) % 16 == 0) && k_lo % JMAX == 0 &&
+                   kb + JMAX <= k_hi;
+  if (vec) {
+    const uint4 rx = *reinterpret_cast<const uint4*>(x + kb);
+    const uint4 rg = gate != nullptr ? *reinterpret_cast<const uint4*>(gate + kb) : rx;
+    const T* px = reinterpret_cast<const T*>(&rx);
+    const T* pg = reinterpret_cast<const T*>(&rg);
+#pragma unroll
+    for (int j = 0; j < JMAX; ++j) xv[j] = input_at<T, ACTSPARSE_NORM_PROBE>(px[j], pg[j], gate != nullptr, rstd) - mu;
+  } else {
+#pragma unroll
+    for (int j = 0; j < JMAX; ++j) {
+      const int k = kb + j;
+      xv[j] = k < k_hi ? input_at<T, ACTSPARSE_NORM_PROBE>(x[k], gate != nullptr ? gate[k] : x[k], gate != nullptr, rstd) - mu
+                       : 0.f;
+    }
+  }
+  unsigned bits = 0;
+#pragma unroll
+  for (int j = 0; j < JMAX; ++j) bits |= (kb + j < k_hi && !(fabsf(xv[j]) <= tau)) ? 1u << j : 0u;
+  const int mine_n = __popc(bits);
+  int incl = mine_n;  // inclusive scan of the kept counts over the warp's lanes
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int t = __shfl_up_sync(0xffffffffu, incl, o);
+    incl += lane >= o ? t : 0;
+  }
+  if (lane == 31) wtot[warp] = incl;
+  __syncthreads();
+  int pos = incl - mine_n;
+#pragma unroll
+  for (int q = 0; q < WARPS; ++q) {
+    const int c = wtot[q];
+    pos += (q < warp) ? c : 0;
+    total += c;
+  }
+#pragma unroll
+  for (int j = 0; j < JMAX; ++j) {  // kept rows in increasing k
+    if (bits & (1u << j)) {
+      list[pos] = kb + j;
+      vals[pos] = round_f<T>(xv[j]);
+      mine += vals[pos];
+      ++pos;
+    }
+  }
+#else
+  __shared__ int cnt[JMAX][WARPS];
   float xv[JMAX];
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
     const int k = k_lo + j * NT + threadIdx.x;
-    float v = 0.f;
-    if (k < k_hi) {
-      v = to_f(x[k]);
-#if ACTSPARSE_NORM_PROBE
-      v = round_f<T>(v * rstd);
-#endif
-      if (gate != nullptr) {  // uniform over the launch: no divergence
-        const float g = to_f(gate[k]);
-        v = round_f<T>(round_f<T>(g / (1.f + expf(-g))) * v);
-      }
-    }
-    xv[j] = (k < k_hi) ? v - mu : 0.f;
+    xv[j] = k < k_hi ? input_at<T, ACTSPARSE_NORM_PROBE>(x[k], gate != nullptr ? gate[k] : x[k], gate != nullptr, rstd) - mu
+                     : 0.f;
   }
   unsigned keepm[JMAX];
 #pragma unroll
@@ -186,8 +267,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   }
   __syncthreads();
   const unsigned below = (1u << lane) - 1u;
-  float mine = 0.f;  // this thread's kept x' (their sum is needed with zero points)
-  int total = 0;  // kept rows in increasing k: j-major, then warp, then lane
+  // kept rows in increasing k: j-major, then warp, then lane
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
     int before = 0, all = 0;
@@ -205,6 +285,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     }
     total += all;
   }
+#endif
   if (Q == 2) {
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) mine += __shfl_xor_sync(0xffffffffu, mine, o);
@@ -268,9 +349,32 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #pragma unroll
     for (int q = 0; q < WARPS; ++q) s += red[q][c];
     if (Q == 2) s -= zero[n0 + c] * xsum;  // this block's share of zero * sum x'
+#if ACTSPARSE_MBAR_REDUCE
+    unsigned dst, bar;
+    const unsigned src = (unsigned)__cvta_generic_to_shared(&slots[rank * per + c % per]);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(src), "r"(c / per));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(bar) : "r"(mbar_a), "r"(c / per));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(dst),
+                 "r"(__float_as_uint(s)), "r"(bar)
+                 : "memory");
+#else
     cluster.map_shared_rank(slots, c / per)[rank * per + c % per] = s;
+#endif
   }
+#if ACTSPARSE_MBAR_REDUCE
+  {  // every partial of this block's columns has landed (phase 0 completes with the last byte)
+    unsigned done = 0;
+    while (!done) {
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(mbar_a)
+          : "memory");
+    }
+  }
+#else
   cluster.sync();  // release/acquire: every pushed partial is visible to its owner
+#endif
   for (int c = threadIdx.x; c < per; c += NT) {
     const int col = n0 + rank * per + c;
     float s = 0.f;
@@ -287,7 +391,7 @@ static int launch(const void* x, const void* gate, const void* w, void* y, const
                   const void* bias, const float* scale, const float* zero, int bias_fp32, int K, int N, int cl,
                   int c1, int c2, int pdl, cudaStream_t st) {
   if (cl < 1 || cl > 16 || BN % cl != 0) return -1;
-  const int k_per = (K + cl - 1) / cl;
+  const int k_per = ((K + cl - 1) / cl + 7) / 8 * 8;  // slices start 16-byte aligned (8 inputs per thread)
   if (k_per > JMAX * NT || N % BN != 0 || (ACTSPARSE_NORM_PROBE && K > NORM_MAX)) return -1;
   if (cl > 8) {  // more than 8 blocks per cluster is a non-portable opt-in, per device: set it on every call
     cudaError_t e =
