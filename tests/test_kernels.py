@@ -1,6 +1,8 @@
 """Sparse GEMV: Triton kernel vs the torch reference (CPU interpreter here, real kernels on CUDA)."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -489,3 +491,15 @@ def test_counters_are_not_first_allocated_inside_a_graph_capture(monkeypatch):
     with pytest.raises(UsageError, match="before capturing"):
         counter_buffer(torch.device("cuda", 0), 1 << 20, "test-capture")
     assert counter_buffer(torch.device("cpu"), 4, "test-capture").shape[0] >= 4  # (CPU: nothing is captured)
+
+
+def test_an_outgrown_counter_buffer_stays_alive_for_graphs_that_captured_it():
+    """A graph captured with the first buffer keeps its address: growing must not free it for reuse."""
+    dev = torch.device("cpu")
+    first = counter_buffer(dev, 8, "test-grow")
+    alive = weakref.ref(first)
+    del first
+    bigger = counter_buffer(dev, 1 << 12, "test-grow")
+    gc.collect()
+    assert alive() is not None and alive() is not bigger and bigger.numel() >= 1 << 12
+    assert counter_buffer(dev, 16, "test-grow") is bigger  # smaller asks reuse the grown buffer
