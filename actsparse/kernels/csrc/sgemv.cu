@@ -154,10 +154,13 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
+  cg::cluster_group cluster = cg::this_cluster();
+  const int cl = (int)cluster.num_blocks();
 #if ACTSPARSE_MBAR_REDUCE
   __shared__ __align__(8) unsigned long long mbar;
   const unsigned mbar_a = (unsigned)__cvta_generic_to_shared(&mbar);
-  if (threadIdx.x == 0) {  // one arrival (this one, expecting the BN partials) + their bytes; visible cluster-wide
+  // st.async needs a cluster of more than one block (PTX: undefined otherwise); cl == 1 reduces in place
+  if (cl > 1 && threadIdx.x == 0) {  // one arrival (this one, expecting BN partials) + their bytes; cluster-visible
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(mbar_a) : "memory");
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(mbar_a), "r"(BN * 4) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -166,8 +169,6 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   // distributed shared memory may be written only once every block of the cluster runs: arrive now, wait
   // just before the push (the weight stream in between hides the wait)
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  cg::cluster_group cluster = cg::this_cluster();
-  const int cl = (int)cluster.num_blocks();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * BN;
   const int k_lo = blockIdx.y * k_per;
@@ -350,6 +351,10 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     for (int q = 0; q < WARPS; ++q) s += red[q][c];
     if (Q == 2) s -= zero[n0 + c] * xsum;  // this block's share of zero * sum x'
 #if ACTSPARSE_MBAR_REDUCE
+    if (cl == 1) {  // this block owns every column: no other block, no st.async
+      slots[c] = s;
+      continue;
+    }
     unsigned dst, bar;
     const unsigned src = (unsigned)__cvta_generic_to_shared(&slots[rank * per + c % per]);
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(dst) : "r"(src), "r"(c / per));
@@ -362,11 +367,15 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #endif
   }
 #if ACTSPARSE_MBAR_REDUCE
-  {  // every partial of this block's columns has landed (phase 0 completes with the last byte)
+  if (cl == 1) {
+    __syncthreads();
+  } else {  // every partial of this block's columns has landed (phase 0 completes with the last byte); acquire at
+            // cluster scope, the scope of the senders' release (st.async's complete_tx)
     unsigned done = 0;
     while (!done) {
       asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}\n"
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n"
           : "=r"(done)
           : "r"(mbar_a)
           : "memory");
