@@ -208,6 +208,13 @@ class Case:
         xs = [x.view(1, -1) for x in self.x]
         return graph_time_us(lambda i: F.linear(xs[i % self.copies], self.dense[i % self.copies]), calls)
 
+    def time_dense_dobench(self):
+        """µs per eager ``F.linear`` call by triton's ``do_bench`` (one launch each, L2-warm weights)."""
+        import triton
+
+        x2, w2 = self.x[0].view(1, -1), self.dense[0]
+        return 1e3 * triton.testing.do_bench(lambda: F.linear(x2, w2), warmup=50, rep=200, return_mode="median")
+
     def check(self):
         x, p = self.x[0], self.packed[0]
         p.threshold.fill_(torch.quantile(x.float().abs(), 0.5).item())
@@ -365,7 +372,6 @@ def sweep_case(case, backend, name, td, td_bench, err, bw, baseline) -> list[dic
 
 
 def bench(args):
-    import triton
 
     baseline = load_kernel_module(args.baseline) if args.baseline else None
     bw = copy_bandwidth()
@@ -386,11 +392,7 @@ def bench(args):
                 case = Case(k, n, dtype, q, backend=backend)
                 err = case.check()
                 if td is None:  # dense once per shape and weights: every backend's ratio against the same number
-                    td = case.time_dense()
-                    x2, w2 = case.x[0].view(1, -1), case.dense[0]  # one eager launch each (L2-warm weights)
-                    td_bench = 1e3 * triton.testing.do_bench(
-                        lambda x2=x2, w2=w2: F.linear(x2, w2), warmup=50, rep=200, return_mode="median"
-                    )
+                    td, td_bench = case.time_dense(), case.time_dense_dobench()
                 results["rows"].extend(sweep_case(case, backend, name, td, td_bench, err, bw, baseline))
                 del case
                 torch.cuda.empty_cache()
