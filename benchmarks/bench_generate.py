@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_gemv import print_profile, profile_replays  # noqa: E402
+from exp_cuda import VARIANTS, build_library, use_build  # noqa: E402
 
 import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
@@ -189,8 +190,14 @@ def measured(model, ids):
 
 
 def _base(backend: str) -> str:
-    """The enable_kernels backend of a --backends entry (cuda-pdl, cuda-tune: cuda)."""
-    return backend.removesuffix("-pdl").removesuffix("-tune")
+    """The enable_kernels backend of a --backends entry (cuda-pdl, cuda-tune, cuda@legacy: cuda)."""
+    return backend.partition("@")[0].removesuffix("-pdl").removesuffix("-tune")
+
+
+@functools.cache
+def _build(variant: str):
+    """The library's CUDA source built as exp_cuda.py's VARIANTS[variant] (cached per run)."""
+    return build_library(variant, VARIANTS[variant])
 
 
 def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
@@ -211,6 +218,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
         CG.PDL = backend == "cuda-pdl"
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
+        variant = backend.partition("@")[2]  # cuda@legacy: the graph captures that build's kernel
+        if DEV == "cuda":
+            use_build(_build(variant) if variant else None, torch.device(DEV))
         label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}"
         HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
         dec = Decoder(
@@ -266,6 +276,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     KL.sparse_gemv = KO.sparse_gemv
     CG.PDL = False
     HF.STACKED_KV = False
+    if DEV == "cuda":
+        use_build(None, torch.device(DEV))
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
@@ -411,7 +423,8 @@ def main():
         "--backends",
         default="auto",
         help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL; cuda-tune: "
-        "enable_kernels(tune=True), its tiles timed per shape at every sparsity point)",
+        "enable_kernels(tune=True), its tiles timed per shape at every sparsity point; cuda@NAME: the CUDA "
+        "kernel built as exp_cuda.py's VARIANTS[NAME], e.g. cuda,cuda@legacy for the kernel before and after)",
     )
     ap.add_argument(
         "--attention",
@@ -461,9 +474,16 @@ def main():
         sys.exit(
             "--glu takes on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; comma-separated"
         )
-    bad = [b for b in args.backends if _base(b) not in KO.BACKENDS]
+    bad = [
+        b
+        for b in args.backends
+        if _base(b) not in KO.BACKENDS or ("@" in b and (_base(b) != "cuda" or b.partition("@")[2] not in VARIANTS))
+    ]
     if bad:
-        sys.exit(f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton)")
+        sys.exit(
+            f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton, cuda@NAME with NAME one of "
+            f"{', '.join(VARIANTS)})"
+        )
     global DEV
     if args.cpu_smoke:
         DEV = "cpu"

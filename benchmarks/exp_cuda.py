@@ -232,6 +232,16 @@ class _Lib:
         self.actsparse_sgemv = fn
 
 
+def use_build(fn, device: torch.device) -> None:
+    """From now on the library's CUDA GEMV calls on ``device`` launch ``fn`` (an entry point from
+    :func:`build_library`); ``None``: the library's own build again (reloaded from its cache)."""
+    arch = CG._arch(device)
+    if fn is None:
+        CG._LIBS.pop(arch, None)
+    else:
+        CG._LIBS[arch] = _Lib(fn)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("exp_cuda needs a CUDA GPU")
