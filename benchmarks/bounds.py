@@ -2,6 +2,7 @@
 
     python benchmarks/bounds.py --out $OUT/bounds_h100.json     # ≈4 min on an H100
     python benchmarks/bounds.py --models llama2-7b --backends cuda,triton   # the CUDA kernel, then Triton
+    python benchmarks/bounds.py --skip-gemv --models llama2-7b --backends cuda,cuda@legacy   # kernel now vs before
 
 Three measurements, all in one process on one GPU:
 
@@ -39,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_decode import CONFIGS, GROUPS, Model, add_loop_args, calibrate, make_layer_fn, time_graph  # noqa: E402
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us, print_profile, profile_replays  # noqa: E402
+from exp_cuda import VARIANTS, build_library, use_build  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 
@@ -203,7 +205,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     model = BoundsModel(cfg, args.max_seq)
     model.pos.fill_(args.start_pos)
     stats = calibrate(model)
-    model.pack(backend=args.backends[0])
+    model.pack(backend=args.backends[0].partition("@")[0])
     model.add_null()
     model.compile()
     wb = weight_bytes(cfg)
@@ -234,8 +236,10 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     # every split-K reduction with every backend; the first is the main result, the others same-run ablations
     variants = [(m, b) for b in args.backends for m in args.reduce]
     for mode, backend in variants:
-        if model.packed_as != (None, backend):
-            model.pack(backend=backend)
+        base, _, build = backend.partition("@")  # cuda@legacy: the graph captures that build of the CUDA kernel
+        if model.packed_as != (None, base):
+            model.pack(backend=base)
+        use_build(build_library(build, VARIANTS[build]) if build else None, torch.device("cuda"))
         model.set_reduce(mode)
         model.compile()
         g_sparse, run_sparse = time_graph(model, True, args.start_pos)
@@ -282,6 +286,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
                 profiles[f"sparse 50% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
         res["by_reduce"][mode if backend == args.backends[0] else f"{mode}/{backend}"] = sub
         del g_sparse, run_sparse
+    use_build(None, torch.device("cuda"))
     res.update(res["by_reduce"][args.reduce[0]])
     res["profiles"] = profiles
     for label, pr in profiles.items():
@@ -301,13 +306,17 @@ def main():
     ap.add_argument(
         "--backends",
         default="triton",
-        help="sparse GEMV kernels (the GEMV table and the decode loop), comma-separated: triton,cuda",
+        help="sparse GEMV kernels (the GEMV table and the decode loop), comma-separated: triton,cuda; cuda@NAME "
+        "(decode loop only): the CUDA kernel built as exp_cuda.py's VARIANTS[NAME], e.g. cuda,cuda@legacy",
     )
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
-    if set(args.backends) - {"triton", "cuda"}:
-        sys.exit(f"--backends: triton and/or cuda, got {args.backends}")
+    bad = [
+        b for b in args.backends if b not in ("triton", "cuda") and not (b.startswith("cuda@") and b[5:] in VARIANTS)
+    ]
+    if bad:
+        sys.exit(f"--backends: triton, cuda or cuda@NAME (NAME one of {', '.join(VARIANTS)}), got {', '.join(bad)}")
     if not torch.cuda.is_available():
         sys.exit("bounds needs a CUDA GPU")
     copy = copy_bandwidth()
@@ -328,7 +337,7 @@ def main():
         "decode": [],
     }
     if not args.skip_gemv:
-        out["gemv"] = gemv_ceilings(read, floor, args.backends)
+        out["gemv"] = gemv_ceilings(read, floor, [b for b in args.backends if "@" not in b])
     sparsities = [float(v) for v in args.sparsities.split(",")]
     for name in args.models.split(","):
         if name:
