@@ -199,6 +199,22 @@ def profile_graph(g, model, start_pos, steps=4) -> dict:
     return profile_replays(replay, steps)
 
 
+def profiled_fixed_cost(sparse100: dict, no_gemvs: dict) -> dict:
+    """The 100%-sparse step's fixed cost per GEMV as the profiler sees it, next to the subtraction above.
+
+    ``(sparse 100% - no GEMVs) / n`` also counts what the GEMVs cost their neighbours: without an opaque GEMV
+    between them inductor fuses the norm, the stand-in projection and the rotary into fewer kernels. Here: the
+    GEMV kernels' own mean duration, the mean gap between kernels, and the other kernels per step with and
+    without GEMVs (from :func:`bench_gemv.profile_replays` results)."""
+    g = sparse100["kinds"].get("sparse GEMV", {"per_step": 0, "us_per_step": 0.0})
+    return dict(
+        gemv_kernel_us=g["us_per_step"] / max(g["per_step"], 1),
+        gap_us=sparse100["gap_us_per_kernel"],
+        kernels_besides_gemvs=sparse100["kernels_per_step"] - g["per_step"],
+        kernels_without_gemvs=no_gemvs["kernels_per_step"],
+    )
+
+
 def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     torch._dynamo.reset()  # every variant compiles the same layer code: keep each model under the recompile limit
     cfg = CONFIGS[name]
@@ -247,8 +263,6 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
             for g in GROUPS:
                 L.packed[g].threshold.fill_(math.inf)
         full = run_sparse()
-        if args.profile:
-            profiles[f"sparse 100% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
         sub = dict(sparse100_ms=full, fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[])
         print(
             f"[{name}] reduce={mode} backend={backend}: GEMVs in the dense step {dense - null:.3f} ms = "
@@ -256,6 +270,15 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
             f"{sub['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
             flush=True,
         )
+        if args.profile:
+            profiles[f"sparse 100% ({mode}/{backend})"] = pr = profile_graph(g_sparse, model, args.start_pos)
+            sub.update(profiled_fixed_cost(pr, profiles["no GEMVs"]))
+            print(
+                f"[{name}] reduce={mode} backend={backend}: profiled at 100%, {sub['gemv_kernel_us']:.2f} us per GEMV "
+                f"kernel + {sub['gap_us']:.2f} us gap; {sub['kernels_besides_gemvs']:.0f} other kernels per step where "
+                f"the step without GEMVs has {sub['kernels_without_gemvs']:.0f} (the GEMVs as fusion boundaries)",
+                flush=True,
+            )
         for s in sparsities:
             model.set_sparsity(s, stats)
             ms = run_sparse()
