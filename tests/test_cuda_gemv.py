@@ -188,6 +188,12 @@ def test_cpu_inputs_never_pick_the_cuda_kernel():
             torch.testing.assert_close(K.sparse_gemv(x, p)[0], sparse_gemv_reference(x, p)[:64])
 
 
+def test_the_cuda_kernel_called_on_cpu_inputs_says_where_it_runs():
+    x, p = _packed()
+    with pytest.raises(UsageError, match="runs on CUDA devices, not cpu: K.sparse_gemv picks"):
+        CG.sparse_gemv_cuda(x, p)
+
+
 def test_without_cuda_nothing_asks_the_toolchain():
     if not torch.cuda.is_available():  # CPU-only torch: False, not an error from torch.cuda
         assert not ops.cuda_kernel_available("cuda")

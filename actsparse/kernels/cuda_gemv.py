@@ -492,6 +492,10 @@ def sparse_gemv_cuda(
         raise UsageError("the CUDA sparse GEMV reads weights in 16-byte rows: weight_t must be 16-byte aligned")
     x1 = x1.contiguous()
     dev = x1.device
+    if dev.type != "cuda":
+        raise UsageError(
+            f"the CUDA sparse GEMV runs on CUDA devices, not {dev}: K.sparse_gemv picks a kernel that runs there"
+        )
     config = config or cuda_config(packed, dev)
     y = torch.empty(n, dtype=x1.dtype, device=dev) if out is None else out
     if y.shape != (n,) or y.dtype != x1.dtype or not y.is_contiguous():
