@@ -179,6 +179,7 @@ class Case:
             layout = None
         torch.manual_seed(seed)
         self.k, self.n, self.dtype, self.quantize, self.backend = k, n, dtype, quantize, backend
+        self.gemv = cg.sparse_gemv_cuda if backend == "cuda" else tg.sparse_gemv_triton  # (x, packed, cfg, out=)
         wbytes = k * n * (1 if quantize else torch.finfo(dtype).bits // 8)
         self.copies = max(2, math.ceil(3 * l2_bytes / wbytes))
         self.dense = [torch.randn(n, k, dtype=dtype, device="cuda") / math.sqrt(k) for _ in range(self.copies)]
@@ -197,7 +198,7 @@ class Case:
 
     def time_sparse(self, cfg=None, calls=None, kernel=None):
         calls = calls or 4 * self.copies
-        fn = cg.sparse_gemv_cuda if self.backend == "cuda" and kernel is None else (kernel or tg).sparse_gemv_triton
+        fn = self.gemv if kernel is None else kernel.sparse_gemv_triton
         y = [torch.empty(p.padded_out, dtype=self.dtype, device="cuda") for p in self.packed]
         return graph_time_us(
             lambda i: fn(self.x[i % self.copies], self.packed[i % self.copies], cfg, out=y[i % self.copies]), calls
@@ -218,7 +219,7 @@ class Case:
     def check(self):
         x, p = self.x[0], self.packed[0]
         p.threshold.fill_(torch.quantile(x.float().abs(), 0.5).item())
-        y = (cg.sparse_gemv_cuda if self.backend == "cuda" else tg.sparse_gemv_triton)(x, p)
+        y = self.gemv(x, p)
         ref = K.sparse_gemv_reference(x, p)
         err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < 1e-2, f"kernel mismatch {err}"
@@ -331,9 +332,9 @@ def launch_config(case) -> dict:
     return tg.choose_config(case.k, p.padded_out, p.weight_t.element_size(), sms).__dict__
 
 
-def sweep_case(case, backend, name, td, td_bench, err, bw, baseline) -> list[dict]:
+def sweep_case(case, name, td, td_bench, err, bw, baseline) -> list[dict]:
     """``case``'s kernel at each of SPARSITIES against dense ``td`` µs: one printed line and one row each."""
-    k, n = case.k, case.n
+    k, n, backend = case.k, case.n, case.backend
     dense_bytes = k * n * case.x[0].element_size() + 2 * (k + n)
     rows = []
     for s in SPARSITIES:
@@ -393,7 +394,7 @@ def bench(args):
                 err = case.check()
                 if td is None:  # dense once per shape and weights: every backend's ratio against the same number
                     td, td_bench = case.time_dense(), case.time_dense_dobench()
-                results["rows"].extend(sweep_case(case, backend, name, td, td_bench, err, bw, baseline))
+                results["rows"].extend(sweep_case(case, name, td, td_bench, err, bw, baseline))
                 del case
                 torch.cuda.empty_cache()
     return results

@@ -109,14 +109,14 @@ def gemv_ceilings(read_gbs: float, floor_us: float, backends=("triton",)) -> lis
                 if dense is None:  # one dense measurement per shape and weights, shared by the backends
                     dense, dense_db = case.time_dense(), case.time_dense_dobench()
                 for s in (0.0, 0.5, 0.7):
-                    rows.append(ceiling_row(case, backend, name, s, dense, dense_db, read_gbs, floor_us))
+                    rows.append(ceiling_row(case, name, s, dense, dense_db, read_gbs, floor_us))
                 del case
                 torch.cuda.empty_cache()
     return rows
 
 
-def ceiling_row(case, backend, name, s, dense, dense_db, read_gbs, floor_us) -> dict:
-    k, n, q = case.k, case.n, case.quantize
+def ceiling_row(case, name, s, dense, dense_db, read_gbs, floor_us) -> dict:
+    k, n, q, backend = case.k, case.n, case.quantize, case.backend
     kept = case.set_sparsity(s)
     ours = case.time_sparse()
     read_bytes = kept * case.wbytes_row + 2 * (k + n) + (8 * n if q else 0)
