@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_gemv import print_profile, profile_replays  # noqa: E402
-from exp_cuda import VARIANTS, build_library, use_build  # noqa: E402
+from exp_cuda import VARIANTS, use_variant  # noqa: E402
 
 import actsparse as A  # noqa: E402
 import actsparse.kernels as K  # noqa: E402
@@ -194,12 +194,6 @@ def _base(backend: str) -> str:
     return backend.partition("@")[0].removesuffix("-pdl").removesuffix("-tune")
 
 
-@functools.cache
-def _build(variant: str):
-    """The library's CUDA source built as exp_cuda.py's VARIANTS[variant] (cached per run)."""
-    return build_library(variant, VARIANTS[variant])
-
-
 def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
     A.apply_thresholds(
         model, {n: -math.inf for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.match(PROJ, n)}
@@ -220,7 +214,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
         variant = backend.partition("@")[2]  # cuda@legacy: the graph captures that build's kernel
         if DEV == "cuda":
-            use_build(_build(variant) if variant else None, torch.device(DEV))
+            use_variant(variant, torch.device(DEV))
         label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}"
         HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
         dec = Decoder(
@@ -277,7 +271,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     CG.PDL = False
     HF.STACKED_KV = False
     if DEV == "cuda":
-        use_build(None, torch.device(DEV))
+        use_variant("", torch.device(DEV))
     # the compiled sparse graph against the same model decoded eagerly (HF generate: the kernels run eagerly)
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_decode import CONFIGS, GROUPS, Model, add_loop_args, calibrate, make_layer_fn, time_graph  # noqa: E402
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us, print_profile, profile_replays  # noqa: E402
-from exp_cuda import VARIANTS, build_library, use_build  # noqa: E402
+from exp_cuda import VARIANTS, use_variant  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 
@@ -255,7 +255,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
         base, _, build = backend.partition("@")  # cuda@legacy: the graph captures that build of the CUDA kernel
         if model.packed_as != (None, base):
             model.pack(backend=base)
-        use_build(build_library(build, VARIANTS[build]) if build else None, torch.device("cuda"))
+        use_variant(build, torch.device("cuda"))
         model.set_reduce(mode)
         model.compile()
         g_sparse, run_sparse = time_graph(model, True, args.start_pos)
@@ -309,7 +309,7 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
                 profiles[f"sparse 50% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
         res["by_reduce"][mode if backend == args.backends[0] else f"{mode}/{backend}"] = sub
         del g_sparse, run_sparse
-    use_build(None, torch.device("cuda"))
+    use_variant("", torch.device("cuda"))
     res.update(res["by_reduce"][args.reduce[0]])
     res["profiles"] = profiles
     for label, pr in profiles.items():

@@ -21,6 +21,7 @@ Every configuration is checked against the torch reference at 0%, 50% and 100% f
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -169,7 +170,7 @@ def library_variants(names: list[str]) -> list[dict]:
             for name, fn in fns.items():
                 for pdl in (True, False) if name == "default" else (CG.PDL,):
                     c = CG.CudaConfig(cfg.block_n, cfg.cluster, pdl)
-                    CG._LIBS[CG._arch(torch.device("cuda"))] = _Lib(fn)
+                    use_build(fn, torch.device("cuda"))
                     got = CG.sparse_gemv_cuda(case.x[0], case.packed[0], c).double()
                     err = ((got - ref).norm() / ref.norm()).item() if s < 1 else got.abs().max().item()
                     if not err < 1e-2:
@@ -177,7 +178,7 @@ def library_variants(names: list[str]) -> list[dict]:
                         print(f"{k}x{n} s={s} {name}: relative error {err:.3g}, not timed", flush=True)
                         continue
                     row[f"{name}{'' if pdl else '/nopdl'}@{s}"] = _time_library(case, ys, c)
-        CG._LIBS.clear()
+        use_build(None, torch.device("cuda"))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -230,6 +231,17 @@ class _Lib:
 
     def __init__(self, fn):
         self.actsparse_sgemv = fn
+
+
+@functools.cache
+def variant_build(name: str):
+    """The entry point of the library source built as ``VARIANTS[name]`` (built once per process)."""
+    return build_library(name, VARIANTS[name])
+
+
+def use_variant(name: str, device: torch.device) -> None:
+    """:func:`use_build` of ``VARIANTS[name]``; ``""``: the library's own build."""
+    use_build(variant_build(name) if name else None, device)
 
 
 def use_build(fn, device: torch.device) -> None:

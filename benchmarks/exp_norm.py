@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_gemv import Case, env_info, graph_time_us  # noqa: E402
-from exp_cuda import _Lib, build_library  # noqa: E402
+from exp_cuda import build_library, use_build  # noqa: E402
 
 from actsparse.kernels import cuda_gemv as CG  # noqa: E402
 from actsparse.kernels import sparse_gemv_reference  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
         cfg = CG.cuda_config(case.packed[0], dev)
 
         def gemv(lib, x, i, cfg=cfg, case=case, ys=ys, m=m):
-            CG._LIBS[CG._arch(dev)] = _Lib(lib)
+            use_build(lib, dev)
             return CG.sparse_gemv_cuda(x.view(-1), case.packed[i % m], cfg, out=ys[i % m])
 
         for s in (float(v) for v in args.sparsities.split(",")):
@@ -101,7 +101,7 @@ def main() -> None:
                 f"({t['chained'] - t['fused+add']:5.2f} with the add kept)",
                 flush=True,
             )
-        CG._LIBS.clear()
+        use_build(None, dev)
         del case
         torch.cuda.empty_cache()
     if args.out:
