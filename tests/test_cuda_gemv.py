@@ -21,7 +21,7 @@ import actsparse.kernels as K
 from actsparse.errors import UsageError
 from actsparse.kernels import cuda_gemv as CG
 from actsparse.kernels import ops
-from actsparse.kernels.reference import sparse_gemv_reference
+from actsparse.kernels.reference import mask_input, rms_norm, sparse_gemv_reference
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 gpu = pytest.mark.skipif(not HOPPER, reason="the CUDA kernel needs a GPU of compute capability >= 9.0")
@@ -172,6 +172,55 @@ def _packed(k=96, ns=(64, 32), dtype=torch.bfloat16, device="cpu", shifts=None, 
     taus = [torch.quantile((x.float() - (shifts[i] if shifts else 0.0)).abs(), 0.5).item() for i in range(len(ns))]
     biases = [torch.randn(n, generator=g).to(device) for n in ns] if bias else None
     return x.to(device), K.pack(ws, taus, shifts=shifts, biases=biases, layout_block=None, quantize=quantize)
+
+
+def test_the_reference_norm_is_transformers_llama_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+        norm.weight.data = (1 + 0.2 * torch.randn(96, generator=g)).to(dtype)
+        h = (torch.randn(2, 96, generator=g) * 3).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(rms_norm(h, norm.weight, 1e-5), norm(h))
+
+
+def test_the_reference_fusions_are_the_layers_they_stand_for():
+    """norm=: the thresholded layers applied to the normalized stream; residual=: the stream plus their output,
+    rounded to the dtype as ``residual + hidden_states`` rounds it."""
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(n, 96, generator=g).to(torch.bfloat16) for n in (64, 128)]
+    h = (torch.randn(96, generator=g) * 3).to(torch.bfloat16)
+    w = (1 + 0.2 * torch.randn(96, generator=g)).to(torch.bfloat16)
+    xn = rms_norm(h, w, 1e-6)
+    taus = [0.4, 0.9]
+    p = K.pack(ws, taus, layout_block=None)
+    got = sparse_gemv_reference(h, p, norm=(w, 1e-6))
+    for (off, n), t, wi in zip(p.segments, taus, ws):
+        layer = (mask_input(xn, torch.tensor(t)) @ wi.float().t()).to(torch.bfloat16)
+        torch.testing.assert_close(got[off : off + n], layer)
+    r = (torch.randn(p.padded_out, generator=g) * 4).to(torch.bfloat16)
+    assert torch.equal(sparse_gemv_reference(xn, p, residual=r), r + sparse_gemv_reference(xn, p))
+
+
+def test_fusion_arguments_are_refused_one_mistake_at_a_time():
+    x, p = _packed(96, (64,))
+    w = torch.ones(96, dtype=torch.bfloat16)
+    cases = [
+        (dict(residual=torch.zeros(64, dtype=torch.bfloat16)), r"residual must be a contiguous \[256\] torch.bfloat16"),
+        (dict(residual=torch.zeros(256)), r"residual must be .*got \(256,\) torch.float32"),
+        (dict(norm=(w, 1e-5), gate=x.clone()), "norm and gate are two ways"),
+        (dict(norm=(torch.ones(95, dtype=torch.bfloat16), 1e-5)), r"norm's weight must be a contiguous \[96\]"),
+        (dict(norm=(w.float(), 1e-5)), r"norm's weight must be .*torch.float32"),
+        (dict(norm=(w, float("nan"))), "eps must be a finite number >= 0, got nan"),
+        (dict(norm=(w, -1e-5)), "eps must be a finite number >= 0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            CG.sparse_gemv_cuda(x, p, **kwargs)
+    with pytest.raises(UsageError, match="runs on CUDA devices, not cpu"):  # valid fusions: the CPU input stops it
+        CG.sparse_gemv_cuda(x, p, norm=(w, 1e-5), residual=torch.zeros(256, dtype=torch.bfloat16))
 
 
 def test_cpu_inputs_never_pick_the_cuda_kernel():
@@ -349,6 +398,41 @@ def test_inputs_at_any_alignment_and_single_block_tiles(offset):
     gate = torch.randn(1000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).cuda()
     want = CG.sparse_gemv_cuda(torch.nn.functional.silu(gate) * x, p)
     assert torch.equal(CG.sparse_gemv_cuda(xs, p, gate=_shifted(gate, offset)), want)
+
+
+@gpu
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,offset", [(4096, 0), (1000, 0), (4096, 3)])
+def test_the_norm_formed_in_the_load_matches_the_reference(dtype, k, offset, quantize):
+    """x is the residual stream; every block sums all K squares for rstd (in its own order: torch's rstd may
+    differ in the last bit, so the comparison is to the tolerance) and normalizes its slice as it loads it."""
+    h, p = _packed(k, (4096,) if k > 2048 else (320,), dtype, "cuda", shifts=[0.05], bias=True, quantize=quantize)
+    w = (1 + 0.2 * torch.randn(k, generator=torch.Generator().manual_seed(6))).to(dtype).cuda()
+    xn = rms_norm(h, w, 1e-5)
+    p.threshold.fill_(torch.quantile((xn.float() - 0.05).abs(), 0.5).item())
+    ref = sparse_gemv_reference(h, p, norm=(w, 1e-5))
+    got = CG.sparse_gemv_cuda(_shifted(h, offset), p, norm=(_shifted(w, offset), 1e-5))
+    assert _rel(got, ref) <= TOL[dtype]
+    assert _rel(got, CG.sparse_gemv_cuda(xn, p)) <= TOL[dtype]  # the kernel on torch's normalized input
+
+
+@gpu
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_residual_is_added_as_the_output_is_written(gated):
+    """y = T(residual + T(sum)): exactly torch's ``residual + hidden_states`` of the kernel's own output, also in
+    place (``out`` is the residual) and with a gated input (the down projection)."""
+    x, p = _packed(4096, (4096,), torch.bfloat16, "cuda", bias=True)
+    gate = torch.randn(4096, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16).cuda() if gated else None
+    r = (torch.randn(4096, generator=torch.Generator().manual_seed(8)) * 4).to(torch.bfloat16).cuda()
+    plain = CG.sparse_gemv_cuda(x, p, gate=gate)
+    got = CG.sparse_gemv_cuda(x, p, gate=gate, residual=r)
+    assert torch.equal(got, r + plain)
+    inplace = r.clone()
+    CG.sparse_gemv_cuda(x, p, gate=gate, out=inplace, residual=inplace)
+    assert torch.equal(inplace, got)
+    xin = torch.nn.functional.silu(gate) * x if gated else x
+    assert _rel(got, sparse_gemv_reference(xin, p, residual=r)) <= TOL[torch.bfloat16]
 
 
 @gpu

@@ -413,7 +413,7 @@ def build_library(arch: str) -> Path:
 
 # actsparse_sgemv(dtype, quant, bn, cl, pdl, x, gate, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, c1, c2,
 #                 stream)
-_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_void_p]
+_ARGTYPES = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
 _LIBS: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}
 _LOCK = threading.Lock()
@@ -465,12 +465,16 @@ def sparse_gemv_cuda(
     *,
     out: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y_pad[N_pad]`` for one input row ``x`` (``numel == K``) in ``x``'s dtype, into ``out`` if given.
 
     With ``gate`` (a gated MLP's down projection, ``x`` its up projection) the input is
     ``silu(gate) * x``, rounded to the dtype after each of the two steps as torch rounds ``act_fn(gate) * up``,
-    computed as the kernel loads it."""
+    computed as the kernel loads it. With ``norm=(weight, eps)`` ``x`` is a residual stream and the input is its
+    RMSNorm (:func:`~actsparse.kernels.reference.rms_norm`), formed as the kernel loads it. With ``residual``
+    (``[N_pad]``, may be ``out``) the result is ``residual + y`` rounded as torch rounds it."""
     k, n = packed.in_features, packed.padded_out
     x1 = x.reshape(-1)
     if x1.numel() != k:
@@ -483,6 +487,7 @@ def sparse_gemv_cuda(
                 f"gate must match the input: [{k}] {x1.dtype} on {x1.device}, got {tuple(gate.shape)} "
                 f"{gate.dtype} on {gate.device}"
             )
+    nw, eps = _check_fusions(x1, packed, g1, norm, residual)
     if not supports(x1, packed):
         raise UsageError(
             "the CUDA sparse GEMV takes the plain layout, fp16/bf16 inputs with weights of their dtype or int8 "
@@ -503,10 +508,45 @@ def sparse_gemv_cuda(
     if y.device != dev:
         raise UsageError(f"out is on {y.device}, the input on {dev}")
     with torch.cuda.device(dev):  # the launch goes to the current device: make it the tensors' one
-        err = _launch(dev, x1, y, packed, config, g1)
+        err = _launch(dev, x1, y, packed, config, g1, nw, eps, residual)
     if err != 0:
         raise UsageError(f"the CUDA sparse GEMV did not launch (code {err}) for {k}x{n} with {config}")
     return y
+
+
+def _check_fusions(
+    x1: torch.Tensor,
+    packed: PackedGemv,
+    gate: torch.Tensor | None,
+    norm: tuple[torch.Tensor, float] | None,
+    residual: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, float]:
+    """The RMSNorm weight and eps the kernel forms its input with (None, 0.0 without), after checking them and
+    ``residual`` against the input and the layer; a mistake raises :class:`UsageError` naming it."""
+    k, n = packed.in_features, packed.padded_out
+    if residual is not None and (
+        residual.shape != (n,)
+        or residual.dtype != x1.dtype
+        or residual.device != x1.device
+        or not residual.is_contiguous()
+    ):
+        raise UsageError(
+            f"residual must be a contiguous [{n}] {x1.dtype} tensor on {x1.device}, got {tuple(residual.shape)} "
+            f"{residual.dtype} on {residual.device}"
+        )
+    if norm is None:
+        return None, 0.0
+    if gate is not None:
+        raise UsageError("norm and gate are two ways of forming the input: pass one of them")
+    weight, eps = norm
+    if weight.shape != (k,) or weight.dtype != x1.dtype or weight.device != x1.device or not weight.is_contiguous():
+        raise UsageError(
+            f"the norm's weight must be a contiguous [{k}] {x1.dtype} tensor on {x1.device}, got "
+            f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
+        )
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise UsageError(f"the norm's eps must be a finite number >= 0, got {eps!r}")
+    return weight, float(eps)
 
 
 def _launch(
@@ -516,6 +556,9 @@ def _launch(
     packed: PackedGemv,
     config: CudaConfig,
     gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> int:
     c1, c2 = packed.segment_starts
     bias = packed.bias
@@ -542,4 +585,7 @@ def _launch(
         c1,
         c2,
         torch.cuda.current_stream(dev).cuda_stream,
+        norm_weight.data_ptr() if norm_weight is not None else None,
+        residual.data_ptr() if residual is not None else None,
+        norm_eps,
     )

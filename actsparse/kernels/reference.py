@@ -8,7 +8,7 @@ import torch
 from ..rule import sparsify_tensor
 from .packing import PackedGemv
 
-__all__ = ["sparse_gemv_reference", "mask_input"]
+__all__ = ["sparse_gemv_reference", "mask_input", "rms_norm"]
 
 
 def mask_input(x: torch.Tensor, threshold: torch.Tensor, shift: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -20,8 +20,28 @@ def mask_input(x: torch.Tensor, threshold: torch.Tensor, shift: torch.Tensor | f
     return sparsify_tensor(x, threshold, shift).float()
 
 
-def sparse_gemv_reference(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
-    """Padded output ``[..., N_pad]`` in ``x``'s dtype for inputs ``x[..., K]`` (any number of rows)."""
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it: the mean square in fp32, ``h * rsqrt(ms + eps)`` rounded to
+    ``h``'s dtype, then times ``weight`` in that dtype (``weight * hidden.to(dtype)``)."""
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hf.to(h.dtype)
+
+
+def sparse_gemv_reference(
+    x: torch.Tensor,
+    packed: PackedGemv,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Padded output ``[..., N_pad]`` in ``x``'s dtype for inputs ``x[..., K]`` (any number of rows).
+
+    ``norm=(weight, eps)``: ``x`` is a residual stream and the GEMV's input is :func:`rms_norm` of it (what a
+    kernel forms as it loads ``x``). ``residual`` (``[..., N_pad]``): the output is ``residual + y``, rounded
+    to the dtype as ``residual + hidden_states`` rounds it (what a kernel adds as it writes ``y``)."""
+    if norm is not None:
+        x = rms_norm(x, *norm)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.zeros(x2.shape[0], packed.padded_out, dtype=torch.float32, device=x.device)
@@ -33,4 +53,5 @@ def sparse_gemv_reference(x: torch.Tensor, packed: PackedGemv) -> torch.Tensor:
         extra = packed.output_offset(i)
         if extra is not None:
             y[:, cols] += extra
-    return y.to(x.dtype).reshape(*lead, packed.padded_out)
+    out = y.to(x.dtype).reshape(*lead, packed.padded_out)
+    return out if residual is None else residual + out

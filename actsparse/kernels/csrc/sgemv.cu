@@ -9,6 +9,10 @@
 // Gated input (gate != nullptr: a gated MLP's down projection): x[k] = T(T(silu(gate[k])) * up[k]) with up
 // passed as x and silu(g) = g / (1 + exp(-g)) in fp32, as torch rounds act_fn(gate) * up; the elementwise
 // kernel that would write it is gone.
+// Normalized input (norm_w != nullptr: the projections after a Llama RMSNorm): x is the residual stream h and
+// x[k] = T(norm_w[k] * T(h[k] * rstd)), rstd = rsqrt(sum_k h[k]^2 / K + eps) in fp32 (every block sums all K),
+// as transformers' LlamaRMSNorm rounds it. Residual output (residual != nullptr): y[n] = T(residual[n] + y[n]),
+// as residual + hidden_states rounds it (residual may be y itself).
 //
 // One thread block owns BN output columns and a k_per slice of the inputs; the cl blocks sharing a column
 // tile form a thread-block cluster, so the split-K reduction runs through distributed shared memory:
@@ -47,12 +51,6 @@ constexpr int U = 8;     // 16-byte loads in flight per thread
 #ifndef ACTSPARSE_MIN_BLOCKS
 #define ACTSPARSE_MIN_BLOCKS 1
 #endif
-// ACTSPARSE_NORM_PROBE 1 (benchmarks/exp_norm.py): x is the residual stream and every block first forms its RMS
-// norm (weight 1, eps 1e-5) over all K <= NORM_MAX inputs, x[k] * rstd rounded to T: what fusing the RMSNorm
-// before q/k/v and gate/up into this kernel would cost it.
-#ifndef ACTSPARSE_NORM_PROBE
-#define ACTSPARSE_NORM_PROBE 0
-#endif
 // ACTSPARSE_VEC_X 1 (the default; 0 for benchmarks/exp_cuda.py --variants legacy, ballots): every thread holds
 // 8 adjacent inputs, read by one 16-byte load where the slice allows it, and the kept list is built by a scan
 // over threads (one shuffle scan per warp, one barrier); 0: thread t holds inputs t, t + NT, ..., eight warp
@@ -67,7 +65,6 @@ constexpr int U = 8;     // 16-byte loads in flight per thread
 #ifndef ACTSPARSE_MBAR_REDUCE
 #define ACTSPARSE_MBAR_REDUCE 1
 #endif
-constexpr int NORM_MAX = 16 * NT;
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -107,11 +104,11 @@ __device__ __forceinline__ void fma16b(float (&acc)[Q ? 16 : 8], const uint4& w,
   }
 }
 
-// one input as the kernel sees it: x (times the probe's rstd, NORM), or silu(gate) * x rounded as torch does
-template <typename T, int NORM>
-__device__ __forceinline__ float input_at(T xk, T gk, bool gated, float rstd) {
+// one input as the kernel sees it: x, or norm_w[k] * x[k] * rstd, or silu(gate) * x, each rounded as torch does
+template <typename T>
+__device__ __forceinline__ float input_at(T xk, T gk, T nk, bool gated, bool normed, float rstd) {
   float v = to_f(xk);
-  if (NORM) v = round_f<T>(v * rstd);
+  if (normed) v = round_f<T>(to_f(nk) * round_f<T>(v * rstd));  // (uniform over the launch, as gated)
   if (gated) {  // uniform over the launch: no divergence
     const float g = to_f(gk);
     v = round_f<T>(round_f<T>(g / (1.f + expf(-g))) * v);
@@ -140,7 +137,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
                   const float* __restrict__ tau_p,
                   const float* __restrict__ mu_p, const float* __restrict__ wsum, const void* __restrict__ bias,
                   const float* __restrict__ scale, const float* __restrict__ zero, int bias_fp32, int K, int N,
-                  int k_per, int c1, int c2) {
+                  int k_per, int c1, int c2, const T* __restrict__ norm_w, float norm_eps, const T* residual) {
   constexpr int E = Q ? 16 : 8;     // weights per 16-byte load
   constexpr int WB = Q ? 1 : 2;     // bytes per weight
   constexpr int LPR = BN / E;       // lanes per weight row
@@ -177,48 +174,58 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   const float tau = round_f<T>(tau_p[seg]);  // compared in the activation dtype, as SparseLinear does
   const float mu = mu_p != nullptr ? mu_p[seg] : 0.f;
 
-#if ACTSPARSE_NORM_PROBE
-  __shared__ float norm_part[WARPS];
-  float all[NORM_MAX / NT];
+  const bool normed = norm_w != nullptr;
+  float rstd = 1.f;
+  if (normed) {  // the mean square of all K inputs, summed in a fixed order: every block gets the same rstd
+    __shared__ float norm_part[WARPS];
+    const bool vec_all = reinterpret_cast<size_t>(x) % 16 == 0;
+    float ss = 0.f;
+#pragma unroll 4
+    for (int k0 = JMAX * threadIdx.x; k0 < K; k0 += JMAX * NT) {
+      if (vec_all && k0 + JMAX <= K) {
+        const uint4 r = *reinterpret_cast<const uint4*>(x + k0);
+        const T* p = reinterpret_cast<const T*>(&r);
 #pragma unroll
-  for (int j = 0; j < NORM_MAX / NT; ++j) {  // issued together: one memory latency
-    const int k = j * NT + threadIdx.x;
-    all[j] = k < K ? to_f(x[k]) : 0.f;
+        for (int j = 0; j < JMAX; ++j) ss = fmaf(to_f(p[j]), to_f(p[j]), ss);
+      } else {
+        for (int k = k0; k < min(k0 + JMAX, K); ++k) ss = fmaf(to_f(x[k]), to_f(x[k]), ss);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) norm_part[warp] = ss;
+    __syncthreads();
+    ss = 0.f;
+#pragma unroll
+    for (int q = 0; q < WARPS; ++q) ss += norm_part[q];
+    rstd = rsqrtf(ss / (float)K + norm_eps);
   }
-  float ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < NORM_MAX / NT; ++j) ss = fmaf(all[j], all[j], ss);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) norm_part[warp] = ss;
-  __syncthreads();
-  ss = 0.f;
-#pragma unroll
-  for (int q = 0; q < WARPS; ++q) ss += norm_part[q];
-  const float rstd = rsqrtf(ss / (float)K + 1e-5f);
-#else
-  const float rstd = 1.f;
-#endif
   float mine = 0.f;  // this thread's kept x' (their sum is needed with zero points)
   int total = 0;     // kept rows of the block
 #if ACTSPARSE_VEC_X
   __shared__ int wtot[WARPS];
   float xv[JMAX];  // inputs kb .. kb + 7
   const int kb = k_lo + JMAX * threadIdx.x;
-  const bool vec = ((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(gate)) % 16 == 0) && k_lo % JMAX == 0 &&
-                   kb + JMAX <= k_hi;
+  const bool vec = ((reinterpret_cast<size_t>(x) | reinterpret_cast<size_t>(gate) | reinterpret_cast<size_t>(norm_w)) %
+                        16 ==
+                    0) &&
+                   k_lo % JMAX == 0 && kb + JMAX <= k_hi;
   if (vec) {
     const uint4 rx = *reinterpret_cast<const uint4*>(x + kb);
     const uint4 rg = gate != nullptr ? *reinterpret_cast<const uint4*>(gate + kb) : rx;
+    const uint4 rn = normed ? *reinterpret_cast<const uint4*>(norm_w + kb) : rx;
     const T* px = reinterpret_cast<const T*>(&rx);
     const T* pg = reinterpret_cast<const T*>(&rg);
+    const T* pn = reinterpret_cast<const T*>(&rn);
 #pragma unroll
-    for (int j = 0; j < JMAX; ++j) xv[j] = input_at<T, ACTSPARSE_NORM_PROBE>(px[j], pg[j], gate != nullptr, rstd) - mu;
+    for (int j = 0; j < JMAX; ++j) xv[j] = input_at<T>(px[j], pg[j], pn[j], gate != nullptr, normed, rstd) - mu;
   } else {
 #pragma unroll
     for (int j = 0; j < JMAX; ++j) {
       const int k = kb + j;
-      xv[j] = k < k_hi ? input_at<T, ACTSPARSE_NORM_PROBE>(x[k], gate != nullptr ? gate[k] : x[k], gate != nullptr, rstd) - mu
+      xv[j] = k < k_hi ? input_at<T>(x[k], gate != nullptr ? gate[k] : x[k], normed ? norm_w[k] : x[k],
+                                     gate != nullptr, normed, rstd) -
+                             mu
                        : 0.f;
     }
   }
@@ -256,7 +263,9 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #pragma unroll
   for (int j = 0; j < JMAX; ++j) {
     const int k = k_lo + j * NT + threadIdx.x;
-    xv[j] = k < k_hi ? input_at<T, ACTSPARSE_NORM_PROBE>(x[k], gate != nullptr ? gate[k] : x[k], gate != nullptr, rstd) - mu
+    xv[j] = k < k_hi ? input_at<T>(x[k], gate != nullptr ? gate[k] : x[k], normed ? norm_w[k] : x[k],
+                                   gate != nullptr, normed, rstd) -
+                           mu
                      : 0.f;
   }
   unsigned keepm[JMAX];
@@ -391,17 +400,19 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     if (Q > 0) s *= scale[col];
     if (mu_p != nullptr) s += mu * wsum[col];
     if (bias != nullptr) s += bias_fp32 ? ((const float*)bias)[col] : to_f(((const T*)bias)[col]);
-    y[col] = from_f<T>(s);
+    const T out = from_f<T>(s);
+    y[col] = residual != nullptr ? from_f<T>(to_f(residual[col]) + to_f(out)) : out;
   }
 }
 
 template <typename T, int BN, int Q>
 static int launch(const void* x, const void* gate, const void* w, void* y, const float* tau, const float* mu, const float* wsum,
                   const void* bias, const float* scale, const float* zero, int bias_fp32, int K, int N, int cl,
-                  int c1, int c2, int pdl, cudaStream_t st) {
+                  int c1, int c2, int pdl, cudaStream_t st, const void* norm_w,
+                  float norm_eps, const void* residual) {
   if (cl < 1 || cl > 16 || BN % cl != 0) return -1;
   const int k_per = ((K + cl - 1) / cl + 7) / 8 * 8;  // slices start 16-byte aligned (8 inputs per thread)
-  if (k_per > JMAX * NT || N % BN != 0 || (ACTSPARSE_NORM_PROBE && K > NORM_MAX)) return -1;
+  if (k_per > JMAX * NT || N % BN != 0) return -1;
   if (cl > 8) {  // more than 8 blocks per cluster is a non-portable opt-in, per device: set it on every call
     cudaError_t e =
         cudaFuncSetAttribute(sgemv_cluster<T, BN, Q>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -422,21 +433,24 @@ static int launch(const void* x, const void* gate, const void* w, void* y, const
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 2 : 1;
   return (int)cudaLaunchKernelEx(&cfg, sgemv_cluster<T, BN, Q>, (const T*)x, (const T*)gate, w, (T*)y, tau, mu, wsum,
-                                 bias, scale, zero, bias_fp32, K, N, k_per, c1, c2);
+                                 bias, scale, zero, bias_fp32, K, N, k_per, c1, c2, (const T*)norm_w, norm_eps,
+                                 (const T*)residual);
 }
 
 // dtype: 0 bf16, 1 fp16 (the activations'); quant: 0 weights of that dtype, 1 int8 + scale, 2 int8 + scale + zero.
-// gate: nullptr, or the gate of a gated MLP (x is then its up projection). Returns 0 or a cudaError_t code (-1: a
-// shape/config the kernel does not take).
+// gate: nullptr, or the gate of a gated MLP (x is then its up projection). norm_w: nullptr, or the weight of the
+// RMSNorm (eps norm_eps) that x goes through first (x is then the residual stream). residual: nullptr, or what y
+// adds (may be y). Returns 0 or a cudaError_t code (-1: a shape/config the kernel does not take).
 extern "C" int actsparse_sgemv(int dtype, int quant, int bn, int cl, int pdl, const void* x, const void* gate,
                                const void* w, void* y,
                                const float* tau, const float* mu, const float* wsum, const void* bias,
                                const float* scale, const float* zero, int bias_fp32, int K, int N, int c1, int c2,
-                               void* stream) {
+                               void* stream, const void* norm_w, const void* residual, float norm_eps) {
   cudaStream_t st = (cudaStream_t)stream;
 #define ACTSPARSE_CASE(T, BN, Q)                                                                            \
   if (bn == BN && quant == Q)                                                                               \
-    return launch<T, BN, Q>(x, gate, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, cl, c1, c2, pdl, st);
+    return launch<T, BN, Q>(x, gate, w, y, tau, mu, wsum, bias, scale, zero, bias_fp32, K, N, cl, c1, c2, pdl, st,  \
+                            norm_w, norm_eps, residual);
 #define ACTSPARSE_TILES(T, Q) ACTSPARSE_CASE(T, 64, Q) ACTSPARSE_CASE(T, 128, Q) ACTSPARSE_CASE(T, 256, Q)
   if (dtype == 0) {
     ACTSPARSE_TILES(__nv_bfloat16, 0) ACTSPARSE_TILES(__nv_bfloat16, 1) ACTSPARSE_TILES(__nv_bfloat16, 2)
