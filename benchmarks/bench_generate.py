@@ -44,7 +44,7 @@ import actsparse.kernels as K  # noqa: E402
 import actsparse.kernels.cuda_gemv as CG  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
-from actsparse.engine import Decoder, glu_fused, unfuse_projections  # noqa: E402
+from actsparse.engine import Decoder, glu_fused, norms_fused, unfuse_projections  # noqa: E402
 from actsparse.engine import hf as HF  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
@@ -200,8 +200,15 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     )
     stats = layer_stats(model, calib)
     # the first is the main result
-    variants = [(r, b, g, kv) for r in args.reduce for b in args.backends for g in args.glu for kv in args.kv]
-    for reduce, backend, glu, kv in variants:
+    variants = [
+        (r, b, g, kv, nm)
+        for r in args.reduce
+        for b in args.backends
+        for g in args.glu
+        for kv in args.kv
+        for nm in args.norms
+    ]
+    for reduce, backend, glu, kv, norms in variants:
         if weights == "int8":
             floor = K.INT8_MIN_SPARSITY
         elif KO.cuda_kernel_available(DEV) and backend != "triton":
@@ -215,10 +222,15 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         variant = backend.partition("@")[2]  # cuda@legacy: the graph captures that build's kernel
         if DEV == "cuda":
             use_variant(variant, torch.device(DEV))
-        label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}"
+        label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}, norms={norms}"
         HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
         dec = Decoder(
-            model, max_seq_len=args.max_seq, attention=args.attention, sync_every=args.tokens, glu=glu == "on"
+            model,
+            max_seq_len=args.max_seq,
+            attention=args.attention,
+            sync_every=args.tokens,
+            glu=glu == "on",
+            norms=norms == "on",
         )
         routes = None
         for s in sparsities:
@@ -244,8 +256,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 dict(
                     model=name,
                     path="decoder-sparse"
-                    if (reduce, backend, glu, kv) == variants[0]
-                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}",
+                    if (reduce, backend, glu, kv, norms) == variants[0]
+                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}/norms-{norms}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -258,14 +270,17 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     glu=glu,
                     kv=kv,
                     glu_mlps=len(glu_fused(model)),  # the MLPs that ran fused (glu on and down on the CUDA kernel)
+                    norms=norms,
+                    norm_layers=len(norms_fused(model)),  # the decoder layers that ran their norms in the GEMVs
                 )
             )
             log(
                 f"[{name}] {weights} {label} sparsity {s:.2f} (measured {meas:.3f}): {tok_s:.1f} tok/s "
-                f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers)"
+                f"x{tok_s / dense_tok_s:.3f} vs decoder dense ({packed} kernel layers, "
+                f"{rows[-1]['norm_layers']} decoder layers with fused norms)"
             )
             profile_row(dec, rows[-1], args, f"[{name}] {weights} sparse {s:.2f}")
-        if (reduce, backend, glu, kv) != variants[-1]:
+        if (reduce, backend, glu, kv, norms) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
     CG.PDL = False
@@ -433,6 +448,12 @@ def main():
         help="the sparse Decoder's fuse_glu: on (SiLU(gate)*up in the down GEMV's load), off, or on,off (both)",
     )
     ap.add_argument(
+        "--norms",
+        default="on",
+        help="the sparse Decoder's fuse_norms: on (RMSNorms in the q/k/v and gate/up GEMVs' loads, residual adds in "
+        "o_proj's and down_proj's epilogues), off, or on,off (both, one process)",
+    )
+    ap.add_argument(
         "--kv",
         default="separate",
         help="the sparse Decoder's cache: separate (keys and values in two buffers), stacked (one buffer, one write "
@@ -459,14 +480,16 @@ def main():
     args.backends = args.backends.split(",")
     args.glu = args.glu.split(",")
     args.kv = args.kv.split(",")
+    args.norms = args.norms.split(",")
     attentions = args.attention.split(",")
     if (
         set(args.glu) - {"on", "off"}
+        or set(args.norms) - {"on", "off"}
         or set(attentions) - {"auto", "kernel", "model"}
         or set(args.kv) - {"separate", "stacked"}
     ):
         sys.exit(
-            "--glu takes on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; comma-separated"
+            "--glu and --norms take on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; comma-separated"
         )
     bad = [
         b

@@ -10,7 +10,7 @@ from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.kernels as K
-from actsparse.engine import Decoder, fused_groups
+from actsparse.engine import Decoder, fused_groups, norms_fused
 from actsparse.generation import compare_generate, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -56,9 +56,10 @@ def test_graph_decoder_fuses_dense_projections_and_keeps_the_tokens():
 def test_graph_decoder_with_kernels_equals_the_eager_decoder():
     model = _model(torch.bfloat16, 0.5, kernels=True)
     ids = _ids()
-    eager = Decoder(model, 64, compile=False, cuda_graph=False).run(ids, 32, output_logits=True)
+    # (norms=True: the eager step fuses the RMSNorms into the GEMVs as the graph's does, the same kernel sums)
+    eager = Decoder(model, 64, compile=False, cuda_graph=False, norms=True).run(ids, 32, output_logits=True)
     graph = Decoder(model, 64, fallback=False).run(ids, 32, output_logits=True)
-    assert graph.mode == "graph" and eager.mode == "eager"
+    assert graph.mode == "graph" and eager.mode == "eager" and len(norms_fused(model)) == 2
     # the compiled step rounds as eager does and the kernel is the same op: the same logits, hence the same tokens
     torch.testing.assert_close(graph.logits[1], eager.logits[1], rtol=0, atol=0)
     same = next(

@@ -4,6 +4,7 @@ from .attention import ATTENTION, attention_of, decode_attention_scope, restore_
 from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
 from .fusion import fuse_projections, fused_groups, unfuse_projections
 from .glu import fuse_glu, glu_fused, unfuse_glu
+from .norms import fuse_norms, norms_fused, unfuse_norms
 from .sampling import check_sampling, select_next
 
 __all__ = [
@@ -24,4 +25,7 @@ __all__ = [
     "fuse_glu",
     "unfuse_glu",
     "glu_fused",
+    "fuse_norms",
+    "unfuse_norms",
+    "norms_fused",
 ]

@@ -50,6 +50,7 @@ from .hf import (
     own_code,
     structure_key,
 )
+from .norms import fuse_norms, unfuse_norms
 from .sampling import check_sampling, select_next
 
 __all__ = ["Decoder", "DecodeResult", "forward_kwargs", "eos_token_ids"]
@@ -104,6 +105,10 @@ class Decoder:
             ``up``, the kernel forming ``silu(gate) * up`` as it loads them (:func:`~actsparse.engine.fuse_glu`:
             one elementwise launch fewer per layer, within the noise of a decode step on an H100; default: as
             ``fuse``). ``False`` restores the MLPs' own forward.
+        norms: give Llama-style decoder layers whose q/k/v and gate/up groups run the CUDA sparse GEMV a forward
+            in which those GEMVs form the RMSNorms as they load the residual stream and o_proj / down_proj add
+            the residual as they write (:func:`~actsparse.engine.fuse_norms`: two norm kernels fewer per layer;
+            default: as ``fuse``). ``False`` restores the layers' own forward.
         attention: ``"auto"`` (default) switches an SDPA model on CUDA to actsparse's decode attention
             (:mod:`actsparse.engine.attention`: one-token steps read only the cache positions written so far,
             everything else runs SDPA as before; Llama-2-7B shapes on an H100: +0.8% dense, +2.4% / +3.4% at
@@ -126,6 +131,7 @@ class Decoder:
         fuse: bool | None = None,
         attention: str = "auto",
         glu: bool | None = None,
+        norms: bool | None = None,
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
@@ -172,6 +178,7 @@ class Decoder:
         self.backend, self.fallback = backend, fallback
         self.fuse = self.cuda_graph if fuse is None else bool(fuse)
         self.glu = self.fuse if glu is None else bool(glu)
+        self.norms = self.fuse if norms is None else bool(norms)
         self.fallback_reason: str | None = None
         self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
@@ -232,6 +239,10 @@ class Decoder:
             fuse_glu(self.model)
         else:
             unfuse_glu(self.model)
+        if self.norms:  # (after fuse_glu: a fused layer calls its MLP's forward)
+            fuse_norms(self.model)
+        else:
+            unfuse_norms(self.model)
         stale = stale_kernels(self.model)
         if stale:
             raise DecoderError(

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..kernels.linear import glu_kernel_forward
 from ..kernels.ops import kernel_for
 from ..kernels.packing import PackedGemv
+from .hf import has_hooks
 
 __all__ = ["fuse_glu", "unfuse_glu", "glu_fused"]
 
@@ -68,13 +69,6 @@ def _glu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(self.act_fn(gate) * up) if y is None else y  # (the class forward's expression)
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    """Hooks, or accelerate's dispatch (offloading), on ``m`` or a submodule."""
-    return any(
-        bool(s._forward_hooks or s._forward_pre_hooks) or getattr(s, "_hf_hook", None) is not None for s in m.modules()
-    )
-
-
 def _candidate(mlp: nn.Module, require_cuda: bool) -> bool:
     """The static conditions of the module docstring (the probe is :func:`_same_function`)."""
     down = getattr(mlp, "down_proj", None)
@@ -86,7 +80,7 @@ def _candidate(mlp: nn.Module, require_cuda: bool) -> bool:
         or getattr(down, "_packed", None) is None
         or getattr(down, "_kernel_group", None) is not None
         or getattr(getattr(down, "_kernel_route", None), "route", None) != "kernel"
-        or _has_hooks(mlp)
+        or has_hooks(mlp)
     ):
         return False
     assert isinstance(down, nn.Linear)

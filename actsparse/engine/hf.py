@@ -24,6 +24,7 @@ __all__ = [
     "not_capturable",
     "structure_key",
     "hooks_key",
+    "has_hooks",
     "own_code",
     "EAGER_NUMERICS",
 ]
@@ -231,6 +232,13 @@ def structure_key(model: nn.Module) -> tuple:
         parts.extend(_tensor_key(t) for t in m._parameters.values())
         parts.extend(_tensor_key(t) for t in m._buffers.values())
     return tuple(parts)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Hooks, or accelerate's dispatch (offloading), on ``m`` or a submodule."""
+    return any(
+        bool(s._forward_hooks or s._forward_pre_hooks) or getattr(s, "_hf_hook", None) is not None for s in m.modules()
+    )
 
 
 def hooks_key(model: nn.Module) -> tuple:

@@ -47,6 +47,7 @@ from ..weights import int8_codes, weight_key
 from . import cuda_gemv
 from .ops import BACKENDS, cuda_kernel_available, masked_gemm, sparse_gemv, triton_available
 from .packing import COLUMN_ALIGN, PackedGemv, pack
+from .reference import rms_norm
 
 __all__ = [
     "enable_kernels",
@@ -63,6 +64,8 @@ __all__ = [
     "SHARED_INPUT_GROUPS",
     "shared_input_group",
     "SharedInput",
+    "ResidualSlot",
+    "leave_normed_outputs",
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -135,11 +138,18 @@ def expected_sparsity(layer: nn.Module) -> float | None:
 
 class SharedInput:
     """The layers of one packed group: the first called with an input computes all their outputs and leaves
-    the others' here (``pending``: input, its version, outputs, indices still to be taken)."""
+    the others' here (``pending``: input, its version, outputs, indices still to be taken). Outputs can also be
+    left beforehand (:meth:`leave`) by a caller that computed them another way (a fused decoder layer: for the
+    RMSNorm of ``x``); then every member must be called with that ``x``."""
 
     def __init__(self, names: tuple[str, ...]):
         self.names = names
         self.pending: tuple | None = None
+        self.left = False  # the pending outputs were left by leave(), not by a member
+
+    def leave(self, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        """Leave ``outs`` for the members' calls with this very ``x``."""
+        self.pending, self.left = (x, _version(x), outs, tuple(range(len(outs)))), True
 
     def output(self, i: int, x: torch.Tensor, compute: Callable[[], tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Member ``i``'s output for ``x``: left by a sibling called with this very ``x`` (unchanged since),
@@ -148,10 +158,37 @@ class SharedInput:
         if pending is not None and pending[0] is x and i in pending[3] and pending[1] == _version(x):
             rest = tuple(j for j in pending[3] if j != i)
             self.pending = (pending[0], pending[1], pending[2], rest) if rest else None
+            self.left = self.left and bool(rest)
             return pending[2][i]
+        if self.left:
+            self.pending, self.left = None, False
+            raise UsageError(
+                f"{self.names[i]} was called with another input than the one its outputs were computed for by a "
+                "fused decoder layer (its attention or MLP does not project the layer's input as Llama's do); "
+                "call actsparse.engine.unfuse_norms(model)"
+            )
         outs = compute()
         self.pending = (x, _version(x), outs, tuple(j for j in range(len(outs)) if j != i))
         return outs[i]
+
+    def unclaimed(self) -> bool:
+        """Whether outputs left by :meth:`leave` were not all taken (then they are dropped)."""
+        left, self.left = self.left, False
+        if left:
+            self.pending = None
+        return left
+
+
+class ResidualSlot:
+    """A residual that the next kernel call of one sparse layer adds to its output as it writes it (set for one
+    call by a fused decoder layer, taken by :func:`kernel_forward` / :func:`glu_kernel_forward`)."""
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+    def take(self) -> torch.Tensor | None:
+        tensor, self.tensor = self.tensor, None
+        return tensor
 
 
 @dataclass(frozen=True)
@@ -408,24 +445,47 @@ def _takes(layer: Any, x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or layer._packed_from == weight_key(layer.weight)
 
 
+def _residual(layer: Any) -> torch.Tensor | None:
+    """The residual a fused decoder layer left in ``layer``'s :class:`ResidualSlot` for this call (taken)."""
+    slot = vars(layer).get("_residual_slot")
+    return None if slot is None else slot.take()
+
+
 def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense."""
+    """The layer's output through the sparse GEMV, or ``None`` when this call should stay dense. A residual left
+    in the layer's :class:`ResidualSlot` (a lone layer's) is added as the kernel writes the output."""
     if not _takes(layer, x):
         return None
     packed = layer._packed
-    run = masked_gemm if layer._kernel_route.route == "dense" else sparse_gemv  # dense: a fused group's GEMM
     group = layer._kernel_group
+    if layer._kernel_route.route == "dense":  # a fused group's GEMM
+        return cast(SharedInput, group[0]).output(group[1], x, lambda: masked_gemm(x, packed))
     if group is None:
-        return run(x, packed)[0]
+        return sparse_gemv(x, packed, residual=_residual(layer))[0]
     shared, i = group
-    return shared.output(i, x, lambda: run(x, packed))
+    return shared.output(i, x, lambda: sparse_gemv(x, packed))
+
+
+def leave_normed_outputs(layer: Any, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> bool:
+    """Compute the outputs of the packed group that ``layer`` belongs to for ``rms_norm(x)`` (formed by the CUDA
+    kernel as it loads ``x``) and leave them for the members' calls with ``x`` (:meth:`SharedInput.leave`).
+    False (nothing done) where such a call of ``layer`` would stay dense or ``layer`` is not in a group."""
+    if getattr(layer, "_packed", None) is None or layer._kernel_group is None or not _takes(layer, x):
+        return False
+    packed = layer._packed
+    if layer._kernel_route.route == "dense":
+        outs = masked_gemm(rms_norm(x, *norm), packed)
+    else:
+        outs = sparse_gemv(x, packed, norm=norm)
+    cast(SharedInput, layer._kernel_group[0]).leave(x, outs)
+    return True
 
 
 def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """``layer(silu(gate) * up)`` through :func:`~actsparse.kernels.ops.sparse_gemv` with ``gate`` (the product
     formed as the CUDA kernel loads its input), or ``None`` when this call should take the layer's own forward: not a
     lone layer on the kernel route, hooks on it (they must see the product), or a call :func:`kernel_forward`
-    would keep dense."""
+    would keep dense. A residual left in the layer's :class:`ResidualSlot` is added as the kernel writes."""
     if (
         getattr(layer, "_packed", None) is None  # a plain Linear in its place (generation's dense view)
         or not _takes(layer, up)
@@ -439,4 +499,4 @@ def glu_kernel_forward(layer: Any, gate: torch.Tensor, up: torch.Tensor) -> torc
         and gate.requires_grad  # (the op has no backward; _takes checked up)
     ):
         return None
-    return sparse_gemv(up, layer._packed, gate=gate)[0]
+    return sparse_gemv(up, layer._packed, gate=gate, residual=_residual(layer))[0]

@@ -21,6 +21,7 @@ consumers, it adds a kernel. It stays for same-run ablations and for consumers o
 
 from __future__ import annotations
 
+import math
 import warnings
 from types import ModuleType
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import InvalidTypeError, UsageError
 from . import cuda_gemv
 from .packing import PackedGemv
-from .reference import mask_input, sparse_gemv_reference
+from .reference import mask_input, rms_norm, sparse_gemv_reference
 
 _tg: ModuleType | None
 try:  # Triton is optional: CPU-only installs use the reference
@@ -155,13 +156,26 @@ def _sparse_gemv_op(
     segments: list[int],
     backend: str = "auto",
     gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     packed = _unflatten(weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend)
-    if gate is None:
-        return _run(x, packed)
-    if kernel_for(x, packed) == "cuda":  # silu(gate) * x computed as the kernel loads its input
-        return cuda_gemv.sparse_gemv_cuda(x, packed, gate=gate).reshape(*x.shape[:-1], packed.padded_out)
-    return _run(F.silu(gate) * x, packed)  # the other kernels take the product as their input
+    norm = None if norm_weight is None else (norm_weight, norm_eps)
+    if kernel_for(x, packed) == "cuda" and (gate is not None or norm is not None or residual is not None):
+        # silu(gate) * x or the RMSNorm of x formed as the kernel loads its input, the residual added as it writes
+        flat = None if residual is None else residual.reshape(-1)
+        y = cuda_gemv.sparse_gemv_cuda(x, packed, gate=gate, norm=norm, residual=flat)
+        return y.reshape(*x.shape[:-1], packed.padded_out)
+    y = _run(_formed_input(x, gate, norm), packed)  # the other kernels take the formed input
+    return y if residual is None else residual + y
+
+
+def _formed_input(x: torch.Tensor, gate: torch.Tensor | None, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """The GEMV's input: ``silu(gate) * x`` with a gate, ``rms_norm(x)`` with a norm, else ``x``."""
+    if gate is not None:
+        return F.silu(gate) * x
+    return x if norm is None else rms_norm(x, *norm)
 
 
 def _unflatten(
@@ -177,7 +191,22 @@ def _padded_out(weight_t: torch.Tensor) -> int:
 
 
 @_sparse_gemv_op.register_fake
-def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, backend="auto", gate=None):
+def _(
+    x,
+    weight_t,
+    threshold,
+    shift,
+    wsum,
+    bias,
+    scale,
+    zero,
+    segments,
+    backend="auto",
+    gate=None,
+    norm_weight=None,
+    norm_eps=0.0,
+    residual=None,
+):
     return x.new_empty(*x.shape[:-1], _padded_out(weight_t))
 
 
@@ -207,11 +236,38 @@ def _(x, weight_t, threshold, shift, wsum, bias, scale, zero, segments, split):
     return x.new_empty(split, _padded_out(weight_t), dtype=torch.float32)
 
 
-def _check_input(x: torch.Tensor, packed: PackedGemv, gate: torch.Tensor | None) -> None:
+def _check_input(
+    x: torch.Tensor,
+    packed: PackedGemv,
+    gate: torch.Tensor | None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+) -> None:
     if gate is not None and (gate.shape != x.shape or gate.dtype != x.dtype or gate.device != x.device):
         raise UsageError(
             f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
             f"{gate.device} and {tuple(x.shape)} {x.dtype} {x.device}"
+        )
+    if norm is not None:
+        if gate is not None:
+            raise UsageError("norm and gate are two ways of forming the input: pass one of them")
+        if not (isinstance(norm, tuple) and len(norm) == 2 and isinstance(norm[0], torch.Tensor)):
+            raise UsageError(f"norm must be a (weight, eps) pair, got {type(norm).__name__}")
+        weight, eps = norm
+        if weight.shape != (packed.in_features,) or weight.dtype != x.dtype or weight.device != x.device:
+            raise UsageError(
+                f"the norm's weight must be a [{packed.in_features}] {x.dtype} tensor on {x.device}, got "
+                f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
+            )
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise UsageError(f"the norm's eps must be a finite number >= 0, got {eps!r}")
+    want = (*x.shape[:-1], packed.padded_out)
+    if residual is not None and (
+        tuple(residual.shape) != want or residual.dtype != x.dtype or residual.device != x.device
+    ):
+        raise UsageError(
+            f"residual must be a {list(want)} {x.dtype} tensor on {x.device} (the padded output's shape), got "
+            f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
         )
     if packed.backend not in BACKENDS:
         raise UsageError(f"packed.backend must be one of {', '.join(BACKENDS)}, got {packed.backend!r}")
@@ -224,7 +280,13 @@ def _check_input(x: torch.Tensor, packed: PackedGemv, gate: torch.Tensor | None)
 
 
 def sparse_gemv(
-    x: torch.Tensor, packed: PackedGemv, *, reduce: str = "kernel", gate: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: PackedGemv,
+    *,
+    reduce: str = "kernel",
+    gate: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Outputs ``(y_0, ...)`` of the packed layers for inputs ``x[..., K]``, each ``[..., out_i]``.
 
@@ -234,20 +296,25 @@ def sparse_gemv(
     ``gate`` (a gated MLP's down projection, ``x`` its up projection): the input is ``silu(gate) * x``, each
     product rounded to the dtype as torch rounds ``act_fn(gate) * up``; the CUDA C++ kernel forms it as it
     loads its input (no elementwise kernel before it), elsewhere it is formed first.
+    ``norm=(weight, eps)`` (a pre-norm decoder layer's projections, ``x`` the residual stream): the input is
+    :func:`~actsparse.kernels.reference.rms_norm` of ``x`` (transformers' ``LlamaRMSNorm``), formed by the CUDA
+    C++ kernel as it loads ``x``, elsewhere first. ``residual`` (``[..., N_pad]``, the padded output's shape):
+    the output is ``residual + y``, rounded as torch rounds that sum; the CUDA C++ kernel adds it as it writes.
     """
     if reduce not in REDUCTIONS:
         raise UsageError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
-    _check_input(x, packed, gate)
+    _check_input(x, packed, gate, norm, residual)
     segs = [v for seg in packed.segments for v in seg]
     args = (x, packed.weight_t, packed.threshold, packed.shift, packed.wsum, packed.bias, packed.scale, packed.zero)
     if reduce == "consumer" and kernel_for(x, packed) == "triton":  # (the CUDA kernel reduces in its cluster)
-        if gate is not None:
-            x = F.silu(gate) * x
-            args = (x, *args[1:])
+        x = _formed_input(x, gate, norm)
         assert _tg is not None  # kernel_for picks Triton only where triton_available(), which needs _tg
         split = _tg.launch_config(packed, x.device).split_k
-        part = torch.ops.actsparse.sparse_gemv_partials(*args, segs, split)
+        part = torch.ops.actsparse.sparse_gemv_partials(x, *args[1:], segs, split)
         y = (part.sum(0) if split > 1 else part[0]).to(x.dtype).reshape(*x.shape[:-1], packed.padded_out)
+        if residual is not None:
+            y = residual + y
     else:
-        y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend, gate)
+        nw, eps = (None, 0.0) if norm is None else (norm[0], float(norm[1]))
+        y = torch.ops.actsparse.sparse_gemv(*args, segs, packed.backend, gate, nw, eps, residual)
     return packed.split(y)

@@ -1,0 +1,331 @@
+"""Pre-norm decoder layers whose RMSNorms and residual adds run inside the sparse GEMVs.
+
+A Llama-style decoder layer computes ``h1 = h + attn(norm1(h))`` and ``h2 = h1 + mlp(norm2(h1))``. At batch-1
+decode each RMSNorm (with the residual add before it, which inductor fuses into it) is a kernel of its own
+between two sparse GEMVs: 64 launches per Llama-2-7B step. :func:`fuse_norms` gives such layers a forward in
+which
+
+* the q/k/v GEMV forms ``norm1(h)`` as it loads ``h`` and the gate/up GEMV ``norm2(h1)``
+  (:func:`~actsparse.kernels.linear.leave_normed_outputs`: the group's outputs are computed first and left for
+  the projections, which the attention and the MLP then call with the layer's ``h`` / ``h1``);
+* o_proj and down_proj add the residual as they write their output (a
+  :class:`~actsparse.kernels.linear.ResidualSlot`), so no add kernel is left either.
+
+The arithmetic is transformers' (:func:`~actsparse.kernels.reference.rms_norm`, ``residual + y`` rounded as
+torch rounds it); only the RMSNorm's mean square is summed in another order by the CUDA kernel. Every other call
+(prefill, batches, gradients, hooks added since, a projection whose call stays dense) runs the layer's class
+forward, or adds the residual in torch where a projection could not.
+
+A layer takes part when its class forward is, instruction for instruction, Llama's (transformers 5.x, with the
+cache argument named ``cache`` or ``past_key_values``; Llama, Qwen2, Mistral and other copies of it), its two
+norms are Llama's RMSNorm (same forward, a weight of the hidden size and dtype), its q/k/v and gate/up
+projections are packed groups (:func:`~actsparse.kernels.enable_kernels`) that the CUDA kernel runs
+(``require_cuda=False``: any backend, for tests on the CPU), it has no hooks, and the fused forward gives the
+class forward's output on a one-token probe (bit for bit where the norm is formed in torch; to 1% where the CUDA
+kernel sums the mean square). An attention that calls its projections with anything but the layer's input is
+refused at the call (:class:`~actsparse.errors.UsageError`). :func:`unfuse_norms` undoes it;
+:func:`fuse_norms` called again unfuses the layers that no longer qualify.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, cast
+
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
+from ..kernels.ops import kernel_for
+from .hf import has_hooks
+
+__all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
+
+
+# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults: _code_key).
+def _layer_cache(
+    self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+    position_embeddings=None, **kwargs,
+):  # fmt: skip
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = residual + hidden_states
+    return hidden_states
+
+
+def _layer_past_key_values(
+    self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+    position_embeddings=None, **kwargs,
+):  # fmt: skip
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = residual + hidden_states
+    return hidden_states
+
+
+def _rms_norm(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _code_key(f: Any) -> tuple | None:
+    f = inspect.unwrap(f) if callable(f) else f  # (transformers wraps forwards that renamed an argument)
+    code = getattr(f, "__code__", None)
+    if code is None:
+        return None
+    return (code.co_code, code.co_names, code.co_consts, code.co_argcount, code.co_varnames, f.__defaults__)
+
+
+_LAYER_CODES = {_code_key(_layer_cache), _code_key(_layer_past_key_values)}
+_RMS_CODE = _code_key(_rms_norm)
+# transformers 5.x renamed past_key_values to cache (a wrapper maps the old name); the fused forward does the same
+_RENAMED = {"past_key_values": "cache"}
+
+
+class _Plan:
+    """A fused layer's parts: its class forward's parameters, the norms, the groups, the residual slots."""
+
+    def __init__(self, layer: nn.Module):
+        fn = inspect.unwrap(type(layer).forward)
+        code = fn.__code__
+        self.names = code.co_varnames[1 : code.co_argcount]  # hidden_states, attention_mask, ...
+        self.defaults = dict(zip(self.names[len(self.names) - len(fn.__defaults__ or ()) :], fn.__defaults__ or ()))
+        attn, mlp = cast(Any, layer).self_attn, cast(Any, layer).mlp
+        self.attn, self.mlp, self.q_proj, self.gate_proj = attn, mlp, attn.q_proj, mlp.gate_proj
+        self.norm1, self.norm2 = cast(Any, layer).input_layernorm, cast(Any, layer).post_attention_layernorm
+        self.o_slot, self.down_slot = _slot(attn.o_proj), _slot(mlp.down_proj)
+
+    def key(self) -> tuple:
+        parts = (self.attn, self.mlp, self.q_proj, self.gate_proj, self.norm1, self.norm2, self.o_slot, self.down_slot)
+        return (self.names, *map(id, parts))
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict] | None:
+        """``(hidden_states, what the class forward passes to self_attn besides it)``, or None for a call it
+        binds otherwise (let the class forward take it, and raise if it is wrong)."""
+        if len(args) > len(self.names):
+            return None
+        named = dict(zip(self.names, args))
+        extra = {}
+        for k, v in kwargs.items():
+            if k not in self.names and _RENAMED.get(k) in self.names:
+                k = _RENAMED[k]
+            if k in named:
+                return None
+            if k in self.names:
+                named[k] = v
+            else:
+                extra[k] = v
+        h = named.pop("hidden_states", None)
+        if not isinstance(h, torch.Tensor):
+            return None
+        for k, d in self.defaults.items():
+            named.setdefault(k, d)
+        return h, {**named, **extra}
+
+
+def _slot(proj: nn.Module) -> ResidualSlot | None:
+    """The projection's residual slot, installed where its decode call adds a residual in the kernel: a lone
+    packed layer on the kernel route whose output is not padded."""
+    if (
+        getattr(proj, "_packed", None) is None
+        or getattr(proj, "_kernel_group", None) is not None
+        or getattr(getattr(proj, "_kernel_route", None), "route", None) != "kernel"
+        or cast(Any, proj)._packed.padded_out != cast(nn.Linear, proj).out_features
+    ):
+        return None
+    slot = vars(proj).get("_residual_slot")
+    if slot is None:
+        slot = vars(proj)["_residual_slot"] = ResidualSlot()
+    return slot
+
+
+def _norm_of(norm: Any) -> tuple[torch.Tensor, float]:
+    return norm.weight, float(norm.variance_epsilon)
+
+
+def _claimed(proj: Any) -> None:
+    """Raise if outputs left for ``proj``'s group were not all taken (the attention/MLP did not call them)."""
+    shared = cast(SharedInput, proj._kernel_group[0])
+    if shared.unclaimed():
+        raise UsageError(
+            f"{', '.join(shared.names)} were not all called with the decoder layer's input (its attention or MLP "
+            "does not project it as Llama's do); call actsparse.engine.unfuse_norms(model)"
+        )
+
+
+def _with_residual(slot: ResidualSlot | None, residual: torch.Tensor, run: Any) -> torch.Tensor:
+    """``residual + run()``, the add done by the projection's kernel where its slot took it."""
+    if slot is None:
+        return residual + run()
+    slot.tensor = residual
+    try:
+        out = run()
+    finally:
+        left = slot.take()  # still there: the projection's call stayed dense, add it here
+    return out if left is None else residual + out
+
+
+def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    plan: _Plan = vars(self)["_norm_plan"]
+    bound = plan.bind(args, kwargs)
+    if bound is None or (not torch.compiler.is_compiling() and has_hooks(self)):  # (compiled: fuse_norms checks)
+        return type(self).forward(self, *args, **kwargs)
+    h, attn_kwargs = bound
+    if (
+        h.numel() != h.shape[-1]
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (h, plan.norm1.weight, plan.norm2.weight)))
+        or not leave_normed_outputs(plan.q_proj, h, _norm_of(plan.norm1))
+    ):
+        return type(self).forward(self, *args, **kwargs)  # prefill, batches, a call that stays dense
+    h1 = _with_residual(plan.o_slot, h, lambda: plan.attn(hidden_states=h, **attn_kwargs)[0])
+    _claimed(plan.q_proj)
+    if not leave_normed_outputs(plan.gate_proj, h1, _norm_of(plan.norm2)):
+        return h1 + plan.mlp(plan.norm2(h1))
+    h2 = _with_residual(plan.down_slot, h1, lambda: plan.mlp(h1))
+    _claimed(plan.gate_proj)
+    return h2
+
+
+def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
+    w = getattr(norm, "weight", None)
+    return (
+        _code_key(type(norm).forward) == _RMS_CODE
+        and isinstance(w, torch.Tensor)
+        and tuple(w.shape) == (hidden,)
+        and w.dtype == dtype
+        and isinstance(getattr(norm, "variance_epsilon", None), (int, float))
+    )
+
+
+def _grouped(proj: Any, require_cuda: bool) -> bool:
+    """A packed group's member whose decode call the kernels run (the CUDA kernel with ``require_cuda``)."""
+    packed = getattr(proj, "_packed", None)
+    if packed is None or getattr(proj, "_kernel_group", None) is None:
+        return False
+    row = torch.empty(proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
+    return not require_cuda or kernel_for(row, packed) == "cuda"
+
+
+def _candidate(layer: nn.Module, require_cuda: bool) -> bool:
+    """The static conditions of the module docstring (the probe is :func:`_same_function`)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    q, gate = getattr(attn, "q_proj", None), getattr(mlp, "gate_proj", None)
+    if (
+        _code_key(type(layer).forward) not in _LAYER_CODES
+        or not isinstance(q, nn.Linear)
+        or not isinstance(gate, nn.Linear)
+        or not all(isinstance(getattr(p, n, None), nn.Module) for p, n in ((attn, "o_proj"), (mlp, "down_proj")))
+        or has_hooks(layer)
+    ):
+        return False
+    hidden, dtype = q.in_features, q.weight.dtype
+    return (
+        gate.in_features == hidden
+        and all(_rms(getattr(layer, n, None), hidden, dtype) for n in ("input_layernorm", "post_attention_layernorm"))
+        and _grouped(q, require_cuda)
+        and _grouped(gate, require_cuda)
+    )
+
+
+@torch.no_grad()
+def _same_function(layer: Any, fused: Any) -> bool:
+    """Whether the fused forward gives the class forward's output on a seeded one-token probe (no cache): bit
+    for bit where the norms are formed in torch, to 1% (relative norm) where the CUDA kernel forms them."""
+    q = layer.self_attn.q_proj
+    head_dim = getattr(layer.self_attn, "head_dim", None)
+    if not isinstance(head_dim, int):
+        return False
+    gen = torch.Generator(device=q.weight.device).manual_seed(0)
+    shape = (1, 1, q.in_features)
+    x = torch.randn(shape, generator=gen, device=q.weight.device).to(q.weight.dtype)
+    angles = torch.randn(1, 1, head_dim, generator=gen, device=q.weight.device)
+    rotary = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+    try:
+        own = type(layer).forward(layer, x, position_embeddings=rotary)
+        got = fused(x, position_embeddings=rotary)
+    except Exception:  # a layer that takes more than this (or rejects a probe): not ours to change
+        return False
+    if not (isinstance(own, torch.Tensor) and isinstance(got, torch.Tensor) and own.shape == got.shape):
+        return False
+    if kernel_for(x, q._packed) != "cuda":
+        return bool(torch.equal(own, got))
+    err = (got.float() - own.float()).norm() / own.float().norm().clamp_min(1e-30)
+    return bool(err <= 0.01)
+
+
+def fuse_norms(model: nn.Module, *, require_cuda: bool = True) -> list[str]:
+    """Give ``model``'s eligible decoder layers the fused forward (module docstring); returns their names.
+
+    Call it after :func:`~actsparse.kernels.enable_kernels` (and :func:`~actsparse.engine.fuse_glu`, whose MLP
+    forward the fused layer calls). Idempotent: layers fused already and still eligible stay as they are (a
+    compiled step that traced them stays valid); those no longer eligible are unfused."""
+    names = []
+    for name, m in model.named_modules():
+        old = vars(m).get("_norm_plan")
+        if old is not None:
+            if _candidate(m, require_cuda):
+                plan = _Plan(m)  # (parts re-read: modules swapped or kernels re-planned since)
+                if plan.key() != old.key():
+                    vars(m)["_norm_plan"] = plan
+                names.append(name)
+            else:
+                _unfuse(m)
+        elif _candidate(m, require_cuda):
+            vars(m)["_norm_plan"] = _Plan(m)
+            fused = types.MethodType(_fused_forward, m)
+            if _same_function(m, fused):
+                vars(m)["forward"] = fused
+                names.append(name)
+            else:
+                _unfuse(m)
+    return names
+
+
+def unfuse_norms(model: nn.Module) -> None:
+    """Undo :func:`fuse_norms`: every decoder layer runs its class forward again."""
+    for m in model.modules():
+        _unfuse(m)
+
+
+def _unfuse(m: nn.Module) -> None:
+    plan = vars(m).pop("_norm_plan", None)
+    if plan is not None:
+        vars(m).pop("forward", None)
+        for proj in (plan.attn.o_proj, plan.mlp.down_proj):
+            vars(proj).pop("_residual_slot", None)
+
+
+def norms_fused(model: nn.Module) -> list[str]:
+    """The names of the decoder layers fused now, in model order."""
+    return [n for n, m in model.named_modules() if vars(m).get("_norm_plan") is not None]
