@@ -197,6 +197,17 @@ def test_an_attention_that_projects_another_input_is_refused_at_the_call_and_lea
     shared = attn.q_proj._kernel_group[0]
     assert shared.pending is None and not shared.left
     assert vars(attn.o_proj)["_residual_slot"].tensor is None
+
+    def failing(self, hidden_states, **kwargs):  # takes q's output, then fails: nothing may be left either
+        self.q_proj(hidden_states)
+        raise RuntimeError("attention failed")
+
+    vars(attn)["forward"] = types.MethodType(failing, attn)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="attention failed"):
+        layer(x, position_embeddings=rotary)
+    assert shared.pending is None and not shared.left
+    assert vars(attn.o_proj)["_residual_slot"].tensor is None
+    vars(attn)["forward"] = types.MethodType(rescaled, attn)
     o_in = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(9)).to(DT)
     with torch.no_grad():  # o_proj alone adds nothing (no residual left in its slot)
         assert torch.equal(attn.o_proj(o_in), K.sparse_gemv(o_in, attn.o_proj._packed)[0])

@@ -174,25 +174,23 @@ def _norm_of(norm: Any) -> tuple[torch.Tensor, float]:
     return norm.weight, float(norm.variance_epsilon)
 
 
-def _claimed(proj: Any) -> None:
-    """Raise if outputs left for ``proj``'s group were not all taken (the attention/MLP did not call them)."""
-    shared = cast(SharedInput, proj._kernel_group[0])
-    if shared.unclaimed():
+def _run_fused(group_member: Any, slot: ResidualSlot | None, residual: torch.Tensor, run: Any) -> torch.Tensor:
+    """``residual + run()``, where ``run`` (the attention or the MLP) takes the outputs left for
+    ``group_member``'s group and the projection owning ``slot`` adds the residual in its kernel if it takes it.
+    Whatever happens, nothing is left behind; outputs not taken raise :class:`UsageError`."""
+    shared = cast(SharedInput, group_member._kernel_group[0])
+    if slot is not None:
+        slot.tensor = residual
+    try:
+        out = run()
+    finally:
+        left = residual if slot is None else slot.take()  # still there: the call stayed dense, add it here
+        unclaimed = shared.unclaimed()
+    if unclaimed:
         raise UsageError(
             f"{', '.join(shared.names)} were not all called with the decoder layer's input (its attention or MLP "
             "does not project it as Llama's do); call actsparse.engine.unfuse_norms(model)"
         )
-
-
-def _with_residual(slot: ResidualSlot | None, residual: torch.Tensor, run: Any) -> torch.Tensor:
-    """``residual + run()``, the add done by the projection's kernel where its slot took it."""
-    if slot is None:
-        return residual + run()
-    slot.tensor = residual
-    try:
-        out = run()
-    finally:
-        left = slot.take()  # still there: the projection's call stayed dense, add it here
     return out if left is None else residual + out
 
 
@@ -208,13 +206,10 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         or not leave_normed_outputs(plan.q_proj, h, _norm_of(plan.norm1))
     ):
         return type(self).forward(self, *args, **kwargs)  # prefill, batches, a call that stays dense
-    h1 = _with_residual(plan.o_slot, h, lambda: plan.attn(hidden_states=h, **attn_kwargs)[0])
-    _claimed(plan.q_proj)
+    h1 = _run_fused(plan.q_proj, plan.o_slot, h, lambda: plan.attn(hidden_states=h, **attn_kwargs)[0])
     if not leave_normed_outputs(plan.gate_proj, h1, _norm_of(plan.norm2)):
         return h1 + plan.mlp(plan.norm2(h1))
-    h2 = _with_residual(plan.down_slot, h1, lambda: plan.mlp(h1))
-    _claimed(plan.gate_proj)
-    return h2
+    return _run_fused(plan.gate_proj, plan.down_slot, h1, lambda: plan.mlp(h1))
 
 
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
