@@ -526,9 +526,9 @@ def test_decoder_with_fused_norms_gives_the_unfused_tokens_and_logits():
     random_norm_gains(model)
     K.enable_kernels(model)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4)).cuda()
-    plain = Decoder(model, 64, norms=False, fallback=False).run(ids, 16, output_logits=True)
+    plain = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # norms: off by default
     assert norms_fused(model) == []
-    fused = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # norms: on with the CUDA graph
+    fused = Decoder(model, 64, fallback=False, norms=True).run(ids, 16, output_logits=True)
     assert norms_fused(model) == [f"model.layers.{i}" for i in range(len(model.model.layers))]
     # (the kernel sums the mean square in its own order: rstd may differ from inductor's in the last fp32 bit)
     assert torch.equal(fused.sequences, plain.sequences)

@@ -245,11 +245,11 @@ def test_the_fused_layer_traces_as_one_graph():
         assert torch.equal(compiled(x, position_embeddings=rotary), want)  # slots and pending left clean
 
 
-def test_the_decoder_fuses_norms_with_the_cuda_kernel_only_and_norms_false_restores_the_class_forward():
+def test_the_decoder_fuses_norms_on_request_with_the_cuda_kernel_only_and_by_default_restores_the_class_forward():
     model = _model(layers=1)
     ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
     fuse_norms(model, require_cuda=False)
-    a = Decoder(model, 16).run(ids, 3)  # CPU: fuse off, hence norms off: the layers' own forwards
+    a = Decoder(model, 16).run(ids, 3)  # norms off by default: the layers' own forwards
     assert norms_fused(model) == []
     fuse_norms(model, require_cuda=False)
     b = Decoder(model, 16, norms=True).run(ids, 3)  # requires the CUDA kernel: none runs on the CPU
