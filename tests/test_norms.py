@@ -7,6 +7,7 @@ in-load norm and epilogue add are tested on the GPU (tests/test_cuda_gemv.py -k 
 tests/test_decoder_gpu.py for the Decoder).
 """
 
+import functools
 import types
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import StaticCache
 import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import Decoder, fuse_glu, fuse_norms, norms_fused, unfuse_norms
+from actsparse.engine import decoder as decoder_module
 from actsparse.errors import UsageError
 from actsparse.kernels.reference import rms_norm, sparse_gemv_reference
 
@@ -233,18 +235,6 @@ def test_a_projection_whose_call_stays_dense_gets_the_residual_added_in_torch():
         assert torch.equal(got, type(layer).forward(layer, x, position_embeddings=rotary))
 
 
-def test_the_fused_layer_traces_as_one_graph():
-    model = _model(layers=1)
-    layer = model.model.layers[0]
-    fuse_norms(model, require_cuda=False)
-    x, rotary = _row(model), _rotary(model)
-    compiled = torch.compile(layer, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        want = type(layer).forward(layer, x, position_embeddings=rotary)
-        assert torch.equal(compiled(x, position_embeddings=rotary), want)
-        assert torch.equal(compiled(x, position_embeddings=rotary), want)  # slots and pending left clean
-
-
 def test_the_decoder_fuses_norms_on_request_with_the_cuda_kernel_only_and_by_default_restores_the_class_forward():
     model = _model(layers=1)
     ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
@@ -287,3 +277,30 @@ def test_the_op_refuses_a_bad_norm_or_residual():
         K.sparse_gemv(up, packed, norm=w)
     with pytest.raises(UsageError, match=r"residual must be a \[256\] torch.bfloat16 tensor"):
         K.sparse_gemv(up, packed, residual=torch.zeros(63, dtype=DT))
+
+
+def test_the_compiled_decode_step_with_fused_norms_is_one_graph_with_the_norms_and_adds_in_its_gemvs(monkeypatch):
+    """The Decoder's compiled step (fullgraph) traces the fused layers: 4 GEMVs per layer, the norms and residuals
+    passed to them, and nothing else changed (the same logits as the eager fused Decoder). On the CPU the Decoder's
+    own fuse_norms requires the CUDA kernel; here it is given require_cuda=False."""
+    monkeypatch.setattr(decoder_module, "fuse_norms", functools.partial(fuse_norms, require_cuda=False))
+    model = _model()
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    eager = Decoder(model, 32, norms=True).run(ids, 4, output_logits=True)
+    assert norms_fused(model) == LAYERS
+    graphs: list[dict] = []
+
+    def backend(gm, example_inputs):
+        gemvs = [n for n in gm.graph.nodes if "actsparse.sparse_gemv" in str(n.target)]
+        schemas = [n.target.default._schema for n in gemvs]  # (dynamo's nodes call the op's packet)
+        named = [{a.name: v for a, v in zip(sch.arguments, n.args)} | n.kwargs for sch, n in zip(schemas, gemvs)]
+        graphs.append({k: sum(a.get(k) is not None for a in named) for k in ("norm_weight", "residual", "gate")})
+        graphs[-1]["gemvs"] = len(gemvs)
+        return gm.forward
+
+    out = Decoder(model, 32, compile=True, backend=backend, fallback=False, norms=True).run(ids, 4, output_logits=True)
+    # (glu follows fuse, off without the CUDA graph: down_proj takes the MLP's product, and the residual)
+    assert graphs == [{"norm_weight": 4, "residual": 4, "gate": 0, "gemvs": 8}]
+    assert torch.equal(out.sequences, eager.sequences)
+    for a, b in zip(out.logits, eager.logits):
+        assert torch.equal(a, b)
