@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from helpers import VOCAB, make_tiny_llama, random_norm_gains
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import StaticCache
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
 import actsparse as A
 import actsparse.kernels as K
@@ -56,6 +56,23 @@ def _model(layers=2, kernels=True, glu=True):
         K.enable_kernels(model, backend="triton")
         if glu:
             fuse_glu(model, require_cuda=False)
+    return model
+
+
+def _arch_model(arch):
+    """A tiny sparse Qwen2 (biased q/k/v) or Mistral (sliding window) with Llama's layer shape, kernels on."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    cfg |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    else:
+        model = MistralForCausalLM(MistralConfig(**cfg, sliding_window=4096))
+    model = random_norm_gains(model.eval().to(DT))
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(2)]
+    A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), data, progress=False)
+    K.enable_kernels(model, backend="triton")
     return model
 
 
@@ -102,6 +119,19 @@ def test_fused_layers_decode_the_class_forwards_logits_bit_for_bit_with_the_norm
     unfuse_norms(model)
     assert norms_fused(model) == [] and "forward" not in vars(model.model.layers[0])
     assert "_residual_slot" not in vars(model.model.layers[0].self_attn.o_proj)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_layers_are_fused_and_decode_their_class_forwards_logits(arch):
+    model = _arch_model(arch)
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    want = _decode(model, ids)
+    assert fuse_norms(model, require_cuda=False) == LAYERS
+    with FusedCalls() as ops:
+        got = _decode(model, ids)
+    assert ops.counts == {"norm": 8, "residual": 8, "plain": 0}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_without_glu_the_mlps_own_forward_runs_with_the_residual_added_in_down_proj():
