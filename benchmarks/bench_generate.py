@@ -449,9 +449,9 @@ def main():
     )
     ap.add_argument(
         "--norms",
-        default="on",
+        default="off",
         help="the sparse Decoder's fuse_norms: on (RMSNorms in the q/k/v and gate/up GEMVs' loads, residual adds in "
-        "o_proj's and down_proj's epilogues), off, or on,off (both, one process)",
+        "o_proj's and down_proj's epilogues), off (the Decoder's default), or off,on (both, one process)",
     )
     ap.add_argument(
         "--kv",

@@ -60,15 +60,21 @@ def _model(layers=2, kernels=True, glu=True):
 
 
 def _arch_model(arch):
-    """A tiny sparse Qwen2 (biased q/k/v) or Mistral (sliding window) with Llama's layer shape, kernels on."""
+    """A tiny sparse Qwen2 (biased q/k/v), Mistral (sliding window) or Llama with int8 weights (torchao) with
+    Llama's layer shape, kernels on."""
     cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
     cfg |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**cfg))
-    else:
+    elif arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**cfg, sliding_window=4096))
+    else:
+        model = make_tiny_llama(layers=2, hidden=256, inter=512)
     model = random_norm_gains(model.eval().to(DT))
+    if arch == "llama-int8":
+        pytest.importorskip("torchao")
+        A.compress_weights(model, "int8_asym")
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(2)]
     A.sparsify_(model, A.SparsifyConfig({".*layers.*": 0.5}), data, progress=False)
@@ -121,8 +127,8 @@ def test_fused_layers_decode_the_class_forwards_logits_bit_for_bit_with_the_norm
     assert "_residual_slot" not in vars(model.model.layers[0].self_attn.o_proj)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_qwen2_and_mistral_layers_are_fused_and_decode_their_class_forwards_logits(arch):
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama-int8"])
+def test_qwen2_mistral_and_int8_layers_are_fused_and_decode_their_class_forwards_logits(arch):
     model = _arch_model(arch)
     ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
     want = _decode(model, ids)
