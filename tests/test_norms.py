@@ -22,6 +22,7 @@ import actsparse.kernels as K
 from actsparse.engine import Decoder, fuse_glu, fuse_norms, norms_fused, unfuse_norms
 from actsparse.engine import decoder as decoder_module
 from actsparse.errors import UsageError
+from actsparse.generation import dense_view
 from actsparse.kernels.reference import rms_norm, sparse_gemv_reference
 
 pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
@@ -340,3 +341,64 @@ def test_the_compiled_decode_step_with_fused_norms_is_one_graph_with_the_norms_a
     assert torch.equal(out.sequences, eager.sequences)
     for a, b in zip(out.logits, eager.logits):
         assert torch.equal(a, b)
+
+
+def test_positional_arguments_and_the_old_cache_name_bind_as_the_class_forward_binds_them():
+    model = _model(layers=1)
+    layer = model.model.layers[0]
+    x, rotary = _row(model), _rotary(model)
+    with torch.no_grad():
+        want = type(layer).forward(layer, x, position_embeddings=rotary)
+        fuse_norms(model, require_cuda=False)
+        for call in (
+            lambda: layer(x, None, None, None, False, rotary),  # every argument by position
+            lambda: layer(hidden_states=x, past_key_values=None, position_embeddings=rotary),  # the old name
+        ):
+            with FusedCalls() as ops:
+                assert torch.equal(call(), want)
+            assert ops.counts["norm"] == 2
+
+
+def test_modules_swapped_or_a_member_replaced_after_fusing_take_the_class_forward():
+    model = _model(layers=1)
+    layer = model.model.layers[0]
+    fuse_norms(model, require_cuda=False)
+    x, rotary = _row(model), _rotary(model)
+
+    def check(expect_fused):
+        with torch.no_grad(), FusedCalls() as ops:
+            got = layer(x, position_embeddings=rotary)
+            assert torch.equal(got, type(layer).forward(layer, x, position_embeddings=rotary))
+        assert (ops.counts["norm"] > 0) == expect_fused
+
+    with dense_view(model):  # plain Linears in the sparse layers' places (compare_generate's dense side)
+        check(False)
+    norm = layer.post_attention_layernorm
+    layer.post_attention_layernorm = type(norm)(256, eps=1e-5).to(DT)  # another norm module: its gains are ones
+    check(False)
+    layer.post_attention_layernorm = norm
+    check(True)
+    k = layer.self_attn.k_proj
+    k.weight = nn.Parameter(k.weight.detach().clone(), requires_grad=False)  # k's call would stay dense
+    check(False)
+
+
+def test_a_forward_wrapped_around_the_fused_one_survives_unfusing():
+    """accelerate (offloading) wraps the instance forward; unfusing must not strip its wrapper."""
+    model = _model(layers=1)
+    layer = model.model.layers[0]
+    fuse_norms(model, require_cuda=False)
+    inner, calls = vars(layer)["forward"], []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    vars(layer)["forward"] = wrapper
+    unfuse_norms(model)
+    x, rotary = _row(model), _rotary(model)
+    with torch.no_grad(), FusedCalls() as ops:
+        got = layer(x, position_embeddings=rotary)
+    assert vars(layer)["forward"] is wrapper and calls == [1] and ops.counts["norm"] == 0
+    with torch.no_grad():
+        assert torch.equal(got, type(layer).forward(layer, x, position_embeddings=rotary))

@@ -127,8 +127,8 @@ def unfuse_glu(model: nn.Module) -> None:
 
 
 def _unfuse(m: nn.Module) -> None:
-    if vars(m).pop("_glu", None):
-        vars(m).pop("forward", None)
+    if vars(m).pop("_glu", None) and getattr(vars(m).get("forward"), "__func__", None) is _glu_forward:
+        vars(m).pop("forward")  # (a forward someone wrapped around ours since, e.g. accelerate's, stays)
 
 
 def glu_fused(model: nn.Module) -> list[str]:

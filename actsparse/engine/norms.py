@@ -122,13 +122,26 @@ class _Plan:
         self.names = code.co_varnames[1 : code.co_argcount]  # hidden_states, attention_mask, ...
         self.defaults = dict(zip(self.names[len(self.names) - len(fn.__defaults__ or ()) :], fn.__defaults__ or ()))
         attn, mlp = cast(Any, layer).self_attn, cast(Any, layer).mlp
-        self.attn, self.mlp, self.q_proj, self.gate_proj = attn, mlp, attn.q_proj, mlp.gate_proj
+        self.attn, self.mlp = attn, mlp
         self.norm1, self.norm2 = cast(Any, layer).input_layernorm, cast(Any, layer).post_attention_layernorm
+        self.qkv, self.gate_up = _members(attn, attn.q_proj), _members(mlp, mlp.gate_proj)
         self.o_slot, self.down_slot = _slot(attn.o_proj), _slot(mlp.down_proj)
+        # (owner, attribute, module) of every part the fused forward relies on: checked at each call
+        self.parts = [
+            (layer, "self_attn", attn),
+            (layer, "mlp", mlp),
+            (layer, "input_layernorm", self.norm1),
+            (layer, "post_attention_layernorm", self.norm2),
+            *((attn, n.rpartition(".")[2], m) for n, m in zip(_group_names(attn.q_proj), self.qkv)),
+            *((mlp, n.rpartition(".")[2], m) for n, m in zip(_group_names(mlp.gate_proj), self.gate_up)),
+        ]
+
+    def current(self) -> bool:
+        """Whether every part is still the module it was at fusing (none swapped since, e.g. by dense_view)."""
+        return all(getattr(owner, name, None) is m for owner, name, m in self.parts)
 
     def key(self) -> tuple:
-        parts = (self.attn, self.mlp, self.q_proj, self.gate_proj, self.norm1, self.norm2, self.o_slot, self.down_slot)
-        return (self.names, *map(id, parts))
+        return (self.names, self.o_slot, self.down_slot, *(id(m) for _, _, m in self.parts))
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict] | None:
         """``(hidden_states, what the class forward passes to self_attn besides it)``, or None for a call it
@@ -154,6 +167,15 @@ class _Plan:
         return h, {**named, **extra}
 
 
+def _group_names(lead: Any) -> tuple[str, ...]:
+    return cast(SharedInput, lead._kernel_group[0]).names
+
+
+def _members(owner: nn.Module, lead: Any) -> list[Any]:
+    """The modules of ``lead``'s packed group, siblings under ``owner`` (None where one is missing)."""
+    return [getattr(owner, n.rpartition(".")[2], None) for n in _group_names(lead)]
+
+
 def _slot(proj: nn.Module) -> ResidualSlot | None:
     """The projection's residual slot, installed where its decode call adds a residual in the kernel: a lone
     packed layer on the kernel route whose output is not padded."""
@@ -174,11 +196,11 @@ def _norm_of(norm: Any) -> tuple[torch.Tensor, float]:
     return norm.weight, float(norm.variance_epsilon)
 
 
-def _run_fused(group_member: Any, slot: ResidualSlot | None, residual: torch.Tensor, run: Any) -> torch.Tensor:
-    """``residual + run()``, where ``run`` (the attention or the MLP) takes the outputs left for
-    ``group_member``'s group and the projection owning ``slot`` adds the residual in its kernel if it takes it.
+def _run_fused(members: list[Any], slot: ResidualSlot | None, residual: torch.Tensor, run: Any) -> torch.Tensor:
+    """``residual + run()``, where ``run`` (the attention or the MLP) takes the outputs left for the group of
+    ``members`` and the projection owning ``slot`` adds the residual in its kernel if it takes it.
     Whatever happens, nothing is left behind; outputs not taken raise :class:`UsageError`."""
-    shared = cast(SharedInput, group_member._kernel_group[0])
+    shared = cast(SharedInput, members[0]._kernel_group[0])
     if slot is not None:
         slot.tensor = residual
     try:
@@ -195,21 +217,26 @@ def _run_fused(group_member: Any, slot: ResidualSlot | None, residual: torch.Ten
 
 
 def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    plan: _Plan = vars(self)["_norm_plan"]
-    bound = plan.bind(args, kwargs)
-    if bound is None or (not torch.compiler.is_compiling() and has_hooks(self)):  # (compiled: fuse_norms checks)
+    plan: _Plan | None = vars(self).get("_norm_plan")  # (None: unfused since, by a wrapper still calling this)
+    bound = None if plan is None else plan.bind(args, kwargs)
+    if (
+        plan is None
+        or bound is None
+        or not plan.current()
+        or (not torch.compiler.is_compiling() and has_hooks(self))  # (compiled: fuse_norms checked them)
+    ):
         return type(self).forward(self, *args, **kwargs)
     h, attn_kwargs = bound
     if (
         h.numel() != h.shape[-1]
         or (torch.is_grad_enabled() and any(t.requires_grad for t in (h, plan.norm1.weight, plan.norm2.weight)))
-        or not leave_normed_outputs(plan.q_proj, h, _norm_of(plan.norm1))
+        or not leave_normed_outputs(plan.qkv, h, _norm_of(plan.norm1))
     ):
         return type(self).forward(self, *args, **kwargs)  # prefill, batches, a call that stays dense
-    h1 = _run_fused(plan.q_proj, plan.o_slot, h, lambda: plan.attn(hidden_states=h, **attn_kwargs)[0])
-    if not leave_normed_outputs(plan.gate_proj, h1, _norm_of(plan.norm2)):
+    h1 = _run_fused(plan.qkv, plan.o_slot, h, lambda: plan.attn(hidden_states=h, **attn_kwargs)[0])
+    if not leave_normed_outputs(plan.gate_up, h1, _norm_of(plan.norm2)):
         return h1 + plan.mlp(plan.norm2(h1))
-    return _run_fused(plan.gate_proj, plan.down_slot, h1, lambda: plan.mlp(h1))
+    return _run_fused(plan.gate_up, plan.down_slot, h1, lambda: plan.mlp(h1))
 
 
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
@@ -223,10 +250,14 @@ def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
     )
 
 
-def _grouped(proj: Any, require_cuda: bool) -> bool:
-    """A packed group's member whose decode call the kernels run (the CUDA kernel with ``require_cuda``)."""
-    packed = getattr(proj, "_packed", None)
-    if packed is None or getattr(proj, "_kernel_group", None) is None:
+def _grouped(owner: Any, proj: Any, require_cuda: bool) -> bool:
+    """``proj`` leads a packed group whose members are all ``owner``'s children and whose decode call the kernels
+    run (the CUDA kernel with ``require_cuda``)."""
+    packed, group = getattr(proj, "_packed", None), getattr(proj, "_kernel_group", None)
+    if packed is None or group is None or group[1] != 0:
+        return False
+    members = _members(owner, proj)
+    if any(getattr(m, "_kernel_group", None) != (group[0], i) for i, m in enumerate(members)):
         return False
     row = torch.empty(proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
     return not require_cuda or kernel_for(row, packed) == "cuda"
@@ -248,8 +279,8 @@ def _candidate(layer: nn.Module, require_cuda: bool) -> bool:
     return (
         gate.in_features == hidden
         and all(_rms(getattr(layer, n, None), hidden, dtype) for n in ("input_layernorm", "post_attention_layernorm"))
-        and _grouped(q, require_cuda)
-        and _grouped(gate, require_cuda)
+        and _grouped(attn, q, require_cuda)
+        and _grouped(mlp, gate, require_cuda)
     )
 
 
@@ -275,8 +306,8 @@ def _same_function(layer: Any, fused: Any) -> bool:
         return False
     if kernel_for(x, q._packed) != "cuda":
         return bool(torch.equal(own, got))
-    err = (got.float() - own.float()).norm() / own.float().norm().clamp_min(1e-30)
-    return bool(err <= 0.01)
+    added, want = got.float() - x.float(), own.float() - x.float()  # (what attention + MLP add: x dominates)
+    return bool((added - want).norm() <= 0.01 * want.norm().clamp_min(1e-30))
 
 
 def fuse_norms(model: nn.Module, *, require_cuda: bool = True) -> list[str]:
@@ -316,7 +347,8 @@ def unfuse_norms(model: nn.Module) -> None:
 def _unfuse(m: nn.Module) -> None:
     plan = vars(m).pop("_norm_plan", None)
     if plan is not None:
-        vars(m).pop("forward", None)
+        if getattr(vars(m).get("forward"), "__func__", None) is _fused_forward:
+            vars(m).pop("forward")  # (a forward someone wrapped around ours since, e.g. accelerate's, stays)
         for proj in (plan.attn.o_proj, plan.mlp.down_proj):
             vars(proj).pop("_residual_slot", None)
 

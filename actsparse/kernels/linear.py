@@ -466,18 +466,26 @@ def kernel_forward(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     return shared.output(i, x, lambda: sparse_gemv(x, packed))
 
 
-def leave_normed_outputs(layer: Any, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> bool:
-    """Compute the outputs of the packed group that ``layer`` belongs to for ``rms_norm(x)`` (formed by the CUDA
-    kernel as it loads ``x``) and leave them for the members' calls with ``x`` (:meth:`SharedInput.leave`).
-    False (nothing done) where such a call of ``layer`` would stay dense or ``layer`` is not in a group."""
-    if getattr(layer, "_packed", None) is None or layer._kernel_group is None or not _takes(layer, x):
+def leave_normed_outputs(members: list[Any], x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> bool:
+    """Compute the outputs of the packed group whose layers are ``members`` (in the group's order) for
+    ``rms_norm(x)`` (formed by the CUDA kernel as it loads ``x``) and leave them for the members' calls with ``x``
+    (:meth:`SharedInput.leave`). False (nothing done) unless they are that group, whole, and every member's call
+    with ``x`` would take the packed route."""
+    first = members[0]
+    group = getattr(first, "_kernel_group", None)
+    if (
+        group is None
+        or len(members) != len(group[0].names)
+        or any(getattr(m, "_kernel_group", None) != (group[0], i) for i, m in enumerate(members))
+        or not all(_takes(m, x) for m in members)
+    ):
         return False
-    packed = layer._packed
-    if layer._kernel_route.route == "dense":
+    packed = first._packed
+    if first._kernel_route.route == "dense":
         outs = masked_gemm(rms_norm(x, *norm), packed)
     else:
         outs = sparse_gemv(x, packed, norm=norm)
-    cast(SharedInput, layer._kernel_group[0]).leave(x, outs)
+    cast(SharedInput, group[0]).leave(x, outs)
     return True
 
 
