@@ -38,6 +38,7 @@ import torch
 from ..errors import UsageError
 from ..fileio import atomic_write
 from .packing import PackedGemv
+from .reference import check_norm
 
 __all__ = [
     "CudaConfig",
@@ -536,17 +537,7 @@ def _check_fusions(
         )
     if norm is None:
         return None, 0.0
-    if gate is not None:
-        raise UsageError("norm and gate are two ways of forming the input: pass one of them")
-    weight, eps = norm
-    if weight.shape != (k,) or weight.dtype != x1.dtype or weight.device != x1.device or not weight.is_contiguous():
-        raise UsageError(
-            f"the norm's weight must be a contiguous [{k}] {x1.dtype} tensor on {x1.device}, got "
-            f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
-        )
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise UsageError(f"the norm's eps must be a finite number >= 0, got {eps!r}")
-    return weight, float(eps)
+    return check_norm(norm, gate, k, x1, contiguous=True)
 
 
 def _launch(

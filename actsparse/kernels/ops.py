@@ -21,7 +21,6 @@ consumers, it adds a kernel. It stays for same-run ablations and for consumers o
 
 from __future__ import annotations
 
-import math
 import warnings
 from types import ModuleType
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from ..errors import InvalidTypeError, UsageError
 from . import cuda_gemv
 from .packing import PackedGemv
-from .reference import mask_input, rms_norm, sparse_gemv_reference
+from .reference import check_norm, mask_input, rms_norm, sparse_gemv_reference
 
 _tg: ModuleType | None
 try:  # Triton is optional: CPU-only installs use the reference
@@ -249,18 +248,7 @@ def _check_input(
             f"{gate.device} and {tuple(x.shape)} {x.dtype} {x.device}"
         )
     if norm is not None:
-        if gate is not None:
-            raise UsageError("norm and gate are two ways of forming the input: pass one of them")
-        if not (isinstance(norm, tuple) and len(norm) == 2 and isinstance(norm[0], torch.Tensor)):
-            raise UsageError(f"norm must be a (weight, eps) pair, got {type(norm).__name__}")
-        weight, eps = norm
-        if weight.shape != (packed.in_features,) or weight.dtype != x.dtype or weight.device != x.device:
-            raise UsageError(
-                f"the norm's weight must be a [{packed.in_features}] {x.dtype} tensor on {x.device}, got "
-                f"{tuple(weight.shape)} {weight.dtype} on {weight.device}"
-            )
-        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-            raise UsageError(f"the norm's eps must be a finite number >= 0, got {eps!r}")
+        check_norm(norm, gate, packed.in_features, x)
     want = (*x.shape[:-1], packed.padded_out)
     if residual is not None and (
         tuple(residual.shape) != want or residual.dtype != x.dtype or residual.device != x.device

@@ -3,12 +3,15 @@ fallback wherever Triton cannot run (CPU, Triton missing, unsupported dtype)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..errors import UsageError
 from ..rule import sparsify_tensor
 from .packing import PackedGemv
 
-__all__ = ["sparse_gemv_reference", "mask_input", "rms_norm"]
+__all__ = ["sparse_gemv_reference", "mask_input", "rms_norm", "check_norm"]
 
 
 def mask_input(x: torch.Tensor, threshold: torch.Tensor, shift: torch.Tensor | float = 0.0) -> torch.Tensor:
@@ -26,6 +29,31 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     hf = h.float()
     hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * hf.to(h.dtype)
+
+
+def check_norm(
+    norm: object, gate: torch.Tensor | None, k: int, x: torch.Tensor, *, contiguous: bool = False
+) -> tuple[torch.Tensor, float]:
+    """``norm``'s ``(weight, eps)`` for a GEMV of ``k`` inputs like ``x``, after checking them; a mistake raises
+    :class:`UsageError` naming it (``contiguous``: a kernel that reads the weight as one row requires it)."""
+    if gate is not None:
+        raise UsageError("norm and gate are two ways of forming the input: pass one of them")
+    if not (isinstance(norm, tuple) and len(norm) == 2 and isinstance(norm[0], torch.Tensor)):
+        raise UsageError(f"norm must be a (weight, eps) pair, got {type(norm).__name__}")
+    weight, eps = norm
+    if (
+        weight.shape != (k,)
+        or weight.dtype != x.dtype
+        or weight.device != x.device
+        or (contiguous and not weight.is_contiguous())
+    ):
+        raise UsageError(
+            f"the norm's weight must be a {'contiguous ' if contiguous else ''}[{k}] {x.dtype} tensor on "
+            f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}"
+        )
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise UsageError(f"the norm's eps must be a finite number >= 0, got {eps!r}")
+    return weight, float(eps)
 
 
 def sparse_gemv_reference(
