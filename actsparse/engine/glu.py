@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..kernels.linear import glu_kernel_forward
 from ..kernels.ops import kernel_for
 from ..kernels.packing import PackedGemv
-from .hf import has_hooks
+from .hf import code_key, has_hooks
 
 __all__ = ["fuse_glu", "unfuse_glu", "glu_fused"]
 
@@ -44,17 +44,12 @@ def _llama_forward_direct(self, x):
     return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _code_key(f: Any) -> tuple | None:
-    code = getattr(f, "__code__", None)
-    return None if code is None else (code.co_code, code.co_names, code.co_consts, code.co_argcount)
-
-
-_LLAMA_CODES = {_code_key(_llama_forward), _code_key(_llama_forward_direct)}
+_LLAMA_CODES = {code_key(_llama_forward), code_key(_llama_forward_direct)}
 
 
 def _llama_style(mlp: nn.Module) -> bool:
     """Whether the class's own forward is one of the Llama forms above (the same instructions and names)."""
-    return _code_key(type(mlp).forward) in _LLAMA_CODES
+    return code_key(type(mlp).forward) in _LLAMA_CODES
 
 
 def _silu_unhooked(act: Any) -> bool:

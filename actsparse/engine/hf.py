@@ -25,6 +25,7 @@ __all__ = [
     "structure_key",
     "hooks_key",
     "has_hooks",
+    "code_key",
     "own_code",
     "EAGER_NUMERICS",
 ]
@@ -239,6 +240,17 @@ def has_hooks(m: nn.Module) -> bool:
     return any(
         bool(s._forward_hooks or s._forward_pre_hooks) or getattr(s, "_hf_hook", None) is not None for s in m.modules()
     )
+
+
+def code_key(f: Any, *, signature: bool = False) -> tuple | None:
+    """What identifies ``f``'s code for comparison with a reference form compiled by the same Python: its
+    instructions, names, constants and argument count (with ``signature``: also its parameter and local names
+    and its defaults); None for something without code."""
+    code = getattr(f, "__code__", None)
+    if code is None:
+        return None
+    key = (code.co_code, code.co_names, code.co_consts, code.co_argcount)
+    return (*key, code.co_varnames, f.__defaults__) if signature else key
 
 
 def hooks_key(model: nn.Module) -> tuple:

@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import has_hooks
+from .hf import code_key, has_hooks
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
@@ -100,11 +100,9 @@ def _rms_norm(self, hidden_states):
 
 
 def _code_key(f: Any) -> tuple | None:
-    f = inspect.unwrap(f) if callable(f) else f  # (transformers wraps forwards that renamed an argument)
-    code = getattr(f, "__code__", None)
-    if code is None:
-        return None
-    return (code.co_code, code.co_names, code.co_consts, code.co_argcount, code.co_varnames, f.__defaults__)
+    """:func:`~actsparse.engine.hf.code_key` with the signature, of the function a decorator wrapped (transformers
+    wraps forwards that renamed an argument)."""
+    return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
 
 
 _LAYER_CODES = {_code_key(_layer_cache), _code_key(_layer_past_key_values)}
