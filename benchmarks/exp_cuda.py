@@ -134,6 +134,8 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
     "ballots": ("-DACTSPARSE_VEC_X=0",),  # thread t holds inputs t, t + 256, ...; warp ballots, a table of counts
     "cluster-sync": ("-DACTSPARSE_MBAR_REDUCE=0",),  # DSMEM stores, then a cluster barrier
     "legacy": ("-DACTSPARSE_VEC_X=0", "-DACTSPARSE_MBAR_REDUCE=0"),  # both (the kernel before 2026-12-07, third)
+    # PDL (when a launch asks for it): the successor launches at the kernel's start instead of after its stream
+    "pdl-early": ("-DACTSPARSE_PDL_EARLY=1",),
 }
 
 
@@ -156,7 +158,7 @@ def build_library(name: str, flags: tuple[str, ...]):
 
 def library_variants(names: list[str]) -> list[dict]:
     """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL as the
-    library launches it, ``cuda_gemv.PDL``, and also on for the default build), graph-timed at 100%, 50% and 0%;
+    library launches it, ``cuda_gemv.PDL``, and also on for the default build and the pdl-* builds), graph-timed at 100%, 50% and 0%;
     checked against the reference first: a variant that misses it is reported (``error@s``) and not timed."""
     fns = {name: build_library(name, VARIANTS[name]) for name in names}
     rows = []
@@ -168,7 +170,7 @@ def library_variants(names: list[str]) -> list[dict]:
             case.set_sparsity(s)
             ref = sparse_gemv_reference(case.x[0], case.packed[0]).double()
             for name, fn in fns.items():
-                for pdl in (True, False) if name == "default" else (CG.PDL,):
+                for pdl in (True, False) if name == "default" or name.startswith("pdl") else (CG.PDL,):
                     c = CG.CudaConfig(cfg.block_n, cfg.cluster, pdl)
                     use_build(fn, torch.device("cuda"))
                     got = CG.sparse_gemv_cuda(case.x[0], case.packed[0], c).double()

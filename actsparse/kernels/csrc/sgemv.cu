@@ -26,8 +26,9 @@
 //      st.async, which counts the bytes on an mbarrier there; an owner waits for its BN * 4 bytes (no cluster
 //      barrier at the end), adds the cl partials in rank order and writes y: deterministic, one launch, no
 //      workspace, no counters.
-// Programmatic dependent launch: the kernel waits for its predecessor before touching memory and lets its
-// successor launch early (a no-op unless the launch asks for it).
+// Programmatic dependent launch (a no-op unless the launch asks for it): the kernel sets up its barriers, then
+// waits for its predecessor before touching memory; it lets its successor launch once its weight stream is done,
+// so the successor's launch overlaps the reduction tail without taking SM slots from the stream.
 // Built at first use by actsparse/kernels/cuda_gemv.py (nvcc -> shared library, called through ctypes).
 
 #include <cooperative_groups.h>
@@ -64,6 +65,11 @@ constexpr int U = 8;     // 16-byte loads in flight per thread
 // Together they took the 100%-sparse cost from 4.4-5.0 to 3.3-3.8 us per call on an H100 (benchmarks/README.md).
 #ifndef ACTSPARSE_MBAR_REDUCE
 #define ACTSPARSE_MBAR_REDUCE 1
+#endif
+// ACTSPARSE_PDL_EARLY 0 (the default; 1 for --variants pdl-early): the successor may launch after the weight
+// stream; 1: at the kernel's start (as before 2026-12-07, fifth), so its blocks can sit on SMs the stream needs.
+#ifndef ACTSPARSE_PDL_EARLY
+#define ACTSPARSE_PDL_EARLY 0
 #endif
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -149,8 +155,10 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   __shared__ float slots[BN];  // the cl partial sums of the BN / cl columns this block owns
   __shared__ float xsums[WARPS];  // int8 with zero points: the kept x' summed per warp
 
+#if ACTSPARSE_PDL_EARLY
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
+#endif
   cg::cluster_group cluster = cg::this_cluster();
   const int cl = (int)cluster.num_blocks();
 #if ACTSPARSE_MBAR_REDUCE
@@ -166,6 +174,9 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   // distributed shared memory may be written only once every block of the cluster runs: arrive now, wait
   // just before the push (the weight stream in between hides the wait)
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#if !ACTSPARSE_PDL_EARLY
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // nothing above reads global memory
+#endif
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n0 = blockIdx.x * BN;
   const int k_lo = blockIdx.y * k_per;
@@ -351,6 +362,9 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
     for (int i = 0; i < E; ++i) red[warp][lr * E + i] = acc[i];
   }
   __syncthreads();
+#if !ACTSPARSE_PDL_EARLY
+  asm volatile("griddepcontrol.launch_dependents;");  // the weights are read: the successor may launch
+#endif
   const int rank = (int)cluster.block_rank();
   const int per = BN / cl;
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
