@@ -98,6 +98,7 @@ CONFIGS = {
 }
 PROJ = r".*(q|k|v|o|gate|up|down)_proj$"
 DEV = "cuda"
+PDL_DEFAULT = CG.PDL  # the library's programmatic-dependent-launch default (cuda-pdl / cuda-nopdl override it)
 
 
 def build(name: str, seed: int = 0):
@@ -190,8 +191,14 @@ def measured(model, ids):
 
 
 def _base(backend: str) -> str:
-    """The enable_kernels backend of a --backends entry (cuda-pdl, cuda-tune, cuda@legacy: cuda)."""
-    return backend.partition("@")[0].removesuffix("-pdl").removesuffix("-tune")
+    """The enable_kernels backend of a --backends entry (cuda-pdl, cuda-nopdl, cuda-tune, cuda@legacy: cuda)."""
+    return backend.partition("@")[0].removesuffix("-pdl").removesuffix("-nopdl").removesuffix("-tune")
+
+
+def _pdl(backend: str) -> bool:
+    """cuda_gemv.PDL for a --backends entry: on for cuda-pdl, off for cuda-nopdl, else the library's default."""
+    head = backend.partition("@")[0]
+    return head.endswith("-pdl") or (PDL_DEFAULT and not head.endswith("-nopdl"))
 
 
 def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s, rows, log, sparsities):
@@ -217,7 +224,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             floor = K.KERNEL_MIN_SPARSITY
         # the kernels' layer path calls this name; a partial pins the reduction for this compile
         KL.sparse_gemv = functools.partial(KO.sparse_gemv, reduce=reduce)
-        CG.PDL = backend == "cuda-pdl"
+        CG.PDL = _pdl(backend)  # cuda-nopdl@pdl-early: without PDL, that build
         CG._CONFIGS.clear()  # a tuned variant's choices must not leak into the next variant
         variant = backend.partition("@")[2]  # cuda@legacy: the graph captures that build's kernel
         if DEV == "cuda":
@@ -283,7 +290,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         if (reduce, backend, glu, kv, norms) != variants[-1]:
             del dec
     KL.sparse_gemv = KO.sparse_gemv
-    CG.PDL = False
+    CG.PDL = PDL_DEFAULT
     HF.STACKED_KV = False
     if DEV == "cuda":
         use_variant("", torch.device(DEV))
@@ -431,7 +438,7 @@ def main():
     ap.add_argument(
         "--backends",
         default="auto",
-        help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl: the CUDA kernel with PDL; cuda-tune: "
+        help="sparse GEMV backends to time: auto,cuda,triton (cuda-pdl, cuda-nopdl: the CUDA kernel with PDL, without it; cuda-tune: "
         "enable_kernels(tune=True), its tiles timed per shape at every sparsity point; cuda@NAME: the CUDA "
         "kernel built as exp_cuda.py's VARIANTS[NAME], e.g. cuda,cuda@legacy for the kernel before and after)",
     )
@@ -449,9 +456,9 @@ def main():
     )
     ap.add_argument(
         "--norms",
-        default="off",
-        help="the sparse Decoder's fuse_norms: on (RMSNorms in the q/k/v and gate/up GEMVs' loads, residual adds in "
-        "o_proj's and down_proj's epilogues), off (the Decoder's default), or off,on (both, one process)",
+        default="on",
+        help="the sparse Decoder's fuse_norms: on (the Decoder's default: RMSNorms in the q/k/v and gate/up GEMVs' "
+        "loads, residual adds in o_proj's and down_proj's epilogues), off, or off,on (both, one process)",
     )
     ap.add_argument(
         "--kv",
@@ -498,7 +505,7 @@ def main():
     ]
     if bad:
         sys.exit(
-            f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-tune, triton, cuda@NAME with NAME one of "
+            f"--backends: unknown {', '.join(bad)} (auto, cuda, cuda-pdl, cuda-nopdl, cuda-tune, triton, cuda@NAME with NAME one of "
             f"{', '.join(VARIANTS)})"
         )
     global DEV

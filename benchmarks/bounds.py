@@ -42,6 +42,10 @@ from bench_decode import CONFIGS, GROUPS, Model, add_loop_args, calibrate, make_
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us, print_profile, profile_replays  # noqa: E402
 from exp_cuda import VARIANTS, use_variant  # noqa: E402
 
+import actsparse.kernels.cuda_gemv as CG  # noqa: E402
+
+PDL_DEFAULT = CG.PDL  # the library's programmatic-dependent-launch default (cuda-nopdl turns it off)
+
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 
 
@@ -215,13 +219,18 @@ def profiled_fixed_cost(sparse100: dict, no_gemvs: dict) -> dict:
     )
 
 
+def _base(backend: str) -> str:
+    """The kernel of a --backends entry (cuda-nopdl, cuda@legacy, cuda-nopdl@legacy: cuda)."""
+    return backend.partition("@")[0].removesuffix("-nopdl")
+
+
 def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     torch._dynamo.reset()  # every variant compiles the same layer code: keep each model under the recompile limit
     cfg = CONFIGS[name]
     model = BoundsModel(cfg, args.max_seq)
     model.pos.fill_(args.start_pos)
     stats = calibrate(model)
-    model.pack(backend=args.backends[0].partition("@")[0])
+    model.pack(backend=_base(args.backends[0]))
     model.add_null()
     model.compile()
     wb = weight_bytes(cfg)
@@ -252,7 +261,8 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
     # every split-K reduction with every backend; the first is the main result, the others same-run ablations
     variants = [(m, b) for b in args.backends for m in args.reduce]
     for mode, backend in variants:
-        base, _, build = backend.partition("@")  # cuda@legacy: the graph captures that build of the CUDA kernel
+        base, build = _base(backend), backend.partition("@")[2]  # cuda@legacy: the graph captures that build
+        CG.PDL = PDL_DEFAULT and not backend.partition("@")[0].endswith("-nopdl")
         if model.packed_as != (None, base):
             model.pack(backend=base)
         use_variant(build, torch.device("cuda"))
@@ -330,16 +340,22 @@ def main():
         "--backends",
         default="triton",
         help="sparse GEMV kernels (the GEMV table and the decode loop), comma-separated: triton,cuda; cuda@NAME "
-        "(decode loop only): the CUDA kernel built as exp_cuda.py's VARIANTS[NAME], e.g. cuda,cuda@legacy",
+        "(decode loop only): the CUDA kernel built as exp_cuda.py's VARIANTS[NAME], e.g. cuda,cuda@legacy; cuda-nopdl "
+        "(decode loop only): without programmatic dependent launch",
     )
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
     bad = [
-        b for b in args.backends if b not in ("triton", "cuda") and not (b.startswith("cuda@") and b[5:] in VARIANTS)
+        b
+        for b in args.backends
+        if b not in ("triton", "cuda", "cuda-nopdl")
+        and not (_base(b) == "cuda" and "@" in b and b.partition("@")[2] in VARIANTS)
     ]
     if bad:
-        sys.exit(f"--backends: triton, cuda or cuda@NAME (NAME one of {', '.join(VARIANTS)}), got {', '.join(bad)}")
+        sys.exit(
+            f"--backends: triton, cuda, cuda-nopdl or cuda@NAME (NAME one of {', '.join(VARIANTS)}), got {', '.join(bad)}"
+        )
     if not torch.cuda.is_available():
         sys.exit("bounds needs a CUDA GPU")
     copy = copy_bandwidth()
@@ -360,7 +376,7 @@ def main():
         "decode": [],
     }
     if not args.skip_gemv:
-        out["gemv"] = gemv_ceilings(read, floor, [b for b in args.backends if "@" not in b])
+        out["gemv"] = gemv_ceilings(read, floor, [b for b in args.backends if b == _base(b)])
     sparsities = [float(v) for v in args.sparsities.split(",")]
     for name in args.models.split(","):
         if name:

@@ -15,9 +15,11 @@ import torch
 from helpers import VOCAB, make_tiny_llama, random_norm_gains
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import actsparse as A
 import actsparse.kernels as K
+from actsparse.engine import Decoder, glu_fused, norms_fused
 from actsparse.errors import UsageError
 from actsparse.kernels import cuda_gemv as CG
 from actsparse.kernels import ops
@@ -175,8 +177,6 @@ def _packed(k=96, ns=(64, 32), dtype=torch.bfloat16, device="cpu", shifts=None, 
 
 
 def test_the_reference_norm_is_transformers_llama_rmsnorm():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.bfloat16, torch.float16):
         norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
@@ -465,8 +465,6 @@ def test_the_op_dispatches_to_cuda_and_compiles_to_one_graph():
 
 @gpu
 def test_decoder_with_the_cuda_kernel_equals_triton():
-    from actsparse.engine import Decoder
-
     model = make_tiny_llama(hidden=256, inter=512, layers=2).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, VOCAB, (2, 32), generator=g).cuda() for _ in range(4)]
@@ -502,8 +500,6 @@ def test_gated_input_is_silu_gate_times_up_rounded_as_torch_rounds_it(dtype, k, 
 
 @gpu
 def test_decoder_with_fused_glu_gives_the_unfused_tokens_and_logits():
-    from actsparse.engine import Decoder, glu_fused
-
     model = _sparse_cuda_llama(0.5)
     K.enable_kernels(model)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4)).cuda()
@@ -520,15 +516,13 @@ def test_decoder_with_fused_glu_gives_the_unfused_tokens_and_logits():
 
 @gpu
 def test_decoder_with_fused_norms_gives_the_unfused_tokens_and_logits():
-    from actsparse.engine import Decoder, norms_fused
-
     model = _sparse_cuda_llama(0.5)
     random_norm_gains(model)
     K.enable_kernels(model)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4)).cuda()
-    plain = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # norms: off by default
+    plain = Decoder(model, 64, norms=False, glu=False, fallback=False).run(ids, 16, output_logits=True)
     assert norms_fused(model) == []
-    fused = Decoder(model, 64, fallback=False, norms=True).run(ids, 16, output_logits=True)
+    fused = Decoder(model, 64, fallback=False).run(ids, 16, output_logits=True)  # norms: on with the CUDA graph
     assert norms_fused(model) == [f"model.layers.{i}" for i in range(len(model.model.layers))]
     # (the kernel sums the mean square in its own order: rstd may differ from inductor's in the last fp32 bit)
     assert torch.equal(fused.sequences, plain.sequences)

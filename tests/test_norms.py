@@ -272,11 +272,13 @@ def test_a_projection_whose_call_stays_dense_gets_the_residual_added_in_torch():
         assert torch.equal(got, type(layer).forward(layer, x, position_embeddings=rotary))
 
 
-def test_the_decoder_fuses_norms_on_request_with_the_cuda_kernel_only_and_by_default_restores_the_class_forward():
+def test_the_decoder_fuses_norms_with_the_cuda_kernel_only_and_without_the_graph_restores_the_class_forward():
     model = _model(layers=1)
     ids = torch.randint(0, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
     fuse_norms(model, require_cuda=False)
-    a = Decoder(model, 16).run(ids, 3)  # norms off by default: the layers' own forwards
+    dec = Decoder(model, 16)  # norms as fuse, off without the CUDA graph: the layers' own forwards
+    assert not dec.norms and Decoder(model, 16, fuse=True).norms
+    a = dec.run(ids, 3)
     assert norms_fused(model) == []
     fuse_norms(model, require_cuda=False)
     b = Decoder(model, 16, norms=True).run(ids, 3)  # requires the CUDA kernel: none runs on the CPU

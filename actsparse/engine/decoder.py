@@ -108,8 +108,8 @@ class Decoder:
         norms: give Llama-style decoder layers whose q/k/v and gate/up groups run the CUDA sparse GEMV a forward
             in which those GEMVs form the RMSNorms as they load the residual stream and o_proj / down_proj add
             the residual as they write (:func:`~actsparse.engine.fuse_norms`: two add+norm kernels fewer per
-            layer). Default ``False`` (opt-in) until its decode speed has been measured on a GPU; ``False``
-            restores the layers' own forward.
+            layer; Llama-2-7B shapes on an H100: +1.1% / +1.9% / +2.4% at 0 / 50 / 70% sparsity; default: as
+            ``fuse``). ``False`` restores the layers' own forward.
         attention: ``"auto"`` (default) switches an SDPA model on CUDA to actsparse's decode attention
             (:mod:`actsparse.engine.attention`: one-token steps read only the cache positions written so far,
             everything else runs SDPA as before; Llama-2-7B shapes on an H100: +0.8% dense, +2.4% / +3.4% at
@@ -179,7 +179,7 @@ class Decoder:
         self.backend, self.fallback = backend, fallback
         self.fuse = self.cuda_graph if fuse is None else bool(fuse)
         self.glu = self.fuse if glu is None else bool(glu)
-        self.norms = False if norms is None else bool(norms)
+        self.norms = self.fuse if norms is None else bool(norms)
         self.fallback_reason: str | None = None
         self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)

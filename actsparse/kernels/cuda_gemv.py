@@ -62,18 +62,20 @@ MAX_K = ROWS_PER_BLOCK * MAX_CLUSTER
 BLOCK_NS = (256, 128, 64)
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
-# Programmatic dependent launch for every call (True: the next kernel launches while this one drains). Off: in
-# a chain of GEMVs on an H200 it takes 0.3-0.4 µs off the fixed cost but slows the weight stream up to 15%
-# (14336x4096 at 0%: 36.5 vs 31.7 µs; benchmarks/exp_cuda.py --variants), and in the decoder the kernels
-# around ours (inductor's) do not use it. A same-run switch: bench_generate.py --backends cuda,cuda-pdl.
-PDL = False
+# Programmatic dependent launch for every call whose config does not say (True: a GEMV's successor launches
+# when the GEMV's weight stream is done, and waits for its results). Measured on an H100 in a chain of GEMVs
+# (benchmarks/exp_cuda.py --variants default,pdl-early): -0.5 to -0.6 us per call at 100% and 50% sparsity, and
+# the 0% stream 0.2-0.6 us faster too (the successor launching at the kernel's start instead slowed it up to 5%);
+# in the Llama-2-7B decoder with fused norms (four GEMVs in a row per layer): +1.4 to +3.0% (bench_generate.py
+# --backends cuda-nopdl,cuda). Kernels around ours that do not ask for it launch as before.
+PDL = True
 
 
 @dataclass(frozen=True)
 class CudaConfig:
     block_n: int  # output columns per block (64, 128 or 256)
     cluster: int  # blocks per cluster = the split of K (1..16, a power of two)
-    pdl: bool = False  # programmatic dependent launch (see PDL)
+    pdl: bool | None = None  # programmatic dependent launch (None: the module's PDL)
 
     def __post_init__(self):
         if self.block_n not in BLOCK_NS or self.cluster not in (1, 2, 4, 8, 16):
@@ -559,7 +561,7 @@ def _launch(
         quant,
         config.block_n,
         config.cluster,
-        int(config.pdl or PDL),
+        int(PDL if config.pdl is None else config.pdl),
         x1.data_ptr(),
         gate.data_ptr() if gate is not None else None,
         packed.weight_t.data_ptr(),
