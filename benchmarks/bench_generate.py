@@ -208,14 +208,16 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     stats = layer_stats(model, calib)
     # the first is the main result
     variants = [
-        (r, b, g, kv, nm)
+        (r, b, g, kv, nm, cb)
         for r in args.reduce
         for b in args.backends
         for g in args.glu
         for kv in args.kv
         for nm in args.norms
+        for cb in args.combo
     ]
-    for reduce, backend, glu, kv, norms in variants:
+    combo_default = torch._inductor.config.combo_kernels
+    for reduce, backend, glu, kv, norms, combo in variants:
         if weights == "int8":
             floor = K.INT8_MIN_SPARSITY
         elif KO.cuda_kernel_available(DEV) and backend != "triton":
@@ -230,6 +232,10 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         if DEV == "cuda":
             use_variant(variant, torch.device(DEV))
         label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}, norms={norms}"
+        if len(args.combo) > 1 or combo == "on":
+            label += f", combo={combo}"
+        # (read when the Decoder compiles its step: at its first run below)
+        torch._inductor.config.combo_kernels = combo == "on" if combo != "default" else combo_default
         HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
         dec = Decoder(
             model,
@@ -263,8 +269,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 dict(
                     model=name,
                     path="decoder-sparse"
-                    if (reduce, backend, glu, kv, norms) == variants[0]
-                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}/norms-{norms}",
+                    if (reduce, backend, glu, kv, norms, combo) == variants[0]
+                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}/norms-{norms}/combo-{combo}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -279,6 +285,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     glu_mlps=len(glu_fused(model)),  # the MLPs that ran fused (glu on and down on the CUDA kernel)
                     norms=norms,
                     norm_layers=len(norms_fused(model)),  # the decoder layers that ran their norms in the GEMVs
+                    combo=combo,
                 )
             )
             log(
@@ -287,8 +294,9 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 f"{rows[-1]['norm_layers']} decoder layers with fused norms)"
             )
             profile_row(dec, rows[-1], args, f"[{name}] {weights} sparse {s:.2f}")
-        if (reduce, backend, glu, kv, norms) != variants[-1]:
+        if (reduce, backend, glu, kv, norms, combo) != variants[-1]:
             del dec
+    torch._inductor.config.combo_kernels = combo_default
     KL.sparse_gemv = KO.sparse_gemv
     CG.PDL = PDL_DEFAULT
     HF.STACKED_KV = False
@@ -461,6 +469,13 @@ def main():
         "loads, residual adds in o_proj's and down_proj's epilogues), off, or off,on (both, one process)",
     )
     ap.add_argument(
+        "--combo",
+        default="default",
+        help="the sparse Decoder's compile with inductor's combo_kernels (independent kernels of the step, e.g. the "
+        "rotary and cache writes of q, k and v, launched as one): default (--inductor's or torch's), on, off, or "
+        "off,on (both, one process)",
+    )
+    ap.add_argument(
         "--kv",
         default="separate",
         help="the sparse Decoder's cache: separate (keys and values in two buffers), stacked (one buffer, one write "
@@ -488,15 +503,18 @@ def main():
     args.glu = args.glu.split(",")
     args.kv = args.kv.split(",")
     args.norms = args.norms.split(",")
+    args.combo = args.combo.split(",")
     attentions = args.attention.split(",")
     if (
         set(args.glu) - {"on", "off"}
         or set(args.norms) - {"on", "off"}
         or set(attentions) - {"auto", "kernel", "model"}
         or set(args.kv) - {"separate", "stacked"}
+        or set(args.combo) - {"default", "on", "off"}
     ):
         sys.exit(
-            "--glu and --norms take on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; comma-separated"
+            "--glu and --norms take on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; "
+            "--combo default, on and off; comma-separated"
         )
     bad = [
         b
