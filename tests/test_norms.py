@@ -16,6 +16,7 @@ import torch.nn as nn
 from helpers import VOCAB, make_tiny_llama, random_norm_gains
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+from transformers.utils.output_capturing import install_output_capuring_hook
 
 import actsparse as A
 import actsparse.kernels as K
@@ -188,6 +189,23 @@ def test_hooks_keep_the_class_forward():
     with torch.no_grad():
         assert torch.equal(got, type(layers[1]).forward(layers[1], x, position_embeddings=rotary))
     assert fuse_norms(model, require_cuda=False) == ["model.layers.0"]  # the hooked layer unfused
+
+
+def test_transformers_output_capturing_hooks_leave_the_layers_fused_and_record_the_class_forwards_outputs():
+    model = _model()
+    ids = torch.randint(0, VOCAB, (1, 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the first call asking for hidden states installs transformers' hooks, for good
+        want = model(ids, output_hidden_states=True, use_cache=False)
+    assert sum(len(m._forward_hooks) for m in model.model.layers.modules()) >= 2
+    assert fuse_norms(model, require_cuda=False) == LAYERS
+    with torch.no_grad(), FusedCalls() as ops:
+        got = model(ids, output_hidden_states=True, use_cache=False)
+    assert ops.counts["norm"] == 4  # q/k/v and gate/up of both layers formed their norms
+    assert len(got.hidden_states) == 3 and torch.equal(got.logits, want.logits)
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
+    # one recording the attention's output[0] (the residual added by o_proj) would see something else: unfused
+    install_output_capuring_hook(model.model.layers[1].self_attn, "attn_out", 0)
+    assert fuse_norms(model, require_cuda=False) == ["model.layers.0"]
 
 
 class _ScaledLayer(nn.Module):

@@ -20,7 +20,8 @@ A layer takes part when its class forward is, instruction for instruction, Llama
 cache argument named ``cache`` or ``past_key_values``; Llama, Qwen2, Mistral and other copies of it), its two
 norms are Llama's RMSNorm (same forward, a weight of the hidden size and dtype), its q/k/v and gate/up
 projections are packed groups (:func:`~actsparse.kernels.enable_kernels`) that the CUDA kernel runs
-(``require_cuda=False``: any backend, for tests on the CPU), it has no hooks, and the fused forward gives the
+(``require_cuda=False``: any backend, for tests on the CPU), it has no hooks (but transformers' output-capturing
+ones on the layer, or on its attention recording the weights: :func:`_hooked`), and the fused forward gives the
 class forward's output on a one-token probe (bit for bit where the norm is formed in torch; to 1% where the CUDA
 kernel sums the mean square). An attention that calls its projections with anything but the layer's input is
 refused at the call (:class:`~actsparse.errors.UsageError`). :func:`unfuse_norms` undoes it;
@@ -39,7 +40,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import code_key, has_hooks
+from .hf import code_key
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
@@ -106,6 +107,7 @@ def _code_key(f: Any) -> tuple | None:
 
 
 _LAYER_CODES = {_code_key(_layer_cache), _code_key(_layer_past_key_values)}
+_OUTPUT_CAPTURING = "transformers.utils.output_capturing"  # the module of transformers' output-capturing hooks
 _RMS_CODE = _code_key(_rms_norm)
 # transformers 5.x renamed past_key_values to cache (a wrapper maps the old name); the fused forward does the same
 _RENAMED = {"past_key_values": "cache"}
@@ -221,7 +223,7 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan is None
         or bound is None
         or not plan.current()
-        or (not torch.compiler.is_compiling() and has_hooks(self))  # (compiled: fuse_norms checked them)
+        or (not torch.compiler.is_compiling() and _hooked(self))  # (compiled: fuse_norms checked them)
     ):
         return type(self).forward(self, *args, **kwargs)
     h, attn_kwargs = bound
@@ -235,6 +237,34 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
     if not leave_normed_outputs(plan.gate_up, h1, _norm_of(plan.norm2)):
         return h1 + plan.mlp(plan.norm2(h1))
     return _run_fused(plan.gate_up, plan.down_slot, h1, lambda: plan.mlp(h1))
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Hooks in ``layer`` (or accelerate's dispatch) that the fused forward would change what they see: all but
+    transformers' output-capturing hooks (installed for good by a call with ``output_hidden_states`` or
+    ``output_attentions``, inert in other calls) on the layer itself, whose output is the class forward's, or on
+    its attention recording the weights (its output[0] carries the residual when o_proj adds it)."""
+    attn = getattr(layer, "self_attn", None)
+    for m in layer.modules():
+        if m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
+            return True
+        for hook in m._forward_hooks.values():
+            index = _output_capturing(hook)
+            if index is None or not (m is layer or (m is attn and index >= 1)):
+                return True
+    return False
+
+
+def _output_capturing(hook: Any) -> int | None:
+    """The output index a transformers output-capturing hook records (None: another hook)."""
+    if (
+        getattr(hook, "__module__", None) != _OUTPUT_CAPTURING
+        or getattr(hook, "__name__", None) != "output_capturing_hook"
+    ):
+        return None
+    cells = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ())))
+    index = cells.get("index")
+    return index if isinstance(index, int) else None
 
 
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
@@ -270,7 +300,7 @@ def _candidate(layer: nn.Module, require_cuda: bool) -> bool:
         or not isinstance(q, nn.Linear)
         or not isinstance(gate, nn.Linear)
         or not all(isinstance(getattr(p, n, None), nn.Module) for p, n in ((attn, "o_proj"), (mlp, "down_proj")))
-        or has_hooks(layer)
+        or _hooked(layer)
     ):
         return False
     hidden, dtype = q.in_features, q.weight.dtype
