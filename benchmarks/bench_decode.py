@@ -57,18 +57,22 @@ def rotary(x, cos, sin):  # x [1, heads, 1, hd]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, reduce="kernel", backend="triton"):
+def make_layer_fn(
+    cfg, sparse: bool, segments: dict | None, linear_fn=None, reduce="kernel", backend="triton", fused=False
+):
     """One decoder layer as a function of tensors only (so one torch.compile serves every layer).
 
     ``lin[group]`` is the dense weight, or ``(weight_t, threshold, scale, zero)`` of the packed GEMV;
     ``linear_fn(h, lin, group)`` (returning a tuple of outputs) replaces both (benchmarks/bounds.py).
     ``reduce``: where the sparse GEMV's split-K partials are summed (``actsparse.kernels.sparse_gemv``);
-    ``backend``: which sparse GEMV runs (``PackedGemv.backend``).
+    ``backend``: which sparse GEMV runs (``PackedGemv.backend``). ``fused`` (sparse only): the GEMVs take what
+    the Decoder's fused layers give them (``fuse_norms``, ``fuse_glu``): q/k/v and gate/up form the RMSNorm of
+    the residual stream, o and down add the residual, down forms ``silu(gate) * up``.
     """
     heads, kvh, dim = cfg["heads"], cfg["kv_heads"], cfg["dim"]
     hd = dim // heads
 
-    def linear(h, lin, group, record):
+    def linear(h, lin, group, record, **fused_args):
         if record is not None:
             record.setdefault(group, []).append(h.detach().float().abs().flatten())
         if linear_fn is not None:
@@ -76,13 +80,33 @@ def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, redu
         if sparse:
             wt, thr, scale, zero = lin[group]
             packed = K.PackedGemv(wt, segments[group], thr, scale=scale, zero=zero, backend=backend)
-            return K.sparse_gemv(h, packed, reduce=reduce)
+            return K.sparse_gemv(h.view(-1) if fused else h, packed, reduce=reduce, **fused_args)
         return (F.linear(h, lin[group]),)
 
+    if fused and (not sparse or linear_fn is not None):
+        raise ValueError("fused: the sparse GEMV's layer only")
+
     def step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict, record=None):
+        if fused:
+            return fused_step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin)
         h = rms_norm(x, attn_norm)
         out = linear(h, lin, "qkv", record)
         qkv = out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+        a = attention(qkv, pos, cos, sin, cache_k, cache_v, x.device)
+        x = x + linear(a, lin, "o", record)[0]
+        h = rms_norm(x, mlp_norm)
+        out = linear(h, lin, "gate_up", record)
+        g, u = out if len(out) == 2 else out[0].chunk(2, dim=-1)
+        return x + linear(F.silu(g) * u, lin, "down", record)[0]
+
+    def fused_step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict):
+        qkv = torch.cat(linear(x, lin, "qkv", None, norm=(attn_norm, 1e-5)), dim=-1)
+        a = attention(qkv, pos, cos, sin, cache_k, cache_v, x.device)
+        x = linear(a, lin, "o", None, residual=x.view(-1))[0].view(1, 1, dim)
+        g, u = linear(x, lin, "gate_up", None, norm=(mlp_norm, 1e-5))
+        return linear(u, lin, "down", None, gate=g, residual=x.view(-1))[0].view(1, 1, dim)
+
+    def attention(qkv, pos, cos, sin, cache_k, cache_v, device):
         q, k, v = qkv.split([dim, kvh * hd, kvh * hd], dim=-1)
         q = rotary(q.view(1, 1, heads, hd).transpose(1, 2), cos, sin)
         k = rotary(k.view(1, 1, kvh, hd).transpose(1, 2), cos, sin)
@@ -93,14 +117,9 @@ def make_layer_fn(cfg, sparse: bool, segments: dict | None, linear_fn=None, redu
         if kvh != heads:
             ck = ck.repeat_interleave(heads // kvh, dim=1)
             cv = cv.repeat_interleave(heads // kvh, dim=1)
-        mask = torch.arange(ck.shape[2], device=x.device) <= pos
+        mask = torch.arange(ck.shape[2], device=device) <= pos
         a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask.view(1, 1, 1, -1))
-        a = a.transpose(1, 2).reshape(1, 1, dim)
-        x = x + linear(a, lin, "o", record)[0]
-        h = rms_norm(x, mlp_norm)
-        out = linear(h, lin, "gate_up", record)
-        g, u = out if len(out) == 2 else out[0].chunk(2, dim=-1)
-        return x + linear(F.silu(g) * u, lin, "down", record)[0]
+        return a.transpose(1, 2).reshape(1, 1, dim)
 
     return step
 
@@ -155,11 +174,11 @@ class Model:
             }
         self.set_reduce(reduce)
 
-    def set_reduce(self, reduce):
-        """The sparse layer function with the split-K partials summed where ``reduce`` says (recompiled by
-        :meth:`compile`)."""
+    def set_reduce(self, reduce, fused=False):
+        """The sparse layer function with the split-K partials summed where ``reduce`` says, its GEMVs fused
+        with the norms, residual adds and gated input when ``fused`` (recompiled by :meth:`compile`)."""
         segments = {g: p.segments for g, p in self.layers[0].packed.items()}
-        self.fns[True] = make_layer_fn(self.cfg, True, segments, reduce=reduce, backend=self.backend)
+        self.fns[True] = make_layer_fn(self.cfg, True, segments, reduce=reduce, backend=self.backend, fused=fused)
 
     def compile(self):
         self.fns = {

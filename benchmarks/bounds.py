@@ -259,32 +259,33 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
         profiles["dense"] = profile_graph(g_dense, model, args.start_pos)
         profiles["no GEMVs"] = profile_graph(g_null, model, args.start_pos)
     # every split-K reduction with every backend; the first is the main result, the others same-run ablations
-    variants = [(m, b) for b in args.backends for m in args.reduce]
-    for mode, backend in variants:
+    variants = [(m, b, f) for f in args.fused for b in args.backends for m in args.reduce]
+    for mode, backend, fused in variants:
         base, build = _base(backend), backend.partition("@")[2]  # cuda@legacy: the graph captures that build
         CG.PDL = PDL_DEFAULT and not backend.partition("@")[0].endswith("-nopdl")
         if model.packed_as != (None, base):
             model.pack(backend=base)
         use_variant(build, torch.device("cuda"))
-        model.set_reduce(mode)
+        model.set_reduce(mode, fused=fused == "on")
         model.compile()
         g_sparse, run_sparse = time_graph(model, True, args.start_pos)
+        tag = f"{backend}/fused-{fused}" if len(args.fused) > 1 or fused == "on" else backend
         for L in model.layers:
             for g in GROUPS:
                 L.packed[g].threshold.fill_(math.inf)
         full = run_sparse()
         sub = dict(sparse100_ms=full, fixed_us_per_gemv=(full - null) * 1e3 / n_gemv, rows=[])
         print(
-            f"[{name}] reduce={mode} backend={backend}: GEMVs in the dense step {dense - null:.3f} ms = "
+            f"[{name}] reduce={mode} backend={tag}: GEMVs in the dense step {dense - null:.3f} ms = "
             f"{res['dense_gemv_pct_read']:.0f}% of read bw; ours at 100%: {full:.3f} ms -> "
             f"{sub['fixed_us_per_gemv']:.2f} us fixed per GEMV ({n_gemv} GEMVs)",
             flush=True,
         )
         if args.profile:
-            profiles[f"sparse 100% ({mode}/{backend})"] = pr = profile_graph(g_sparse, model, args.start_pos)
+            profiles[f"sparse 100% ({mode}/{tag})"] = pr = profile_graph(g_sparse, model, args.start_pos)
             sub.update(profiled_fixed_cost(pr, profiles["no GEMVs"]))
             print(
-                f"[{name}] reduce={mode} backend={backend}: profiled at 100%, {sub['gemv_kernel_us']:.2f} us per GEMV "
+                f"[{name}] reduce={mode} backend={tag}: profiled at 100%, {sub['gemv_kernel_us']:.2f} us per GEMV "
                 f"kernel + {sub['gap_us']:.2f} us gap; {sub['kernels_besides_gemvs']:.0f} other kernels per step where "
                 f"the step without GEMVs has {sub['kernels_without_gemvs']:.0f} (the GEMVs as fusion boundaries)",
                 flush=True,
@@ -309,15 +310,15 @@ def decode_bounds(name, read_gbs, floor_us, sparsities, args):
             )
             sub["rows"].append(row)
             print(
-                f"[{name}] reduce={mode} backend={backend} {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
+                f"[{name}] reduce={mode} backend={tag} {s:.0%}: {ms:.3f} ms x{row['speedup']:.2f} (GEMVs {ms - null:.3f} ms, "
                 f"{row['sparse_gemv_pct_read']:.0f}% of read bw incl. fixed costs); ceiling x{row['ceiling']:.2f}, "
                 f"with one launch floor per GEMV x{row['ceiling_launch']:.2f}; 2.0x needs the GEMVs at "
                 f"{row['pct_read_for_2x']:.0f}% of read bw",
                 flush=True,
             )
             if args.profile and s == 0.5:
-                profiles[f"sparse 50% ({mode}/{backend})"] = profile_graph(g_sparse, model, args.start_pos)
-        res["by_reduce"][mode if backend == args.backends[0] else f"{mode}/{backend}"] = sub
+                profiles[f"sparse 50% ({mode}/{tag})"] = profile_graph(g_sparse, model, args.start_pos)
+        res["by_reduce"][mode if (backend, fused) == variants[0][1:] else f"{mode}/{tag}"] = sub
         del g_sparse, run_sparse
     use_variant("", torch.device("cuda"))
     res.update(res["by_reduce"][args.reduce[0]])
@@ -337,6 +338,12 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--reduce", default="kernel", help="split-K reductions to time in the decode loop (bench_decode)")
     ap.add_argument(
+        "--fused",
+        default="off",
+        help="the sparse loop's GEMVs with the Decoder's fusions (RMSNorms and gated input in their loads, residual "
+        "adds in their epilogues: bench_decode.make_layer_fn(fused=True)): off, on, or off,on (both, one process)",
+    )
+    ap.add_argument(
         "--backends",
         default="triton",
         help="sparse GEMV kernels (the GEMV table and the decode loop), comma-separated: triton,cuda; cuda@NAME "
@@ -346,6 +353,9 @@ def main():
     args = ap.parse_args()
     args.reduce = args.reduce.split(",")
     args.backends = args.backends.split(",")
+    args.fused = args.fused.split(",")
+    if set(args.fused) - {"on", "off"}:
+        sys.exit(f"--fused: on, off or off,on, got {','.join(args.fused)}")
     bad = [
         b
         for b in args.backends
