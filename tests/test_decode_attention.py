@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from actsparse.errors import UsageError
 from actsparse.kernels import decode_attention as DA
@@ -145,6 +146,68 @@ def test_a_query_with_every_position_dropped_gets_zeros():
     torch.testing.assert_close(out, DA.decode_attention_reference(q, k, v, mask, 0.25), rtol=2e-3, atol=2e-3)
 
 
+def _rope_inputs(b, hq, hkv, length, d, dtype, seed=0):
+    """A new token's q, k, v ([B, H, 1, D]), its rotary cos/sin ([B, 1, D]) and caches written with earlier keys."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, 1, d, generator=g).to(DEV, dtype) for h in (hq, hkv, hkv))
+    angles = torch.rand(b, 1, d // 2, generator=g) * 40
+    angles = torch.cat((angles, angles), dim=-1)  # transformers' layout: the frequencies twice
+    cos, sin = angles.cos().to(DEV, dtype), angles.sin().to(DEV, dtype)
+    kc, vc = (torch.randn(b, hkv, length, d, generator=g).to(DEV, dtype) for _ in range(2))
+    return q, k, v, cos, sin, kc, vc
+
+
+def test_rotary_reference_is_transformers_apply_rotary_pos_emb():
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, _, cos, sin, _, _ = _rope_inputs(2, 4, 2, 8, 64, dtype, seed=3)
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+        assert torch.equal(DA.rotary_reference(q, cos, sin), want_q)
+        assert torch.equal(DA.rotary_reference(k, cos, sin), want_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,hq,hkv,length,d",
+    [(1, 4, 4, 260, 64), (1, 8, 2, 200, 128), (2, 6, 3, 70, 32)],
+    ids=["mha", "gqa4", "batch2-gqa2"],
+)
+def test_the_rope_kernel_writes_the_rotated_key_and_value_and_attends_as_the_reference(b, hq, hkv, length, d, dtype):
+    splits, per = DA.split_count(b * hkv, length, 132)
+    span = per * DA.BLOCK_N
+    for pos in sorted({0, span - 1, span, length // 2, length - 1}):  # first/last position of a split, middle, end
+        q, k, v, cos, sin, kc, vc = _rope_inputs(b, hq, hkv, length, d, dtype, seed=pos)
+        mask = torch.zeros(b, 1, 1, length, dtype=torch.bool, device=DEV)
+        mask[..., : pos + 1] = True  # a static cache written up to the new token
+        position = torch.tensor(pos, device=DEV)
+        for m in (mask, None):
+            want_k, want_v = kc.clone(), vc.clone()
+            ref = DA.decode_attention_rope_reference(q, k, v, cos, sin, want_k, want_v, position, m, d**-0.5)
+            got_k, got_v = kc.clone(), vc.clone()
+            assert DA.decode_attention_rope_supported(q, k, v, cos, sin, got_k, got_v, position, m) is None
+            out = DA.decode_attention_rope(q, k, v, cos, sin, got_k, got_v, position, m, d**-0.5)
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (pos, splits)  # bit for bit
+            torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=f"{pos}")
+
+
+def test_what_the_rope_kernel_does_not_take_is_named():
+    q, k, v, cos, sin, kc, vc = _rope_inputs(1, 4, 2, 40, 16, torch.float16)
+    pos = torch.tensor(3, device=DEV)
+    cases = {
+        "one query token": (q.expand(1, 4, 2, 16), k, v, cos, sin, kc, vc, pos),
+        "the new key and value as": (q, k.expand(1, 2, 2, 16), v, cos, sin, kc, vc, pos),
+        "the new key and value in the query's dtype": (q, k.float(), v, cos, sin, kc, vc, pos),
+        "cos as": (q, k, v, cos[..., :8], sin, kc, vc, pos),
+        "sin in the query's dtype": (q, k, v, cos, sin.float(), kc, vc, pos),
+        "0-d int64": (q, k, v, cos, sin, kc, vc, pos.view(1)),
+        "an even head dim": tuple(t[..., :15] for t in (q, k, v, cos, sin, kc, vc)) + (pos,),
+    }
+    for words, args in cases.items():
+        why = DA.decode_attention_rope_supported(*args, None)
+        assert why is not None and words in why, (words, why)
+        with pytest.raises(UsageError, match="decode_attention_rope"):
+            DA.decode_attention_rope(*args, None, 0.25)
+
+
 def test_splits_cover_the_cache_and_fill_the_gpu():
     for heads in (1, 8, 32, 64, 256):
         for length in (1, 63, 64, 65, 512, 2048, 4096, 32768):
@@ -178,14 +241,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from actsparse.kernels import decode_attention as DA
 from actsparse.kernels.workspace import counter_buffer
-names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "out_ptr", "cnt_ptr", "sq_b", "sq_h", "sk_b",
-         "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_h", "sm_l", "L", "H_KV"]
-types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32", "*bf16", "*i32"] + ["i32"] * 13
+names = ["q_ptr", "k_ptr", "v_ptr", "m_ptr", "part_ptr", "ml_ptr", "out_ptr", "cnt_ptr", "kn_ptr", "vn_ptr",
+         "cos_ptr", "sin_ptr", "pos_ptr", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b",
+         "sm_h", "sm_l", "skn_b", "skn_h", "svn_b", "svn_h", "sc_b", "L", "H_KV"]
+types = ["*bf16"] * 3 + ["*u8", "*fp32", "*fp32", "*bf16", "*i32"] + ["*bf16"] * 4 + ["*i64"] + ["i32"] * 18
 sig = {**dict(zip(names, types)), "scale": "fp32"}
-for mask, g, d, one, skip in ((0, 4, 128, True, True), (1, 4, 128, True, False), (2, 4, 128, False, True),
-                              (1, 64, 256, True, True)):
+for mask, g, d, one, skip, rope in ((0, 4, 128, True, True, False), (1, 4, 128, True, False, False),
+                                    (2, 4, 128, False, True, False), (1, 64, 256, True, True, False),
+                                    (1, 1, 128, True, True, True), (1, 4, 128, False, True, True)):
     c = dict(G=g, G_PAD=max(16, g), D=d, D_PAD=d, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=mask, DOT_UPCAST=False,
-             COMBINE=one, S_PAD=DA.MAX_SPLITS, SKIP=skip)
+             COMBINE=one, S_PAD=DA.MAX_SPLITS, SKIP=skip, ROPE=rope)
     src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
     print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
 sig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
@@ -204,7 +269,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 4 + ["combine"] * 2
+    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 6 + ["combine"] * 2
     assert all(int(ln.split()[-1]) > 0 for ln in lines if ln.startswith("split"))  # shared memory for the dots
 
 

@@ -26,6 +26,13 @@ that definition in torch. The kernel rounds the probabilities to the value dtype
 (as flash attention does), a difference within the dtype's rounding; the tests compare it with the reference
 on the CPU under ``TRITON_INTERPRET=1`` and on the GPU.
 
+:func:`decode_attention_rope` is the same attention for a decode step taken from the new token's projections:
+the split kernel rotates the query and the new key itself (transformers' ``rotate_half`` convention, each
+product and the sum rounded to the dtype as torch rounds them: :func:`rotary_reference`), and the program whose
+range holds the write position stores the rotated key and the value into the caches and uses them in its block
+(no other program reads that position), so the rotary and cache-write kernels before the attention are gone.
+Its op, ``actsparse::decode_attention_rope``, mutates the two caches (inductor calls it on them in place).
+
 The op ``actsparse::decode_attention`` is registered with ``torch.library.custom_op`` (and a fake kernel),
 so ``torch.compile`` keeps it as one node and CUDA graphs capture it. It runs on CUDA fp16/bf16 tensors (or
 anywhere under the interpreter); :func:`decode_attention_supported` says whether a call qualifies.
@@ -51,6 +58,10 @@ except Exception:  # pragma: no cover - depends on the environment
 __all__ = [
     "decode_attention",
     "decode_attention_reference",
+    "decode_attention_rope",
+    "decode_attention_rope_reference",
+    "decode_attention_rope_supported",
+    "rotary_reference",
     "decode_attention_supported",
     "decode_attention_available",
     "split_count",
@@ -93,6 +104,36 @@ def decode_attention_reference(
     return (p @ vf).to(q.dtype)
 
 
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of ``x`` ``[B, H, 1, D]`` with ``cos``/``sin`` ``[B, 1, D]`` (one position):
+    ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``, each product and
+    the sum rounded to ``x``'s dtype as torch rounds them (Llama's ``apply_rotary_pos_emb``)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * c) + (rotated * s)
+
+
+def decode_attention_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The definition of :func:`decode_attention_rope`: the new token's keys (rotated) and values written into the
+    caches at ``position``, then the attention of its rotated query (:func:`decode_attention_reference`)."""
+    at = position.reshape(1)
+    k_cache.index_copy_(2, at, rotary_reference(k, cos, sin))
+    v_cache.index_copy_(2, at, v)
+    return decode_attention_reference(rotary_reference(q, cos, sin), k_cache, v_cache, mask, scale)
+
+
 def decode_attention_available(device: torch.device | str) -> bool:
     """Whether the kernel can run on ``device`` at all (CUDA with Triton, or any device in the interpreter)."""
     return triton is not None and (torch.device(device).type == "cuda" or interpreting())
@@ -127,6 +168,38 @@ def decode_attention_supported(
     return None
 
 
+def decode_attention_rope_supported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> str | None:
+    """None when :func:`decode_attention_rope` takes these tensors, else why not (the caller falls back)."""
+    why = decode_attention_supported(q, k_cache, v_cache, mask)
+    if why is not None:
+        return why
+    b, hkv, d = k_cache.shape[0], k_cache.shape[1], q.shape[3]
+    if tuple(k.shape) != (b, hkv, 1, d) or tuple(v.shape) != (b, hkv, 1, d):
+        return f"the new key and value as [{b}, {hkv}, 1, {d}], got {tuple(k.shape)} and {tuple(v.shape)}"
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "the new key and value in the query's dtype, the head dim contiguous"
+    if d % 2:
+        return f"an even head dim for the rotary embedding, got {d}"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1] != 1 or t.shape[2] != d:
+            return f"{name} as [{b} or 1, 1, {d}] (one position), got {tuple(t.shape)}"
+        if t.dtype != q.dtype or t.stride(-1) != 1 or t.device != q.device:
+            return f"{name} in the query's dtype on its device, the head dim contiguous"
+    if position.dim() != 0 or position.dtype != torch.long or position.device != q.device:
+        return "the write position as a 0-d int64 tensor on the query's device"
+    return None
+
+
 def split_count(batch_kv_heads: int, length: int, sm_count: int) -> tuple[int, int]:
     """``(splits, blocks per split)``: enough programs for about :data:`PROGRAMS_PER_SM` per SM, each at least
     one block, at most :data:`MAX_SPLITS` (the combine holds every split's partial output in registers)."""
@@ -146,6 +219,48 @@ def decode_attention(
     return torch.ops.actsparse.decode_attention(q, k, v, mask, float(scale))
 
 
+def decode_attention_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step's attention from the new token's projections (:func:`decode_attention_rope_reference`):
+    the kernel rotates ``q`` and ``k``, writes the rotated key and ``v`` into the caches at ``position`` and
+    attends over them in one launch (no rotary or cache-write kernels before it); raises where not supported."""
+    why = decode_attention_rope_supported(q, k, v, cos, sin, k_cache, v_cache, position, mask)
+    if why is not None:
+        raise UsageError(f"decode_attention_rope: {why}")
+    return torch.ops.actsparse.decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, position, mask, float(scale))
+
+
+@torch.library.custom_op("actsparse::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    return _launch(q, k_cache, v_cache, mask, scale, (k, v, cos, sin, position))
+
+
+@_decode_attention_rope_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, position, mask, scale):
+    return q.new_empty(q.shape)
+
+
 @torch.library.custom_op("actsparse::decode_attention", mutates_args=())
 def _decode_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
@@ -158,7 +273,16 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    new: tuple[torch.Tensor, ...] | None = None,
+) -> torch.Tensor:
+    """The kernels over the caches ``k``, ``v``; ``new`` = (key, value, cos, sin, position): the new token's,
+    rotated (with ``q``) and written by the split kernel (:func:`decode_attention_rope`)."""
     b, hq, _, d = q.shape
     hkv, length = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -179,17 +303,26 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
         mode = 1 if mask.dtype == torch.bool else 2
         sm = (0 if mask.shape[0] == 1 else mask.stride(0), 0 if mask.shape[1] == 1 else mask.stride(1), mask.stride(3))
     s_pad = max(2, triton.next_power_of_2(splits))
+    if new is None:
+        kn, vn, cos, sin, pos, sn, sc = q, q, q, q, q, (0, 0, 0, 0), 0  # (unused pointers)
+    else:
+        kn, vn, cos, sin, pos = new
+        sn = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1))
+        cos, sin = (t.expand(b, 1, d).contiguous() for t in (cos, sin))  # (one batch stride for both: d)
+        sc = d
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():  # Triton launches on the current one
         _split_kernel[(b * hkv, splits)](
             q, k, v, m, part, ml, out, cnt,
+            kn, vn, cos, sin, pos,
             q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             sm[0], sm[1], sm[2],
+            sn[0], sn[1], sn[2], sn[3], sc,
             length, hkv, scale,
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
             DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
-            SKIP=SKIP_DROPPED_BLOCKS, num_warps=NUM_WARPS,
+            SKIP=SKIP_DROPPED_BLOCKS, ROPE=new is not None, num_warps=NUM_WARPS,
         )  # fmt: skip
         if not one:
             _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)
@@ -201,11 +334,13 @@ if triton is not None:
     @triton.jit
     def _split_kernel(
         q_ptr, k_ptr, v_ptr, m_ptr, part_ptr, ml_ptr, out_ptr, cnt_ptr,
+        kn_ptr, vn_ptr, cos_ptr, sin_ptr, pos_ptr,
         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l,
+        skn_b, skn_h, svn_b, svn_h, sc_b,
         L, H_KV, scale,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, MASK: tl.constexpr, DOT_UPCAST: tl.constexpr,
-        COMBINE: tl.constexpr, S_PAD: tl.constexpr, SKIP: tl.constexpr,
+        COMBINE: tl.constexpr, S_PAD: tl.constexpr, SKIP: tl.constexpr, ROPE: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache of >= 2**31 elements must not wrap
         split = tl.program_id(1)
@@ -217,7 +352,29 @@ if triton is not None:
         gq = g < G
         dm = d < D
         qh = h * G + g  # the query heads that read this key/value head
-        q = tl.load(q_ptr + b * sq_b + qh[:, None] * sq_h + d[None, :], mask=gq[:, None] & dm[None, :], other=0.0)
+        qp = q_ptr + b * sq_b + qh[:, None] * sq_h
+        q = tl.load(qp + d[None, :], mask=gq[:, None] & dm[None, :], other=0.0)
+        if ROPE:  # the new token's query and key rotated here, its key and value written at pos (by one program)
+            half: tl.constexpr = D // 2
+            partner = tl.where(d < half, d + half, d - half)  # rotate_half: -x[d + D/2] below D/2, x[d - D/2] above
+            sign = tl.where(d < half, -1.0, 1.0)
+            cos = tl.load(cos_ptr + b * sc_b + d, mask=dm, other=0.0)
+            sin = tl.load(sin_ptr + b * sc_b + d, mask=dm, other=0.0)
+            qr = tl.load(qp + partner[None, :], mask=gq[:, None] & dm[None, :], other=0.0)
+            q = _rotate(q, qr, sign[None, :], cos[None, :], sin[None, :])
+            knp = kn_ptr + b * skn_b + h * skn_h
+            kn = _rotate(
+                tl.load(knp + d, mask=dm, other=0.0), tl.load(knp + partner, mask=dm, other=0.0), sign, cos, sin
+            )
+            vn = tl.load(vn_ptr + b * svn_b + h * svn_h + d, mask=dm, other=0.0)
+            pos = tl.load(pos_ptr)
+            if pos // (PER_SPLIT * BLOCK_N) == split:  # the program whose range holds the position writes it
+                tl.store(k_ptr + b * sk_b + h * sk_h + pos * sk_l + d, kn, mask=dm)
+                tl.store(v_ptr + b * sv_b + h * sv_h + pos * sv_l + d, vn, mask=dm)
+        else:
+            kn = tl.zeros([D_PAD], q.dtype)
+            vn = kn
+            pos = -1
         if DOT_UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw bits: give it fp32
             q = q.to(tl.float32)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -242,9 +399,13 @@ if triton is not None:
             vp = v_ptr + b * sv_b + h * sv_h + n[:, None] * sv_l + d[None, :]
             if SKIP:
                 if tl.max(keep.to(tl.int32)) > 0:  # a block the mask drops whole is never read
-                    m_i, l_i, acc = _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST)
+                    m_i, l_i, acc = _attend_block(
+                        q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, n, pos, kn, vn, DOT_UPCAST, ROPE
+                    )
             else:  # every block read, with no wait for its mask (the keys' and values' loads need not follow it)
-                m_i, l_i, acc = _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST)
+                m_i, l_i, acc = _attend_block(
+                    q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, n, pos, kn, vn, DOT_UPCAST, ROPE
+                )
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         if COMBINE and n_splits == 1:  # the whole range in this program: the output directly
             out_rows = b * H_KV * G + qh
@@ -269,12 +430,39 @@ if triton is not None:
                     tl.store(cnt_ptr + bh, 0)  # for the next call
 
     @triton.jit
-    def _attend_block(q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, DOT_UPCAST: tl.constexpr):
+    def _rotate(x, xr, sign, cos, sin):
+        """``x * cos + rotate_half(x) * sin`` (``xr * sign`` is ``rotate_half(x)``), each product and the sum
+        rounded to ``x``'s dtype as torch rounds them."""
+        dt = x.dtype
+        a = _round(x.to(tl.float32) * cos.to(tl.float32), dt)
+        r = _round(xr.to(tl.float32) * sign * sin.to(tl.float32), dt)
+        return _round(a.to(tl.float32) + r.to(tl.float32), dt)
+
+    @triton.jit
+    def _round(v, dt):
+        """fp32 ``v`` to ``dt`` rounded to nearest even, as torch rounds (bf16 by its bits: Triton's CPU
+        interpreter truncates a float32 to bfloat16)."""
+        if dt == tl.bfloat16:
+            u = v.to(tl.uint32, bitcast=True)
+            u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+            v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # (NaN stays NaN)
+        return v.to(dt)
+
+    @triton.jit
+    def _attend_block(
+        q, kp, vp, inb, dm, keep, bias, scale, m_i, l_i, acc, n, pos, kn, vn,
+        DOT_UPCAST: tl.constexpr, ROPE: tl.constexpr,
+    ):  # fmt: skip
         """One block of positions into the online softmax: its keys and values loaded together (both in flight
-        at once), scores, the running max and sum, the weighted values."""
+        at once), scores, the running max and sum, the weighted values. ``ROPE``: position ``pos`` holds the new
+        token's key and value ``kn``, ``vn`` (this program writes them to the cache; its loads may precede that)."""
         kv_mask = inb[:, None] & dm[None, :]
         kt = tl.load(kp, mask=kv_mask, other=0.0)
         vt = tl.load(vp, mask=kv_mask, other=0.0)
+        if ROPE:
+            at = (n == pos)[:, None]
+            kt = tl.where(at, kn[None, :], kt)
+            vt = tl.where(at, vn[None, :], vt)
         if DOT_UPCAST:  # Triton's CPU interpreter multiplies bf16 as raw bits: give it fp32
             kt = kt.to(tl.float32)
         s = tl.dot(q, tl.trans(kt)) * scale + bias
