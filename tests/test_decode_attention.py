@@ -303,3 +303,26 @@ def test_compiled_and_graph_captured_call_reads_the_mask_live():
         mask[..., :written] = True
         graph.replay()
         torch.testing.assert_close(out, DA.decode_attention_reference(q, k, v, mask, 0.1), rtol=1.6e-2, atol=1.6e-2)
+
+
+@gpu
+@pytest.mark.parametrize("hkv", [32, 8], ids=["llama2-7b", "llama3-8b"])
+def test_the_rope_kernel_compiled_and_graph_captured_reads_the_position_live(hkv):
+    q, k, v, cos, sin, kc, vc = _rope_inputs(1, 32, hkv, 4096, 128, torch.bfloat16)
+    pos = torch.tensor(0, device="cuda")
+    mask = torch.zeros(1, 1, 1, 4096, dtype=torch.bool, device="cuda")
+    fn = torch.compile(lambda *a: DA.decode_attention_rope(*a, 128**-0.5), fullgraph=True)
+    args = (q, k, v, cos, sin, kc, vc, pos, mask)
+    out = fn(*args)  # compile and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    for at in (5, 63, 64, 2000, 4095):
+        pos.fill_(at)
+        mask.zero_()
+        mask[..., : at + 1] = True
+        want_k, want_v = kc.clone(), vc.clone()
+        ref = DA.decode_attention_rope_reference(q, k, v, cos, sin, want_k, want_v, pos, mask, 128**-0.5)
+        graph.replay()
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v), at
+        torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
