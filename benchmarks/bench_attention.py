@@ -23,6 +23,7 @@ import sys
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -70,14 +71,80 @@ def per_layer_us(fn, q, kv, mask) -> float:
     return graph_time_us(lambda i: fn(q, *kv[i % LAYERS], mask), LAYERS)
 
 
+def step_today(module: torch.nn.Module):
+    """A step's attention from the new token's projections as the compiled decoder runs it: transformers'
+    ``apply_rotary_pos_emb``, the two ``index_copy_`` cache writes, then the decode attention."""
+
+    def fn(q, k, v, cos, sin, kc, vc, pos, mask):
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        kc.index_copy_(2, pos.view(1), k)
+        vc.index_copy_(2, pos.view(1), v)
+        return decode_attention_forward(module, q, kc, vc, mask, scaling=128**-0.5)[0].transpose(1, 2)
+
+    return fn
+
+
+def step_fused(q, k, v, cos, sin, kc, vc, pos, mask):
+    """The same with ``decode_attention_rope`` (one kernel)."""
+    return DA.decode_attention_rope(q, k, v, cos, sin, kc, vc, pos, mask, 128**-0.5)
+
+
+def rope_row(name: str, fns: dict, hq: int, hkv: int, length: int, written: int) -> dict:
+    """Both of ``fns`` over 8 layers' caches of ``length`` positions, the new token at ``written - 1``."""
+    q, kv = layer_inputs(hq, hkv, length)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    k, v = (torch.randn(1, hkv, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    ang = torch.rand(1, 1, 64, device="cuda", generator=g) * 40
+    cos, sin = (f(torch.cat((ang, ang), -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    pos, mask = torch.tensor(written - 1, device="cuda"), prefix_mask(length, written)
+    outs = {n: f(q, k, v, cos, sin, *kv[0], pos, mask) for n, f in fns.items()}
+    err = ((outs["fused"].float() - outs["today"].float()).norm() / outs["today"].float().norm()).item()
+    t = {
+        n: graph_time_us(lambda i, f=f: f(q, k, v, cos, sin, *kv[i % LAYERS], pos, mask), LAYERS)
+        for n, f in fns.items()
+    }
+    print(
+        f"{name:10} L={length:5} written={written:5}  rotary + cache writes + attention {t['today']:6.2f} us, "
+        f"decode_attention_rope {t['fused']:6.2f} us (-{t['today'] - t['fused']:.2f}; rel err {err:.1e})",
+        flush=True,
+    )
+    return dict(model=name, length=length, written=written, today_us=t["today"], fused_us=t["fused"],
+                saved_us=t["today"] - t["fused"], rel_err=err)  # fmt: skip
+
+
+def rope_rows(lengths: list[int], written: int) -> list[dict]:
+    """The attention of a decode step from the new token's projections, as the decoder runs it today against
+    ``decode_attention_rope``: µs per layer, graph-timed over 8 layers' caches."""
+    rows = []
+    for name, (hq, hkv) in SHAPES.items():
+        fns = {
+            "today": torch.compile(step_today(_Attn(hq // hkv)), fullgraph=True),
+            "fused": torch.compile(step_fused, fullgraph=True),
+        }
+        rows += [rope_row(name, fns, hq, hkv, length, min(written, length)) for length in lengths]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="512,2048,4096", help="static cache sizes L")
     ap.add_argument("--written", default="256,0.5,1.0", help="positions let through: counts, or fractions of L")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--rope",
+        action="store_true",
+        help="instead: the rotary, cache writes and attention of a step as the decoder runs them vs "
+        "decode_attention_rope (the first --written count is the position)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU")
+    if args.rope:
+        rows = rope_rows([int(v) for v in args.lengths.split(",")], int(args.written.split(",")[0]))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
     rows = []
     for name, (hq, hkv) in SHAPES.items():
         module = _Attn(hq // hkv)
