@@ -10,7 +10,7 @@ from helpers import VOCAB, byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 import actsparse.kernels as K
-from actsparse.engine import Decoder, fused_groups, norms_fused
+from actsparse.engine import Decoder, fused_groups, norms_fused, rope_fused
 from actsparse.generation import compare_generate, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -76,6 +76,18 @@ def test_graph_decoder_with_fused_norms_equals_the_eager_decoder_with_them():
     assert graph.mode == "graph" and norms_fused(model) == ["model.layers.0", "model.layers.1"]
     torch.testing.assert_close(graph.logits[1], eager.logits[1], rtol=0, atol=0)
     assert torch.equal(graph.sequences, eager.sequences)
+
+
+def test_graph_decoder_with_fused_rope_equals_the_eager_decoder_with_it_and_the_tokens_without_it():
+    model = _model(torch.bfloat16, 0.5, kernels=True)
+    ids = _ids()
+    eager = Decoder(model, 512, compile=False, cuda_graph=False, rope=True).run(ids, 32, output_logits=True)
+    graph = Decoder(model, 512, fallback=False, rope=True).run(ids, 32, output_logits=True)
+    assert graph.mode == "graph" and rope_fused(model) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    torch.testing.assert_close(graph.logits[1], eager.logits[1], rtol=0, atol=0)
+    assert torch.equal(graph.sequences, eager.sequences)
+    plain = Decoder(model, 512, fallback=False).run(ids, 32, output_logits=True)  # rope off: the rotary kernels
+    assert rope_fused(model) == [] and torch.equal(plain.sequences, graph.sequences)
 
 
 def test_graph_sampling_equals_the_eager_loop_and_streams():

@@ -5,6 +5,7 @@ from .decoder import Decoder, DecodeResult, eos_token_ids, forward_kwargs
 from .fusion import fuse_projections, fused_groups, unfuse_projections
 from .glu import fuse_glu, glu_fused, unfuse_glu
 from .norms import fuse_norms, norms_fused, unfuse_norms
+from .rope import fuse_rope, rope_fused, unfuse_rope
 from .sampling import check_sampling, select_next
 
 __all__ = [
@@ -28,4 +29,7 @@ __all__ = [
     "fuse_norms",
     "unfuse_norms",
     "norms_fused",
+    "fuse_rope",
+    "unfuse_rope",
+    "rope_fused",
 ]

@@ -51,9 +51,7 @@ def decode_attention_forward(
     """transformers' attention-function interface: ``[B, q_len, H, D]`` output, no attention weights."""
     if (
         query.shape[2] == 1
-        and dropout == 0.0
-        and not kwargs.get("output_attentions", False)
-        and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS)
+        and kernel_call(dropout, kwargs)
         and decode_attention_supported(query, key, value, attention_mask) is None
     ):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -61,6 +59,16 @@ def decode_attention_forward(
         return out.transpose(1, 2), None  # [B, 1, H, D]: contiguous as it is (one query position)
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+
+
+def kernel_call(dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether an attention call with these arguments is one the kernel computes (no dropout, no attention
+    weights asked for, none of the arguments it does not implement)."""
+    return (
+        dropout == 0.0
+        and not kwargs.get("output_attentions", False)
+        and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS)
     )
 
 

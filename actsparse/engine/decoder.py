@@ -51,6 +51,7 @@ from .hf import (
     structure_key,
 )
 from .norms import fuse_norms, unfuse_norms
+from .rope import fuse_rope, unfuse_rope
 from .sampling import check_sampling, select_next
 
 __all__ = ["Decoder", "DecodeResult", "forward_kwargs", "eos_token_ids"]
@@ -116,6 +117,10 @@ class Decoder:
             50% / 70% sparsity); ``"model"`` keeps the model's own attention; ``"kernel"`` requires the switch.
             The switch lasts each :meth:`run` (:func:`~actsparse.engine.decode_attention_scope`): between runs
             the model is as it was.
+        rope: with the decode attention, give Llama-style attention modules a forward whose one-token steps
+            rotate q and k, write the cache and attend in one kernel (:func:`~actsparse.engine.fuse_rope`: the
+            three rotary and cache-write kernels per layer are gone). Default ``False`` (opt-in) until its
+            decode speed has been measured on a GPU; ``False`` restores the modules' own forward.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class Decoder:
         attention: str = "auto",
         glu: bool | None = None,
         norms: bool | None = None,
+        rope: bool | None = None,
     ):
         if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
             raise DecoderError(
@@ -180,6 +186,7 @@ class Decoder:
         self.fuse = self.cuda_graph if fuse is None else bool(fuse)
         self.glu = self.fuse if glu is None else bool(glu)
         self.norms = self.fuse if norms is None else bool(norms)
+        self.rope = False if rope is None else bool(rope)
         self.fallback_reason: str | None = None
         self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
@@ -244,6 +251,10 @@ class Decoder:
             fuse_norms(self.model)
         else:
             unfuse_norms(self.model)
+        if self.rope and self.decode_attention:  # (the fused path runs under the decode attention only)
+            fuse_rope(self.model)
+        else:
+            unfuse_rope(self.model)
         stale = stale_kernels(self.model)
         if stale:
             raise DecoderError(

@@ -141,16 +141,20 @@ class OneCounterLayer(StaticLayer):
                 for t in (self.keys, self.values, self._kv):
                     torch._dynamo.mark_static_address(t)
 
+    def write_start(self, n: int) -> torch.Tensor:
+        """The position (a 0-d tensor) at which this forward's ``n`` new tokens go, the shared counter advanced
+        when this layer is the one that advances it (as :meth:`update` does; for writers of their own)."""
+        if self._advances:
+            start = self.cumulative_length + 0  # (a copy: the counter moves on)
+            self.cumulative_length.add_(n)
+            return start
+        return self.cumulative_length - n  # the device's first layer advanced the counter in this forward already
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        positions = torch.arange(n, device=self.device)
-        if self._advances:
-            positions = positions + self.cumulative_length
-            self.cumulative_length.add_(n)
-        else:  # the device's first layer advanced the counter in this forward already
-            positions = positions + (self.cumulative_length - n)
+        positions = torch.arange(n, device=self.device) + self.write_start(n)
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)  # (allocated above)
         if self._kv is not None:
             self._kv.index_copy_(3, positions, torch.stack((key_states, value_states)))
