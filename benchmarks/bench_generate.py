@@ -44,7 +44,7 @@ import actsparse.kernels as K  # noqa: E402
 import actsparse.kernels.cuda_gemv as CG  # noqa: E402
 import actsparse.kernels.linear as KL  # noqa: E402
 import actsparse.kernels.ops as KO  # noqa: E402
-from actsparse.engine import Decoder, glu_fused, norms_fused, unfuse_projections  # noqa: E402
+from actsparse.engine import Decoder, glu_fused, norms_fused, rope_fused, unfuse_projections  # noqa: E402
 from actsparse.engine import hf as HF  # noqa: E402
 from actsparse.eval import SparsityMonitor  # noqa: E402
 
@@ -208,16 +208,17 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
     stats = layer_stats(model, calib)
     # the first is the main result
     variants = [
-        (r, b, g, kv, nm, cb)
+        (r, b, g, kv, nm, cb, rp)
         for r in args.reduce
         for b in args.backends
         for g in args.glu
         for kv in args.kv
         for nm in args.norms
         for cb in args.combo
+        for rp in args.rope
     ]
     combo_default = torch._inductor.config.combo_kernels
-    for reduce, backend, glu, kv, norms, combo in variants:
+    for reduce, backend, glu, kv, norms, combo, rope in variants:
         if weights == "int8":
             floor = K.INT8_MIN_SPARSITY
         elif KO.cuda_kernel_available(DEV) and backend != "triton":
@@ -234,6 +235,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
         label = f"reduce={reduce}, backend={backend}, attention={args.attention}, glu={glu}, kv={kv}, norms={norms}"
         if len(args.combo) > 1 or combo == "on":
             label += f", combo={combo}"
+        if len(args.rope) > 1 or rope == "on":
+            label += f", rope={rope}"
         # (read when the Decoder compiles its step: at its first run below)
         torch._inductor.config.combo_kernels = combo == "on" if combo != "default" else combo_default
         HF.STACKED_KV = kv == "stacked"  # (read when the Decoder makes its cache)
@@ -244,6 +247,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
             sync_every=args.tokens,
             glu=glu == "on",
             norms=norms == "on",
+            rope=rope == "on",
         )
         routes = None
         for s in sparsities:
@@ -269,8 +273,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 dict(
                     model=name,
                     path="decoder-sparse"
-                    if (reduce, backend, glu, kv, norms, combo) == variants[0]
-                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}/norms-{norms}/combo-{combo}",
+                    if (reduce, backend, glu, kv, norms, combo, rope) == variants[0]
+                    else f"decoder-sparse/{reduce}/{backend}/glu-{glu}/kv-{kv}/norms-{norms}/combo-{combo}/rope-{rope}",
                     weights=weights,
                     target=s,
                     measured=meas,
@@ -286,6 +290,8 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                     norms=norms,
                     norm_layers=len(norms_fused(model)),  # the decoder layers that ran their norms in the GEMVs
                     combo=combo,
+                    rope=rope,
+                    rope_attentions=len(rope_fused(model)),
                 )
             )
             log(
@@ -294,7 +300,7 @@ def sparse_points(model, name, weights, args, ids, calib, held_out, dense_tok_s,
                 f"{rows[-1]['norm_layers']} decoder layers with fused norms)"
             )
             profile_row(dec, rows[-1], args, f"[{name}] {weights} sparse {s:.2f}")
-        if (reduce, backend, glu, kv, norms, combo) != variants[-1]:
+        if (reduce, backend, glu, kv, norms, combo, rope) != variants[-1]:
             del dec
     torch._inductor.config.combo_kernels = combo_default
     KL.sparse_gemv = KO.sparse_gemv
@@ -469,6 +475,12 @@ def main():
         "loads, residual adds in o_proj's and down_proj's epilogues), off, or off,on (both, one process)",
     )
     ap.add_argument(
+        "--rope",
+        default="off",
+        help="the sparse Decoder's fuse_rope: on (the decode attention rotates q and k and writes the cache itself: "
+        "no rotary or cache-write kernels), off (the Decoder's default), or off,on (both, one process)",
+    )
+    ap.add_argument(
         "--combo",
         default="default",
         help="the sparse Decoder's compile with inductor's combo_kernels (independent kernels of the step, e.g. the "
@@ -504,6 +516,7 @@ def main():
     args.kv = args.kv.split(",")
     args.norms = args.norms.split(",")
     args.combo = args.combo.split(",")
+    args.rope = args.rope.split(",")
     attentions = args.attention.split(",")
     if (
         set(args.glu) - {"on", "off"}
@@ -511,10 +524,11 @@ def main():
         or set(attentions) - {"auto", "kernel", "model"}
         or set(args.kv) - {"separate", "stacked"}
         or set(args.combo) - {"default", "on", "off"}
+        or set(args.rope) - {"on", "off"}
     ):
         sys.exit(
             "--glu and --norms take on, off or on,off; --attention auto, kernel and model; --kv separate and stacked; "
-            "--combo default, on and off; comma-separated"
+            "--combo default, on and off; --rope on, off; comma-separated"
         )
     bad = [
         b
