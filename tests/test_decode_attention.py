@@ -189,6 +189,23 @@ def test_the_rope_kernel_writes_the_rotated_key_and_value_and_attends_as_the_ref
             torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype], msg=f"{pos}")
 
 
+def test_the_rope_kernel_writes_where_the_mask_drops_the_block_and_nothing_past_the_cache():
+    q, k, v, cos, sin, kc, vc = _rope_inputs(1, 4, 2, 200, 32, torch.bfloat16, seed=9)
+    pos = 150
+    mask = torch.ones(1, 1, 1, 200, dtype=torch.bool, device=DEV)
+    mask[..., pos - pos % DA.BLOCK_N :] = False  # the block holding the position is never read
+    want_k, want_v, got_k, got_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    at = torch.tensor(pos, device=DEV)
+    ref = DA.decode_attention_rope_reference(q, k, v, cos, sin, want_k, want_v, at, mask, 0.2)
+    out = DA.decode_attention_rope(q, k, v, cos, sin, got_k, got_v, at, mask, 0.2)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+    for past in (200, 210, -1):  # (inside the last split's padded range, beyond it, before the cache)
+        got_k, got_v = kc.clone(), vc.clone()
+        DA.decode_attention_rope(q, k, v, cos, sin, got_k, got_v, torch.tensor(past, device=DEV), None, 0.2)
+        assert torch.equal(got_k, kc) and torch.equal(got_v, vc), past
+
+
 def test_what_the_rope_kernel_does_not_take_is_named():
     q, k, v, cos, sin, kc, vc = _rope_inputs(1, 4, 2, 40, 16, torch.float16)
     pos = torch.tensor(3, device=DEV)

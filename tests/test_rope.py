@@ -63,13 +63,38 @@ def test_the_decoder_with_rope_gives_the_logits_without_it_and_runs_one_kernel_p
     assert rope_fused(model) == [] and torch.equal(again.sequences, plain.sequences)
 
 
-def test_a_compiled_step_with_rope_gives_the_eager_logits():
+def test_a_compiled_step_with_rope_gives_the_eager_logits_and_the_compiled_step_without_it():
     model = _model()
     eager, _ = _run(model, rope=True)
     compiled, _ = _run(model, rope=True, compile=True, cuda_graph=False, fallback=False)
-    assert torch.equal(compiled.sequences, eager.sequences)
-    for a, b in zip(compiled.logits, eager.logits):
+    plain, _ = _run(model, rope=False, compile=True, cuda_graph=False, fallback=False)
+    assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(plain.sequences, eager.sequences)
+    for a, b, c in zip(compiled.logits, eager.logits, plain.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)  # (the Decoder compiles with eager's bf16 rounding)
+
+
+def test_hooks_keep_the_class_forward_but_transformers_output_capturing_ones():
+    model = _model()
+    with torch.no_grad():  # installs transformers' output-capturing hooks on the layers and attentions, for good
+        model(_ids(), output_hidden_states=True)
+    assert all(m._forward_hooks for m in model.model.layers)
+    _, ops = _run(model, rope=True)
+    assert ops.get("actsparse.decode_attention_rope") == 2 * 7
+    handle = model.model.layers[1].self_attn.register_forward_hook(lambda m, i, o: None)
+    _, ops = _run(model, rope=True)
+    assert ops.get("actsparse.decode_attention_rope") == 7  # the hooked attention takes the class forward
+    handle.remove()
+
+
+def test_a_module_with_a_forward_of_its_own_is_left_alone():
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    own = attn.forward
+    vars(attn)["forward"] = lambda *a, **k: own(*a, **k)  # e.g. accelerate's wrapper
+    assert fuse_rope(model) == ATTNS[1:]
+    unfuse_rope(model)
+    assert "forward" in vars(attn)
 
 
 def test_rope_with_sparse_kernels_and_fused_norms_gives_the_logits_without_it(monkeypatch):

@@ -25,6 +25,7 @@ __all__ = [
     "structure_key",
     "hooks_key",
     "has_hooks",
+    "output_capturing_index",
     "code_key",
     "own_code",
     "EAGER_NUMERICS",
@@ -244,6 +245,20 @@ def has_hooks(m: nn.Module) -> bool:
     return any(
         bool(s._forward_hooks or s._forward_pre_hooks) or getattr(s, "_hf_hook", None) is not None for s in m.modules()
     )
+
+
+def output_capturing_index(hook: Any) -> int | None:
+    """The output index a transformers output-capturing forward hook records (None: another hook). transformers
+    installs these for good on the decoder layers and attentions at the first call with ``output_hidden_states``
+    or ``output_attentions``; in other calls they do nothing."""
+    if (
+        getattr(hook, "__module__", None) != "transformers.utils.output_capturing"
+        or getattr(hook, "__name__", None) != "output_capturing_hook"
+    ):
+        return None
+    cells = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ())))
+    index = cells.get("index")
+    return index if isinstance(index, int) else None
 
 
 def code_key(f: Any, *, signature: bool = False) -> tuple | None:

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import code_key
+from .hf import code_key, output_capturing_index
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
@@ -107,7 +107,6 @@ def _code_key(f: Any) -> tuple | None:
 
 
 _LAYER_CODES = {_code_key(_layer_cache), _code_key(_layer_past_key_values)}
-_OUTPUT_CAPTURING = "transformers.utils.output_capturing"  # the module of transformers' output-capturing hooks
 _RMS_CODE = _code_key(_rms_norm)
 # transformers 5.x renamed past_key_values to cache (a wrapper maps the old name); the fused forward does the same
 _RENAMED = {"past_key_values": "cache"}
@@ -249,22 +248,10 @@ def _hooked(layer: nn.Module) -> bool:
         if m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
             return True
         for hook in m._forward_hooks.values():
-            index = _output_capturing(hook)
+            index = output_capturing_index(hook)
             if index is None or not (m is layer or (m is attn and index >= 1)):
                 return True
     return False
-
-
-def _output_capturing(hook: Any) -> int | None:
-    """The output index a transformers output-capturing hook records (None: another hook)."""
-    if (
-        getattr(hook, "__module__", None) != _OUTPUT_CAPTURING
-        or getattr(hook, "__name__", None) != "output_capturing_hook"
-    ):
-        return None
-    cells = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__ or ())))
-    index = cells.get("index")
-    return index if isinstance(index, int) else None
 
 
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:

@@ -14,7 +14,8 @@ with the cache argument named ``cache`` or ``past_key_values``) and the ``apply_
 only for one token, with the model switched to actsparse's decode attention (the Decoder does it for each run),
 a cache layer that is the Decoder's :class:`~actsparse.engine.hf.OneCounterLayer` (the write position is its
 counter), no gradients, no hooks on the module and inputs the kernel takes; every other call runs the class
-forward. :func:`unfuse_rope` undoes it.
+forward (also a partial rotary embedding, an offloading cache, hooks but transformers' recording the attention
+weights). :func:`unfuse_rope` undoes it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from transformers.models.llama.modeling_llama import (  # noqa: F401 - imported,
 
 from ..kernels.decode_attention import decode_attention_rope, decode_attention_rope_supported, rotary_reference
 from .attention import ATTENTION, decode_attention_forward, kernel_call
-from .hf import OneCounterLayer, code_key
+from .hf import OneCounterLayer, code_key, output_capturing_index
 
 __all__ = ["fuse_rope", "unfuse_rope", "rope_fused"]
 
@@ -153,11 +154,13 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, 
         or h.shape[1] != 1
         or not isinstance(rotary, tuple)
         or len(rotary) != 2
+        or not isinstance(rotary[0], torch.Tensor)
+        or rotary[0].shape[-1] != self.head_dim  # (a partial rotary embedding: the class forward's own rotation)
         or self.training
         or self.config._attn_implementation != ATTENTION
         or not kernel_call(0.0, extra)
         or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        or (not torch.compiler.is_compiling() and bool(self._forward_hooks or self._forward_pre_hooks))
+        or (not torch.compiler.is_compiling() and _hooked(self))
     ):
         return type(self).forward(self, *args, **kwargs)
     input_shape = h.shape[:-1]
@@ -179,8 +182,19 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, 
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Hooks on the module that the fused forward would change what they see: all but transformers'
+    output-capturing hooks recording the attention weights (None from both forwards under the decode attention)."""
+    if module._forward_pre_hooks:
+        return True
+    return any((output_capturing_index(h) or 0) < 1 for h in module._forward_hooks.values())
+
+
 def _cache_layer(cache: Any, idx: Any) -> OneCounterLayer | None:
+    """The Decoder's cache layer ``idx`` when the kernel may write it (not an offloading cache)."""
     layers = getattr(cache, "layers", None)
+    if getattr(cache, "offloading", False):
+        return None
     if not isinstance(idx, int) or not isinstance(layers, list) or not 0 <= idx < len(layers):
         return None
     layer = layers[idx]
@@ -190,7 +204,9 @@ def _cache_layer(cache: Any, idx: Any) -> OneCounterLayer | None:
 
 
 def _candidate(module: nn.Module) -> bool:
-    """The static conditions of the module docstring."""
+    """The static conditions of the module docstring (and no forward of its own already, e.g. accelerate's)."""
+    if "forward" in vars(module) or getattr(module, "_hf_hook", None) is not None:
+        return False
     fn = inspect.unwrap(type(module).forward)
     if _key(fn) not in _CODES or not all(
         isinstance(getattr(module, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")

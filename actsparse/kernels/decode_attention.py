@@ -158,6 +158,8 @@ def decode_attention_supported(
         return f"head dim <= {_MAX_HEAD_DIM} and at most 64 query heads per key/value head"
     if k.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
         return "the head dim must be contiguous"
+    if k.device != q.device or v.device != q.device:
+        return f"keys and values on the query's device ({q.device}), got {k.device} and {v.device}"
     if mask is not None:
         if mask.dim() != 4 or mask.shape[-1] != k.shape[2] or mask.shape[2] != 1:
             return f"a [B, 1|H, 1, L] mask, got {tuple(mask.shape)} for L = {k.shape[2]}"
@@ -197,6 +199,8 @@ def decode_attention_rope_supported(
             return f"{name} in the query's dtype on its device, the head dim contiguous"
     if position.dim() != 0 or position.dtype != torch.long or position.device != q.device:
         return "the write position as a 0-d int64 tensor on the query's device"
+    if k.device != q.device or v.device != q.device:
+        return f"the new key and value on the query's device ({q.device})"
     return None
 
 
@@ -233,7 +237,8 @@ def decode_attention_rope(
 ) -> torch.Tensor:
     """One decode step's attention from the new token's projections (:func:`decode_attention_rope_reference`):
     the kernel rotates ``q`` and ``k``, writes the rotated key and ``v`` into the caches at ``position`` and
-    attends over them in one launch (no rotary or cache-write kernels before it); raises where not supported."""
+    attends over them in one launch (no rotary or cache-write kernels before it); raises where not supported. A
+    position outside the caches writes nothing (the caller keeps it inside: the Decoder's length check)."""
     why = decode_attention_rope_supported(q, k, v, cos, sin, k_cache, v_cache, position, mask)
     if why is not None:
         raise UsageError(f"decode_attention_rope: {why}")
@@ -368,7 +373,8 @@ if triton is not None:
             )
             vn = tl.load(vn_ptr + b * svn_b + h * svn_h + d, mask=dm, other=0.0)
             pos = tl.load(pos_ptr)
-            if pos // (PER_SPLIT * BLOCK_N) == split:  # the program whose range holds the position writes it
+            # the program whose range holds the position writes it (none for a position past the cache)
+            if (pos // (PER_SPLIT * BLOCK_N) == split) & (pos >= 0) & (pos < L):
                 tl.store(k_ptr + b * sk_b + h * sk_h + pos * sk_l + d, kn, mask=dm)
                 tl.store(v_ptr + b * sv_b + h * sv_h + pos * sv_l + d, vn, mask=dm)
         else:
