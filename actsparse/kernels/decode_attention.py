@@ -115,17 +115,9 @@ def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def decode_attention_rope_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    position: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
     """The definition of :func:`decode_attention_rope`: the new token's keys (rotated) and values written into the
     caches at ``position``, then the attention of its rotated query (:func:`decode_attention_reference`)."""
     at = position.reshape(1)
@@ -171,16 +163,9 @@ def decode_attention_supported(
 
 
 def decode_attention_rope_supported(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    position: torch.Tensor,
-    mask: torch.Tensor | None,
-) -> str | None:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None,
+) -> str | None:  # fmt: skip
     """None when :func:`decode_attention_rope` takes these tensors, else why not (the caller falls back)."""
     why = decode_attention_supported(q, k_cache, v_cache, mask)
     if why is not None:
@@ -224,17 +209,9 @@ def decode_attention(
 
 
 def decode_attention_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    position: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
     """One decode step's attention from the new token's projections (:func:`decode_attention_rope_reference`):
     the kernel rotates ``q`` and ``k``, writes the rotated key and ``v`` into the caches at ``position`` and
     attends over them in one launch (no rotary or cache-write kernels before it); raises where not supported. A
@@ -247,17 +224,9 @@ def decode_attention_rope(
 
 @torch.library.custom_op("actsparse::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
 def _decode_attention_rope_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    position: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
     return _launch(q, k_cache, v_cache, mask, scale, (k, v, cos, sin, position))
 
 
