@@ -9,7 +9,7 @@ gives the unfused Decoder's logits bit for bit. The compiled, graph-captured ste
 import pytest
 import torch
 from helpers import VOCAB, CountOps, make_tiny_llama
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
 import actsparse as A
@@ -126,10 +126,38 @@ def test_calls_the_kernel_does_not_serve_take_the_class_forward():
     assert rope_fused(model) == [] and all("forward" not in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_attentions_are_fused_and_give_the_logits_without_it(arch):
+    cfg = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    cfg |= dict(num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    if arch == "qwen2":  # (biased q/k/v; its forward passes its sliding window on)
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    else:  # (a window longer than the Decoder's cache: full static layers)
+        model = MistralForCausalLM(MistralConfig(**cfg, sliding_window=4096))
+    model = model.eval().to(torch.bfloat16)
+    plain, _ = _run(model, rope=False)
+    fused, ops = _run(model, rope=True)
+    assert rope_fused(model) == ATTNS and ops.get("actsparse.decode_attention_rope") == 2 * 7
+    assert torch.equal(fused.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fused.logits, plain.logits))
+
+
+class _ScaledAttention(modeling_llama.LlamaAttention):
+    """An attention whose forward is not Llama's (it scales the output): must keep its own forward."""
+
+    def forward(self, *args, **kwargs):
+        out, weights = super().forward(*args, **kwargs)
+        return 2 * out, weights
+
+
 def test_attentions_that_are_not_llamas_or_rotate_otherwise_are_left_alone(monkeypatch):
-    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1)
-    qwen = Qwen2ForCausalLM(Qwen2Config(**cfg, num_attention_heads=4, num_key_value_heads=2)).eval()
-    assert fuse_rope(qwen) == []  # its forward passes a sliding window to the attention: not Llama's
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    attn.__class__ = _ScaledAttention
+    assert fuse_rope(model) == ATTNS[1:]
+    unfuse_rope(model)
+    attn.__class__ = modeling_llama.LlamaAttention
 
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's pairing of neighbours: another rotation
         def rot(x):
@@ -138,7 +166,6 @@ def test_attentions_that_are_not_llamas_or_rotate_otherwise_are_left_alone(monke
         c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return q * c + rot(q) * s, k * c + rot(k) * s
 
-    model = _model()
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", interleaved)
     assert fuse_rope(model) == []
     monkeypatch.undo()

@@ -8,8 +8,9 @@ writes the new key and value at the cache's position and attends, in one launch.
 
 The arithmetic is transformers': the rotation rounds each product and the sum as torch does (``rotate_half``
 convention, bit for bit), the cache holds the same keys and values, and the attention is the decode-attention
-kernel's. A module takes part when its class forward is, instruction for instruction, Llama's (transformers 5.x,
-with the cache argument named ``cache`` or ``past_key_values``) and the ``apply_rotary_pos_emb`` it calls gives
+kernel's. A module takes part when its class forward is, instruction for instruction, Llama's, Qwen2's or
+Mistral's (transformers 5.x, with the cache argument named ``cache`` or ``past_key_values``; copies of them in
+other models too) and the ``apply_rotary_pos_emb`` it calls gives
 :func:`~actsparse.kernels.decode_attention.rotary_reference`'s result on a probe. At a call, the fused path runs
 only for one token, with the model switched to actsparse's decode attention (the Decoder does it for each run),
 a cache layer that is the Decoder's :class:`~actsparse.engine.hf.OneCounterLayer` (the write position is its
@@ -26,11 +27,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn as nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: F401 - (the reference forms' names:
-from transformers.models.llama.modeling_llama import (  # noqa: F401 - imported, as transformers' module imports
-    apply_rotary_pos_emb,  # them, so that Python compiles the forms' calls as it compiles the class forward's)
-    eager_attention_forward,
-)
 
 from ..kernels.decode_attention import decode_attention_rope, decode_attention_rope_supported, rotary_reference
 from .attention import ATTENTION, decode_attention_forward, kernel_call
@@ -39,10 +35,18 @@ from .hf import OneCounterLayer, code_key, output_capturing_index
 __all__ = ["fuse_rope", "unfuse_rope", "rope_fused"]
 
 
-# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults)
-def _attention_cache(
-    self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs,
-):  # fmt: skip
+# The class forwards the fused one replaces, compared as bytecode, parameter names and defaults: transformers 5.x's
+# Llama attention (and its copies), and Qwen2's and Mistral's, which also pass a sliding window to the attention
+# function (the decode attention takes the window from the mask), each with the cache argument named as 5.2x names
+# it (`cache`, its `update` given the kwargs) or as before (`past_key_values`). Written out once and compiled here
+# where the names the forward looks up are imported as in transformers' modules (Python compiles a method call
+# on an imported name differently).
+_FORM = """
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+
+def forward(self, hidden_states, position_embeddings{default}, attention_mask{default}, {cache}=None, **kwargs):
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -53,12 +57,11 @@ def _attention_cache(
     cos, sin = position_embeddings
     query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-    if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+    if {cache} is not None:
+        key_states, value_states = {cache}.update(key_states, value_states, self.layer_idx{update})
 
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation,
-        eager_attention_forward,
+        self.config._attn_implementation, eager_attention_forward
     )
 
     attn_output, attn_weights = attention_interface(
@@ -68,57 +71,35 @@ def _attention_cache(
         value_states,
         attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
+        scaling=self.scaling,{window}
         **kwargs,
     )
 
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     attn_output = self.o_proj(attn_output)
     return attn_output, attn_weights
-
-
-def _attention_past_key_values(
-    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs,
-):  # fmt: skip
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-
-    query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-    cos, sin = position_embeddings
-    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-
-    if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation,
-        eager_attention_forward,
-    )
-
-    attn_output, attn_weights = attention_interface(
-        self,
-        query_states,
-        key_states,
-        value_states,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **kwargs,
-    )
-
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    attn_output = self.o_proj(attn_output)
-    return attn_output, attn_weights
+"""
+_STYLES = {  # (default of position_embeddings and attention_mask, the sliding window passed on)
+    "llama": ("=None", ""),
+    "qwen2": ("", "\n        sliding_window=self.sliding_window,"),
+    "mistral": ("", '\n        sliding_window=getattr(self.config, "sliding_window", None),'),
+}
+_CACHES = {"cache": ", kwargs=kwargs", "past_key_values": ""}
 
 
 def _key(f: Any) -> tuple | None:
     return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
 
 
-_CODES = {_key(_attention_cache), _key(_attention_past_key_values)}
+def _form(style: str, cache: str) -> Any:
+    default, window = _STYLES[style]
+    namespace: dict[str, Any] = {}
+    source = _FORM.format(default=default, cache=cache, update=_CACHES[cache], window=window)
+    exec(compile(source, f"<actsparse reference form: {style} attention, {cache}>", "exec"), namespace)
+    return namespace["forward"]
+
+
+_CODES = {_key(_form(style, cache)) for style in _STYLES for cache in _CACHES}
 _CACHE_NAMES = ("cache", "past_key_values")  # (5.2x renamed the argument; a wrapper maps the old name)
 
 
