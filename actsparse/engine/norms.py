@@ -45,18 +45,21 @@ from .hf import code_key, output_capturing_index
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
 
-# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults: _code_key).
-def _layer_cache(
-    self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults: _code_key), with
+# the cache argument named as transformers 5.2x names it (`cache`) or as before (`past_key_values`): written out
+# once, compiled for each name
+_FORM = """
+def forward(
+    self, hidden_states, attention_mask=None, position_ids=None, {cache}=None, use_cache=False,
     position_embeddings=None, **kwargs,
-):  # fmt: skip
+):
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(
         hidden_states=hidden_states,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        cache=cache,
+        {cache}={cache},
         use_cache=use_cache,
         position_embeddings=position_embeddings,
         **kwargs,
@@ -67,29 +70,13 @@ def _layer_cache(
     hidden_states = self.mlp(hidden_states)
     hidden_states = residual + hidden_states
     return hidden_states
+"""
 
 
-def _layer_past_key_values(
-    self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-    position_embeddings=None, **kwargs,
-):  # fmt: skip
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=past_key_values,
-        use_cache=use_cache,
-        position_embeddings=position_embeddings,
-        **kwargs,
-    )
-    hidden_states = residual + hidden_states
-    residual = hidden_states
-    hidden_states = self.post_attention_layernorm(hidden_states)
-    hidden_states = self.mlp(hidden_states)
-    hidden_states = residual + hidden_states
-    return hidden_states
+def _form(cache: str) -> Any:
+    namespace: dict[str, Any] = {}
+    exec(compile(_FORM.format(cache=cache), f"<actsparse reference form: decoder layer, {cache}>", "exec"), namespace)
+    return namespace["forward"]
 
 
 def _rms_norm(self, hidden_states):
@@ -106,7 +93,7 @@ def _code_key(f: Any) -> tuple | None:
     return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
 
 
-_LAYER_CODES = {_code_key(_layer_cache), _code_key(_layer_past_key_values)}
+_LAYER_CODES = {_code_key(_form("cache")), _code_key(_form("past_key_values"))}
 _RMS_CODE = _code_key(_rms_norm)
 # transformers 5.x renamed past_key_values to cache (a wrapper maps the old name); the fused forward does the same
 _RENAMED = {"past_key_values": "cache"}
