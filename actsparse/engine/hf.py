@@ -240,11 +240,18 @@ def structure_key(model: nn.Module) -> tuple:
     return tuple(parts)
 
 
-def has_hooks(m: nn.Module) -> bool:
-    """Hooks, or accelerate's dispatch (offloading), on ``m`` or a submodule."""
-    return any(
-        bool(s._forward_hooks or s._forward_pre_hooks) or getattr(s, "_hf_hook", None) is not None for s in m.modules()
-    )
+def has_hooks(m: nn.Module, allow: Callable[[nn.Module, int], bool] | None = None, *, deep: bool = True) -> bool:
+    """Hooks, or accelerate's dispatch (offloading), on ``m`` or (``deep``) a submodule. With ``allow``, a
+    transformers output-capturing forward hook on module ``s`` recording output ``index``
+    (:func:`output_capturing_index`) does not count where ``allow(s, index)``."""
+    for s in m.modules() if deep else (m,):
+        if s._forward_pre_hooks or getattr(s, "_hf_hook", None) is not None:
+            return True
+        for hook in s._forward_hooks.values():
+            index = None if allow is None else output_capturing_index(hook)
+            if index is None or allow is None or not allow(s, index):
+                return True
+    return False
 
 
 def output_capturing_index(hook: Any) -> int | None:

@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import code_key, output_capturing_index
+from .hf import code_key, has_hooks
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
@@ -231,14 +231,7 @@ def _hooked(layer: nn.Module) -> bool:
     ``output_attentions``, inert in other calls) on the layer itself, whose output is the class forward's, or on
     its attention recording the weights (its output[0] carries the residual when o_proj adds it)."""
     attn = getattr(layer, "self_attn", None)
-    for m in layer.modules():
-        if m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
-            return True
-        for hook in m._forward_hooks.values():
-            index = output_capturing_index(hook)
-            if index is None or not (m is layer or (m is attn and index >= 1)):
-                return True
-    return False
+    return has_hooks(layer, lambda m, index: m is layer or (m is attn and index >= 1))
 
 
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:

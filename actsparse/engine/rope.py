@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..kernels.decode_attention import decode_attention_rope, decode_attention_rope_supported, rotary_reference
 from .attention import ATTENTION, decode_attention_forward, kernel_call
-from .hf import OneCounterLayer, code_key, output_capturing_index
+from .hf import OneCounterLayer, code_key, has_hooks
 
 __all__ = ["fuse_rope", "unfuse_rope", "rope_fused"]
 
@@ -164,11 +164,10 @@ def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, 
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Hooks on the module that the fused forward would change what they see: all but transformers'
-    output-capturing hooks recording the attention weights (None from both forwards under the decode attention)."""
-    if module._forward_pre_hooks:
-        return True
-    return any((output_capturing_index(h) or 0) < 1 for h in module._forward_hooks.values())
+    """Hooks on the module (or accelerate's dispatch) that the fused forward would change what they see: all but
+    transformers' output-capturing hooks recording the attention weights (None from both forwards under the decode
+    attention)."""
+    return has_hooks(module, lambda m, index: index >= 1, deep=False)
 
 
 def _cache_layer(cache: Any, idx: Any) -> OneCounterLayer | None:
