@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import actsparse.kernels as K  # noqa: E402
+from actsparse.kernels.reference import rms_norm as reference_rms_norm  # noqa: E402
 
 CONFIGS = {
     "llama2-7b": dict(dim=4096, layers=32, heads=32, kv_heads=32, inter=11008, vocab=32000),
@@ -47,9 +48,12 @@ class Layer:
     cache_v: torch.Tensor
 
 
-def rms_norm(x, w, eps=1e-5):
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+EPS = 1e-5  # the RMSNorms' epsilon
+
+
+def rms_norm(x, w):
+    """Llama's RMSNorm (the library's reference: what the fused GEMVs form as they load ``x``)."""
+    return reference_rms_norm(x, w, EPS)
 
 
 def rotary(x, cos, sin):  # x [1, heads, 1, hd]
@@ -100,10 +104,10 @@ def make_layer_fn(
         return x + linear(F.silu(g) * u, lin, "down", record)[0]
 
     def fused_step(x, pos, cos, sin, attn_norm, mlp_norm, cache_k, cache_v, lin: dict):
-        qkv = torch.cat(linear(x, lin, "qkv", None, norm=(attn_norm, 1e-5)), dim=-1)
+        qkv = torch.cat(linear(x, lin, "qkv", None, norm=(attn_norm, EPS)), dim=-1)
         a = attention(qkv, pos, cos, sin, cache_k, cache_v, x.device)
         x = linear(a, lin, "o", None, residual=x.view(-1))[0].view(1, 1, dim)
-        g, u = linear(x, lin, "gate_up", None, norm=(mlp_norm, 1e-5))
+        g, u = linear(x, lin, "gate_up", None, norm=(mlp_norm, EPS))
         return linear(u, lin, "down", None, gate=g, residual=x.view(-1))[0].view(1, 1, dim)
 
     def attention(qkv, pos, cos, sin, cache_k, cache_v, device):
