@@ -4,6 +4,8 @@
     python benchmarks/exp_cuda.py --variants    # the library kernel's build variants; $OUT/exp_cuda_variants.json
     python benchmarks/exp_cuda.py --variants default,minblocks5    # only these of them
     python benchmarks/exp_cuda.py --sweep 4096x6144,4096x28672   # the library kernel's tiles x clusters
+    python benchmarks/exp_cuda.py --int8    # int8 codes: the CUDA kernel vs the Triton one vs bf16 cuBLAS
+    python benchmarks/exp_cuda.py --int8 --variants default,pipe-int8   # --sweep/--variants of int8 codes
 
 The kernel (see the .cu file's header): in-block compaction from one round of x loads, 16-byte streaming loads
 of the kept rows with U loads in flight per thread, and the split-K reduction through a thread-block
@@ -40,6 +42,7 @@ from actsparse.kernels import cuda_gemv as CG  # noqa: E402
 from actsparse.kernels import sparse_gemv_reference  # noqa: E402
 
 SHAPES = [(4096, 12288), (4096, 22016), (4096, 4096), (11008, 4096), (14336, 4096)]
+INT8_SHAPES = [(4096, 12288), (4096, 22016), (11008, 4096)]
 SPARSITIES = (1.0, 0.7, 0.5, 0.0)
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "sgemv.cu")
 
@@ -136,6 +139,10 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
     "legacy": ("-DACTSPARSE_VEC_X=0", "-DACTSPARSE_MBAR_REDUCE=0"),  # both (the kernel before 2026-12-07, third)
     # PDL (when a launch asks for it): the successor launches at the kernel's start instead of after its stream
     "pdl-early": ("-DACTSPARSE_PDL_EARLY=1",),
+    # int8 codes only (measure with --int8): 16 conversions and FMAs per 16-byte load, so more work between loads
+    "pipe-int8": ("-DACTSPARSE_PIPELINE_INT8=1",),
+    "u12-int8": ("-DACTSPARSE_U_INT8=12",),
+    "u16-int8": ("-DACTSPARSE_U_INT8=16",),
 }
 
 
@@ -156,16 +163,17 @@ def build_library(name: str, flags: tuple[str, ...]):
     return lib.actsparse_sgemv
 
 
-def library_variants(names: list[str]) -> list[dict]:
+def library_variants(names: list[str], quantize: str | None = None) -> list[dict]:
     """The library kernel at its launch rule's config, built with each of ``names`` (keys of VARIANTS; PDL as the
     library launches it, ``cuda_gemv.PDL``, and also on for the default build and the pdl-* builds), graph-timed at 100%, 50% and 0%;
-    checked against the reference first: a variant that misses it is reported (``error@s``) and not timed."""
+    checked against the reference first: a variant that misses it is reported (``error@s``) and not timed.
+    ``quantize="int8"``: int8 codes (bf16 activations) on the three large shapes, ``dense`` still bf16 cuBLAS."""
     fns = {name: build_library(name, VARIANTS[name]) for name in names}
     rows = []
-    for k, n in SHAPES:
-        case, ys = _bf16_case(k, n)
+    for k, n in INT8_SHAPES if quantize else SHAPES:
+        case, ys = _case(k, n, quantize)
         cfg = CG.cuda_config(case.packed[0], torch.device("cuda"))
-        row = {"k": k, "n": n, "config": str(cfg), "dense": case.time_dense()}
+        row = {"k": k, "n": n, "config": str(cfg), "dense": _dense_us(case)}
         for s in (1.0, 0.5, 0.0):
             case.set_sparsity(s)
             ref = sparse_gemv_reference(case.x[0], case.packed[0]).double()
@@ -192,19 +200,26 @@ def _time_library(case, ys, config) -> float:
     return graph_time_us(lambda i: CG.sparse_gemv_cuda(case.x[i % m], case.packed[i % m], config, out=ys[i % m]), 4 * m)
 
 
-def _bf16_case(k: int, n: int):
-    case = Case(k, n, torch.bfloat16, layout=None)
+def _case(k: int, n: int, quantize: str | None = None):
+    """bf16 activations, weights of bf16 or ``quantize``'s codes, plain layout; and an output per weight copy."""
+    case = Case(k, n, torch.bfloat16, quantize=quantize, layout=None)
     return case, [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
 
 
-def library_sweep(shapes: list[tuple[int, int]]) -> list[dict]:
+def _dense_us(case) -> float:
+    """bf16 cuBLAS on ``case``'s shape, over copies enough to stream from HBM (int8 cases hold half the bytes)."""
+    return (case if case.quantize is None else Case(case.k, case.n, torch.bfloat16, layout=None)).time_dense()
+
+
+def library_sweep(shapes: list[tuple[int, int]], quantize: str | None = None) -> list[dict]:
     """The library kernel (its own build) at every (block_n, cluster) it takes on ``shapes``, PDL off, against
-    its launch rule's choice and dense: graph-timed µs at 100%, 50% and 0%."""
+    its launch rule's choice and dense (bf16 cuBLAS): graph-timed µs at 100%, 50% and 0%; ``quantize="int8"``:
+    of int8 codes."""
     rows = []
     for k, n in shapes:
-        case, ys = _bf16_case(k, n)
+        case, ys = _case(k, n, quantize)
         rule = CG.cuda_config(case.packed[0], torch.device("cuda"))
-        row = {"k": k, "n": n, "rule": f"{rule.block_n}/{rule.cluster}", "dense": case.time_dense()}
+        row = {"k": k, "n": n, "rule": f"{rule.block_n}/{rule.cluster}", "dense": _dense_us(case)}
         cfgs = [
             CG.CudaConfig(bn, cl)
             for bn in CG.BLOCK_NS
@@ -259,9 +274,33 @@ def use_build(fn, device: torch.device) -> None:
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("exp_cuda needs a CUDA GPU")
+    quantize = "int8" if "--int8" in sys.argv else None  # with --sweep or --variants: int8 codes
+    suffix = "_int8" if quantize else ""
+    if "--sweep" in sys.argv:  # --sweep 4096x6144,4096x28672
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--sweep") + 1].split(",")]
+        rows = library_sweep(shapes, quantize)  # type: ignore[arg-type]
+        with open(os.path.join(os.environ.get("OUT", "."), f"exp_cuda_sweep{suffix}.json"), "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
+    if "--variants" in sys.argv:  # --variants [default,early,...] (all of VARIANTS without a list)
+        i = sys.argv.index("--variants") + 1
+        names = sys.argv[i].split(",") if i < len(sys.argv) and not sys.argv[i].startswith("-") else list(VARIANTS)
+        bad = [v for v in names if v not in VARIANTS]
+        if bad or "default" not in names:
+            sys.exit(f"--variants: unknown {bad} or no 'default' (choose from {', '.join(VARIANTS)})")
+        rows = library_variants(names, quantize)
+        names = [key.split("@")[0] for key in rows[0] if key.endswith("@1.0")]
+        print(f"{'K x N':>13} {'s':>4} {'dense':>7} " + " ".join(f"{v:>15}" for v in names))
+        for r in rows:
+            for s in (1.0, 0.5, 0.0):
+                vals = " ".join(f"{r[f'{v}@{s}']:15.2f}" for v in names)
+                print(f"{r['k']:>6}x{r['n']:<6} {s:>4} {r['dense']:7.2f} {vals}")
+        with open(os.path.join(os.environ.get("OUT", "."), f"exp_cuda_variants{suffix}.json"), "w") as f:
+            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
+        return
     if "--int8" in sys.argv:  # int8 weights (asymmetric): the CUDA kernel vs the Triton one vs bf16 cuBLAS
         rows = []
-        for k, n in ((4096, 12288), (4096, 22016), (11008, 4096)):
+        for k, n in INT8_SHAPES:
             case = Case(k, n, torch.bfloat16, quantize="int8", layout=None)
             m = case.copies
             ys = [torch.empty(p.weight_t.shape[1], dtype=torch.bfloat16, device="cuda") for p in case.packed]
@@ -279,28 +318,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
         with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_int8.json"), "w") as f:
-            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
-        return
-    if "--sweep" in sys.argv:  # --sweep 4096x6144,4096x28672
-        shapes = [tuple(int(v) for v in sh.split("x")) for sh in sys.argv[sys.argv.index("--sweep") + 1].split(",")]
-        rows = library_sweep(shapes)  # type: ignore[arg-type]
-        with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_sweep.json"), "w") as f:
-            json.dump({"env": env_info(), "rows": rows}, f, indent=1)
-        return
-    if "--variants" in sys.argv:  # --variants [default,early,...] (all of VARIANTS without a list)
-        i = sys.argv.index("--variants") + 1
-        names = sys.argv[i].split(",") if i < len(sys.argv) and not sys.argv[i].startswith("-") else list(VARIANTS)
-        bad = [v for v in names if v not in VARIANTS]
-        if bad or "default" not in names:
-            sys.exit(f"--variants: unknown {bad} or no 'default' (choose from {', '.join(VARIANTS)})")
-        rows = library_variants(names)
-        names = [key.split("@")[0] for key in rows[0] if key.endswith("@1.0")]
-        print(f"{'K x N':>13} {'s':>4} {'dense':>7} " + " ".join(f"{v:>15}" for v in names))
-        for r in rows:
-            for s in (1.0, 0.5, 0.0):
-                vals = " ".join(f"{r[f'{v}@{s}']:15.2f}" for v in names)
-                print(f"{r['k']:>6}x{r['n']:<6} {s:>4} {r['dense']:7.2f} {vals}")
-        with open(os.path.join(os.environ.get("OUT", "."), "exp_cuda_variants.json"), "w") as f:
             json.dump({"env": env_info(), "rows": rows}, f, indent=1)
         return
     lib, nvcc_info = build()

@@ -42,12 +42,22 @@ namespace cg = cooperative_groups;
 constexpr int WARPS = 8;
 constexpr int NT = WARPS * 32;
 constexpr int JMAX = 8;  // x values per thread: k_per <= JMAX * NT
-constexpr int U = 8;     // 16-byte loads in flight per thread
-// Build-time variants for benchmarks/exp_cuda.py (the library builds the defaults): ACTSPARSE_PIPELINE 1 issues
-// the next U/2 rows' loads before the current U/2 rows' FMAs (double buffering); ACTSPARSE_MIN_BLOCKS caps
+// Build-time variants for benchmarks/exp_cuda.py (the library builds the defaults): ACTSPARSE_U loads of 16 bytes
+// in flight per thread; ACTSPARSE_PIPELINE 1 issues the next U/2 rows' loads before the current U/2 rows' FMAs
+// (double buffering); the _INT8 forms set the same for int8 codes (16 conversions and FMAs per load where fp16/bf16
+// weights take 8: more work between loads), by default as for fp16/bf16; ACTSPARSE_MIN_BLOCKS caps
 // registers so that many blocks fit an SM.
+#ifndef ACTSPARSE_U
+#define ACTSPARSE_U 8
+#endif
+#ifndef ACTSPARSE_U_INT8
+#define ACTSPARSE_U_INT8 ACTSPARSE_U
+#endif
 #ifndef ACTSPARSE_PIPELINE
 #define ACTSPARSE_PIPELINE 0
+#endif
+#ifndef ACTSPARSE_PIPELINE_INT8
+#define ACTSPARSE_PIPELINE_INT8 ACTSPARSE_PIPELINE
 #endif
 #ifndef ACTSPARSE_MIN_BLOCKS
 #define ACTSPARSE_MIN_BLOCKS 1
@@ -149,6 +159,8 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   constexpr int LPR = BN / E;       // lanes per weight row
   constexpr int RPW = 32 / LPR;     // rows per warp per step
   constexpr int RPS = RPW * WARPS;  // rows per block per step
+  constexpr int U = Q ? ACTSPARSE_U_INT8 : ACTSPARSE_U;  // 16-byte loads in flight per thread
+  constexpr bool PIPE = Q ? ACTSPARSE_PIPELINE_INT8 : ACTSPARSE_PIPELINE;
   __shared__ int list[JMAX * NT];
   __shared__ float vals[JMAX * NT];
   __shared__ float red[WARPS][BN];
@@ -326,32 +338,32 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
 #pragma unroll
   for (int i = 0; i < E; ++i) acc[i] = 0.f;
   const int r0 = warp * RPW + rs;
-#if ACTSPARSE_PIPELINE
-  constexpr int UB = U / 2;
-  uint4 wa[UB];
-  float xa[UB];
-  load_rows<UB, RPS>(wa, xa, 0, r0, total, list, vals, wcol, row_bytes);
-  for (int base = 0; base < total; base += RPS * UB) {
-    uint4 wb[UB];
-    float xb[UB];
-    load_rows<UB, RPS>(wb, xb, base + RPS * UB, r0, total, list, vals, wcol, row_bytes);
+  if constexpr (PIPE) {
+    constexpr int UB = U / 2;
+    uint4 wa[UB];
+    float xa[UB];
+    load_rows<UB, RPS>(wa, xa, 0, r0, total, list, vals, wcol, row_bytes);
+    for (int base = 0; base < total; base += RPS * UB) {
+      uint4 wb[UB];
+      float xb[UB];
+      load_rows<UB, RPS>(wb, xb, base + RPS * UB, r0, total, list, vals, wcol, row_bytes);
 #pragma unroll
-    for (int u = 0; u < UB; ++u) fma16b<T, Q>(acc, wa[u], xa[u]);
+      for (int u = 0; u < UB; ++u) fma16b<T, Q>(acc, wa[u], xa[u]);
 #pragma unroll
-    for (int u = 0; u < UB; ++u) {
-      wa[u] = wb[u];
-      xa[u] = xb[u];
+      for (int u = 0; u < UB; ++u) {
+        wa[u] = wb[u];
+        xa[u] = xb[u];
+      }
+    }
+  } else {
+    for (int base = 0; base < total; base += RPS * U) {
+      uint4 wv[U];
+      float xk[U];
+      load_rows<U, RPS>(wv, xk, base, r0, total, list, vals, wcol, row_bytes);
+#pragma unroll
+      for (int u = 0; u < U; ++u) fma16b<T, Q>(acc, wv[u], xk[u]);
     }
   }
-#else
-  for (int base = 0; base < total; base += RPS * U) {
-    uint4 wv[U];
-    float xk[U];
-    load_rows<U, RPS>(wv, xk, base, r0, total, list, vals, wcol, row_bytes);
-#pragma unroll
-    for (int u = 0; u < U; ++u) fma16b<T, Q>(acc, wv[u], xk[u]);
-  }
-#endif
 #pragma unroll
   for (int s = LPR; s < 32; s *= 2) {  // lanes lr, lr + LPR, ... hold the same columns
 #pragma unroll
