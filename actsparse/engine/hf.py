@@ -268,6 +268,32 @@ def output_capturing_index(hook: Any) -> int | None:
     return index if isinstance(index, int) else None
 
 
+# transformers 5.x renamed the attention's and the decoder layer's past_key_values to cache (a wrapper maps the old
+# name); a fused forward that binds a call maps it too
+CACHE_RENAMED = {"past_key_values": "cache"}
+
+
+def bind_call(names: tuple[str, ...], args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A forward call's arguments as ``(the given ones of names, the other keyword arguments)``, with
+    :data:`CACHE_RENAMED`'s old names taken as their new ones where ``names`` holds the new; None for a call bound
+    otherwise (more positional arguments than ``names``, or one given twice): a fused forward leaves it to the
+    class forward, which takes it or raises."""
+    if len(args) > len(names):
+        return None
+    named: dict[str, Any] = dict(zip(names, args))
+    extra = {}
+    for k, v in kwargs.items():
+        if k not in names and CACHE_RENAMED.get(k) in names:
+            k = CACHE_RENAMED[k]
+        if k in named:
+            return None
+        if k in names:
+            named[k] = v
+        else:
+            extra[k] = v
+    return named, extra
+
+
 def code_key(f: Any, *, signature: bool = False) -> tuple | None:
     """What identifies ``f``'s code for comparison with a reference form compiled by the same Python: its
     instructions, names, constants and argument count (with ``signature``: also its parameter and local names

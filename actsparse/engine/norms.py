@@ -40,7 +40,7 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import code_key, has_hooks
+from .hf import bind_call, code_key, has_hooks
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
@@ -95,8 +95,6 @@ def _code_key(f: Any) -> tuple | None:
 
 _LAYER_CODES = {_code_key(_form("cache")), _code_key(_form("past_key_values"))}
 _RMS_CODE = _code_key(_rms_norm)
-# transformers 5.x renamed past_key_values to cache (a wrapper maps the old name); the fused forward does the same
-_RENAMED = {"past_key_values": "cache"}
 
 
 class _Plan:
@@ -132,19 +130,10 @@ class _Plan:
     def bind(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict] | None:
         """``(hidden_states, what the class forward passes to self_attn besides it)``, or None for a call it
         binds otherwise (let the class forward take it, and raise if it is wrong)."""
-        if len(args) > len(self.names):
+        bound = bind_call(self.names, args, kwargs)
+        if bound is None:
             return None
-        named = dict(zip(self.names, args))
-        extra = {}
-        for k, v in kwargs.items():
-            if k not in self.names and _RENAMED.get(k) in self.names:
-                k = _RENAMED[k]
-            if k in named:
-                return None
-            if k in self.names:
-                named[k] = v
-            else:
-                extra[k] = v
+        named, extra = bound
         h = named.pop("hidden_states", None)
         if not isinstance(h, torch.Tensor):
             return None

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..kernels.decode_attention import decode_attention_rope, decode_attention_rope_supported, rotary_reference
 from .attention import ATTENTION, decode_attention_forward, kernel_call
-from .hf import OneCounterLayer, code_key, has_hooks
+from .hf import OneCounterLayer, bind_call, code_key, has_hooks
 
 __all__ = ["fuse_rope", "unfuse_rope", "rope_fused"]
 
@@ -100,26 +100,17 @@ def _form(style: str, cache: str) -> Any:
 
 
 _CODES = {_key(_form(style, cache)) for style in _STYLES for cache in _CACHES}
-_CACHE_NAMES = ("cache", "past_key_values")  # (5.2x renamed the argument; a wrapper maps the old name)
+_NAMES = ("hidden_states", "position_embeddings", "attention_mask", "cache")  # the attention forward's parameters
 
 
 def _bind(args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
     """``(hidden_states, position_embeddings, attention_mask, cache, other kwargs)`` of a call, or None for one
     bound otherwise (the class forward takes it, and raises if it is wrong)."""
-    names = ("hidden_states", "position_embeddings", "attention_mask", "cache")
-    if len(args) > len(names):
+    bound = bind_call(_NAMES, args, kwargs)
+    if bound is None:
         return None
-    named: dict[str, Any] = dict(zip(names, args))
-    extra = {}
-    for k, v in kwargs.items():
-        k = "cache" if k in _CACHE_NAMES else k
-        if k in named:
-            return None
-        if k in names:
-            named[k] = v
-        else:
-            extra[k] = v
-    return (*(named.get(n) for n in names), extra)
+    named, extra = bound
+    return (*(named.get(n) for n in _NAMES), extra)
 
 
 def _fused_forward(self: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
