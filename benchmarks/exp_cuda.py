@@ -143,6 +143,8 @@ VARIANTS = {  # the library source built with its benchmark-only switches (csrc/
     "pipe-int8": ("-DACTSPARSE_PIPELINE_INT8=1",),
     "u12-int8": ("-DACTSPARSE_U_INT8=12",),
     "u16-int8": ("-DACTSPARSE_U_INT8=16",),
+    "i2f-int8": ("-DACTSPARSE_INT8_CVT=1",),  # codes to fp32 by I2F instead of a byte permute and an FADD
+    "i2f-half-int8": ("-DACTSPARSE_INT8_CVT=2",),  # half of them each way (two pipes)
 }
 
 

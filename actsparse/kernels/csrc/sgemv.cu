@@ -59,6 +59,11 @@ constexpr int JMAX = 8;  // x values per thread: k_per <= JMAX * NT
 #ifndef ACTSPARSE_PIPELINE_INT8
 #define ACTSPARSE_PIPELINE_INT8 ACTSPARSE_PIPELINE
 #endif
+// ACTSPARSE_INT8_CVT: how an int8 code becomes fp32: 0 (the default) a byte permute into 2^23's mantissa and an
+// FADD, 1 the conversion instruction (I2F, a slower unit but another pipe), 2 half of the codes each way
+#ifndef ACTSPARSE_INT8_CVT
+#define ACTSPARSE_INT8_CVT 0
+#endif
 #ifndef ACTSPARSE_MIN_BLOCKS
 #define ACTSPARSE_MIN_BLOCKS 1
 #endif
@@ -108,12 +113,18 @@ __device__ __forceinline__ void fma16b(float (&acc)[Q ? 16 : 8], const uint4& w,
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = fmaf(to_f(p[i]), x, acc[i]);
   } else {  // q + 128 as the low byte of 2^23's mantissa: float(q) = that float - (2^23 + 128), exact
-    const unsigned words[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+    const unsigned raw[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
+      const unsigned word = raw[i] ^ 0x80808080u;
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const float q = __uint_as_float(__byte_perm(words[i], 0x4B000000u, 0x7540u + b)) - 8388736.f;
+        float q;
+        if (ACTSPARSE_INT8_CVT == 1 || (ACTSPARSE_INT8_CVT == 2 && b % 2 == 1)) {  // the conversion unit's I2F
+          q = (float)(signed char)((raw[i] >> (8 * b)) & 0xFFu);
+        } else {  // one byte permute and one FADD (the FMA pipe)
+          q = __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + b)) - 8388736.f;
+        }
         acc[4 * i + b] = fmaf(q, x, acc[4 * i + b]);
       }
     }
