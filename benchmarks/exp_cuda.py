@@ -22,6 +22,7 @@ Every configuration is checked against the torch reference at 0%, 50% and 100% f
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import json
@@ -170,7 +171,8 @@ def library_variants(names: list[str], quantize: str | None = None) -> list[dict
     library launches it, ``cuda_gemv.PDL``, and also on for the default build and the pdl-* builds), graph-timed at 100%, 50% and 0%;
     checked against the reference first: a variant that misses it is reported (``error@s``) and not timed.
     ``quantize="int8"``: int8 codes (bf16 activations) on the three large shapes, ``dense`` still bf16 cuBLAS."""
-    fns = {name: build_library(name, VARIANTS[name]) for name in names}
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # (nvcc runs one process per build: in parallel)
+        fns = dict(zip(names, pool.map(lambda name: build_library(name, VARIANTS[name]), names)))
     rows = []
     for k, n in INT8_SHAPES if quantize else SHAPES:
         case, ys = _case(k, n, quantize)
