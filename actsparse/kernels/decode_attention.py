@@ -297,6 +297,10 @@ def _launch(
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
             DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
             SKIP=SKIP_DROPPED_BLOCKS, ROPE=new is not None, num_warps=NUM_WARPS,
+            # the rotation rounds each product and the sum as torch does; with fp fusion LLVM narrows fp16 products
+            # and sums to half arithmetic and fuses them into one fma.rn.f16, skipping a rounding (fp16 keys off by
+            # an ulp on an H100; bf16, rounded by its bits, was exact)
+            enable_fp_fusion=new is None,
         )  # fmt: skip
         if not one:
             _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)
