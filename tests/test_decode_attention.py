@@ -254,6 +254,7 @@ def test_what_the_kernel_does_not_take_is_named():
 
 
 _COMPILE = """
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 from actsparse.kernels import decode_attention as DA
@@ -270,6 +271,13 @@ for mask, g, d, one, skip, rope in ((0, 4, 128, True, True, False), (1, 4, 128, 
              COMBINE=one, S_PAD=DA.MAX_SPLITS, SKIP=skip, ROPE=rope)
     src = ASTSource(fn=DA._split_kernel, signature={**sig, **dict.fromkeys(c, "constexpr")}, constexprs=c)
     print("split", mask, compile(src, target=GPUTarget("cuda", 90, 32)).metadata.shared)
+half = {n: ("*fp16" if t == "*bf16" else t) for n, t in sig.items()}  # the fp16 rotation: fused or as shipped
+c = dict(G=4, G_PAD=16, D=128, D_PAD=128, BLOCK_N=DA.BLOCK_N, PER_SPLIT=4, MASK=1, DOT_UPCAST=False, COMBINE=True,
+         S_PAD=DA.MAX_SPLITS, SKIP=True, ROPE=True)
+src = ASTSource(fn=DA._split_kernel, signature={**half, **dict.fromkeys(c, "constexpr")}, constexprs=c)
+ptx = [compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": f}).asm["ptx"]
+       for f in (True, DA.fp_fusion(torch.float16, True))]
+print("rope-fp16", *(p.count("fma.rn.f16") for p in ptx))
 sig = {"part_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "HQ": "i32", "H_KV": "i32", "SPLITS": "i32"}
 for d in (128, 256):
     c = dict(G=4, G_PAD=16, D=d, D_PAD=d, S_PAD=DA.MAX_SPLITS)
@@ -280,14 +288,17 @@ for d in (128, 256):
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """The interpreter runs Python, not the compiler: compile both kernels for sm_90 with Triton's own ptxas, in
-    a process without TRITON_INTERPRET (which patches the language in-process) and with an empty kernel cache."""
+    a process without TRITON_INTERPRET (which patches the language in-process) and with an empty kernel cache;
+    the fp16 rotation as the library launches it has no ``fma.rn.f16`` (with fp fusion it has)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
-    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 6 + ["combine"] * 2
+    assert [ln.split()[0] for ln in lines if ln] == ["split"] * 6 + ["rope-fp16"] + ["combine"] * 2
     assert all(int(ln.split()[-1]) > 0 for ln in lines if ln.startswith("split"))  # shared memory for the dots
+    fused, shipped = (int(v) for v in next(ln for ln in lines if ln.startswith("rope-fp16")).split()[1:])
+    assert fused > 0 and shipped == 0, (fused, shipped)  # fp16 FMAs skip the rotation's rounding: none shipped
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -24,3 +24,4 @@ def test_a_call_bound_otherwise_is_left_to_the_class_forward():
     assert bind_call(NAMES, ("h", "pe", "m", "c", "extra"), {}) is None  # more positional arguments than names
     assert bind_call(NAMES, ("h",), {"hidden_states": "h2"}) is None  # given twice
     assert bind_call(NAMES, ("h", "pe", "m", "c"), {"past_key_values": "c2"}) is None  # twice, by its old name
+    assert bind_call(NAMES, ("h",), {"cache": "c", "past_key_values": "c2"}) is None  # by both names

@@ -120,8 +120,8 @@ class Decoder:
         rope: with the decode attention, give Llama-style attention modules a forward whose one-token steps
             rotate q and k, write the cache and attend in one kernel (:func:`~actsparse.engine.fuse_rope`: the
             three rotary and cache-write kernels per layer are gone: +1.6% / +2.2% Llama-2-7B decode at 50 / 70%
-            on an H100). Default ``False`` (opt-in) until its Decoder test has run on a GPU; ``False`` restores
-            the modules' own forward.
+            on an H100, bf16). Default ``False`` (opt-in) until its Decoder test has run on a GPU (and the fp16
+            kernel's fix); ``False`` restores the modules' own forward.
     """
 
     def __init__(

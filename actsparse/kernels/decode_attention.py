@@ -126,6 +126,14 @@ def decode_attention_rope_reference(
     return decode_attention_reference(rotary_reference(q, cos, sin), k_cache, v_cache, mask, scale)
 
 
+def fp_fusion(dtype: torch.dtype, rope: bool) -> bool:
+    """Whether the split kernel is compiled with fp fusion (Triton's default). Off for the fp16 rotation only: it
+    rounds each product and the sum to fp16 as torch does, and with fusion LLVM narrows them to half arithmetic
+    and contracts them into one ``fma.rn.f16`` (seen in the sm_90 PTX), skipping the product's rounding; the fp16
+    rope tests failed on an H100 with it. bf16 is rounded by its bits, which nothing contracts."""
+    return not (rope and dtype == torch.float16)
+
+
 def decode_attention_available(device: torch.device | str) -> bool:
     """Whether the kernel can run on ``device`` at all (CUDA with Triton, or any device in the interpreter)."""
     return triton is not None and (torch.device(device).type == "cuda" or interpreting())
@@ -297,10 +305,7 @@ def _launch(
             G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_N=BLOCK_N, PER_SPLIT=per, MASK=mode,
             DOT_UPCAST=interpreting() and q.dtype == torch.bfloat16, COMBINE=one, S_PAD=s_pad,
             SKIP=SKIP_DROPPED_BLOCKS, ROPE=new is not None, num_warps=NUM_WARPS,
-            # the rotation rounds each product and the sum as torch does; with fp fusion LLVM narrows fp16 products
-            # and sums to half arithmetic and fuses them into one fma.rn.f16, skipping a rounding (fp16 keys off by
-            # an ulp on an H100; bf16, rounded by its bits, was exact)
-            enable_fp_fusion=new is None,
+            enable_fp_fusion=fp_fusion(q.dtype, new is not None),
         )  # fmt: skip
         if not one:
             _combine_kernel[(b * hq,)](part, ml, out, hq, hkv, splits, G=g, G_PAD=g_pad, D=d, D_PAD=d_pad, S_PAD=s_pad)

@@ -60,7 +60,8 @@ constexpr int JMAX = 8;  // x values per thread: k_per <= JMAX * NT
 #define ACTSPARSE_PIPELINE_INT8 ACTSPARSE_PIPELINE
 #endif
 // ACTSPARSE_INT8_CVT: how an int8 code becomes fp32: 0 (the default) a byte permute into 2^23's mantissa and an
-// FADD, 1 the conversion instruction (I2F, a slower unit but another pipe), 2 half of the codes each way
+// FADD, 1 the conversion instruction in place of the FADD (I2F, a slower unit but another pipe; the byte is still
+// extracted), 2 half of the codes each way
 #ifndef ACTSPARSE_INT8_CVT
 #define ACTSPARSE_INT8_CVT 0
 #endif
@@ -172,6 +173,7 @@ __global__ void __launch_bounds__(NT, ACTSPARSE_MIN_BLOCKS)
   constexpr int RPS = RPW * WARPS;  // rows per block per step
   constexpr int U = Q ? ACTSPARSE_U_INT8 : ACTSPARSE_U;  // 16-byte loads in flight per thread
   constexpr bool PIPE = Q ? ACTSPARSE_PIPELINE_INT8 : ACTSPARSE_PIPELINE;
+  static_assert(U >= 1 && (!PIPE || U % 2 == 0), "double buffering takes an even number of loads in flight");
   __shared__ int list[JMAX * NT];
   __shared__ float vals[JMAX * NT];
   __shared__ float red[WARPS][BN];
