@@ -27,6 +27,8 @@ __all__ = [
     "has_hooks",
     "output_capturing_index",
     "code_key",
+    "forward_key",
+    "compile_form",
     "own_code",
     "EAGER_NUMERICS",
 ]
@@ -303,6 +305,20 @@ def code_key(f: Any, *, signature: bool = False) -> tuple | None:
         return None
     key = (code.co_code, code.co_names, code.co_consts, code.co_argcount)
     return (*key, code.co_varnames, f.__defaults__) if signature else key
+
+
+def forward_key(f: Any) -> tuple | None:
+    """:func:`code_key` with the signature, of the function a decorator wrapped (transformers wraps forwards that
+    renamed an argument): how the fused forwards recognize the class forwards they replace."""
+    return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
+
+
+def compile_form(source: str, label: str) -> Callable:
+    """The ``forward`` that ``source`` defines (a reference form of a transformers forward, written once and
+    formatted per variant), compiled as ``<actsparse reference form: label>``."""
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<actsparse reference form: {label}>", "exec"), namespace)
+    return namespace["forward"]
 
 
 def hooks_key(model: nn.Module) -> tuple:

@@ -40,12 +40,12 @@ import torch.nn as nn
 from ..errors import UsageError
 from ..kernels.linear import ResidualSlot, SharedInput, leave_normed_outputs
 from ..kernels.ops import kernel_for
-from .hf import bind_call, code_key, has_hooks
+from .hf import bind_call, compile_form, forward_key, has_hooks
 
 __all__ = ["fuse_norms", "unfuse_norms", "norms_fused"]
 
 
-# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults: _code_key), with
+# The class forwards the fused one replaces (compared as bytecode, parameter names and defaults: forward_key), with
 # the cache argument named as transformers 5.2x names it (`cache`) or as before (`past_key_values`): written out
 # once, compiled for each name
 _FORM = """
@@ -74,9 +74,7 @@ def forward(
 
 
 def _form(cache: str) -> Any:
-    namespace: dict[str, Any] = {}
-    exec(compile(_FORM.format(cache=cache), f"<actsparse reference form: decoder layer, {cache}>", "exec"), namespace)
-    return namespace["forward"]
+    return compile_form(_FORM.format(cache=cache), f"decoder layer, {cache}")
 
 
 def _rms_norm(self, hidden_states):
@@ -87,14 +85,8 @@ def _rms_norm(self, hidden_states):
     return self.weight * hidden_states.to(input_dtype)
 
 
-def _code_key(f: Any) -> tuple | None:
-    """:func:`~actsparse.engine.hf.code_key` with the signature, of the function a decorator wrapped (transformers
-    wraps forwards that renamed an argument)."""
-    return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
-
-
-_LAYER_CODES = {_code_key(_form("cache")), _code_key(_form("past_key_values"))}
-_RMS_CODE = _code_key(_rms_norm)
+_LAYER_CODES = {forward_key(_form("cache")), forward_key(_form("past_key_values"))}
+_RMS_CODE = forward_key(_rms_norm)
 
 
 class _Plan:
@@ -226,7 +218,7 @@ def _hooked(layer: nn.Module) -> bool:
 def _rms(norm: Any, hidden: int, dtype: torch.dtype) -> bool:
     w = getattr(norm, "weight", None)
     return (
-        _code_key(type(norm).forward) == _RMS_CODE
+        forward_key(type(norm).forward) == _RMS_CODE
         and isinstance(w, torch.Tensor)
         and tuple(w.shape) == (hidden,)
         and w.dtype == dtype
@@ -252,7 +244,7 @@ def _candidate(layer: nn.Module, require_cuda: bool) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     q, gate = getattr(attn, "q_proj", None), getattr(mlp, "gate_proj", None)
     if (
-        _code_key(type(layer).forward) not in _LAYER_CODES
+        forward_key(type(layer).forward) not in _LAYER_CODES
         or not isinstance(q, nn.Linear)
         or not isinstance(gate, nn.Linear)
         or not all(isinstance(getattr(p, n, None), nn.Module) for p, n in ((attn, "o_proj"), (mlp, "down_proj")))

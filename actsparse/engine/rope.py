@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..kernels.decode_attention import decode_attention_rope, decode_attention_rope_supported, rotary_reference
 from .attention import ATTENTION, decode_attention_forward, kernel_call
-from .hf import OneCounterLayer, bind_call, code_key, has_hooks
+from .hf import OneCounterLayer, bind_call, compile_form, forward_key, has_hooks
 
 __all__ = ["fuse_rope", "unfuse_rope", "rope_fused"]
 
@@ -87,19 +87,13 @@ _STYLES = {  # (default of position_embeddings and attention_mask, the sliding w
 _CACHES = {"cache": ", kwargs=kwargs", "past_key_values": ""}
 
 
-def _key(f: Any) -> tuple | None:
-    return code_key(inspect.unwrap(f) if callable(f) else f, signature=True)
-
-
 def _form(style: str, cache: str) -> Any:
     default, window = _STYLES[style]
-    namespace: dict[str, Any] = {}
     source = _FORM.format(default=default, cache=cache, update=_CACHES[cache], window=window)
-    exec(compile(source, f"<actsparse reference form: {style} attention, {cache}>", "exec"), namespace)
-    return namespace["forward"]
+    return compile_form(source, f"{style} attention, {cache}")
 
 
-_CODES = {_key(_form(style, cache)) for style in _STYLES for cache in _CACHES}
+_CODES = {forward_key(_form(style, cache)) for style in _STYLES for cache in _CACHES}
 _NAMES = ("hidden_states", "position_embeddings", "attention_mask", "cache")  # the attention forward's parameters
 
 
@@ -179,7 +173,7 @@ def _candidate(module: nn.Module) -> bool:
     if "forward" in vars(module) or getattr(module, "_hf_hook", None) is not None:
         return False
     fn = inspect.unwrap(type(module).forward)
-    if _key(fn) not in _CODES or not all(
+    if forward_key(fn) not in _CODES or not all(
         isinstance(getattr(module, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
     ):
         return False

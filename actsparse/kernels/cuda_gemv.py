@@ -67,7 +67,8 @@ _FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
 # (benchmarks/exp_cuda.py --variants default,pdl-early): -0.5 to -0.6 us per call at 100% and 50% sparsity, and
 # the 0% stream 0.2-0.6 us faster too (the successor launching at the kernel's start instead slowed it up to 5%);
 # in the Llama-2-7B decoder with fused norms (four GEMVs in a row per layer): +1.4 to +3.0% (bench_generate.py
-# --backends cuda,cuda-pdl --norms off,on, measured while PDL was off by default; cuda-nopdl is that baseline now). Kernels around ours that do not ask for it launch as before.
+# --backends cuda,cuda-pdl --norms off,on, measured while PDL was off by default; cuda-nopdl is that baseline
+# now). Kernels around ours that do not ask for it launch as before.
 PDL = True
 
 
