@@ -34,7 +34,8 @@ from bench_gemv import Case, env_info, graph_time_us  # noqa: E402
 
 from actsparse.kernels import sparse_gemv_reference  # noqa: E402
 from actsparse.kernels import triton_gemv as tg  # noqa: E402
-from actsparse.kernels.triton_gemv import _accumulate, _round_to, split_k_tail  # noqa: E402
+from actsparse.kernels.triton_gemv import _accumulate, split_k_tail  # noqa: E402
+from actsparse.kernels.triton_round import round_nearest_even  # noqa: E402
 
 SHAPES = [(4096, 12288), (4096, 22016), (4096, 4096), (11008, 4096), (14336, 4096)]
 BLOCK_K, BLOCK_N, STAGES, PER_SM = 64, 256, 3, 2
@@ -44,7 +45,7 @@ BLOCK_K, BLOCK_N, STAGES, PER_SM = 64, 256, 3, 2
 def _compact_kernel(x_ptr, tau_ptr, idx_ptr, xv_ptr, cnt_ptr, K, K_P2: tl.constexpr):
     offs = tl.arange(0, K_P2)
     x = tl.load(x_ptr + offs, mask=offs < K, other=0.0)
-    tau = _round_to(tl.load(tau_ptr), x_ptr.dtype.element_ty)
+    tau = round_nearest_even(tl.load(tau_ptr), x_ptr.dtype.element_ty)
     keep = (offs < K) & ~(tl.abs(x.to(tl.float32)) <= tau)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + pos, offs, mask=keep)

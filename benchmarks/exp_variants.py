@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_gemv import Case, copy_bandwidth, env_info, graph_time_us  # noqa: E402
 
 from actsparse.kernels import triton_gemv as tg  # noqa: E402
-from actsparse.kernels.triton_gemv import _round_to, split_k_tail  # noqa: E402
+from actsparse.kernels.triton_gemv import split_k_tail  # noqa: E402
+from actsparse.kernels.triton_round import round_nearest_even  # noqa: E402
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def _exp_kernel(
         return
     blk = n0 // LB
     w_cols = w_ptr + blk * K * LB + (offs_n - blk * LB)
-    tau = _round_to(tl.load(tau_ptr), x_ptr.dtype.element_ty)
+    tau = round_nearest_even(tl.load(tau_ptr), x_ptr.dtype.element_ty)
     if QUANT > 0:
         MMA: tl.constexpr = tl.float16
     else:

@@ -17,6 +17,9 @@ from actsparse.kernels.reference import mask_input, sparse_gemv_reference
 from actsparse.kernels.workspace import counter_buffer
 
 tg = pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+round_nearest_even = pytest.importorskip("actsparse.kernels.triton_round").round_nearest_even
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -130,6 +133,31 @@ def test_nan_inputs_are_kept_like_the_reference():
     p = K.pack([torch.randn(16, 64, device=DEV)], [0.5])
     assert torch.isnan(tg.sparse_gemv_triton(x, p)[:16]).all()
     assert torch.isnan(sparse_gemv_reference(x, p)[:16]).all()
+
+
+@triton.jit
+def _round_kernel(v_ptr, out_ptr, like_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(v_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, round_nearest_even(v, like_ptr.dtype.element_ty), mask=offs < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernel_rounding_matches_torch_bit_for_bit_nan_included(dtype):
+    """The rounding the GEMV's epilogue and the rotation share: torch's ``.to`` for every bit pattern that matters
+    (ties both ways, the largest finite values, infinities, signed zeros, NaNs with every payload: NVIDIA's
+    canonical NaN 0x7FFFFFFF once rounded to −0.0 by the bf16 bits)."""
+    bits = [0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+            0x00000000, 0x80000000, 0x00000001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0x477FF000]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.randint(-(2**31), 2**31 - 1, (48,), generator=gen, dtype=torch.int64)
+    v = torch.cat([torch.tensor(bits, dtype=torch.int64), rand]).to(torch.int32).view(torch.float32).to(DEV)
+    out = torch.empty_like(v)
+    _round_kernel[(1,)](v, out, torch.empty(1, dtype=dtype, device=DEV), v.numel(), BLOCK=64)
+    want = v.to(dtype).float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(out), nan), v[torch.isnan(out) != nan].view(torch.int32)
+    assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
 def test_split_k_is_deterministic_and_resets_its_counters():

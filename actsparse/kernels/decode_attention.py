@@ -52,6 +52,8 @@ from .workspace import counter_buffer
 try:  # Triton is optional: CPU-only installs never call the kernel (decode_attention_supported says no)
     import triton
     import triton.language as tl
+
+    from .triton_round import round_nearest_even
 except Exception:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -418,19 +420,9 @@ if triton is not None:
         """``x * cos + rotate_half(x) * sin`` (``xr * sign`` is ``rotate_half(x)``), each product and the sum
         rounded to ``x``'s dtype as torch rounds them."""
         dt = x.dtype
-        a = _round(x.to(tl.float32) * cos.to(tl.float32), dt)
-        r = _round(xr.to(tl.float32) * sign * sin.to(tl.float32), dt)
-        return _round(a.to(tl.float32) + r.to(tl.float32), dt)
-
-    @triton.jit
-    def _round(v, dt):
-        """fp32 ``v`` to ``dt`` rounded to nearest even, as torch rounds (bf16 by its bits: Triton's CPU
-        interpreter truncates a float32 to bfloat16)."""
-        if dt == tl.bfloat16:
-            u = v.to(tl.uint32, bitcast=True)
-            u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-            v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))  # (NaN stays NaN)
-        return v.to(dt)
+        a = round_nearest_even(x.to(tl.float32) * cos.to(tl.float32), dt)
+        r = round_nearest_even(xr.to(tl.float32) * sign * sin.to(tl.float32), dt)
+        return round_nearest_even(a + r, dt).to(dt)
 
     @triton.jit
     def _attend_block(

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..errors import UsageError
 from .packing import PackedGemv
+from .triton_round import round_nearest_even
 from .workspace import counter_buffer
 
 __all__ = ["GemvConfig", "choose_config", "launch_config", "sparse_gemv_triton"]
@@ -75,7 +76,7 @@ def _sparse_gemv_kernel(
     w_cols = w_ptr + blk * K * LB + (offs_n - blk * LB)
     seg = (n0 >= C1).to(tl.int32) + (n0 >= C2).to(tl.int32)  # which packed layer these columns belong to
     # the threshold compares in the activation dtype, like SparseLinear: round τ to it first
-    tau = _round_to(tl.load(tau_ptr + seg), x_ptr.dtype.element_ty)
+    tau = round_nearest_even(tl.load(tau_ptr + seg), x_ptr.dtype.element_ty)
     if HAS_MU:
         mu = tl.load(mu_ptr + seg)
     else:
@@ -234,24 +235,12 @@ def _accumulate(
 
 
 @triton.jit
-def _round_to(t, DTYPE: tl.constexpr):
-    """fp32 ``t`` rounded to nearest-even in ``DTYPE`` (as torch's ``.to``), returned as fp32."""
-    if tl.bfloat16 == DTYPE:  # by bits: same result compiled and in the interpreter (which truncates)
-        b = t.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        t = ((b >> 16) << 16).to(tl.float32, bitcast=True)
-    elif tl.float16 == DTYPE:
-        t = t.to(tl.float16).to(tl.float32)
-    return t
-
-
-@triton.jit
 def _to_x(t, DTYPE: tl.constexpr, EXACT: tl.constexpr):
     """fp32 ``t`` cast to ``DTYPE`` rounding to nearest-even, as torch does. Compiled kernels do that already;
     the CPU interpreter truncates bf16 (``EXACT``), which with μ ≠ 0 shows: ``x − μ`` off by an ulp, then
     ``W·x' + μ·ΣW`` cancels and the error grows (bf16, x = −4.34, μ = 0.99: 4.6% on one output)."""
     if EXACT:
-        t = _round_to(t, DTYPE)
+        t = round_nearest_even(t, DTYPE)
     return t.to(DTYPE)
 
 
@@ -268,7 +257,7 @@ def _output_terms(out, offs_n, mu, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS
 @triton.jit
 def _epilogue(out, offs_n, mu, y_ptr, wsum_ptr, bias_ptr, HAS_MU: tl.constexpr, HAS_BIAS: tl.constexpr):
     out = _output_terms(out, offs_n, mu, wsum_ptr, bias_ptr, HAS_MU, HAS_BIAS)
-    tl.store(y_ptr + offs_n, _round_to(out, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty))
+    tl.store(y_ptr + offs_n, round_nearest_even(out, y_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
