@@ -1,6 +1,11 @@
 """actsparse: post-training activation sparsity for Hugging Face causal LMs."""
 
 from ._version import __version__
+from .quiet import quiet_torchao
+
+with quiet_torchao():  # the first import of transformers' model classes (below) imports torchao when installed
+    import transformers.modeling_utils  # noqa: F401
+
 from .api import SparsifyConfig, apply_thresholds, remove_sparsity, sparse_layers, sparsify_, sparsify_activations
 from .engine import Decoder
 from .errors import (

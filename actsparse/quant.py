@@ -14,8 +14,6 @@ Order: compress first, then calibrate thresholds on the compressed model (NNCF's
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import warnings
 from collections.abc import Iterable
 
@@ -24,6 +22,7 @@ import torch.nn as nn
 
 from .errors import MissingDependencyError, UsageError
 from .moe import fused_experts
+from .quiet import quiet_torchao
 from .scope import IgnoredScope, TargetScope, resolve_targets
 from .sparse_linear import sparse_layers
 from .weights import dense_weight, int8_codes
@@ -37,21 +36,6 @@ TORCHAO_INSTALL = "pip install 'actsparse[int8]'  (torchao)"
 def int8_layers(model: nn.Module) -> list[str]:
     """Names of the ``nn.Linear`` layers whose weight is int8 (compressed by :func:`compress_weights`)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and int8_codes(m.weight) is not None]
-
-
-@contextlib.contextmanager
-def quiet_torchao():
-    # torchao logs a warning per optional CUDA extension it cannot load on a CPU-only machine, and torch one
-    # about an Enum torchao registers: neither concerns the user
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _torchao():

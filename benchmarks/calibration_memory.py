@@ -236,16 +236,11 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from actsparse.quant import _quiet_torchao
-
-    with _quiet_torchao():
-        import transformers  # noqa: F401  (imports torchao when installed)
-
-        from actsparse import SparsifyConfig, TargetScope, sparsify_
-        from actsparse.cli import _token_batches
-        from actsparse.data import load_corpus
-        from actsparse.models import load_model
-        from actsparse.scope import resolve_targets
+    from actsparse import SparsifyConfig, TargetScope, sparsify_  # (quiets torchao's import-time warnings)
+    from actsparse.cli.common import token_batches
+    from actsparse.data import load_corpus
+    from actsparse.models import load_model
+    from actsparse.scope import resolve_targets
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(None)
@@ -253,7 +248,7 @@ def child(spec: dict) -> dict:
     full_blocks = len(model.model.layers)
     truncate(model, spec["depth"])
     corpus = load_corpus("embedded")
-    data = _token_batches(tokenizer, corpus.calibration, spec["samples"], spec["seq_len"], spec["batch_size"])
+    data = token_batches(tokenizer, corpus.calibration, spec["samples"], spec["seq_len"], spec["batch_size"])
     tokens = sum(d.numel() for d in data)
     if data[0].shape[1] != spec["seq_len"] or len(data) * spec["batch_size"] < spec["samples"]:
         raise SystemExit(f"the embedded corpus has too few tokens for {spec['samples']} x {spec['seq_len']}")

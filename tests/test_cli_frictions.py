@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from helpers import make_tiny_llama
@@ -108,3 +110,55 @@ def test_json_output_is_clean_with_notes_on_stderr(tiny_model_dir, text_file, tm
     common = ["--model", tiny_model_dir, "--data", text_file, "--no-progress"]
     code, stdout, err = _run(capsys, ["calibrate", *common, "--calib-samples", "2", "--out", out, "--json"])
     assert code == 0 and json.loads(stdout)["out"] == out
+
+
+def test_importing_actsparse_prints_nothing():
+    """transformers imports torchao (installed with the int8 extra) with its model classes, and torchao logs a
+    warning per CUDA extension a CPU-only machine cannot load, torch one per Enum torchao registers: four lines
+    before every command's output, none the user's business."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONWARNINGS")}
+    r = subprocess.run([sys.executable, "-c", "import actsparse"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr[-2000:]
+
+
+_COUNTS = {  # command: (its arguments, the count flags it takes and the least each accepts)
+    "calibrate": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1}),
+    "eval": ([], {"--context": 2, "--stride": 1, "--eval-tokens": 2, "--lm-eval-batch-size": 1}),
+    "sweep": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1, "--context": 2, "--stride": 1}),
+    "generate": (["--prompt", "hi"], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1}),
+    "attribution": (
+        [],
+        {
+            "--ig-chunk": 1,
+            "--eval-samples": 1,
+            "--seq-len": 2,
+            "--batch-size": 1,
+            "--calib-samples": 1,
+            "--calib-seq-len": 2,
+            "--calib-batch-size": 1,
+            "--mc-limit": 1,
+        },
+    ),  # fmt: skip
+    "demo": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1, "--context": 2}),
+}
+
+
+@pytest.mark.parametrize("command", list(_COUNTS))
+def test_counts_below_their_least_are_refused_before_the_load_naming_the_flag(command, text_file, capsys, no_load):
+    """Every count flag below what it accepts (zero, negative) is one argparse line naming the flag, before the
+    model loads (they were checked after it: a 15 s load, then an error, for ``--calib-samples 0``)."""
+    extra, flags = _COUNTS[command]
+    base = [command] + ([] if command == "demo" else ["--model", "no/such/model"]) + extra
+    base += ["--data", text_file] if command in ("calibrate", "eval", "sweep", "attribution") else []
+    for flag, least in flags.items():
+        for bad in (least - 1, -3):
+            code, _, err = _run(capsys, base + [flag, str(bad)])
+            assert code == 2 and f"argument {flag}: expected an integer >= {least}" in err, (flag, bad, err)
+            assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_stride_past_the_context_is_refused_before_the_load(text_file, capsys, no_load):
+    code, _, err = _run(
+        capsys, ["eval", "--model", "no/such/model", "--data", text_file, "--context", "64", "--stride", "65"]
+    )
+    assert code == 2 and "--stride 65 exceeds --context 64: use a stride in [1, 64]" in err

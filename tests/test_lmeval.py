@@ -1,6 +1,8 @@
 """lm-eval on the in-memory (sparsified) model, fully offline: a tiny custom multiple-choice task written here."""
 
 import json
+import logging
+import os
 import sys
 
 import pytest
@@ -190,12 +192,18 @@ def test_scorer_names_are_checked(task_dir):
         run_lm_eval(make_tiny_llama(), _tokenizer(), TASK, include_path=folder, scorer="fast")
 
 
-def test_unknown_task_names_close_matches_and_the_fix(task_dir, capsys):
+def test_unknown_task_names_close_matches_and_the_fix(task_dir, capsys, caplog):
     folder, _ = task_dir
+    mine = {"task": "lambada_openai", "dataset_path": "json", "output_type": "loglikelihood", "test_split": "test"}
+    with open(os.path.join(folder, "mine.yaml"), "w", encoding="utf-8") as f:
+        json.dump(mine, f)  # the user's own definition of a built-in task
     # every call names piqa (served from the offline data) and the folder: one index of lm-eval's built-in
     # tasks (≈11 s on the CI box) serves them all
-    with pytest.raises(ValueError) as e:
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as e:
         check_tasks([TASK + "x", "piqa"], include_path=folder)
+    # the offline data's seven tasks (and their tags) redefine lm-eval's on purpose: not warned; the user's is
+    overrides = [r.getMessage() for r in caplog.records if "overrides existing task" in r.getMessage()]
+    assert len(overrides) == 1 and "'lambada_openai'" in overrides[0] and folder in overrides[0], overrides
     msg = str(e.value)
     assert f"did you mean: {TASK}" in msg and "--include-path" in msg and "lm-eval ls tasks" in msg
     assert "'piqa'" not in msg

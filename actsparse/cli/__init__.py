@@ -14,9 +14,9 @@ from typing import NoReturn
 
 from .._version import __version__
 from ..errors import ActSparseError
-from ..quant import quiet_torchao
+from ..quiet import quiet_torchao
 from . import attribution, calibrate, demo, evaluate, generate, sweep
-from .common import check_outputs, precheck_scopes, sparsify_config, will_calibrate
+from .common import check_outputs, check_window, precheck_scopes, sparsify_config, will_calibrate
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         # commands that may calibrate: a bad recipe fails before any loading
         config = sparsify_config(args) if hasattr(args, "default_scopes") else None
         check_outputs(args)  # every output place writable, before any work
+        check_window(args)
         with quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
             if config is not None and will_calibrate(args):
                 precheck_scopes(args, config)  # scopes that match nothing: before the model loads

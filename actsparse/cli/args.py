@@ -225,17 +225,19 @@ def add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None)
         "SparsifyConfig.save) instead of --scope/--ignore/--method/--option",
     )
     p.add_argument("--save-config", default=None, metavar="JSON", help="write the sparsify config used to this file")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--calib-samples", type=int_at_least(1), default=32, help="calibration sequences (default 32)")
+    p.add_argument(
+        "--calib-seq-len", type=int_at_least(1), default=256, help="tokens per calibration sequence (default 256)"
+    )
+    p.add_argument("--calib-batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (default 8)")
     p.set_defaults(default_scopes=default_scopes)
 
 
 def add_eval_args(p: argparse.ArgumentParser, eval_tokens: int | None = None) -> None:
-    p.add_argument("--context", type=int, default=1024, help="perplexity window (default 1024)")
+    p.add_argument("--context", type=int_at_least(2), default=1024, help="perplexity window (default 1024)")
     p.add_argument(
         "--stride",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="new tokens scored per window (default: context - 1; consecutive windows share one token)",
     )

@@ -12,7 +12,7 @@ from ..config import SparsifyConfig
 from ..errors import UsageError
 from ..eval.mc import load_mc, tokenize_mc
 from ..eval.sweep import parse_range
-from .args import add_model_args
+from .args import add_model_args, int_at_least
 from .common import load_all, log, token_batches
 from .format import curves_table
 
@@ -34,7 +34,9 @@ def register(sub) -> None:
     at.add_argument("--units", default="heads,neurons,both", help="unit sets, comma list (default heads,neurons,both)")
     at.add_argument("--modes", default="per-input,calibrated", help="per-input and/or calibrated (default both)")
     at.add_argument("--n-steps", type=int, default=8, help="integrated-gradients interpolations (default 8)")
-    at.add_argument("--ig-chunk", type=int, default=4, help="IG interpolations per backward pass (memory; default 4)")
+    at.add_argument(
+        "--ig-chunk", type=int_at_least(1), default=4, help="IG interpolations per backward pass (memory; default 4)"
+    )
     at.add_argument("--rho", default="0.5", help="corrected-GxO drift weight: a number or 'auto' (default 0.5)")
     at.add_argument(
         "--target",
@@ -43,19 +45,23 @@ def register(sub) -> None:
         help="per-input attribution target: the dense model's own predictions (default) or the true "
         "next tokens (oracle)",
     )
-    at.add_argument("--eval-samples", type=int, default=16, help="evaluation sequences (default 16)")
-    at.add_argument("--seq-len", type=int, default=128, help="tokens per evaluation sequence (default 128)")
-    at.add_argument("--batch-size", type=int, default=4, help="sequences per pass (default 4)")
-    at.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
-    at.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    at.add_argument("--calib-batch-size", type=int, default=4, help="calibration sequences per pass (default 4)")
+    at.add_argument("--eval-samples", type=int_at_least(1), default=16, help="evaluation sequences (default 16)")
+    at.add_argument("--seq-len", type=int_at_least(2), default=128, help="tokens per evaluation sequence (default 128)")
+    at.add_argument("--batch-size", type=int_at_least(1), default=4, help="sequences per pass (default 4)")
+    at.add_argument("--calib-samples", type=int_at_least(1), default=16, help="calibration sequences (default 16)")
+    at.add_argument(
+        "--calib-seq-len", type=int_at_least(2), default=256, help="tokens per calibration sequence (default 256)"
+    )
+    at.add_argument(
+        "--calib-batch-size", type=int_at_least(1), default=4, help="calibration sequences per pass (default 4)"
+    )
     at.add_argument(
         "--mc",
         default=None,
         metavar="FILE|hf:NAME",
         help="multiple-choice set (JSON/JSONL with question, choices, label): accuracy on it too",
     )
-    at.add_argument("--mc-limit", type=int, default=None, help="use the first N multiple-choice items")
+    at.add_argument("--mc-limit", type=int_at_least(1), default=None, help="use the first N multiple-choice items")
     at.add_argument("--no-corpus", action="store_true", help="evaluate only on --mc (no next-token accuracy)")
     at.add_argument("--out", default="attribution", help="output folder (default ./attribution)")
 
@@ -74,9 +80,6 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
     metrics, units, modes = check_metrics(split(args.metrics)), split(args.units), split(args.modes)
     sparsities, rho = parse_range(args.sparsity), rho_arg(args.rho)
     check_options(sparsities, units, modes, args.n_steps, rho, args.target)
-    for flag in ("eval_samples", "seq_len", "batch_size", "calib_samples", "calib_seq_len", "calib_batch_size"):
-        if getattr(args, flag) < (2 if "seq_len" in flag else 1):
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= {2 if 'seq_len' in flag else 1}")
     if args.no_corpus and not args.mc:
         raise UsageError("--no-corpus needs --mc (there would be nothing to evaluate)")
     items = load_mc(args.mc) if args.mc else []  # fail on bad data before loading the model

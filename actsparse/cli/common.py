@@ -39,6 +39,7 @@ __all__ = [
     "precheck_scopes",
     "will_calibrate",
     "check_outputs",
+    "check_window",
     "calibration_data",
     "token_batches",
     "sparsify_config",
@@ -102,6 +103,13 @@ def check_outputs(args) -> None:
             check_output_path(value, "--" + flag.replace("_", "-"))
 
 
+def check_window(args) -> None:
+    """``--stride`` within ``--context`` (each is checked alone by argparse), before any loading."""
+    stride, context = getattr(args, "stride", None), getattr(args, "context", None)
+    if stride is not None and context is not None and stride > context:
+        raise UsageError(f"--stride {stride} exceeds --context {context}: use a stride in [1, {context}]")
+
+
 def will_calibrate(args) -> bool:
     """Whether the command calibrates thresholds (generate does only without saved thresholds or --dense)."""
     if args.command != "generate":
@@ -125,10 +133,6 @@ def precheck_scopes(args, config: SparsifyConfig) -> None:
 def calibration_data(args, tokenizer, corpus, *, evaluates: bool = False) -> list[torch.Tensor]:
     """The calibration windows, with a line saying how many tokens of the data they use; ``evaluates``: the
     command then measures perplexity on ``corpus.evaluation`` (a note when that is the same text)."""
-    if args.calib_samples < 1:
-        raise UsageError(f"--calib-samples must be >= 1, got {args.calib_samples}")
-    if args.calib_batch_size < 1:
-        raise UsageError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
     batches = token_batches(
         tokenizer, corpus.calibration, args.calib_samples, args.calib_seq_len, args.calib_batch_size
     )

@@ -11,7 +11,7 @@ from ..eval.lmeval import TASK_DATA, check_tasks, mean_accuracy, run_lm_eval
 from ..eval.sweep import ALL_PROJECTIONS, format_table, method_meta, parse_range, run_sweep, sweep_methods, write_sweep
 from ..rotation import rotate_residual
 from ..scope import IgnoredScope
-from .args import add_eval_args, add_model_args, add_rotate_inputs_arg, limit_arg, positive_int
+from .args import add_eval_args, add_model_args, add_rotate_inputs_arg, int_at_least, limit_arg, positive_int
 from .common import calibration_data, load_all, log, precheck_scopes, rotate_inputs_from_args
 
 
@@ -32,9 +32,13 @@ def register(sub) -> None:
         "--scope", default=ALL_PROJECTIONS, help="regex of the layers to sparsify (default: all seven projections)"
     )
     sw.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="regex of layers to leave dense")
-    sw.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    sw.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    sw.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    sw.add_argument("--calib-samples", type=int_at_least(1), default=32, help="calibration sequences (default 32)")
+    sw.add_argument(
+        "--calib-seq-len", type=int_at_least(1), default=256, help="tokens per calibration sequence (default 256)"
+    )
+    sw.add_argument(
+        "--calib-batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (default 8)"
+    )
     sw.add_argument("--out", default="sweep", help="output folder for sweep.csv/json/png (default ./sweep)")
     sw.add_argument(
         "--tasks",

