@@ -344,7 +344,7 @@ def load_model(
     if device_map is None:
         with _load_errors(name_or_path):
             model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-        return model.to(device or "cpu").eval(), tokenizer
+        return _plain_weights(model).to(device or "cpu").eval(), tokenizer
     is_gguf = "gguf_file" in kwargs  # transformers >= 5 dispatches GGUF models too (dequantized in memory first)
     if is_gguf and isinstance(device_map, dict) and "disk" in device_map.values():
         raise UsageError(
@@ -365,4 +365,16 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, device_map=device_map, offload_folder=offload_folder, **kwargs
         )
-    return model.eval(), tokenizer
+    return _plain_weights(model).eval(), tokenizer
+
+
+def _plain_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A model loaded from a GGUF file holds plain dequantized weights, yet transformers keeps it marked as
+    GGUF-quantized, so ``save_pretrained`` refuses it ("quantized with gguf and is not serializable") and its
+    config would say GGUF: the marks are dropped (other quantizers, whose weights stay quantized, keep theirs)."""
+    if type(getattr(model, "hf_quantizer", None)).__name__ == "GgufHfQuantizer":
+        marked: Any = model  # (instance attributes transformers sets; nn.Module's typing knows only modules)
+        marked.hf_quantizer, marked.is_quantized = None, False
+        if hasattr(marked.config, "quantization_config"):
+            del marked.config.quantization_config
+    return model

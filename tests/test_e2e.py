@@ -36,6 +36,13 @@ def test_embedded_model_sparsify_eval_save_load(embedded, tmp_path):
         A.remove_sparsity(model)
         A.load_thresholds(model, path)
         assert {n: m.act_threshold.item() for n, m in A.sparse_layers(model).items()} == thresholds
+        # the README's checkpoint round trip: loaded from a GGUF file, the model still saves (its weights are
+        # plain; transformers kept it marked GGUF-quantized and refused)
+        A.save_pretrained(model, str(tmp_path / "ckpt"), tok)
+        assert "quantization_config" not in json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        again = A.from_pretrained(str(tmp_path / "ckpt"))
+        with torch.no_grad():
+            assert torch.equal(again(ids[None, :64]).logits, model(ids[None, :64]).logits)
     finally:
         A.remove_sparsity(model)
 
