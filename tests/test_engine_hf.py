@@ -1,8 +1,14 @@
-"""actsparse.engine.hf's call binding, which the fused forwards (norms.py, rope.py) share."""
+"""actsparse.engine.hf: the call binding the fused forwards (norms.py, rope.py) share, the cache's name."""
 
 from __future__ import annotations
 
-from actsparse.engine.hf import bind_call
+import logging
+
+import torch
+import transformers.utils.logging as tlog
+from helpers import make_tiny_llama
+
+from actsparse.engine.hf import bind_call, forward_kwargs, output_cache
 
 NAMES = ("hidden_states", "position_embeddings", "attention_mask", "cache")
 
@@ -25,3 +31,15 @@ def test_a_call_bound_otherwise_is_left_to_the_class_forward():
     assert bind_call(NAMES, ("h",), {"hidden_states": "h2"}) is None  # given twice
     assert bind_call(NAMES, ("h", "pe", "m", "c"), {"past_key_values": "c2"}) is None  # twice, by its old name
     assert bind_call(NAMES, ("h",), {"cache": "c", "past_key_values": "c2"}) is None  # by both names
+
+
+def test_the_returned_cache_is_read_under_its_current_name_without_the_deprecation_warning(caplog):
+    """Reading ``output.past_key_values`` in transformers >= 5.2x warns that the name is deprecated (once per
+    process: the lm-eval scorer printed it in every zero-shot run); ``output_cache`` reads ``cache`` there."""
+    model = make_tiny_llama()
+    out = model(torch.tensor([[1, 2, 3]]), **forward_kwargs(model, None))
+    tlog.warning_once.cache_clear()  # (a warning given once already in this process would not show again)
+    with caplog.at_level(logging.WARNING):
+        cache = output_cache(out)
+    assert cache is not None and cache.get_seq_length() == 3
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.records

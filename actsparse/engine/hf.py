@@ -16,6 +16,7 @@ import torch.nn as nn
 from transformers.cache_utils import StaticCache, StaticLayer
 
 __all__ = [
+    "output_cache",
     "forward_kwargs",
     "eos_token_ids",
     "make_static_cache",
@@ -49,6 +50,13 @@ def forward_kwargs(model: nn.Module, cache: Any, *, last_only: bool = True) -> d
     if last_only and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1  # only the last position's logits are needed (lm_head sees one row)
     return kwargs
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned: ``output.cache`` in transformers >= 5.2x (whose ``past_key_values``
+    property warns that the name is deprecated), ``output.past_key_values`` before."""
+    fields = output.keys() if hasattr(output, "keys") else ()
+    return output["cache"] if "cache" in fields else output.past_key_values
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:

