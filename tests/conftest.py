@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# actsparse first: it imports transformers (which imports torchao) with torchao's import-time warnings quieted
+import actsparse  # noqa: E402, F401
+
+# isort: split
 import pytest  # noqa: E402
 from helpers import VOCAB, byte_tokenizer, make_tiny_llama  # noqa: E402
 from hypothesis import settings  # noqa: E402
