@@ -371,8 +371,12 @@ def load_model(
 def _plain_weights(model: torch.nn.Module) -> torch.nn.Module:
     """A model loaded from a GGUF file holds plain dequantized weights, yet transformers keeps it marked as
     GGUF-quantized, so ``save_pretrained`` refuses it ("quantized with gguf and is not serializable") and its
-    config would say GGUF: the marks are dropped (other quantizers, whose weights stay quantized, keep theirs)."""
-    if type(getattr(model, "hf_quantizer", None)).__name__ == "GgufHfQuantizer":
+    config would say GGUF: the marks are dropped. Not where transformers kept some weights packed (its GGUF
+    kernels, for a few architectures on a GPU), nor for other quantizers: their weights are not plain."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    dequantized = getattr(getattr(quantizer, "quantization_config", None), "dequantize", True)
+    packed = getattr(quantizer, "packed_modules", None)
+    if type(quantizer).__name__ == "GgufHfQuantizer" and (dequantized or not packed):
         marked: Any = model  # (instance attributes transformers sets; nn.Module's typing knows only modules)
         marked.hf_quantizer, marked.is_quantized = None, False
         if hasattr(marked.config, "quantization_config"):

@@ -122,10 +122,10 @@ def test_importing_actsparse_prints_nothing():
 
 
 _COUNTS = {  # command: (its arguments, the count flags it takes and the least each accepts)
-    "calibrate": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1}),
+    "calibrate": ([], {"--calib-samples": 1, "--calib-seq-len": 2, "--calib-batch-size": 1}),
     "eval": ([], {"--context": 2, "--stride": 1, "--eval-tokens": 2, "--lm-eval-batch-size": 1}),
-    "sweep": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1, "--context": 2, "--stride": 1}),
-    "generate": (["--prompt", "hi"], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1}),
+    "sweep": ([], {"--calib-samples": 1, "--calib-seq-len": 2, "--calib-batch-size": 1, "--context": 2, "--stride": 1}),
+    "generate": (["--prompt", "hi"], {"--calib-samples": 1, "--calib-seq-len": 2, "--calib-batch-size": 1}),
     "attribution": (
         [],
         {
@@ -139,7 +139,7 @@ _COUNTS = {  # command: (its arguments, the count flags it takes and the least e
             "--mc-limit": 1,
         },
     ),  # fmt: skip
-    "demo": ([], {"--calib-samples": 1, "--calib-seq-len": 1, "--calib-batch-size": 1, "--context": 2}),
+    "demo": ([], {"--calib-samples": 1, "--calib-seq-len": 2, "--calib-batch-size": 1, "--context": 2}),
 }
 
 

@@ -13,8 +13,9 @@ import actsparse as A
 from actsparse.cli import main
 from actsparse.errors import UsageError
 from actsparse.eval import SparsityMonitor
-from actsparse.eval.lmeval import LMEVAL_INSTALL, check_tasks, run_lm_eval
+from actsparse.eval.lmeval import LMEVAL_INSTALL, _LMEvalNoise, check_tasks, run_lm_eval
 from actsparse.eval.loglik import continuation_logliks
+from actsparse.eval.zeroshot import lm_eval_tasks_dir
 
 TASK = "actsparse_tiny_mc"
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
@@ -198,16 +199,19 @@ def test_scorer_names_are_checked(task_dir):
 
 def test_unknown_task_names_close_matches_and_the_fix(task_dir, capsys, caplog):
     folder, _ = task_dir
-    mine = {"task": "lambada_openai", "dataset_path": "json", "output_type": "loglikelihood", "test_split": "test"}
-    with open(os.path.join(folder, "mine.yaml"), "w", encoding="utf-8") as f:
-        json.dump(mine, f)  # the user's own definition of a built-in task
+    for task in ("lambada_openai", "piqa"):  # the user's own definitions of two built-in tasks
+        mine = {"task": task, "dataset_path": "json", "output_type": "loglikelihood", "test_split": "test"}
+        with open(os.path.join(folder, f"mine_{task}.yaml"), "w", encoding="utf-8") as f:
+            json.dump(mine, f)
     # every call names piqa (served from the offline data) and the folder: one index of lm-eval's built-in
     # tasks (≈11 s on the CI box) serves them all
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as e:
         check_tasks([TASK + "x", "piqa"], include_path=folder)
-    # the offline data's seven tasks (and their tags) redefine lm-eval's on purpose: not warned; the user's is
-    overrides = [r.getMessage() for r in caplog.records if "overrides existing task" in r.getMessage()]
-    assert len(overrides) == 1 and "'lambada_openai'" in overrides[0] and folder in overrides[0], overrides
+    # the offline data's seven tasks (and their tags) replace lm-eval's on purpose: not warned; the user's two
+    # replacing lm-eval's are, and so is the offline piqa replacing the user's (paths: the user's, then offline)
+    overrides = sorted({r.getMessage() for r in caplog.records if "overrides existing task" in r.getMessage()})
+    assert len(overrides) == 3 and all(folder in m for m in overrides), overrides
+    assert [m.split("'")[1] for m in overrides] == ["lambada_openai", "piqa", "piqa"], overrides
     msg = str(e.value)
     assert f"did you mean: {TASK}" in msg and "--include-path" in msg and "lm-eval ls tasks" in msg
     assert "'piqa'" not in msg
@@ -309,3 +313,32 @@ def test_cli_lm_eval_options_need_tasks(tmp_path, capsys):
         assert main(["eval", "--tasks", "piqa", flag, value]) == 2
         err = capsys.readouterr().err
         assert flag in err and message in err, err
+
+
+def _record(msg, *args):
+    return logging.LogRecord("lm_eval.x", logging.WARNING, __file__, 1, msg, args, None)
+
+
+def test_the_lm_eval_warnings_kept_and_dropped(tmp_path):
+    """What the filter on lm-eval's loggers lets through, with and without the offline task folder."""
+    offline, user = str(tmp_path / "offline"), str(tmp_path / "user")
+    builtin = os.path.join(lm_eval_tasks_dir(), "piqa", "piqa.yaml")
+    fewshot = "Overwriting default num_fewshot of %s from %s to %s"
+    override = "Task '%s' from %s overrides existing task from %s"
+    agg = "[Task: %s] metric acc is defined, but aggregation is not. using default aggregation=mean"
+    for quiet in (_LMEvalNoise(()), _LMEvalNoise((offline,))):
+        assert not quiet.filter(_record("`pretrained` model kwarg is not of type `str`. Many other ..."))
+        assert not quiet.filter(_record(fewshot, "piqa", None, 0))  # no default: nothing changes
+        assert not quiet.filter(_record(fewshot, "piqa", 0, 0))
+        assert quiet.filter(_record(fewshot, "bbh", 3, 0))  # a few-shot default overridden: said
+        assert quiet.filter(_record("Something else entirely"))
+        assert quiet.filter(_record(agg % "my_task"))
+        assert quiet.filter(_record(override, "piqa", f"{user}/piqa.yaml", builtin))  # the user's replaces lm-eval's
+    quiet = _LMEvalNoise((offline,))
+    assert not quiet.filter(_record(override, "piqa", f"{offline}/piqa.yaml", builtin))
+    assert quiet.filter(_record(override, "piqa", f"{offline}/piqa.yaml", f"{user}/piqa.yaml"))
+    assert not quiet.filter(_record(override, "ai2_arc", None, None))  # a tag the offline tasks re-register
+    assert quiet.filter(_record(override, "my_tag", None, None))
+    assert not quiet.filter(_record(agg % "boolq"))
+    assert _LMEvalNoise(()).filter(_record(override, "piqa", f"{offline}/piqa.yaml", builtin))  # no offline folder
+    assert _LMEvalNoise(()).filter(_record(agg % "boolq"))

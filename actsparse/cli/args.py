@@ -227,7 +227,7 @@ def add_calib_args(p: argparse.ArgumentParser, default_scopes: list[str] | None)
     p.add_argument("--save-config", default=None, metavar="JSON", help="write the sparsify config used to this file")
     p.add_argument("--calib-samples", type=int_at_least(1), default=32, help="calibration sequences (default 32)")
     p.add_argument(
-        "--calib-seq-len", type=int_at_least(1), default=256, help="tokens per calibration sequence (default 256)"
+        "--calib-seq-len", type=int_at_least(2), default=256, help="tokens per calibration sequence (default 256)"
     )
     p.add_argument("--calib-batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (default 8)")
     p.set_defaults(default_scopes=default_scopes)

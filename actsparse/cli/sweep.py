@@ -34,7 +34,7 @@ def register(sub) -> None:
     sw.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="regex of layers to leave dense")
     sw.add_argument("--calib-samples", type=int_at_least(1), default=32, help="calibration sequences (default 32)")
     sw.add_argument(
-        "--calib-seq-len", type=int_at_least(1), default=256, help="tokens per calibration sequence (default 256)"
+        "--calib-seq-len", type=int_at_least(2), default=256, help="tokens per calibration sequence (default 256)"
     )
     sw.add_argument(
         "--calib-batch-size", type=int_at_least(1), default=8, help="sequences per forward pass (default 8)"

