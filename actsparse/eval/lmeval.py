@@ -219,7 +219,7 @@ def _resolve(
     if task_data == "hub" and "zeroshot" in given:
         raise UsageError("'zeroshot' names the offline tasks; with task_data='hub' name the lm-eval tasks instead")
     offline = _offline_paths(names, task_data, "zeroshot" in given)
-    paths = _include_paths(include_path) + offline
+    paths = offline + _include_paths(include_path)  # later folders win: the user's tasks over the offline ones
     if paths and not any(_is_glob(n) or _is_task_file(n) for n in names):
         # custom leaf tasks are self-contained: skip indexing the built-in tasks when they are all we need
         custom = _manager(paths, include_defaults=False, offline=offline)
