@@ -343,3 +343,13 @@ def test_the_lm_eval_warnings_kept_and_dropped(tmp_path):
     assert not quiet.filter(_record(agg % "boolq"))
     assert _LMEvalNoise(()).filter(_record(override, "piqa", f"{offline}/piqa.yaml", builtin))  # no offline folder
     assert _LMEvalNoise(()).filter(_record(agg % "boolq"))
+
+
+def test_a_run_outside_a_git_repository_prints_no_git_error(task_dir, tmp_path, monkeypatch, capfd):
+    """lm-eval records ``git describe`` of the working folder and let git's stderr through: "fatal: not a git
+    repository" on every run from a folder outside one."""
+    folder, _ = task_dir
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # (tmp_path inside a repository: not one)
+    run_lm_eval(make_tiny_llama(), _tokenizer(), TASK, include_path=folder, limit=2)
+    assert "not a git repository" not in capfd.readouterr().err

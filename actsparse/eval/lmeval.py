@@ -19,6 +19,8 @@ import functools
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -162,6 +164,31 @@ def _quiet_lm_eval(folders: tuple[str, ...] = ()) -> Iterator[None]:
     finally:
         for lg in loggers:
             lg.removeFilter(quiet)
+
+
+def _git_describe() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` (the results' ``git_hash``: ``git describe`` in the working folder),
+    with git's stderr kept: outside a repository lm-eval's printed "fatal: not a git repository" on every run."""
+    try:
+        r = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """``_git_describe`` in place of the ``get_git_commit_hash`` lm-eval's evaluator imported, for the block."""
+    evaluator = sys.modules.get("lm_eval.evaluator")
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = _git_describe  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original  # type: ignore[union-attr]
 
 
 @functools.lru_cache(maxsize=4)
@@ -420,7 +447,7 @@ def run_lm_eval(
     layers = sparse_layers(model)
     monitor = SparsityMonitor(model) if layers else None
     t = time.perf_counter()
-    with _restored(model, device), monitor or contextlib.nullcontext(), _quiet_lm_eval(offline):
+    with _restored(model, device), monitor or contextlib.nullcontext(), _quiet_lm_eval(offline), _quiet_git():
         lm_class = HFLM if scorer == "hflm" else _shared_prefix_lm(HFLM)
         lm = lm_class(pretrained=model, tokenizer=copy.deepcopy(tokenizer), backend="causal", batch_size=batch_size)
         if scorer == "shared-prefix":
