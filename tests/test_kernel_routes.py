@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import actsparse as A
 import actsparse.kernels as K
 from actsparse.engine import forward_kwargs
+from actsparse.engine.hf import output_cache
 
 pytest.importorskip("actsparse.kernels.triton_gemv", reason="triton is not installed")
 
@@ -42,7 +43,7 @@ def _model(targets):
 def _decode_logits(model, ids):
     with torch.no_grad():
         out = model(ids[:, :-1], use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x / earlier
+        cache = output_cache(out)
         return model(ids[:, -1:], **forward_kwargs(model, cache, last_only=False)).logits
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import actsparse.kernels as K
 from actsparse.engine import forward_kwargs
+from actsparse.engine.hf import output_cache
 from actsparse.errors import UsageError
 from actsparse.kernels import ops
 from actsparse.kernels.reference import mask_input, sparse_gemv_reference
@@ -31,7 +32,7 @@ HALF_GEMV = "cuda" if ops.cuda_kernel_available(DEV) else "triton"
 
 def _step(model, ids, out):
     """One decode step on the cache ``out`` returned (named for the installed transformers version)."""
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = output_cache(out)
     return model(ids, **forward_kwargs(model, cache, last_only=False)).logits
 
 

@@ -53,10 +53,10 @@ def forward_kwargs(model: nn.Module, cache: Any, *, last_only: bool = True) -> d
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache a forward returned: ``output.cache`` in transformers >= 5.2x (whose ``past_key_values``
-    property warns that the name is deprecated), ``output.past_key_values`` before."""
-    fields = output.keys() if hasattr(output, "keys") else ()
-    return output["cache"] if "cache" in fields else output.past_key_values
+    """The KV cache a forward returned, or None: ``output.cache`` in transformers >= 5.2x (whose
+    ``past_key_values`` property warns that the name is deprecated), ``output.past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import Decoder, eos_token_ids, forward_kwargs, select_next
+from ..engine.hf import output_cache
 from ..errors import UsageError
 from ..eval.sparsity import SparsityMonitor
 from ..offload import model_device
@@ -62,10 +63,9 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, *, all_logits: boo
 
 
 def _cache_of(out: Any) -> Any:
-    for key in ("cache", "past_key_values"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
+    cache = output_cache(out)
+    if cache is not None:
+        return cache
     raise UsageError("the model returned no KV cache with use_cache=True; generation needs a causal LM with a cache")
 
 
