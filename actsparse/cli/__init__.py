@@ -14,7 +14,6 @@ from typing import NoReturn
 
 from .._version import __version__
 from ..errors import ActSparseError
-from ..quiet import quiet_torchao
 from . import attribution, calibrate, demo, evaluate, generate, sweep
 from .common import check_outputs, check_window, precheck_scopes, sparsify_config, will_calibrate
 
@@ -58,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         config = sparsify_config(args) if hasattr(args, "default_scopes") else None
         check_outputs(args)  # every output place writable, before any work
         check_window(args)
-        with quiet_torchao():  # transformers imports torchao when installed: its CPU-only warnings are noise here
-            if config is not None and will_calibrate(args):
-                precheck_scopes(args, config)  # scopes that match nothing: before the model loads
-            result = COMMANDS[args.command](args, config)
+        if config is not None and will_calibrate(args):
+            precheck_scopes(args, config)  # scopes that match nothing: before the model loads
+        result = COMMANDS[args.command](args, config)
     except (ActSparseError, OSError) as e:  # the user's mistake, or the machine's (a full disk, no permission)
         print(f"actsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
