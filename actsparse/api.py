@@ -13,7 +13,7 @@ from .data import check_token_ids, prepare_batches
 from .errors import InvalidTypeError, UsageError
 from .methods import MethodConfig
 from .moe import expert_scope_hint, fuse_experts, unfuses_experts
-from .scope import IgnoredScope, TargetScope, resolve_targets
+from .scope import IgnoredScope, TargetScope, check_sparsity, resolve_targets
 from .sparse_linear import SparseLinear, SparsityParams, check_not_sparsified, sparse_layers
 
 __all__ = [
@@ -59,14 +59,24 @@ def apply_thresholds(
             params[n] = SparsityParams(float(p))
         else:
             raise InvalidTypeError(f"threshold for {n!r} must be a number or SparsityParams, got {p!r}")
+    if target_sparsity is not None and not isinstance(target_sparsity, Mapping):
+        raise InvalidTypeError(
+            f"target_sparsity must be a dict {{layer name: fraction}} or None, got {type(target_sparsity).__name__}"
+        )
+    if method is not None and not isinstance(method, str):
+        raise InvalidTypeError(f"method must be a method name (a string) or None, got {method!r}")
+    targets: dict[str, float | None] = {}
     for name, p in params.items():  # validate everything before touching the model
         if type(modules.get(name)) is not nn.Linear:
             got = type(modules[name]).__name__ if name in modules else "no such module"
             raise UsageError(f"cannot sparsify {name!r}: expected a torch.nn.Linear, got {got}")
         p.validate(modules[name].in_features, name, modules[name].out_features)
-    for name, p in params.items():
         ts = None if target_sparsity is None else target_sparsity.get(name)
-        model.set_submodule(name, SparseLinear.from_linear(modules[name], p, target_sparsity=ts, method=method))
+        targets[name] = None if ts is None else check_sparsity(f"layer {name!r}", ts)
+    for name, p in params.items():
+        model.set_submodule(
+            name, SparseLinear.from_linear(modules[name], p, target_sparsity=targets[name], method=method)
+        )
     return model
 
 

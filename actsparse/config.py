@@ -65,6 +65,16 @@ class SparsifyConfig:
         self.target_sparsity_by_scope = {
             TargetScope(patterns=[k]) if isinstance(k, str) else k: v for k, v in self.target_sparsity_by_scope.items()
         }
+        for scope in self.target_sparsity_by_scope:
+            if not isinstance(scope, TargetScope):
+                raise InvalidTypeError(
+                    f"target_sparsity_by_scope keys must be TargetScope(...) or a regex string, got {scope!r}"
+                )
+        if self.ignored_scope is not None and not isinstance(self.ignored_scope, IgnoredScope):
+            raise InvalidTypeError(
+                f"ignored_scope must be an IgnoredScope(names=..., patterns=..., types=...) or None, got "
+                f"{self.ignored_scope!r}"
+            )
         for scope, sparsity in self.target_sparsity_by_scope.items():  # before any model work
             check_sparsity(scope, sparsity)
         self.method = method_from_spec(self.method, **self.method_options)

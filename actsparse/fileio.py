@@ -1,7 +1,8 @@
 """Atomic file writes: a temp file beside the target, then one rename (a reader sees the old file or the new one).
 
-* The temp file is ``.<name>.actsparse-<pid>-<random>.tmp`` in the target's folder; one left behind by a
-  killed save (its process gone) is removed by the next save of the same name.
+* The temp file is ``.<name>.actsparse-<pid>-<random>.tmp`` in the target's folder (a long name shortened, with
+  a hash); one left behind by a killed save (its process gone) is removed by the next save of the same name.
+  It is synced to disk before the rename: after a crash the file is the old one or the whole new one.
 * A file that is replaced keeps its permission bits; a new file gets the usual ``0o666 & ~umask``.
 * A symlink is written through: its target file is replaced, the link stays.
 * :func:`check_output_path` says, before any work, whether a path can be written (for the CLI's ``--out``).
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import stat
@@ -20,7 +22,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["atomic_write", "check_output_path", "keep_file_modes"]
+__all__ = ["atomic_write", "check_output_path", "keep_file_modes", "written_last"]
 
 _STALE = re.compile(r"\.actsparse-(\d+)-[^.]+\.tmp$")
 
@@ -43,8 +45,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stem(name: str) -> str:
+    """``name`` as temp files beside it spell it: shortened (with a hash) where the temp name would pass the
+    file system's 255-byte limit."""
+    if len(name.encode()) <= 200:
+        return name
+    return name.encode()[:120].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def _fsync(path: str, *, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove_stale(folder: str, name: str) -> None:
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.actsparse-*.tmp")):
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(_stem(name))}.actsparse-*.tmp")):
         m = _STALE.search(tmp)
         if m is not None and not _pid_alive(int(m.group(1))):
             try:
@@ -69,14 +87,64 @@ def keep_file_modes(folder: str) -> Iterator[None]:
         return out
 
     before = modes()
-    yield
+    try:
+        yield
+    finally:
+        _restore_modes(before, modes())
+
+
+def _restore_modes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> None:
     default = _umask_mode()
-    for p, (mode, mtime) in modes().items():
+    for p, (mode, mtime) in after.items():
         old = before.get(p)
         if old is None and mode != default:
             os.chmod(p, default)
         elif old is not None and mtime != old[1] and mode != old[0]:
             os.chmod(p, old[0])
+
+
+def _states(folder: str, skip: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    """What identifies each entry of ``folder`` as written (inode, size, mtime), but those named in ``skip``."""
+    if not os.path.isdir(folder):
+        return {}
+    return {
+        e.name: (st.st_ino, st.st_size, st.st_mtime_ns)
+        for e in os.scandir(folder)
+        if e.name not in skip and (st := e.stat(follow_symlinks=False))
+    }
+
+
+@contextmanager
+def written_last(path: str) -> Iterator[None]:
+    """Around a save of several files into one folder whose last write is ``path`` (the file that makes the
+    others usable: the thresholds beside a checkpoint's weights).
+
+    The old ``path`` is moved aside for the block. If the block raises before anything else in the folder
+    changed, it is put back (the folder is as it was); if it raises after, it is removed and the error says so:
+    a half-written save never pairs new files with the old ``path``.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    stash_name = f".{_stem(name)}.actsparse-{os.getpid()}-old.tmp"  # a killed save's stash is stale to the next save
+    stash = os.path.join(folder, stash_name)
+    before = _states(folder, (name, stash_name))
+    moved = os.path.lexists(path)
+    if moved:
+        os.replace(path, stash)
+    try:
+        yield
+    except BaseException as e:
+        if moved:
+            if _states(folder, (name, stash_name)) == before and not os.path.lexists(path):
+                os.replace(stash, path)
+            else:
+                os.remove(stash)
+                e.add_note(
+                    f"the save failed after changing files in {folder!r}; its old {name} was removed so that it "
+                    "cannot be loaded with them: save again"
+                )
+        raise
+    if moved:
+        os.remove(stash)
 
 
 def check_output_path(path: Any, what: str = "output file", *, folder: bool = False) -> str:
@@ -86,6 +154,8 @@ def check_output_path(path: Any, what: str = "output file", *, folder: bool = Fa
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise UsageError(f"{what}: expected a path, got {path!r}")
     p = os.path.abspath(os.fspath(path))
+    if not folder and os.fspath(path).endswith(("/", os.sep)):
+        raise UsageError(f"{what} {os.fspath(path)!r} ends with a separator, so it names a folder; give a file name")
     if os.path.isdir(p) and not folder:
         raise UsageError(f"{what} {os.fspath(path)!r} is a folder; give a file name (e.g. {os.path.join(p, 'x')})")
     if os.path.lexists(p) and not os.path.isdir(p) and folder:
@@ -111,13 +181,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         mode = _umask_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.actsparse-{os.getpid()}-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_stem(name)}.actsparse-{os.getpid()}-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, mode)
+        _fsync(tmp)  # the data is on disk before the rename makes it the file (no empty file after a crash)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:
+        _fsync(folder, folder=True)  # the rename itself (best effort: not every file system syncs folders)
+    except OSError:
+        pass

@@ -11,16 +11,18 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ._version import __version__
 from .api import apply_thresholds, sparse_layers
-from .errors import ThresholdFileError, UsageError
-from .fileio import atomic_write, check_output_path, keep_file_modes
+from .errors import InvalidTypeError, ThresholdFileError, UsageError
+from .fileio import atomic_write, check_output_path, keep_file_modes, written_last
 from .input_rotation import (
     check_factors,
     factors_fingerprint,
@@ -85,9 +87,29 @@ def _model_identity(model: nn.Module) -> dict[str, Any]:
 
 
 def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None = None) -> str:
-    """Write the thresholds of every ``SparseLinear`` in ``model`` to ``path`` (atomically)."""
-    from safetensors.torch import save_file
+    """Write the thresholds of every ``SparseLinear`` in ``model`` to ``path`` (atomically).
 
+    ``path``: a file, or a folder (an existing one, or one written with a trailing ``/``) that gets
+    ``actsparse_thresholds.safetensors``. Returns the file's path.
+    """
+    if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or _names_folder(path)):
+        path = os.path.join(path, THRESHOLDS_FILENAME)
+    check_output_path(path, "thresholds file")
+    write = _thresholds_writer(model, extra)
+    atomic_write(path, write)
+    return os.fspath(path)
+
+
+def _names_folder(path: str | os.PathLike) -> bool:
+    p = os.fspath(path)
+    return isinstance(p, str) and p.endswith(("/", os.sep))
+
+
+def _thresholds_writer(model: nn.Module, extra: dict[str, Any] | None) -> Callable[[str], None]:
+    """Everything a thresholds file holds, checked as its reader checks it: a function that writes it to a path.
+
+    Raises ``UsageError`` before anything is written when the model has nothing to save or holds a value the
+    reader would refuse (a file saved is a file that loads)."""
     layers = sparse_layers(model)
     if not layers:
         raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
@@ -96,11 +118,10 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
             "this model has residual adapters but no rotation basis of this process (rotate_residual keeps it on "
             "the model object): save thresholds from the model object rotate_residual returned"
         )
-    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-        path = os.path.join(path, THRESHOLDS_FILENAME)
-    check_output_path(path, "thresholds file")
+    if extra is not None and not isinstance(extra, dict):
+        raise InvalidTypeError(f"extra must be a dict of JSON values or None, got {type(extra).__name__}")
     tensors = {
-        f"{n}.{b}": t.detach().cpu().clone()
+        f"{n}.{b}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
         for n, m in layers.items()
         for b in BUFFERS
         if (t := m._buffers.get(b)) is not None
@@ -142,8 +163,12 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
         },
         "extra": extra or {},
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"actsparse": json.dumps(header)}))
-    return path
+    try:
+        text = json.dumps(header)
+        _check_header(parse_json(text, "header", ThresholdFileError), "the thresholds header")
+    except (TypeError, ValueError) as e:  # ThresholdFileError is a ValueError
+        raise UsageError(f"cannot save these thresholds: {e} (nothing was written)") from None
+    return lambda tmp: save_file(tensors, tmp, metadata={"actsparse": text})
 
 
 def _unique_bases(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +485,9 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
     """HF ``save_pretrained`` of the dense weights plus ``actsparse_thresholds.safetensors``.
 
     The HF checkpoint holds no actsparse keys, so any transformers install can load it; use
-    ``actsparse.from_pretrained(folder)`` to get the sparsified model back.
+    ``actsparse.from_pretrained(folder)`` to get the sparsified model back. Everything is checked before the
+    first write; the thresholds file is written last, and a save that fails part way leaves the folder as it
+    was or without a thresholds file (never new weights beside the old thresholds).
     """
     check_output_path(folder, "checkpoint folder", folder=True)
     if input_rotation_of(model) is not None:
@@ -475,14 +502,25 @@ def save_pretrained(model: nn.Module, folder: str, tokenizer=None, **kwargs) -> 
             "modules): save the thresholds, which keep the bases (actsparse.save_thresholds), and load them on the "
             "original checkpoint with actsparse.load_thresholds(model, path, rotate=True)"
         )
-    if not sparse_layers(model):
-        raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise InvalidTypeError(
+            f"save_pretrained saves a Hugging Face model (PreTrainedModel), got {type(model).__name__}: save its "
+            "thresholds with actsparse.save_thresholds(model, path)"
+        )
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise InvalidTypeError(
+            f"tokenizer must be a Hugging Face tokenizer or processor (it has save_pretrained), got {tokenizer!r}: "
+            "load it with transformers.AutoTokenizer.from_pretrained(name)"
+        )
+    write_thresholds = _thresholds_writer(model, None)  # every check before the first write
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(_SUFFIXES)}
-    with keep_file_modes(folder):  # transformers writes its weights 0600; files keep the mode they had
-        cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)  # a HF PreTrainedModel
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-    save_thresholds(model, os.path.join(folder, THRESHOLDS_FILENAME))
+    path = os.path.join(folder, THRESHOLDS_FILENAME)
+    with written_last(path):  # a save failing part way leaves no old thresholds beside new weights
+        with keep_file_modes(folder):  # transformers writes its weights 0600; files keep the mode they had
+            cast(Any, model).save_pretrained(folder, state_dict=state, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        atomic_write(path, write_thresholds)
 
 
 def from_pretrained(folder: str, **kwargs) -> nn.Module:

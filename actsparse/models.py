@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from typing import Any, overload
 
 import torch
+from safetensors import SafetensorError
 
-from .errors import ActSparseError, MissingDataError, ModelLoadError, UsageError
+from .errors import ActSparseError, InvalidTypeError, MissingDataError, ModelLoadError, UsageError
 
 __all__ = [
     "load_model",
@@ -241,7 +242,7 @@ def _load_errors(name_or_path: str | None) -> Iterator[None]:
         yield
     except ActSparseError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt weights file is a SafetensorError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(
             f"cannot load {describe_model(name_or_path)!s}: {first[:300]} (give a local model folder, a .gguf file, "
@@ -310,6 +311,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if name_or_path is not None and not isinstance(name_or_path, str):
+        raise InvalidTypeError(f"model: expected a name, a folder or a .gguf path, got {name_or_path!r}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

@@ -14,6 +14,7 @@ keeps everything; NaNs are kept. With μ = 0 and no scale the general rule equal
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,21 @@ class SparsityParams:
         return self.lowrank[1].shape[0] * (in_features + out_features) / (in_features * out_features)
 
     def validate(self, in_features: int, where: str, out_features: int | None = None) -> None:
+        for what, value in (("threshold", self.threshold), ("shift", self.shift)):
+            if not _is_real(value):
+                raise UsageError(f"{what} for {where!r} must be a number, got {value!r}")
+        if self.scale is not None and not isinstance(self.scale, torch.Tensor):
+            raise UsageError(f"scale for {where!r} must be a torch.Tensor of shape [{in_features}], got {self.scale!r}")
+        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int)):
+            raise UsageError(f"topk for {where!r} must be a whole number or None, got {self.topk!r}")
+        if not isinstance(self.info, dict):
+            raise UsageError(f"info for {where!r} must be a dict, got {self.info!r}")
+        if self.lowrank is not None and not (
+            isinstance(self.lowrank, tuple)
+            and len(self.lowrank) == 2
+            and all(isinstance(t, torch.Tensor) for t in self.lowrank)
+        ):
+            raise UsageError(f"low-rank factors for {where!r} must be a tuple (U, V) of tensors, got {self.lowrank!r}")
         if math.isnan(self.threshold):
             raise UsageError(f"threshold for {where!r} is NaN")
         if not math.isfinite(self.shift):
@@ -75,6 +91,13 @@ class SparsityParams:
                 )
             if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
                 raise UsageError(f"low-rank factors for {where!r} must be finite")
+
+
+def _is_real(v: Any) -> bool:
+    """A Python or NumPy real number, or a one-element real tensor (not a bool, not a string)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def drop_mask(

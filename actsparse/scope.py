@@ -33,6 +33,8 @@ def _as_str_tuple(value, what: str) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
+    if not isinstance(value, Iterable):
+        raise ScopeError(f"{what} must be a string or a list of strings, got {type(value).__name__}: {value!r}")
     out = tuple(value)
     for v in out:
         if not isinstance(v, str):

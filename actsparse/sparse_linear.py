@@ -75,6 +75,11 @@ def _share_linear_state(src: nn.Linear, dst: nn.Linear) -> None:
     move_hook(src, dst)  # a model dispatched by accelerate: same execution device, same offloaded weights
 
 
+def _own(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """An fp32, contiguous copy of a caller's tensor on ``device`` (safetensors saves contiguous tensors only)."""
+    return t.detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
+
+
 def plain_linear(src: nn.Linear) -> nn.Linear:
     """A plain ``nn.Linear`` sharing ``src``'s parameters, hooks and accelerate hook (no copy)."""
     lin = nn.Linear.__new__(nn.Linear)
@@ -123,12 +128,12 @@ class SparseLinear(nn.Linear):
         if p.shift != 0.0:
             new.register_buffer("act_shift", torch.tensor(float(p.shift), dtype=torch.float32, device=dev))
         if p.scale is not None:
-            new.register_buffer("act_scale", p.scale.detach().to(dev, torch.float32).clone())
+            new.register_buffer("act_scale", _own(p.scale, dev))
         if p.topk is not None:
             new.register_buffer("act_topk", torch.tensor(int(p.topk), dtype=torch.int64, device=dev))
         if p.lowrank is not None:
-            new.register_buffer("act_lr_u", p.lowrank[0].detach().to(dev, torch.float32).clone())
-            new.register_buffer("act_lr_v", p.lowrank[1].detach().to(dev, torch.float32).clone())
+            new.register_buffer("act_lr_u", _own(p.lowrank[0], dev))
+            new.register_buffer("act_lr_v", _own(p.lowrank[1], dev))
         new.target_sparsity = target_sparsity
         new.method = method
         new.calibration = dict(p.info)

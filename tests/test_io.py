@@ -120,7 +120,7 @@ def test_writes_are_atomic(sparse_llama, tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("actsparse.io.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         A.save_thresholds(sparse_llama, path)
     assert open(path, "rb").read() == original
@@ -147,3 +147,135 @@ def test_hf_save_pretrained_from_pretrained_round_trip(sparse_llama, calib_data,
     assert not any(k.endswith("act_threshold") for k in dense.state_dict())
     A.load_thresholds(dense, folder)  # a folder works as the path
     assert torch.equal(dense(x).logits, sparse_llama(x).logits)
+
+
+def _folder_state(folder):
+    """Every file's bytes and permission bits."""
+    return {
+        e.name: (open(e.path, "rb").read(), os.stat(e.path).st_mode & 0o777) for e in os.scandir(folder) if e.is_file()
+    }
+
+
+def test_save_pretrained_checks_everything_before_the_first_write(sparse_llama, tmp_path):
+    folder = str(tmp_path / "ckpt")
+    A.save_pretrained(sparse_llama, folder)
+    before = _folder_state(folder)
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer"):
+        A.save_pretrained(sparse_llama, folder, tokenizer="gpt2")
+    layer = A.sparse_layers(sparse_llama)["model.layers.0.mlp.down_proj"]
+    layer.calibration = {"note": torch.ones(2)}  # a value no JSON holds
+    with pytest.raises(ValueError, match="cannot save these thresholds.*nothing was written"):
+        A.save_pretrained(sparse_llama, folder)
+    layer.calibration, layer.target_sparsity = {}, 30.0  # a value the reader refuses
+    with pytest.raises(ValueError, match="target_sparsity"):
+        A.save_pretrained(sparse_llama, folder)
+    assert _folder_state(folder) == before
+
+
+def test_a_save_pretrained_failing_part_way_never_pairs_new_weights_with_old_thresholds(
+    sparse_llama, calib_data, tmp_path, monkeypatch
+):
+    from helpers import make_tiny_llama
+
+    folder = str(tmp_path / "ckpt")
+    A.save_pretrained(sparse_llama, folder)
+    before = _folder_state(folder)
+    other = A.sparsify_activations(
+        make_tiny_llama(seed=1), calib_data, {TargetScope(patterns=[".*down_proj.*"]): 0.9}, progress=False
+    )
+
+    def fails_at_once(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    # fails before writing anything: the folder is as it was, thresholds included
+    monkeypatch.setattr(type(other), "save_pretrained", fails_at_once)
+    with pytest.raises(OSError, match="no space"):
+        A.save_pretrained(other, folder)
+    assert _folder_state(folder) == before
+    monkeypatch.undo()
+
+    class Tokenizer:  # fails after the weights are written
+        def save_pretrained(self, folder):
+            raise OSError("no space left on device")
+
+    with pytest.raises(OSError, match="no space") as e:
+        A.save_pretrained(other, folder, tokenizer=Tokenizer())
+    assert any("save again" in n for n in getattr(e.value, "__notes__", []))
+    after = _folder_state(folder)
+    assert THRESHOLDS_FILENAME not in after and after["model.safetensors"][0] != before["model.safetensors"][0]
+    assert after["model.safetensors"][1] == before["model.safetensors"][1]  # transformers' 0600 undone
+    assert sorted(os.listdir(folder)) == sorted(after)  # no stash left behind
+    with pytest.raises(ThresholdFileError, match="does not exist"):
+        A.from_pretrained(folder)
+
+
+def test_user_lowrank_factors_of_any_layout_save_and_load(tiny_llama, calib_data, tmp_path):
+    from helpers import make_tiny_llama
+
+    name = "model.layers.0.mlp.down_proj"
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(4, 64, generator=g).t(), torch.randn(128, 4, generator=g).t()  # transposed views
+    A.apply_thresholds(tiny_llama, {name: A.SparsityParams(0.1, lowrank=(u, v))})
+    path = A.save_thresholds(tiny_llama, str(tmp_path / "t.safetensors"))
+    fresh = A.load_thresholds(make_tiny_llama(), path)
+    assert torch.equal(A.sparse_layers(fresh)[name].act_lr_u, u) and torch.equal(
+        A.sparse_layers(fresh)[name].act_lr_v, v
+    )
+    assert torch.equal(fresh(calib_data[0]).logits, tiny_llama(calib_data[0]).logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"target_sparsity": {"model.layers.0.mlp.up_proj": 30}}, ValueError, "did you mean 0.3"),
+        ({"target_sparsity": {"model.layers.0.mlp.up_proj": float("nan")}}, ValueError, "must be in"),
+        ({"target_sparsity": [0.5]}, TypeError, "target_sparsity must be a dict"),
+        ({"method": 3}, TypeError, "method must be a method name"),
+    ],
+)
+def test_apply_thresholds_refuses_what_the_file_reader_would(tiny_llama, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        A.apply_thresholds(tiny_llama, {"model.layers.0.mlp.up_proj": 0.1}, **kwargs)
+    assert not A.sparse_layers(tiny_llama)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"topk": 2.5}, "topk .* must be a whole number"),
+        ({"topk": True}, "topk .* must be a whole number"),
+        ({"threshold": "0.1"}, "threshold .* must be a number"),
+        ({"threshold": torch.ones(2)}, "threshold .* must be a number"),
+        ({"scale": [1.0] * 64}, "scale .* must be a torch.Tensor"),
+        ({"lowrank": torch.ones(2, 2)}, "low-rank factors .* must be a tuple"),
+    ],
+)
+def test_sparsity_params_of_the_wrong_type_are_one_clear_error(tiny_llama, params, match):
+    params = {"threshold": 0.1} | params
+    with pytest.raises(ValueError, match=match):
+        A.apply_thresholds(tiny_llama, {"model.layers.0.mlp.up_proj": A.SparsityParams(**params)})
+    assert not A.sparse_layers(tiny_llama)
+
+
+def test_extra_must_be_a_dict_of_json_values(sparse_llama, tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    with pytest.raises(TypeError, match="extra must be a dict"):
+        A.save_thresholds(sparse_llama, path, extra=[1, 2])
+    with pytest.raises(ValueError, match="cannot save these thresholds"):
+        A.save_thresholds(sparse_llama, path, extra={"when": object()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_ending_in_a_separator_is_a_folder(sparse_llama, tmp_path):
+    path = A.save_thresholds(sparse_llama, str(tmp_path / "out") + os.sep)
+    assert path == os.path.join(str(tmp_path / "out") + os.sep, THRESHOLDS_FILENAME) and os.path.isfile(path)
+    assert read_thresholds(path)[1]["layers"]
+    with pytest.raises(ValueError, match="ends with a separator"):
+        A.SparsifyConfig({TargetScope(patterns=[".*up_proj.*"]): 0.5}).save(str(tmp_path / "cfg") + os.sep)
+
+
+def test_a_long_file_name_is_written_atomically(sparse_llama, tmp_path):
+    name = "t" * 240 + ".safetensors"  # 252 bytes: the file system's limit is 255, the temp name is longer
+    path = A.save_thresholds(sparse_llama, str(tmp_path / name))
+    A.save_thresholds(sparse_llama, path)  # replacing it works too
+    assert os.listdir(tmp_path) == [name] and read_thresholds(path)[1]["layers"]
