@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -26,10 +27,19 @@ import actsparse as A
 import actsparse.cli as cli
 from actsparse.cli import main
 from actsparse.config import config_from_dict, load_config
-from actsparse.errors import ActSparseError, ConfigFileError, DatasetError, ThresholdFileError, UsageError
+from actsparse.errors import (
+    ActSparseError,
+    ConfigFileError,
+    DatasetError,
+    ModelLoadError,
+    ScopeError,
+    ThresholdFileError,
+    UsageError,
+)
 from actsparse.fileio import atomic_write
 from actsparse.io import read_thresholds
 from actsparse.methods.scap import read_scap_json
+from actsparse.models import load_model
 
 FUZZ = settings(
     max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -395,3 +405,26 @@ def test_a_deeply_nested_header_and_a_fractional_topk_are_refused(saved, tmp_pat
     _write_thresholds(topk, header, {**tensors, f"{name}.act_topk": torch.tensor([3.7])})
     with pytest.raises(ThresholdFileError, match="act_topk: expected an integer tensor"):
         read_thresholds(topk)  # not truncated to 3
+
+
+def test_a_truncated_weights_file_is_one_line_and_a_path_object_loads(tiny_model_dir, capsys):
+    model, _ = load_model(pathlib.Path(tiny_model_dir))
+    assert model.config.model_type == "llama"
+    weights = os.path.join(tiny_model_dir, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(tiny_model_dir)
+    capsys.readouterr()
+    code = main(["eval", "--model", tiny_model_dir])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
+
+
+def test_scopes_and_configs_of_the_wrong_type_are_one_clear_error():
+    with pytest.raises(ScopeError, match="TargetScope names must be a string or a list of strings"):
+        A.TargetScope(names=5)
+    with pytest.raises(TypeError, match="ignored_scope must be an IgnoredScope"):
+        A.SparsifyConfig({A.TargetScope(patterns=[".*up_proj.*"]): 0.5}, ignored_scope=".*lm_head.*")
+    with pytest.raises(TypeError, match="keys must be TargetScope"):
+        A.SparsifyConfig({(".*up_proj.*",): 0.5})
