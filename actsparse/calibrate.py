@@ -32,7 +32,16 @@ from tqdm.auto import tqdm
 
 from .data import Batch
 from .errors import CalibrationError
-from .forward import call_model, find_block_stack, input_hooks, leading_batches, next_token_nll, real_tokens
+from .forward import (
+    calibration_tokens,
+    call_model,
+    eval_mode,
+    find_block_stack,
+    input_hooks,
+    leading_batches,
+    next_token_nll,
+    real_tokens,
+)
 from .methods import Collector, MethodConfig
 from .offload import execution_device, model_device
 from .rule import SparsityParams, dense_equivalent_input
@@ -74,14 +83,7 @@ class _Hooks:
             self.trace.append((name, x))
         collector = self.collectors.get(name)
         if collector is not None:
-            tokens = real_tokens(x, self.token_mask)
-            if not torch.isfinite(tokens).all():
-                raise CalibrationError(
-                    f"non-finite (NaN/inf) input activations in {name!r} on calibration batch "
-                    f"{self.batch_index}; the model overflows in its current dtype ({x.dtype}). "
-                    f"Calibrate in float32 or bfloat16, or check the model and data."
-                )
-            collector.update(tokens)
+            collector.update(calibration_tokens(x, self.token_mask, name, self.batch_index))
             if name == self.stop_after:
                 raise _StopForward
         p = self.params.get(name)
@@ -311,11 +313,9 @@ def calibrate_thresholds(
     linears = {n: modules[n] for n in targets}
     device = model_device(model)
     hooks = _Hooks(linears)
-    was_training = model.training
-    model.eval()
     targets = dict(targets)
     results: dict[str, SparsityParams] = {}
-    try:
+    with eval_mode(model):
         targets.update(method.plan(model, batches, dict(targets), device, progress=progress))
         if method.searches():
             found = method.calibrate_model(model, batches, dict(targets), device, progress=progress)
@@ -339,8 +339,6 @@ def calibrate_thresholds(
                     targets.update(method.allocate(StageContext(stage, hooks, targets, batches, modules)))
                     _calibrate_stage(stage, targets, method, linears, hooks, len(batches), results)
                 stage.advance()
-    finally:
-        model.train(was_training)
     return CalibrationResult({n: results[n] for n in targets}, targets)
 
 

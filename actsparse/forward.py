@@ -16,8 +16,31 @@ import torch
 import torch.nn as nn
 
 from .data import Batch
+from .errors import CalibrationError
 
-__all__ = ["call_model", "real_tokens", "leading_batches", "next_token_nll", "find_block_stack", "input_hooks"]
+__all__ = [
+    "eval_mode",
+    "call_model",
+    "real_tokens",
+    "calibration_tokens",
+    "leading_batches",
+    "next_token_nll",
+    "find_block_stack",
+    "input_hooks",
+]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside; after, every submodule's own train/eval flag as it was (``model.train(flag)``
+    would set the root's flag on all of them)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -38,6 +61,21 @@ def real_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tenso
     if m is not None and x.dim() == m.dim() + 1 and x.shape[:-1] == m.shape:
         return x[m.to(x.device)]
     return x.reshape(-1, x.shape[-1])
+
+
+def calibration_tokens(
+    x: torch.Tensor, token_mask: torch.Tensor | None, name: str, batch_index: int | None = None
+) -> torch.Tensor:
+    """:func:`real_tokens` of a layer's input, refused with a ``CalibrationError`` naming the layer when any is
+    NaN or infinite (statistics of them would be meaningless, or fail far from the cause)."""
+    tokens = real_tokens(x, token_mask)
+    if not torch.isfinite(tokens).all():
+        on = "" if batch_index is None else f" on calibration batch {batch_index}"
+        raise CalibrationError(
+            f"non-finite (NaN/inf) input activations in {name!r}{on}; the model overflows in its current dtype "
+            f"({x.dtype}). Calibrate in float32 or bfloat16, or check the model and data."
+        )
+    return tokens
 
 
 def leading_batches(batches: list[Batch], tokens: int | None) -> int:

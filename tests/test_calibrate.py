@@ -132,10 +132,26 @@ def test_nan_activations_raise_and_leave_model_unmodified(tiny_llama, calib_data
     assert set(tiny_llama.state_dict()) == set(before)
 
 
-def test_calibration_runs_in_eval_mode_and_restores_training_flag(tiny_llama, calib_data):
+def test_calibration_and_perplexity_run_in_eval_mode_and_restore_every_modules_flag(tiny_llama, calib_data):
     tiny_llama.train()
+    tiny_llama.model.layers[0].eval()  # a mix: the flags are the user's, module by module
+    flags = {n: m.training for n, m in tiny_llama.named_modules()}
+    seen = []
+    hook = tiny_llama.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: seen.append(tiny_llama.training))
+    norm = tiny_llama.model.layers[1].post_attention_layernorm.weight
+    with torch.no_grad():
+        norm[3] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN/inf"):  # a calibration failing part way
+        A.sparsify_activations(tiny_llama, calib_data, ALL7, progress=False)
+    with torch.no_grad():
+        norm[3] = 1.0
+    assert {n: m.training for n, m in tiny_llama.named_modules()} == flags
     A.sparsify_activations(tiny_llama, calib_data, ALL7, progress=False)
-    assert tiny_llama.training
+    assert seen and not any(seen)  # calibrated in eval mode
+    assert {n: m.training for n, m in tiny_llama.named_modules()} == flags
+    A.eval.perplexity(tiny_llama, calib_data[0].flatten(), context=8, progress=False)
+    assert {n: m.training for n, m in tiny_llama.named_modules()} == flags
+    hook.remove()
 
 
 def test_non_hf_module_with_sequential_blocks():

@@ -20,6 +20,7 @@ from actsparse.io import import_scap_json
 from actsparse.methods import method_from_spec
 from actsparse.methods.scap import export_scap_json, kde_peaks, parse_scap_config
 from actsparse.methods.teal import TealMethod
+from actsparse.scope import resolve_targets
 from actsparse.sparse_linear import drop_mask, sparsify_tensor
 
 ALL = {A.TargetScope(patterns=[r".*_proj"]): 0.5}
@@ -552,6 +553,32 @@ def test_sensitivity_budgets_spare_the_sensitive_block():
     assert weighted_sparsity(model, measured) == pytest.approx(0.5, abs=5e-3)
 
 
+@pytest.mark.parametrize("method", ["teal-uniform-sens", "teal-greedy-sens"])
+def test_sensitivity_budgets_keep_a_dense_block_dense_and_clip_no_layer(calib_data, method):
+    # block 0 kept dense: its budget stays 0 (it used to divide by its zero mean)
+    model = make_tiny_llama()
+    dense_first = {
+        A.TargetScope(patterns=[r"model\.layers\.0\..*_proj"]): 0.0,
+        A.TargetScope(patterns=[r".*layers\.1\..*_proj"]): 0.5,
+    }
+    A.sparsify_activations(model, calib_data, dense_first, method=method, progress=False)
+    targets = {n: m.target_sparsity for n, m in A.sparse_layers(model).items()}
+    assert all(t == 0.0 for n, t in targets.items() if ".layers.0." in n)
+    assert weighted_sparsity(model, targets) == pytest.approx(weighted_sparsity(model, _requested(model, dense_first)))
+    # down_proj at 0.9 next to gate/up at 0.3: a block budget above its mean would push down_proj past the
+    # 0.95 cap, and the clipped part used to be lost from the model-wide mean
+    model = make_tiny_llama(layers=4)
+    skewed = {A.TargetScope(patterns=[r".*(gate|up)_proj"]): 0.3, A.TargetScope(patterns=[r".*down_proj"]): 0.9}
+    A.sparsify_activations(model, calib_data, skewed, method=method, progress=False)
+    targets = {n: m.target_sparsity for n, m in A.sparse_layers(model).items()}
+    assert max(targets.values()) <= 0.95 + 1e-9
+    assert weighted_sparsity(model, targets) == pytest.approx(weighted_sparsity(model, _requested(model, skewed)))
+
+
+def _requested(model, scopes):
+    return resolve_targets(model, scopes, None)
+
+
 def test_searched_budgets_move_sparsity_to_the_free_block_and_keep_the_mean():
     model, calib_data = _trained_llama()
     with torch.no_grad():  # block 1 barely writes to the residual stream: sparsifying it costs nothing
@@ -628,3 +655,21 @@ def test_scoring_and_allocation_compose_teal_greedy_with_wina_scores(calib_data,
     assert torch.equal(A.sparse_layers(fresh)["model.layers.0.self_attn.o_proj"].params.scale, o.params.scale)
     with pytest.raises(ValueError, match="unknown score 'rotated'"):
         TealMethod(score="rotated")
+
+
+@pytest.mark.parametrize("name", ["quantile", "teal", "wina", "scap", "rsparse"])
+def test_every_histogram_method_checks_its_resolution(name):
+    for bad in (0, -3, 15):
+        with pytest.raises(ValueError, match="bins_per_octave must be >= 16"):
+            method_from_spec(name, bins_per_octave=bad)
+    assert method_from_spec(name, bins_per_octave=16).bins_per_octave == 16
+
+
+@pytest.mark.parametrize("method", ["teal-greedy-sens", "pplp"])
+def test_non_finite_activations_name_the_layer_in_every_statistics_pass(calib_data, method):
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
+    with pytest.raises(A.CalibrationError, match=r"NaN/inf.*model\.layers\.1\.mlp"):
+        A.sparsify_activations(model, calib_data, ALL, method=method, progress=False)
+    assert not A.sparse_layers(model)

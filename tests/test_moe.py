@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import actsparse as A
 from actsparse import CalibrationError, IgnoredScope, ScopeError, TargetScope, ThresholdFileError
 from actsparse.eval import SparsityMonitor
+from actsparse.eval.sweep import weighted_sparsity
 from actsparse.io import model_fingerprint
 from actsparse.moe import UnfusedExperts, UnsupportedExpertsError, fuse_experts, fused_experts, unfuse_experts
 from actsparse.scope import resolve_targets
@@ -370,6 +371,28 @@ def test_expert_without_calibration_tokens_is_a_clear_error(mixtral, data):
         progress=False,
     )
     assert sorted({int(n.split(".")[5]) for n in A.sparse_layers(mixtral)}) == sorted(idx.flatten().tolist())
+
+
+def test_greedy_allocation_keeps_experts_its_token_subset_missed_at_their_target(data):
+    # greedy measures costs on the first greedy_tokens tokens: 4 tokens reach only some of 8 experts; the
+    # others (reached by the later batches) keep their target and the routed ones share the rest of the budget
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 100, (1, 4), generator=g)] + [
+        torch.randint(0, 100, (2, 24), generator=g) for _ in range(4)
+    ]
+    model = make_mixtral(experts=8)
+    A.sparsify_activations(
+        model, batches, EXPERTS, method=A.methods.method_from_spec("teal", greedy_tokens=4), progress=False
+    )
+    targets = {n: m.target_sparsity for n, m in A.sparse_layers(model).items()}
+    assert len(targets) == 2 * 8 * 3
+    ((_, idx),) = routed_inputs(model, {"b": model.model.layers[0].mlp}, hf_route, batches[:1]).values()
+    missed = set(range(8)) - set(idx.flatten().tolist())
+    assert missed and all(
+        targets[n] == 0.5 for n in targets if n.startswith("model.layers.0.") and int(n.split(".")[5]) in missed
+    )
+    assert any(targets[n] != 0.5 for n in targets if n.startswith("model.layers.0."))  # the others were allocated
+    assert weighted_sparsity(model, targets) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_qwen2_moe_routed_and_shared_experts(data):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..api import sparse_layers
 from ..errors import ActSparseError, UsageError
+from ..forward import eval_mode
 from ..offload import model_device
 from .loglik import continuation_logliks
 from .sparsity import SparsityMonitor, layer_type, summarize_by_type
@@ -370,16 +371,16 @@ def _sparsity_by_type(measured: dict[str, float], targets: dict[str, float | Non
 @contextlib.contextmanager
 def _restored(model: nn.Module, device: str | torch.device | None) -> Iterator[None]:
     """Run on ``device`` (the model's own when ``None``); put back its device and train/eval mode after."""
-    home, training = model_device(model), model.training
+    home = model_device(model)
     moved = device is not None and torch.device(device) != home
-    try:
-        if moved:
-            model.to(device)
-        yield
-    finally:
-        if moved:
-            model.to(home)
-        model.train(training)
+    with eval_mode(model):
+        try:
+            if moved:
+                model.to(device)
+            yield
+        finally:
+            if moved:
+                model.to(home)
 
 
 def check_options(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..forward import eval_mode
 from ..offload import model_device
 
 __all__ = ["PerplexityResult", "perplexity"]
@@ -67,16 +68,12 @@ def perplexity(
         end = min(start + stride if start > 1 else context, n)
         spans.append((max(0, end - context), start, end))
         start = end
-    was_training = model.training
-    model.eval()
     nll = 0.0
-    try:
+    with eval_mode(model):
         for begin, first, end in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
             logits = model(ids[begin:end].unsqueeze(0).to(device), **kwargs).logits[0]
             pred = logits[first - begin - 1 : end - begin - 1].float()
             nll += F.cross_entropy(pred, ids[first:end].to(pred.device), reduction="sum").double().item()
-    finally:
-        model.train(was_training)
     scored = n - 1
     word = math.exp(nll / n_words) if n_words else None
     return PerplexityResult(math.exp(nll / scored), word, nll, scored, n_words, context, stride)

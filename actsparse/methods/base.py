@@ -86,6 +86,9 @@ class MethodConfig:
                 raise InvalidTypeError(
                     f"{type(self).__name__}: option {f.name} must be {_type_name(want)}, got {value!r}"
                 )
+        bpo = getattr(self, "bins_per_octave", None)  # the histogram resolution several methods share
+        if bpo is not None and bpo < 16:
+            raise UsageError(f"{type(self).__name__}: bins_per_octave must be >= 16, got {bpo}")
 
     def searches(self) -> bool:
         """True: a whole-model search (:meth:`calibrate_model`); False (default): per-layer collectors."""

@@ -41,7 +41,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
-from ..forward import call_model, find_block_stack, input_hooks, leading_batches, next_token_nll, real_tokens
+from ..forward import calibration_tokens, call_model, find_block_stack, input_hooks, leading_batches, next_token_nll
 from ..rule import dense_equivalent_input
 from ..stats import HistogramQuantile
 
@@ -104,7 +104,7 @@ def _probe(
 
     def hook(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if state["apply"] is None:
-            hists[name].update(real_tokens(x, state["mask"]))
+            hists[name].update(calibration_tokens(x, state["mask"], name))
             return None
         tau = state["apply"].get(name)
         return None if tau is None else dense_equivalent_input(x, tau)
@@ -188,7 +188,14 @@ def _sensitivity(loss, model, targets, max_sparsity: float, max_raise: float, pr
     base = loss({})
     levels, costs = [], []
     for k, t in tqdm(list(zip(blocks, mean_t)), desc="block budgets: probes", disable=not progress):
-        lv = sorted({min(max_sparsity, f * t) for f in (0.5, 1.0, max_raise)}) if t > 0 else [0.0]
+        if t == 0:  # a block kept dense stays dense
+            levels.append([0.0])
+            costs.append([0.0])
+            continue
+        # a block's budget p gives its layer n the target targets[n]·p/t: the highest keeps p under
+        # max_sparsity·t/max(targets), so no layer is clipped and the budgets keep the model-wide mean
+        ceiling = max_sparsity * t / max(targets[n] for n in blocks[k])
+        lv = sorted({min(ceiling, f * t) for f in (0.5, 1.0, max_raise)})
         levels.append(lv)
         costs.append([loss({n: targets[n] * p / t for n in blocks[k]}) - base for p in lv])
     mean = sum(s * t for s, t in zip(size, mean_t)) / sum(size)

@@ -33,8 +33,6 @@ class QuantileMethod(MethodConfig):
             raise UsageError(f"unknown statistic {self.statistic!r}; choose one of {', '.join(STATISTICS)}")
         if not 0.0 < self.ema_alpha < 1.0:
             raise UsageError(f"ema_alpha must be in (0, 1), got {self.ema_alpha}")
-        if self.bins_per_octave < 16:
-            raise UsageError(f"bins_per_octave must be >= 16, got {self.bins_per_octave}")
 
     def make_collector(self, layer_name, module, target_sparsity):
         if self.statistic == "ema":

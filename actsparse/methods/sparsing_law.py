@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, UsageError
-from ..forward import call_model, input_hooks, next_token_nll, real_tokens
+from ..forward import calibration_tokens, call_model, input_hooks, next_token_nll
 from ..offload import layer_weight
 from ..rule import SparsityParams, dense_equivalent_input, drop_mask
 from ..stats import Collector, HistogramQuantile
@@ -154,7 +154,7 @@ def _cett_curves(model, batches, layers, scales, grid, max_tokens, device, progr
     state = {"mask": None}
 
     def collect(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        x = real_tokens(x, state["mask"])
+        x = calibration_tokens(x, state["mask"], name)
         s = x.float().abs() * (scales[name].to(x.device) if scales[name] is not None else 1.0)
         hists[name].update(s)
         if budget[name] > 0:

@@ -71,6 +71,15 @@ def greedy_allocation(
     batches = ctx.batches_for(tokens)
     hists = {n: ScoreQuantile(0.5, scales.get(n), bins_per_octave) for n in names}
     ctx.collect(hists, batches=batches)
+    # a layer no token of the subset reached (an MoE expert nobody routed to) has no measurable cost: it keeps
+    # its target, the others share the rest of the block's budget
+    unseen = {n: ctx.targets[n] for n in names if hists[n].hist.n == 0}
+    if unseen:
+        names = [n for n in names if n not in unseen]
+        total = sum(size[n] for n in names)
+        goal = min(goal - sum(size[n] * t for n, t in unseen.items()), max_sparsity * total)
+        if not names or goal <= 0:
+            return {**dict.fromkeys(names, 0.0), **unseen}
     dense = ctx.outputs({}, batches=batches)
 
     def error(s: dict[str, float]) -> float:
@@ -104,7 +113,7 @@ def greedy_allocation(
         s[best] += inc
         done += inc * size[best]
         current = error(s)
-    return s
+    return {**s, **unseen}
 
 
 @register_method("teal")
