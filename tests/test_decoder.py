@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import VOCAB, CountOps, byte_tokenizer, make_tiny_llama
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
@@ -15,6 +17,8 @@ from transformers import (
     Qwen2ForCausalLM,
     StaticCache,
     StaticLayer,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 import actsparse as A
@@ -134,6 +138,64 @@ def test_batch_rows_stopping_at_eos_are_padded():
     row0 = got.sequences[0, 5:].tolist()
     first = row0.index(eos)
     assert row0[: first + 1] == free[0, : first + 1].tolist() and set(row0[first + 1 :]) <= {VOCAB - 1}
+
+
+def test_finished_rows_are_padded_with_the_first_eos_like_hf_generate():
+    model = _tiny("llama")
+    ids = _ids(6, rows=2, seed=7)
+    free = Decoder(model, 64, batch_size=2).generate(ids, 12, eos_token_id=[])[:, 6:]
+    first = int(free[0, 2])
+    low = min(t for t in range(VOCAB) if t not in free.flatten().tolist())  # never produced, below `first`
+    assert low < first
+    model.generation_config.eos_token_id = [first, low]  # a list, as Llama-3-Instruct's; no pad token
+    model.generation_config.pad_token_id = None
+    ref = _hf(model, ids, 12, attention_mask=torch.ones_like(ids)).sequences
+    got = Decoder(model, 64, batch_size=2).generate(ids, 12)
+    assert torch.equal(got, ref) and first in got[0, 9:].tolist()  # padded with `first`, not the lower `low`
+
+
+def test_steps_run_past_the_eos_within_a_block_count_in_the_rate():
+    model = _tiny("llama")
+    ids = _ids()
+    free = Decoder(model, 64).generate(ids, 16, eos_token_id=[])[0, ids.shape[1] :].tolist()
+    k = next(i for i in range(1, 16) if free[i] not in free[:i])
+    out = Decoder(model, 64, sync_every=16).run(ids, 16, eos_token_id=free[k])
+    assert out.new_tokens == k + 1 and out.decode_steps == 15  # the block ran to its end before the host looked
+    assert out.decode_tokens_per_s == pytest.approx(15 / out.decode_seconds)
+
+
+def test_a_decoder_used_under_inference_mode_or_autocast_works_outside_it():
+    model = _tiny("llama")
+    ids = _ids()
+    ref = _hf(model, ids, 8).sequences
+    with torch.inference_mode():
+        dec = Decoder(model, 32)
+        assert torch.equal(dec.generate(ids, 8), ref)
+    assert torch.equal(dec.generate(ids, 8), ref)  # its buffers are no inference tensors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = dec.generate(ids, 8)
+    assert torch.equal(dec.generate(ids, 8), ref)  # the cache made under autocast (bf16) is made again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(dec.generate(ids, 8), under)
+
+
+def test_generation_config_processors_that_greedy_decoding_skips_are_warned_about():
+    model = _tiny("llama")
+    ids = _ids()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default config: nothing to say
+        plain = Decoder(model, 32).generate(ids, 8)
+    first = int(plain[0, ids.shape[1]])
+    model.generation_config.repetition_penalty = 1.05  # as Qwen2.5-Instruct ships
+    model.generation_config.suppress_tokens = [first]
+    with pytest.warns(
+        UserWarning, match=rf"repetition_penalty=1.05, suppress_tokens=\[{first}\]; .* the Decoder does not"
+    ):
+        dec = Decoder(model, 32)
+    with pytest.warns(UserWarning, match="the eager loop does not"):
+        generate(model, byte_tokenizer(), "hi", max_new_tokens=2, engine="eager", measure_sparsity=False)
+    # what the warning is about: model.generate suppresses the token, the Decoder (argmax) does not
+    assert torch.equal(dec.generate(ids, 8), plain) and _hf(model, ids, 8).sequences[0, ids.shape[1]] != first
 
 
 def test_sampling_is_seeded_and_matches_the_eager_loop():
@@ -311,6 +373,12 @@ def test_bad_inputs_are_refused_with_the_fix():
         Decoder(model, 64, cuda_graph=True)
     with pytest.raises(DecoderError, match="Hugging Face causal LM"):
         Decoder(torch.nn.Linear(2, 2))
+    bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(DecoderError, match="decodes causal LMs.*BertForMaskedLM is not one"):
+        Decoder(bert, 16)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2))
+    with pytest.raises(DecoderError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        Decoder(t5, 16)
     with pytest.raises(ValueError, match="top_p"):
         Decoder(model, 64).generate(_ids(), 4, do_sample=True, top_p=0)
     with pytest.raises(ValueError, match="engine"):

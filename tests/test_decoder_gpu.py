@@ -40,6 +40,21 @@ def test_graph_decoder_equals_hf_generate_fp32():
     assert dec.mode == "graph" and torch.equal(dec.generate(ids, 32), ref)
 
 
+def test_a_recapture_after_a_full_length_run_rewinds_its_warm_up_steps():
+    # the capture's warm-up steps used to write the output and cache positions the last run reached: after a
+    # run to max_seq_len, past their ends (an out-of-bounds index_copy_ on the device)
+    model = _model(torch.float32)
+    ids = _ids(4)
+    dec = Decoder(model, 12, fallback=False)
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(dec.generate(ids, 8, eos_token_id=[]), ref)  # 4 + 8 = max_seq_len
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)  # a structural change: recapture
+    assert torch.equal(dec.generate(ids, 8, eos_token_id=[]), ref)
+    torch.cuda.synchronize()
+    assert dec.mode == "graph" and dec.fallback_reason is None
+    handle.remove()
+
+
 def test_graph_decoder_fuses_dense_projections_and_keeps_the_tokens():
     model = _model(torch.bfloat16)
     ids = _ids()

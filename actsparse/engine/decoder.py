@@ -49,6 +49,7 @@ from .hf import (
     not_capturable,
     own_code,
     structure_key,
+    warn_unapplied_generation_settings,
 )
 from .norms import fuse_norms, unfuse_norms
 from .rope import fuse_rope, unfuse_rope
@@ -76,11 +77,14 @@ class DecodeResult:
     stop_reason: str  # "eos" (every row) or "length"
     mode: str  # "graph", "compile" or "eager": how the decode steps ran
     logits: tuple[torch.Tensor, ...] | None = None  # with output_logits: fp32 [B, vocab] per new token
+    decode_steps: int | None = None  # steps run (and timed): past new_tokens - 1 when EOS came mid-block
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """``(new_tokens - 1) / decode_seconds`` per row (``None`` without decode steps)."""
-        steps = self.new_tokens - 1
+        """Decode steps per second per row: ``decode_steps / decode_seconds`` (``None`` without decode steps).
+
+        Steps run between host checks (``sync_every``) after every row's EOS are counted: they took the time."""
+        steps = self.new_tokens - 1 if self.decode_steps is None else self.decode_steps
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
 
@@ -145,6 +149,13 @@ class Decoder:
             raise DecoderError(
                 f"Decoder needs a Hugging Face causal LM (an nn.Module with a .config), got {type(model).__name__}"
             )
+        can_generate = getattr(model, "can_generate", None)
+        if getattr(model.config, "is_encoder_decoder", False) or (callable(can_generate) and not can_generate()):
+            raise DecoderError(
+                f"Decoder decodes causal LMs (a decoder-only model that generate() runs, e.g. "
+                f"AutoModelForCausalLM); {type(model).__name__} is "
+                + ("an encoder-decoder model" if getattr(model.config, "is_encoder_decoder", False) else "not one")
+            )
         for name, value, low in (
             ("max_seq_len", max_seq_len, 2),
             ("batch_size", batch_size, 1),
@@ -161,6 +172,7 @@ class Decoder:
         if attention not in ATTENTION_CHOICES:
             raise DecoderError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {attention!r}")
         self.model = model
+        warn_unapplied_generation_settings(model, "the Decoder")
         self.max_seq_len, self.batch_size, self.sync_every = max_seq_len, batch_size, sync_every
         self.device = model_device(model)
         if attention == "kernel" and not decode_attention_available(self.device):
@@ -189,15 +201,17 @@ class Decoder:
         self.norms = self.fuse if norms is None else bool(norms)
         self.rope = False if rope is None else bool(rope)
         self.fallback_reason: str | None = None
-        self.cache = make_static_cache(model.config, max_seq_len)
+        with torch.inference_mode(False):  # what every run updates in place, whatever mode built the Decoder
+            self.cache = make_static_cache(model.config, max_seq_len)
         self._kwargs = forward_kwargs(model, self.cache)
         self._graph_logits: torch.Tensor | None = None
         reason = not_capturable(model, self.cache, max_seq_len)
         if reason is not None and (self.compile or self.cuda_graph):
             self._give_up(reason)
-        self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self._out = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=self.device)
-        self._step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.inference_mode(False):
+            self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+            self._out = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=self.device)
+            self._step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step_fn: Callable | None = None
         self._compiled: dict[tuple, Callable] = {}  # hooks -> compiled step
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -262,7 +276,7 @@ class Decoder:
                 f"the weights of {len(stale)} packed layer(s) (e.g. {stale[0]}) changed after "
                 f"enable_kernels; call actsparse.kernels.enable_kernels(model) again"
             )
-        key = (structure_key(self.model), self.mode, attention_of(self.model))
+        key = self._key()
         if self._ready == key:
             return
         self._graph = self._graph_logits = None
@@ -277,10 +291,22 @@ class Decoder:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self._give_up(f"{type(e).__name__}: {first[:300]}")
         self.cache.reset()
-        self._ready = (structure_key(self.model), self.mode, attention_of(self.model))
+        self._ready = self._key()
+
+    def _key(self) -> tuple:
+        """What a captured step and the cache depend on: the model's structure, the mode, the attention and
+        autocast (a cache allocated under autocast holds its dtype; a step traced under it casts)."""
+        dev = self.device.type
+        autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cuda", "cpu") else ()
+        return structure_key(self.model), self.mode, attention_of(self.model), autocast
+
+    def _rewind(self) -> None:
+        """The cache and the step index back at position 0 (a warm-up step writes where a run would)."""
+        self.cache.reset()
+        self._step_idx.zero_()
 
     def _capture(self) -> None:
-        self.cache.reset()
+        self._rewind()
         self._tok.zero_()
         self._logits(self._tok)  # a one-token prefill allocates the cache's tensors (lazily sized by transformers)
         hooks = hooks_key(self.model)
@@ -294,14 +320,19 @@ class Decoder:
                 options=EAGER_NUMERICS if self.backend == "inductor" else None,
             )
         self._step_fn = self._compiled[hooks] if self.compile else self._logits
+        # every warm-up step and the captured one write position 0 of the cache and of the output: any
+        # max_seq_len holds them, whatever position the last run reached (runs rewind before they start)
         if not self.cuda_graph:
+            self._rewind()
             self._body()  # compiles now, not inside the first timed generation
             return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(3):  # compile and warm up (allocations, kernel autotuning) outside the capture
+                self._rewind()
                 self._body()
+            self._rewind()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -371,21 +402,24 @@ class Decoder:
         eos = (
             eos_token_ids(self.model)
             if eos_token_id is None
-            else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+            else ((int(eos_token_id),) if isinstance(eos_token_id, int) else tuple(int(e) for e in eos_token_id))
         )
         pad = (
             pad_token_id
             if pad_token_id is not None
             else getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         )
-        pad = int(pad) if isinstance(pad, int) else (min(eos) if eos else 0)
+        pad = int(pad) if isinstance(pad, int) else (eos[0] if eos else 0)  # as model.generate pads
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
         sync_every = 1 if on_tokens is not None else self.sync_every
 
-        with decode_attention_scope(self.model, self.decode_attention):
+        # (not under inference_mode: the static cache and buffers outlive this call, and tensors made in that
+        # mode cannot be updated in place outside it, so a Decoder used once under it would break later;
+        # inference_mode(False) turns grad mode on, hence no_grad again)
+        with torch.inference_mode(False), torch.no_grad(), decode_attention_scope(self.model, self.decode_attention):
             self._prepare()
             self.cache.reset()
             self._step_idx.zero_()
@@ -445,6 +479,7 @@ class Decoder:
                 "eos" if all(done) else "length",
                 self.mode,
                 None if kept is None else tuple(kept[:longest]),
+                steps,
             )
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs: Any) -> torch.Tensor:

@@ -8,6 +8,7 @@ import functools
 import inspect
 import itertools
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ __all__ = [
     "output_cache",
     "forward_kwargs",
     "eos_token_ids",
+    "warn_unapplied_generation_settings",
     "make_static_cache",
     "OneCounterLayer",
     "ONE_COUNTER_MODELS",
@@ -59,14 +61,49 @@ def output_cache(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:
-    """The model's EOS token ids (generation config first, then the tokenizer's); empty when it has none."""
+def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> tuple[int, ...]:
+    """The model's EOS token ids in their order (generation config first, then the tokenizer's; the first is
+    what ``generate`` pads finished rows with when there is no pad token); empty when it has none."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        return ()
+    return tuple(dict.fromkeys(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])))
+
+
+# generation_config settings model.generate applies to greedy decoding too (logits processors), with the
+# values that turn each off; the Decoder and the eager loop pick the argmax of the raw logits
+_GREEDY_PROCESSORS: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None, {}),
+    "exponential_decay_length_penalty": (None,),
+}
+
+
+def warn_unapplied_generation_settings(model: nn.Module, who: str) -> dict[str, Any]:
+    """Warn (and return them) when the model's ``generation_config`` sets logits processors that
+    ``model.generate`` applies even to greedy decoding and ``who`` does not (e.g. Qwen2.5's
+    ``repetition_penalty=1.05``): its tokens can then differ from ``model.generate``'s."""
+    cfg = getattr(model, "generation_config", None)
+    found = {k: v for k, off in _GREEDY_PROCESSORS.items() if (v := getattr(cfg, k, None)) not in off}
+    if found:
+        settings = ", ".join(f"{k}={v!r}" for k, v in found.items())
+        warnings.warn(
+            f"{type(model).__name__}'s generation_config sets {settings}; model.generate applies "
+            f"{'it' if len(found) == 1 else 'them'} to greedy decoding too, {who} does not (it picks the argmax of "
+            "the logits), so the tokens can differ from model.generate's",
+            stacklevel=3,
+        )
+    return found
 
 
 def _tensor_key(t: torch.Tensor | None) -> tuple:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..engine import Decoder, eos_token_ids, forward_kwargs, select_next
-from ..engine.hf import output_cache
+from ..engine.hf import output_cache, warn_unapplied_generation_settings
 from ..errors import UsageError
 from ..eval.sparsity import SparsityMonitor
 from ..offload import model_device
@@ -95,7 +95,7 @@ def _loop(
     model: nn.Module,
     ids: torch.Tensor,
     max_new_tokens: int,
-    eos: set[int],
+    eos: tuple[int, ...],
     sampling: dict[str, Any],
     generator: torch.Generator | None,
     detok: Detokenizer,
@@ -174,7 +174,7 @@ def generate(
         )
     device = model_device(model)
     ids = ids.to(device)
-    eos = eos_token_ids(model, tokenizer) if stop_at_eos else set()
+    eos = eos_token_ids(model, tokenizer) if stop_at_eos else ()
     sampling: dict[str, Any] = {"do_sample": do_sample, "temperature": temperature, "top_p": top_p}
     detok = Detokenizer(tokenizer, stream)
     if chosen == "graph":
@@ -188,13 +188,14 @@ def generate(
             ids,
             max_new_tokens,
             seed=seed,
-            eos_token_id=sorted(eos),
+            eos_token_id=list(eos),
             **sampling,
             on_tokens=on_tokens,
         )
         new = out.sequences[0, ids.shape[1] : ids.shape[1] + out.new_tokens].tolist()
         prefill_seconds, decode_seconds, mode = out.prefill_seconds, out.decode_seconds, out.mode
     else:
+        warn_unapplied_generation_settings(model, "the eager loop")
         generator = torch.Generator(device=device).manual_seed(seed) if do_sample else None
         new, prefill_seconds, decode_seconds = _loop(model, ids, max_new_tokens, eos, sampling, generator, detok)
         mode = "loop"
