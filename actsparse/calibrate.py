@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Batch
@@ -44,7 +45,7 @@ from .forward import (
 )
 from .methods import Collector, MethodConfig
 from .offload import execution_device, model_device
-from .rule import SparsityParams, dense_equivalent_input
+from .rule import SparsityParams, dense_equivalent_input, drop_mask
 
 __all__ = [
     "calibrate_thresholds",
@@ -67,6 +68,8 @@ class _Hooks:
     def __init__(self, modules: dict[str, nn.Linear]):
         self.modules = modules
         self.params: dict[str, tuple] = {}  # name -> (τ, μ, scale, topk) on the layer's device
+        self.lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (U, V), fp32, its device
+        self._lowrank_out: dict[str, torch.Tensor] = {}  # name -> U·V·d of its current call
         self.collectors: dict[str, Collector] = {}
         self.stop_after: str | None = None
         self.token_mask: torch.Tensor | None = None
@@ -75,8 +78,20 @@ class _Hooks:
 
     @contextmanager
     def installed(self) -> Iterator[_Hooks]:
-        with input_hooks(self.modules, self._hook):
-            yield self
+        handles = [m.register_forward_hook(partial(self._add_lowrank, n)) for n, m in self.modules.items()]
+        try:
+            with input_hooks(self.modules, self._hook):
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._lowrank_out.clear()
+
+    def _add_lowrank(self, name: str, module: nn.Module, args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+        """A calibrated layer with low-rank factors: its dropped entries' ``U·V·d`` added to the dense output,
+        as ``SparseLinear`` computes it (the input hook, which sees the original input, made it)."""
+        extra = self._lowrank_out.pop(name, None)
+        return None if extra is None else y + extra.to(y.dtype)
 
     def _hook(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if self.trace is not None:
@@ -87,7 +102,14 @@ class _Hooks:
             if name == self.stop_after:
                 raise _StopForward
         p = self.params.get(name)
-        return None if p is None else dense_equivalent_input(x, *p)
+        if p is None:
+            return None
+        factors = self.lowrank.get(name)
+        if factors is not None:
+            d = x.float() - (0.0 if p[1] is None else p[1])
+            dropped = d.masked_fill(~drop_mask(x, *p), 0.0)
+            self._lowrank_out[name] = F.linear(F.linear(dropped, factors[1]), factors[0])
+        return dense_equivalent_input(x, *p)
 
     def set_params(self, name: str, p: SparsityParams) -> None:
         dev = execution_device(self.modules[name]) or torch.device("cpu")  # not meta: offloaded weights rest there
@@ -97,6 +119,8 @@ class _Hooks:
             None if p.scale is None else p.scale.to(dev, torch.float32),
             p.topk,
         )
+        if p.lowrank is not None:  # R-Sparse: the next layers see what the SparseLinear will give them
+            self.lowrank[name] = (p.lowrank[0].to(dev, torch.float32), p.lowrank[1].to(dev, torch.float32))
 
 
 class _Stage:
