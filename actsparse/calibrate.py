@@ -121,6 +121,8 @@ class _Hooks:
         )
         if p.lowrank is not None:  # R-Sparse: the next layers see what the SparseLinear will give them
             self.lowrank[name] = (p.lowrank[0].to(dev, torch.float32), p.lowrank[1].to(dev, torch.float32))
+        else:
+            self.lowrank.pop(name, None)
 
 
 class _Stage:
@@ -267,15 +269,19 @@ class StageContext:
 
     @contextmanager
     def _applied(self, params: dict[str, SparsityParams]):
-        saved = {n: self._hooks.params.pop(n) for n in self.names if n in self._hooks.params}
+        hooks = self._hooks
+        saved = {n: hooks.params.pop(n) for n in self.names if n in hooks.params}
+        saved_lowrank = {n: hooks.lowrank.pop(n) for n in self.names if n in hooks.lowrank}
         try:
             for n, p in params.items():
-                self._hooks.set_params(n, p)
+                hooks.set_params(n, p)
             yield
         finally:
             for n in self.names:
-                self._hooks.params.pop(n, None)
-            self._hooks.params.update(saved)
+                hooks.params.pop(n, None)
+                hooks.lowrank.pop(n, None)
+            hooks.params.update(saved)
+            hooks.lowrank.update(saved_lowrank)
 
     def collect(
         self,

@@ -119,32 +119,40 @@ def written_last(path: str) -> Iterator[None]:
     """Around a save of several files into one folder whose last write is ``path`` (the file that makes the
     others usable: the thresholds beside a checkpoint's weights).
 
-    The old ``path`` is moved aside for the block. If the block raises before anything else in the folder
-    changed, it is put back (the folder is as it was); if it raises after, it is removed and the error says so:
-    a half-written save never pairs new files with the old ``path``.
+    The old file (a link's target: links are written through) is moved aside for the block, so that a save
+    killed part way leaves no old ``path`` beside new files. If the block raises before anything else in the
+    folder changed, it is put back (the folder is as it was); if it raises after, it is removed and the error
+    says so. A file the block writes at ``path`` gets the old file's permission bits.
     """
-    folder, name = os.path.split(os.path.abspath(path))
-    stash_name = f".{_stem(name)}.actsparse-{os.getpid()}-old.tmp"  # a killed save's stash is stale to the next save
-    stash = os.path.join(folder, stash_name)
-    before = _states(folder, (name, stash_name))
-    moved = os.path.lexists(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(path)
+    home, name = os.path.split(real)
+    stash_name = f".{_stem(name)}.actsparse-{os.getpid()}-old.tmp"  # a killed save's stash is stale to the next
+    stash = os.path.join(home, stash_name)
+    skip = (os.path.basename(os.path.abspath(path)), name, stash_name)
+    before = _states(folder, skip)
+    moved = os.path.isfile(real)
+    mode = stat.S_IMODE(os.stat(real).st_mode) if moved else None
     if moved:
-        os.replace(path, stash)
+        os.replace(real, stash)
     try:
         yield
     except BaseException as e:
         if moved:
-            if _states(folder, (name, stash_name)) == before and not os.path.lexists(path):
-                os.replace(stash, path)
+            if _states(folder, skip) == before and not os.path.lexists(real):
+                os.replace(stash, real)
             else:
                 os.remove(stash)
-                e.add_note(
-                    f"the save failed after changing files in {folder!r}; its old {name} was removed so that it "
-                    "cannot be loaded with them: save again"
-                )
+                if hasattr(e, "add_note"):  # Python >= 3.11
+                    e.add_note(
+                        f"the save failed after changing files in {folder!r}; its old {name} was removed so that "
+                        "it cannot be loaded with them: save again"
+                    )
         raise
     if moved:
         os.remove(stash)
+        if mode is not None and os.path.isfile(real):
+            os.chmod(real, mode)
 
 
 def check_output_path(path: Any, what: str = "output file", *, folder: bool = False) -> str:

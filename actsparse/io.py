@@ -108,8 +108,9 @@ def _names_folder(path: str | os.PathLike) -> bool:
 def _thresholds_writer(model: nn.Module, extra: dict[str, Any] | None) -> Callable[[str], None]:
     """Everything a thresholds file holds, checked as its reader checks it: a function that writes it to a path.
 
-    Raises ``UsageError`` before anything is written when the model has nothing to save or holds a value the
-    reader would refuse (a file saved is a file that loads)."""
+    Raises ``UsageError`` (``InvalidTypeError`` for an ``extra`` that is no dict) before anything is written
+    when the model has nothing to save or holds a value the reader would refuse (a file saved is a file that
+    loads)."""
     layers = sparse_layers(model)
     if not layers:
         raise UsageError("the model has no SparseLinear layers; sparsify it before saving thresholds")

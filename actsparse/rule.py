@@ -49,7 +49,7 @@ class SparsityParams:
                 raise UsageError(f"{what} for {where!r} must be a number, got {value!r}")
         if self.scale is not None and not isinstance(self.scale, torch.Tensor):
             raise UsageError(f"scale for {where!r} must be a torch.Tensor of shape [{in_features}], got {self.scale!r}")
-        if self.topk is not None and (isinstance(self.topk, bool) or not isinstance(self.topk, int)):
+        if self.topk is not None and not _is_whole(self.topk):
             raise UsageError(f"topk for {where!r} must be a whole number or None, got {self.topk!r}")
         if not isinstance(self.info, dict):
             raise UsageError(f"info for {where!r} must be a dict, got {self.info!r}")
@@ -98,6 +98,13 @@ def _is_real(v: Any) -> bool:
     if isinstance(v, torch.Tensor):
         return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_whole(v: Any) -> bool:
+    """A Python or NumPy integer, or a one-element integer tensor (not a bool)."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def drop_mask(

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -71,6 +72,9 @@ def test_eval_table_and_per_layer(tiny_model_dir, text_file, tmp_path, capsys):
     )
     code, stdout, _ = _run(capsys, ["eval", *common, "--thresholds", out, "--context", "64", "--json", "--no-baseline"])
     assert code == 0 and "dense" not in json.loads(stdout)
+    folder = str(tmp_path / "new") + os.sep  # a folder that does not exist yet, named so by its trailing /
+    assert main(["calibrate", *common, "--calib-samples", "2", "--calib-seq-len", "32", "--out", folder]) == 0
+    assert os.listdir(folder) == ["actsparse_thresholds.safetensors"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,3 +280,23 @@ def test_a_long_file_name_is_written_atomically(sparse_llama, tmp_path):
     path = A.save_thresholds(sparse_llama, str(tmp_path / name))
     A.save_thresholds(sparse_llama, path)  # replacing it works too
     assert os.listdir(tmp_path) == [name] and read_thresholds(path)[1]["layers"]
+
+
+def test_save_pretrained_writes_through_a_thresholds_link_and_keeps_its_mode(sparse_llama, tmp_path):
+    folder = str(tmp_path / "ckpt")
+    A.save_pretrained(sparse_llama, folder)
+    path = os.path.join(folder, THRESHOLDS_FILENAME)
+    blob = str(tmp_path / "blob")  # as the Hub cache links a snapshot's files to blobs
+    os.replace(path, blob)
+    os.symlink(blob, path)
+    os.chmod(blob, 0o640)
+    A.save_pretrained(sparse_llama, folder)
+    assert os.path.islink(path) and os.stat(blob).st_mode & 0o777 == 0o640
+    assert read_thresholds(path)[1]["layers"] and sorted(os.listdir(tmp_path)) == ["blob", "ckpt"]
+
+
+def test_integer_topk_of_any_integer_type_is_accepted(tiny_llama):
+    for k in (np.int64(3), torch.tensor(3)):
+        A.remove_sparsity(tiny_llama)
+        A.apply_thresholds(tiny_llama, {"model.layers.0.mlp.up_proj": A.SparsityParams(topk=k)})
+        assert int(A.sparse_layers(tiny_llama)["model.layers.0.mlp.up_proj"].act_topk) == 3

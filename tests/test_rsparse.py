@@ -8,6 +8,7 @@ from helpers import make_tiny_llama, token_batches
 
 import actsparse as A
 import actsparse.kernels as K
+from actsparse.calibrate import _Hooks
 from actsparse.errors import UsageError
 from actsparse.eval import SparsityMonitor
 from actsparse.forward import input_hooks
@@ -134,3 +135,18 @@ def test_sequential_calibration_sees_the_low_rank_term_of_the_layers_before():
             model(x)
     for n, m in layers.items():  # the fitted quantile: the target plus the bytes the low-rank term reads
         assert zeros[n][0] / zeros[n][1] == pytest.approx(m.target_sparsity + m.lowrank_share, abs=1e-3), n
+
+
+def test_calibration_hooks_drop_factors_a_layer_no_longer_has(tiny_llama, calib_data):
+    name = "model.layers.0.mlp.down_proj"
+    layer = dict(tiny_llama.named_modules())[name]
+    hooks = _Hooks({name: layer})
+    u, v = torch.randn(64, 2), torch.randn(2, 128)
+    with hooks.installed(), torch.no_grad():
+        hooks.set_params(name, A.SparsityParams(0.1, lowrank=(u, v)))
+        with_factors = tiny_llama(calib_data[0]).logits
+        hooks.set_params(name, A.SparsityParams(0.1))  # the same threshold, no factors
+        without = tiny_llama(calib_data[0]).logits
+    assert not torch.equal(with_factors, without)
+    A.apply_thresholds(tiny_llama, {name: 0.1})
+    assert torch.equal(tiny_llama(calib_data[0]).logits, without)  # what the deployed layer computes

@@ -95,7 +95,10 @@ def check_outputs(args) -> None:
     attribution's ``--out``, a file or a folder for calibrate's, files for the others)."""
     folder_out = args.command in ("sweep", "attribution")
     if getattr(args, "out", None) is not None:
-        is_folder = folder_out or os.path.isdir(args.out)  # calibrate --out FOLDER writes FOLDER/<thresholds file>
+        # calibrate --out FOLDER (an existing one, or one named with a trailing /) writes FOLDER/<thresholds file>
+        is_folder = (
+            folder_out or os.path.isdir(args.out) or (args.command == "calibrate" and args.out.endswith(("/", os.sep)))
+        )
         check_output_path(args.out, "--out", folder=is_folder)
     for flag in ("save_config", "export_scap", "plot"):
         value = getattr(args, flag, None)
