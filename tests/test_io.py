@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -201,7 +202,7 @@ def test_a_save_pretrained_failing_part_way_never_pairs_new_weights_with_old_thr
 
     with pytest.raises(OSError, match="no space") as e:
         A.save_pretrained(other, folder, tokenizer=Tokenizer())
-    assert any("save again" in n for n in getattr(e.value, "__notes__", []))
+    assert sys.version_info < (3, 11) or any("save again" in n for n in e.value.__notes__)  # (add_note: 3.11)
     after = _folder_state(folder)
     assert THRESHOLDS_FILENAME not in after and after["model.safetensors"][0] != before["model.safetensors"][0]
     assert after["model.safetensors"][1] == before["model.safetensors"][1]  # transformers' 0600 undone
