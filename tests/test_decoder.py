@@ -198,6 +198,23 @@ def test_generation_config_processors_that_greedy_decoding_skips_are_warned_abou
     assert torch.equal(dec.generate(ids, 8), plain) and _hf(model, ids, 8).sequences[0, ids.shape[1]] != first
 
 
+def test_a_tokenizers_unpadded_inputs_unpack_into_generate_and_padding_is_refused():
+    model = _tiny("llama")
+    ids = _ids()
+    dec = Decoder(model, 32)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }  # what tokenizer(..., return_tensors="pt") gives
+    assert torch.equal(dec.generate(**inputs, max_new_tokens=6), _hf(model, ids, 6).sequences)
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with pytest.raises(DecoderError, match="attention_mask has padding"):
+        dec.generate(ids, 6, attention_mask=padded)
+    with pytest.raises(DecoderError, match="shape of input_ids"):
+        dec.generate(ids, 6, attention_mask=torch.ones(1, 3))
+
+
 def test_sampling_is_seeded_and_matches_the_eager_loop():
     model = _sparsify(_tiny("llama"), 0.3)
     tok = byte_tokenizer()

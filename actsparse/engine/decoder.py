@@ -88,6 +88,22 @@ class DecodeResult:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
 
+def _check_no_padding(mask: Any, ids: torch.Tensor) -> None:
+    """The Decoder takes an attention mask only as a tokenizer gives it for unpadded prompts: all ones."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.numel() != ids.numel() or mask.shape[-1] != ids.shape[-1]:
+        raise DecoderError(
+            f"attention_mask must be a tensor of the shape of input_ids {tuple(ids.shape)}, got "
+            f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+        )
+    if not bool((mask == 1).all()):
+        raise DecoderError(
+            "attention_mask has padding: the Decoder decodes prompts of equal length without padding; give "
+            "one prompt per call (batch_size=1) or prompts of the same length"
+        )
+
+
 class Decoder:
     """Greedy or sampled generation from ``model`` with a static KV cache, one CUDA graph per decode step.
 
@@ -390,14 +406,18 @@ class Decoder:
         pad_token_id: int | None = None,
         on_tokens: TokenCallback | None = None,
         output_logits: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> DecodeResult:
         """Generate up to ``max_new_tokens`` after ``input_ids`` ``[B, T]``; see :meth:`generate`.
 
         ``on_tokens`` receives row 0's new token ids as they become known on the host (every ``sync_every``
         steps; at every step when given). Generation stops when every row produced an EOS token
         (``eos_token_id``, default: the model's generation config; ``[]`` never stops early).
+        ``attention_mask`` (as a tokenizer returns it, so that ``dec.generate(**inputs, max_new_tokens=n)``
+        works) must be all ones: rows are prompts of equal length, without padding.
         """
         ids = self._check_inputs(input_ids, max_new_tokens)
+        _check_no_padding(attention_mask, ids)
         check_sampling(do_sample, temperature, top_p)
         eos = (
             eos_token_ids(self.model)
@@ -486,7 +506,7 @@ class Decoder:
         """``[B, T + new]`` token ids: the prompt followed by greedy (default) or sampled new tokens, as
         ``model.generate(input_ids, max_new_tokens=..., do_sample=...)`` returns them. Keyword arguments:
         ``do_sample``, ``temperature``, ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``, ``on_tokens``,
-        ``output_logits`` (see :meth:`run`)."""
+        ``output_logits``, ``attention_mask`` (see :meth:`run`)."""
         return self.run(input_ids, max_new_tokens, **kwargs).sequences
 
     def __repr__(self) -> str:
