@@ -22,7 +22,15 @@ from typing import Any, NoReturn
 
 from .errors import ActSparseError
 
-__all__ = ["check_input_file", "parse_json", "read_json_file", "Fields", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
+__all__ = [
+    "check_input_file",
+    "parse_json",
+    "read_json_file",
+    "json_safe",
+    "Fields",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+]
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # far above any real config or SCAP file
 MAX_JSON_DEPTH = 64  # our formats nest 4 levels deep at most
@@ -87,6 +95,18 @@ def _integer(text: str) -> int:
     if len(text.lstrip("-")) > 400:
         raise ValueError(f"an integer of {len(text)} digits")
     return int(text)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as ``None`` (``null``): ``json.dump`` would write ``NaN`` and
+    ``Infinity``, which are no JSON (strict readers, ``jq``, JavaScript refuse them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def parse_json(text: str, where: str, error: type[ActSparseError], *, max_depth: int = MAX_JSON_DEPTH) -> Any:

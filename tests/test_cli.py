@@ -224,6 +224,24 @@ def test_sweep_writes_csv_json_png(tiny_model_dir, text_file, tmp_path, capsys):
     assert all(abs(p["measured"] - p["target"]) < 0.1 for p in pts)
     assert all(p["token_perplexity"] != data["dense_token_perplexity"] for p in pts)  # random model: any direction
     assert (out / "sweep.png").stat().st_size > 1000
+    assert data["complete"] is True and data["stride"] == 63 and data["ignore"] == []
+
+
+def test_a_sweep_that_fails_keeps_its_finished_points_and_replaces_an_older_sweep(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    out = tmp_path / "sw"
+    out.mkdir()
+    for name in ("sweep.csv", "sweep.json", "sweep.png"):  # an older sweep's files
+        (out / name).write_text("old")
+    args = ["sweep", "--model", tiny_model_dir, "--data", text_file, "--no-progress", "--sparsity", "0.3"]
+    args += ["--calib-samples", "4", "--calib-seq-len", "32", "--context", "64", "--eval-tokens", "300"]
+    # rank 16 of the tiny model's 64-wide layers reads more bytes than 30% sparsity saves: refused at its point
+    code, _, err = _run(capsys, [*args, "--methods", "quantile,rsparse:rank=16", "--out", str(out)])
+    assert code == 2 and "lower rank or the target" in err
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["complete"] is False and [p["method"] for p in data["points"]] == ["quantile"]
+    assert len((out / "sweep.csv").read_text().strip().splitlines()) == 1 + 1 + 1 and not (out / "sweep.png").exists()
 
 
 def test_sweep_method_options_label_the_points(tiny_model_dir, text_file, tmp_path, capsys):
@@ -285,7 +303,10 @@ def test_sweep_bad_method_spec_fails_before_the_model_loads(tmp_path, capsys, me
     assert err.count("\n") == 1 and not (tmp_path / "sw").exists()
 
 
-@pytest.mark.parametrize("text,match", [("0.7:0.2:0.1", "START:STOP:STEP"), ("0.2,1.0", r"\[0, 1\)"), ("a", "bad")])
+@pytest.mark.parametrize(
+    "text,match",
+    [("0.7:0.2:0.1", "START:STOP:STEP"), ("0.2,1.0", r"\[0, 1\)"), ("a", "bad"), ("0.3,0.5,0.3", "0.3 is given twice")],
+)
 def test_sweep_bad_sparsity_list(tiny_model_dir, capsys, text, match):
     code, _, err = _run(capsys, ["sweep", "--model", tiny_model_dir, "--sparsity", text])
     assert code == 2 and re.search(match, err)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import actsparse as A
 from actsparse import TargetScope
 from actsparse.data import count_words
 from actsparse.eval import SparsityMonitor, perplexity, summarize_by_type
+from actsparse.schema import json_safe
 
 
 def _brute_force_nll(model, ids, context, stride):
@@ -75,3 +77,13 @@ def test_monitor_counts_the_zeros_the_layers_produce(tiny_llama, calib_data):
 def test_monitor_requires_sparse_layers(tiny_llama):
     with pytest.raises(ValueError, match="sparsify it first"):
         SparsityMonitor(tiny_llama)
+
+
+def test_a_perplexity_past_float_range_is_inf_and_json_null(tiny_llama):
+    ids = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(0))
+    r = perplexity(tiny_llama, ids, context=64, n_words=2, progress=False)  # text with two spaces: ~1000 nats a word
+    assert r.word_perplexity == math.inf and math.isfinite(r.token_perplexity)
+    assert json.loads(json.dumps(json_safe({"ppl": r.word_perplexity, "x": [math.nan, 1.5]}), allow_nan=False)) == {
+        "ppl": None,
+        "x": [None, 1.5],
+    }

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
+import yaml
 from helpers import byte_tokenizer, make_tiny_llama
 
 import actsparse as A
 from actsparse.cli import main
 from actsparse.errors import UsageError
 from actsparse.eval import SparsityMonitor
-from actsparse.eval.lmeval import LMEVAL_INSTALL, _LMEvalNoise, check_tasks, run_lm_eval
+from actsparse.eval.lmeval import LMEVAL_INSTALL, _LMEvalNoise, check_tasks, mean_accuracy, run_lm_eval
 from actsparse.eval.loglik import continuation_logliks
 from actsparse.eval.zeroshot import lm_eval_tasks_dir
 
@@ -353,3 +354,24 @@ def test_a_run_outside_a_git_repository_prints_no_git_error(task_dir, tmp_path, 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # (tmp_path inside a repository: not one)
     run_lm_eval(make_tiny_llama(), _tokenizer(), TASK, include_path=folder, limit=2)
     assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_mean_accuracy_leaves_out_group_rows(task_dir, tmp_path):
+    folder, items = task_dir
+    cfg = yaml.safe_load(open(os.path.join(folder, "tiny_mc.yaml"), encoding="utf-8"))
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(json.dumps(it) for it in items[:5]), encoding="utf-8")
+    cfg.update(task="actsparse_tiny_few", dataset_kwargs={**cfg["dataset_kwargs"], "data_files": {"test": str(few)}})
+    (tmp_path / "tasks" / "tiny_few.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    group = {
+        "group": "actsparse_tiny_group",
+        "task": [TASK, "actsparse_tiny_few"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+        "metadata": {"version": 1.0},
+    }
+    (tmp_path / "tasks" / "tiny_group.yaml").write_text(yaml.safe_dump(group), encoding="utf-8")
+    r = run_lm_eval(make_tiny_llama(), _tokenizer(), "actsparse_tiny_group", include_path=folder)
+    assert r["groups"] == ["actsparse_tiny_group"] and set(r["samples"]) == {TASK, "actsparse_tiny_few"}
+    leaves = [r["tasks"][n]["acc"]["value"] for n in (TASK, "actsparse_tiny_few")]
+    assert r["tasks"]["actsparse_tiny_group"]["acc"]["value"] != pytest.approx(sum(leaves) / 2)  # (size-weighted)
+    assert mean_accuracy(r)[0] == pytest.approx(sum(leaves) / 2)  # the subtasks once each, not the group again

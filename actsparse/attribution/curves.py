@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..eval.mc import MCExample, mc_scores
 from ..eval.plots import plot_tradeoff
+from ..fileio import atomic_write
+from ..schema import json_safe
 from .scores import (
     ScoreBatch,
     UnitStats,
@@ -248,13 +250,20 @@ def write_curves(folder: str, points: Sequence[CurvePoint], meta: dict) -> dict[
     os.makedirs(folder, exist_ok=True)
     paths = {"csv": os.path.join(folder, "curves.csv"), "json": os.path.join(folder, "curves.json")}
     fields = list(CurvePoint.__dataclass_fields__)
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for p in points:
-            w.writerow(asdict(p))
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({**meta, "points": [asdict(p) for p in points]}, f, indent=2)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for p in points:
+                w.writerow(asdict(p))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(json_safe({**meta, "points": [asdict(p) for p in points]}), f, indent=2, allow_nan=False)
+
+    atomic_write(paths["csv"], write_csv)
+    atomic_write(paths["json"], write_json)
     for u in dict.fromkeys(p.units for p in points):
         path = plot_tradeoff(
             os.path.join(folder, f"curves_{u}.png"),

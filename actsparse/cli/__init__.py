@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from .._version import __version__
 from ..errors import ActSparseError
+from ..schema import json_safe
 from . import attribution, calibrate, demo, evaluate, generate, sweep
 from .common import check_outputs, check_window, precheck_scopes, sparsify_config, will_calibrate
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False))
     return 0
 
 

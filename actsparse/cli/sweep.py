@@ -123,21 +123,6 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
             f"ppl {p.token_perplexity:.3f} ({p.delta_percent:+.2f}%)  calibration {p.calibration_seconds:.0f} s",
         )
 
-    dense, points = run_sweep(
-        model,
-        data,
-        ids,
-        methods,
-        sparsities,
-        scope=args.scope,
-        ignored=args.ignore,
-        context=args.context,
-        stride=args.stride,
-        progress=not args.no_progress,
-        per_layer=True,
-        on_point=show,
-        accuracy=accuracy,
-    )
     meta = {
         "model": args.model,
         "data": corpus.name,
@@ -145,6 +130,8 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "scope": args.scope,
         "eval_tokens": int(ids.numel()),
         "context": args.context,
+        "stride": min(args.stride or args.context - 1, args.context - 1),  # as perplexity() clamps it
+        "ignore": list(args.ignore or []),
         "calibration_tokens": sum(d.numel() for d in data),
         "methods": method_meta(methods),
         "title": f"{args.model} on {corpus.name}: {int(ids.numel())} eval tokens"
@@ -158,14 +145,45 @@ def run(args, config: SparsifyConfig | None = None) -> dict[str, Any]:
         "input_rotation": input_rotation,
     }
     if accuracy is not None:
+        meta.update(tasks=tasks, limit=args.limit)
+    # partial results after every point (a failed or interrupted sweep keeps what it finished; "complete" says
+    # which); an older sweep in the folder is replaced at the start, not left looking current
+    done: list = []
+    state: dict[str, float] = {}
+
+    def keep_partial(dense: float) -> None:
+        state["dense"] = dense
+        write_sweep(args.out, dense, done, {**meta, "complete": False}, plot=False)
+
+    def on_point(p) -> None:
+        show(p)
+        done.append(p)
+        write_sweep(args.out, state["dense"], done, {**meta, "complete": False}, plot=False)
+
+    dense, points = run_sweep(
+        model,
+        data,
+        ids,
+        methods,
+        sparsities,
+        scope=args.scope,
+        ignored=args.ignore,
+        context=args.context,
+        stride=args.stride,
+        progress=not args.no_progress,
+        per_layer=True,
+        on_point=on_point,
+        on_dense=keep_partial,
+        accuracy=accuracy,
+    )
+    if accuracy is not None:
         log(args, f"zero-shot accuracy of the dense model on {', '.join(tasks or [])}")
         dense_acc = accuracy(model)  # the model ends dense
         meta.update(
-            tasks=tasks,
-            limit=args.limit,
             dense_mean_acc=dense_acc[0] if dense_acc else None,
             dense_mean_acc_stderr=dense_acc[1] if dense_acc else None,
         )
+    meta["complete"] = True
     paths = write_sweep(args.out, dense, points, meta)
     if not args.json:
         print("\n".join(format_table(dense, points, meta.get("dense_mean_acc"))))

@@ -468,6 +468,7 @@ def run_lm_eval(
     out: dict[str, Any] = {
         "tasks": {n: _metrics(results[n]) for n in order},
         "samples": {n: int(v["effective"]) for n, v in raw.get("n-samples", {}).items()},
+        "groups": [n for n in order if n in raw.get("groups", {})],  # aggregate rows of their subtasks
         "num_fewshot": dict(raw.get("n-shot", {})),
         "limit": limit,
         "batch_size": batch_size,
@@ -498,9 +499,11 @@ def _offline_used(manager: Any, name: str) -> bool:
 
 
 def mean_accuracy(result: dict[str, Any], tasks: Sequence[str] | None = None) -> tuple[float, float] | None:
-    """``(mean acc, its standard error)`` over ``tasks`` (default: all of the result's tasks that have ``acc``):
-    the unweighted mean, as papers report it; stderr = sqrt(sum of the tasks' squared stderrs) / number."""
-    names = [n for n in (tasks or result["tasks"]) if "acc" in result["tasks"].get(n, {})]
+    """``(mean acc, its standard error)`` over ``tasks`` (default: all of the result's tasks that have ``acc``,
+    groups left out: a group's row aggregates its subtasks, which count already): the unweighted mean, as papers
+    report it; stderr = sqrt(sum of the tasks' squared stderrs) / number."""
+    groups = set(result.get("groups", ())) if tasks is None else set()
+    names = [n for n in (tasks or result["tasks"]) if "acc" in result["tasks"].get(n, {}) and n not in groups]
     if not names:
         return None
     accs = [result["tasks"][n]["acc"]["value"] for n in names]

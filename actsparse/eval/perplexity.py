@@ -75,5 +75,13 @@ def perplexity(
             pred = logits[first - begin - 1 : end - begin - 1].float()
             nll += F.cross_entropy(pred, ids[first:end].to(pred.device), reduction="sum").double().item()
     scored = n - 1
-    word = math.exp(nll / n_words) if n_words else None
-    return PerplexityResult(math.exp(nll / scored), word, nll, scored, n_words, context, stride)
+    word = _exp(nll / n_words) if n_words else None
+    return PerplexityResult(_exp(nll / scored), word, nll, scored, n_words, context, stride)
+
+
+def _exp(x: float) -> float:
+    """``exp(x)``, ``inf`` past float range (a word perplexity of text with few spaces, a broken model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

@@ -9,6 +9,7 @@ plot) and ``mean`` (plain mean over layers).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -27,6 +28,7 @@ from ..fileio import atomic_write
 from ..input_rotation import input_rotation_weights
 from ..methods import MethodConfig, method_from_spec, method_to_dict, parse_method_spec
 from ..rotation import adapter_weights
+from ..schema import json_safe
 from ..scope import IgnoredScope, TargetScope
 from ..sparse_linear import check_not_sparsified
 from .perplexity import perplexity
@@ -84,6 +86,9 @@ def parse_range(text: str) -> list[float]:
     bad = [v for v in values if not 0.0 <= v < 1.0]
     if bad:
         raise UsageError(f"sparsities must be in [0, 1), got {bad}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise UsageError(f"sparsity {', '.join(f'{v:g}' for v in twice)} is given twice in {text!r}; give each once")
     return values
 
 
@@ -142,15 +147,20 @@ def run_sweep(
     per_layer: bool = False,
     on_point: Callable[[SweepPoint], None] | None = None,
     accuracy: Callable[[nn.Module], tuple[float, float] | None] | None = None,
+    on_dense: Callable[[float], None] | None = None,
 ) -> tuple[float, list[SweepPoint]]:
     """Dense perplexity and one :class:`SweepPoint` per (method, sparsity). The model ends dense.
 
     ``methods``: specs ``NAME[:KEY=VALUE...]`` (see :func:`sweep_methods`); each point's ``method`` is its spec.
     ``accuracy(model)``: a second quality axis, e.g. zero-shot mean accuracy ``(mean, stderr)`` through lm-eval
-    (the CLI's ``--tasks``), measured for every point (the dense model's is the caller's to take)."""
+    (the CLI's ``--tasks``), measured for every point (the dense model's is the caller's to take).
+    ``on_dense(ppl)`` gets the dense perplexity as soon as it is known, ``on_point(point)`` each point as it is
+    done: what a caller needs to keep partial results of a sweep that fails or is interrupted."""
     specs = sweep_methods(methods).items()  # check every spec before the long work
     check_not_sparsified(model, "sweeping")
     dense = perplexity(model, eval_ids, context=context, stride=stride, progress=progress).token_perplexity
+    if on_dense is not None:
+        on_dense(dense)
     points = []
     ignored_scope = IgnoredScope(patterns=list(ignored)) if ignored else None
     try:
@@ -206,8 +216,11 @@ def format_table(dense: float, points: Sequence[SweepPoint], dense_acc: float | 
     return lines
 
 
-def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: dict[str, Any]) -> dict[str, str]:
-    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` (when matplotlib is installed) into ``folder``."""
+def write_sweep(
+    folder: str, dense: float, points: Sequence[SweepPoint], meta: dict[str, Any], *, plot: bool = True
+) -> dict[str, str]:
+    """Write ``sweep.csv``, ``sweep.json`` and (``plot``, when matplotlib is installed) ``sweep.png`` into
+    ``folder``, each atomically. Without ``plot`` an older ``sweep.png`` there is removed (it would not match)."""
 
     os.makedirs(folder, exist_ok=True)
     paths = {"csv": os.path.join(folder, "sweep.csv"), "json": os.path.join(folder, "sweep.json")}
@@ -235,10 +248,15 @@ def write_sweep(folder: str, dense: float, points: Sequence[SweepPoint], meta: d
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({**meta, "dense_token_perplexity": dense, "points": [asdict(p) for p in points]}, f, indent=2)
+            data = {**meta, "dense_token_perplexity": dense, "points": [asdict(p) for p in points]}
+            json.dump(json_safe(data), f, indent=2, allow_nan=False)
 
     atomic_write(paths["csv"], write_csv)
     atomic_write(paths["json"], write_json)
+    if not plot:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "sweep.png"))
+        return paths
     png = plot_sweep(
         os.path.join(folder, "sweep.png"), dense, points, title=meta.get("title"), dense_acc=meta.get("dense_mean_acc")
     )
