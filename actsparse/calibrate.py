@@ -158,7 +158,10 @@ def _groups(trace: list[tuple[str, torch.Tensor]], names: Sequence[str]) -> tupl
         prev = x
     missing = [n for n in names if n not in seen]
     if missing:
-        groups.append(missing)  # not called on the traced batch: calibrate on what later batches give
+        # not called on the traced batch (an MoE expert it routed no token to): calibrated on what later batches
+        # give, one at a time in module order, so that each sees the layers before it sparsified (an expert's
+        # down_proj after its gate/up) as every traced group does
+        groups.extend([n] for n in missing)
         called_once = False
     return groups, called_once
 

@@ -79,8 +79,17 @@ class InputRotation(nn.Module):
         super().__init__()
         self.register_buffer("reflectors", y.float().contiguous())
         self.register_buffer("factor", t.float().contiguous())
-        back = self.reflectors.double() @ self.factor.double().T
-        self.register_buffer("back", back.float().contiguous(), persistent=False)
+        self.register_buffer("back", self._back(), persistent=False)
+        # M is derived: a load_state_dict of other Y and T must form it again (it is not in the state dict)
+        self.register_load_state_dict_post_hook(InputRotation._reform_back)
+
+    def _back(self) -> torch.Tensor:
+        return (self.reflectors.double() @ self.factor.double().T).float().contiguous()
+
+    @staticmethod
+    def _reform_back(module: nn.Module, incompatible_keys: Any) -> None:
+        assert isinstance(module, InputRotation)
+        module.back = module._back().to(module.reflectors.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -409,7 +409,7 @@ def rotate_residual(
             raise UsageError("the calibration activations are not finite: cannot compute a rotation")
         eig, vectors = torch.linalg.eigh(H)
         eig, vectors = eig.flip(-1), vectors.flip(-1)  # decreasing variance
-        qs = vectors[groups]
+        qs = vectors[groups].float().double()  # the float32 basis that is saved: a reload folds the same values
         variances = eig.float().clamp_min(0)
     untied = _fold(model, base, layers, emb, head, qs)
     saved = qs.float().cpu().contiguous()

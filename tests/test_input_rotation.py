@@ -1,5 +1,6 @@
 """rotate_inputs: rank-r Householder rotations of the q/k/v and gate/up inputs, folded into their readers."""
 
+import copy
 import json
 
 import pytest
@@ -321,3 +322,14 @@ def test_cli_calibrate_keeps_the_rotations_and_eval_folds_them(tiny_model_dir, t
     assert rotated["token_perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert main(["calibrate", *common, *calib, "--rotate-inputs", "x", "--out", out]) == 2
     assert "expected a rank >= 1" in capsys.readouterr().err
+
+
+def test_load_state_dict_of_other_rotations_forms_their_derived_matrix_again():
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(9))
+    a = random_norm_gains(make_tiny_llama(seed=3))
+    b = copy.deepcopy(a)
+    A.rotate_inputs(a, token_batches(seed=1), rank=8, progress=False)
+    A.rotate_inputs(b, token_batches(seed=2), rank=8, progress=False)
+    assert not torch.equal(logits_of(a, ids), logits_of(b, ids))
+    b.load_state_dict(a.state_dict())  # M = Y·Tᵀ is not in the state dict: formed from the loaded Y and T
+    assert torch.equal(logits_of(b, ids), logits_of(a, ids))
