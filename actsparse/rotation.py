@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 CONFIG_KEY = "actsparse_rotation"  # model.config attribute: the fingerprint of the folded basis
+ADAPTERS_CONFIG_KEY = "actsparse_rotation_adapters"  # the weights its residual adapters read (0: one basis)
 INPUT_CONFIG_KEY = "actsparse_input_rotation"  # the same for actsparse.input_rotation's rank-r input rotations
 
 READS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -100,9 +101,22 @@ def basis_fingerprint(basis: torch.Tensor) -> str:
 
 
 def rotation_of(model: nn.Module) -> str | None:
-    """The fingerprint of the basis folded into ``model`` (from its config), or None when not rotated."""
-    fp = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    return fp if isinstance(fp, str) else None
+    """The fingerprint of the basis folded into ``model`` (from its config), or None when not rotated. A config
+    that names residual adapters on a model without them (Hugging Face's own ``save_pretrained`` of a per-layer
+    rotation: folded weights, the adapters dropped on reload) is an error: that model computes another function."""
+    cfg = getattr(model, "config", None)
+    fp = getattr(cfg, CONFIG_KEY, None)
+    if not isinstance(fp, str):
+        return None
+    adapters = getattr(cfg, ADAPTERS_CONFIG_KEY, None)
+    if isinstance(adapters, int) and adapters > 0 and adapter_weights(model) == 0:
+        raise UsageError(
+            f"the model's config names a per-layer residual rotation ({CONFIG_KEY} = {fp}, {adapters} adapter "
+            "weights) but it holds no adapters: a checkpoint saved without them (they are no Hugging Face modules) "
+            "computes another function; load the original checkpoint and the thresholds file with "
+            "actsparse.load_thresholds(model, path, rotate=True)"
+        )
+    return fp
 
 
 def rotation_basis(model: nn.Module) -> torch.Tensor | None:
@@ -416,5 +430,6 @@ def rotate_residual(
     fingerprint = basis_fingerprint(saved)
     for cfg in {id(c): c for c in _configs(model)}.values():
         setattr(cfg, CONFIG_KEY, fingerprint)
+        setattr(cfg, ADAPTERS_CONFIG_KEY, adapter_weights(model))
     cast(Any, model)._actsparse_rotation_basis = saved  # for save_thresholds
     return RotationResult(saved, variances, tokens, untied, fingerprint, adapter_weights(model))

@@ -8,6 +8,7 @@ import torch.nn as nn
 from helpers import VOCAB, logits_of, make_tiny_llama, random_norm_gains, token_batches
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 import actsparse as A
 from actsparse.cli import main
@@ -324,3 +325,17 @@ def test_cli_sweep_rotates_first_and_counts_the_adapters(tiny_model_dir, text_fi
     assert plain["measured"] == pytest.approx(skipped(plain), abs=1e-9)
     assert main([*common, "--rotate", "0"]) == 2
     assert "number of layers >= 1 or 'global'" in capsys.readouterr().err
+
+
+def test_a_per_layer_rotation_saved_without_its_adapters_is_refused(tmp_path):
+    model = _gains(make_tiny_llama(layers=3, seed=2))
+    A.rotate_residual(model, _data(2), progress=False)  # one basis per layer: adapters between them
+    assert adapter_weights(model) > 0
+    model.save_pretrained(str(tmp_path / "ck"))  # Hugging Face's own save: the adapters are no HF modules
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"))
+    with pytest.raises(UsageError, match="holds no adapters.*rotate=True"):
+        rotation_of(reloaded)
+    one = _gains(make_tiny_llama(layers=3, seed=2))
+    A.rotate_residual(one, _data(2), layers_per_basis=None, progress=False)  # one basis: no adapters needed
+    one.save_pretrained(str(tmp_path / "one"))
+    assert rotation_of(AutoModelForCausalLM.from_pretrained(str(tmp_path / "one"))) == rotation_of(one)
