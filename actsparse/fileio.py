@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["atomic_write", "check_output_path", "keep_file_modes", "written_last"]
+__all__ = ["atomic_write", "check_output_path", "keep_file_modes", "names_folder", "written_last"]
 
 _STALE = re.compile(r"\.actsparse-(\d+)-[^.]+\.tmp$")
 
@@ -71,47 +71,37 @@ def _remove_stale(folder: str, name: str) -> None:
                 pass
 
 
+def _entries(folder: str) -> dict[str, os.stat_result]:
+    """``{name: its stat}`` of the entries of ``folder`` (links not followed); empty when it is no folder."""
+    if not os.path.isdir(folder):
+        return {}
+    return {e.name: e.stat(follow_symlinks=False) for e in os.scandir(folder)}
+
+
 @contextmanager
 def keep_file_modes(folder: str) -> Iterator[None]:
     """Files another library writes in ``folder`` inside this block keep the permission bits they had (new ones
     get ``0o666 & ~umask``), whatever mode that library creates them with."""
-
-    def modes() -> dict[str, tuple[int, int]]:
-        if not os.path.isdir(folder):
-            return {}
-        out = {}
-        for entry in os.scandir(folder):
-            if entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                out[entry.path] = (stat.S_IMODE(st.st_mode), st.st_mtime_ns)
-        return out
-
-    before = modes()
+    before = _entries(folder)
     try:
         yield
     finally:
-        _restore_modes(before, modes())
+        default = _umask_mode()
+        for name, st in _entries(folder).items():
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            mode, old = stat.S_IMODE(st.st_mode), before.get(name)
+            if old is not None and not stat.S_ISREG(old.st_mode):
+                old = None  # (was no file: a new one)
+            if old is None and mode != default:
+                os.chmod(os.path.join(folder, name), default)
+            elif old is not None and st.st_mtime_ns != old.st_mtime_ns and mode != stat.S_IMODE(old.st_mode):
+                os.chmod(os.path.join(folder, name), stat.S_IMODE(old.st_mode))
 
 
-def _restore_modes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> None:
-    default = _umask_mode()
-    for p, (mode, mtime) in after.items():
-        old = before.get(p)
-        if old is None and mode != default:
-            os.chmod(p, default)
-        elif old is not None and mtime != old[1] and mode != old[0]:
-            os.chmod(p, old[0])
-
-
-def _states(folder: str, skip: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+def _written(folder: str, skip: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
     """What identifies each entry of ``folder`` as written (inode, size, mtime), but those named in ``skip``."""
-    if not os.path.isdir(folder):
-        return {}
-    return {
-        e.name: (st.st_ino, st.st_size, st.st_mtime_ns)
-        for e in os.scandir(folder)
-        if e.name not in skip and (st := e.stat(follow_symlinks=False))
-    }
+    return {n: (st.st_ino, st.st_size, st.st_mtime_ns) for n, st in _entries(folder).items() if n not in skip}
 
 
 @contextmanager
@@ -130,7 +120,7 @@ def written_last(path: str) -> Iterator[None]:
     stash_name = f".{_stem(name)}.actsparse-{os.getpid()}-old.tmp"  # a killed save's stash is stale to the next
     stash = os.path.join(home, stash_name)
     skip = (os.path.basename(os.path.abspath(path)), name, stash_name)
-    before = _states(folder, skip)
+    before = _written(folder, skip)
     moved = os.path.isfile(real)
     mode = stat.S_IMODE(os.stat(real).st_mode) if moved else None
     if moved:
@@ -139,7 +129,7 @@ def written_last(path: str) -> Iterator[None]:
         yield
     except BaseException as e:
         if moved:
-            if _states(folder, skip) == before and not os.path.lexists(real):
+            if _written(folder, skip) == before and not os.path.lexists(real):
                 os.replace(stash, real)
             else:
                 os.remove(stash)
@@ -155,6 +145,11 @@ def written_last(path: str) -> Iterator[None]:
             os.chmod(real, mode)
 
 
+def names_folder(path: Any) -> bool:
+    """Whether ``path`` ends with a separator: it names a folder (existing or not), as ``out/``."""
+    return isinstance(path, (str, os.PathLike)) and str(os.fspath(path)).endswith(("/", os.sep))
+
+
 def check_output_path(path: Any, what: str = "output file", *, folder: bool = False) -> str:
     """``path`` as a string, if a file (``folder=True``: a folder) can be written there; else a ``UsageError``
     naming the problem: not a path, a folder where a file goes (or the reverse), a parent that is a file, or no
@@ -162,7 +157,7 @@ def check_output_path(path: Any, what: str = "output file", *, folder: bool = Fa
     if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise UsageError(f"{what}: expected a path, got {path!r}")
     p = os.path.abspath(os.fspath(path))
-    if not folder and os.fspath(path).endswith(("/", os.sep)):
+    if not folder and names_folder(path):
         raise UsageError(f"{what} {os.fspath(path)!r} ends with a separator, so it names a folder; give a file name")
     if os.path.isdir(p) and not folder:
         raise UsageError(f"{what} {os.fspath(path)!r} is a folder; give a file name (e.g. {os.path.join(p, 'x')})")

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ._version import __version__
 from .api import apply_thresholds, sparse_layers
 from .errors import InvalidTypeError, ThresholdFileError, UsageError
-from .fileio import atomic_write, check_output_path, keep_file_modes, written_last
+from .fileio import atomic_write, check_output_path, keep_file_modes, names_folder, written_last
 from .input_rotation import (
     check_factors,
     factors_fingerprint,
@@ -92,17 +92,12 @@ def save_thresholds(model: nn.Module, path: str, *, extra: dict[str, Any] | None
     ``path``: a file, or a folder (an existing one, or one written with a trailing ``/``) that gets
     ``actsparse_thresholds.safetensors``. Returns the file's path.
     """
-    if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or _names_folder(path)):
+    if isinstance(path, (str, os.PathLike)) and (os.path.isdir(path) or names_folder(path)):
         path = os.path.join(path, THRESHOLDS_FILENAME)
     check_output_path(path, "thresholds file")
     write = _thresholds_writer(model, extra)
     atomic_write(path, write)
     return os.fspath(path)
-
-
-def _names_folder(path: str | os.PathLike) -> bool:
-    p = os.fspath(path)
-    return isinstance(p, str) and p.endswith(("/", os.sep))
 
 
 def _thresholds_writer(model: nn.Module, extra: dict[str, Any] | None) -> Callable[[str], None]:

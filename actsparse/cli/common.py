@@ -20,7 +20,7 @@ from ..data import chunk_tokens, count_words, load_corpus, tokenize
 from ..errors import UsageError
 from ..eval.perplexity import perplexity
 from ..eval.sparsity import SparsityMonitor, layer_type, summarize_by_type
-from ..fileio import check_output_path
+from ..fileio import check_output_path, names_folder
 from ..input_rotation import rotate_inputs
 from ..io import import_scap_json, load_thresholds, read_thresholds
 from ..methods import MethodConfig, method_from_spec, method_to_dict
@@ -96,9 +96,7 @@ def check_outputs(args) -> None:
     folder_out = args.command in ("sweep", "attribution")
     if getattr(args, "out", None) is not None:
         # calibrate --out FOLDER (an existing one, or one named with a trailing /) writes FOLDER/<thresholds file>
-        is_folder = (
-            folder_out or os.path.isdir(args.out) or (args.command == "calibrate" and args.out.endswith(("/", os.sep)))
-        )
+        is_folder = folder_out or os.path.isdir(args.out) or (args.command == "calibrate" and names_folder(args.out))
         check_output_path(args.out, "--out", folder=is_folder)
     for flag in ("save_config", "export_scap", "plot"):
         value = getattr(args, flag, None)
