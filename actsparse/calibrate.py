@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Batch
@@ -45,7 +44,7 @@ from .forward import (
 )
 from .methods import Collector, MethodConfig
 from .offload import execution_device, model_device
-from .rule import SparsityParams, dense_equivalent_input, drop_mask
+from .rule import SparsityParams, dense_equivalent_input, drop_mask, lowrank_term
 
 __all__ = [
     "calibrate_thresholds",
@@ -107,8 +106,7 @@ class _Hooks:
         factors = self.lowrank.get(name)
         if factors is not None:
             d = x.float() - (0.0 if p[1] is None else p[1])
-            dropped = d.masked_fill(~drop_mask(x, *p), 0.0)
-            self._lowrank_out[name] = F.linear(F.linear(dropped, factors[1]), factors[0])
+            self._lowrank_out[name] = lowrank_term(d, drop_mask(x, *p), *factors)
         return dense_equivalent_input(x, *p)
 
     def set_params(self, name: str, p: SparsityParams) -> None:

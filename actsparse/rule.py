@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UsageError
 
-__all__ = ["SparsityParams", "drop_mask", "sparsify_tensor", "dense_equivalent_input"]
+__all__ = ["SparsityParams", "drop_mask", "sparsify_tensor", "dense_equivalent_input", "lowrank_term"]
 
 
 @dataclass
@@ -154,3 +155,9 @@ def dense_equivalent_input(
     by μ (0 without a shift), since ``W·x_eff = W·x' + μ·ΣW``. Calibration hooks apply a layer's parameters
     this way, before it is swapped for a ``SparseLinear``."""
     return x.masked_fill(drop_mask(x, threshold, shift, scale, topk), 0.0 if shift is None else shift)
+
+
+def lowrank_term(d: torch.Tensor, drop: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """R-Sparse's output term for the dropped entries: ``U·V·d_dropped`` (fp32), with ``d`` the fp32 centred input
+    ``x - μ`` and ``drop`` its :func:`drop_mask` (``SparseLinear`` adds it to its output; calibration too)."""
+    return F.linear(F.linear(d.masked_fill(~drop, 0.0), v), u)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .errors import AlreadySparsifiedError, InvalidTypeError
 from .kernels.linear import disable_kernels, kernel_forward
 from .offload import execution_device, move_hook
-from .rule import SparsityParams, drop_mask, sparsify_tensor
+from .rule import SparsityParams, drop_mask, lowrank_term, sparsify_tensor
 from .weights import dense_weight, weight_key
 
 __all__ = [
@@ -198,8 +198,7 @@ class SparseLinear(nn.Linear):
             drop = drop_mask(x, self.act_threshold, shift, g("act_scale"), None if topk is None else int(topk))
             d = x.float() - (0.0 if shift is None else shift)
             y = F.linear(d.masked_fill(drop, 0.0).to(x.dtype), self.weight, self.bias)
-            v = cast(torch.Tensor, self._buffers["act_lr_v"])
-            y = y + F.linear(F.linear(d.masked_fill(~drop, 0.0), v), u).to(y.dtype)
+            y = y + lowrank_term(d, drop, u, cast(torch.Tensor, self._buffers["act_lr_v"])).to(y.dtype)
         shift = self._buffers.get("act_shift")
         if shift is not None:  # μ·ΣW: the centred-away part, exactly as the kernels fold it
             y = y + (shift * self._weight_sums()).to(y.dtype)
