@@ -219,15 +219,14 @@ class Decoder:
         self.fallback_reason: str | None = None
         with torch.inference_mode(False):  # what every run updates in place, whatever mode built the Decoder
             self.cache = make_static_cache(model.config, max_seq_len)
+            self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+            self._out = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=self.device)
+            self._step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
         self._kwargs = forward_kwargs(model, self.cache)
         self._graph_logits: torch.Tensor | None = None
         reason = not_capturable(model, self.cache, max_seq_len)
         if reason is not None and (self.compile or self.cuda_graph):
             self._give_up(reason)
-        with torch.inference_mode(False):
-            self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-            self._out = torch.zeros(batch_size, max_seq_len, dtype=torch.long, device=self.device)
-            self._step_idx = torch.zeros(1, dtype=torch.long, device=self.device)
         self._step_fn: Callable | None = None
         self._compiled: dict[tuple, Callable] = {}  # hooks -> compiled step
         self._graph: torch.cuda.CUDAGraph | None = None
